@@ -1,0 +1,1 @@
+"""Small datasets: bundled, generated, and readers for files a user downloaded."""

@@ -1,0 +1,64 @@
+"""fastnn.kernels: the compiled hot paths behind one contract.
+
+Every backend module (``_numpy``, ``_numba``, ``_cython``) exposes the same functions
+with the same positional arguments. Outputs are preallocated by the caller; a kernel
+returns None or a scalar loss and never validates its inputs (the API validates once,
+at the boundary). Arrays are C-contiguous float32 or float64, one dtype per call;
+integer class labels are int64. Weights are stored (n_in, n_out): ``x @ w + b``.
+
+This package never imports ``fastnn``: the API depends on the kernels, not back.
+"""
+import importlib
+
+#: Activation name -> the integer code kernels take.
+ACTIVATIONS = {
+    "identity": 0,
+    "step": 1,
+    "sigmoid": 2,
+    "tanh": 3,
+    "relu": 4,
+    "leaky_relu": 5,
+    "softplus": 6,
+    "elu": 7,
+}
+
+#: Default ``alpha`` per activation code (leaky_relu slope, elu alpha; unused otherwise).
+DEFAULT_ALPHA = (0.0, 0.0, 0.0, 0.0, 0.0, 0.01, 0.0, 1.0)
+
+#: Backend names, fastest first (the order ``default_backend`` tries them in).
+BACKENDS = ("numba", "cython", "numpy")
+
+_loaded = {}
+
+
+def load(name):
+    """Return the backend module ``name`` ("numba", "cython" or "numpy").
+
+    Raises ValueError for an unknown name and ImportError (naming the reason) for a
+    known backend that cannot be imported on this machine.
+    """
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; expected one of {list(BACKENDS)}")
+    if name not in _loaded:
+        try:
+            _loaded[name] = importlib.import_module(f"{__name__}._{name}")
+        except ImportError as exc:
+            raise ImportError(f"fastnn backend {name!r} cannot be loaded: {exc}") from exc
+    return _loaded[name]
+
+
+def available_backends():
+    """Names of the backends that import on this machine, fastest first."""
+    names = []
+    for name in BACKENDS:
+        try:
+            load(name)
+        except ImportError:
+            continue
+        names.append(name)
+    return names
+
+
+def default_backend():
+    """The fastest backend that loads."""
+    return available_backends()[0]

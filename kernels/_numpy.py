@@ -1,0 +1,325 @@
+"""Reference backend: plain, readable numpy.
+
+This module *is* the kernel contract. The compiled backends (``_numba``, ``_cython``)
+implement the same functions with the same positional arguments and are tested
+against this one; the benchmarks use it as the numpy baseline.
+
+Conventions shared by every backend:
+
+* Arrays are C-contiguous float32 or float64, one dtype per call; integer class
+  labels are int64. Outputs are preallocated by the caller and written in place;
+  a kernel returns None or the loss as a Python float. Kernels never validate.
+* Shapes: ``n`` samples, ``d`` input features, ``k`` outputs. Dense weights are
+  ``w (d, k)`` and bias ``b (k,)`` so the layer computes ``x @ w + b``.
+* ``act`` is an integer code from ``fastnn.kernels.ACTIVATIONS``; ``alpha`` is the
+  leaky_relu slope / elu alpha (None means the activation's default).
+* Activation derivatives are computed from the forward *output* ``a``, so the
+  pre-activation never has to be kept.
+* Losses are the mean over samples (and over outputs where PyTorch averages them);
+  with per-sample ``weights`` the loss is ``sum_i w_i l_i / sum_i w_i``.
+  ``dpred`` receives d(loss)/d(pred); pass None to compute the loss only.
+* Optimizer updates work on flat 1-D buffers in place and follow the algorithm
+  boxes of torch.optim. ``step`` is the 1-based number of this update.
+"""
+import numpy as np
+
+from . import DEFAULT_ALPHA
+
+IDENTITY, STEP, SIGMOID, TANH, RELU, LEAKY_RELU, SOFTPLUS, ELU = range(8)
+
+
+def _alpha(act, alpha):
+    return DEFAULT_ALPHA[act] if alpha is None else alpha
+
+
+def _sigmoid(z, out):
+    """Overflow-free logistic: exp only ever sees -|z|."""
+    e = np.exp(-np.abs(z))
+    np.divide(np.where(z >= 0, 1.0, e), 1.0 + e, out=out, casting="unsafe")
+    return out
+
+
+# ----------------------------------------------------------------------------------
+# Activations
+# ----------------------------------------------------------------------------------
+
+def activation_forward(act, z, out, alpha=None):
+    """``out = act(z)``, elementwise. ``z`` and ``out`` have the same shape (may alias).
+
+    identity z; step [z >= 0]; sigmoid 1/(1+e^-z); tanh; relu max(z, 0);
+    leaky_relu z if z > 0 else alpha*z; softplus log(1+e^z); elu z if z > 0 else
+    alpha*(e^z - 1).
+    """
+    alpha = _alpha(act, alpha)
+    if act == IDENTITY:
+        if out is not z:
+            out[...] = z
+    elif act == STEP:
+        out[...] = z >= 0
+    elif act == SIGMOID:
+        _sigmoid(z, out)
+    elif act == TANH:
+        np.tanh(z, out=out)
+    elif act == RELU:
+        np.maximum(z, 0, out=out)
+    elif act == LEAKY_RELU:
+        np.copyto(out, np.where(z > 0, z, alpha * z))
+    elif act == SOFTPLUS:
+        np.logaddexp(0, z, out=out)
+    elif act == ELU:
+        np.copyto(out, np.where(z > 0, z, alpha * np.expm1(np.minimum(z, 0))))
+    else:
+        raise ValueError(f"unknown activation code {act}")
+
+
+def activation_backward(act, a, dout, out, alpha=None):
+    """``out = dout * act'(z)`` with the derivative written in terms of ``a = act(z)``.
+
+    identity 1; step 0; sigmoid a(1-a); tanh 1-a^2; relu [a > 0];
+    leaky_relu 1 if a > 0 else alpha; softplus 1-e^-a; elu 1 if a > 0 else a+alpha.
+    ``out`` may alias ``dout``.
+    """
+    alpha = _alpha(act, alpha)
+    if act == IDENTITY:
+        if out is not dout:
+            out[...] = dout
+    elif act == STEP:
+        out[...] = 0
+    elif act == SIGMOID:
+        np.multiply(dout, a * (1 - a), out=out)
+    elif act == TANH:
+        np.multiply(dout, 1 - a * a, out=out)
+    elif act == RELU:
+        np.multiply(dout, a > 0, out=out)
+    elif act == LEAKY_RELU:
+        np.multiply(dout, np.where(a > 0, 1, alpha).astype(a.dtype), out=out)
+    elif act == SOFTPLUS:
+        np.multiply(dout, -np.expm1(-a), out=out)
+    elif act == ELU:
+        np.multiply(dout, np.where(a > 0, 1, a + alpha), out=out)
+    else:
+        raise ValueError(f"unknown activation code {act}")
+
+
+# ----------------------------------------------------------------------------------
+# Dense layer
+# ----------------------------------------------------------------------------------
+
+def dense_forward(x, w, b, act, out, alpha=None):
+    """``out = act(x @ w + b)``.  x (n, d), w (d, k), b (k,), out (n, k)."""
+    np.matmul(x, w, out=out)
+    out += b
+    activation_forward(act, out, out, alpha)
+
+
+def dense_backward(x, w, a, dout, act, dz, dx, dw, db, alpha=None):
+    """Backward of ``a = act(x @ w + b)`` given ``dout = dL/da``.
+
+    ``dz = dout * act'(a)``; ``dw = x.T @ dz``; ``db = dz.sum(0)``; ``dx = dz @ w.T``
+    (skipped when dx is None). x (n, d), w (d, k), a/dout/dz (n, k), dx (n, d),
+    dw (d, k), db (k,). ``dz`` may alias ``dout``.
+    """
+    activation_backward(act, a, dout, dz, alpha)
+    np.matmul(x.T, dz, out=dw)
+    np.sum(dz, axis=0, out=db)
+    if dx is not None:
+        np.matmul(dz, w.T, out=dx)
+
+
+# ----------------------------------------------------------------------------------
+# Losses: each returns the loss and (unless dpred is None) writes its gradient
+# ----------------------------------------------------------------------------------
+
+def _sample_scale(n, weights, dtype):
+    """Per-sample factor of the mean: 1/n, or w_i / sum(w)."""
+    if weights is None:
+        return np.full(n, 1.0 / n, dtype=np.float64)
+    return weights.astype(np.float64) / weights.sum(dtype=np.float64)
+
+
+def _reduce(per_sample, scale):
+    return float(np.dot(per_sample.astype(np.float64), scale))
+
+
+def softmax_cross_entropy(logits, labels, weights, dlogits):
+    """Fused stable softmax + cross-entropy (torch CrossEntropyLoss on logits).
+
+    logits (n, k); labels int64 (n,) class indices, or (n, k) probability rows of the
+    logits' dtype. l_i = logsumexp(z_i) - z_i[y_i]  (or -sum_j y_ij log softmax(z_i)_j).
+    dlogits (n, k) = s_i * (softmax(z_i) * sum_j y_ij - y_i), with s_i = 1/n or
+    w_i / sum(w).
+    """
+    n = logits.shape[0]
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    log_prob = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+    if labels.ndim == 1:
+        target = np.zeros_like(logits)
+        target[np.arange(n), labels] = 1
+    else:
+        target = labels
+    per_sample = -(target * log_prob).sum(axis=1)
+    scale = _sample_scale(n, weights, logits.dtype)
+    if dlogits is not None:
+        grad = np.exp(log_prob) * target.sum(axis=1, keepdims=True) - target
+        np.multiply(grad, scale[:, None], out=dlogits, casting="unsafe")
+    return _reduce(per_sample, scale)
+
+
+def sigmoid_binary_cross_entropy(pred, target, weights, dpred):
+    """Stable sigmoid + binary cross-entropy (torch BCEWithLogitsLoss), mean over n*k.
+
+    pred (n, k) logits, target (n, k) in [0, 1].
+    l_ij = max(z, 0) - z t + log(1 + e^-|z|);  dpred = s_i (sigmoid(z) - t) / k.
+    """
+    n, k = pred.shape
+    per_elem = np.maximum(pred, 0) - pred * target + np.log1p(np.exp(-np.abs(pred)))
+    scale = _sample_scale(n, weights, pred.dtype) / k
+    if dpred is not None:
+        sig = _sigmoid(pred, np.empty_like(pred))
+        np.multiply(sig - target, scale[:, None], out=dpred, casting="unsafe")
+    return _reduce(per_elem.sum(axis=1), scale)
+
+
+def mean_squared_error(pred, target, weights, dpred):
+    """torch MSELoss, mean over n*k.  pred, target (n, k).
+
+    l_ij = (p - t)^2;  dpred = 2 s_i (p - t) / k.
+    """
+    n, k = pred.shape
+    diff = pred - target
+    scale = _sample_scale(n, weights, pred.dtype) / k
+    if dpred is not None:
+        np.multiply(diff, 2 * scale[:, None], out=dpred, casting="unsafe")
+    return _reduce((diff * diff).sum(axis=1), scale)
+
+
+def mean_absolute_error(pred, target, weights, dpred):
+    """torch L1Loss, mean over n*k.  l_ij = |p - t|;  dpred = s_i sign(p - t) / k."""
+    n, k = pred.shape
+    diff = pred - target
+    scale = _sample_scale(n, weights, pred.dtype) / k
+    if dpred is not None:
+        np.multiply(np.sign(diff), scale[:, None], out=dpred, casting="unsafe")
+    return _reduce(np.abs(diff).sum(axis=1), scale)
+
+
+def huber(pred, target, delta, weights, dpred):
+    """torch HuberLoss(delta), mean over n*k.  d = p - t:
+
+    l = d^2/2 if |d| <= delta else delta (|d| - delta/2);
+    dpred = s_i clip(d, -delta, delta) / k.
+    """
+    n, k = pred.shape
+    diff = pred - target
+    absd = np.abs(diff)
+    per_elem = np.where(absd <= delta, 0.5 * diff * diff, delta * (absd - 0.5 * delta))
+    scale = _sample_scale(n, weights, pred.dtype) / k
+    if dpred is not None:
+        np.multiply(np.clip(diff, -delta, delta), scale[:, None], out=dpred, casting="unsafe")
+    return _reduce(per_elem.sum(axis=1), scale)
+
+
+def multiclass_hinge(scores, labels, margin, weights, dscores):
+    """Multiclass SVM loss (Weston-Watkins), summed over wrong classes, mean over samples.
+
+    scores (n, k), labels int64 (n,).  l_i = sum_{j != y_i} max(0, s_ij - s_iy_i + margin).
+    dscores: +s_i for each violating j, -s_i * (number of violations) at y_i.
+    """
+    n = scores.shape[0]
+    rows = np.arange(n)
+    margins = scores - scores[rows, labels][:, None] + margin
+    margins[rows, labels] = 0
+    violated = margins > 0
+    per_sample = np.where(violated, margins, 0).sum(axis=1)
+    scale = _sample_scale(n, weights, scores.dtype)
+    if dscores is not None:
+        grad = violated.astype(np.float64)
+        grad[rows, labels] = -violated.sum(axis=1)
+        np.multiply(grad, scale[:, None], out=dscores, casting="unsafe")
+    return _reduce(per_sample, scale)
+
+
+# ----------------------------------------------------------------------------------
+# Optimizer steps over flat parameter / gradient / state buffers (all 1-D, in place)
+# ----------------------------------------------------------------------------------
+
+def sgd_update(params, grads, momentum_buf, lr, momentum, dampening, weight_decay,
+               nesterov, step):
+    """torch.optim.SGD.  g = grad + wd*p; if momentum: b = g (step 1) else
+    b = mu*b + (1-dampening)*g, and g = g + mu*b (nesterov) or b;  p -= lr*g.
+    ``momentum_buf`` is untouched when momentum == 0.
+    """
+    g = grads + weight_decay * params if weight_decay else grads.copy()
+    if momentum:
+        if step == 1:
+            momentum_buf[...] = g
+        else:
+            momentum_buf *= momentum
+            momentum_buf += (1 - dampening) * g
+        if nesterov:
+            g += momentum * momentum_buf
+        else:
+            g = momentum_buf
+    params -= lr * g
+
+
+def adagrad_update(params, grads, state_sum, lr, lr_decay, weight_decay, eps, step):
+    """torch.optim.Adagrad.  g = grad + wd*p; clr = lr / (1 + (t-1)*lr_decay);
+    G += g^2; p -= clr * g / (sqrt(G) + eps).
+    """
+    g = grads + weight_decay * params if weight_decay else grads
+    clr = lr / (1 + (step - 1) * lr_decay)
+    state_sum += g * g
+    params -= clr * g / (np.sqrt(state_sum) + eps)
+
+
+def rmsprop_update(params, grads, square_avg, momentum_buf, grad_avg, lr, alpha, eps,
+                   weight_decay, momentum, centered):
+    """torch.optim.RMSprop.  g = grad + wd*p; v = alpha*v + (1-alpha)*g^2;
+    centered: gbar = alpha*gbar + (1-alpha)*g, v~ = v - gbar^2, else v~ = v;
+    momentum: b = mu*b + g/(sqrt(v~)+eps), p -= lr*b; else p -= lr*g/(sqrt(v~)+eps).
+    ``momentum_buf`` / ``grad_avg`` are untouched unless momentum > 0 / centered.
+    """
+    g = grads + weight_decay * params if weight_decay else grads
+    square_avg *= alpha
+    square_avg += (1 - alpha) * g * g
+    if centered:
+        grad_avg *= alpha
+        grad_avg += (1 - alpha) * g
+        denom = np.sqrt(square_avg - grad_avg * grad_avg) + eps
+    else:
+        denom = np.sqrt(square_avg) + eps
+    if momentum > 0:
+        momentum_buf *= momentum
+        momentum_buf += g / denom
+        params -= lr * momentum_buf
+    else:
+        params -= lr * g / denom
+
+
+def adam_update(params, grads, exp_avg, exp_avg_sq, max_exp_avg_sq, lr, beta1, beta2,
+                eps, weight_decay, decoupled, amsgrad, step):
+    """torch.optim.Adam (decoupled=False) / AdamW (decoupled=True).
+
+    AdamW: p *= 1 - lr*wd; Adam: g = grad + wd*p.  m = b1*m + (1-b1)*g;
+    v = b2*v + (1-b2)*g^2; amsgrad: vmax = max(vmax, v) and v is replaced by vmax;
+    p -= lr/(1-b1^t) * m / (sqrt(v)/sqrt(1-b2^t) + eps).
+    ``max_exp_avg_sq`` is untouched unless amsgrad.
+    """
+    if decoupled:
+        params *= 1 - lr * weight_decay
+        g = grads
+    else:
+        g = grads + weight_decay * params if weight_decay else grads
+    exp_avg *= beta1
+    exp_avg += (1 - beta1) * g
+    exp_avg_sq *= beta2
+    exp_avg_sq += (1 - beta2) * g * g
+    bias1 = 1 - beta1 ** step
+    bias2_sqrt = np.sqrt(1 - beta2 ** step)
+    if amsgrad:
+        np.maximum(max_exp_avg_sq, exp_avg_sq, out=max_exp_avg_sq)
+        v = max_exp_avg_sq
+    else:
+        v = exp_avg_sq
+    params -= (lr / bias1) * exp_avg / (np.sqrt(v) / bias2_sqrt + eps)
