@@ -10,7 +10,7 @@ import os
 # OpenMP workers sleep. Must be set before any OpenMP runtime starts.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from . import kernels  # noqa: E402
+from . import callbacks, datasets, kernels, losses, metrics, optimizers, schedules  # noqa: E402
 from ._backend import (  # noqa: E402
     get_backend,
     get_num_threads,
@@ -18,14 +18,28 @@ from ._backend import (  # noqa: E402
     set_num_threads,
     use_backend,
 )
+from .gradcheck import gradcheck  # noqa: E402
+from .layers import (  # noqa: E402
+    ELU,
+    Activation,
+    Dense,
+    Dropout,
+    Identity,
+    LeakyReLU,
+    ReLU,
+    Sigmoid,
+    Softplus,
+    Tanh,
+)
+from .model import History, NotCompiledError, Sequential, load_model  # noqa: E402
+from .perceptron import Perceptron  # noqa: E402
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "kernels",
-    "get_backend",
-    "set_backend",
-    "use_backend",
-    "get_num_threads",
-    "set_num_threads",
+    "Activation", "Dense", "Dropout", "ELU", "History", "Identity", "LeakyReLU",
+    "NotCompiledError", "Perceptron", "ReLU", "Sequential", "Sigmoid", "Softplus", "Tanh",
+    "callbacks", "datasets", "get_backend", "get_num_threads", "gradcheck", "kernels",
+    "load_model", "losses", "metrics", "optimizers", "schedules", "set_backend",
+    "set_num_threads", "use_backend",
 ]

@@ -126,6 +126,22 @@ def dense_backward(x, w, a, dout, act, dz, dx, dw, db, alpha=None):
         np.matmul(dz, w.T, out=dx)
 
 
+def dense_per_sample_grad(x, dz, jac, offset, use_bias):
+    """Per-sample parameter gradients of a dense layer, written as Jacobian rows.
+
+    For every sample s: ``jac[s, offset + i*k + j] = x[s, i] * dz[s, j]`` (the row-major
+    flattening of the outer product x_s dz_s^T, i.e. of dW for that sample alone) and,
+    when ``use_bias``, ``jac[s, offset + d*k + j] = dz[s, j]``. x (n, d), dz (n, k),
+    jac (n, P) with P >= offset + d*k (+ k); other columns are left untouched.
+    """
+    n, d = x.shape
+    k = dz.shape[1]
+    block = jac[:, offset:offset + d * k].reshape(n, d, k)
+    np.multiply(x[:, :, None], dz[:, None, :], out=block)
+    if use_bias:
+        jac[:, offset + d * k:offset + d * k + k] = dz
+
+
 # ----------------------------------------------------------------------------------
 # Losses: each returns the loss and (unless dpred is None) writes its gradient
 # ----------------------------------------------------------------------------------

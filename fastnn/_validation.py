@@ -1,0 +1,161 @@
+"""Boundary checks: every public entry point validates here, once, so kernels never do.
+
+Each check raises ValueError or TypeError naming the argument, what was expected and
+what was received, and returns a C-contiguous array of the requested dtype (converting
+non-contiguous or other-float input rather than rejecting it).
+"""
+import numbers
+
+import numpy as np
+
+FLOAT_DTYPES = {"float32": np.float32, "float64": np.float64}
+
+
+def check_dtype(dtype, name="dtype"):
+    """Resolve "float32"/"float64" (or np.float32/np.float64) to a numpy dtype."""
+    if isinstance(dtype, str):
+        if dtype in FLOAT_DTYPES:
+            return np.dtype(FLOAT_DTYPES[dtype])
+    elif dtype is not None:
+        try:
+            resolved = np.dtype(dtype)
+        except TypeError:
+            resolved = None
+        if resolved in (np.float32, np.float64):
+            return resolved
+    raise ValueError(f"{name} must be 'float32' or 'float64', got {dtype!r}")
+
+
+def _as_numeric(a, name):
+    if isinstance(a, (str, bytes)) or a is None:
+        raise TypeError(f"{name} must be array-like of numbers, got {type(a).__name__}")
+    arr = np.asarray(a)
+    if arr.dtype == object or not (np.issubdtype(arr.dtype, np.number)
+                                   or arr.dtype == np.bool_):
+        raise TypeError(f"{name} must hold numbers, got dtype {arr.dtype}")
+    if np.issubdtype(arr.dtype, np.complexfloating):
+        raise TypeError(f"{name} must be real, got dtype {arr.dtype}")
+    return arr
+
+
+def check_array(a, name, dtype, ndim=2, allow_1d=False):
+    """A finite, non-empty, C-contiguous float array of ``ndim`` dimensions.
+
+    With ``allow_1d`` a 1-D input of length n becomes an (n, 1) column.
+    """
+    arr = _as_numeric(a, name)
+    if allow_1d and arr.ndim == 1 and ndim == 2:
+        arr = arr.reshape(-1, 1)
+    if arr.ndim != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got {arr.ndim}-D array of shape {arr.shape}")
+    if arr.size == 0:
+        raise ValueError(f"{name} must not be empty, got shape {arr.shape}")
+    arr = np.ascontiguousarray(arr, dtype=dtype)
+    if not np.isfinite(arr).all():
+        bad = np.count_nonzero(~np.isfinite(arr))
+        raise ValueError(f"{name} contains {bad} NaN or infinite value(s)")
+    return arr
+
+
+def check_features(X, name, dtype, n_features):
+    """A 2-D float input whose column count matches the model's ``n_features``."""
+    arr = check_array(X, name, dtype)
+    if n_features is not None and arr.shape[1] != n_features:
+        raise ValueError(
+            f"{name} has {arr.shape[1]} features per sample, but the model expects "
+            f"{n_features}; got shape {arr.shape}")
+    return arr
+
+
+def check_labels(y, name, n_samples, n_classes):
+    """Integer class labels in [0, n_classes) as an int64 vector of length n_samples."""
+    arr = _as_numeric(y, name)
+    if arr.ndim == 2 and arr.shape[1] == 1:
+        arr = arr[:, 0]
+    if arr.ndim != 1:
+        raise ValueError(f"{name} must be a 1-D vector of class labels, got shape {arr.shape}")
+    check_length(arr, name, n_samples)
+    if not np.issubdtype(arr.dtype, np.integer):
+        if not np.isfinite(arr).all():
+            raise ValueError(f"{name} contains NaN or infinite values")
+        if not np.array_equal(arr, np.round(arr)):
+            raise ValueError(f"{name} must hold integer class labels, got non-integer values "
+                             f"such as {arr[arr != np.round(arr)][0]!r}")
+    labels = arr.astype(np.int64)
+    low, high = labels.min(), labels.max()
+    if low < 0 or high >= n_classes:
+        raise ValueError(f"{name} must be class labels in [0, {n_classes - 1}] "
+                         f"(the model has {n_classes} outputs), got values from {low} to {high}")
+    return np.ascontiguousarray(labels)
+
+
+def check_length(arr, name, n_samples):
+    if n_samples is not None and len(arr) != n_samples:
+        raise ValueError(f"{name} has {len(arr)} samples but X has {n_samples}")
+    if len(arr) == 0:
+        raise ValueError(f"{name} must not be empty")
+
+
+def check_sample_weight(w, n_samples, dtype, name="sample_weight"):
+    """None, or a finite non-negative weight vector of length n_samples with positive sum."""
+    if w is None:
+        return None
+    arr = _as_numeric(w, name)
+    if arr.ndim != 1:
+        raise ValueError(f"{name} must be 1-D of length {n_samples}, got shape {arr.shape}")
+    check_length(arr, name, n_samples)
+    arr = np.ascontiguousarray(arr, dtype=dtype)
+    if not np.isfinite(arr).all():
+        raise ValueError(f"{name} contains NaN or infinite values")
+    if (arr < 0).any():
+        raise ValueError(f"{name} must be non-negative, got minimum {arr.min()}")
+    if arr.sum() <= 0:
+        raise ValueError(f"{name} must have a positive sum, got all zeros")
+    return arr
+
+
+def check_choice(value, name, choices):
+    """``value`` must be one of ``choices`` (a str name); returns it."""
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be a str, one of {sorted(choices)}; "
+                        f"got {type(value).__name__}")
+    if value not in choices:
+        raise ValueError(f"unknown {name} {value!r}; expected one of {sorted(choices)}")
+    return value
+
+
+def check_int(value, name, low=None, high=None, allow_none=False):
+    """An int (not bool) in [low, high]."""
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    value = int(value)
+    if (low is not None and value < low) or (high is not None and value > high):
+        bounds = f">= {low}" if high is None else f"in [{low}, {high}]"
+        raise ValueError(f"{name} must be {bounds}, got {value}")
+    return value
+
+
+def check_float(value, name, low=None, high=None, low_open=False, high_open=False):
+    """A finite real number in the given (closed unless *_open) range."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    value = float(value)
+    if not np.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    too_low = low is not None and (value <= low if low_open else value < low)
+    too_high = high is not None and (value >= high if high_open else value > high)
+    if too_low or too_high:
+        lo = "(" if low_open else "["
+        hi = ")" if high_open else "]"
+        raise ValueError(f"{name} must be in {lo}{'-inf' if low is None else low}, "
+                         f"{'inf' if high is None else high}{hi}, got {value}")
+    return value
+
+
+def check_seed(seed, name="seed"):
+    """None or a non-negative int."""
+    if seed is None:
+        return None
+    return check_int(seed, name, low=0)

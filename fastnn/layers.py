@@ -1,0 +1,356 @@
+"""Layers: forward/backward pairs over the active kernel backend.
+
+A layer works alone (``out = layer.forward(x)``; ``dx = layer.backward(dout)``; then
+``layer.dW``, ``layer.db``) and inside a ``Sequential``, which re-points its ``W``/``b``
+and ``dW``/``db`` at views of the model's flat parameter and gradient buffers.
+
+The public ``forward``/``backward`` return fresh arrays; ``_forward``/``_backward``
+return the layer's reusable buffers (valid until the next call) and are what the model
+uses on its hot path.
+"""
+import numpy as np
+
+from . import kernels
+from ._backend import backend_module
+from ._validation import check_array, check_choice, check_dtype, check_float, check_int, check_seed
+
+INITIALIZERS = ("auto", "he_uniform", "he_normal", "glorot_uniform", "glorot_normal", "zeros")
+RELU_FAMILY = ("relu", "leaky_relu", "elu")
+_MAX_CACHED_BATCH_SIZES = 4
+
+
+def _activation_code(name):
+    """Activation name (None means identity) -> (name, kernel code)."""
+    if name is None:
+        name = "identity"
+    check_choice(name, "activation", kernels.ACTIVATIONS)
+    return name, kernels.ACTIVATIONS[name]
+
+
+def _activation_alpha(name, alpha):
+    code = kernels.ACTIVATIONS[name]
+    if alpha is None:
+        return kernels.DEFAULT_ALPHA[code]
+    return check_float(alpha, "alpha", low=0.0)
+
+
+def init_weights(init, n_in, n_out, activation, rng, dtype):
+    """Draw a (n_in, n_out) weight matrix.
+
+    he_*: variance 2/n_in; glorot_*: variance 2/(n_in + n_out); uniform variants draw
+    from U(-limit, limit) with limit = sqrt(3 * variance). "auto" is He for the
+    relu family and Glorot otherwise.
+    """
+    check_choice(init, "init", INITIALIZERS)
+    if init == "auto":
+        init = "he_uniform" if activation in RELU_FAMILY else "glorot_uniform"
+    if init == "zeros":
+        return np.zeros((n_in, n_out), dtype=dtype)
+    variance = 2.0 / n_in if init.startswith("he") else 2.0 / (n_in + n_out)
+    if init.endswith("uniform"):
+        limit = np.sqrt(3.0 * variance)
+        w = rng.uniform(-limit, limit, size=(n_in, n_out))
+    else:
+        w = rng.normal(0.0, np.sqrt(variance), size=(n_in, n_out))
+    return np.ascontiguousarray(w, dtype=dtype)
+
+
+class Layer:
+    """Base class: a forward/backward pair with optional parameters."""
+
+    trainable = False
+    dtype = np.dtype(np.float32)
+
+    def parameters(self):
+        """The parameter arrays, in get_weights() order."""
+        return []
+
+    def gradients(self):
+        """The gradient arrays, aligned with parameters()."""
+        return []
+
+    def regularization_loss(self):
+        return 0.0
+
+    def add_regularization_gradient(self):
+        """Add d(regularization)/d(params) to the gradients in place."""
+
+    def output_features(self, n_in):
+        """Feature count this layer outputs given ``n_in`` inputs."""
+        return n_in
+
+    def _check_input(self, x):
+        return check_array(x, "x", self.dtype)
+
+    def forward(self, x, training=True):
+        """Compute the layer output for a batch ``x`` (n, features); returns a new array."""
+        return self._forward(self._check_input(x), training).copy()
+
+    def backward(self, dout):
+        """Given dL/d(output) (n, out_features) from the last forward, return dL/dx."""
+        if getattr(self, "_x", None) is None:
+            raise RuntimeError(f"{type(self).__name__}.backward called before forward")
+        dout = check_array(dout, "dout", self.dtype)
+        expected = self._out.shape
+        if dout.shape != expected:
+            raise ValueError(f"dout must have the shape of the last output {expected}, "
+                             f"got {dout.shape}")
+        dx = self._backward(dout, need_dx=True)
+        return dx.copy()
+
+    def get_config(self):
+        """JSON-able constructor arguments (``"class"`` names the layer type)."""
+        return {"class": type(self).__name__}
+
+    def __repr__(self):
+        args = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items() if k != "class")
+        return f"{type(self).__name__}({args})"
+
+
+class _BatchBuffers:
+    """Scratch arrays per batch size, so steady-state steps allocate nothing."""
+
+    def __init__(self):
+        self._by_rows = {}
+
+    def get(self, n, shapes, dtype):
+        bufs = self._by_rows.get(n)
+        if bufs is None:
+            if len(self._by_rows) >= _MAX_CACHED_BATCH_SIZES:
+                self._by_rows.clear()
+            bufs = {name: np.empty((n,) + shape, dtype=dtype) for name, shape in shapes.items()}
+            self._by_rows[n] = bufs
+        return bufs
+
+
+class Dense(Layer):
+    """Fully connected layer ``a = act(x @ W + b)`` with the activation fused in.
+
+    Shape:
+        x: (n, in_features) -> a: (n, out_features). W: (in_features, out_features),
+        b: (out_features,).
+    Regularization (Keras convention, weights only): ``l2 * sum(W**2) + l1 * sum(|W|)``.
+    """
+
+    trainable = True
+
+    def __init__(self, in_features, out_features, activation=None, *, init="auto", l1=0.0,
+                 l2=0.0, use_bias=True, dtype="float32", seed=None, alpha=None):
+        self.in_features = check_int(in_features, "in_features", low=1)
+        self.out_features = check_int(out_features, "out_features", low=1)
+        self.activation, self.act_code = _activation_code(activation)
+        if self.activation == "step":
+            raise ValueError("activation 'step' has no useful derivative; use it through "
+                             "fastnn.Perceptron, or pick one of "
+                             f"{sorted(set(kernels.ACTIVATIONS) - {'step'})}")
+        self.alpha = _activation_alpha(self.activation, alpha)
+        self.init = check_choice(init, "init", INITIALIZERS)
+        self.l1 = check_float(l1, "l1", low=0.0)
+        self.l2 = check_float(l2, "l2", low=0.0)
+        if not isinstance(use_bias, bool):
+            raise TypeError(f"use_bias must be a bool, got {type(use_bias).__name__}")
+        self.use_bias = use_bias
+        self.dtype = check_dtype(dtype)
+        self.seed = check_seed(seed)
+        rng = np.random.default_rng(self.seed)
+        self.W = init_weights(self.init, self.in_features, self.out_features,
+                              self.activation, rng, self.dtype)
+        self.b = np.zeros(self.out_features, dtype=self.dtype)
+        self.dW = np.zeros_like(self.W)
+        self.db = np.zeros_like(self.b)
+        self._buffers = _BatchBuffers()
+        self._x = None
+
+    def parameters(self):
+        return [self.W, self.b] if self.use_bias else [self.W]
+
+    def gradients(self):
+        return [self.dW, self.db] if self.use_bias else [self.dW]
+
+    def output_features(self, n_in):
+        if n_in != self.in_features:
+            raise ValueError(f"Dense expects {self.in_features} input features, but the "
+                             f"previous layer gives {n_in}")
+        return self.out_features
+
+    def regularization_loss(self):
+        loss = 0.0
+        if self.l2:
+            loss += self.l2 * float(np.square(self.W, dtype=np.float64).sum())
+        if self.l1:
+            loss += self.l1 * float(np.abs(self.W).sum(dtype=np.float64))
+        return loss
+
+    def add_regularization_gradient(self):
+        if self.l2:
+            self.dW += (2.0 * self.l2) * self.W
+        if self.l1:
+            self.dW += self.l1 * np.sign(self.W)
+
+    def _check_input(self, x):
+        x = check_array(x, "x", self.dtype)
+        if x.shape[1] != self.in_features:
+            raise ValueError(f"x has {x.shape[1]} features per sample, but the layer expects "
+                             f"{self.in_features}; got shape {x.shape}")
+        return x
+
+    def _forward(self, x, training=True):
+        n = x.shape[0]
+        bufs = self._buffers.get(n, {"out": (self.out_features,), "dz": (self.out_features,),
+                                     "dx": (self.in_features,)}, self.dtype)
+        out = bufs["out"]
+        backend_module().dense_forward(x, self.W, self.b, self.act_code, out, self.alpha)
+        self._x, self._out, self._bufs = x, out, bufs
+        return out
+
+    def _backward(self, dout, need_dx=True):
+        bufs = self._bufs
+        dx = bufs["dx"] if need_dx else None
+        backend_module().dense_backward(self._x, self.W, self._out, dout, self.act_code,
+                                        bufs["dz"], dx, self.dW, self.db, self.alpha)
+        return dx
+
+    def get_config(self):
+        return {"class": "Dense", "in_features": self.in_features,
+                "out_features": self.out_features, "activation": self.activation,
+                "init": self.init, "l1": self.l1, "l2": self.l2, "use_bias": self.use_bias,
+                "dtype": self.dtype.name, "seed": self.seed, "alpha": self.alpha}
+
+    def __repr__(self):
+        extra = f", activation={self.activation!r}" if self.activation != "identity" else ""
+        return f"Dense({self.in_features}, {self.out_features}{extra})"
+
+
+class Activation(Layer):
+    """Elementwise activation ``a = act(z)``; its backward uses the stored output ``a``.
+
+    Shape: any (n, features) -> the same shape.
+    """
+
+    def __init__(self, name, alpha=None, *, dtype="float32"):
+        self.activation, self.act_code = _activation_code(name)
+        if self.activation == "step":
+            raise ValueError("activation 'step' has no useful derivative; use fastnn.Perceptron")
+        self.alpha = _activation_alpha(self.activation, alpha)
+        self.dtype = check_dtype(dtype)
+        self._buffers = _BatchBuffers()
+        self._x = None
+
+    def _forward(self, x, training=True):
+        bufs = self._buffers.get(x.shape[0], {"out": x.shape[1:], "dx": x.shape[1:]},
+                                 self.dtype)
+        out = bufs["out"]
+        backend_module().activation_forward(self.act_code, x, out, self.alpha)
+        self._x, self._out, self._bufs = x, out, bufs
+        return out
+
+    def _backward(self, dout, need_dx=True):
+        dx = self._bufs["dx"]
+        backend_module().activation_backward(self.act_code, self._out, dout, dx, self.alpha)
+        return dx
+
+    def get_config(self):
+        return {"class": "Activation", "name": self.activation, "alpha": self.alpha,
+                "dtype": self.dtype.name}
+
+    def __repr__(self):
+        return f"Activation({self.activation!r})"
+
+
+def _named_activation(name, has_alpha=False):
+    default = kernels.DEFAULT_ALPHA[kernels.ACTIVATIONS[name]]
+
+    if has_alpha:
+        def __init__(self, alpha=default, *, dtype="float32"):
+            Activation.__init__(self, name, alpha, dtype=dtype)
+    else:
+        def __init__(self, *, dtype="float32"):
+            Activation.__init__(self, name, dtype=dtype)
+
+    return __init__
+
+
+class ReLU(Activation):
+    """``max(z, 0)``."""
+    __init__ = _named_activation("relu")
+
+
+class LeakyReLU(Activation):
+    """``z if z > 0 else alpha * z``."""
+    __init__ = _named_activation("leaky_relu", has_alpha=True)
+
+
+class Sigmoid(Activation):
+    """``1 / (1 + exp(-z))``."""
+    __init__ = _named_activation("sigmoid")
+
+
+class Tanh(Activation):
+    """``tanh(z)``."""
+    __init__ = _named_activation("tanh")
+
+
+class Softplus(Activation):
+    """``log(1 + exp(z))``."""
+    __init__ = _named_activation("softplus")
+
+
+class ELU(Activation):
+    """``z if z > 0 else alpha * (exp(z) - 1)``."""
+    __init__ = _named_activation("elu", has_alpha=True)
+
+
+class Identity(Activation):
+    """``z`` (a no-op layer)."""
+    __init__ = _named_activation("identity")
+
+
+class Dropout(Layer):
+    """Inverted dropout: in training, zero each unit with probability ``rate`` and scale
+    the survivors by 1/(1-rate); identity at inference. Seeded for reproducibility.
+
+    Shape: any (n, features) -> the same shape.
+    """
+
+    def __init__(self, rate, *, seed=None, dtype="float32"):
+        self.rate = check_float(rate, "rate", low=0.0, high=1.0, high_open=True)
+        self.seed = check_seed(seed)
+        self.dtype = check_dtype(dtype)
+        self._rng = np.random.default_rng(self.seed)
+        self._x = None
+
+    def _forward(self, x, training=True):
+        self._x = x
+        if not training or self.rate == 0.0:
+            self._mask = None
+            self._out = x
+            return x
+        keep = self._rng.random(x.shape, dtype=np.float64) >= self.rate
+        self._mask = keep.astype(self.dtype) * self.dtype.type(1.0 / (1.0 - self.rate))
+        self._out = x * self._mask
+        return self._out
+
+    def _backward(self, dout, need_dx=True):
+        return dout if self._mask is None else dout * self._mask
+
+    def get_config(self):
+        return {"class": "Dropout", "rate": self.rate, "seed": self.seed,
+                "dtype": self.dtype.name}
+
+    def __repr__(self):
+        return f"Dropout({self.rate})"
+
+
+LAYER_CLASSES = {"Dense": Dense, "Activation": Activation, "Dropout": Dropout}
+
+
+def layer_from_config(config):
+    """Rebuild a layer from ``layer.get_config()``."""
+    config = dict(config)
+    cls_name = config.pop("class", None)
+    if cls_name not in LAYER_CLASSES:
+        raise ValueError(f"unknown layer class {cls_name!r} in model file; expected one of "
+                         f"{sorted(LAYER_CLASSES)}")
+    if cls_name == "Activation":
+        return Activation(config["name"], config.get("alpha"), dtype=config["dtype"])
+    return LAYER_CLASSES[cls_name](**config)

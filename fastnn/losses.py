@@ -1,0 +1,190 @@
+"""Losses: validation of targets, the fused loss+gradient kernel, and the output link.
+
+Reductions follow PyTorch so results can be checked against it: ``mse`` = MSELoss,
+``mae`` = L1Loss, ``huber`` = HuberLoss(delta), ``cross_entropy`` = CrossEntropyLoss on
+logits (integer labels or probability rows), ``binary_cross_entropy`` =
+BCEWithLogitsLoss (0/1 targets; multi-label), ``hinge`` = multiclass SVM
+(Weston-Watkins: sum over wrong classes of max(0, s_j - s_y + margin), mean over
+samples). With ``sample_weight`` every loss is ``sum_i w_i l_i / sum_i w_i``.
+"""
+import numpy as np
+
+from . import kernels
+from ._backend import backend_module
+from ._validation import _as_numeric, check_array, check_float, check_labels, check_length
+
+
+class Loss:
+    """Base class. ``loss(pred, target, weights, dpred) -> float`` writes d(loss)/d(pred)
+    into ``dpred`` (unless None) through the active kernel backend."""
+
+    name = None
+    #: Whether targets are integer class labels (classification by argmax).
+    uses_labels = False
+
+    def prepare_target(self, y, n_samples, n_outputs, dtype, name="y"):
+        """Validate ``y`` for a network with ``n_outputs`` outputs; return kernel-ready."""
+        target = check_array(y, name, dtype, allow_1d=True)
+        check_length(target, name, n_samples)
+        if target.shape[1] != n_outputs:
+            raise ValueError(f"{name} must have {n_outputs} column(s) to match the model's "
+                             f"outputs, got shape {target.shape}")
+        return target
+
+    def check_outputs(self, n_outputs):
+        """Raise if this loss cannot work with a network of ``n_outputs`` outputs."""
+
+    def link(self, out):
+        """Map raw network output to predictions (a new array)."""
+        return out.copy()
+
+    def get_config(self):
+        return {"name": self.name}
+
+    def __repr__(self):
+        args = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items() if k != "name")
+        return f"{type(self).__name__}({args})"
+
+
+class MeanSquaredError(Loss):
+    """mean((pred - y)^2) over all elements (torch MSELoss)."""
+
+    name = "mse"
+
+    def __call__(self, pred, target, weights, dpred):
+        return backend_module().mean_squared_error(pred, target, weights, dpred)
+
+
+class MeanAbsoluteError(Loss):
+    """mean(|pred - y|) over all elements (torch L1Loss)."""
+
+    name = "mae"
+
+    def __call__(self, pred, target, weights, dpred):
+        return backend_module().mean_absolute_error(pred, target, weights, dpred)
+
+
+class Huber(Loss):
+    """Huber loss: d^2/2 for |d| <= delta, delta(|d| - delta/2) beyond (torch HuberLoss)."""
+
+    name = "huber"
+
+    def __init__(self, delta=1.0):
+        self.delta = check_float(delta, "delta", low=0.0, low_open=True)
+
+    def __call__(self, pred, target, weights, dpred):
+        return backend_module().huber(pred, target, self.delta, weights, dpred)
+
+    def get_config(self):
+        return {"name": self.name, "delta": self.delta}
+
+
+def softmax(out):
+    """Row-wise softmax of (n, k) logits, max-subtracted for stability."""
+    e = np.exp(out - out.max(axis=1, keepdims=True))
+    e /= e.sum(axis=1, keepdims=True)
+    return e
+
+
+class CrossEntropy(Loss):
+    """Softmax cross-entropy on logits (torch CrossEntropyLoss).
+
+    Targets: integer labels (n,) in [0, k), or probability rows (n, k).
+    """
+
+    name = "cross_entropy"
+    uses_labels = True
+
+    def check_outputs(self, n_outputs):
+        if n_outputs < 2:
+            raise ValueError("cross_entropy needs at least 2 outputs (one per class); for a "
+                             "single-output binary classifier use binary_cross_entropy")
+
+    def prepare_target(self, y, n_samples, n_outputs, dtype, name="y"):
+        arr = _as_numeric(y, name)
+        if arr.ndim == 2 and arr.shape[1] > 1:
+            rows = check_array(arr, name, dtype)
+            check_length(rows, name, n_samples)
+            if rows.shape[1] != n_outputs:
+                raise ValueError(f"{name} probability rows must have {n_outputs} columns, "
+                                 f"got shape {rows.shape}")
+            if rows.min() < 0 or rows.max() > 1:
+                raise ValueError(f"{name} probability rows must lie in [0, 1], got values "
+                                 f"from {rows.min()} to {rows.max()}")
+            return rows
+        return check_labels(arr, name, n_samples, n_outputs)
+
+    def link(self, out):
+        return softmax(out)
+
+    def __call__(self, pred, target, weights, dpred):
+        return backend_module().softmax_cross_entropy(pred, target, weights, dpred)
+
+
+class BinaryCrossEntropy(Loss):
+    """Sigmoid + binary cross-entropy on logits (torch BCEWithLogitsLoss).
+
+    Targets in [0, 1]: a single column (binary) or an (n, k) 0/1 matrix (multi-label).
+    """
+
+    name = "binary_cross_entropy"
+
+    def prepare_target(self, y, n_samples, n_outputs, dtype, name="y"):
+        target = super().prepare_target(y, n_samples, n_outputs, dtype, name)
+        if target.min() < 0 or target.max() > 1:
+            raise ValueError(f"{name} for binary_cross_entropy must lie in [0, 1], got values "
+                             f"from {target.min()} to {target.max()}")
+        return target
+
+    def link(self, out):
+        prob = np.empty_like(out)
+        backend_module().activation_forward(kernels.ACTIVATIONS["sigmoid"], out, prob, None)
+        return prob
+
+    def __call__(self, pred, target, weights, dpred):
+        return backend_module().sigmoid_binary_cross_entropy(pred, target, weights, dpred)
+
+
+class Hinge(Loss):
+    """Multiclass SVM loss (Weston-Watkins) on raw scores; integer labels (n,)."""
+
+    name = "hinge"
+    uses_labels = True
+
+    def __init__(self, margin=1.0):
+        self.margin = check_float(margin, "margin", low=0.0)
+
+    def check_outputs(self, n_outputs):
+        if n_outputs < 2:
+            raise ValueError("hinge needs at least 2 outputs (one score per class)")
+
+    def prepare_target(self, y, n_samples, n_outputs, dtype, name="y"):
+        return check_labels(y, name, n_samples, n_outputs)
+
+    def __call__(self, pred, target, weights, dpred):
+        return backend_module().multiclass_hinge(pred, target, self.margin, weights, dpred)
+
+    def get_config(self):
+        return {"name": self.name, "margin": self.margin}
+
+
+LOSSES = {cls.name: cls for cls in
+          (MeanSquaredError, MeanAbsoluteError, Huber, CrossEntropy, BinaryCrossEntropy, Hinge)}
+
+
+def get(loss):
+    """A Loss from a name in LOSSES, a config dict, or a Loss instance."""
+    if isinstance(loss, Loss):
+        return loss
+    if isinstance(loss, dict):
+        config = dict(loss)
+        name = config.pop("name", None)
+        if name not in LOSSES:
+            raise ValueError(f"unknown loss {name!r}; expected one of {sorted(LOSSES)}")
+        return LOSSES[name](**config)
+    if isinstance(loss, str):
+        if loss not in LOSSES:
+            raise ValueError(f"unknown loss {loss!r}; expected one of {sorted(LOSSES)}")
+        return LOSSES[loss]()
+    raise TypeError(f"loss must be a name (one of {sorted(LOSSES)}) or a fastnn.losses.Loss, "
+                    f"got {type(loss).__name__}")

@@ -1,0 +1,122 @@
+"""Metrics reported by fit/evaluate: accuracy, mae, mse, r2 (unweighted).
+
+Each metric accumulates over batches (``update(out, target)``) so an epoch's value is
+exact over all its samples, as if computed in one pass (r2 keeps the sums it needs).
+``out`` is the raw network output (n, k); predictions go through the loss's link.
+"""
+import numpy as np
+
+from .losses import BinaryCrossEntropy
+
+REGRESSION_LOSSES = ("mse", "mae", "huber")
+
+
+class Metric:
+    """Base accumulator: ``reset()``, ``update(out, target)``, ``result() -> float``."""
+
+    def __init__(self, loss):
+        self.loss = loss
+        self.reset()
+
+    def reset(self):
+        self.total = 0.0
+        self.count = 0
+
+
+class Accuracy(Metric):
+    """Multiclass: argmax matches the label (or the argmax of a probability row).
+    Binary / multi-label (binary_cross_entropy): the fraction of outputs whose sign
+    (logit > 0) matches target >= 0.5, over all elements."""
+
+    name = "accuracy"
+
+    def update(self, out, target):
+        if isinstance(self.loss, BinaryCrossEntropy):
+            hits = (out > 0) == (target >= 0.5)
+        else:
+            labels = target if target.ndim == 1 else target.argmax(axis=1)
+            hits = out.argmax(axis=1) == labels
+        self.total += int(np.count_nonzero(hits))
+        self.count += hits.size
+
+    def result(self):
+        return self.total / self.count
+
+
+class MeanAbsoluteError(Metric):
+    """mean |prediction - target| over all elements."""
+
+    name = "mae"
+
+    def update(self, out, target):
+        self.total += float(np.abs(self.loss.link(out) - target).sum(dtype=np.float64))
+        self.count += target.size
+
+    def result(self):
+        return self.total / self.count
+
+
+class MeanSquaredError(Metric):
+    """mean (prediction - target)^2 over all elements."""
+
+    name = "mse"
+
+    def update(self, out, target):
+        diff = self.loss.link(out).astype(np.float64) - target
+        self.total += float((diff * diff).sum())
+        self.count += target.size
+
+    def result(self):
+        return self.total / self.count
+
+
+class R2(Metric):
+    """Coefficient of determination 1 - SS_res/SS_tot, averaged over outputs."""
+
+    name = "r2"
+
+    def reset(self):
+        self.count = 0
+        self.ss_res = self.sum_y = self.sum_y2 = 0.0
+
+    def update(self, out, target):
+        pred = self.loss.link(out).astype(np.float64)
+        target = target.astype(np.float64)
+        self.ss_res = self.ss_res + ((target - pred) ** 2).sum(axis=0)
+        self.sum_y = self.sum_y + target.sum(axis=0)
+        self.sum_y2 = self.sum_y2 + (target * target).sum(axis=0)
+        self.count += target.shape[0]
+
+    def result(self):
+        ss_tot = self.sum_y2 - self.sum_y ** 2 / self.count
+        with np.errstate(divide="ignore", invalid="ignore"):
+            per_output = np.where(ss_tot > 0, 1.0 - self.ss_res / ss_tot, 0.0)
+        return float(np.mean(per_output))
+
+
+METRICS = {cls.name: cls for cls in (Accuracy, MeanAbsoluteError, MeanSquaredError, R2)}
+
+
+def check_metrics(metrics, loss):
+    """Validate metric names against the loss; returns a tuple of names."""
+    if metrics is None:
+        return ()
+    if isinstance(metrics, str):
+        metrics = [metrics]
+    names = []
+    for name in metrics:
+        if not isinstance(name, str) or name not in METRICS:
+            raise ValueError(f"unknown metric {name!r}; expected one of {sorted(METRICS)}")
+        if name == "accuracy" and loss.name in REGRESSION_LOSSES:
+            raise ValueError(f"metric 'accuracy' needs a classification loss, got loss "
+                             f"{loss.name!r}; use 'mae', 'mse' or 'r2'")
+        if name != "accuracy" and loss.uses_labels:
+            raise ValueError(f"metric {name!r} needs real-valued targets, but loss "
+                             f"{loss.name!r} takes class labels; use 'accuracy'")
+        names.append(name)
+    return tuple(names)
+
+
+def build(names, loss):
+    """Fresh accumulators for the metric ``names``."""
+    return [METRICS[name](loss) for name in names]

@@ -1,0 +1,228 @@
+"""Rosenblatt's perceptron: a step unit trained by one mistake-driven update per sample."""
+import numpy as np
+
+from ._backend import backend_module
+from ._validation import (
+    check_array,
+    check_features,
+    check_float,
+    check_int,
+    check_length,
+    check_seed,
+)
+from .kernels import ACTIVATIONS
+
+# Bounds of the block of samples whose net inputs one dense_forward call computes (see
+# Perceptron._run_epoch).
+_MIN_BLOCK = 16
+_MAX_BLOCK = 2048
+
+
+class NotFittedError(ValueError, AttributeError):
+    """A model was used (predict, score, W, ...) before ``fit``."""
+
+
+def _check_bool(value, name):
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return bool(value)
+
+
+def _check_class_labels(y, n_samples):
+    """Class labels (integers, bools or strings) as a 1-D array of length n_samples.
+
+    Integer-valued floats become int64; other floats are rejected (they look like
+    regression targets).
+    """
+    if y is None or isinstance(y, (str, bytes)):
+        raise TypeError(f"y must be an array-like of class labels, got {type(y).__name__}")
+    arr = np.asarray(y)
+    if arr.ndim == 2 and arr.shape[1] == 1:
+        arr = arr[:, 0]
+    if arr.ndim != 1:
+        raise ValueError(f"y must be a 1-D vector of class labels, got shape {arr.shape}")
+    check_length(arr, "y", n_samples)
+    if arr.dtype.kind in "biuUS":
+        return arr
+    if arr.dtype.kind == "f":
+        if not np.isfinite(arr).all():
+            raise ValueError("y contains NaN or infinite values")
+        if not np.array_equal(arr, np.round(arr)):
+            raise ValueError(f"y must hold class labels, got non-integer values such as "
+                             f"{arr[arr != np.round(arr)][0]!r}")
+        return arr.astype(np.int64)
+    raise TypeError(f"y must hold integer or string class labels, got dtype {arr.dtype}")
+
+
+class Perceptron:
+    """Rosenblatt's perceptron: step activation, trained sample by sample on its mistakes.
+
+    Each unit computes ``ŷ = step(x @ w + b)`` with ``step(z) = 1 if z >= 0 else 0`` and,
+    for its 0/1 target t, updates ``w += lr (t - ŷ) x``, ``b += lr (t - ŷ)`` (nothing
+    changes when ŷ = t). Weights start at zero. With 2 classes there is one unit, whose
+    target is ``y == classes_[1]``; with k > 2 classes there are k units trained
+    one-vs-rest (unit j: ``y == classes_[j]``, each by its own rule on the same samples)
+    and the prediction is the class whose unit has the largest net input
+    ``x @ W + b``. Training stops after the first epoch without a mistake -- which the
+    perceptron convergence theorem guarantees on linearly separable data -- or after
+    ``max_epochs``. Net inputs are computed by the active kernel backend's
+    ``dense_forward``.
+
+    Parameters
+    ----------
+    lr : float > 0
+        Learning rate, the step of each update. From zero weights it only scales W and b,
+        so the predictions do not depend on it.
+    max_epochs : int >= 1
+        Most passes over the training data.
+    shuffle : bool
+        Visit the samples in a fresh random order each epoch (else in the given order).
+    seed : int >= 0 or None
+        Seed of the shuffling; the same seed gives the same model.
+
+    Attributes (after ``fit``)
+    ----------
+    coef_, W : (d, k) weights, k = 1 for 2 classes, else the number of classes.
+    intercept_, b : (k,) biases.
+    classes_ : (c,) sorted class labels; predictions are drawn from it.
+    n_features_in_ : d.
+    n_epochs_ : epochs run.
+    mistakes_ : (n_epochs_,) int64, samples updated in each epoch.
+    converged_ : True when the last epoch made no mistake.
+
+    Shape: ``fit(X (n, d), y (n,))``; ``predict(X (m, d)) -> (m,)``. X is float32 (kept)
+    or converted to float64; labels may be integers, bools or strings.
+    """
+
+    def __init__(self, lr=1.0, max_epochs=100, shuffle=True, seed=None):
+        self.lr = check_float(lr, "lr", low=0.0, low_open=True)
+        self.max_epochs = check_int(max_epochs, "max_epochs", low=1)
+        self.shuffle = _check_bool(shuffle, "shuffle")
+        self.seed = check_seed(seed)
+
+    def __repr__(self):
+        return (f"Perceptron(lr={self.lr!r}, max_epochs={self.max_epochs!r}, "
+                f"shuffle={self.shuffle!r}, seed={self.seed!r})")
+
+    @property
+    def W(self):
+        """The (d, k) weights (same array as ``coef_``)."""
+        return self._fitted("W").coef_
+
+    @property
+    def b(self):
+        """The (k,) biases (same array as ``intercept_``)."""
+        return self._fitted("b").intercept_
+
+    def fit(self, X, y):
+        """Train on X (n, d) and labels y (n,) from zero weights; returns self."""
+        lr = check_float(self.lr, "lr", low=0.0, low_open=True)
+        max_epochs = check_int(self.max_epochs, "max_epochs", low=1)
+        shuffle = _check_bool(self.shuffle, "shuffle")
+        rng = np.random.default_rng(check_seed(self.seed))
+        dtype = np.float32 if getattr(X, "dtype", None) == np.float32 else np.float64
+        X = check_array(X, "X", dtype)
+        y = _check_class_labels(y, len(X))
+        classes, codes = np.unique(y, return_inverse=True)
+        codes = codes.reshape(-1)
+        if len(classes) < 2:
+            raise ValueError(f"y must hold at least 2 classes, got only {classes[0]!r}")
+        if len(classes) == 2:
+            targets = codes.astype(dtype).reshape(-1, 1)
+        else:
+            targets = np.zeros((len(X), len(classes)), dtype=dtype)
+            targets[np.arange(len(X)), codes] = 1
+        kernels = backend_module()
+        W = np.zeros((X.shape[1], targets.shape[1]), dtype=dtype)
+        b = np.zeros(targets.shape[1], dtype=dtype)
+        buffer = np.empty((_MAX_BLOCK, targets.shape[1]), dtype=dtype)
+        mistakes = []
+        for _ in range(max_epochs):
+            order = rng.permutation(len(X)) if shuffle else np.arange(len(X))
+            # An overflow is reported below, once, with its cause; not as numpy warnings.
+            with np.errstate(over="ignore", invalid="ignore"):
+                mistakes.append(self._run_epoch(kernels, X, targets, order, W, b, lr, buffer))
+            if not (np.isfinite(W).all() and np.isfinite(b).all()):
+                raise ValueError(f"the weights overflowed (inf or NaN) in epoch "
+                                 f"{len(mistakes)}; X has values up to {np.abs(X).max():g} "
+                                 f"and lr={lr:g}: scale X or lower lr")
+            if mistakes[-1] == 0:
+                break
+        self.coef_, self.intercept_ = W, b
+        self.classes_ = classes
+        self.n_features_in_ = X.shape[1]
+        self.n_epochs_ = len(mistakes)
+        self.mistakes_ = np.array(mistakes, dtype=np.int64)
+        self.converged_ = mistakes[-1] == 0
+        return self
+
+    @staticmethod
+    def _run_epoch(kernels, X, targets, order, W, b, lr, buffer):
+        """One pass of the perceptron rule over the samples ``X[order]``, updating W and b
+        in place; returns the number of samples that triggered an update.
+
+        W and b change only on a mistake, so every sample up to the next mistake sees the
+        same weights: one dense_forward call evaluates a whole block, the first wrong
+        sample is updated, and the next block starts right after it. The result is the
+        sample-by-sample rule exactly. The block doubles after a clean block and shrinks
+        to twice the distance to the last mistake, so the sparse mistakes of late epochs
+        cost one call per large block and the dense ones of early epochs waste little.
+        """
+        step = ACTIVATIONS["step"]
+        n = len(order)
+        mistakes, start, block = 0, 0, _MIN_BLOCK
+        while start < n:
+            rows = order[start:start + block]
+            x_block = X[rows]
+            predicted = buffer[:len(rows)]
+            kernels.dense_forward(x_block, W, b, step, predicted)
+            wrong = np.flatnonzero((predicted != targets[rows]).any(axis=1))
+            if wrong.size == 0:
+                start += len(rows)
+                block = min(2 * block, _MAX_BLOCK)
+                continue
+            first = wrong[0]
+            error = targets[rows[first]] - predicted[first]  # per unit: -1, 0 or +1
+            W += lr * np.outer(x_block[first], error)
+            b += lr * error
+            mistakes += 1
+            start += first + 1
+            block = min(max(_MIN_BLOCK, 2 * (first + 1)), _MAX_BLOCK)
+        return mistakes
+
+    def _fitted(self, what):
+        if not hasattr(self, "coef_"):
+            raise NotFittedError(f"this Perceptron is not fitted yet: call fit(X, y) before "
+                                 f"{what}")
+        return self
+
+    def decision_function(self, X):
+        """Net input ``X @ W + b`` of every unit: X (m, d) -> (m, k), k = 1 for 2 classes."""
+        self._fitted("decision_function")
+        X = check_features(X, "X", self.coef_.dtype, self.n_features_in_)
+        out = np.empty((len(X), self.coef_.shape[1]), dtype=self.coef_.dtype)
+        backend_module().dense_forward(X, self.coef_, self.intercept_,
+                                       ACTIVATIONS["identity"], out)
+        return out
+
+    def predict(self, X):
+        """Class labels of X (m, d) -> (m,): the step unit's class for 2 classes, else the
+        class with the largest net input."""
+        self._fitted("predict")
+        if self.coef_.shape[1] > 1:
+            return self.classes_[np.argmax(self.decision_function(X), axis=1)]
+        X = check_features(X, "X", self.coef_.dtype, self.n_features_in_)
+        out = np.empty((len(X), 1), dtype=self.coef_.dtype)
+        backend_module().dense_forward(X, self.coef_, self.intercept_, ACTIVATIONS["step"],
+                                       out)
+        return self.classes_[out[:, 0].astype(np.intp)]
+
+    def score(self, X, y):
+        """Accuracy: the fraction of X (m, d) whose predicted class equals y (m,)."""
+        self._fitted("score")
+        X = check_features(X, "X", self.coef_.dtype, self.n_features_in_)
+        y = _check_class_labels(y, len(X))
+        if (y.dtype.kind in "US") != (self.classes_.dtype.kind in "US"):
+            raise TypeError(f"y must hold labels of the kind the model was fitted on "
+                            f"(classes_ dtype {self.classes_.dtype}), got dtype {y.dtype}")
+        return float(np.mean(self.predict(X) == y))
