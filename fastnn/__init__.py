@@ -10,7 +10,9 @@ import os
 # OpenMP workers sleep. Must be set before any OpenMP runtime starts.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from . import callbacks, datasets, kernels, losses, metrics, optimizers, schedules  # noqa: E402
+from . import (  # noqa: E402
+    callbacks, datasets, kernels, losses, metrics, optimizers, schedules, solvers,
+)
 from ._backend import (  # noqa: E402
     get_backend,
     get_num_threads,
@@ -32,14 +34,14 @@ from .layers import (  # noqa: E402
     Tanh,
 )
 from .model import History, NotCompiledError, Sequential, load_model  # noqa: E402
-from .perceptron import Perceptron  # noqa: E402
+from .perceptron import NotFittedError, Perceptron  # noqa: E402
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Activation", "Dense", "Dropout", "ELU", "History", "Identity", "LeakyReLU",
-    "NotCompiledError", "Perceptron", "ReLU", "Sequential", "Sigmoid", "Softplus", "Tanh",
+    "NotCompiledError", "NotFittedError", "Perceptron", "ReLU", "Sequential", "Sigmoid", "Softplus", "Tanh",
     "callbacks", "datasets", "get_backend", "get_num_threads", "gradcheck", "kernels",
-    "load_model", "losses", "metrics", "optimizers", "schedules", "set_backend",
+    "load_model", "losses", "metrics", "optimizers", "schedules", "set_backend", "solvers",
     "set_num_threads", "use_backend",
 ]

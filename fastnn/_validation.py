@@ -80,7 +80,7 @@ def check_labels(y, name, n_samples, n_classes):
             raise ValueError(f"{name} contains NaN or infinite values")
         if not np.array_equal(arr, np.round(arr)):
             raise ValueError(f"{name} must hold integer class labels, got non-integer values "
-                             f"such as {arr[arr != np.round(arr)][0]!r}")
+                             f"such as {float(arr[arr != np.round(arr)][0])!r}")
     labels = arr.astype(np.int64)
     low, high = labels.min(), labels.max()
     if low < 0 or high >= n_classes:

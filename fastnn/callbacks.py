@@ -68,7 +68,8 @@ class _Monitor(Callback):
 
 
 class EarlyStopping(_Monitor):
-    """Stop when ``monitor`` has not improved by ``min_delta`` for ``patience`` epochs;
+    """Stop after ``patience`` consecutive epochs in which ``monitor`` did not improve by
+    ``min_delta`` (Keras semantics; patience 0 stops at the first such epoch);
     optionally put back the weights of the best epoch."""
 
     def __init__(self, monitor="val_loss", patience=0, min_delta=0.0, mode="auto",
@@ -89,7 +90,7 @@ class EarlyStopping(_Monitor):
                 self.best_weights = self.model.params.copy()
             return
         self.wait += 1
-        if self.wait > self.patience:
+        if self.wait >= self.patience:
             self.stopped_epoch = epoch
             self.model.stop_training = True
             self.model.stop_reason = (f"early stopping: {self.monitor} did not improve for "
@@ -136,8 +137,9 @@ class TerminateOnNaN(Callback):
 
 
 class ReduceLROnPlateau(_Monitor):
-    """Multiply the learning rate by ``factor`` when ``monitor`` has stalled for
-    ``patience`` epochs, then wait ``cooldown`` epochs; never below ``min_lr``."""
+    """Multiply the learning rate by ``factor`` after ``patience`` consecutive epochs
+    without improvement (Keras semantics), then wait ``cooldown`` epochs before
+    counting again; never below ``min_lr``."""
 
     def __init__(self, monitor="val_loss", factor=0.1, patience=10, min_delta=1e-4,
                  cooldown=0, min_lr=0.0, mode="auto"):
@@ -162,7 +164,7 @@ class ReduceLROnPlateau(_Monitor):
             self.best, self.wait = value, 0
             return
         self.wait += 1
-        if self.wait > self.patience and self.cooldown_left == 0:
+        if self.wait >= self.patience and self.cooldown_left == 0:
             lr = optimizer.current_lr()
             new_lr = max(lr * self.factor, self.min_lr)
             if lr > 0 and new_lr < lr:

@@ -18,6 +18,7 @@ import numpy as np
 from . import losses as losses_module
 from . import metrics as metrics_module
 from . import optimizers as optimizers_module
+from . import solvers as solvers_module
 from ._validation import (
     check_array,
     check_features,
@@ -28,6 +29,7 @@ from ._validation import (
 )
 from .callbacks import Callback, TerminateOnNaN
 from .layers import Dense, Layer, _BatchBuffers, layer_from_config
+from .solvers import Objective, Solver
 
 FORMAT = "fastnn.Sequential"
 FORMAT_VERSION = 1
@@ -58,16 +60,17 @@ class History:
         Saves to ``path`` when given; returns the matplotlib Figure.
         """
         try:
-            import matplotlib
-            if path is not None:
-                matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
+            if path is None:
+                import matplotlib.pyplot as plt
+            else:  # draw off-screen without switching the process's matplotlib backend
+                from matplotlib.figure import Figure
         except ImportError as exc:
             raise ImportError("History.plot needs matplotlib: pip install 'fastnn[plot]'"
                               ) from exc
         keys = [k for k in (keys or self.history) if not k.startswith("val_") and k != "lr"]
-        fig, axes = plt.subplots(1, max(len(keys), 1), figsize=(4.5 * max(len(keys), 1), 3.5),
-                                 squeeze=False)
+        size = (4.5 * max(len(keys), 1), 3.5)
+        fig = plt.figure(figsize=size) if path is None else Figure(figsize=size)
+        axes = fig.subplots(1, max(len(keys), 1), squeeze=False)
         epochs = [e + 1 for e in self.epoch]
         for ax, key in zip(axes[0], keys):
             ax.plot(epochs, self.history[key], label=key)
@@ -151,7 +154,7 @@ class Sequential:
             for name, view in views.items():
                 setattr(layer, name, view)
         self._first_trainable = next(i for i, layer in enumerate(self.layers) if layer.trainable)
-        if self.optimizer is not None:
+        if isinstance(self.optimizer, optimizers_module.Optimizer):
             self.optimizer.build(self.params.size, self.dtype)
 
     @property
@@ -170,13 +173,23 @@ class Sequential:
     def compile(self, loss, optimizer="adam", metrics=None):
         """Set the loss (name or fastnn.losses.Loss), optimizer (name or object) and
         metric names ("accuracy", "mae", "mse", "r2")."""
+        self._require_layers("compile")
         loss = losses_module.get(loss)
         loss.check_outputs(self.n_outputs)
         self.metrics = metrics_module.check_metrics(metrics, loss)
         self.loss = loss
-        self.optimizer = optimizers_module.get(optimizer)
-        self.optimizer.build(self.params.size, self.dtype)
+        optimizer = optimizers_module.get(optimizer)
+        if isinstance(optimizer, Solver):
+            optimizer.check_model(self)
+        self.optimizer = optimizer
+        if isinstance(optimizer, optimizers_module.Optimizer):
+            optimizer.build(self.params.size, self.dtype)
         return self
+
+    def _require_layers(self, what):
+        if not self.layers:
+            raise ValueError(f"{what} needs a model with layers; this Sequential is empty: "
+                             "add a fastnn.Dense layer first")
 
     def _require_compiled(self, what):
         _require_compiled_model(self, what)
@@ -207,6 +220,7 @@ class Sequential:
         return loss, out
 
     def _check_X(self, X, name="X"):
+        self._require_layers("the forward pass")
         return check_features(X, name, self.dtype, self.n_features)
 
     def _prepare(self, X, y, sample_weight, name="X"):
@@ -332,55 +346,20 @@ class Sequential:
         history = History()
         self.history = history
         self.stop_training, self.stop_reason = False, None
-        progress = _Progress(verbose, epochs, n_batches)
-        gather = _BatchGather(X, target, weights)
+        progress = _Progress(verbose, epochs, n_batches if not isinstance(
+            self.optimizer, Solver) else 1)
         for cb in callbacks:
             cb.on_train_begin({})
         start = time.perf_counter()
         try:
-            for epoch in range(epochs):
-                for cb in callbacks:
-                    cb.on_epoch_begin(epoch, {})
-                epoch_start_params = self.params.copy()
-                order = _epoch_order(rng, n, shuffle, replacement)
-                metrics = metrics_module.build(self.metrics, self.loss)
-                total = mass = 0.0
-                diverged = False
-                for b in range(n_batches):
-                    xb, yb, wb = gather(order, b * batch, min((b + 1) * batch, n))
-                    loss, out = self._loss_and_grad(xb, yb, wb, training=True)
-                    if not math.isfinite(loss):
-                        self._handle_divergence(loss, epoch, b, epoch_start_params,
-                                                terminate_on_nan, callbacks)
-                        diverged = True
-                        break
-                    self.optimizer.step(self.params, self.grads)
-                    batch_mass = float(xb.shape[0] if wb is None else wb.sum(dtype=np.float64))
-                    total += loss * batch_mass
-                    mass += batch_mass
-                    for metric in metrics:
-                        metric.update(out, yb)
-                    for cb in callbacks:
-                        cb.on_batch_end(b, {"loss": loss})
-                    progress.batch_done()
-                if not diverged and not np.isfinite(self.params).all():
-                    # a finite loss can still come with an update that overflows the weights
-                    self._handle_divergence(None, epoch, n_batches - 1, epoch_start_params,
-                                            terminate_on_nan, callbacks)
-                    diverged = True
-                if diverged:
-                    break
-                logs = {"loss": total / mass if mass else float("nan")}
-                logs.update({m.name: m.result() for m in metrics if m.count})
-                if val is not None:
-                    val_logs = self._evaluate(*val)
-                    logs.update({"val_" + k: v for k, v in val_logs.items()})
-                for cb in callbacks:
-                    cb.on_epoch_end(epoch, logs)
-                history.append(epoch, logs)
-                progress.epoch_done(epoch, logs)
-                if self.stop_training:
-                    break
+            if isinstance(self.optimizer, Solver):
+                history.n_evaluations = self._fit_solver(
+                    X, target, weights, val, epochs, callbacks, progress, history,
+                    terminate_on_nan)
+            else:
+                history.n_evaluations = self._fit_minibatch(
+                    X, target, weights, val, epochs, batch, shuffle, replacement, rng,
+                    callbacks, progress, history, terminate_on_nan)
         finally:
             progress.close()
         if self.stop_reason is None:
@@ -391,19 +370,106 @@ class Sequential:
             cb.on_train_end({})
         return history
 
+    def _epoch_logs(self, logs, val):
+        if val is not None:
+            logs.update({"val_" + k: v for k, v in self._evaluate(*val).items()})
+        return logs
+
+    def _end_epoch(self, epoch, logs, callbacks, progress, history):
+        for cb in callbacks:
+            cb.on_epoch_end(epoch, logs)
+        history.append(epoch, logs)
+        progress.epoch_done(epoch, logs)
+
+    def _fit_minibatch(self, X, target, weights, val, epochs, batch, shuffle, replacement,
+                       rng, callbacks, progress, history, terminate_on_nan):
+        """The first-order loop: one optimizer step per mini-batch. Returns the number
+        of gradient evaluations."""
+        n = X.shape[0]
+        n_batches = math.ceil(n / batch)
+        gather = _BatchGather(X, target, weights)
+        steps = 0
+        for epoch in range(epochs):
+            for cb in callbacks:
+                cb.on_epoch_begin(epoch, {})
+            epoch_start_params = self.params.copy()
+            order = _epoch_order(rng, n, shuffle, replacement)
+            metrics = metrics_module.build(self.metrics, self.loss)
+            total = mass = 0.0
+            for b in range(n_batches):
+                xb, yb, wb = gather(order, b * batch, min((b + 1) * batch, n))
+                loss, out = self._loss_and_grad(xb, yb, wb, training=True)
+                steps += 1
+                if not math.isfinite(loss):
+                    self._handle_divergence(loss, epoch, b, epoch_start_params,
+                                            terminate_on_nan, callbacks)
+                    return steps
+                self.optimizer.step(self.params, self.grads)
+                batch_mass = float(xb.shape[0] if wb is None else wb.sum(dtype=np.float64))
+                total += loss * batch_mass
+                mass += batch_mass
+                for metric in metrics:
+                    metric.update(out, yb)
+                for cb in callbacks:
+                    cb.on_batch_end(b, {"loss": loss})
+                progress.batch_done()
+            if not np.isfinite(self.params).all():
+                # a finite loss can still come with an update that overflows the weights
+                self._handle_divergence(None, epoch, n_batches - 1, epoch_start_params,
+                                        terminate_on_nan, callbacks)
+                return steps
+            logs = {"loss": total / mass if mass else float("nan")}
+            logs.update({m.name: m.result() for m in metrics if m.count})
+            self._end_epoch(epoch, self._epoch_logs(logs, val), callbacks, progress, history)
+            if self.stop_training:
+                break
+        return steps
+
+    def _fit_solver(self, X, target, weights, val, epochs, callbacks, progress, history,
+                    terminate_on_nan):
+        """Full-batch solver: fit epoch = one solver iteration. Returns the number of
+        loss/gradient evaluations."""
+        objective = Objective(self, X, target, weights)
+        last_good = self.params.copy()
+        epoch = 0
+
+        def on_iteration(x, loss):
+            nonlocal epoch
+            for cb in callbacks:
+                cb.on_epoch_begin(epoch, {})
+            self.params[...] = x
+            if not math.isfinite(loss):
+                self._handle_divergence(loss, epoch, 0, last_good, terminate_on_nan, callbacks)
+                return True
+            last_good[...] = self.params
+            logs = self._evaluate(X, target, weights) if self.metrics else {"loss": loss}
+            for cb in callbacks:
+                cb.on_batch_end(0, {"loss": logs["loss"]})
+            progress.batch_done()
+            self._end_epoch(epoch, self._epoch_logs(logs, val), callbacks, progress, history)
+            epoch += 1
+            return self.stop_training
+
+        reason = self.optimizer.minimize(objective, self.params.astype(np.float64), epochs,
+                                         on_iteration)
+        if reason is not None and self.stop_reason is None:
+            self.stop_reason = reason
+        return objective.n_evals
+
     def _handle_divergence(self, loss, epoch, batch, epoch_start_params, terminate_on_nan,
                            callbacks):
-        """Keep the last finite weights; stop cleanly (TerminateOnNaN) or raise.
+        """Put back the weights of the last completed epoch; stop cleanly (TerminateOnNaN)
+        or raise.
 
         ``loss`` is the non-finite batch loss, or None when the loss was finite but the
-        update made the weights non-finite.
+        update made the weights non-finite. Weights that are still finite but already
+        give a non-finite loss are not kept either: they predict inf/NaN.
         """
-        if not np.isfinite(self.params).all():
-            self.params[...] = epoch_start_params
+        self.params[...] = epoch_start_params
         what = "the weights became NaN or infinite" if loss is None else f"loss became {loss}"
         message = (f"{what} at epoch {epoch + 1}, batch {batch + 1}; training stopped and "
-                   "the last finite weights were kept (try a lower learning rate, gradient "
-                   "clipping or input scaling)")
+                   "the last finite weights (from the end of the last completed epoch) were "
+                   "kept (try a lower learning rate, gradient clipping or input scaling)")
         if not terminate_on_nan:
             raise FloatingPointError(message)
         self.stop_training = True
@@ -453,6 +519,7 @@ class Sequential:
     def save(self, path):
         """Write the model (architecture, weights, compile settings and optimizer state)
         to an .npz file, atomically (temp file + rename). No pickle."""
+        self._require_layers("save")
         path = os.fspath(path)
         meta = {"format": FORMAT, "version": FORMAT_VERSION, "config": self.get_config()}
         arrays = {"params": self.params}
@@ -466,6 +533,8 @@ class Sequential:
                                  "state": sorted(self.optimizer.state)}
             for name, arr in self.optimizer.state.items():
                 arrays["optimizer/" + name] = arr
+        elif isinstance(self.optimizer, Solver):
+            meta["solver"] = self.optimizer.get_config()
         arrays["meta"] = np.array(json.dumps(meta))
         directory = os.path.dirname(os.path.abspath(path))
         fd, tmp = tempfile.mkstemp(prefix=".fastnn-", suffix=".tmp", dir=directory)
@@ -474,6 +543,7 @@ class Sequential:
                 np.savez(f, **arrays)
                 f.flush()
                 os.fsync(f.fileno())
+            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; save like open() does
             os.replace(tmp, path)
         except BaseException:
             if os.path.exists(tmp):
@@ -482,6 +552,7 @@ class Sequential:
 
     def summary(self):
         """A table of the layers, their output shapes and parameter counts (a str)."""
+        self._require_layers("summary")
         rows = [("Layer", "Output shape", "Params")]
         width = self.n_features
         for layer in self.layers:
@@ -508,6 +579,11 @@ def load_model(path):
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"no model file at {path!r}")
+    # Checked first: np.load would return a bare array for .npy and, for any other
+    # non-zip file, report pickled data and suggest allow_pickle.
+    if not zipfile.is_zipfile(path):
+        raise ValueError(f"{path!r} is not a fastnn model file: not an .npz (zip) archive "
+                         "(empty, truncated or of another format)")
     try:
         with np.load(path, allow_pickle=False) as data:
             arrays = {key: data[key] for key in data.files}
@@ -527,21 +603,30 @@ def load_model(path):
         if params.shape != model.params.shape or params.dtype != model.dtype:
             raise ValueError(f"parameter vector has shape {params.shape} and dtype "
                              f"{params.dtype}, expected {model.params.shape} {model.dtype}")
+        if not np.isfinite(params).all():
+            raise ValueError("parameter vector contains NaN or infinite values")
         model.params[...] = params
         if "loss" in meta:
             optimizer = "adam"
             if "optimizer" in meta:
                 optimizer = optimizers_module.from_config(meta["optimizer"]["config"])
+            elif "solver" in meta:
+                optimizer = solvers_module.from_config(meta["solver"])
             model.compile(meta["loss"], optimizer, meta.get("metrics") or None)
             if "optimizer" in meta:
                 opt = meta["optimizer"]
                 model.optimizer.iterations = int(opt["iterations"])
                 model.optimizer.lr_scale = float(opt["lr_scale"])
                 for name in opt["state"]:
-                    model.optimizer.state[name][...] = arrays["optimizer/" + name]
-    except (KeyError, TypeError) as exc:
-        raise ValueError(f"{path!r} is a damaged fastnn model file: missing or invalid "
-                         f"{exc}") from exc
+                    saved, current = arrays["optimizer/" + name], model.optimizer.state[name]
+                    if saved.shape != current.shape:
+                        raise ValueError(f"optimizer state {name!r} has shape {saved.shape}, "
+                                         f"expected {current.shape}")
+                    current[...] = saved
+    except KeyError as exc:
+        raise ValueError(f"{path!r} is a damaged fastnn model file: missing {exc}") from exc
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{path!r} is a damaged fastnn model file: {exc}") from exc
     return model
 
 
@@ -552,6 +637,12 @@ def _require_compiled_model(model, what):
     if model.loss is None:
         raise NotCompiledError(f"{what} needs a compiled model: call "
                                "model.compile(loss=..., optimizer=...) first")
+
+
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _chunks(n, batch_size):

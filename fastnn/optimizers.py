@@ -15,6 +15,7 @@ import numpy as np
 from . import schedules
 from ._backend import backend_module
 from ._validation import check_float
+from .solvers import SOLVERS, Solver
 
 
 def _check_lr(lr):
@@ -213,16 +214,19 @@ _CLASSES = {cls.name: cls for cls in (SGD, Adagrad, RMSprop, Adam, AdamW)}
 
 
 def get(optimizer):
-    """An optimizer from a name in OPTIMIZERS or an Optimizer instance."""
+    """An optimizer or solver from a name (OPTIMIZERS, fastnn.solvers.SOLVERS) or an
+    Optimizer / fastnn.solvers.Solver instance."""
+    names = sorted(OPTIMIZERS) + sorted(SOLVERS)
     if isinstance(optimizer, str):
-        if optimizer not in OPTIMIZERS:
-            raise ValueError(f"unknown optimizer {optimizer!r}; expected one of "
-                             f"{sorted(OPTIMIZERS)}")
-        return OPTIMIZERS[optimizer]()
-    if isinstance(optimizer, Optimizer):
+        if optimizer in OPTIMIZERS:
+            return OPTIMIZERS[optimizer]()
+        if optimizer in SOLVERS:
+            return SOLVERS[optimizer]()
+        raise ValueError(f"unknown optimizer {optimizer!r}; expected one of {names}")
+    if isinstance(optimizer, (Optimizer, Solver)):
         return optimizer
-    raise TypeError(f"optimizer must be a name (one of {sorted(OPTIMIZERS)}) or an optimizer "
-                    f"object, got {type(optimizer).__name__}")
+    raise TypeError(f"optimizer must be a name (one of {names}) or an optimizer object, "
+                    f"got {type(optimizer).__name__}")
 
 
 def from_config(config):

@@ -32,7 +32,7 @@ def _check_class_labels(y, n_samples):
     """Class labels (integers, bools or strings) as a 1-D array of length n_samples.
 
     Integer-valued floats become int64; other floats are rejected (they look like
-    regression targets).
+    regression targets). An object array of str (as pandas gives) becomes a str array.
     """
     if y is None or isinstance(y, (str, bytes)):
         raise TypeError(f"y must be an array-like of class labels, got {type(y).__name__}")
@@ -51,6 +51,8 @@ def _check_class_labels(y, n_samples):
             raise ValueError(f"y must hold class labels, got non-integer values such as "
                              f"{arr[arr != np.round(arr)][0]!r}")
         return arr.astype(np.int64)
+    if arr.dtype == object and all(isinstance(label, str) for label in arr):
+        return arr.astype(str)
     raise TypeError(f"y must hold integer or string class labels, got dtype {arr.dtype}")
 
 
@@ -72,11 +74,12 @@ class Perceptron:
     ----------
     lr : float > 0
         Learning rate, the step of each update. From zero weights it only scales W and b,
-        so the predictions do not depend on it.
+        so (up to rounding) the predictions do not depend on it.
     max_epochs : int >= 1
         Most passes over the training data.
     shuffle : bool
-        Visit the samples in a fresh random order each epoch (else in the given order).
+        Visit the samples in a fresh random order each epoch (else in the given order);
+        the shuffled copy takes as much memory as X.
     seed : int >= 0 or None
         Seed of the shuffling; the same seed gives the same model.
 
@@ -87,7 +90,7 @@ class Perceptron:
     classes_ : (c,) sorted class labels; predictions are drawn from it.
     n_features_in_ : d.
     n_epochs_ : epochs run.
-    mistakes_ : (n_epochs_,) int64, samples updated in each epoch.
+    mistakes_ : (n_epochs_,) int64, samples that caused an update in each epoch.
     converged_ : True when the last epoch made no mistake.
 
     Shape: ``fit(X (n, d), y (n,))``; ``predict(X (m, d)) -> (m,)``. X is float32 (kept)
@@ -136,12 +139,21 @@ class Perceptron:
         W = np.zeros((X.shape[1], targets.shape[1]), dtype=dtype)
         b = np.zeros(targets.shape[1], dtype=dtype)
         buffer = np.empty((_MAX_BLOCK, targets.shape[1]), dtype=dtype)
+        # Shuffling copies the data into these once per epoch, so that every block of
+        # samples is then a contiguous slice.
+        X_epoch, targets_epoch = X, targets
+        if shuffle:
+            X_epoch, targets_epoch = np.empty_like(X), np.empty_like(targets)
         mistakes = []
         for _ in range(max_epochs):
-            order = rng.permutation(len(X)) if shuffle else np.arange(len(X))
+            if shuffle:
+                order = rng.permutation(len(X))
+                np.take(X, order, axis=0, out=X_epoch)
+                np.take(targets, order, axis=0, out=targets_epoch)
             # An overflow is reported below, once, with its cause; not as numpy warnings.
             with np.errstate(over="ignore", invalid="ignore"):
-                mistakes.append(self._run_epoch(kernels, X, targets, order, W, b, lr, buffer))
+                mistakes.append(self._run_epoch(kernels, X_epoch, targets_epoch, W, b, lr,
+                                                buffer))
             if not (np.isfinite(W).all() and np.isfinite(b).all()):
                 raise ValueError(f"the weights overflowed (inf or NaN) in epoch "
                                  f"{len(mistakes)}; X has values up to {np.abs(X).max():g} "
@@ -157,9 +169,10 @@ class Perceptron:
         return self
 
     @staticmethod
-    def _run_epoch(kernels, X, targets, order, W, b, lr, buffer):
-        """One pass of the perceptron rule over the samples ``X[order]``, updating W and b
-        in place; returns the number of samples that triggered an update.
+    def _run_epoch(kernels, X, targets, W, b, lr, buffer):
+        """One pass of the perceptron rule over the rows of X (n, d) with 0/1 targets
+        (n, k), updating W and b in place; returns the number of samples that triggered
+        an update.
 
         W and b change only on a mistake, so every sample up to the next mistake sees the
         same weights: one dense_forward call evaluates a whole block, the first wrong
@@ -169,21 +182,20 @@ class Perceptron:
         cost one call per large block and the dense ones of early epochs waste little.
         """
         step = ACTIVATIONS["step"]
-        n = len(order)
+        n = len(X)
         mistakes, start, block = 0, 0, _MIN_BLOCK
         while start < n:
-            rows = order[start:start + block]
-            x_block = X[rows]
-            predicted = buffer[:len(rows)]
-            kernels.dense_forward(x_block, W, b, step, predicted)
-            wrong = np.flatnonzero((predicted != targets[rows]).any(axis=1))
+            stop = min(start + block, n)
+            predicted = buffer[:stop - start]
+            kernels.dense_forward(X[start:stop], W, b, step, predicted)
+            wrong = np.flatnonzero((predicted != targets[start:stop]).any(axis=1))
             if wrong.size == 0:
-                start += len(rows)
+                start = stop
                 block = min(2 * block, _MAX_BLOCK)
                 continue
-            first = wrong[0]
-            error = targets[rows[first]] - predicted[first]  # per unit: -1, 0 or +1
-            W += lr * np.outer(x_block[first], error)
+            first = int(wrong[0])
+            error = targets[start + first] - predicted[first]  # per unit: -1, 0 or +1
+            W += lr * X[start + first, :, None] * error
             b += lr * error
             mistakes += 1
             start += first + 1

@@ -340,7 +340,7 @@ class LevenbergMarquardt(_OwnLoop):
     losses = ("mse",)
 
     def __init__(self, mu=1e-3, mu_increase=10.0, mu_decrease=0.1, mu_max=1e10,
-                 matrix_free="auto", max_dense_bytes=2 ** 30, cg_tol=1e-10, gtol=1e-6,
+                 matrix_free="auto", max_dense_bytes=2 ** 30, cg_tol=1e-12, gtol=1e-6,
                  ftol=1e-12):
         super().__init__(gtol, ftol)
         self.mu = check_float(mu, "mu", low=0.0, low_open=True)
@@ -399,7 +399,9 @@ class LevenbergMarquardt(_OwnLoop):
 
     def _params(self):
         return {"mu": self.mu, "mu_increase": self.mu_increase, "mu_decrease": self.mu_decrease,
-                "mu_max": self.mu_max, "matrix_free": self.matrix_free, **super()._params()}
+                "mu_max": self.mu_max, "matrix_free": self.matrix_free,
+                "max_dense_bytes": self.max_dense_bytes, "cg_tol": self.cg_tol,
+                **super()._params()}
 
 
 def _damped_cholesky_solve(A, g, mu):
@@ -417,7 +419,7 @@ def _conjugate_gradient(matvec, b, rtol, max_iter=None):
     p = r.copy()
     rr = float(r @ r)
     stop = (rtol ** 2) * rr
-    for _ in range(max_iter or 2 * b.size):
+    for _ in range(max_iter or 10 * b.size):
         if rr <= stop:
             break
         Mp = matvec(p)
@@ -552,3 +554,17 @@ class NewtonCG(_Scipy):
 
     def _params(self):
         return {"xtol": self.xtol}
+
+
+#: Names accepted by ``compile(optimizer=...)``, with default settings.
+SOLVERS = {cls.name: cls for cls in (GradientDescent, LBFGS, BFGS, ConjugateGradient,
+                                     LevenbergMarquardt, Newton, NewtonCG)}
+
+
+def from_config(config):
+    """Rebuild a solver from ``get_config()``."""
+    config = dict(config)
+    name = config.pop("name", None)
+    if name not in SOLVERS:
+        raise ValueError(f"unknown solver {name!r}; expected one of {sorted(SOLVERS)}")
+    return SOLVERS[name](**config)

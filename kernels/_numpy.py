@@ -21,6 +21,8 @@ Conventions shared by every backend:
 * Optimizer updates work on flat 1-D buffers in place and follow the algorithm
   boxes of torch.optim. ``step`` is the 1-based number of this update.
 """
+import math
+
 import numpy as np
 
 from . import DEFAULT_ALPHA
@@ -146,7 +148,7 @@ def dense_per_sample_grad(x, dz, jac, offset, use_bias):
 # Losses: each returns the loss and (unless dpred is None) writes its gradient
 # ----------------------------------------------------------------------------------
 
-def _sample_scale(n, weights, dtype):
+def _sample_scale(n, weights):
     """Per-sample factor of the mean: 1/n, or w_i / sum(w)."""
     if weights is None:
         return np.full(n, 1.0 / n, dtype=np.float64)
@@ -174,7 +176,7 @@ def softmax_cross_entropy(logits, labels, weights, dlogits):
     else:
         target = labels
     per_sample = -(target * log_prob).sum(axis=1)
-    scale = _sample_scale(n, weights, logits.dtype)
+    scale = _sample_scale(n, weights)
     if dlogits is not None:
         grad = np.exp(log_prob) * target.sum(axis=1, keepdims=True) - target
         np.multiply(grad, scale[:, None], out=dlogits, casting="unsafe")
@@ -189,7 +191,7 @@ def sigmoid_binary_cross_entropy(pred, target, weights, dpred):
     """
     n, k = pred.shape
     per_elem = np.maximum(pred, 0) - pred * target + np.log1p(np.exp(-np.abs(pred)))
-    scale = _sample_scale(n, weights, pred.dtype) / k
+    scale = _sample_scale(n, weights) / k
     if dpred is not None:
         sig = _sigmoid(pred, np.empty_like(pred))
         np.multiply(sig - target, scale[:, None], out=dpred, casting="unsafe")
@@ -203,7 +205,7 @@ def mean_squared_error(pred, target, weights, dpred):
     """
     n, k = pred.shape
     diff = pred - target
-    scale = _sample_scale(n, weights, pred.dtype) / k
+    scale = _sample_scale(n, weights) / k
     if dpred is not None:
         np.multiply(diff, 2 * scale[:, None], out=dpred, casting="unsafe")
     return _reduce((diff * diff).sum(axis=1), scale)
@@ -213,7 +215,7 @@ def mean_absolute_error(pred, target, weights, dpred):
     """torch L1Loss, mean over n*k.  l_ij = |p - t|;  dpred = s_i sign(p - t) / k."""
     n, k = pred.shape
     diff = pred - target
-    scale = _sample_scale(n, weights, pred.dtype) / k
+    scale = _sample_scale(n, weights) / k
     if dpred is not None:
         np.multiply(np.sign(diff), scale[:, None], out=dpred, casting="unsafe")
     return _reduce(np.abs(diff).sum(axis=1), scale)
@@ -229,7 +231,7 @@ def huber(pred, target, delta, weights, dpred):
     diff = pred - target
     absd = np.abs(diff)
     per_elem = np.where(absd <= delta, 0.5 * diff * diff, delta * (absd - 0.5 * delta))
-    scale = _sample_scale(n, weights, pred.dtype) / k
+    scale = _sample_scale(n, weights) / k
     if dpred is not None:
         np.multiply(np.clip(diff, -delta, delta), scale[:, None], out=dpred, casting="unsafe")
     return _reduce(per_elem.sum(axis=1), scale)
@@ -247,7 +249,7 @@ def multiclass_hinge(scores, labels, margin, weights, dscores):
     margins[rows, labels] = 0
     violated = margins > 0
     per_sample = np.where(violated, margins, 0).sum(axis=1)
-    scale = _sample_scale(n, weights, scores.dtype)
+    scale = _sample_scale(n, weights)
     if dscores is not None:
         grad = violated.astype(np.float64)
         grad[rows, labels] = -violated.sum(axis=1)
@@ -332,7 +334,7 @@ def adam_update(params, grads, exp_avg, exp_avg_sq, max_exp_avg_sq, lr, beta1, b
     exp_avg_sq *= beta2
     exp_avg_sq += (1 - beta2) * g * g
     bias1 = 1 - beta1 ** step
-    bias2_sqrt = np.sqrt(1 - beta2 ** step)
+    bias2_sqrt = math.sqrt(1 - beta2 ** step)
     if amsgrad:
         np.maximum(max_exp_avg_sq, exp_avg_sq, out=max_exp_avg_sq)
         v = max_exp_avg_sq

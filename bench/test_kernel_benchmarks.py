@@ -1,0 +1,217 @@
+"""Kernel benchmarks: every kernel of the contract x backend x dtype, on the shapes of
+the three reference nets (fastnn.benchmarks.NETS).
+
+Each case checks the backend against ``_numpy`` first (the same call on fresh outputs),
+then makes one warm-up call and times the kernel on preallocated outputs. Groups are
+kernel + shape + dtype, so the backends of one case read side by side:
+
+    pytest bench/ --benchmark-only                       # all usable CPUs
+    taskset -c 0 pytest bench/ --benchmark-only          # 1 thread, pinned (headline)
+    pytest bench/ --benchmark-only -k "dense and mnist"  # a subset
+
+No benchmark asserts a time: they measure and report.
+"""
+import math
+from typing import Callable, NamedTuple
+
+import numpy as np
+import pytest
+
+from fastnn.benchmarks import NETS
+from fastnn.kernels import ACTIVATIONS
+
+RELU, IDENTITY = ACTIVATIONS["relu"], ACTIVATIONS["identity"]
+SEED = 20240611
+#: Tolerance of a backend against ``_numpy``, relative to the largest magnitude of the
+#: checked output (each BLAS sums in its own order).
+RTOL = {np.dtype(np.float32): 1e-4, np.dtype(np.float64): 1e-10}
+
+
+class Case(NamedTuple):
+    """``build(dtype, rng) -> (new_outputs, call)``: ``new_outputs()`` returns fresh
+    output (or in-place state) arrays, ``call(module, outputs)`` runs the kernel."""
+
+    kernel: str
+    shape_id: str
+    build: Callable
+
+
+def _normal(rng, shape, dtype, scale=1.0):
+    return (rng.standard_normal(shape) * scale).astype(dtype)
+
+
+# ----------------------------------------------------------------------------------
+# Shapes of the reference nets
+# ----------------------------------------------------------------------------------
+
+def _layers():
+    """(id, n, d, k, act, first): every dense layer of every reference net and batch."""
+    for net, spec in NETS.items():
+        sizes = spec["sizes"]
+        for batch in spec["batches"]:
+            for i, (d, k) in enumerate(zip(sizes[:-1], sizes[1:])):
+                act = IDENTITY if i == len(sizes) - 2 else RELU
+                yield f"{net}-b{batch}-{d}x{k}", batch, d, k, act, i == 0
+
+
+def _unique(items):
+    """Drop repeated shapes (keeping the first net that has them)."""
+    seen, out = set(), []
+    for shape_id, shape in items:
+        if shape not in seen:
+            seen.add(shape)
+            out.append((shape_id, shape))
+    return out
+
+
+def _hidden_shapes():
+    """Outputs of the ReLU layers: "mnist-b128-784x256" -> ("mnist-b128-256", (128, 256))."""
+    return _unique((f"{shape_id.rsplit('-', 1)[0]}-{k}", (n, k))
+                   for shape_id, n, d, k, act, _ in _layers() if act == RELU)
+
+
+def _logit_shapes():
+    return _unique((f"{net}-b{batch}-{spec['sizes'][-1]}", (batch, spec["sizes"][-1]))
+                   for net, spec in NETS.items() for batch in spec["batches"])
+
+
+def _param_counts():
+    return [(f"{net}-{sum(d * k + k for d, k in zip(s[:-1], s[1:]))}",
+             sum(d * k + k for d, k in zip(s[:-1], s[1:])))
+            for net, s in ((net, spec["sizes"]) for net, spec in NETS.items())]
+
+
+# ----------------------------------------------------------------------------------
+# Case builders
+# ----------------------------------------------------------------------------------
+
+def _dense_forward(n, d, k, act):
+    def build(dtype, rng):
+        x, w = _normal(rng, (n, d), dtype), _normal(rng, (d, k), dtype, 1 / math.sqrt(d))
+        b = _normal(rng, k, dtype, 0.1)
+        return (lambda: [np.empty((n, k), dtype)],
+                lambda m, out: m.dense_forward(x, w, b, act, out[0]))
+    return build
+
+
+def _dense_backward(n, d, k, act, first):
+    def build(dtype, rng):
+        x, w = _normal(rng, (n, d), dtype), _normal(rng, (d, k), dtype, 1 / math.sqrt(d))
+        a = _normal(rng, (n, k), dtype)
+        if act == RELU:
+            np.maximum(a, 0, out=a)
+        dout = _normal(rng, (n, k), dtype, 0.1)
+
+        def outputs():  # dz, dw, db, and dx unless this is the first layer (fit skips it)
+            outs = [np.empty((n, k), dtype), np.empty((d, k), dtype), np.empty(k, dtype)]
+            return outs if first else outs + [np.empty((n, d), dtype)]
+
+        def call(m, out):
+            dx = None if first else out[3]
+            m.dense_backward(x, w, a, dout, act, out[0], dx, out[1], out[2])
+        return outputs, call
+    return build
+
+
+def _activation_forward(shape):
+    def build(dtype, rng):
+        z = _normal(rng, shape, dtype)
+        return (lambda: [np.empty(shape, dtype)],
+                lambda m, out: m.activation_forward(RELU, z, out[0]))
+    return build
+
+
+def _activation_backward(shape):
+    def build(dtype, rng):
+        a = np.maximum(_normal(rng, shape, dtype), 0)
+        dout = _normal(rng, shape, dtype)
+        return (lambda: [np.empty(shape, dtype)],
+                lambda m, out: m.activation_backward(RELU, a, dout, out[0]))
+    return build
+
+
+def _loss(kernel, shape):
+    n, k = shape
+
+    def build(dtype, rng):
+        pred = _normal(rng, shape, dtype, 3.0)
+        labels = rng.integers(0, k, n)
+        if kernel == "sigmoid_binary_cross_entropy":
+            target = (rng.random(shape) < 0.3).astype(dtype)
+        else:
+            target = _normal(rng, shape, dtype)
+        args = {"softmax_cross_entropy": (labels,), "multiclass_hinge": (labels, 1.0),
+                "huber": (target, 1.0)}.get(kernel, (target,))
+        return (lambda: [np.empty(shape, dtype)],
+                lambda m, out: getattr(m, kernel)(pred, *args, None, out[0]))
+    return build
+
+
+#: Hyper-parameters after the buffers, and the number of state buffers, per optimizer:
+#: plain SGD (lr 0.01) as in the training benchmark; torch.optim defaults otherwise.
+_OPTIMIZERS = {
+    "sgd_update": (1, (0.01, 0.0, 0.0, 0.0, False, 1)),
+    "adagrad_update": (1, (0.01, 0.0, 0.0, 1e-10, 1)),
+    "rmsprop_update": (3, (0.01, 0.99, 1e-8, 0.0, 0.0, False)),
+    "adam_update": (3, (1e-3, 0.9, 0.999, 1e-8, 0.0, False, False, 1)),
+}
+
+
+def _optimizer(kernel, size):
+    n_state, hyper = _OPTIMIZERS[kernel]
+
+    def build(dtype, rng):
+        params, grads = _normal(rng, size, dtype), _normal(rng, size, dtype, 0.1)
+        state = [np.abs(_normal(rng, size, dtype, 0.01)) for _ in range(n_state)]
+        return (lambda: [params.copy()] + [s.copy() for s in state],
+                lambda m, out: getattr(m, kernel)(out[0], grads, *out[1:], *hyper))
+    return build
+
+
+def _cases():
+    cases = []
+    for shape_id, n, d, k, act, first in _layers():
+        cases.append(Case("dense_forward", shape_id, _dense_forward(n, d, k, act)))
+        cases.append(Case("dense_backward", shape_id, _dense_backward(n, d, k, act, first)))
+    for shape_id, shape in _hidden_shapes():
+        cases.append(Case("activation_forward", shape_id, _activation_forward(shape)))
+        cases.append(Case("activation_backward", shape_id, _activation_backward(shape)))
+    for kernel in ("softmax_cross_entropy", "sigmoid_binary_cross_entropy",
+                   "mean_squared_error", "mean_absolute_error", "huber", "multiclass_hinge"):
+        for shape_id, shape in _logit_shapes():
+            cases.append(Case(kernel, shape_id, _loss(kernel, shape)))
+    for kernel in _OPTIMIZERS:
+        for shape_id, size in _param_counts():
+            cases.append(Case(kernel, shape_id, _optimizer(kernel, size)))
+    return cases
+
+
+CASES = _cases()
+
+
+def _check(actual, desired, dtype, what):
+    desired = np.asarray(desired, dtype=np.float64)
+    scale = float(np.max(np.abs(desired))) if desired.size else 0.0
+    np.testing.assert_allclose(np.asarray(actual, dtype=np.float64), desired,
+                               rtol=RTOL[dtype], atol=RTOL[dtype] * (scale or 1.0),
+                               err_msg=f"{what} differs from _numpy")
+
+
+@pytest.mark.parametrize("case", CASES, ids=[f"{c.kernel}-{c.shape_id}" for c in CASES])
+def test_kernel(benchmark, case, backend, dtype, oracle):
+    new_outputs, call = case.build(dtype, np.random.default_rng(SEED))
+    expected, actual = new_outputs(), new_outputs()
+    expected_return = call(oracle, expected)
+    actual_return = call(backend, actual)
+    what = f"{case.kernel} {case.shape_id} {dtype.name} on {backend.__name__}"
+    if expected_return is not None:
+        _check(actual_return, expected_return, dtype, f"{what}: returned loss")
+    for i, (a, e) in enumerate(zip(actual, expected)):
+        _check(a, e, dtype, f"{what}: output {i}")
+
+    outputs = new_outputs()
+    call(backend, outputs)  # warm-up: numba dispatch, first-touch of the outputs
+    benchmark.group = f"{case.kernel} {case.shape_id} {dtype.name}"
+    benchmark.extra_info.update(kernel=case.kernel, shape=case.shape_id, dtype=dtype.name,
+                                backend=backend.__name__.rsplit("._", 1)[-1])
+    benchmark(call, backend, outputs)

@@ -1,0 +1,76 @@
+"""Typed stub of the Cython kernels (kernels/_cython.pyx).
+
+Same functions and positional arguments as ``kernels/_numpy.py``. Arrays are
+C-contiguous float32 or float64 (one dtype per call; inputs may be read-only);
+integer class labels are int64. Outputs are preallocated and written in place.
+"""
+from typing import Optional, Union
+
+import numpy as np
+import numpy.typing as npt
+
+_Float = Union[npt.NDArray[np.float32], npt.NDArray[np.float64]]
+_Labels = npt.NDArray[np.int64]
+
+def set_num_threads(n: int) -> None: ...
+
+# Activations (act: a code from fastnn.kernels.ACTIVATIONS)
+def activation_forward(
+    act: int, z: _Float, out: _Float, alpha: Optional[float] = None
+) -> None: ...
+def activation_backward(
+    act: int, a: _Float, dout: _Float, out: _Float, alpha: Optional[float] = None
+) -> None: ...
+
+# Dense layer: x (n, d), w (d, k), b (k,), out / a / dout / dz (n, k)
+def dense_forward(
+    x: _Float, w: _Float, b: _Float, act: int, out: _Float,
+    alpha: Optional[float] = None,
+) -> None: ...
+def dense_backward(
+    x: _Float, w: _Float, a: _Float, dout: _Float, act: int, dz: _Float,
+    dx: Optional[_Float], dw: _Float, db: _Float, alpha: Optional[float] = None,
+) -> None: ...
+
+# Losses: return the (weighted) mean loss; the gradient output None means loss only
+def softmax_cross_entropy(
+    logits: _Float, labels: Union[_Labels, _Float], weights: Optional[_Float],
+    dlogits: Optional[_Float],
+) -> float: ...
+def sigmoid_binary_cross_entropy(
+    pred: _Float, target: _Float, weights: Optional[_Float], dpred: Optional[_Float]
+) -> float: ...
+def mean_squared_error(
+    pred: _Float, target: _Float, weights: Optional[_Float], dpred: Optional[_Float]
+) -> float: ...
+def mean_absolute_error(
+    pred: _Float, target: _Float, weights: Optional[_Float], dpred: Optional[_Float]
+) -> float: ...
+def huber(
+    pred: _Float, target: _Float, delta: float, weights: Optional[_Float],
+    dpred: Optional[_Float],
+) -> float: ...
+def multiclass_hinge(
+    scores: _Float, labels: _Labels, margin: float, weights: Optional[_Float],
+    dscores: Optional[_Float],
+) -> float: ...
+
+# Optimizer steps over flat 1-D buffers, in place; unused state buffers may be None
+def sgd_update(
+    params: _Float, grads: _Float, momentum_buf: Optional[_Float], lr: float,
+    momentum: float, dampening: float, weight_decay: float, nesterov: bool, step: int,
+) -> None: ...
+def adagrad_update(
+    params: _Float, grads: _Float, state_sum: _Float, lr: float, lr_decay: float,
+    weight_decay: float, eps: float, step: int,
+) -> None: ...
+def rmsprop_update(
+    params: _Float, grads: _Float, square_avg: _Float,
+    momentum_buf: Optional[_Float], grad_avg: Optional[_Float], lr: float,
+    alpha: float, eps: float, weight_decay: float, momentum: float, centered: bool,
+) -> None: ...
+def adam_update(
+    params: _Float, grads: _Float, exp_avg: _Float, exp_avg_sq: _Float,
+    max_exp_avg_sq: Optional[_Float], lr: float, beta1: float, beta2: float,
+    eps: float, weight_decay: float, decoupled: bool, amsgrad: bool, step: int,
+) -> None: ...

@@ -1,0 +1,903 @@
+"""Numba backend: the kernel contract of ``_numpy`` as @njit kernels.
+
+Design:
+
+* Every public function is a thin Python wrapper: it resolves None / default arguments,
+  computes scalar hyper-parameters in float64, picks the serial or the parallel core
+  and makes one call. Cores have fixed types: explicit float32 and float64 signatures
+  (read-only inputs, int64 labels), compiled once with ``cache=True``. A core is
+  compiled, or loaded from the disk cache, on its first call (see ``_deferred``), so
+  importing this module compiles nothing.
+* Elementwise and row-wise cores are one plain function compiled twice, serially and
+  with ``parallel=True`` (``prange`` is ``range`` in the serial build). Wrappers take the
+  parallel build from ``PARALLEL_MIN_SIZE`` elements. Row-wise cores split the rows into
+  ``n_chunks`` contiguous chunks; reductions go to one buffer slot per chunk and are
+  summed serially afterwards.
+* Matmuls are ``np.dot(a, b, out)`` (numba calls scipy's BLAS; transposes are F-ordered
+  views, not copies), never inside a ``prange``. Their epilogues are fused: bias plus
+  activation, and activation derivative plus bias gradient, row by row while the row
+  is in cache.
+* Elementwise math runs in the data dtype; losses and reductions accumulate in float64.
+* ``FASTMATH_FLAGS`` never includes nnan/ninf: NaN/inf semantics, and with them the
+  stable exp/log paths (max-subtracted softmax, ``exp(-|z|)`` sigmoid/softplus), hold.
+  Numba errors follow numpy (``error_model="numpy"``): a kernel never raises.
+"""
+import math
+from types import FunctionType
+
+import numba
+import numpy as np
+from numba import njit, prange, types
+
+from . import DEFAULT_ALPHA
+
+# Activation codes, as in fastnn.kernels.ACTIVATIONS (fixed by the contract).
+IDENTITY, STEP, SIGMOID, TANH, RELU, LEAKY_RELU, SOFTPLUS, ELU = range(8)
+
+# Pointwise losses sharing one core.
+_BCE, _MSE, _MAE, _HUBER = range(4)
+
+#: Work size (elements) from which wrappers call the parallel cores.
+PARALLEL_MIN_SIZE = 1 << 17
+
+#: The one fastmath flag set of this module. Never nnan/ninf; no "reassoc" (it let LLVM
+#: reorder max(z,0) - z*t + log1p(e) in BCE and lose the whole loss to cancellation) and
+#: no "contract" (fused multiply-adds round 1 - a*a and friends differently from numpy,
+#: by more than the float32 tolerance where they cancel).
+FASTMATH_FLAGS = {"nsz", "arcp", "afn"}
+
+_OPTIONS = {"nogil": True, "fastmath": FASTMATH_FLAGS, "error_model": "numpy"}
+_CORE_OPTIONS = dict(_OPTIONS, cache=True)
+
+_FLOATS = (types.float32, types.float64)
+_i8, _f8, _b1 = types.int64, types.float64, types.boolean
+
+
+def set_num_threads(n):
+    """Threads used by the parallel cores (numba.set_num_threads)."""
+    numba.set_num_threads(n)
+
+
+# ----------------------------------------------------------------------------------
+# Compilation: cores are compiled on first use, with explicit signatures
+# ----------------------------------------------------------------------------------
+
+def _in(dtype, ndim):
+    """Read-only C-contiguous array type (writable arrays convert to it)."""
+    return types.Array(dtype, ndim, "C", readonly=True)
+
+
+def _out(dtype, ndim):
+    return types.Array(dtype, ndim, "C")
+
+
+def _compile(func, make, parallel):
+    """``func`` compiled (or loaded from the disk cache) for ``make(float32)`` and
+    ``make(float64)``; no other signature is ever compiled.
+
+    A parallel build compiles a twin of ``func`` under its own qualified name: numba
+    names cache files after the function, and the serial and parallel builds of one
+    signature would otherwise overwrite each other's entry.
+    """
+    sigs = [make(dtype) for dtype in _FLOATS]
+    if not parallel:
+        return njit(sigs, **_CORE_OPTIONS)(func)
+    twin = FunctionType(func.__code__, func.__globals__, func.__name__ + "_parallel",
+                        func.__defaults__, func.__closure__)
+    twin.__qualname__ = func.__qualname__ + "_parallel"
+    return njit(sigs, parallel=True, **_CORE_OPTIONS)(twin)
+
+
+def _deferred(name, func, make, parallel):
+    """Stand-in for the module global ``name`` until its first call.
+
+    That call compiles the core, rebinds ``name`` to the compiled dispatcher and
+    forwards; later calls go straight to the dispatcher. Importing the module compiles
+    nothing, and a program pays (once, thanks to the cache) only for the cores it uses.
+    """
+    def compile_and_call(*args):
+        core = _compile(func, make, parallel)
+        globals()[name] = core
+        return core(*args)
+    return compile_and_call
+
+
+def _serial_and_parallel(name, func, make):
+    """Deferred serial and parallel builds of ``func``, bound to the module globals
+    ``name + "_serial"`` and ``name + "_parallel"`` (``prange`` is ``range`` in the first).
+    """
+    return (_deferred(name + "_serial", func, make, False),
+            _deferred(name + "_parallel", func, make, True))
+
+
+def _n_chunks(n):
+    """Row chunks for a parallel core: one per thread."""
+    return max(1, min(n, numba.get_num_threads()))
+
+
+_EMPTY = {np.dtype(t): (np.empty(0, t), np.empty((0, 0), t)) for t in (np.float32, np.float64)}
+
+
+def _empty_1d(like):
+    """Placeholder for an optional 1-D argument the core will not touch."""
+    return _EMPTY[like.dtype][0]
+
+
+def _empty_2d(like):
+    """Placeholder for an optional 2-D output the core will not touch."""
+    return _EMPTY[like.dtype][1]
+
+
+# ----------------------------------------------------------------------------------
+# Row and element helpers (inlined into the cores; compiled per caller type)
+# ----------------------------------------------------------------------------------
+
+@njit(**_OPTIONS)
+def _chunk(c, n_chunks, n):
+    """Bounds [lo, hi) of chunk c when n rows are split into n_chunks."""
+    return c * n // n_chunks, (c + 1) * n // n_chunks
+
+
+@njit(**_OPTIONS)
+def _serial_sum(values):
+    """Sum of per-chunk partials, in chunk order (a plain loop, never a parfor)."""
+    total = 0.0
+    for c in range(values.shape[0]):
+        total += values[c]
+    return total
+
+
+@njit(**_OPTIONS)
+def _sigmoid(z, one):
+    """Overflow-free logistic: exp only ever sees -|z|."""
+    e = math.exp(-abs(z))
+    return (one if z >= 0 else e) / (one + e)
+
+
+@njit(**_OPTIONS)
+def _tanh(z, one):
+    """tanh without libm's tanh, which is scalar and ~5x slower than this.
+
+    |z| < 0.1: the odd Taylor series to z^13 (truncation < 2e-16 relative), in float64;
+    above: (1 - e) / (1 + e) with e = exp(-2|z|), a few ulp and no overflow.
+    """
+    a = abs(z)
+    e = math.exp(-(a + a))
+    x = np.float64(a)
+    x2 = x * x
+    series = x + x * x2 * (-1 / 3 + x2 * (2 / 15 + x2 * (-17 / 315 + x2 * (
+        62 / 2835 + x2 * (-1382 / 155925 + x2 * (21844 / 6081075))))))
+    t = series if a < 0.1 else (one - e) / (one + e)
+    return t if z >= 0 else -t
+
+
+@njit(**_OPTIONS)
+def _activation_forward_span(act, z, out, alpha):
+    """out = act(z) over 1-D z and out (may alias)."""
+    zero = out.dtype.type(0)
+    one = out.dtype.type(1)
+    n = z.shape[0]
+    if act == IDENTITY:
+        for i in range(n):
+            out[i] = z[i]
+    elif act == STEP:
+        for i in range(n):
+            out[i] = one if z[i] >= zero else zero
+    elif act == SIGMOID:
+        for i in range(n):
+            out[i] = _sigmoid(z[i], one)
+    elif act == TANH:
+        for i in range(n):
+            out[i] = _tanh(z[i], one)
+    elif act == RELU:
+        for i in range(n):
+            v = z[i]
+            out[i] = v if v > zero else zero
+    elif act == LEAKY_RELU:
+        for i in range(n):
+            v = z[i]
+            out[i] = v if v > zero else alpha * v
+    elif act == SOFTPLUS:
+        for i in range(n):
+            v = z[i]
+            out[i] = (v if v > zero else zero) + math.log1p(math.exp(-abs(v)))
+    elif act == ELU:
+        for i in range(n):
+            v = z[i]
+            out[i] = v if v > zero else alpha * math.expm1(v)
+
+
+@njit(**_OPTIONS)
+def _activation_backward_span(act, a, dout, out, alpha):
+    """out = dout * act'(z), from a = act(z); 1-D, out may alias dout."""
+    zero = out.dtype.type(0)
+    one = out.dtype.type(1)
+    n = a.shape[0]
+    if act == IDENTITY:
+        for i in range(n):
+            out[i] = dout[i]
+    elif act == STEP:
+        for i in range(n):
+            out[i] = zero
+    elif act == SIGMOID:
+        for i in range(n):
+            v = a[i]
+            out[i] = dout[i] * (v * (one - v))
+    elif act == TANH:
+        for i in range(n):
+            v = a[i]
+            out[i] = dout[i] * (one - v * v)
+    elif act == RELU:
+        for i in range(n):
+            out[i] = dout[i] if a[i] > zero else zero
+    elif act == LEAKY_RELU:
+        for i in range(n):
+            out[i] = dout[i] if a[i] > zero else alpha * dout[i]
+    elif act == SOFTPLUS:
+        for i in range(n):
+            out[i] = -dout[i] * math.expm1(-a[i])
+    elif act == ELU:
+        for i in range(n):
+            v = a[i]
+            out[i] = dout[i] if v > zero else dout[i] * (v + alpha)
+
+
+@njit(**_OPTIONS)
+def _weight_total(weights, use_weights, n):
+    """Denominator of the weighted mean: sum(w) in float64, or n."""
+    if not use_weights:
+        return float(n)
+    total = 0.0
+    for i in range(n):
+        total += weights[i]
+    return total
+
+
+@njit(**_OPTIONS)
+def _row_max(z):
+    m = z[0]
+    for j in range(1, z.shape[0]):
+        if z[j] > m:
+            m = z[j]
+    return m
+
+
+@njit(**_OPTIONS)
+def _sum_exp_shifted(z, m):
+    """sum_j exp(z_j - m), in float64."""
+    s = 0.0
+    for j in range(z.shape[0]):
+        s += math.exp(z[j] - m)
+    return s
+
+
+@njit(**_OPTIONS)
+def _store_exp_shifted(z, m, e):
+    """e_j = exp(z_j - m); returns their sum in float64."""
+    s = 0.0
+    for j in range(z.shape[0]):
+        v = math.exp(z[j] - m)
+        e[j] = v
+        s += v
+    return s
+
+
+@njit(**_OPTIONS)
+def _bce_row(z, t, grad, i, c, want_grad):
+    """Row i of BCE: sum_j max(z,0) - z t + log(1 + e^-|z|); grad[i] = c (sigmoid(z) - t)."""
+    zero = z.dtype.type(0)
+    one = z.dtype.type(1)
+    s = 0.0
+    if want_grad:
+        g = grad[i]
+        for j in range(z.shape[0]):
+            v = z[j]
+            e = math.exp(-abs(v))
+            s += (v if v > zero else zero) - v * t[j] + math.log1p(e)
+            g[j] = ((one if v >= zero else e) / (one + e) - t[j]) * c
+    else:
+        for j in range(z.shape[0]):
+            v = z[j]
+            s += (v if v > zero else zero) - v * t[j] + math.log1p(math.exp(-abs(v)))
+    return s
+
+
+@njit(**_OPTIONS)
+def _mse_row(p, t, grad, i, c, want_grad):
+    """Row i of MSE: sum_j (p - t)^2; grad[i] = 2 c (p - t)."""
+    c2 = c + c
+    s = 0.0
+    if want_grad:
+        g = grad[i]
+        for j in range(p.shape[0]):
+            d = p[j] - t[j]
+            s += d * d
+            g[j] = d * c2
+    else:
+        for j in range(p.shape[0]):
+            d = p[j] - t[j]
+            s += d * d
+    return s
+
+
+@njit(**_OPTIONS)
+def _mae_row(p, t, grad, i, c, want_grad):
+    """Row i of MAE: sum_j |p - t|; grad[i] = c sign(p - t)."""
+    zero = p.dtype.type(0)
+    s = 0.0
+    if want_grad:
+        g = grad[i]
+        for j in range(p.shape[0]):
+            d = p[j] - t[j]
+            s += abs(d)
+            g[j] = c if d > zero else (-c if d < zero else zero)
+    else:
+        for j in range(p.shape[0]):
+            s += abs(p[j] - t[j])
+    return s
+
+
+@njit(**_OPTIONS)
+def _huber_row(p, t, delta, grad, i, c, want_grad):
+    """Row i of Huber: sum_j d^2/2 if |d| <= delta else delta (|d| - delta/2);
+    grad[i] = c clip(d, -delta, delta).  Row sums are float64; grad only when want_grad.
+    """
+    half = p.dtype.type(0.5)
+    s = 0.0
+    if want_grad:
+        g = grad[i]
+        for j in range(p.shape[0]):
+            d = p[j] - t[j]
+            if abs(d) <= delta:
+                s += half * d * d
+                g[j] = d * c
+            else:
+                s += delta * (abs(d) - half * delta)
+                g[j] = (delta if d > 0 else -delta) * c
+    else:
+        for j in range(p.shape[0]):
+            d = p[j] - t[j]
+            ad = abs(d)
+            s += half * d * d if ad <= delta else delta * (ad - half * delta)
+    return s
+
+
+# ----------------------------------------------------------------------------------
+# Cores (one plain function each, compiled serial + parallel where the work is
+# elementwise or row-wise)
+# ----------------------------------------------------------------------------------
+
+def _activation_forward_chunks(act, z, out, alpha, n_chunks):
+    n = z.shape[0]
+    for c in prange(n_chunks):
+        lo, hi = _chunk(c, n_chunks, n)
+        _activation_forward_span(act, z[lo:hi], out[lo:hi], alpha)
+
+
+def _activation_backward_chunks(act, a, dout, out, alpha, n_chunks):
+    n = a.shape[0]
+    for c in prange(n_chunks):
+        lo, hi = _chunk(c, n_chunks, n)
+        _activation_backward_span(act, a[lo:hi], dout[lo:hi], out[lo:hi], alpha)
+
+
+def _dense_forward_rows(x, w, b, act, out, alpha, n_chunks):
+    np.dot(x, w, out)
+    n, k = out.shape
+    for c in prange(n_chunks):
+        lo, hi = _chunk(c, n_chunks, n)
+        for i in range(lo, hi):
+            row = out[i]
+            for j in range(k):
+                row[j] += b[j]
+            if act != IDENTITY:
+                _activation_forward_span(act, row, row, alpha)
+
+
+def _dense_backward_rows(x, w, a, dout, act, dz, dx, dw, db, alpha, want_dx, n_chunks):
+    n, k = dz.shape
+    db_chunks = np.empty((n_chunks, k))
+    for c in prange(n_chunks):
+        lo, hi = _chunk(c, n_chunks, n)
+        acc = db_chunks[c]
+        for j in range(k):
+            acc[j] = 0.0
+        for i in range(lo, hi):
+            row = dz[i]
+            _activation_backward_span(act, a[i], dout[i], row, alpha)
+            for j in range(k):
+                acc[j] += row[j]
+    for j in range(k):
+        total = 0.0
+        for c in range(n_chunks):
+            total += db_chunks[c, j]
+        db[j] = total
+    np.dot(x.T, dz, dw)
+    if want_dx:
+        np.dot(dz, w.T, dx)
+
+
+def _dense_per_sample_grad_rows(x, dz, jac, offset, use_bias, n_chunks):
+    n, d = x.shape
+    k = dz.shape[1]
+    for c in prange(n_chunks):
+        lo, hi = _chunk(c, n_chunks, n)
+        for s in range(lo, hi):
+            row = jac[s]
+            g = dz[s]
+            for i in range(d):
+                xi = x[s, i]
+                start = offset + i * k
+                for j in range(k):
+                    row[start + j] = xi * g[j]
+            if use_bias:
+                start = offset + d * k
+                for j in range(k):
+                    row[start + j] = g[j]
+
+
+def _softmax_ce_index_rows(logits, labels, weights, dlogits, use_weights, want_grad,
+                           n_chunks):
+    n = logits.shape[0]
+    total_w = _weight_total(weights, use_weights, n)
+    loss_chunks = np.empty(n_chunks)
+    for c in prange(n_chunks):
+        lo, hi = _chunk(c, n_chunks, n)
+        loss = 0.0
+        for i in range(lo, hi):
+            z = logits[i]
+            y = labels[i]
+            scale = (weights[i] if use_weights else 1.0) / total_w
+            m = _row_max(z)
+            if want_grad:
+                e = dlogits[i]
+                s = _store_exp_shifted(z, m, e)
+                coef = e.dtype.type(scale / s)
+                for j in range(e.shape[0]):
+                    e[j] *= coef
+                e[y] -= e.dtype.type(scale)
+            else:
+                s = _sum_exp_shifted(z, m)
+            loss += scale * (math.log(s) - (z[y] - np.float64(m)))
+        loss_chunks[c] = loss
+    return _serial_sum(loss_chunks)
+
+
+def _softmax_ce_prob_rows(logits, labels, weights, dlogits, use_weights, want_grad,
+                          n_chunks):
+    n, k = logits.shape
+    total_w = _weight_total(weights, use_weights, n)
+    loss_chunks = np.empty(n_chunks)
+    for c in prange(n_chunks):
+        lo, hi = _chunk(c, n_chunks, n)
+        loss = 0.0
+        for i in range(lo, hi):
+            z = logits[i]
+            y = labels[i]
+            scale = (weights[i] if use_weights else 1.0) / total_w
+            m = _row_max(z)
+            if want_grad:
+                s = _store_exp_shifted(z, m, dlogits[i])
+            else:
+                s = _sum_exp_shifted(z, m)
+            y_sum = 0.0
+            y_shifted = 0.0
+            for j in range(k):
+                y_sum += y[j]
+                y_shifted += y[j] * (np.float64(z[j]) - m)
+            loss += scale * (y_sum * math.log(s) - y_shifted)
+            if want_grad:
+                e = dlogits[i]
+                coef = e.dtype.type(scale * y_sum / s)
+                scale_t = e.dtype.type(scale)
+                for j in range(k):
+                    e[j] = e[j] * coef - scale_t * y[j]
+        loss_chunks[c] = loss
+    return _serial_sum(loss_chunks)
+
+
+def _pointwise_loss_rows(kind, pred, target, param, weights, dpred, use_weights,
+                         want_grad, n_chunks):
+    n, k = pred.shape
+    total_w = _weight_total(weights, use_weights, n) * k
+    loss_chunks = np.empty(n_chunks)
+    for c in prange(n_chunks):
+        lo, hi = _chunk(c, n_chunks, n)
+        loss = 0.0
+        for i in range(lo, hi):
+            scale = (weights[i] if use_weights else 1.0) / total_w
+            scale_t = pred.dtype.type(scale)
+            p = pred[i]
+            t = target[i]
+            if kind == _BCE:
+                row = _bce_row(p, t, dpred, i, scale_t, want_grad)
+            elif kind == _MSE:
+                row = _mse_row(p, t, dpred, i, scale_t, want_grad)
+            elif kind == _MAE:
+                row = _mae_row(p, t, dpred, i, scale_t, want_grad)
+            else:
+                row = _huber_row(p, t, param, dpred, i, scale_t, want_grad)
+            loss += scale * row
+        loss_chunks[c] = loss
+    return _serial_sum(loss_chunks)
+
+
+def _multiclass_hinge_rows(scores, labels, margin, weights, dscores, use_weights,
+                           want_grad, n_chunks):
+    n, k = scores.shape
+    zero = scores.dtype.type(0)
+    total_w = _weight_total(weights, use_weights, n)
+    loss_chunks = np.empty(n_chunks)
+    for c in prange(n_chunks):
+        lo, hi = _chunk(c, n_chunks, n)
+        loss = 0.0
+        for i in range(lo, hi):
+            z = scores[i]
+            y = labels[i]
+            scale = (weights[i] if use_weights else 1.0) / total_w
+            base = z[y] - margin
+            row = 0.0
+            violations = 0
+            if want_grad:
+                g = dscores[i]
+                scale_t = g.dtype.type(scale)
+                for j in range(k):
+                    d = z[j] - base
+                    if d > zero and j != y:
+                        row += d
+                        violations += 1
+                        g[j] = scale_t
+                    else:
+                        g[j] = zero
+                g[y] = g.dtype.type(-violations * scale)
+            else:
+                for j in range(k):
+                    d = z[j] - base
+                    if d > zero and j != y:
+                        row += d
+            loss += scale * row
+        loss_chunks[c] = loss
+    return _serial_sum(loss_chunks)
+
+
+def _sgd_elements(params, grads, momentum_buf, lr, momentum, keep, weight_decay,
+                  use_momentum, nesterov, first_step):
+    for i in prange(params.shape[0]):
+        g = grads[i] + weight_decay * params[i]
+        if use_momentum:
+            buf = g if first_step else momentum * momentum_buf[i] + keep * g
+            momentum_buf[i] = buf
+            g = g + momentum * buf if nesterov else buf
+        params[i] -= lr * g
+
+
+def _adagrad_elements(params, grads, state_sum, clr, weight_decay, eps):
+    for i in prange(params.shape[0]):
+        g = grads[i] + weight_decay * params[i]
+        s = state_sum[i] + g * g
+        state_sum[i] = s
+        params[i] -= clr * g / (math.sqrt(s) + eps)
+
+
+def _rmsprop_elements(params, grads, square_avg, momentum_buf, grad_avg, lr, alpha,
+                      one_minus_alpha, eps, weight_decay, momentum, use_momentum,
+                      centered):
+    for i in prange(params.shape[0]):
+        g = grads[i] + weight_decay * params[i]
+        v = alpha * square_avg[i] + one_minus_alpha * g * g
+        square_avg[i] = v
+        if centered:
+            gbar = alpha * grad_avg[i] + one_minus_alpha * g
+            grad_avg[i] = gbar
+            v = v - gbar * gbar
+        denom = math.sqrt(v) + eps
+        if use_momentum:
+            buf = momentum * momentum_buf[i] + g / denom
+            momentum_buf[i] = buf
+            params[i] -= lr * buf
+        else:
+            params[i] -= lr * g / denom
+
+
+def _adam_elements(params, grads, exp_avg, exp_avg_sq, max_exp_avg_sq, decay,
+                   weight_decay, beta1, one_minus_beta1, beta2, one_minus_beta2,
+                   step_size, bias2_sqrt, eps, amsgrad):
+    for i in prange(params.shape[0]):
+        p = params[i] * decay
+        g = grads[i] + weight_decay * p
+        m = beta1 * exp_avg[i] + one_minus_beta1 * g
+        v = beta2 * exp_avg_sq[i] + one_minus_beta2 * g * g
+        exp_avg[i] = m
+        exp_avg_sq[i] = v
+        if amsgrad:
+            v = max(max_exp_avg_sq[i], v)
+            max_exp_avg_sq[i] = v
+        params[i] = p - step_size * m / (math.sqrt(v) / bias2_sqrt + eps)
+
+
+_activation_forward_serial, _activation_forward_parallel = _serial_and_parallel(
+    "_activation_forward", _activation_forward_chunks,
+    lambda f: types.void(_i8, _in(f, 1), _out(f, 1), f, _i8))
+_activation_backward_serial, _activation_backward_parallel = _serial_and_parallel(
+    "_activation_backward", _activation_backward_chunks,
+    lambda f: types.void(_i8, _in(f, 1), _in(f, 1), _out(f, 1), f, _i8))
+_dense_forward_serial, _dense_forward_parallel = _serial_and_parallel(
+    "_dense_forward", _dense_forward_rows,
+    lambda f: types.void(_in(f, 2), _in(f, 2), _in(f, 1), _i8, _out(f, 2), f, _i8))
+_dense_backward_serial, _dense_backward_parallel = _serial_and_parallel(
+    "_dense_backward", _dense_backward_rows,
+    lambda f: types.void(_in(f, 2), _in(f, 2), _in(f, 2), _in(f, 2), _i8, _out(f, 2),
+                         _out(f, 2), _out(f, 2), _out(f, 1), f, _b1, _i8))
+_dense_per_sample_grad_serial, _dense_per_sample_grad_parallel = _serial_and_parallel(
+    "_dense_per_sample_grad", _dense_per_sample_grad_rows,
+    lambda f: types.void(_in(f, 2), _in(f, 2), _out(f, 2), _i8, _b1, _i8))
+_softmax_ce_index_serial, _softmax_ce_index_parallel = _serial_and_parallel(
+    "_softmax_ce_index", _softmax_ce_index_rows,
+    lambda f: _f8(_in(f, 2), _in(_i8, 1), _in(f, 1), _out(f, 2), _b1, _b1, _i8))
+_softmax_ce_prob_serial, _softmax_ce_prob_parallel = _serial_and_parallel(
+    "_softmax_ce_prob", _softmax_ce_prob_rows,
+    lambda f: _f8(_in(f, 2), _in(f, 2), _in(f, 1), _out(f, 2), _b1, _b1, _i8))
+_pointwise_loss_serial, _pointwise_loss_parallel = _serial_and_parallel(
+    "_pointwise_loss", _pointwise_loss_rows,
+    lambda f: _f8(_i8, _in(f, 2), _in(f, 2), f, _in(f, 1), _out(f, 2), _b1, _b1, _i8))
+_multiclass_hinge_serial, _multiclass_hinge_parallel = _serial_and_parallel(
+    "_multiclass_hinge", _multiclass_hinge_rows,
+    lambda f: _f8(_in(f, 2), _in(_i8, 1), f, _in(f, 1), _out(f, 2), _b1, _b1, _i8))
+_sgd_serial, _sgd_parallel = _serial_and_parallel(
+    "_sgd", _sgd_elements,
+    lambda f: types.void(_out(f, 1), _in(f, 1), _out(f, 1), f, f, f, f, _b1, _b1, _b1))
+_adagrad_serial, _adagrad_parallel = _serial_and_parallel(
+    "_adagrad", _adagrad_elements,
+    lambda f: types.void(_out(f, 1), _in(f, 1), _out(f, 1), f, f, f))
+_rmsprop_serial, _rmsprop_parallel = _serial_and_parallel(
+    "_rmsprop", _rmsprop_elements,
+    lambda f: types.void(_out(f, 1), _in(f, 1), _out(f, 1), _out(f, 1), _out(f, 1),
+                         f, f, f, f, f, f, _b1, _b1))
+_adam_serial, _adam_parallel = _serial_and_parallel(
+    "_adam", _adam_elements,
+    lambda f: types.void(_out(f, 1), _in(f, 1), _out(f, 1), _out(f, 1), _out(f, 1),
+                         f, f, f, f, f, f, f, f, f, _b1))
+
+
+# ----------------------------------------------------------------------------------
+# Activations
+# ----------------------------------------------------------------------------------
+
+def _alpha(act, alpha):
+    return DEFAULT_ALPHA[act] if alpha is None else alpha
+
+
+def activation_forward(act, z, out, alpha=None):
+    """``out = act(z)``, elementwise. ``z`` and ``out`` have the same shape (may alias).
+
+    identity z; step [z >= 0]; sigmoid 1/(1+e^-z); tanh; relu max(z, 0);
+    leaky_relu z if z > 0 else alpha*z; softplus log(1+e^z); elu z if z > 0 else
+    alpha*(e^z - 1).
+    """
+    if act == IDENTITY and out is z:
+        return
+    z = z.reshape(-1)
+    out = out.reshape(-1)
+    n = z.shape[0]
+    if n >= PARALLEL_MIN_SIZE:
+        _activation_forward_parallel(act, z, out, _alpha(act, alpha), _n_chunks(n))
+    else:
+        _activation_forward_serial(act, z, out, _alpha(act, alpha), 1)
+
+
+def activation_backward(act, a, dout, out, alpha=None):
+    """``out = dout * act'(z)`` with the derivative written in terms of ``a = act(z)``.
+
+    identity 1; step 0; sigmoid a(1-a); tanh 1-a^2; relu [a > 0];
+    leaky_relu 1 if a > 0 else alpha; softplus 1-e^-a; elu 1 if a > 0 else a+alpha.
+    ``out`` may alias ``dout``.
+    """
+    if act == IDENTITY and out is dout:
+        return
+    a = a.reshape(-1)
+    dout = dout.reshape(-1)
+    out = out.reshape(-1)
+    n = a.shape[0]
+    if n >= PARALLEL_MIN_SIZE:
+        _activation_backward_parallel(act, a, dout, out, _alpha(act, alpha), _n_chunks(n))
+    else:
+        _activation_backward_serial(act, a, dout, out, _alpha(act, alpha), 1)
+
+
+# ----------------------------------------------------------------------------------
+# Dense layer
+# ----------------------------------------------------------------------------------
+
+def dense_forward(x, w, b, act, out, alpha=None):
+    """``out = act(x @ w + b)``.  x (n, d), w (d, k), b (k,), out (n, k).
+
+    One BLAS matmul into ``out``, then bias and activation in one pass over ``out``.
+    """
+    if out.size >= PARALLEL_MIN_SIZE:
+        _dense_forward_parallel(x, w, b, act, out, _alpha(act, alpha),
+                                _n_chunks(out.shape[0]))
+    else:
+        _dense_forward_serial(x, w, b, act, out, _alpha(act, alpha), 1)
+
+
+def dense_backward(x, w, a, dout, act, dz, dx, dw, db, alpha=None):
+    """Backward of ``a = act(x @ w + b)`` given ``dout = dL/da``.
+
+    ``dz = dout * act'(a)``; ``dw = x.T @ dz``; ``db = dz.sum(0)``; ``dx = dz @ w.T``
+    (skipped when dx is None). x (n, d), w (d, k), a/dout/dz (n, k), dx (n, d),
+    dw (d, k), db (k,). ``dz`` may alias ``dout``. dz and db come from one pass; the
+    two matmuls are BLAS calls on transposed views.
+    """
+    want_dx = dx is not None
+    if not want_dx:
+        dx = _empty_2d(dz)
+    if dz.size >= PARALLEL_MIN_SIZE:
+        _dense_backward_parallel(x, w, a, dout, act, dz, dx, dw, db, _alpha(act, alpha),
+                                 want_dx, _n_chunks(dz.shape[0]))
+    else:
+        _dense_backward_serial(x, w, a, dout, act, dz, dx, dw, db, _alpha(act, alpha),
+                               want_dx, 1)
+
+
+def dense_per_sample_grad(x, dz, jac, offset, use_bias):
+    """Per-sample parameter gradients of a dense layer, written as Jacobian rows.
+
+    For every sample s: ``jac[s, offset + i*k + j] = x[s, i] * dz[s, j]`` (the row-major
+    flattening of the outer product x_s dz_s^T, i.e. of dW for that sample alone) and,
+    when ``use_bias``, ``jac[s, offset + d*k + j] = dz[s, j]``. x (n, d), dz (n, k),
+    jac (n, P) with P >= offset + d*k (+ k); other columns are left untouched.
+    """
+    n, d = x.shape
+    if n * d * dz.shape[1] >= PARALLEL_MIN_SIZE:
+        _dense_per_sample_grad_parallel(x, dz, jac, offset, bool(use_bias), _n_chunks(n))
+    else:
+        _dense_per_sample_grad_serial(x, dz, jac, offset, bool(use_bias), 1)
+
+
+# ----------------------------------------------------------------------------------
+# Losses: each returns the loss and (unless dpred is None) writes its gradient
+# ----------------------------------------------------------------------------------
+
+def _rows_call(serial, parallel, data, *args):
+    """Call the row-wise core fitting ``data``'s size; the chunk count goes last."""
+    if data.size >= PARALLEL_MIN_SIZE:
+        return float(parallel(*args, _n_chunks(data.shape[0])))
+    return float(serial(*args, 1))
+
+
+def _pointwise_loss(kind, pred, target, param, weights, dpred):
+    use_weights = weights is not None
+    want_grad = dpred is not None
+    return _rows_call(_pointwise_loss_serial, _pointwise_loss_parallel, pred,
+                      kind, pred, target, param,
+                      weights if use_weights else _empty_1d(pred),
+                      dpred if want_grad else _empty_2d(pred), use_weights, want_grad)
+
+
+def softmax_cross_entropy(logits, labels, weights, dlogits):
+    """Fused stable softmax + cross-entropy (torch CrossEntropyLoss on logits).
+
+    logits (n, k); labels int64 (n,) class indices, or (n, k) probability rows of the
+    logits' dtype. l_i = logsumexp(z_i) - z_i[y_i]  (or -sum_j y_ij log softmax(z_i)_j).
+    dlogits (n, k) = s_i * (softmax(z_i) * sum_j y_ij - y_i), with s_i = 1/n or
+    w_i / sum(w). One pass per row: max, sum of exp, loss and gradient.
+    """
+    use_weights = weights is not None
+    want_grad = dlogits is not None
+    if labels.ndim == 1:
+        serial, parallel = _softmax_ce_index_serial, _softmax_ce_index_parallel
+    else:
+        serial, parallel = _softmax_ce_prob_serial, _softmax_ce_prob_parallel
+    return _rows_call(serial, parallel, logits,
+                      logits, labels, weights if use_weights else _empty_1d(logits),
+                      dlogits if want_grad else _empty_2d(logits), use_weights, want_grad)
+
+
+def sigmoid_binary_cross_entropy(pred, target, weights, dpred):
+    """Stable sigmoid + binary cross-entropy (torch BCEWithLogitsLoss), mean over n*k.
+
+    pred (n, k) logits, target (n, k) in [0, 1].
+    l_ij = max(z, 0) - z t + log(1 + e^-|z|);  dpred = s_i (sigmoid(z) - t) / k.
+    """
+    return _pointwise_loss(_BCE, pred, target, 0.0, weights, dpred)
+
+
+def mean_squared_error(pred, target, weights, dpred):
+    """torch MSELoss, mean over n*k.  pred, target (n, k).
+
+    l_ij = (p - t)^2;  dpred = 2 s_i (p - t) / k.
+    """
+    return _pointwise_loss(_MSE, pred, target, 0.0, weights, dpred)
+
+
+def mean_absolute_error(pred, target, weights, dpred):
+    """torch L1Loss, mean over n*k.  l_ij = |p - t|;  dpred = s_i sign(p - t) / k."""
+    return _pointwise_loss(_MAE, pred, target, 0.0, weights, dpred)
+
+
+def huber(pred, target, delta, weights, dpred):
+    """torch HuberLoss(delta), mean over n*k.  d = p - t:
+
+    l = d^2/2 if |d| <= delta else delta (|d| - delta/2);
+    dpred = s_i clip(d, -delta, delta) / k.
+    """
+    return _pointwise_loss(_HUBER, pred, target, delta, weights, dpred)
+
+
+def multiclass_hinge(scores, labels, margin, weights, dscores):
+    """Multiclass SVM loss (Weston-Watkins), summed over wrong classes, mean over samples.
+
+    scores (n, k), labels int64 (n,).  l_i = sum_{j != y_i} max(0, s_ij - s_iy_i + margin).
+    dscores: +s_i for each violating j, -s_i * (number of violations) at y_i.
+    """
+    use_weights = weights is not None
+    want_grad = dscores is not None
+    return _rows_call(_multiclass_hinge_serial, _multiclass_hinge_parallel, scores,
+                      scores, labels, margin,
+                      weights if use_weights else _empty_1d(scores),
+                      dscores if want_grad else _empty_2d(scores), use_weights, want_grad)
+
+
+# ----------------------------------------------------------------------------------
+# Optimizer steps over flat parameter / gradient / state buffers (all 1-D, in place),
+# one fused pass each; scalar coefficients are computed here in float64.
+# ----------------------------------------------------------------------------------
+
+def sgd_update(params, grads, momentum_buf, lr, momentum, dampening, weight_decay,
+               nesterov, step):
+    """torch.optim.SGD.  g = grad + wd*p; if momentum: b = g (step 1) else
+    b = mu*b + (1-dampening)*g, and g = g + mu*b (nesterov) or b;  p -= lr*g.
+    ``momentum_buf`` is untouched when momentum == 0.
+    """
+    use_momentum = bool(momentum)
+    if not use_momentum:
+        momentum_buf = _empty_1d(params)
+    core = _sgd_parallel if params.shape[0] >= PARALLEL_MIN_SIZE else _sgd_serial
+    core(params, grads, momentum_buf, lr, momentum, 1.0 - dampening, weight_decay,
+         use_momentum, bool(nesterov), step == 1)
+
+
+def adagrad_update(params, grads, state_sum, lr, lr_decay, weight_decay, eps, step):
+    """torch.optim.Adagrad.  g = grad + wd*p; clr = lr / (1 + (t-1)*lr_decay);
+    G += g^2; p -= clr * g / (sqrt(G) + eps).
+    """
+    core = _adagrad_parallel if params.shape[0] >= PARALLEL_MIN_SIZE else _adagrad_serial
+    core(params, grads, state_sum, lr / (1.0 + (step - 1) * lr_decay), weight_decay, eps)
+
+
+def rmsprop_update(params, grads, square_avg, momentum_buf, grad_avg, lr, alpha, eps,
+                   weight_decay, momentum, centered):
+    """torch.optim.RMSprop.  g = grad + wd*p; v = alpha*v + (1-alpha)*g^2;
+    centered: gbar = alpha*gbar + (1-alpha)*g, v~ = v - gbar^2, else v~ = v;
+    momentum: b = mu*b + g/(sqrt(v~)+eps), p -= lr*b; else p -= lr*g/(sqrt(v~)+eps).
+    ``momentum_buf`` / ``grad_avg`` are untouched unless momentum > 0 / centered.
+    """
+    use_momentum = momentum > 0
+    if not use_momentum:
+        momentum_buf = _empty_1d(params)
+    if not centered:
+        grad_avg = _empty_1d(params)
+    core = _rmsprop_parallel if params.shape[0] >= PARALLEL_MIN_SIZE else _rmsprop_serial
+    core(params, grads, square_avg, momentum_buf, grad_avg, lr, alpha, 1.0 - alpha, eps,
+         weight_decay, momentum, use_momentum, bool(centered))
+
+
+def adam_update(params, grads, exp_avg, exp_avg_sq, max_exp_avg_sq, lr, beta1, beta2,
+                eps, weight_decay, decoupled, amsgrad, step):
+    """torch.optim.Adam (decoupled=False) / AdamW (decoupled=True).
+
+    AdamW: p *= 1 - lr*wd; Adam: g = grad + wd*p.  m = b1*m + (1-b1)*g;
+    v = b2*v + (1-b2)*g^2; amsgrad: vmax = max(vmax, v) and v is replaced by vmax;
+    p -= lr/(1-b1^t) * m / (sqrt(v)/sqrt(1-b2^t) + eps).
+    ``max_exp_avg_sq`` is untouched unless amsgrad.
+    """
+    if decoupled:
+        decay, coupled_wd = 1.0 - lr * weight_decay, 0.0
+    else:
+        decay, coupled_wd = 1.0, weight_decay
+    if not amsgrad:
+        max_exp_avg_sq = _empty_1d(params)
+    core = _adam_parallel if params.shape[0] >= PARALLEL_MIN_SIZE else _adam_serial
+    core(params, grads, exp_avg, exp_avg_sq, max_exp_avg_sq, decay, coupled_wd,
+         beta1, 1.0 - beta1, beta2, 1.0 - beta2, lr / (1.0 - beta1 ** step),
+         math.sqrt(1.0 - beta2 ** step), eps, bool(amsgrad))

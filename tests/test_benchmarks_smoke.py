@@ -1,0 +1,126 @@
+"""Smoke test of the benchmark suite: the machinery runs end to end and the numpy
+baseline really trains. A handful of iterations each; no timing is ever asserted."""
+import argparse
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import fastnn as fn
+from fastnn import benchmarks
+
+BENCH_DIR = Path(__file__).resolve().parent.parent / "bench"
+
+
+@pytest.mark.parametrize("optimizer", benchmarks.OPTIMIZERS)
+def test_numpy_baseline_trains_like_fastnn(optimizer):
+    """Same weights, data and batch order: NumpyMLP's loss falls and tracks fastnn's."""
+    sizes = (64, 32, 10)
+    X, y = benchmarks.synthetic_data(sizes, 512)
+    weights = benchmarks.initial_weights(sizes)
+    mlp = benchmarks.NumpyMLP(weights, optimizer)
+    numpy_losses = [mlp.fit_epoch(X, y, batch_size=32) for _ in range(3)]
+    with fn.use_backend("numpy"):
+        model = fn.Sequential([fn.Dense(64, 32, activation="relu"), fn.Dense(32, 10)])
+        model.set_weights(weights)
+        opt = (fn.optimizers.SGD(lr=benchmarks.LEARNING_RATES["sgd"]) if optimizer == "sgd"
+               else fn.optimizers.Adam(lr=benchmarks.LEARNING_RATES["adam"]))
+        model.compile(loss="cross_entropy", optimizer=opt)
+        fastnn_losses = [model.fit(X, y, epochs=1, batch_size=32, verbose=0, seed=0)
+                         .history["loss"][0] for _ in range(3)]
+    assert numpy_losses[2] < numpy_losses[0]
+    np.testing.assert_allclose(numpy_losses, fastnn_losses, rtol=1e-4)
+    for ours, theirs in zip(mlp.get_weights(), model.get_weights()):
+        np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-5)
+
+
+def test_flops_per_sample_counts_forward_dw_and_dx_but_the_first():
+    assert benchmarks.flops_per_sample((5, 3, 2)) == 4 * 5 * 3 + 6 * 3 * 2
+
+
+def test_kernel_benchmarks_run(tmp_path):
+    """bench/ on the digits-shaped cases: every kernel x backend x dtype, checked
+    against _numpy, then timed for a handful of rounds."""
+    pytest.importorskip("pytest_benchmark")
+    if not BENCH_DIR.is_dir():
+        pytest.skip("bench/ is not in this checkout")
+    # cwd=bench/: `python -m` puts the cwd on sys.path, and the repository root would
+    # shadow the installed package.
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", str(BENCH_DIR), "-q", "-x", "-k", "digits",
+         "-p", "no:cacheprovider", "--benchmark-min-rounds=2",
+         "--benchmark-max-time=0.000001", "--benchmark-min-time=0.000001",
+         "--benchmark-warmup=off", f"--benchmark-json={tmp_path / 'kernels.json'}"],
+        cwd=BENCH_DIR, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads((tmp_path / "kernels.json").read_text())
+    kernels = {b["extra_info"]["kernel"] for b in report["benchmarks"]}
+    assert len(kernels) == 14, sorted(kernels)
+    assert report["machine_info"]["fastnn"]["threads"] >= 1
+
+
+def test_fastnn_bench_quick_end_to_end(tmp_path, capsys):
+    """The whole orchestration in a tiny configuration: roofline and training workers,
+    table, JSON and plot. (Every backend runs through the same worker code; the numpy
+    one keeps this fast.)"""
+    json_path, png_path = tmp_path / "bench.json", tmp_path / "bench.png"
+    argv = ["--quick", "--nets", "digits", "--backends", "numpy", "--no-torch",
+            "--samples", "256", "--repeats", "1", "--no-startup", "--json", str(json_path)]
+    has_matplotlib = importlib.util.find_spec("matplotlib") is not None
+    if has_matplotlib:
+        argv += ["--plot", str(png_path)]
+    assert benchmarks.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "Speedup of fastnn" in out and "numpy" in out
+    assert "pip install torch adds the PyTorch column" in out
+    result = json.loads(json_path.read_text())
+    records = {r["label"]: r for r in result["training"]}
+    assert set(records) == {"fastnn[numpy]", "numpy"}
+    assert all(r["error"] is None and r["seconds_per_epoch"] > 0 and r["peak_rss_mb"] > 0
+               and r["gflop_per_s"] > 0 for r in records.values())
+    assert records["fastnn[numpy]"]["loss"] == pytest.approx(records["numpy"]["loss"],
+                                                             rel=1e-4)
+    assert result["roofline"]["1"]["roofline"] > 0
+    assert result["machine"]["versions"]["numpy"] == np.__version__
+    if has_matplotlib:
+        assert png_path.stat().st_size > 0
+
+
+def test_torch_baseline_matches_numpy():
+    """PyTorch (when installed) trains from the same weights on the same batches."""
+    pytest.importorskip("torch")
+    cfg = {"net": "digits", "sizes": [64, 32, 10], "batch": 32, "optimizer": "adam",
+           "samples": 256, "repeats": 2, "dtype": "float32", "backend": None}
+    torch_run = benchmarks.run_training(dict(cfg, impl="torch"), threads=1)
+    numpy_run = benchmarks.run_training(dict(cfg, impl="numpy"), threads=1)
+    np.testing.assert_allclose(torch_run["epoch_losses"], numpy_run["epoch_losses"],
+                               rtol=1e-4)
+    assert torch_run["epoch_losses"][1] < torch_run["epoch_losses"][0]
+
+
+def test_startup_is_measured_in_a_fresh_interpreter():
+    (record,) = benchmarks.measure_startup(["numpy"], cold=False)
+    assert record["error"] is None and record["state"] == "warm"
+    assert 0 < record["import_s"] <= record["process_s"]
+
+
+def test_vs_torch_without_torch_is_a_clear_error(monkeypatch, capsys):
+    monkeypatch.setattr(benchmarks, "torch_available", lambda: False)
+    assert benchmarks.main(["--quick", "--vs-torch"]) == 2
+    assert "--vs-torch needs PyTorch" in capsys.readouterr().err
+
+
+def test_bench_subcommand_wiring():
+    parser = argparse.ArgumentParser(prog="fastnn")
+    sub = parser.add_subparsers(dest="command", required=True)
+    benchmarks.add_parser(sub)
+    args = parser.parse_args(["bench", "--quick", "--json", "out.json", "--plot", "out.png",
+                              "--threads", "1", "--vs-torch"])
+    assert (args.command, args.quick, args.json, args.plot, args.threads, args.vs_torch) == \
+        ("bench", True, "out.json", "out.png", 1, True)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["bench", "--vs-torch", "--no-torch"])

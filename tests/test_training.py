@@ -1,0 +1,214 @@
+"""End to end: gradients checked numerically for every activation x loss, and real
+learning tasks (XOR, digits, a noisy sine, multi-label, hinge), every batching mode,
+every optimizer name and a schedule, on every backend."""
+import numpy as np
+import pytest
+
+import fastnn as fn
+from _helpers import (  # noqa: F401  (active_backend: fixture)
+    ACTIVATIONS,
+    LOSSES,
+    active_backend,
+    blobs,
+    linear_threshold_task,
+    mlp,
+    noisy_sine,
+    rng,
+    targets_for,
+)
+
+pytestmark = pytest.mark.usefixtures("active_backend")
+
+GRADCHECK_TOL = 1e-6
+
+
+# ---------------------------------------------------------------------------- gradcheck
+def gradcheck_case(activation, loss, dtype="float64", n=7, k=3, offset=0, **dense_kwargs):
+    gen = rng(offset)
+    model = mlp([4, 5, k], activation=activation, dtype=dtype, **dense_kwargs).compile(loss)
+    model.layers[0].b[...] = gen.normal(size=5) * 0.5
+    return model, gen.normal(size=(n, 4)), targets_for(loss, n, k, gen)
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_gradcheck_every_activation_and_loss(activation, loss):
+    # Every other case carries l1 + l2 regularization on all weights.
+    regularize = (ACTIVATIONS.index(activation) + LOSSES.index(loss)) % 2 == 0
+    kwargs = dict(l1=0.003, l2=0.02) if regularize else {}
+    model, X, y = gradcheck_case(activation, loss, **kwargs)
+    assert fn.gradcheck(model, X, y) <= GRADCHECK_TOL
+
+
+@pytest.mark.parametrize("loss", ["cross_entropy", "mse", "binary_cross_entropy"])
+def test_gradcheck_float32_model(loss):
+    """gradcheck runs on a float64 copy, so float32 models are checked just as tightly."""
+    model, X, y = gradcheck_case("tanh", loss, dtype="float32", l2=0.01, offset=1)
+    assert model.dtype == np.float32
+    before = model.params.copy()
+    assert fn.gradcheck(model, X.astype(np.float32), y) <= GRADCHECK_TOL
+    np.testing.assert_array_equal(model.params, before)  # the model itself is untouched
+
+
+def test_gradcheck_dropout_model_runs_in_inference_mode():
+    gen = rng(2)
+    model = fn.Sequential([fn.Dense(4, 6, activation="relu", dtype="float64", seed=0),
+                           fn.Dropout(0.5, seed=0, dtype="float64"),
+                           fn.Dense(6, 3, dtype="float64", seed=1)])
+    model.compile("cross_entropy")
+    X, y = gen.normal(size=(8, 4)), gen.integers(0, 3, size=8)
+    assert fn.gradcheck(model, X, y) <= GRADCHECK_TOL
+
+
+def test_gradcheck_deep_model_with_activation_layers_and_no_bias():
+    gen = rng(3)
+    model = fn.Sequential([
+        fn.Dense(3, 5, dtype="float64", seed=0), fn.ELU(0.7, dtype="float64"),
+        fn.Dense(5, 4, activation="softplus", dtype="float64", seed=1, use_bias=False),
+        fn.Sigmoid(dtype="float64"), fn.Dense(4, 2, dtype="float64", seed=2, l1=0.01)])
+    model.compile({"name": "huber", "delta": 0.5})
+    X, y = gen.normal(size=(6, 3)), 2 * gen.normal(size=(6, 2))
+    assert fn.gradcheck(model, X, y) <= GRADCHECK_TOL
+
+
+def test_gradcheck_with_sample_weight_and_probability_rows():
+    gen = rng(4)
+    model, X, _ = gradcheck_case("leaky_relu", "cross_entropy", offset=5)
+    rows = gen.dirichlet(np.ones(3), size=len(X))
+    w = gen.uniform(0, 2, size=len(X))
+    assert fn.gradcheck(model, X, rows, sample_weight=w) <= GRADCHECK_TOL
+
+
+def test_gradcheck_on_a_subset_of_a_large_model():
+    gen = rng(6)
+    model = mlp([10, 40, 3], activation="tanh", dtype="float64").compile("cross_entropy")
+    assert model.n_params > 300
+    X, y = gen.normal(size=(5, 10)), gen.integers(0, 3, size=5)
+    assert fn.gradcheck(model, X, y, max_params=60) <= GRADCHECK_TOL
+
+
+def test_gradcheck_detects_a_wrong_gradient(monkeypatch):
+    model, X, y = gradcheck_case("tanh", "mse", offset=7, l2=0.01)
+    original = fn.Dense.add_regularization_gradient
+
+    def wrong(layer):
+        original(layer)
+        layer.dW *= 1.01
+
+    monkeypatch.setattr(fn.Dense, "add_regularization_gradient", wrong)
+    assert fn.gradcheck(model, X, y) > 1e-3
+
+
+# ---------------------------------------------------------------------------- learning tasks
+def test_xor_is_solved_by_a_two_layer_mlp():
+    X, y = fn.datasets.xor()
+    model = mlp([2, 8, 2], activation="tanh")
+    model.compile("cross_entropy", fn.optimizers.Adam(lr=0.05), metrics=["accuracy"])
+    model.fit(X, y, epochs=300, batch_size=None, verbose=0, seed=0)
+    np.testing.assert_array_equal(model.predict(X).argmax(axis=1), y)
+    assert model.evaluate(X, y)["loss"] < 0.05
+
+
+def test_digits_reach_96_percent():
+    X, y = fn.datasets.load_digits(scale=True)
+    X_train, X_test, y_train, y_test = fn.datasets.train_test_split(
+        X, y, test_size=0.25, seed=0, stratify=True)
+    model = mlp([64, 128, 64, 10], activation="relu")
+    model.compile("cross_entropy", fn.optimizers.Adam(lr=1e-3), metrics=["accuracy"])
+    model.fit(X_train, y_train, epochs=30, batch_size=32, verbose=0, seed=0)
+    assert model.evaluate(X_test, y_test)["accuracy"] >= 0.96
+
+
+def test_regression_fits_a_noisy_sine():
+    gen = rng(7)
+    x, y = noisy_sine(300, gen, noise=0.1)
+    x_test, y_test = noisy_sine(200, gen, noise=0.1)
+    model = mlp([1, 32, 1], activation="tanh")
+    model.compile("mse", fn.optimizers.Adam(lr=0.02), metrics=["r2", "mae"])
+    history = model.fit(x, y, epochs=80, batch_size=32, verbose=0, seed=0)
+    assert history.history["r2"][-1] >= 0.95
+    assert model.evaluate(x_test, y_test)["r2"] >= 0.95
+
+
+def test_multilabel_binary_cross_entropy():
+    X, Y = linear_threshold_task(600, rng(8))
+    model = mlp([5, 16, 3], activation="relu")
+    model.compile("binary_cross_entropy", fn.optimizers.Adam(lr=0.01), metrics=["accuracy"])
+    model.fit(X[:400], Y[:400], epochs=20, batch_size=32, verbose=0, seed=0)
+    assert model.evaluate(X[400:], Y[400:])["accuracy"] >= 0.9
+    prob = model.predict(X[400:])
+    assert prob.shape == (200, 3) and ((prob >= 0) & (prob <= 1)).all()
+    assert np.mean((prob > 0.5) == (Y[400:] > 0.5)) >= 0.9
+
+
+def test_hinge_loss_classifier():
+    X, y = fn.datasets.spirals(n=100, classes=3, noise=0.2, seed=0)
+    X_train, X_test, y_train, y_test = fn.datasets.train_test_split(
+        X, y, seed=0, stratify=True)
+    model = mlp([2, 32, 3], activation="relu")
+    model.compile("hinge", fn.optimizers.Adam(lr=0.01), metrics=["accuracy"])
+    model.fit(X_train, y_train, epochs=100, batch_size=32, verbose=0, seed=0)
+    assert model.evaluate(X_test, y_test)["accuracy"] >= 0.85  # chance is 1/3
+
+
+def small_classification():
+    return blobs(20, rng(9))
+
+
+@pytest.mark.parametrize("replacement", [False, True], ids=["permutation", "replacement"])
+@pytest.mark.parametrize("batch_size", [None, 1, 16], ids=["full", "sgd", "minibatch"])
+def test_every_batching_mode_trains(batch_size, replacement):
+    X, y = small_classification()
+    model = mlp([2, 8, 3])
+    model.compile("cross_entropy", fn.optimizers.SGD(lr=0.02, momentum=0.9),
+                  metrics=["accuracy"])
+    before = model.evaluate(X, y)["loss"]
+    epochs = {None: 150, 1: 8, 16: 40}[batch_size]
+    history = model.fit(X, y, epochs=epochs, batch_size=batch_size, replacement=replacement,
+                        verbose=0, seed=0)
+    steps_per_epoch = {None: 1, 1: 60, 16: 4}[batch_size]
+    assert model.optimizer.iterations == epochs * steps_per_epoch
+    after = model.evaluate(X, y)
+    assert after["loss"] < 0.1 * before
+    assert after["accuracy"] >= 0.95
+    assert history.history["loss"][-1] < history.history["loss"][0]
+
+
+def test_unshuffled_minibatches_train():
+    X, y = small_classification()
+    model = mlp([2, 8, 3]).compile("cross_entropy", fn.optimizers.Adam(lr=0.05),
+                                   metrics=["accuracy"])
+    model.fit(X, y, epochs=30, batch_size=16, shuffle=False, verbose=0)
+    assert model.evaluate(X, y)["accuracy"] >= 0.95
+
+
+@pytest.mark.parametrize("name", sorted(fn.optimizers.OPTIMIZERS))
+def test_every_optimizer_name_trains(name):
+    X, y = small_classification()
+    model = mlp([2, 8, 3]).compile("cross_entropy", name, metrics=["accuracy"])
+    before = model.evaluate(X, y)["loss"]
+    model.fit(X, y, epochs=30, batch_size=8, verbose=0, seed=0)
+    after = model.evaluate(X, y)
+    assert after["loss"] < 0.5 * before
+    assert after["accuracy"] >= 0.95
+
+
+def test_inverse_sqrt_schedule_trains():
+    X, y = small_classification()
+    optimizer = fn.optimizers.SGD(lr=fn.schedules.InverseSqrt(0.5))
+    model = mlp([2, 8, 3]).compile("cross_entropy", optimizer, metrics=["accuracy"])
+    model.fit(X, y, epochs=20, batch_size=8, verbose=0, seed=0)
+    assert optimizer.iterations == 20 * 8
+    assert optimizer.current_lr() == pytest.approx(0.5 / np.sqrt(161))
+    assert model.evaluate(X, y)["accuracy"] >= 0.95
+
+
+def test_dropout_and_float64_models_train():
+    X, y = small_classification()
+    model = fn.Sequential([fn.Dense(2, 16, activation="relu", seed=0, dtype="float64"),
+                           fn.Dropout(0.2, seed=0, dtype="float64"),
+                           fn.Dense(16, 3, seed=1, dtype="float64")])
+    model.compile("cross_entropy", fn.optimizers.Adam(lr=0.02), metrics=["accuracy"])
+    model.fit(X, y, epochs=40, batch_size=8, verbose=0, seed=0)
+    assert model.params.dtype == np.float64
+    assert model.evaluate(X, y)["accuracy"] >= 0.95

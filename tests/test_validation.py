@@ -1,0 +1,411 @@
+"""Bad input at every public entry point: ValueError or TypeError naming the argument
+(and what was expected); and input that is merely inconvenient (non-contiguous,
+float64 for a float32 model, integer, lists) is converted, giving the same result."""
+import numpy as np
+import pytest
+
+import fastnn as fn
+from _helpers import active_backend, mlp, rng  # noqa: F401  (active_backend: fixture)
+
+pytestmark = pytest.mark.usefixtures("active_backend")
+
+N, D, K = 12, 3, 4
+
+
+@pytest.fixture
+def data():
+    gen = rng()
+    return gen.normal(size=(N, D)).astype(np.float32), gen.integers(0, K, size=N)
+
+
+@pytest.fixture
+def model():
+    return mlp([D, 5, K]).compile("cross_entropy", "adam", metrics=["accuracy"])
+
+
+def regression_model(k=2, loss="mse"):
+    return mlp([D, 5, k]).compile(loss)
+
+
+# ---------------------------------------------------------------------------- X
+@pytest.mark.parametrize("method", ["fit", "evaluate", "compute_gradients"])
+def test_X_problems_are_named(model, data, method):
+    X, y = data
+    call = getattr(model, method)
+    with pytest.raises(ValueError, match=r"X must be 2-D, got 1-D"):
+        call(X[:, 0], y)
+    with pytest.raises(ValueError, match=r"X must be 2-D, got 3-D"):
+        call(X[:, :, None], y)
+    with pytest.raises(ValueError, match=r"X has 2 features per sample, but the model expects 3"):
+        call(X[:, :2], y)
+    with pytest.raises(ValueError, match=r"X must not be empty"):
+        call(X[:0], y[:0])
+    for bad in (np.nan, np.inf, -np.inf):
+        Xb = X.copy()
+        Xb[3, 1] = bad
+        with pytest.raises(ValueError, match=r"X contains 1 NaN or infinite value"):
+            call(Xb, y)
+    with pytest.raises(ValueError, match=r"y has 11 samples but X has 12"):
+        call(X, y[:-1])
+    with pytest.raises(TypeError, match=r"X must hold numbers"):
+        call(np.array([["a"] * D] * N), y)
+    with pytest.raises(TypeError, match=r"X must be array-like"):
+        call(None, y)
+    with pytest.raises(TypeError, match=r"X must be real"):
+        call(X.astype(np.complex64), y)
+
+
+@pytest.mark.parametrize("method", ["predict", "forward"])
+def test_inference_input_problems(model, data, method):
+    X, _ = data
+    call = getattr(model, method)
+    with pytest.raises(ValueError, match=r"X has 4 features per sample, but the model expects 3"):
+        call(np.ones((2, 4)))
+    with pytest.raises(ValueError, match="X must be 2-D"):
+        call(np.ones(3))
+    with pytest.raises(ValueError, match="X must not be empty"):
+        call(np.ones((0, 3)))
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        call(np.full((2, 3), np.nan))
+    with pytest.raises(ValueError, match="batch_size must be >= 1, got 0"):
+        call(X, batch_size=0)
+
+
+# ---------------------------------------------------------------------------- labels / targets
+@pytest.mark.parametrize("loss", ["cross_entropy", "hinge"])
+def test_class_labels_are_checked(data, loss):
+    X, y = data
+    model = mlp([D, 5, K]).compile(loss)
+    with pytest.raises(ValueError, match=r"y must be class labels in \[0, 3\].*to 4"):
+        model.fit(X, np.where(y == 0, K, y), verbose=0)
+    with pytest.raises(ValueError, match=r"y must be class labels in \[0, 3\].*from -1"):
+        model.evaluate(X, np.where(y == 0, -1, y))
+    with pytest.raises(ValueError, match=r"y must hold integer class labels, got "
+                                         r"non-integer values such as 3.5"):
+        model.compute_gradients(X, y + 0.5)
+    with pytest.raises(ValueError, match=r"y contains NaN"):
+        model.fit(X, np.where(y == 0, np.nan, y), verbose=0)
+    with pytest.raises(ValueError, match=r"y has 0 samples but X has 12"):
+        model.evaluate(X, y[:0])
+
+
+def test_label_shapes(model, data):
+    X, y = data
+    model.fit(X, y[:, None], epochs=1, verbose=0)  # a column of labels is fine
+    with pytest.raises(ValueError, match=r"y probability rows must have 4 columns"):
+        model.fit(X, np.ones((N, 3)) / 3, verbose=0)
+    with pytest.raises(ValueError, match=r"y probability rows must lie in \[0, 1\]"):
+        model.fit(X, np.full((N, K), 2.0), verbose=0)
+    with pytest.raises(ValueError, match=r"y must be a 1-D vector of class labels"):
+        mlp([D, 5, K]).compile("hinge").fit(X, np.ones((N, K)), verbose=0)
+
+
+def test_binary_cross_entropy_targets_in_unit_interval(data):
+    X, _ = data
+    model = regression_model(k=2, loss="binary_cross_entropy")
+    targets = (rng(1).random((N, 2)) < 0.5).astype(np.float32)
+    model.fit(X, targets, epochs=1, verbose=0)
+    for bad in (2.0, -0.5):
+        t = targets.copy()
+        t[0, 0] = bad
+        with pytest.raises(ValueError, match=r"y for binary_cross_entropy must lie in \[0, 1\]"):
+            model.fit(X, t, verbose=0)
+    with pytest.raises(ValueError, match=r"y must have 2 column\(s\).*got shape \(12, 3\)"):
+        model.fit(X, np.zeros((N, 3)), verbose=0)
+
+
+def test_regression_targets(data):
+    X, _ = data
+    model = regression_model(k=1)
+    model.fit(X, np.zeros(N), epochs=1, verbose=0)  # 1-D y for one output is a column
+    with pytest.raises(ValueError, match=r"y must have 1 column\(s\).*got shape \(12, 2\)"):
+        model.fit(X, np.zeros((N, 2)), verbose=0)
+    with pytest.raises(ValueError, match=r"y contains 1 NaN or infinite"):
+        model.fit(X, np.r_[np.inf, np.zeros(N - 1)], verbose=0)
+    with pytest.raises(ValueError, match=r"y must be 2-D, got 3-D"):
+        model.evaluate(X, np.zeros((N, 1, 1)))
+
+
+def test_output_count_must_suit_the_loss():
+    one = mlp([D, 1])
+    with pytest.raises(ValueError, match=r"cross_entropy needs at least 2 outputs"):
+        one.compile("cross_entropy")
+    with pytest.raises(ValueError, match=r"hinge needs at least 2 outputs"):
+        one.compile("hinge")
+
+
+# ---------------------------------------------------------------------------- weights
+def test_sample_weight_problems(model, data):
+    X, y = data
+    cases = [
+        (-np.ones(N), ValueError, r"sample_weight must be non-negative"),
+        (np.zeros(N), ValueError, r"sample_weight must have a positive sum"),
+        (np.ones(N - 1), ValueError, r"sample_weight has 11 samples but X has 12"),
+        (np.ones((N, 1)), ValueError, r"sample_weight must be 1-D of length 12"),
+        (np.r_[np.nan, np.ones(N - 1)], ValueError, r"sample_weight contains NaN"),
+        ("heavy", TypeError, r"sample_weight must be array-like"),
+    ]
+    for w, exc, message in cases:
+        with pytest.raises(exc, match=message):
+            model.fit(X, y, sample_weight=w, verbose=0)
+        with pytest.raises(exc, match=message):
+            model.evaluate(X, y, sample_weight=w)
+        with pytest.raises(exc, match=message):
+            model.compute_gradients(X, y, sample_weight=w)
+
+
+def test_class_weight_problems(model, data):
+    X, y = data
+    with pytest.raises(TypeError, match=r"class_weight must be a dict"):
+        model.fit(X, y, class_weight=[1, 2], verbose=0)
+    with pytest.raises(ValueError, match=r"class_weight key 7 is not a class in \[0, 3\]"):
+        model.fit(X, y, class_weight={7: 1.0}, verbose=0)
+    with pytest.raises(ValueError, match=r"class_weight\[1\] must be in \[0.0, inf\]"):
+        model.fit(X, y, class_weight={1: -1.0}, verbose=0)
+    with pytest.raises(ValueError, match=r"every sample zero weight"):
+        model.fit(X, y, class_weight={c: 0.0 for c in range(K)}, verbose=0)
+    with pytest.raises(ValueError, match=r"class_weight needs integer labels"):
+        regression_model(k=2).fit(X, np.zeros((N, 2)), class_weight={0: 1.0}, verbose=0)
+
+
+# ---------------------------------------------------------------------------- fit arguments
+def test_fit_argument_problems(model, data):
+    X, y = data
+    bad = [
+        (dict(epochs=-1), ValueError, r"epochs must be >= 0, got -1"),
+        (dict(epochs=2.5), TypeError, r"epochs must be an int, got float"),
+        (dict(batch_size=0), ValueError, r"batch_size must be >= 1, got 0"),
+        (dict(batch_size="32"), TypeError, r"batch_size must be an int"),
+        (dict(verbose=3), ValueError, r"verbose must be in \[0, 2\], got 3"),
+        (dict(seed=-1), ValueError, r"seed must be >= 0"),
+        (dict(validation_split=1.0), ValueError, r"validation_split must be in \[0.0, 1.0\)"),
+        (dict(validation_split=0.01), ValueError, r"validation_split=0.01 leaves 0 validation"),
+        (dict(validation_split=0.2, validation_data=(X, y)), ValueError,
+         r"either validation_data or validation_split"),
+        (dict(validation_data=X), TypeError, r"validation_data must be a tuple"),
+        (dict(validation_data=(X, y, None, None)), TypeError, r"validation_data must be a tuple"),
+        (dict(validation_data=(X[:, :2], y)), ValueError, r"X_val has 2 features per sample"),
+        (dict(validation_data=(X, y[:-1])), ValueError, r"y_val has 11 samples but X has 12"),
+        (dict(validation_data=(X, y + K)), ValueError, r"y_val must be class labels"),
+        (dict(callbacks=[print]), TypeError, r"callbacks\[0\] must be a fastnn.callbacks.Callback"),
+    ]
+    for kwargs, exc, message in bad:
+        with pytest.raises(exc, match=message):
+            model.fit(X, y, **{"verbose": 0, **kwargs})
+
+
+def test_validation_split_with_all_training_weight_zero(model, data):
+    X, y = data
+    w = np.r_[np.zeros(N - 3), np.ones(3)]
+    with pytest.raises(ValueError, match=r"sample_weight is all zero on the training part"):
+        model.fit(X, y, sample_weight=w, validation_split=0.25, verbose=0)
+
+
+# ---------------------------------------------------------------------------- not compiled
+@pytest.mark.parametrize("method", ["fit", "evaluate", "compute_gradients", "predict",
+                                    "gradcheck"])
+def test_use_before_compile(data, method):
+    X, y = data
+    model = mlp([D, 5, K])
+    call = (lambda: fn.gradcheck(model, X, y)) if method == "gradcheck" else \
+        (lambda: model.predict(X)) if method == "predict" else \
+        (lambda: getattr(model, method)(X, y))
+    with pytest.raises(fn.NotCompiledError, match=r"needs a compiled model: call model.compile"):
+        call()
+    assert issubclass(fn.NotCompiledError, RuntimeError)
+    assert issubclass(fn.NotCompiledError, ValueError)
+    model.forward(X)  # raw output needs no loss
+
+
+def test_gradcheck_argument_problems(model, data):
+    X, y = data
+    with pytest.raises(TypeError, match=r"gradcheck needs a fastnn.Sequential"):
+        fn.gradcheck("model", X, y)
+    with pytest.raises(ValueError, match=r"eps must be in \(0.0, inf\]"):
+        fn.gradcheck(model, X, y, eps=0.0)
+    with pytest.raises(ValueError, match=r"max_params must be >= 1"):
+        fn.gradcheck(model, X, y, max_params=0)
+    with pytest.raises(ValueError, match=r"y must be class labels"):
+        fn.gradcheck(model, X, y + K)
+
+
+# ---------------------------------------------------------------------------- names
+def test_unknown_names_list_the_valid_ones():
+    model = mlp([D, K])
+    with pytest.raises(ValueError, match=r"unknown loss 'crossentropy'; expected one of "
+                                         r"\[.*'binary_cross_entropy', 'cross_entropy'"):
+        model.compile("crossentropy")
+    with pytest.raises(TypeError, match=r"loss must be a name"):
+        model.compile(None)
+    with pytest.raises(ValueError, match=r"unknown optimizer 'adamm'; expected one of \[.*'adam'"):
+        model.compile("mse", "adamm")
+    with pytest.raises(TypeError, match=r"optimizer must be a name"):
+        model.compile("mse", 0.1)
+    with pytest.raises(ValueError, match=r"unknown metric 'precision'; expected one of "
+                                         r"\['accuracy'"):
+        model.compile("cross_entropy", metrics=["precision"])
+    with pytest.raises(ValueError, match=r"unknown activation 'swish'; expected one of "
+                                         r"\[.*'elu', .*'relu'"):
+        fn.Dense(2, 2, activation="swish")
+    with pytest.raises(TypeError, match=r"activation must be a str"):
+        fn.Dense(2, 2, activation=np.tanh)
+    with pytest.raises(ValueError, match=r"unknown activation 'gelu'"):
+        fn.Activation("gelu")
+    with pytest.raises(ValueError, match=r"unknown init 'xavier'; expected one of "
+                                         r"\['auto', 'glorot_normal'"):
+        fn.Dense(2, 2, init="xavier")
+    with pytest.raises(ValueError, match=r"activation 'step' has no useful derivative"):
+        fn.Dense(2, 2, activation="step")
+    with pytest.raises(ValueError, match=r"activation 'step'"):
+        fn.Activation("step")
+
+
+def test_backend_names():
+    with pytest.raises(ValueError, match=r"unknown backend 'cuda'; expected one of"):
+        fn.set_backend("cuda")
+    with pytest.raises(TypeError, match=r"backend must be a str"):
+        fn.set_backend(None)
+
+
+# ---------------------------------------------------------------------------- constructors
+def test_layer_constructor_problems():
+    bad = [
+        (lambda: fn.Dense(0, 2), ValueError, r"in_features must be >= 1, got 0"),
+        (lambda: fn.Dense(2, -1), ValueError, r"out_features must be >= 1"),
+        (lambda: fn.Dense("3", 2), TypeError, r"in_features must be an int, got str"),
+        (lambda: fn.Dense(2.0, 2), TypeError, r"in_features must be an int, got float"),
+        (lambda: fn.Dense(2, 2, l2=-0.1), ValueError, r"l2 must be in \[0.0, inf\]"),
+        (lambda: fn.Dense(2, 2, l1=float("nan")), ValueError, r"l1 must be finite"),
+        (lambda: fn.Dense(2, 2, dtype="int32"), ValueError,
+         r"dtype must be 'float32' or 'float64', got 'int32'"),
+        (lambda: fn.Dense(2, 2, dtype=np.float16), ValueError, r"dtype must be 'float32'"),
+        (lambda: fn.Dense(2, 2, use_bias=1), TypeError, r"use_bias must be a bool"),
+        (lambda: fn.Dense(2, 2, seed=-3), ValueError, r"seed must be >= 0"),
+        (lambda: fn.Dense(2, 2, activation="leaky_relu", alpha=-0.1), ValueError,
+         r"alpha must be in \[0.0, inf\]"),
+        (lambda: fn.Dropout(1.0), ValueError, r"rate must be in \[0.0, 1.0\), got 1.0"),
+        (lambda: fn.Dropout(-0.1), ValueError, r"rate must be in"),
+        (lambda: fn.Dropout("0.5"), TypeError, r"rate must be a number"),
+        (lambda: fn.ELU(alpha="1"), TypeError, r"alpha must be a number"),
+    ]
+    for make, exc, message in bad:
+        with pytest.raises(exc, match=message):
+            make()
+
+
+def test_sequential_construction_problems(tmp_path):
+    with pytest.raises(TypeError, match=r"layers\[1\] must be a fastnn layer, got str"):
+        fn.Sequential([fn.Dense(2, 3), "relu"])
+    with pytest.raises(ValueError, match=r"at least one Dense layer"):
+        fn.Sequential([fn.ReLU()])
+    with pytest.raises(ValueError, match=r"Dense expects 4 input features, but the previous "
+                                         r"layer gives 3"):
+        fn.Sequential([fn.Dense(2, 3), fn.Dense(4, 1)])
+    with pytest.raises(ValueError, match=r"all layers must share one dtype"):
+        fn.Sequential([fn.Dense(2, 3), fn.Dense(3, 1, dtype="float64")])
+    empty = fn.Sequential()
+    for use in (lambda: empty.compile("mse"), lambda: empty.forward(np.ones((2, 2))),
+                empty.summary, lambda: empty.save(tmp_path / "empty.npz")):
+        with pytest.raises(ValueError, match=r"this Sequential is empty: add a fastnn.Dense"):
+            use()
+    assert not any(tmp_path.iterdir())
+    model = fn.Sequential([fn.Dense(2, 3)])
+    with pytest.raises(TypeError, match=r"layer must be a fastnn layer"):
+        model.add(np.tanh)
+    with pytest.raises(ValueError, match=r"Dense expects 5 input features"):
+        model.add(fn.Dense(5, 1))
+
+
+def test_optimizer_and_loss_hyperparameter_problems():
+    bad = [
+        (lambda: fn.optimizers.SGD(momentum=-0.5), ValueError, r"momentum must be in \[0.0"),
+        (lambda: fn.optimizers.SGD(nesterov=True), ValueError, r"nesterov=True needs momentum"),
+        (lambda: fn.optimizers.SGD(dampening=2.0), ValueError, r"dampening must be in"),
+        (lambda: fn.optimizers.SGD(lr=-0.1), ValueError, r"lr must be in \(0.0, inf\]"),
+        (lambda: fn.optimizers.SGD(lr="fast"), TypeError, r"lr must be a positive number"),
+        (lambda: fn.optimizers.SGD(clipnorm=0.0), ValueError, r"clipnorm must be in \(0.0"),
+        (lambda: fn.optimizers.Adam(betas=(0.9, 1.0)), ValueError, r"betas\[1\] must be in"),
+        (lambda: fn.optimizers.Adam(betas=0.9), TypeError, r"betas must be a pair"),
+        (lambda: fn.optimizers.Adam(eps=-1e-8), ValueError, r"eps must be in"),
+        (lambda: fn.optimizers.RMSprop(alpha=1.5), ValueError, r"alpha must be in \[0.0, 1.0\]"),
+        (lambda: fn.optimizers.Adagrad(lr_decay=-1.0), ValueError, r"lr_decay must be in"),
+        (lambda: fn.losses.Huber(delta=-1.0), ValueError, r"delta must be in \(0.0"),
+        (lambda: fn.losses.Hinge(margin=-1.0), ValueError, r"margin must be in \[0.0"),
+        (lambda: fn.callbacks.EarlyStopping(patience=-1), ValueError, r"patience must be >= 0"),
+        (lambda: fn.callbacks.EarlyStopping(mode="best"), ValueError, r"mode must be 'auto'"),
+        (lambda: fn.callbacks.EarlyStopping(monitor=1), TypeError, r"monitor must be a str"),
+        (lambda: fn.callbacks.ReduceLROnPlateau(factor=1.0), ValueError,
+         r"factor must be in \(0.0, 1.0\)"),
+    ]
+    for make, exc, message in bad:
+        with pytest.raises(exc, match=message):
+            make()
+
+
+# ---------------------------------------------------------------------------- weights API
+def test_set_weights_problems():
+    model = mlp([D, 5, K])
+    weights = model.get_weights()
+    with pytest.raises(ValueError, match=r"weights must be a list of 4 arrays, got 2"):
+        model.set_weights(weights[:2])
+    with pytest.raises(ValueError, match=r"weights\[0\] must have shape \(3, 5\), got \(5, 3\)"):
+        model.set_weights([weights[0].T] + weights[1:])
+    bad = [w.copy() for w in weights]
+    bad[3][0] = np.nan
+    with pytest.raises(ValueError, match=r"weights\[3\] contains 1 NaN"):
+        model.set_weights(bad)
+    np.testing.assert_array_equal(model.get_weights()[3], weights[3])  # nothing half-written
+    with pytest.raises(TypeError, match=r"weights\[1\] must hold numbers"):
+        model.set_weights([weights[0], ["x"] * 5] + weights[2:])
+
+
+def test_layer_forward_problems():
+    layer = fn.Dense(3, 2)
+    with pytest.raises(ValueError, match=r"x has 4 features per sample, but the layer expects 3"):
+        layer.forward(np.ones((2, 4)))
+    with pytest.raises(ValueError, match=r"x must be 2-D"):
+        layer.forward(np.ones(3))
+    with pytest.raises(ValueError, match=r"x contains 1 NaN"):
+        layer.forward(np.array([[1.0, np.nan, 0.0]]))
+    with pytest.raises(ValueError, match=r"x must not be empty"):
+        fn.ReLU().forward(np.ones((0, 3)))
+    layer.forward(np.ones((2, 3)))
+    with pytest.raises(ValueError, match=r"dout must have the shape of the last output"):
+        layer.backward(np.ones((3, 2)))
+    with pytest.raises(ValueError, match=r"dout contains"):
+        layer.backward(np.full((2, 2), np.inf))
+
+
+# ---------------------------------------------------------------------------- conversion
+def test_non_contiguous_and_float64_input_is_converted(model, data):
+    X, y = data
+    wide = np.asfortranarray(np.repeat(X.astype(np.float64), 2, axis=1))
+    strided = wide[:, ::2]                                    # float64, non-contiguous
+    assert not strided.flags.c_contiguous and strided.dtype == np.float64
+    np.testing.assert_array_equal(strided, X)
+    np.testing.assert_array_equal(model.predict(strided), model.predict(X))
+    np.testing.assert_array_equal(model.forward(np.asfortranarray(X)), model.forward(X))
+    assert model.evaluate(strided, y) == model.evaluate(X, y)
+    loss_a, grads_a = model.compute_gradients(strided, y.astype(np.float64))
+    loss_b, grads_b = model.compute_gradients(X, y)
+    assert loss_a == loss_b
+    for a, b in zip(grads_a, grads_b):
+        np.testing.assert_array_equal(a, b)
+    assert model.predict(X).dtype == np.float32
+
+
+def test_fit_converts_inputs_identically(data):
+    X, y = data
+    a, b = mlp([D, 5, K]).compile("cross_entropy"), mlp([D, 5, K]).compile("cross_entropy")
+    strided = np.repeat(X.astype(np.float64), 3, axis=0)[::3]
+    ha = a.fit(strided, y.astype(np.int32).tolist(), epochs=3, batch_size=4, seed=0, verbose=0)
+    hb = b.fit(X, y, epochs=3, batch_size=4, seed=0, verbose=0)
+    np.testing.assert_array_equal(a.params, b.params)
+    assert ha.history == hb.history
+
+
+def test_integer_and_list_inputs_are_accepted():
+    model = regression_model(k=1)
+    X = [[1, 2, 3], [4, 5, 6]]
+    np.testing.assert_array_equal(model.predict(X), model.predict(np.array(X, np.float32)))
+    model.fit(np.array(X, dtype=np.int64), [1, 2], epochs=1, verbose=0)
