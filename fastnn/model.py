@@ -15,6 +15,7 @@ import zipfile
 
 import numpy as np
 
+from . import kernels
 from . import losses as losses_module
 from . import metrics as metrics_module
 from . import optimizers as optimizers_module
@@ -28,6 +29,7 @@ from ._validation import (
     check_seed,
 )
 from .callbacks import Callback, TerminateOnNaN
+from ._backend import backend_module
 from .layers import Dense, Layer, _BatchBuffers, layer_from_config
 from .solvers import Objective, Solver
 
@@ -109,6 +111,8 @@ class Sequential:
         self.metrics = ()
         self.stop_training = False
         self.stop_reason = None
+        #: Run each epoch in one fused kernel call when the model allows (see fit).
+        self.use_fused_epoch = True
         self._buffers = _BatchBuffers()
         if layers:
             self._build()
@@ -155,7 +159,7 @@ class Sequential:
                 setattr(layer, name, view)
         self._first_trainable = next(i for i, layer in enumerate(self.layers) if layer.trainable)
         if isinstance(self.optimizer, optimizers_module.Optimizer):
-            self.optimizer.build(self.params.size, self.dtype)
+            self.optimizer.build(self.params.size, self.dtype, owner=self)
 
     @property
     def n_params(self):
@@ -183,7 +187,7 @@ class Sequential:
             optimizer.check_model(self)
         self.optimizer = optimizer
         if isinstance(optimizer, optimizers_module.Optimizer):
-            optimizer.build(self.params.size, self.dtype)
+            optimizer.build(self.params.size, self.dtype, owner=self)
         return self
 
     def _require_layers(self, what):
@@ -383,27 +387,52 @@ class Sequential:
 
     def _fit_minibatch(self, X, target, weights, val, epochs, batch, shuffle, replacement,
                        rng, callbacks, progress, history, terminate_on_nan):
-        """The first-order loop: one optimizer step per mini-batch. Returns the number
-        of gradient evaluations."""
+        """The first-order loop: one optimizer step per mini-batch, each epoch either in
+        one fused kernel call (see ``_fused_epoch_runner``) or batch by batch in Python.
+        Returns the number of gradient evaluations."""
         n = X.shape[0]
         n_batches = math.ceil(n / batch)
-        gather = _BatchGather(X, target, weights)
+        run_fused = self._fused_epoch_runner(X, target, weights, batch, callbacks)
+        run_epoch = run_fused or self._python_epoch_runner(X, target, weights, batch,
+                                                           callbacks, progress)
         steps = 0
         for epoch in range(epochs):
             for cb in callbacks:
                 cb.on_epoch_begin(epoch, {})
             epoch_start_params = self.params.copy()
             order = _epoch_order(rng, n, shuffle, replacement)
+            logs, done, bad_loss = run_epoch(order)
+            steps += done
+            if bad_loss is not None:
+                self._handle_divergence(bad_loss, epoch, done, epoch_start_params,
+                                        terminate_on_nan, callbacks)
+                return steps
+            if run_fused is not None:
+                progress.batch_done(n_batches)
+            if not np.isfinite(self.params).all():
+                # a finite loss can still come with an update that overflows the weights
+                self._handle_divergence(None, epoch, n_batches - 1, epoch_start_params,
+                                        terminate_on_nan, callbacks)
+                return steps
+            self._end_epoch(epoch, self._epoch_logs(logs, val), callbacks, progress, history)
+            if self.stop_training:
+                break
+        return steps
+
+    def _python_epoch_runner(self, X, target, weights, batch, callbacks, progress):
+        """The general path: ``run(order) -> (logs, updates made, bad loss or None)``."""
+        n = X.shape[0]
+        n_batches = math.ceil(n / batch)
+        gather = _BatchGather(X, target, weights)
+
+        def run(order):
             metrics = metrics_module.build(self.metrics, self.loss)
             total = mass = 0.0
             for b in range(n_batches):
                 xb, yb, wb = gather(order, b * batch, min((b + 1) * batch, n))
                 loss, out = self._loss_and_grad(xb, yb, wb, training=True)
-                steps += 1
                 if not math.isfinite(loss):
-                    self._handle_divergence(loss, epoch, b, epoch_start_params,
-                                            terminate_on_nan, callbacks)
-                    return steps
+                    return None, b, loss
                 self.optimizer.step(self.params, self.grads)
                 batch_mass = float(xb.shape[0] if wb is None else wb.sum(dtype=np.float64))
                 total += loss * batch_mass
@@ -413,17 +442,68 @@ class Sequential:
                 for cb in callbacks:
                     cb.on_batch_end(b, {"loss": loss})
                 progress.batch_done()
-            if not np.isfinite(self.params).all():
-                # a finite loss can still come with an update that overflows the weights
-                self._handle_divergence(None, epoch, n_batches - 1, epoch_start_params,
-                                        terminate_on_nan, callbacks)
-                return steps
             logs = {"loss": total / mass if mass else float("nan")}
             logs.update({m.name: m.result() for m in metrics if m.count})
-            self._end_epoch(epoch, self._epoch_logs(logs, val), callbacks, progress, history)
-            if self.stop_training:
-                break
-        return steps
+            return logs, n_batches, None
+        return run
+
+    def _fused_epoch_runner(self, X, target, weights, batch, callbacks):
+        """The fast path: a whole epoch in one ``train_epoch`` kernel call.
+
+        Taken when the model is a stack of Dense layers without regularization, the
+        loss and optimizer are ones the kernel knows (no gradient clipping), there are no
+        sample weights, the only metric is accuracy and no callback needs per-batch
+        calls (TerminateOnNaN is honoured). It computes what the general path computes;
+        set ``model.use_fused_epoch = False`` to force the general path.
+        Returns ``run(order)`` like ``_python_epoch_runner``, or None.
+        """
+        dense = [layer for layer in self.layers if isinstance(layer, Dense)]
+        spec = (self.optimizer.kernel_spec()
+                if isinstance(self.optimizer, optimizers_module.Optimizer) else None)
+        eligible = (
+            self.use_fused_epoch and spec is not None and weights is None
+            and len(dense) == len(self.layers) and not any(d.l1 or d.l2 for d in dense)
+            and self.loss.name in kernels.LOSSES
+            and not (self.loss.uses_labels and target.ndim != 1)
+            and set(self.metrics) <= {"accuracy"}
+            and all(isinstance(cb, TerminateOnNaN)
+                    or type(cb).on_batch_end is Callback.on_batch_end for cb in callbacks))
+        if not eligible:
+            return None
+        n = X.shape[0]
+        n_batches = math.ceil(n / batch)
+        widths = np.array([dense[0].in_features] + [d.out_features for d in dense], np.int64)
+        acts = np.array([d.act_code for d in dense], np.int64)
+        alphas = np.array([d.alpha for d in dense], np.float64)
+        use_bias = np.array([d.use_bias for d in dense], np.int64)
+        workspace = np.empty(kernels.train_epoch_workspace_size(batch, widths), self.dtype)
+        if target.ndim == 1:
+            labels, targets = target, np.empty((0, self.n_outputs), self.dtype)
+        else:
+            labels, targets = np.empty(0, np.int64), target
+        loss_code = kernels.LOSSES[self.loss.name]
+        loss_param = getattr(self.loss, "delta", getattr(self.loss, "margin", 0.0))
+        per_sample_hits = self.n_outputs if self.loss.name == "binary_cross_entropy" else 1
+        in_order = np.arange(n, dtype=np.int64)
+        stats = np.zeros(4)
+
+        def run(order):
+            order = in_order if order is None else order
+            code, hyper, states = self.optimizer.kernel_spec()
+            lrs = self.optimizer.upcoming_lrs(n_batches)
+            backend_module().train_epoch(
+                X, labels, targets, order, batch, widths, acts, alphas, use_bias,
+                self.params, self.grads, workspace, loss_code, loss_param, code, hyper, lrs,
+                states[0], states[1], states[2], self.optimizer.iterations, stats)
+            done = int(stats[2])
+            self.optimizer.iterations += done
+            if done < n_batches:
+                return None, done, float(stats[3])
+            logs = {"loss": stats[0] / order.shape[0]}
+            if self.metrics:
+                logs["accuracy"] = stats[1] / (order.shape[0] * per_sample_hits)
+            return logs, done, None
+        return run
 
     def _fit_solver(self, X, target, weights, val, epochs, callbacks, progress, history,
                     terminate_on_nan):
@@ -698,9 +778,9 @@ class _Progress:
                 self.bar = tqdm(total=epochs * n_batches, unit="batch", leave=True,
                                 file=sys.stderr, dynamic_ncols=True)
 
-    def batch_done(self):
+    def batch_done(self, count=1):
         if self.bar is not None:
-            self.bar.update(1)
+            self.bar.update(count)
 
     def epoch_done(self, epoch, logs):
         text = " ".join(f"{k}={v:.4g}" for k, v in logs.items())

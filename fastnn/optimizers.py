@@ -12,7 +12,7 @@ import numbers
 
 import numpy as np
 
-from . import schedules
+from . import kernels, schedules
 from ._backend import backend_module
 from ._validation import check_float
 from .solvers import SOLVERS, Solver
@@ -41,6 +41,7 @@ class Optimizer:
         #: Multiplier on the (scheduled) rate; ReduceLROnPlateau lowers it.
         self.lr_scale = 1.0
         self.state = {}
+        self._owner = None
 
     @property
     def lr(self):
@@ -51,12 +52,22 @@ class Optimizer:
     def lr(self, value):
         self._lr = _check_lr(value)
 
-    def build(self, n_params, dtype):
-        """Allocate zeroed state buffers for ``n_params`` parameters (kept if they fit)."""
-        fits = all(name in self.state and self.state[name].shape == (n_params,)
-                   and self.state[name].dtype == dtype for name in self.state_names)
+    def build(self, n_params, dtype, owner=None):
+        """Allocate zeroed state for ``n_params`` parameters of the model ``owner``.
+
+        The state is kept when the same model builds again with the same size (compile
+        called twice); an optimizer moved to another model starts afresh (state and
+        update count), so two models never share one optimizer's momentum.
+        """
+        fits = owner is self._owner and all(
+            name in self.state and self.state[name].shape == (n_params,)
+            and self.state[name].dtype == dtype for name in self.state_names)
         if not fits:
             self.state = {name: np.zeros(n_params, dtype=dtype) for name in self.state_names}
+            if owner is not self._owner:
+                self.iterations = 0
+                self.lr_scale = 1.0
+        self._owner = owner
 
     def current_lr(self, t=None):
         """The rate for update number ``t`` (default: the next update)."""
@@ -76,6 +87,23 @@ class Optimizer:
 
     def _hyper(self):
         return {}
+
+    def upcoming_lrs(self, n):
+        """float64 array of the rates of the next ``n`` updates (for fused kernels)."""
+        t0 = self.iterations
+        return np.array([self.current_lr(t) for t in range(t0 + 1, t0 + n + 1)])
+
+    def kernel_spec(self):
+        """(code, hyper, (state0, state1, state2)) for ``train_epoch``, or None when this
+        optimizer needs work the fused kernel does not do (gradient clipping)."""
+        if self.clipnorm is not None:
+            return None
+        code, names = kernels.OPTIMIZERS[self.kernel]
+        values = self._kernel_values()
+        hyper = np.array([float(values[name]) for name in names])
+        states = [self.state[name] for name in self.state_names]
+        states += [states[0]] * (3 - len(states))  # unused slots: never touched
+        return code, hyper, tuple(states)
 
     def get_config(self):
         lr = self.lr.get_config() if isinstance(self.lr, schedules.Schedule) else self.lr
@@ -104,6 +132,12 @@ class SGD(Optimizer):
             raise ValueError("nesterov=True needs momentum > 0 and dampening = 0, got "
                              f"momentum={self.momentum}, dampening={self.dampening}")
 
+    kernel = "sgd"
+
+    def _kernel_values(self):
+        return {"momentum": self.momentum, "dampening": self.dampening,
+                "weight_decay": self.weight_decay, "nesterov": self.nesterov}
+
     def _update(self, k, params, grads, lr, t):
         k.sgd_update(params, grads, self.state["momentum_buffer"], lr, self.momentum,
                      self.dampening, self.weight_decay, self.nesterov, t)
@@ -124,6 +158,11 @@ class Adagrad(Optimizer):
         self.lr_decay = check_float(lr_decay, "lr_decay", low=0.0)
         self.weight_decay = check_float(weight_decay, "weight_decay", low=0.0)
         self.eps = check_float(eps, "eps", low=0.0)
+
+    kernel = "adagrad"
+
+    def _kernel_values(self):
+        return self._hyper()
 
     def _update(self, k, params, grads, lr, t):
         k.adagrad_update(params, grads, self.state["sum"], lr, self.lr_decay,
@@ -147,6 +186,11 @@ class RMSprop(Optimizer):
         self.weight_decay = check_float(weight_decay, "weight_decay", low=0.0)
         self.momentum = check_float(momentum, "momentum", low=0.0)
         self.centered = bool(centered)
+
+    kernel = "rmsprop"
+
+    def _kernel_values(self):
+        return self._hyper()
 
     def _update(self, k, params, grads, lr, t):
         s = self.state
@@ -176,6 +220,13 @@ class Adam(Optimizer):
         self.eps = check_float(eps, "eps", low=0.0)
         self.weight_decay = check_float(weight_decay, "weight_decay", low=0.0)
         self.amsgrad = bool(amsgrad)
+
+    kernel = "adam"
+
+    def _kernel_values(self):
+        return {"beta1": self.betas[0], "beta2": self.betas[1], "eps": self.eps,
+                "weight_decay": self.weight_decay, "decoupled": self.decoupled,
+                "amsgrad": self.amsgrad}
 
     def _update(self, k, params, grads, lr, t):
         s = self.state

@@ -7,6 +7,8 @@ convergence tests (``history.stop_reason`` says why). Solvers work on the flat
 parameter vector in float64 and evaluate the network in inference mode (dropout off),
 so the objective is deterministic; regularization is included.
 
+scipy is imported when a solver first runs, not with fastnn.
+
 Convergence tests shared by every solver: ``gtol`` on the largest absolute gradient
 entry, ``ftol`` on the relative loss change between iterations
 (``|f_prev - f| <= ftol * max(|f_prev|, |f|, 1)``).
@@ -14,9 +16,6 @@ entry, ``ftol`` on the relative loss change between iterations
 import math
 
 import numpy as np
-import scipy.linalg
-import scipy.linalg.blas
-import scipy.optimize
 
 from ._backend import backend_module
 from ._validation import check_choice, check_float, check_int
@@ -142,13 +141,17 @@ class Objective:
 def _matmul(a, b):
     """a @ b for C-contiguous a (n, d), b (d, k) through scipy's BLAS (the one BLAS the
     compiled backends use), with no copies: (a b)^T = b^T a^T in column-major terms."""
-    gemm = scipy.linalg.blas.get_blas_funcs("gemm", (a, b))
+    from scipy.linalg.blas import get_blas_funcs
+
+    gemm = get_blas_funcs("gemm", (a, b))
     return gemm(1.0, b.T, a.T).T
 
 
 def _gram(J):
     """J^T J through scipy's BLAS, for a C-contiguous J (no copy of J)."""
-    gemm = scipy.linalg.blas.get_blas_funcs("gemm", (J,))
+    from scipy.linalg.blas import get_blas_funcs
+
+    gemm = get_blas_funcs("gemm", (J,))
     return gemm(1.0, J.T, J.T, trans_b=True)
 
 
@@ -303,7 +306,9 @@ class ConjugateGradient(_OwnLoop):
                 d = -g
         else:
             d = -g
-        step = scipy.optimize.line_search(objective.loss, objective.grad, x, d, gfk=g,
+        from scipy.optimize import line_search
+
+        step = line_search(objective.loss, objective.grad, x, d, gfk=g,
                                           old_fval=f, old_old_fval=self._f_older, c2=0.1)
         alpha = step[0]
         if alpha is None:
@@ -406,10 +411,11 @@ class LevenbergMarquardt(_OwnLoop):
 
 def _damped_cholesky_solve(A, g, mu):
     """delta solving (A + mu I) delta = -g by Cholesky."""
+    from scipy.linalg import cho_factor, cho_solve
+
     M = A.copy()
     M[np.diag_indices_from(M)] += mu
-    factor = scipy.linalg.cho_factor(M, lower=True, check_finite=False)
-    return -scipy.linalg.cho_solve(factor, g, check_finite=False)
+    return -cho_solve(cho_factor(M, lower=True, check_finite=False), g, check_finite=False)
 
 
 def _conjugate_gradient(matvec, b, rtol, max_iter=None):
@@ -462,7 +468,9 @@ class Newton(_OwnLoop):
         for i in range(n):
             H[:, i] = objective.hessp(x, eye[i])
         H = (H + H.T) / 2
-        eigval, eigvec = scipy.linalg.eigh(H)
+        from scipy.linalg import eigh
+
+        eigval, eigvec = eigh(H)
         d = -eigvec @ ((eigvec.T @ g) / np.maximum(np.abs(eigval), self.damping))
         found = _backtracking(objective, x, f, g, d)
         if found is None:
@@ -487,10 +495,12 @@ class _Scipy(Solver):
                 stopped.append(True)
                 raise StopIteration
 
+        from scipy.optimize import minimize
+
         kwargs = {"jac": True}
         if self.method == "Newton-CG":
             kwargs["hessp"] = objective.hessp
-        result = scipy.optimize.minimize(objective.loss_and_grad, np.array(x0, np.float64),
+        result = minimize(objective.loss_and_grad, np.array(x0, np.float64),
                                          method=self.method, callback=callback,
                                          options=self._options(max_iter), **kwargs)
         objective._set(result.x)

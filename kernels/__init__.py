@@ -25,6 +25,32 @@ ACTIVATIONS = {
 #: Default ``alpha`` per activation code (leaky_relu slope, elu alpha; unused otherwise).
 DEFAULT_ALPHA = (0.0, 0.0, 0.0, 0.0, 0.0, 0.01, 0.0, 1.0)
 
+#: Loss name -> the integer code ``train_epoch`` takes.
+LOSSES = {
+    "cross_entropy": 0,
+    "mse": 1,
+    "mae": 2,
+    "huber": 3,
+    "binary_cross_entropy": 4,
+    "hinge": 5,
+}
+
+#: Optimizer name -> the integer code ``train_epoch`` takes, with the layout of its
+#: ``hyper`` array (the learning rate is not in it: ``lrs`` holds one per update).
+OPTIMIZERS = {
+    "sgd": (0, ("momentum", "dampening", "weight_decay", "nesterov")),
+    "adagrad": (1, ("lr_decay", "weight_decay", "eps")),
+    "rmsprop": (2, ("alpha", "eps", "weight_decay", "momentum", "centered")),
+    "adam": (3, ("beta1", "beta2", "eps", "weight_decay", "decoupled", "amsgrad")),
+}
+
+
+def train_epoch_workspace_size(batch_size, widths):
+    """Elements of the ``workspace`` that ``train_epoch`` needs: every layer's output for
+    one batch plus two gradient buffers of the widest layer."""
+    return batch_size * (sum(widths) + 2 * max(widths))
+
+
 #: Backend names, fastest first (the order ``default_backend`` tries them in).
 BACKENDS = ("numba", "cython", "numpy")
 

@@ -74,3 +74,14 @@ def adam_update(
     max_exp_avg_sq: Optional[_Float], lr: float, beta1: float, beta2: float,
     eps: float, weight_decay: float, decoupled: bool, amsgrad: bool, step: int,
 ) -> None: ...
+
+# A whole training epoch of dense layers in one call (codes: fastnn.kernels.LOSSES,
+# OPTIMIZERS); integer arrays int64, alphas / hyper / lrs / stats float64
+def train_epoch(
+    X: _Float, labels: _Labels, targets: _Float, order: _Labels, batch_size: int,
+    widths: _Labels, acts: _Labels, alphas: npt.NDArray[np.float64],
+    use_bias: _Labels, params: _Float, grads: _Float, workspace: _Float,
+    loss_code: int, loss_param: float, opt_code: int, hyper: npt.NDArray[np.float64],
+    lrs: npt.NDArray[np.float64], state0: Optional[_Float], state1: Optional[_Float],
+    state2: Optional[_Float], step: int, stats: npt.NDArray[np.float64],
+) -> None: ...

@@ -5,10 +5,11 @@
 #    Kernels never validate; the only exception they raise is MemoryError when
 #    their small scratch buffer (one double per row, or per chunk and column)
 #    cannot be allocated.
-# b) Pure C helpers (`noexcept nogil`) compute one contiguous range of elements or
-#    one block of rows, with the branch on the activation / loss kind hoisted out of
-#    the inner loops. The def functions only resolve defaults and scalar
-#    hyper-parameters (in double) and run the helpers `with nogil`.
+# b) Pure C helpers (`noexcept nogil`, raw pointers) compute one contiguous range of
+#    elements or one block of rows, with the branch on the activation / loss kind
+#    hoisted out of the inner loops; a dense layer, a loss or an optimizer step is one
+#    helper taking its chunk count (1: serial). The def functions only resolve
+#    defaults and scalar hyper-parameters (in double) and run the helpers `with nogil`.
 # c) Matmuls call scipy.linalg.cython_blas sgemm / dgemm on row-major data by
 #    swapping the operands (as sklearn/utils/_cython_blas.pyx); transposes go
 #    through the gemm flags, never copies. The bias and activation are the gemm's
@@ -19,14 +20,18 @@
 #    loss does not depend on the thread count; db accumulates per-chunk double rows.
 # e) Elementwise math runs in the arrays' precision (expf & co. for float32), as
 #    numpy does; every reduction (losses, db) accumulates in double.
+# f) train_epoch composes those same helpers over a whole epoch in one nogil loop, on
+#    pointer offsets into params / grads / workspace (no allocation per batch),
+#    serially: its nets are small, and BLAS keeps its own threads.
 
 from cython cimport floating
 from cython.parallel cimport prange
 from libc.math cimport (
-    exp, expf, expm1, expm1f, fabs, log, log1p, log1pf, sqrt, sqrtf, tanh, tanhf,
+    exp, expf, expm1, expm1f, fabs, isfinite, log, log1p, log1pf, sqrt, sqrtf, tanh,
+    tanhf,
 )
 from libc.stdint cimport int64_t
-from libc.stdlib cimport calloc, free, malloc
+from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy, memset
 from scipy.linalg.cython_blas cimport dgemm, sgemm
 
@@ -46,6 +51,17 @@ cdef extern from *:
     void omp_set_num_threads(int n) noexcept nogil
     int omp_get_max_threads() noexcept nogil
 
+# A cache prefetch hint where the compiler has one (a no-op elsewhere).
+cdef extern from *:
+    """
+    #if defined(__GNUC__) || defined(__clang__)
+    #define FASTNN_PREFETCH(p) __builtin_prefetch((const void *)(p))
+    #else
+    #define FASTNN_PREFETCH(p) ((void)(p))
+    #endif
+    """
+    void _prefetch "FASTNN_PREFETCH"(const void *p) noexcept nogil
+
 
 cdef enum:
     # Activation codes (fastnn.kernels.ACTIVATIONS).
@@ -59,16 +75,30 @@ cdef enum:
     ELU = 7
 
 cdef enum:
-    # Loss kinds of the shared row-loss driver.
-    MSE
-    MAE
-    HUBER
-    BCE
-    SOFTMAX_CE
-    HINGE
+    # Loss kinds of the shared row-loss driver: the codes of fastnn.kernels.LOSSES.
+    SOFTMAX_CE = 0
+    MSE = 1
+    MAE = 2
+    HUBER = 3
+    BCE = 4
+    HINGE = 5
+
+cdef enum:
+    # Optimizer codes (fastnn.kernels.OPTIMIZERS).
+    SGD = 0
+    ADAGRAD = 1
+    RMSPROP = 2
+    ADAM = 3
 
 # Below this many elements a loop runs serially: a thread team costs more than it saves.
 cdef Py_ssize_t _PARALLEL_MIN = 1 << 17
+
+# Elements of a block that row-blocked passes keep in L1 between their sweeps.
+cdef Py_ssize_t _L1_ELEMENTS = 2048
+
+# train_epoch prefetches the next batch's sample rows while it computes this one when
+# they take at most this many bytes (bigger batches would evict the weights from L2).
+cdef Py_ssize_t _PREFETCH_BYTES = 1 << 16
 
 # Threads the parallel loops use; set_num_threads changes it. Kept here as well as in
 # OpenMP's per-thread ICV so that a call from any Python thread takes effect.
@@ -218,7 +248,10 @@ cdef void _activation_backward_range(
     floating *out,         # OUT (may alias dout)
     Py_ssize_t size,
 ) noexcept nogil:
-    """``out[:size] = dout * act'(z)``, the derivative written in terms of ``a``."""
+    """``out[:size] = dout * act'(z)``, the derivative written in terms of ``a``.
+
+    Piecewise derivatives multiply by a selected factor (as numpy does) rather than
+    branch on the data: no mispredictions, and the loops vectorize."""
     cdef Py_ssize_t j
     if act == STEP:
         memset(out, 0, size * sizeof(floating))
@@ -230,16 +263,16 @@ cdef void _activation_backward_range(
             out[j] = dout[j] * (1 - a[j] * a[j])
     elif act == RELU:
         for j in range(size):
-            out[j] = dout[j] if a[j] > 0 else 0
+            out[j] = dout[j] * (1 if a[j] > 0 else 0)
     elif act == LEAKY_RELU:
         for j in range(size):
-            out[j] = dout[j] if a[j] > 0 else dout[j] * alpha
+            out[j] = dout[j] * (1 if a[j] > 0 else alpha)
     elif act == SOFTPLUS:
         for j in range(size):
             out[j] = dout[j] * -_expm1(-a[j])
     elif act == ELU:
         for j in range(size):
-            out[j] = dout[j] if a[j] > 0 else dout[j] * (a[j] + alpha)
+            out[j] = dout[j] * (1 if a[j] > 0 else a[j] + alpha)
     elif <const floating *> out != dout:
         memcpy(out, dout, size * sizeof(floating))
 
@@ -308,6 +341,29 @@ def activation_backward(act, a, dout, out, alpha=None):
 # Dense layer
 # ----------------------------------------------------------------------------------
 
+cdef void _dense_forward_ptr(
+    const floating *x,  # IN  (n, d)
+    const floating *w,  # IN  (d, k)
+    const floating *b,  # IN  (k,), or NULL: no bias
+    int act, floating alpha,
+    floating *out,      # OUT (n, k)
+    int n, int d, int k, bint threaded,
+) noexcept nogil:
+    """``out = act(x @ w + b)``: bias rows, then gemm with beta=1 (beta=0 without a
+    bias), then one activation pass, threaded when big unless ``threaded`` is False."""
+    cdef Py_ssize_t i
+    if b != NULL:
+        for i in range(n):
+            memcpy(out + i * k, b, k * sizeof(floating))
+    _gemm(c"N", c"N", n, k, d, 1, x, d, w, k, 1 if b != NULL else 0, out, k)
+    if act == IDENTITY:
+        return
+    if threaded:
+        _activation_forward_flat(act, alpha, out, out, <Py_ssize_t> n * k)
+    else:
+        _activation_forward_range(act, alpha, out, out, <Py_ssize_t> n * k)
+
+
 def dense_forward(
     const floating[:, ::1] x,  # IN  (n, d)
     const floating[:, ::1] w,  # IN  (d, k)
@@ -320,14 +376,9 @@ def dense_forward(
     cdef:
         int n = x.shape[0], d = x.shape[1], k = w.shape[1]
         floating alpha_ = _resolve_alpha(act, alpha)
-        Py_ssize_t i
     with nogil:
-        for i in range(n):
-            memcpy(&out[i, 0], &b[0], k * sizeof(floating))
-        _gemm(c"N", c"N", n, k, d, 1, &x[0, 0], d, &w[0, 0], k, 1, &out[0, 0], k)
-        if act != IDENTITY:
-            _activation_forward_flat(act, alpha_, &out[0, 0], &out[0, 0],
-                                     <Py_ssize_t> n * k)
+        _dense_forward_ptr(&x[0, 0], &w[0, 0], &b[0], act, alpha_, &out[0, 0], n, d, k,
+                           True)
 
 
 cdef void _dz_rows(
@@ -335,18 +386,67 @@ cdef void _dz_rows(
     const floating *a,     # IN  (rows, k)
     const floating *dout,  # IN  (rows, k)
     floating *dz,          # OUT (rows, k), may alias dout
-    double *db,            # OUT (k,) accumulated
+    double *db,            # OUT (k,) accumulated, or NULL: no column sums
     Py_ssize_t rows, Py_ssize_t k,
 ) noexcept nogil:
-    """``dz = dout * act'(a)`` row by row, adding each row into ``db`` while in cache."""
-    cdef Py_ssize_t i, j
-    for i in range(rows):
-        _activation_backward_range(act, alpha, a, dout, dz, k)
+    """``dz = dout * act'(a)`` in row blocks that fit in L1, adding each block's rows
+    into ``db`` while in cache."""
+    cdef Py_ssize_t i, j, block = max(1, _L1_ELEMENTS // max(k, 1)), stop
+    if db == NULL:
+        _activation_backward_range(act, alpha, a, dout, dz, rows * k)
+        return
+    while rows > 0:
+        stop = min(block, rows)
+        _activation_backward_range(act, alpha, a, dout, dz, stop * k)
+        for i in range(stop):
+            for j in range(k):
+                db[j] += dz[i * k + j]
+        a += stop * k
+        dout += stop * k
+        dz += stop * k
+        rows -= stop
+
+
+cdef void _dense_backward_ptr(
+    const floating *x,     # IN  (n, d)
+    const floating *w,     # IN  (d, k)
+    const floating *a,     # IN  (n, k) forward output
+    const floating *dout,  # IN  (n, k)
+    int act, floating alpha,
+    floating *dz,          # OUT (n, k), may alias dout
+    floating *dx,          # OUT (n, d), or NULL: skipped
+    floating *dw,          # OUT (d, k)
+    floating *db,          # OUT (k,), or NULL: skipped
+    double *db_parts,      # scratch (nchunks, k)
+    int nchunks, int n, int d, int k,
+) noexcept nogil:
+    """``dz = dout * act'(a)`` and ``db = dz.sum(0)`` in one pass over ``nchunks`` row
+    chunks (one double row of column sums per chunk); ``dw = x.T @ dz`` and
+    ``dx = dz @ w.T`` by gemm (transposes through the flags)."""
+    cdef:
+        int c
+        Py_ssize_t j, lo, hi
+        double total
+        double *parts = db_parts if db != NULL else NULL
+    if parts != NULL:
+        memset(parts, 0, <size_t> nchunks * k * sizeof(double))
+    if nchunks == 1:
+        _dz_rows(act, alpha, a, dout, dz, parts, n, k)
+    else:
+        for c in prange(nchunks, schedule="static", num_threads=nchunks):
+            lo = <Py_ssize_t> n * c // nchunks
+            hi = <Py_ssize_t> n * (c + 1) // nchunks
+            _dz_rows(act, alpha, a + lo * k, dout + lo * k, dz + lo * k,
+                     parts + <Py_ssize_t> c * k if parts != NULL else NULL, hi - lo, k)
+    if parts != NULL:
         for j in range(k):
-            db[j] += dz[j]
-        a += k
-        dout += k
-        dz += k
+            total = 0
+            for c in range(nchunks):
+                total += parts[<Py_ssize_t> c * k + j]
+            db[j] = <floating> total
+    _gemm(c"T", c"N", d, k, n, 1, x, d, dz, k, 0, dw, k)
+    if dx != NULL:
+        _gemm(c"N", c"T", n, d, k, 1, dz, k, w, k, 0, dx, d)
 
 
 def dense_backward(
@@ -366,29 +466,17 @@ def dense_backward(
     cdef:
         int n = x.shape[0], d = x.shape[1], k = w.shape[1]
         floating alpha_ = _resolve_alpha(act, alpha)
-        int c, nchunks = _n_chunks(<Py_ssize_t> n * k, n)
-        Py_ssize_t j, lo, hi
-        double total
-        double *db_parts = <double *> calloc(<size_t> nchunks * k, sizeof(double))
+        int nchunks = _n_chunks(<Py_ssize_t> n * k, n)
+        floating *dx_ = NULL
+        double *db_parts = <double *> malloc(<size_t> nchunks * k * sizeof(double))
     if db_parts == NULL:
         raise MemoryError()
+    if dx is not None:
+        dx_ = &dx[0, 0]
     with nogil:
-        if nchunks == 1:
-            _dz_rows(act, alpha_, &a[0, 0], &dout[0, 0], &dz[0, 0], db_parts, n, k)
-        else:
-            for c in prange(nchunks, schedule="static", num_threads=nchunks):
-                lo = <Py_ssize_t> n * c // nchunks
-                hi = <Py_ssize_t> n * (c + 1) // nchunks
-                _dz_rows(act, alpha_, &a[lo, 0], &dout[lo, 0], &dz[lo, 0],
-                         db_parts + <Py_ssize_t> c * k, hi - lo, k)
-        for j in range(k):
-            total = 0
-            for c in range(nchunks):
-                total += db_parts[<Py_ssize_t> c * k + j]
-            db[j] = <floating> total
-        _gemm(c"T", c"N", d, k, n, 1, &x[0, 0], d, &dz[0, 0], k, 0, &dw[0, 0], k)
-        if dx is not None:
-            _gemm(c"N", c"T", n, d, k, 1, &dz[0, 0], k, &w[0, 0], k, 0, &dx[0, 0], d)
+        _dense_backward_ptr(&x[0, 0], &w[0, 0], &a[0, 0], &dout[0, 0], act, alpha_,
+                            &dz[0, 0], dx_, &dw[0, 0], &db[0], db_parts, nchunks, n, d,
+                            k)
     free(db_parts)
 
 
@@ -591,8 +679,9 @@ cdef double _hinge_row(
 cdef void _loss_rows(
     int kind, double param,
     const floating *pred,     # IN  (n, k)
-    const floating *target,   # IN  (n, k) or NULL
-    const int64_t *labels,    # IN  (n,) or NULL
+    const floating *target,   # IN  (., k) or NULL
+    const int64_t *labels,    # IN  (.,) or NULL
+    const int64_t *rows,      # IN  (n,) target / labels row of each pred row; NULL: i
     const floating *weights,  # IN  (n,) or NULL
     double inv_total,         # 1 / (n or sum(weights)), divided by k where averaged
     Py_ssize_t k,
@@ -601,20 +690,21 @@ cdef void _loss_rows(
     Py_ssize_t start, Py_ssize_t stop,
 ) noexcept nogil:
     cdef:
-        Py_ssize_t i, off
+        Py_ssize_t i, r, off
         double s, l = 0
         const floating *t = NULL
         floating *dp = NULL
         int64_t label = 0
     for i in range(start, stop):
         s = inv_total if weights == NULL else weights[i] * inv_total
+        r = i if rows == NULL else rows[i]
         off = i * k
         if target != NULL:
-            t = target + off
+            t = target + r * k
         if dpred != NULL:
             dp = dpred + off
         if labels != NULL:
-            label = labels[i]
+            label = labels[r]
         if kind == MSE:
             l = _mse_row(pred + off, t, k, s, dp)
         elif kind == MAE:
@@ -630,23 +720,61 @@ cdef void _loss_rows(
         row_loss[i] = s * l
 
 
+cdef double _loss_ptr(
+    int kind, double param,
+    const floating *pred,     # IN  (n, k)
+    const floating *target,   # IN  (., k) or NULL
+    const int64_t *labels,    # IN  (.,) or NULL
+    const int64_t *rows,      # IN  (n,) target / labels row of each pred row; NULL: i
+    const floating *weights,  # IN  (n,) or NULL
+    floating *dpred,          # OUT (n, k) or NULL
+    double *row_loss,         # scratch (n,)
+    Py_ssize_t n, Py_ssize_t k, int nchunks,
+) noexcept nogil:
+    """sum_i s_i l_i with s_i = 1/n or w_i / sum(w), and / k for the losses torch
+    averages over outputs too (MSE, MAE, Huber, BCE); rows in ``nchunks`` chunks."""
+    cdef:
+        Py_ssize_t i
+        int c
+        double inv_total, total = 0
+    if weights == NULL:
+        inv_total = 1.0 / n
+    else:
+        for i in range(n):
+            total += weights[i]
+        inv_total = 1.0 / total
+    if kind == MSE or kind == MAE or kind == HUBER or kind == BCE:
+        inv_total /= k
+    if nchunks == 1:
+        _loss_rows(kind, param, pred, target, labels, rows, weights, inv_total, k,
+                   dpred, row_loss, 0, n)
+    else:
+        for c in prange(nchunks, schedule="static", num_threads=nchunks):
+            _loss_rows(kind, param, pred, target, labels, rows, weights, inv_total, k,
+                       dpred, row_loss, n * c // nchunks, n * (c + 1) // nchunks)
+    total = 0
+    for i in range(n):
+        total += row_loss[i]
+    return total
+
+
 cdef double _loss(
-    int kind, double param, bint mean_over_k,
+    int kind, double param,
     const floating[:, ::1] pred,    # IN  (n, k)
     const floating[:, ::1] target,  # IN  (n, k) or None
     const int64_t[::1] labels,      # IN  (n,) or None
     const floating[::1] weights,    # IN  (n,) or None
     floating[:, ::1] dpred,         # OUT (n, k) or None
 ) except? -1:
-    """sum_i s_i l_i with s_i = 1/n or w_i / sum(w) (and / k when ``mean_over_k``)."""
+    """``_loss_ptr`` on memoryviews, threaded when big."""
     cdef:
-        Py_ssize_t n = pred.shape[0], k = pred.shape[1], i
-        int c, nchunks = _n_chunks(n * k, n)
+        Py_ssize_t n = pred.shape[0], k = pred.shape[1]
+        int nchunks = _n_chunks(n * k, n)
         const floating *t = NULL
         const int64_t *lab = NULL
         const floating *w = NULL
         floating *dp = NULL
-        double inv_total, total = 0
+        double total
         double *row_loss = <double *> malloc(n * sizeof(double))
     if row_loss == NULL:
         raise MemoryError()
@@ -659,24 +787,8 @@ cdef double _loss(
     if dpred is not None:
         dp = &dpred[0, 0]
     with nogil:
-        if w == NULL:
-            inv_total = 1.0 / n
-        else:
-            for i in range(n):
-                total += w[i]
-            inv_total = 1.0 / total
-        if mean_over_k:
-            inv_total /= k
-        if nchunks == 1:
-            _loss_rows(kind, param, &pred[0, 0], t, lab, w, inv_total, k, dp, row_loss,
-                       0, n)
-        else:
-            for c in prange(nchunks, schedule="static", num_threads=nchunks):
-                _loss_rows(kind, param, &pred[0, 0], t, lab, w, inv_total, k, dp,
-                           row_loss, n * c // nchunks, n * (c + 1) // nchunks)
-        total = 0
-        for i in range(n):
-            total += row_loss[i]
+        total = _loss_ptr(kind, param, &pred[0, 0], t, lab, NULL, w, dp, row_loss, n, k,
+                          nchunks)
     free(row_loss)
     return total
 
@@ -687,7 +799,7 @@ def _softmax_cross_entropy_index(
     const floating[::1] weights,    # IN  (n,) or None
     floating[:, ::1] dlogits,       # OUT (n, k) or None
 ):
-    return _loss[floating](SOFTMAX_CE, 0, False, logits, None, labels, weights, dlogits)
+    return _loss[floating](SOFTMAX_CE, 0, logits, None, labels, weights, dlogits)
 
 
 def _softmax_cross_entropy_proba(
@@ -696,7 +808,7 @@ def _softmax_cross_entropy_proba(
     const floating[::1] weights,    # IN  (n,) or None
     floating[:, ::1] dlogits,       # OUT (n, k) or None
 ):
-    return _loss[floating](SOFTMAX_CE, 0, False, logits, labels, None, weights, dlogits)
+    return _loss[floating](SOFTMAX_CE, 0, logits, labels, None, weights, dlogits)
 
 
 def softmax_cross_entropy(logits, labels, weights, dlogits):
@@ -719,7 +831,7 @@ def sigmoid_binary_cross_entropy(
 ):
     """torch BCEWithLogitsLoss, mean over n*k.
     l = max(z, 0) - z t + log(1 + e^-|z|);  dpred = s_i (sigmoid(z) - t) / k."""
-    return _loss[floating](BCE, 0, True, pred, target, None, weights, dpred)
+    return _loss[floating](BCE, 0, pred, target, None, weights, dpred)
 
 
 def mean_squared_error(
@@ -729,7 +841,7 @@ def mean_squared_error(
     floating[:, ::1] dpred,         # OUT (n, k) or None
 ):
     """torch MSELoss, mean over n*k.  l = (p - t)^2;  dpred = 2 s_i (p - t) / k."""
-    return _loss[floating](MSE, 0, True, pred, target, None, weights, dpred)
+    return _loss[floating](MSE, 0, pred, target, None, weights, dpred)
 
 
 def mean_absolute_error(
@@ -739,7 +851,7 @@ def mean_absolute_error(
     floating[:, ::1] dpred,         # OUT (n, k) or None
 ):
     """torch L1Loss, mean over n*k.  l = |p - t|;  dpred = s_i sign(p - t) / k."""
-    return _loss[floating](MAE, 0, True, pred, target, None, weights, dpred)
+    return _loss[floating](MAE, 0, pred, target, None, weights, dpred)
 
 
 def huber(
@@ -751,7 +863,7 @@ def huber(
 ):
     """torch HuberLoss(delta), mean over n*k.  d = p - t:
     l = d^2/2 if |d| <= delta else delta (|d| - delta/2);  dpred = s_i clip(d) / k."""
-    return _loss[floating](HUBER, delta, True, pred, target, None, weights, dpred)
+    return _loss[floating](HUBER, delta, pred, target, None, weights, dpred)
 
 
 def multiclass_hinge(
@@ -764,7 +876,7 @@ def multiclass_hinge(
     """Weston-Watkins multiclass SVM, mean over samples.
     l_i = sum_{j != y_i} max(0, s_ij - s_iy_i + margin); dscores: +s_i per violating j,
     -s_i * (number of violations) at y_i."""
-    return _loss[floating](HINGE, margin, False, scores, None, labels, weights, dscores)
+    return _loss[floating](HINGE, margin, scores, None, labels, weights, dscores)
 
 
 # ----------------------------------------------------------------------------------
@@ -787,6 +899,26 @@ cdef void _sgd_range(
         p[i] -= lr * gi
 
 
+cdef void _sgd_flat(
+    floating *p, const floating *g,
+    floating *buf,  # IN/OUT momentum buffer, or NULL when momentum == 0
+    Py_ssize_t size, double lr, double momentum, double dampening, double weight_decay,
+    bint nesterov, long step, int nchunks,
+) noexcept nogil:
+    cdef:
+        int c
+        Py_ssize_t lo
+    if nchunks == 1:
+        _sgd_range(p, g, buf, lr, momentum, 1 - dampening, weight_decay, nesterov,
+                   step == 1, size)
+        return
+    for c in prange(nchunks, schedule="static", num_threads=nchunks):
+        lo = size * c // nchunks
+        _sgd_range(p + lo, g + lo, buf + lo if buf != NULL else NULL, lr, momentum,
+                   1 - dampening, weight_decay, nesterov, step == 1,
+                   size * (c + 1) // nchunks - lo)
+
+
 def sgd_update(
     floating[::1] params,        # IN/OUT
     const floating[::1] grads,   # IN
@@ -797,21 +929,13 @@ def sgd_update(
     """torch.optim.SGD.  g = grad + wd*p; if momentum: b = g (step 1) else
     b = mu*b + (1-dampening)*g, and g = g + mu*b (nesterov) or b;  p -= lr*g."""
     cdef:
-        Py_ssize_t size = params.shape[0], lo
-        int c, nchunks = _n_chunks(size, size)
+        Py_ssize_t size = params.shape[0]
         floating *buf = NULL
     if momentum != 0:
         buf = &momentum_buf[0]
     with nogil:
-        if nchunks == 1:
-            _sgd_range(&params[0], &grads[0], buf, lr, momentum, 1 - dampening,
-                       weight_decay, nesterov, step == 1, size)
-        else:
-            for c in prange(nchunks, schedule="static", num_threads=nchunks):
-                lo = size * c // nchunks
-                _sgd_range(&params[lo], &grads[lo], buf + lo if buf != NULL else NULL,
-                           lr, momentum, 1 - dampening, weight_decay, nesterov,
-                           step == 1, size * (c + 1) // nchunks - lo)
+        _sgd_flat(&params[0], &grads[0], buf, size, lr, momentum, dampening,
+                  weight_decay, nesterov, step, _n_chunks(size, size))
 
 
 cdef void _adagrad_range(
@@ -827,6 +951,23 @@ cdef void _adagrad_range(
         p[i] -= clr * gi / (_sqrt(state_sum[i]) + eps)
 
 
+cdef void _adagrad_flat(
+    floating *p, const floating *g, floating *state_sum, Py_ssize_t size,
+    double lr, double lr_decay, double weight_decay, double eps, long step, int nchunks,
+) noexcept nogil:
+    cdef:
+        int c
+        Py_ssize_t lo
+        floating clr = lr / (1 + (step - 1) * lr_decay)
+    if nchunks == 1:
+        _adagrad_range(p, g, state_sum, clr, weight_decay, eps, size)
+        return
+    for c in prange(nchunks, schedule="static", num_threads=nchunks):
+        lo = size * c // nchunks
+        _adagrad_range(p + lo, g + lo, state_sum + lo, clr, weight_decay, eps,
+                       size * (c + 1) // nchunks - lo)
+
+
 def adagrad_update(
     floating[::1] params,       # IN/OUT
     const floating[::1] grads,  # IN
@@ -835,19 +976,10 @@ def adagrad_update(
 ):
     """torch.optim.Adagrad.  g = grad + wd*p; clr = lr / (1 + (t-1)*lr_decay);
     G += g^2; p -= clr * g / (sqrt(G) + eps)."""
-    cdef:
-        Py_ssize_t size = params.shape[0], lo
-        int c, nchunks = _n_chunks(size, size)
-        floating clr = lr / (1 + (step - 1) * lr_decay)
+    cdef Py_ssize_t size = params.shape[0]
     with nogil:
-        if nchunks == 1:
-            _adagrad_range(&params[0], &grads[0], &state_sum[0], clr, weight_decay,
-                           eps, size)
-        else:
-            for c in prange(nchunks, schedule="static", num_threads=nchunks):
-                lo = size * c // nchunks
-                _adagrad_range(&params[lo], &grads[lo], &state_sum[lo], clr,
-                               weight_decay, eps, size * (c + 1) // nchunks - lo)
+        _adagrad_flat(&params[0], &grads[0], &state_sum[0], size, lr, lr_decay,
+                      weight_decay, eps, step, _n_chunks(size, size))
 
 
 cdef void _rmsprop_range(
@@ -873,6 +1005,28 @@ cdef void _rmsprop_range(
             p[i] -= lr * gi / denom
 
 
+cdef void _rmsprop_flat(
+    floating *p, const floating *g, floating *square_avg,
+    floating *buf,   # IN/OUT momentum buffer, or NULL unless momentum > 0
+    floating *gbar,  # IN/OUT grad average, or NULL unless centered
+    Py_ssize_t size, double lr, double alpha, double eps, double weight_decay,
+    double momentum, int nchunks,
+) noexcept nogil:
+    cdef:
+        int c
+        Py_ssize_t lo
+    if nchunks == 1:
+        _rmsprop_range(p, g, square_avg, buf, gbar, lr, alpha, eps, weight_decay,
+                       momentum, size)
+        return
+    for c in prange(nchunks, schedule="static", num_threads=nchunks):
+        lo = size * c // nchunks
+        _rmsprop_range(p + lo, g + lo, square_avg + lo,
+                       buf + lo if buf != NULL else NULL,
+                       gbar + lo if gbar != NULL else NULL, lr, alpha, eps,
+                       weight_decay, momentum, size * (c + 1) // nchunks - lo)
+
+
 def rmsprop_update(
     floating[::1] params,        # IN/OUT
     const floating[::1] grads,   # IN
@@ -886,8 +1040,7 @@ def rmsprop_update(
     centered: gbar = alpha*gbar + (1-alpha)*g, v~ = v - gbar^2, else v~ = v;
     momentum: b = mu*b + g/(sqrt(v~)+eps), p -= lr*b; else p -= lr*g/(sqrt(v~)+eps)."""
     cdef:
-        Py_ssize_t size = params.shape[0], lo
-        int c, nchunks = _n_chunks(size, size)
+        Py_ssize_t size = params.shape[0]
         floating *buf = NULL
         floating *gbar = NULL
     if momentum > 0:
@@ -895,16 +1048,8 @@ def rmsprop_update(
     if centered:
         gbar = &grad_avg[0]
     with nogil:
-        if nchunks == 1:
-            _rmsprop_range(&params[0], &grads[0], &square_avg[0], buf, gbar, lr, alpha,
-                           eps, weight_decay, momentum, size)
-        else:
-            for c in prange(nchunks, schedule="static", num_threads=nchunks):
-                lo = size * c // nchunks
-                _rmsprop_range(&params[lo], &grads[lo], &square_avg[lo],
-                               buf + lo if buf != NULL else NULL,
-                               gbar + lo if gbar != NULL else NULL, lr, alpha, eps,
-                               weight_decay, momentum, size * (c + 1) // nchunks - lo)
+        _rmsprop_flat(&params[0], &grads[0], &square_avg[0], buf, gbar, size, lr, alpha,
+                      eps, weight_decay, momentum, _n_chunks(size, size))
 
 
 cdef void _adam_range(
@@ -929,6 +1074,30 @@ cdef void _adam_range(
         p[i] -= step_size * m[i] / (_sqrt(vi) / bias2_sqrt + eps)
 
 
+cdef void _adam_flat(
+    floating *p, const floating *g, floating *m, floating *v,
+    floating *vmax,  # IN/OUT running max of v, or NULL unless amsgrad
+    Py_ssize_t size, double lr, double beta1, double beta2, double eps,
+    double weight_decay, bint decoupled, long step, int nchunks,
+) noexcept nogil:
+    cdef:
+        int c
+        Py_ssize_t lo
+        floating step_size = lr / (1 - beta1 ** step)
+        floating bias2_sqrt = sqrt(1 - beta2 ** step)
+        floating decay = 1 - lr * weight_decay if decoupled else 1
+        floating wd = 0 if decoupled else weight_decay
+    if nchunks == 1:
+        _adam_range(p, g, m, v, vmax, step_size, beta1, beta2, bias2_sqrt, eps, wd,
+                    decay, size)
+        return
+    for c in prange(nchunks, schedule="static", num_threads=nchunks):
+        lo = size * c // nchunks
+        _adam_range(p + lo, g + lo, m + lo, v + lo, vmax + lo if vmax != NULL else NULL,
+                    step_size, beta1, beta2, bias2_sqrt, eps, wd, decay,
+                    size * (c + 1) // nchunks - lo)
+
+
 def adam_update(
     floating[::1] params,          # IN/OUT
     const floating[::1] grads,     # IN
@@ -943,23 +1112,296 @@ def adam_update(
     v = b2*v + (1-b2)*g^2; amsgrad: v = vmax = max(vmax, v);
     p -= lr/(1-b1^t) * m / (sqrt(v)/sqrt(1-b2^t) + eps)."""
     cdef:
-        Py_ssize_t size = params.shape[0], lo
-        int c, nchunks = _n_chunks(size, size)
+        Py_ssize_t size = params.shape[0]
         floating *vmax = NULL
-        floating step_size = lr / (1 - beta1 ** step)
-        floating bias2_sqrt = sqrt(1 - beta2 ** step)
-        floating decay = 1 - lr * weight_decay if decoupled else 1
-        floating wd = 0 if decoupled else weight_decay
     if amsgrad:
         vmax = &max_exp_avg_sq[0]
     with nogil:
-        if nchunks == 1:
-            _adam_range(&params[0], &grads[0], &exp_avg[0], &exp_avg_sq[0], vmax,
-                        step_size, beta1, beta2, bias2_sqrt, eps, wd, decay, size)
-        else:
-            for c in prange(nchunks, schedule="static", num_threads=nchunks):
-                lo = size * c // nchunks
-                _adam_range(&params[lo], &grads[lo], &exp_avg[lo], &exp_avg_sq[lo],
-                            vmax + lo if vmax != NULL else NULL, step_size, beta1,
-                            beta2, bias2_sqrt, eps, wd, decay,
-                            size * (c + 1) // nchunks - lo)
+        _adam_flat(&params[0], &grads[0], &exp_avg[0], &exp_avg_sq[0], vmax, size, lr,
+                   beta1, beta2, eps, weight_decay, decoupled, step,
+                   _n_chunks(size, size))
+
+
+# ----------------------------------------------------------------------------------
+# A whole training epoch of a stack of dense layers in one call: the helpers above on
+# pointer offsets into params / grads / workspace, serial elementwise code (the nets
+# this is for are small: thread teams per batch would cost more than they save) and
+# BLAS for the matmuls. No allocation inside the loop, no GIL, no exceptions.
+# ----------------------------------------------------------------------------------
+
+cdef void _optimizer_step(
+    int opt_code,
+    const double *hyper,  # IN  the optimizer's hyper layout (fastnn.kernels.OPTIMIZERS)
+    floating *p,          # IN/OUT (size,)
+    const floating *g,    # IN  (size,)
+    floating *s0, floating *s1, floating *s2,  # IN/OUT state; unused ones untouched
+    Py_ssize_t size, double lr, long t,
+) noexcept nogil:
+    """One serial update for a ``train_epoch`` optimizer code, update number ``t``."""
+    if opt_code == SGD:
+        _sgd_flat(p, g, s0 if hyper[0] != 0 else NULL, size, lr, hyper[0], hyper[1],
+                  hyper[2], hyper[3] != 0, t, 1)
+    elif opt_code == ADAGRAD:
+        _adagrad_flat(p, g, s0, size, lr, hyper[0], hyper[1], hyper[2], t, 1)
+    elif opt_code == RMSPROP:
+        _rmsprop_flat(p, g, s0, s1 if hyper[3] > 0 else NULL,
+                      s2 if hyper[4] != 0 else NULL, size, lr, hyper[0], hyper[1],
+                      hyper[2], hyper[3], 1)
+    elif opt_code == ADAM:
+        _adam_flat(p, g, s0, s1, s2 if hyper[5] != 0 else NULL, size, lr, hyper[0],
+                   hyper[1], hyper[2], hyper[3], hyper[4] != 0, t, 1)
+
+
+cdef Py_ssize_t _batch_hits(
+    int loss_code,
+    const floating *out,      # IN  (n, k) the net's output for the batch
+    const int64_t *labels,    # IN  class labels of all samples (label losses)
+    const floating *targets,  # IN  (., k) targets of all samples (the others)
+    const int64_t *rows,      # IN  (n,) the batch's sample indices
+    Py_ssize_t n, Py_ssize_t k,
+) noexcept nogil:
+    """Correct predictions: argmax == label for cross_entropy / hinge (the first
+    maximum, a NaN counting as one, as numpy.argmax), elementwise (z > 0) == (t >= 0.5)
+    for binary_cross_entropy, 0 for the regression losses."""
+    cdef:
+        Py_ssize_t i, j, best, hits = 0
+        const floating *z
+        const floating *t
+        floating zmax
+        bint nan
+    if loss_code == SOFTMAX_CE or loss_code == HINGE:
+        for i in range(n):
+            # The max (and whether a NaN is there) without data-dependent branches,
+            # then one sweep for its first position.
+            z = out + i * k
+            zmax = z[0]
+            nan = False
+            for j in range(k):
+                zmax = z[j] if z[j] > zmax else zmax
+                nan |= z[j] != z[j]
+            best = 0
+            while best < k - 1 and not (
+                    (z[best] != z[best]) if nan else (z[best] == zmax)):
+                best += 1
+            hits += best == labels[rows[i]]
+    elif loss_code == BCE:
+        for i in range(n):
+            z = out + i * k
+            t = targets + rows[i] * k
+            for j in range(k):
+                hits += (z[j] > 0) == (t[j] >= 0.5)
+    return hits
+
+
+cdef void _prefetch_rows(
+    const void *base,      # IN  (., row_bytes) bytes
+    Py_ssize_t row_bytes,
+    const int64_t *rows,   # IN  (n,) row indices
+    Py_ssize_t n,
+) noexcept nogil:
+    """Ask for the cache lines of rows ``rows`` of ``base``: a hint, never a fault."""
+    cdef:
+        Py_ssize_t i, off
+        const char *row
+    for i in range(n):
+        row = <const char *> base + rows[i] * row_bytes
+        for off in range(0, row_bytes, 64):
+            _prefetch(row + off)
+        _prefetch(row + row_bytes - 1)
+
+
+cdef void _train_epoch_ptr(
+    const floating *X,        # IN  (., widths[0]) all samples
+    const int64_t *labels,    # IN  (.,) class labels, or NULL (non-label losses)
+    const floating *targets,  # IN  (., widths[L]) targets, or NULL (label losses)
+    const int64_t *order,     # IN  (m,) the samples to visit, in order
+    Py_ssize_t m, Py_ssize_t batch_size, int n_layers,
+    const int64_t *widths,    # IN  (L+1,)
+    const int64_t *acts,      # IN  (L,)
+    const double *alphas,     # IN  (L,)
+    const Py_ssize_t *w_off,  # IN  (L,) offset of W_l in params / grads
+    const Py_ssize_t *b_off,  # IN  (L,) offset of b_l, or -1: no bias
+    const Py_ssize_t *a_off,  # IN  (L+2,) sum(widths[:l]): a_l at rows * a_off[l]
+    floating *params,         # IN/OUT (P,)
+    floating *grads,          # OUT (P,)
+    floating *workspace,      # scratch (rows * (sum(widths) + 2 widest),)
+    double *row_loss,         # scratch (min(batch_size, m),)
+    double *db_parts,         # scratch (widest,)
+    Py_ssize_t n_params, Py_ssize_t widest,
+    int loss_code, double loss_param, int opt_code,
+    const double *hyper,      # IN  optimizer hyper-parameters
+    const double *lrs,        # IN  (n_batches,) learning rate of each update
+    floating *state0, floating *state1, floating *state2,  # IN/OUT optimizer state
+    long step,
+    double *stats,            # OUT (4,)
+) noexcept nogil:
+    """The body of ``train_epoch``: per batch gather, forward, loss, backward, update.
+
+    Workspace of a batch of ``rows``: a_0 .. a_L (rows, widths[l]) packed, then two
+    (rows, widest) gradient buffers that swap roles from layer to layer."""
+    cdef:
+        Py_ssize_t start = 0, size, next_size, i, b = 0
+        Py_ssize_t d0 = widths[0], k_out = widths[n_layers]
+        int layer
+        double loss
+        const int64_t *rows
+        floating *out
+        floating *dout
+        floating *dprev
+        floating *swap
+    stats[0] = stats[1] = stats[2] = stats[3] = 0
+    if batch_size < 1:
+        return
+    while start < m:
+        size = min(batch_size, m - start)
+        rows = order + start
+        for i in range(size):
+            memcpy(workspace + i * d0, X + rows[i] * d0, d0 * sizeof(floating))
+        # Random batches miss the cache: ask for the next batch's samples meanwhile
+        # (labels first: the loss waits on them one by one).
+        next_size = min(batch_size, m - start - size)
+        if (0 < next_size and next_size * (d0 + k_out) * <Py_ssize_t> sizeof(floating)
+                <= _PREFETCH_BYTES):
+            if labels != NULL:
+                _prefetch_rows(labels, sizeof(int64_t), rows + size, next_size)
+            if targets != NULL:
+                _prefetch_rows(targets, k_out * sizeof(floating), rows + size,
+                               next_size)
+            _prefetch_rows(X, d0 * sizeof(floating), rows + size, next_size)
+        for layer in range(n_layers):
+            _dense_forward_ptr(
+                workspace + size * a_off[layer], params + w_off[layer],
+                params + b_off[layer] if b_off[layer] >= 0 else NULL, <int> acts[layer],
+                <floating> alphas[layer], workspace + size * a_off[layer + 1],
+                <int> size, <int> widths[layer], <int> widths[layer + 1], False)
+        out = workspace + size * a_off[n_layers]
+        dout = workspace + size * a_off[n_layers + 1]
+        dprev = dout + size * widest
+        loss = _loss_ptr(loss_code, loss_param, out, targets, labels, rows, NULL, dout,
+                         row_loss, size, k_out, 1)
+        stats[3] = loss
+        if not isfinite(loss):
+            return
+        stats[1] += _batch_hits(loss_code, out, labels, targets, rows, size, k_out)
+        for layer in range(n_layers - 1, -1, -1):
+            _dense_backward_ptr(
+                workspace + size * a_off[layer], params + w_off[layer],
+                workspace + size * a_off[layer + 1], dout, <int> acts[layer],
+                <floating> alphas[layer], dout, dprev if layer > 0 else NULL,
+                grads + w_off[layer],
+                grads + b_off[layer] if b_off[layer] >= 0 else NULL, db_parts, 1,
+                <int> size, <int> widths[layer], <int> widths[layer + 1])
+            swap = dout
+            dout = dprev
+            dprev = swap
+        _optimizer_step(opt_code, hyper, params, grads, state0, state1, state2,
+                        n_params, lrs[b], step + b + 1)
+        stats[0] += loss * size
+        stats[2] += 1
+        start += size
+        b += 1
+
+
+cdef inline floating *_data_or_null(floating[::1] a) noexcept:
+    """The first element's address, or NULL for None or an empty buffer."""
+    return &a[0] if a is not None and a.shape[0] > 0 else NULL
+
+
+def _train_epoch(
+    const floating[:, ::1] X,        # IN  (n, widths[0])
+    const int64_t[::1] labels,       # IN  (n,) or None
+    const floating[:, ::1] targets,  # IN  (n, widths[L]) or None
+    const int64_t[::1] order,        # IN  (m,)
+    Py_ssize_t batch_size,
+    const int64_t[::1] widths,       # IN  (L+1,)
+    const int64_t[::1] acts,         # IN  (L,)
+    const double[::1] alphas,        # IN  (L,)
+    const int64_t[::1] use_bias,     # IN  (L,)
+    floating[::1] params,            # IN/OUT (P,)
+    floating[::1] grads,             # OUT (P,)
+    floating[::1] workspace,         # scratch
+    int loss_code, double loss_param, int opt_code,
+    const double[::1] hyper,         # IN
+    const double[::1] lrs,           # IN  (n_batches,)
+    floating[::1] state0,            # IN/OUT (P,), or None / empty when unused
+    floating[::1] state1,
+    floating[::1] state2,
+    long step,
+    double[::1] stats,               # OUT (4,)
+):
+    cdef:
+        int n_layers = widths.shape[0] - 1, layer
+        Py_ssize_t m = order.shape[0], widest = 0, p = 0
+        Py_ssize_t rows = max(min(batch_size, m), 1)
+        Py_ssize_t *offsets = <Py_ssize_t *> malloc(
+            (3 * n_layers + 2) * sizeof(Py_ssize_t))
+        Py_ssize_t *w_off = offsets
+        Py_ssize_t *b_off = offsets + n_layers
+        Py_ssize_t *a_off = offsets + 2 * n_layers
+        double *scratch
+        const int64_t *lab = NULL
+        const floating *tgt = NULL
+        const double *lrs_ = &lrs[0] if lrs.shape[0] > 0 else NULL
+        floating *s0 = _data_or_null(state0)
+        floating *s1 = _data_or_null(state1)
+        floating *s2 = _data_or_null(state2)
+    for layer in range(n_layers + 1):
+        widest = max(widest, <Py_ssize_t> widths[layer])
+    scratch = <double *> malloc((rows + widest) * sizeof(double))
+    if offsets == NULL or scratch == NULL:
+        free(offsets)
+        free(scratch)
+        raise MemoryError()
+    a_off[0] = 0
+    for layer in range(n_layers):
+        w_off[layer] = p
+        p += widths[layer] * widths[layer + 1]
+        b_off[layer] = p if use_bias[layer] else -1
+        if use_bias[layer]:
+            p += widths[layer + 1]
+        a_off[layer + 1] = a_off[layer] + widths[layer]
+    a_off[n_layers + 1] = a_off[n_layers] + widths[n_layers]
+    if labels is not None and labels.shape[0] > 0:
+        lab = &labels[0]
+    if targets is not None and targets.shape[0] > 0:
+        tgt = &targets[0, 0]
+    with nogil:
+        _train_epoch_ptr(
+            &X[0, 0], lab, tgt, &order[0] if m > 0 else NULL, m, batch_size, n_layers,
+            &widths[0], &acts[0], &alphas[0], w_off, b_off, a_off, &params[0],
+            &grads[0], &workspace[0], scratch, scratch + rows, params.shape[0], widest,
+            loss_code, loss_param, opt_code, &hyper[0], lrs_, s0, s1, s2, step,
+            &stats[0])
+    free(offsets)
+    free(scratch)
+
+
+def train_epoch(X, labels, targets, order, batch_size, widths, acts, alphas, use_bias,
+                params, grads, workspace, loss_code, loss_param, opt_code, hyper, lrs,
+                state0, state1, state2, step, stats):
+    """One epoch of mini-batch training of ``L`` dense layers in one call, GIL released.
+
+    Per batch of ``order`` (int64, m; the last batch may be smaller): gather its rows
+    of X (n, widths[0]) into the workspace; forward ``a_l+1 = act_l(a_l @ W_l + b_l)``
+    (bias rows + gemm, one activation pass); loss and its gradient (``loss_code`` from
+    fastnn.kernels.LOSSES: ``labels`` int64 (n,) for cross_entropy / hinge, else
+    ``targets`` (n, widths[-1]); the unused one is ignored and may be empty); backward
+    (activation derivative and db in one pass, gemm for dW and dx, no dx for the first
+    layer); one update of the flat buffers (``opt_code`` and the float64 ``hyper``
+    layout from fastnn.kernels.OPTIMIZERS) with lr ``lrs[b]`` (float64) and update
+    number ``t = step + b + 1``.
+
+    ``widths`` int64 (L+1,), ``acts`` int64 (L,), ``alphas`` float64 (L,) (resolved,
+    not None), ``use_bias`` int64 (L,); ``params``/``grads`` (P,) hold per layer
+    W (widths[l], widths[l+1]) row-major then b if use_bias[l]; ``workspace`` holds at
+    least ``train_epoch_workspace_size(min(batch_size, m), widths)`` elements;
+    ``state0..2`` (P,) are the optimizer's buffers (unused ones untouched, may alias).
+    ``stats`` float64 (4,) receives [sum of batch loss * batch rows, correct
+    predictions, batches completed, the last batch's loss]; a non-finite batch loss
+    ends the epoch before its update.
+    """
+    label_loss = loss_code == SOFTMAX_CE or loss_code == HINGE
+    _train_epoch(X, labels if label_loss else None, None if label_loss else targets,
+                 order, batch_size, widths, acts, alphas, use_bias, params, grads,
+                 workspace, loss_code, loss_param, opt_code, hyper, lrs, state0, state1,
+                 state2, step, stats)

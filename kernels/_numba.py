@@ -48,6 +48,9 @@ FASTMATH_FLAGS = {"nsz", "arcp", "afn"}
 
 _OPTIONS = {"nogil": True, "fastmath": FASTMATH_FLAGS, "error_model": "numpy"}
 _CORE_OPTIONS = dict(_OPTIONS, cache=True)
+#: Helpers are only ever called from compiled code: no CPython / C entry points (numba
+#: would otherwise compile both for every helper and signature, and nothing calls them).
+_HELPER_OPTIONS = dict(_OPTIONS, no_cpython_wrapper=True, no_cfunc_wrapper=True)
 
 _FLOATS = (types.float32, types.float64)
 _i8, _f8, _b1 = types.int64, types.float64, types.boolean
@@ -132,13 +135,13 @@ def _empty_2d(like):
 # Row and element helpers (inlined into the cores; compiled per caller type)
 # ----------------------------------------------------------------------------------
 
-@njit(**_OPTIONS)
+@njit(**_HELPER_OPTIONS)
 def _chunk(c, n_chunks, n):
     """Bounds [lo, hi) of chunk c when n rows are split into n_chunks."""
     return c * n // n_chunks, (c + 1) * n // n_chunks
 
 
-@njit(**_OPTIONS)
+@njit(**_HELPER_OPTIONS)
 def _serial_sum(values):
     """Sum of per-chunk partials, in chunk order (a plain loop, never a parfor)."""
     total = 0.0
@@ -147,14 +150,14 @@ def _serial_sum(values):
     return total
 
 
-@njit(**_OPTIONS)
+@njit(**_HELPER_OPTIONS)
 def _sigmoid(z, one):
     """Overflow-free logistic: exp only ever sees -|z|."""
     e = math.exp(-abs(z))
     return (one if z >= 0 else e) / (one + e)
 
 
-@njit(**_OPTIONS)
+@njit(**_HELPER_OPTIONS)
 def _tanh(z, one):
     """tanh without libm's tanh, which is scalar and ~5x slower than this.
 
@@ -171,7 +174,7 @@ def _tanh(z, one):
     return t if z >= 0 else -t
 
 
-@njit(**_OPTIONS)
+@njit(**_HELPER_OPTIONS)
 def _activation_forward_span(act, z, out, alpha):
     """out = act(z) over 1-D z and out (may alias)."""
     zero = out.dtype.type(0)
@@ -207,7 +210,7 @@ def _activation_forward_span(act, z, out, alpha):
             out[i] = v if v > zero else alpha * math.expm1(v)
 
 
-@njit(**_OPTIONS)
+@njit(**_HELPER_OPTIONS)
 def _activation_backward_span(act, a, dout, out, alpha):
     """out = dout * act'(z), from a = act(z); 1-D, out may alias dout."""
     zero = out.dtype.type(0)
@@ -242,7 +245,7 @@ def _activation_backward_span(act, a, dout, out, alpha):
             out[i] = dout[i] if v > zero else dout[i] * (v + alpha)
 
 
-@njit(**_OPTIONS)
+@njit(**_HELPER_OPTIONS)
 def _weight_total(weights, use_weights, n):
     """Denominator of the weighted mean: sum(w) in float64, or n."""
     if not use_weights:
@@ -253,7 +256,7 @@ def _weight_total(weights, use_weights, n):
     return total
 
 
-@njit(**_OPTIONS)
+@njit(**_HELPER_OPTIONS)
 def _row_max(z):
     m = z[0]
     for j in range(1, z.shape[0]):
@@ -262,7 +265,7 @@ def _row_max(z):
     return m
 
 
-@njit(**_OPTIONS)
+@njit(**_HELPER_OPTIONS)
 def _sum_exp_shifted(z, m):
     """sum_j exp(z_j - m), in float64."""
     s = 0.0
@@ -271,7 +274,7 @@ def _sum_exp_shifted(z, m):
     return s
 
 
-@njit(**_OPTIONS)
+@njit(**_HELPER_OPTIONS)
 def _store_exp_shifted(z, m, e):
     """e_j = exp(z_j - m); returns their sum in float64."""
     s = 0.0
@@ -282,7 +285,7 @@ def _store_exp_shifted(z, m, e):
     return s
 
 
-@njit(**_OPTIONS)
+@njit(**_HELPER_OPTIONS)
 def _bce_row(z, t, grad, i, c, want_grad):
     """Row i of BCE: sum_j max(z,0) - z t + log(1 + e^-|z|); grad[i] = c (sigmoid(z) - t)."""
     zero = z.dtype.type(0)
@@ -302,7 +305,7 @@ def _bce_row(z, t, grad, i, c, want_grad):
     return s
 
 
-@njit(**_OPTIONS)
+@njit(**_HELPER_OPTIONS)
 def _mse_row(p, t, grad, i, c, want_grad):
     """Row i of MSE: sum_j (p - t)^2; grad[i] = 2 c (p - t)."""
     c2 = c + c
@@ -320,7 +323,7 @@ def _mse_row(p, t, grad, i, c, want_grad):
     return s
 
 
-@njit(**_OPTIONS)
+@njit(**_HELPER_OPTIONS)
 def _mae_row(p, t, grad, i, c, want_grad):
     """Row i of MAE: sum_j |p - t|; grad[i] = c sign(p - t)."""
     zero = p.dtype.type(0)
@@ -337,7 +340,7 @@ def _mae_row(p, t, grad, i, c, want_grad):
     return s
 
 
-@njit(**_OPTIONS)
+@njit(**_HELPER_OPTIONS)
 def _huber_row(p, t, delta, grad, i, c, want_grad):
     """Row i of Huber: sum_j d^2/2 if |d| <= delta else delta (|d| - delta/2);
     grad[i] = c clip(d, -delta, delta).  Row sums are float64; grad only when want_grad.
@@ -362,6 +365,81 @@ def _huber_row(p, t, delta, grad, i, c, want_grad):
     return s
 
 
+@njit(**_HELPER_OPTIONS)
+def _softmax_ce_index_row(z, y, grad, i, scale, want_grad):
+    """Row i of softmax cross-entropy with class index y: returns
+    scale * (logsumexp(z) - z[y]) in float64; grad[i] = scale * (softmax(z) - onehot(y)).
+    """
+    m = _row_max(z)
+    if want_grad:
+        e = grad[i]
+        s = _store_exp_shifted(z, m, e)
+        coef = e.dtype.type(scale / s)
+        for j in range(e.shape[0]):
+            e[j] *= coef
+        e[y] -= e.dtype.type(scale)
+    else:
+        s = _sum_exp_shifted(z, m)
+    return scale * (math.log(s) - (z[y] - np.float64(m)))
+
+
+@njit(**_HELPER_OPTIONS)
+def _hinge_row(z, y, margin, grad, i, scale, want_grad):
+    """Row i of the multiclass hinge: returns sum_{j != y} max(0, z_j - z_y + margin) in
+    float64; grad[i] = scale at violating j, -scale * violations at y, 0 elsewhere."""
+    zero = z.dtype.type(0)
+    k = z.shape[0]
+    base = z[y] - margin
+    row = 0.0
+    violations = 0
+    if want_grad:
+        g = grad[i]
+        scale_t = g.dtype.type(scale)
+        for j in range(k):
+            d = z[j] - base
+            if d > zero and j != y:
+                row += d
+                violations += 1
+                g[j] = scale_t
+            else:
+                g[j] = zero
+        g[y] = g.dtype.type(-violations * scale)
+    else:
+        for j in range(k):
+            d = z[j] - base
+            if d > zero and j != y:
+                row += d
+    return row
+
+
+@njit(**_HELPER_OPTIONS)
+def _bias_activation_rows(out, b, use_bias, act, alpha, lo, hi):
+    """Epilogue of ``out = x @ w`` on rows [lo, hi): out += b (when use_bias), then
+    out = act(out), one row at a time while it is in cache."""
+    k = out.shape[1]
+    for i in range(lo, hi):
+        row = out[i]
+        if use_bias:
+            for j in range(k):
+                row[j] += b[j]
+        if act != IDENTITY:
+            _activation_forward_span(act, row, row, alpha)
+
+
+@njit(**_HELPER_OPTIONS)
+def _activation_grad_rows(act, a, dout, dz, alpha, acc, lo, hi):
+    """Rows [lo, hi) of dz = dout * act'(a) (dz may alias dout); acc[:k] receives their
+    column sums (the bias gradient) in float64."""
+    k = dz.shape[1]
+    for j in range(k):
+        acc[j] = 0.0
+    for i in range(lo, hi):
+        row = dz[i]
+        _activation_backward_span(act, a[i], dout[i], row, alpha)
+        for j in range(k):
+            acc[j] += row[j]
+
+
 # ----------------------------------------------------------------------------------
 # Cores (one plain function each, compiled serial + parallel where the work is
 # elementwise or row-wise)
@@ -383,15 +461,10 @@ def _activation_backward_chunks(act, a, dout, out, alpha, n_chunks):
 
 def _dense_forward_rows(x, w, b, act, out, alpha, n_chunks):
     np.dot(x, w, out)
-    n, k = out.shape
+    n = out.shape[0]
     for c in prange(n_chunks):
         lo, hi = _chunk(c, n_chunks, n)
-        for i in range(lo, hi):
-            row = out[i]
-            for j in range(k):
-                row[j] += b[j]
-            if act != IDENTITY:
-                _activation_forward_span(act, row, row, alpha)
+        _bias_activation_rows(out, b, True, act, alpha, lo, hi)
 
 
 def _dense_backward_rows(x, w, a, dout, act, dz, dx, dw, db, alpha, want_dx, n_chunks):
@@ -399,14 +472,7 @@ def _dense_backward_rows(x, w, a, dout, act, dz, dx, dw, db, alpha, want_dx, n_c
     db_chunks = np.empty((n_chunks, k))
     for c in prange(n_chunks):
         lo, hi = _chunk(c, n_chunks, n)
-        acc = db_chunks[c]
-        for j in range(k):
-            acc[j] = 0.0
-        for i in range(lo, hi):
-            row = dz[i]
-            _activation_backward_span(act, a[i], dout[i], row, alpha)
-            for j in range(k):
-                acc[j] += row[j]
+        _activation_grad_rows(act, a, dout, dz, alpha, db_chunks[c], lo, hi)
     for j in range(k):
         total = 0.0
         for c in range(n_chunks):
@@ -445,20 +511,8 @@ def _softmax_ce_index_rows(logits, labels, weights, dlogits, use_weights, want_g
         lo, hi = _chunk(c, n_chunks, n)
         loss = 0.0
         for i in range(lo, hi):
-            z = logits[i]
-            y = labels[i]
             scale = (weights[i] if use_weights else 1.0) / total_w
-            m = _row_max(z)
-            if want_grad:
-                e = dlogits[i]
-                s = _store_exp_shifted(z, m, e)
-                coef = e.dtype.type(scale / s)
-                for j in range(e.shape[0]):
-                    e[j] *= coef
-                e[y] -= e.dtype.type(scale)
-            else:
-                s = _sum_exp_shifted(z, m)
-            loss += scale * (math.log(s) - (z[y] - np.float64(m)))
+            loss += _softmax_ce_index_row(logits[i], labels[i], dlogits, i, scale, want_grad)
         loss_chunks[c] = loss
     return _serial_sum(loss_chunks)
 
@@ -524,38 +578,16 @@ def _pointwise_loss_rows(kind, pred, target, param, weights, dpred, use_weights,
 
 def _multiclass_hinge_rows(scores, labels, margin, weights, dscores, use_weights,
                            want_grad, n_chunks):
-    n, k = scores.shape
-    zero = scores.dtype.type(0)
+    n = scores.shape[0]
     total_w = _weight_total(weights, use_weights, n)
     loss_chunks = np.empty(n_chunks)
     for c in prange(n_chunks):
         lo, hi = _chunk(c, n_chunks, n)
         loss = 0.0
         for i in range(lo, hi):
-            z = scores[i]
-            y = labels[i]
             scale = (weights[i] if use_weights else 1.0) / total_w
-            base = z[y] - margin
-            row = 0.0
-            violations = 0
-            if want_grad:
-                g = dscores[i]
-                scale_t = g.dtype.type(scale)
-                for j in range(k):
-                    d = z[j] - base
-                    if d > zero and j != y:
-                        row += d
-                        violations += 1
-                        g[j] = scale_t
-                    else:
-                        g[j] = zero
-                g[y] = g.dtype.type(-violations * scale)
-            else:
-                for j in range(k):
-                    d = z[j] - base
-                    if d > zero and j != y:
-                        row += d
-            loss += scale * row
+            loss += scale * _hinge_row(scores[i], labels[i], margin, dscores, i, scale,
+                                       want_grad)
         loss_chunks[c] = loss
     return _serial_sum(loss_chunks)
 
@@ -615,6 +647,220 @@ def _adam_elements(params, grads, exp_avg, exp_avg_sq, max_exp_avg_sq, decay,
         params[i] = p - step_size * m / (math.sqrt(v) / bias2_sqrt + eps)
 
 
+# The fused training epoch: one serial core calling serial builds of the cores above.
+
+def _nested(func):
+    """Serial build of a core's plain function, for calls from inside another core
+    (``prange`` is ``range``). Not cached by itself: it is compiled into its caller."""
+    return njit(**_HELPER_OPTIONS)(func)
+
+
+_sgd_nested = _nested(_sgd_elements)
+_adagrad_nested = _nested(_adagrad_elements)
+_rmsprop_nested = _nested(_rmsprop_elements)
+_adam_nested = _nested(_adam_elements)
+
+
+@njit(**_HELPER_OPTIONS)
+def _gather_rows(X, order, start, out):
+    """out[i] = X[order[start + i]] for every row of out."""
+    d = out.shape[1]
+    for i in range(out.shape[0]):
+        src = X[order[start + i]]
+        dst = out[i]
+        for j in range(d):
+            dst[j] = src[j]
+
+
+@njit(inline="always", **_HELPER_OPTIONS)
+def _epoch_batch_loss(loss_code, param, out, labels, targets, order, start, dout):
+    """Loss of one train_epoch batch (mean over its rows; codes of kernels.LOSSES), its
+    gradient into dout. Rows of labels / targets are read through ``order``."""
+    n, k = out.shape
+    loss = 0.0
+    if loss_code == 0:
+        scale = 1.0 / n
+        for i in range(n):
+            loss += _softmax_ce_index_row(out[i], labels[order[start + i]], dout, i, scale,
+                                          True)
+    elif loss_code == 5:
+        scale = 1.0 / n
+        for i in range(n):
+            loss += scale * _hinge_row(out[i], labels[order[start + i]], param, dout, i,
+                                       scale, True)
+    else:
+        scale = 1.0 / (float(n) * k)
+        scale_t = out.dtype.type(scale)
+        if loss_code == 1:
+            for i in range(n):
+                loss += scale * _mse_row(out[i], targets[order[start + i]], dout, i,
+                                         scale_t, True)
+        elif loss_code == 2:
+            for i in range(n):
+                loss += scale * _mae_row(out[i], targets[order[start + i]], dout, i,
+                                         scale_t, True)
+        elif loss_code == 3:
+            for i in range(n):
+                loss += scale * _huber_row(out[i], targets[order[start + i]], param, dout,
+                                           i, scale_t, True)
+        else:
+            for i in range(n):
+                loss += scale * _bce_row(out[i], targets[order[start + i]], dout, i,
+                                         scale_t, True)
+    return loss
+
+
+@njit(**_HELPER_OPTIONS)
+def _epoch_batch_hits(loss_code, out, labels, targets, order, start):
+    """Correct predictions of one batch, as _numpy._batch_hits: argmax (first NaN, else
+    first max) == label for codes 0 / 5, (logit > 0) == (target >= 0.5) elementwise for
+    code 4, else 0."""
+    n, k = out.shape
+    zero = out.dtype.type(0)
+    half = targets.dtype.type(0.5)
+    hits = 0
+    if loss_code == 0 or loss_code == 5:
+        for i in range(n):
+            z = out[i]
+            best = 0
+            top = z[0]
+            if top == top:
+                for j in range(1, k):
+                    v = z[j]
+                    if v != v:
+                        best = j
+                        break
+                    if v > top:
+                        top = v
+                        best = j
+            if best == labels[order[start + i]]:
+                hits += 1
+    elif loss_code == 4:
+        for i in range(n):
+            z = out[i]
+            t = targets[order[start + i]]
+            for j in range(k):
+                if (z[j] > zero) == (t[j] >= half):
+                    hits += 1
+    return hits
+
+
+@njit(inline="always", **_HELPER_OPTIONS)
+def _epoch_update(opt_code, hyper, params, grads, state0, state1, state2, lr, t):
+    """One optimizer update (codes and ``hyper`` layouts of kernels.OPTIMIZERS) with rate
+    lr at update number t; scalars in float64 as the wrappers compute them, then cast to
+    the data dtype."""
+    f = params.dtype.type
+    if opt_code == 0:
+        momentum = hyper[0]
+        _sgd_nested(params, grads, state0, f(lr), f(momentum), f(1.0 - hyper[1]),
+                    f(hyper[2]), momentum != 0.0, hyper[3] != 0.0, t == 1)
+    elif opt_code == 1:
+        _adagrad_nested(params, grads, state0, f(lr / (1.0 + (t - 1) * hyper[0])),
+                        f(hyper[1]), f(hyper[2]))
+    elif opt_code == 2:
+        alpha = hyper[0]
+        momentum = hyper[3]
+        _rmsprop_nested(params, grads, state0, state1, state2, f(lr), f(alpha),
+                        f(1.0 - alpha), f(hyper[1]), f(hyper[2]), f(momentum),
+                        momentum > 0.0, hyper[4] != 0.0)
+    else:
+        beta1 = hyper[0]
+        beta2 = hyper[1]
+        weight_decay = hyper[3]
+        if hyper[4] != 0.0:
+            decay, coupled_wd = 1.0 - lr * weight_decay, 0.0
+        else:
+            decay, coupled_wd = 1.0, weight_decay
+        ft = float(t)
+        _adam_nested(params, grads, state0, state1, state2, f(decay), f(coupled_wd),
+                     f(beta1), f(1.0 - beta1), f(beta2), f(1.0 - beta2),
+                     f(lr / (1.0 - beta1 ** ft)), f(math.sqrt(1.0 - beta2 ** ft)),
+                     f(hyper[2]), hyper[5] != 0.0)
+
+
+def _train_epoch_batches(X, labels, targets, order, batch_size, widths, acts, alphas,
+                         use_bias, params, grads, workspace, loss_code, loss_param,
+                         opt_code, hyper, lrs, state0, state1, state2, step, stats):
+    """The whole epoch; the batch loop of _numpy.train_epoch, with the same workspace
+    layout and the arithmetic of the single kernels called in sequence."""
+    for s in range(4):
+        stats[s] = 0.0
+    n_layers = widths.shape[0] - 1
+    m = order.shape[0]
+    if batch_size <= 0 or n_layers <= 0:
+        return
+    widest = 0
+    width_sum = 0
+    for layer in range(n_layers + 1):
+        widest = max(widest, widths[layer])
+        width_sum += widths[layer]
+    k_out = widths[n_layers]
+    db_acc = np.empty(widest)
+    param = params.dtype.type(loss_param)
+    for b in range((m + batch_size - 1) // batch_size):
+        start = b * batch_size
+        size = min(batch_size, m - start)
+        # Workspace: outputs of every layer (the input batch first), then two gradient
+        # buffers of the widest layer, batch_size * widest apart.
+        delta_at = size * width_sum
+        dprev_at = delta_at + batch_size * widest
+        d = widths[0]
+        _gather_rows(X, order, start, workspace[:size * d].reshape((size, d)))
+        x_at = 0
+        p = 0
+        for layer in range(n_layers):
+            d = widths[layer]
+            k = widths[layer + 1]
+            out_at = x_at + size * d
+            out = workspace[out_at:out_at + size * k].reshape((size, k))
+            np.dot(workspace[x_at:out_at].reshape((size, d)),
+                   params[p:p + d * k].reshape((d, k)), out)
+            p += d * k
+            bias = use_bias[layer] != 0
+            _bias_activation_rows(out, params[p:p + k], bias, acts[layer],
+                                  params.dtype.type(alphas[layer]), 0, size)
+            if bias:
+                p += k
+            x_at = out_at
+        out = workspace[x_at:x_at + size * k_out].reshape((size, k_out))
+        dout = workspace[delta_at:delta_at + size * k_out].reshape((size, k_out))
+        loss = _epoch_batch_loss(loss_code, param, out, labels, targets, order, start, dout)
+        stats[3] = loss
+        if not math.isfinite(loss):
+            return
+        stats[1] += _epoch_batch_hits(loss_code, out, labels, targets, order, start)
+        # Backward, last layer first; x_at / p walk back to each layer's input / W.
+        for layer in range(n_layers - 1, -1, -1):
+            d = widths[layer]
+            k = widths[layer + 1]
+            a_at = x_at
+            x_at -= size * d
+            bias = use_bias[layer] != 0
+            if bias:
+                p -= k
+            bias_at = p
+            p -= d * k
+            # dz overwrites dout (delta) in place; db from the same pass.
+            dz = workspace[delta_at:delta_at + size * k].reshape((size, k))
+            _activation_grad_rows(acts[layer],
+                                  workspace[a_at:a_at + size * k].reshape((size, k)), dz, dz,
+                                  params.dtype.type(alphas[layer]), db_acc, 0, size)
+            if bias:
+                for j in range(k):
+                    grads[bias_at + j] = db_acc[j]
+            x = workspace[x_at:x_at + size * d].reshape((size, d))
+            np.dot(x.T, dz, grads[p:p + d * k].reshape((d, k)))
+            if layer > 0:
+                np.dot(dz, params[p:p + d * k].reshape((d, k)).T,
+                       workspace[dprev_at:dprev_at + size * d].reshape((size, d)))
+                delta_at, dprev_at = dprev_at, delta_at
+        _epoch_update(opt_code, hyper, params, grads, state0, state1, state2, lrs[b],
+                      step + b + 1)
+        stats[0] += loss * size
+        stats[2] += 1
+
+
 _activation_forward_serial, _activation_forward_parallel = _serial_and_parallel(
     "_activation_forward", _activation_forward_chunks,
     lambda f: types.void(_i8, _in(f, 1), _out(f, 1), f, _i8))
@@ -657,6 +903,13 @@ _adam_serial, _adam_parallel = _serial_and_parallel(
     "_adam", _adam_elements,
     lambda f: types.void(_out(f, 1), _in(f, 1), _out(f, 1), _out(f, 1), _out(f, 1),
                          f, f, f, f, f, f, f, f, f, _b1))
+_train_epoch_core = _deferred(
+    "_train_epoch_core", _train_epoch_batches,
+    lambda f: types.void(_in(f, 2), _in(_i8, 1), _in(f, 2), _in(_i8, 1), _i8, _in(_i8, 1),
+                         _in(_i8, 1), _in(_f8, 1), _in(_i8, 1), _out(f, 1), _out(f, 1),
+                         _out(f, 1), _i8, _f8, _i8, _in(_f8, 1), _in(_f8, 1), _out(f, 1),
+                         _out(f, 1), _out(f, 1), _i8, _out(_f8, 1)),
+    False)
 
 
 # ----------------------------------------------------------------------------------
@@ -901,3 +1154,26 @@ def adam_update(params, grads, exp_avg, exp_avg_sq, max_exp_avg_sq, lr, beta1, b
     core(params, grads, exp_avg, exp_avg_sq, max_exp_avg_sq, decay, coupled_wd,
          beta1, 1.0 - beta1, beta2, 1.0 - beta2, lr / (1.0 - beta1 ** step),
          math.sqrt(1.0 - beta2 ** step), eps, bool(amsgrad))
+
+
+# ----------------------------------------------------------------------------------
+# A whole training epoch of a stack of dense layers in one call
+# ----------------------------------------------------------------------------------
+
+def train_epoch(X, labels, targets, order, batch_size, widths, acts, alphas, use_bias,
+                params, grads, workspace, loss_code, loss_param, opt_code, hyper, lrs,
+                state0, state1, state2, step, stats):
+    """One epoch of mini-batch training of ``L`` dense layers, all in one call.
+
+    The contract of ``_numpy.train_epoch`` (arguments, workspace layout, ``stats``,
+    the stop before the update of a batch whose loss is not finite), as one serial
+    compiled loop: per batch, the rows are gathered into the workspace, each layer is
+    a BLAS matmul plus the fused bias / activation epilogue of ``dense_forward``, the
+    loss is the row-wise core of the matching loss kernel, each layer's backward is
+    the fused activation-derivative / bias-gradient pass of ``dense_backward`` plus
+    two matmuls, and the update is the optimizer kernel's pass over the flat buffers.
+    Nothing is allocated per batch and nothing returns to Python until the epoch ends.
+    """
+    _train_epoch_core(X, labels, targets, order, int(batch_size), widths, acts, alphas,
+                      use_bias, params, grads, workspace, int(loss_code), float(loss_param),
+                      int(opt_code), hyper, lrs, state0, state1, state2, int(step), stats)

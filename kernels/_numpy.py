@@ -341,3 +341,123 @@ def adam_update(params, grads, exp_avg, exp_avg_sq, max_exp_avg_sq, lr, beta1, b
     else:
         v = exp_avg_sq
     params -= (lr / bias1) * exp_avg / (np.sqrt(v) / bias2_sqrt + eps)
+
+
+# ----------------------------------------------------------------------------------
+# A whole training epoch of a stack of dense layers in one call
+# ----------------------------------------------------------------------------------
+
+def _batch_loss(loss_code, loss_param, out, labels, targets, rows, dout):
+    """Loss of one batch (and its gradient into dout) for a train_epoch loss code."""
+    if loss_code == 0:
+        return softmax_cross_entropy(out, labels[rows], None, dout)
+    if loss_code == 5:
+        return multiclass_hinge(out, labels[rows], loss_param, None, dout)
+    target = targets[rows]
+    if loss_code == 1:
+        return mean_squared_error(out, target, None, dout)
+    if loss_code == 2:
+        return mean_absolute_error(out, target, None, dout)
+    if loss_code == 3:
+        return huber(out, target, loss_param, None, dout)
+    return sigmoid_binary_cross_entropy(out, target, None, dout)
+
+
+def _batch_hits(loss_code, out, labels, targets, rows):
+    """Correct predictions in a batch: argmax == label for label losses, elementwise
+    (logit > 0) == (target >= 0.5) for binary_cross_entropy, 0 for regression."""
+    if loss_code in (0, 5):
+        return int(np.count_nonzero(out.argmax(axis=1) == labels[rows]))
+    if loss_code == 4:
+        return int(np.count_nonzero((out > 0) == (targets[rows] >= 0.5)))
+    return 0
+
+
+def _optimizer_step(opt_code, hyper, params, grads, state0, state1, state2, lr, t):
+    if opt_code == 0:
+        sgd_update(params, grads, state0, lr, hyper[0], hyper[1], hyper[2], bool(hyper[3]), t)
+    elif opt_code == 1:
+        adagrad_update(params, grads, state0, lr, hyper[0], hyper[1], hyper[2], t)
+    elif opt_code == 2:
+        rmsprop_update(params, grads, state0, state1, state2, lr, hyper[0], hyper[1],
+                       hyper[2], hyper[3], bool(hyper[4]))
+    else:
+        adam_update(params, grads, state0, state1, state2, lr, hyper[0], hyper[1], hyper[2],
+                    hyper[3], bool(hyper[4]), bool(hyper[5]), t)
+
+
+def train_epoch(X, labels, targets, order, batch_size, widths, acts, alphas, use_bias,
+                params, grads, workspace, loss_code, loss_param, opt_code, hyper, lrs,
+                state0, state1, state2, step, stats):
+    """One epoch of mini-batch training of ``L`` dense layers, all in one call.
+
+    Visits the samples ``order`` (int64, m) in batches of ``batch_size`` (the last may
+    be smaller). For each batch: gather its rows of X (n, widths[0]) into the
+    workspace; forward ``a_l+1 = act_l(a_l @ W_l + b_l)``; loss and d(loss)/d(output)
+    (loss code from ``fastnn.kernels.LOSSES``, mean over the batch; ``labels`` int64 (n,)
+    for cross_entropy / hinge, ``targets`` (n, widths[-1]) for the others, the unused
+    one empty); backward into ``grads``; one optimizer update (code and ``hyper``
+    layout from ``fastnn.kernels.OPTIMIZERS``) with learning rate ``lrs[b]`` for batch
+    b and update number ``t = step + b + 1``.
+
+    Layers: ``widths`` int64 (L+1,), ``acts`` int64 (L,) activation codes, ``alphas``
+    float64 (L,), ``use_bias`` int64 (L,). ``params``/``grads`` (P,) hold, per layer,
+    W (widths[l], widths[l+1]) row-major then b (widths[l+1],) if use_bias[l].
+    ``workspace`` has at least ``train_epoch_workspace_size(batch_size, widths)``
+    elements; ``state0..2`` (P,) are the optimizer's buffers (unused ones untouched).
+
+    ``stats`` float64 (4,) receives [sum of batch loss * batch rows, correct predictions
+    (see _batch_hits), batches completed, the last batch's loss]. A batch whose loss is
+    not finite ends the epoch before its update, so ``stats[2]`` tells how many updates
+    were made and ``stats[3]`` holds the offending loss.
+    """
+    n_layers = widths.shape[0] - 1
+    m = order.shape[0]
+    widest = int(widths.max())
+    stats[:] = 0
+    for b, start in enumerate(range(0, m, batch_size)):
+        rows = order[start:start + batch_size]
+        size = rows.shape[0]
+        offset = 0
+        outs = []
+        for width in widths:
+            outs.append(workspace[offset:offset + size * width].reshape(size, width))
+            offset += size * width
+        delta = workspace[offset:offset + size * widest]
+        dprev = workspace[offset + batch_size * widest:offset + batch_size * widest
+                          + size * widest]
+        np.take(X, rows, axis=0, out=outs[0])
+        layer_params = []
+        p = 0
+        for layer in range(n_layers):
+            d, k = widths[layer], widths[layer + 1]
+            w = params[p:p + d * k].reshape(d, k)
+            dw = grads[p:p + d * k].reshape(d, k)
+            p += d * k
+            if use_bias[layer]:
+                bias, db = params[p:p + k], grads[p:p + k]
+                p += k
+            else:
+                bias, db = np.zeros(k, params.dtype), np.empty(k, params.dtype)
+            layer_params.append((w, bias, dw, db))
+            dense_forward(outs[layer], w, bias, acts[layer], outs[layer + 1], alphas[layer])
+        out = outs[n_layers]
+        dout = delta[:out.size].reshape(out.shape)
+        loss = _batch_loss(loss_code, loss_param, out, labels, targets, rows, dout)
+        stats[3] = loss
+        if not np.isfinite(loss):
+            return
+        stats[1] += _batch_hits(loss_code, out, labels, targets, rows)
+        for layer in range(n_layers - 1, -1, -1):
+            w, bias, dw, db = layer_params[layer]
+            d, k = widths[layer], widths[layer + 1]
+            dx = dprev[:size * d].reshape(size, d) if layer > 0 else None
+            dense_backward(outs[layer], w, outs[layer + 1], dout, acts[layer], dout, dx, dw,
+                           db, alphas[layer])
+            if layer > 0:
+                dout = dx
+                delta, dprev = dprev, delta
+        _optimizer_step(opt_code, hyper, params, grads, state0, state1, state2, lrs[b],
+                        step + b + 1)
+        stats[0] += loss * size
+        stats[2] += 1

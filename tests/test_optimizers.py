@@ -326,3 +326,31 @@ def test_fit_observes_inverse_sqrt_step_sizes():
         step = before - model.params
         np.testing.assert_allclose(step, 0.3 / math.sqrt(t) * np.concatenate([dW.ravel(), db]),
                                    rtol=1e-10)
+
+
+def test_an_optimizer_reused_by_another_model_starts_afresh():
+    """State belongs to the model that built it: a second model compiled with the same
+    optimizer object does not inherit the first one's momentum or update count."""
+    X = np.linspace(-1, 1, 32)[:, None]
+    y = 2 * X
+
+    def model():
+        m = fn.Sequential([fn.Dense(1, 1, seed=0)])
+        return m
+
+    shared = fn.optimizers.Adam(lr=0.1)
+    first = model()
+    first.compile("mse", shared)
+    first.fit(X, y, epochs=3, batch_size=8, verbose=0)
+    assert shared.iterations == 12
+    second = model()
+    second.compile("mse", shared)
+    assert shared.iterations == 0
+    assert all(not s.any() for s in shared.state.values())
+    second.fit(X, y, epochs=3, batch_size=8, verbose=0, seed=0)
+    fresh = model()
+    fresh.compile("mse", fn.optimizers.Adam(lr=0.1))
+    fresh.fit(X, y, epochs=3, batch_size=8, verbose=0, seed=0)
+    np.testing.assert_array_equal(second.params, fresh.params)
+    second.compile("mse", shared, metrics=["mae"])  # recompiling keeps the state
+    assert shared.iterations == 12

@@ -1,0 +1,283 @@
+"""The fused epoch kernel (train_epoch) and the fit fast path that uses it.
+
+Every backend's train_epoch is compared with the numpy reference, and fit's fused path
+with its general (batch-by-batch Python) path: same weights, same history.
+"""
+import numpy as np
+import pytest
+
+import fastnn as fn
+from fastnn import kernels
+
+REF = kernels.load("numpy")
+OPTIMIZER_CASES = {
+    "sgd": ("sgd", [0.0, 0.0, 0.0, 0.0]),
+    "sgd_momentum_wd": ("sgd", [0.9, 0.1, 1e-3, 0.0]),
+    "sgd_nesterov": ("sgd", [0.9, 0.0, 0.0, 1.0]),
+    "adagrad": ("adagrad", [0.01, 1e-3, 1e-10]),
+    "rmsprop_centered_momentum": ("rmsprop", [0.9, 1e-8, 1e-3, 0.5, 1.0]),
+    "rmsprop": ("rmsprop", [0.99, 1e-8, 0.0, 0.0, 0.0]),
+    "adam": ("adam", [0.9, 0.999, 1e-8, 0.0, 0.0, 0.0]),
+    "adamw_amsgrad": ("adam", [0.9, 0.99, 1e-8, 0.01, 1.0, 1.0]),
+}
+LOSS_PARAMS = {"huber": 0.5, "hinge": 1.0}
+
+
+def make_problem(rng, dtype, widths, loss, n):
+    X = rng.standard_normal((n, widths[0])).astype(dtype)
+    k = widths[-1]
+    if loss in ("cross_entropy", "hinge"):
+        return X, rng.integers(0, k, n).astype(np.int64), np.empty((0, k), dtype)
+    if loss == "binary_cross_entropy":
+        return X, np.empty(0, np.int64), (rng.random((n, k)) < 0.5).astype(dtype)
+    return X, np.empty(0, np.int64), rng.standard_normal((n, k)).astype(dtype)
+
+
+def run_kernel(module, X, labels, targets, order, batch, widths, acts, use_bias, params,
+               loss, opt, lr, step=3):
+    code, names = kernels.OPTIMIZERS[OPTIMIZER_CASES[opt][0]]
+    hyper = np.array(OPTIMIZER_CASES[opt][1], dtype=np.float64)
+    assert hyper.size == len(names)
+    params = params.copy()
+    grads = np.zeros_like(params)
+    states = [np.full_like(params, 0.01) for _ in range(3)]  # a run already under way
+    n_batches = -(-order.size // batch)
+    workspace = np.empty(kernels.train_epoch_workspace_size(batch, widths), params.dtype)
+    stats = np.zeros(4)
+    alphas = np.array([kernels.DEFAULT_ALPHA[a] for a in acts], np.float64)
+    lrs = lr * (1.0 + 0.1 * np.arange(n_batches))
+    module.train_epoch(X, labels, targets, order, batch, np.array(widths, np.int64),
+                       np.array(acts, np.int64), alphas, np.array(use_bias, np.int64),
+                       params, grads, workspace, kernels.LOSSES[loss],
+                       LOSS_PARAMS.get(loss, 0.0), code, hyper, lrs, *states, step, stats)
+    return params, states, stats
+
+
+def n_params(widths, use_bias):
+    return sum(d * k + (k if bias else 0)
+               for d, k, bias in zip(widths[:-1], widths[1:], use_bias))
+
+
+CASES = [
+    # widths, acts, use_bias, batch, n
+    ((5, 3), ("identity",), (1,), 4, 10),
+    ((6, 8, 3), ("relu", "identity"), (1, 1), 7, 23),
+    ((4, 9, 5, 2), ("tanh", "elu", "identity"), (1, 0, 1), 1, 6),
+    ((3, 6, 4), ("sigmoid", "leaky_relu"), (0, 1), 50, 13),
+    ((5, 7, 3), ("softplus", "identity"), (1, 1), 8, 32),
+]
+
+
+@pytest.mark.parametrize("case", range(len(CASES)))
+@pytest.mark.parametrize("loss", sorted(kernels.LOSSES))
+def test_train_epoch_matches_reference(backend, dtype, loss, case):
+    widths, act_names, use_bias, batch, n = CASES[case]
+    if loss in ("cross_entropy", "hinge") and widths[-1] < 2:
+        pytest.skip("label losses need two outputs")
+    rng = np.random.default_rng(case)
+    acts = [kernels.ACTIVATIONS[a] for a in act_names]
+    X, labels, targets = make_problem(rng, dtype, widths, loss, n)
+    params0 = (0.4 * rng.standard_normal(n_params(widths, use_bias))).astype(dtype)
+    order = rng.permutation(n) if case % 2 else rng.integers(0, n, n)
+    tol = dict(rtol=2e-4, atol=2e-5) if dtype == np.float32 else dict(rtol=1e-9, atol=1e-12)
+    for opt in OPTIMIZER_CASES:
+        args = (X, labels, targets, order, batch, widths, acts, use_bias, params0, loss, opt,
+                0.05)
+        expected, expected_states, expected_stats = run_kernel(REF, *args)
+        X.setflags(write=False)
+        got, got_states, got_stats = run_kernel(backend, *args)
+        X.setflags(write=True)
+        msg = f"{backend.__name__} {loss} {opt} case {case}"
+        np.testing.assert_allclose(got, expected, err_msg=msg, **tol)
+        for g, e in zip(got_states, expected_states):
+            np.testing.assert_allclose(g, e, err_msg=msg, **tol)
+        np.testing.assert_allclose(got_stats, expected_stats, err_msg=msg, rtol=1e-4, atol=1e-6)
+
+
+def test_train_epoch_stops_before_a_non_finite_loss(backend):
+    rng = np.random.default_rng(0)
+    widths, acts, use_bias = (4, 16, 3), [kernels.ACTIVATIONS["relu"], 0], (1, 1)
+    X, labels, targets = make_problem(rng, np.float64, widths, "mse", 64)
+    X *= 1e3
+    params0 = rng.standard_normal(n_params(widths, use_bias))
+    order = np.arange(64)
+    args = (X, labels, targets, order, 8, widths, acts, use_bias, params0, "mse", "sgd")
+    got, _, stats = run_kernel(backend, *args, lr=1e6)
+    expected, _, expected_stats = run_kernel(REF, *args, lr=1e6)
+    assert stats[2] < 8 and not np.isfinite(stats[3])
+    assert stats[2] == expected_stats[2]
+    assert np.isfinite(got).all()
+    np.testing.assert_allclose(got, expected, rtol=1e-9)
+
+
+# ------------------------------------------------------------------ fit: fused vs general
+@pytest.fixture(params=kernels.BACKENDS)
+def active_backend(request):
+    with fn.use_backend(request.param):
+        yield request.param
+
+
+def two_fits(make_model, X, y, compile_args, fit_args):
+    """Fit two identical models (each with a fresh optimizer from
+    ``compile_args["optimizer"]()``), the first on the fused path, the second not."""
+    results = []
+    for fused in (True, False):
+        model = make_model()
+        model.compile(**dict(compile_args, optimizer=compile_args["optimizer"]()))
+        model.use_fused_epoch = fused
+        history = model.fit(X, y, verbose=0, **fit_args)
+        results.append((model, history))
+    return results
+
+
+FIT_CASES = {
+    "digits_sgd": ("cross_entropy", lambda: fn.optimizers.SGD(lr=0.1), {"batch_size": 32}),
+    "momentum_replacement": ("cross_entropy", lambda: fn.optimizers.SGD(
+        lr=0.05, momentum=0.9, nesterov=True), {"batch_size": 16, "replacement": True}),
+    "adam_schedule": ("cross_entropy", lambda: fn.optimizers.Adam(
+        lr=fn.schedules.InverseSqrt(0.01)), {"batch_size": 50}),
+    "adamw_full_batch": ("cross_entropy", lambda: fn.optimizers.AdamW(lr=0.01),
+                         {"batch_size": None}),
+    "rmsprop_no_shuffle": ("hinge", lambda: fn.optimizers.RMSprop(lr=0.001, centered=True),
+                           {"batch_size": 24, "shuffle": False}),
+    "adagrad_sgd_single": ("cross_entropy", lambda: fn.optimizers.Adagrad(lr=0.05),
+                           {"batch_size": 1}),
+}
+
+
+@pytest.mark.parametrize("case", sorted(FIT_CASES))
+def test_fit_fused_path_equals_general_path(active_backend, case):
+    loss, make_optimizer, fit_args = FIT_CASES[case]
+    X, y = fn.datasets.load_digits(scale=True)
+    X, y = X[:300], y[:300]
+
+    def make_model():
+        return fn.Sequential([fn.Dense(64, 24, activation="relu", seed=0),
+                              fn.Dense(24, 10, seed=1)])
+
+    (fused, h_fused), (general, h_general) = two_fits(
+        make_model, X, y, {"loss": loss, "optimizer": make_optimizer,
+                           "metrics": ["accuracy"]},
+        dict(fit_args, epochs=3, seed=5, validation_data=(X[:50], y[:50])))
+    np.testing.assert_allclose(fused.params, general.params, rtol=2e-4, atol=2e-5)
+    assert fused.optimizer.iterations == general.optimizer.iterations
+    for key in ("loss", "accuracy", "val_loss", "val_accuracy"):
+        np.testing.assert_allclose(h_fused.history[key], h_general.history[key], rtol=1e-4,
+                                   atol=1e-6, err_msg=key)
+
+
+@pytest.mark.parametrize("loss", ["mse", "mae", "huber", "binary_cross_entropy"])
+def test_fit_fused_path_equals_general_path_for_target_losses(active_backend, loss):
+    rng = np.random.default_rng(2)
+    X = rng.standard_normal((120, 5))
+    Y = (X[:, :3] > 0.2).astype(float) if loss == "binary_cross_entropy" else np.sin(X[:, :3])
+    metrics = ["accuracy"] if loss == "binary_cross_entropy" else None
+
+    def make_model():
+        return fn.Sequential([fn.Dense(5, 16, activation="tanh", dtype="float64", seed=0),
+                              fn.Dense(16, 3, dtype="float64", seed=1)])
+
+    (fused, h_fused), (general, h_general) = two_fits(
+        make_model, X, Y, {"loss": loss, "optimizer": lambda: fn.optimizers.Adam(lr=0.01),
+                           "metrics": metrics},
+        {"epochs": 4, "batch_size": 10, "seed": 1})
+    np.testing.assert_allclose(fused.params, general.params, rtol=1e-9, atol=1e-12)
+    for key in h_general.history:
+        np.testing.assert_allclose(h_fused.history[key], h_general.history[key], rtol=1e-9)
+
+
+def spy_on(monkeypatch, name):
+    """Record the arguments of every call of the active backend's kernel ``name``."""
+    module = kernels.load(fn.get_backend())
+    calls = []
+    original = getattr(module, name)
+
+    def spy(*args):
+        calls.append(args)
+        return original(*args)
+    monkeypatch.setattr(module, name, spy)
+    return calls
+
+
+def test_fused_path_is_taken_only_when_eligible(active_backend, monkeypatch):
+    X, y = fn.datasets.load_digits(scale=True)
+    calls = spy_on(monkeypatch, "train_epoch")
+
+    def fit(model, **kwargs):
+        calls.clear()
+        model.fit(X[:64], y[:64], epochs=2, verbose=0, **kwargs)
+        return len(calls)
+
+    def model(**dense_kwargs):
+        m = fn.Sequential([fn.Dense(64, 8, activation="relu", seed=0, **dense_kwargs),
+                           fn.Dense(8, 10, seed=1)])
+        m.compile("cross_entropy", "sgd", metrics=["accuracy"])
+        return m
+
+    assert fit(model()) == 2
+    assert fit(model(), callbacks=[fn.callbacks.TerminateOnNaN()]) == 2
+    assert fit(model(l2=1e-3)) == 0
+    assert fit(model(), sample_weight=np.ones(64)) == 0
+    clipped = model()
+    clipped.compile("cross_entropy", fn.optimizers.SGD(clipnorm=1.0))
+    assert fit(clipped) == 0
+    with_dropout = fn.Sequential([fn.Dense(64, 8, activation="relu", seed=0),
+                                  fn.Dropout(0.2, seed=0), fn.Dense(8, 10, seed=1)])
+    with_dropout.compile("cross_entropy", "sgd")
+    assert fit(with_dropout) == 0
+
+    class EveryBatch(fn.callbacks.Callback):
+        def on_batch_end(self, batch, logs=None):
+            pass
+    assert fit(model(), callbacks=[EveryBatch()]) == 0
+    forced = model()
+    forced.use_fused_epoch = False
+    assert fit(forced) == 0
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_divergence_keeps_last_finite_weights(active_backend, fused):
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((64, 4)) * 100
+    y = rng.standard_normal((64, 1)) * 100
+    model = fn.Sequential([fn.Dense(4, 16, activation="relu", seed=0), fn.Dense(16, 1, seed=1)])
+    model.compile("mse", fn.optimizers.SGD(lr=10.0))
+    model.use_fused_epoch = fused
+    start = model.params.copy()
+    with pytest.raises(FloatingPointError):
+        model.fit(X, y, epochs=5, batch_size=8, verbose=0)
+    np.testing.assert_array_equal(model.params, start)
+    history = model.fit(X, y, epochs=5, batch_size=8, verbose=0,
+                        callbacks=[fn.callbacks.TerminateOnNaN()])
+    assert model.stop_training and np.isfinite(model.params).all()
+    assert "loss became" in history.stop_reason or "weights became" in history.stop_reason
+
+
+def test_steady_state_steps_reuse_their_buffers(active_backend, monkeypatch):
+    """The general path allocates no new buffers per step: every full-size batch writes
+    its forward output, loss gradient and backward buffers to the same memory."""
+    X, y = fn.datasets.load_digits(scale=True)
+    model = fn.Sequential([fn.Dense(64, 16, activation="relu", seed=0), fn.Dense(16, 10, seed=1)])
+    model.compile("cross_entropy", "adam")
+    model.use_fused_epoch = False
+    forward = spy_on(monkeypatch, "dense_forward")
+    backward = spy_on(monkeypatch, "dense_backward")
+    model.fit(X[:320], y[:320], epochs=3, batch_size=32, verbose=0)
+
+    def addresses(calls, positions):
+        return {tuple(call[i].__array_interface__["data"][0] for i in positions
+                      if call[i] is not None) for call in calls}
+    assert len(forward) == len(backward) == 2 * 30
+    assert len(addresses(forward, [4])) == 2          # out: one buffer per layer
+    assert len(addresses(backward, [3, 5, 6, 7, 8])) == 2  # dout, dz, dx, dw, db
+
+
+def test_fused_path_reuses_its_workspace(active_backend, monkeypatch):
+    X, y = fn.datasets.load_digits(scale=True)
+    model = fn.Sequential([fn.Dense(64, 16, activation="relu", seed=0), fn.Dense(16, 10, seed=1)])
+    model.compile("cross_entropy", "adam")
+    calls = spy_on(monkeypatch, "train_epoch")
+    model.fit(X[:320], y[:320], epochs=4, batch_size=32, verbose=0)
+    assert len(calls) == 4
+    for position in (9, 10, 11):  # params, grads, workspace
+        assert len({c[position].__array_interface__["data"][0] for c in calls}) == 1
