@@ -51,8 +51,8 @@ def train_epoch_workspace_size(batch_size, widths):
     return batch_size * (sum(widths) + 2 * max(widths))
 
 
-#: Backend names, fastest first (the order ``default_backend`` tries them in).
-BACKENDS = ("numba", "cython", "numpy")
+#: Backend names in the order ``default_backend`` tries them (see README: Backends).
+BACKENDS = ("cython", "numba", "numpy")
 
 _loaded = {}
 

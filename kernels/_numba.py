@@ -17,6 +17,9 @@ Design:
   views, not copies), never inside a ``prange``. Their epilogues are fused: bias plus
   activation, and activation derivative plus bias gradient, row by row while the row
   is in cache.
+* ``train_epoch`` is one serial core running a whole epoch: it calls the row and span
+  helpers and serial builds of the optimizer cores (``_nested``), so its arithmetic is
+  that of the single kernels in sequence. It is compiled per dtype on first use.
 * Elementwise math runs in the data dtype; losses and reductions accumulate in float64.
 * ``FASTMATH_FLAGS`` never includes nnan/ninf: NaN/inf semantics, and with them the
   stable exp/log paths (max-subtracted softmax, ``exp(-|z|)`` sigmoid/softplus), hold.
@@ -232,17 +235,20 @@ def _activation_backward_span(act, a, dout, out, alpha):
             out[i] = dout[i] * (one - v * v)
     elif act == RELU:
         for i in range(n):
-            out[i] = dout[i] if a[i] > zero else zero
+            d = dout[i]  # loaded unconditionally: a select, not a branch on the sign
+            out[i] = d if a[i] > zero else zero
     elif act == LEAKY_RELU:
         for i in range(n):
-            out[i] = dout[i] if a[i] > zero else alpha * dout[i]
+            d = dout[i]
+            out[i] = d if a[i] > zero else alpha * d
     elif act == SOFTPLUS:
         for i in range(n):
             out[i] = -dout[i] * math.expm1(-a[i])
     elif act == ELU:
         for i in range(n):
             v = a[i]
-            out[i] = dout[i] if v > zero else dout[i] * (v + alpha)
+            d = dout[i]
+            out[i] = d if v > zero else d * (v + alpha)
 
 
 @njit(**_HELPER_OPTIONS)
@@ -412,34 +418,6 @@ def _hinge_row(z, y, margin, grad, i, scale, want_grad):
     return row
 
 
-@njit(**_HELPER_OPTIONS)
-def _bias_activation_rows(out, b, use_bias, act, alpha, lo, hi):
-    """Epilogue of ``out = x @ w`` on rows [lo, hi): out += b (when use_bias), then
-    out = act(out), one row at a time while it is in cache."""
-    k = out.shape[1]
-    for i in range(lo, hi):
-        row = out[i]
-        if use_bias:
-            for j in range(k):
-                row[j] += b[j]
-        if act != IDENTITY:
-            _activation_forward_span(act, row, row, alpha)
-
-
-@njit(**_HELPER_OPTIONS)
-def _activation_grad_rows(act, a, dout, dz, alpha, acc, lo, hi):
-    """Rows [lo, hi) of dz = dout * act'(a) (dz may alias dout); acc[:k] receives their
-    column sums (the bias gradient) in float64."""
-    k = dz.shape[1]
-    for j in range(k):
-        acc[j] = 0.0
-    for i in range(lo, hi):
-        row = dz[i]
-        _activation_backward_span(act, a[i], dout[i], row, alpha)
-        for j in range(k):
-            acc[j] += row[j]
-
-
 # ----------------------------------------------------------------------------------
 # Cores (one plain function each, compiled serial + parallel where the work is
 # elementwise or row-wise)
@@ -461,10 +439,15 @@ def _activation_backward_chunks(act, a, dout, out, alpha, n_chunks):
 
 def _dense_forward_rows(x, w, b, act, out, alpha, n_chunks):
     np.dot(x, w, out)
-    n = out.shape[0]
+    n, k = out.shape
     for c in prange(n_chunks):
         lo, hi = _chunk(c, n_chunks, n)
-        _bias_activation_rows(out, b, True, act, alpha, lo, hi)
+        for i in range(lo, hi):
+            row = out[i]
+            for j in range(k):
+                row[j] += b[j]
+            if act != IDENTITY:
+                _activation_forward_span(act, row, row, alpha)
 
 
 def _dense_backward_rows(x, w, a, dout, act, dz, dx, dw, db, alpha, want_dx, n_chunks):
@@ -472,7 +455,14 @@ def _dense_backward_rows(x, w, a, dout, act, dz, dx, dw, db, alpha, want_dx, n_c
     db_chunks = np.empty((n_chunks, k))
     for c in prange(n_chunks):
         lo, hi = _chunk(c, n_chunks, n)
-        _activation_grad_rows(act, a, dout, dz, alpha, db_chunks[c], lo, hi)
+        acc = db_chunks[c]
+        for j in range(k):
+            acc[j] = 0.0
+        for i in range(lo, hi):
+            row = dz[i]
+            _activation_backward_span(act, a[i], dout[i], row, alpha)
+            for j in range(k):
+                acc[j] += row[j]
     for j in range(k):
         total = 0.0
         for c in range(n_chunks):
@@ -662,62 +652,66 @@ _adam_nested = _nested(_adam_elements)
 
 
 @njit(**_HELPER_OPTIONS)
-def _gather_rows(X, order, start, out):
-    """out[i] = X[order[start + i]] for every row of out."""
-    d = out.shape[1]
-    for i in range(out.shape[0]):
-        src = X[order[start + i]]
-        dst = out[i]
+def _gather_batch(X, labels, targets, order, start, x, y, t):
+    """Rows order[start:start + n] of X into x (n, d), and of labels into y / of targets
+    into t when those are not empty. One pass, so the random reads overlap."""
+    n, d = x.shape
+    k = t.shape[1]
+    for i in range(n):
+        r = order[start + i]
+        src = X[r]
+        dst = x[i]
         for j in range(d):
             dst[j] = src[j]
+        if y.shape[0]:
+            y[i] = labels[r]
+        if t.shape[0]:
+            src_t = targets[r]
+            dst_t = t[i]
+            for j in range(k):
+                dst_t[j] = src_t[j]
 
 
 @njit(inline="always", **_HELPER_OPTIONS)
-def _epoch_batch_loss(loss_code, param, out, labels, targets, order, start, dout):
-    """Loss of one train_epoch batch (mean over its rows; codes of kernels.LOSSES), its
-    gradient into dout. Rows of labels / targets are read through ``order``."""
+def _epoch_batch_loss(loss_code, param, out, y, t, dout):
+    """Loss of one train_epoch batch (mean over its rows; codes of kernels.LOSSES) and its
+    gradient into dout, from the batch's labels y or targets t."""
     n, k = out.shape
     loss = 0.0
     if loss_code == 0:
         scale = 1.0 / n
         for i in range(n):
-            loss += _softmax_ce_index_row(out[i], labels[order[start + i]], dout, i, scale,
-                                          True)
+            loss += _softmax_ce_index_row(out[i], y[i], dout, i, scale, True)
     elif loss_code == 5:
         scale = 1.0 / n
         for i in range(n):
-            loss += scale * _hinge_row(out[i], labels[order[start + i]], param, dout, i,
-                                       scale, True)
+            loss += scale * _hinge_row(out[i], y[i], param, dout, i, scale, True)
     else:
         scale = 1.0 / (float(n) * k)
         scale_t = out.dtype.type(scale)
         if loss_code == 1:
             for i in range(n):
-                loss += scale * _mse_row(out[i], targets[order[start + i]], dout, i,
-                                         scale_t, True)
+                loss += scale * _mse_row(out[i], t[i], dout, i, scale_t, True)
         elif loss_code == 2:
             for i in range(n):
-                loss += scale * _mae_row(out[i], targets[order[start + i]], dout, i,
-                                         scale_t, True)
+                loss += scale * _mae_row(out[i], t[i], dout, i, scale_t, True)
         elif loss_code == 3:
             for i in range(n):
-                loss += scale * _huber_row(out[i], targets[order[start + i]], param, dout,
-                                           i, scale_t, True)
+                loss += scale * _huber_row(out[i], t[i], param, dout, i, scale_t, True)
         else:
             for i in range(n):
-                loss += scale * _bce_row(out[i], targets[order[start + i]], dout, i,
-                                         scale_t, True)
+                loss += scale * _bce_row(out[i], t[i], dout, i, scale_t, True)
     return loss
 
 
 @njit(**_HELPER_OPTIONS)
-def _epoch_batch_hits(loss_code, out, labels, targets, order, start):
+def _epoch_batch_hits(loss_code, out, y, t):
     """Correct predictions of one batch, as _numpy._batch_hits: argmax (first NaN, else
     first max) == label for codes 0 / 5, (logit > 0) == (target >= 0.5) elementwise for
     code 4, else 0."""
     n, k = out.shape
     zero = out.dtype.type(0)
-    half = targets.dtype.type(0.5)
+    half = t.dtype.type(0.5)
     hits = 0
     if loss_code == 0 or loss_code == 5:
         for i in range(n):
@@ -733,14 +727,14 @@ def _epoch_batch_hits(loss_code, out, labels, targets, order, start):
                     if v > top:
                         top = v
                         best = j
-            if best == labels[order[start + i]]:
+            if best == y[i]:
                 hits += 1
     elif loss_code == 4:
         for i in range(n):
             z = out[i]
-            t = targets[order[start + i]]
+            ti = t[i]
             for j in range(k):
-                if (z[j] > zero) == (t[j] >= half):
+                if (z[j] > zero) == (ti[j] >= half):
                     hits += 1
     return hits
 
@@ -782,8 +776,14 @@ def _epoch_update(opt_code, hyper, params, grads, state0, state1, state2, lr, t)
 def _train_epoch_batches(X, labels, targets, order, batch_size, widths, acts, alphas,
                          use_bias, params, grads, workspace, loss_code, loss_param,
                          opt_code, hyper, lrs, state0, state1, state2, step, stats):
-    """The whole epoch; the batch loop of _numpy.train_epoch, with the same workspace
-    layout and the arithmetic of the single kernels called in sequence."""
+    """The whole epoch: the batch loop of _numpy.train_epoch with the arithmetic of the
+    single kernels (dense_forward, the loss, dense_backward, the update) in sequence.
+
+    Workspace: the outputs of every layer (the gathered batch first), then two buffers
+    of batch_size * widest: ``delta`` holds d(loss)/d(output) of the current layer and
+    ``dz`` the matmul result before the epilogue (forward) or dout * act' (backward).
+    The elementwise passes never write in place, so LLVM vectorizes them.
+    """
     for s in range(4):
         stats[s] = 0.0
     n_layers = widths.shape[0] - 1
@@ -796,41 +796,55 @@ def _train_epoch_batches(X, labels, targets, order, batch_size, widths, acts, al
         widest = max(widest, widths[layer])
         width_sum += widths[layer]
     k_out = widths[n_layers]
+    # Per-call scratch: the batch's labels / targets and the float64 bias gradient.
+    rows = min(batch_size, m)
+    y_buf = np.empty(rows if labels.shape[0] else 0, np.int64)
+    t_buf = np.empty((rows if targets.shape[0] else 0, k_out), params.dtype)
     db_acc = np.empty(widest)
     param = params.dtype.type(loss_param)
     for b in range((m + batch_size - 1) // batch_size):
         start = b * batch_size
         size = min(batch_size, m - start)
-        # Workspace: outputs of every layer (the input batch first), then two gradient
-        # buffers of the widest layer, batch_size * widest apart.
         delta_at = size * width_sum
-        dprev_at = delta_at + batch_size * widest
+        dz_at = delta_at + batch_size * widest
         d = widths[0]
-        _gather_rows(X, order, start, workspace[:size * d].reshape((size, d)))
+        y = y_buf[:size] if y_buf.shape[0] else y_buf
+        t = t_buf[:size] if t_buf.shape[0] else t_buf
+        _gather_batch(X, labels, targets, order, start,
+                      workspace[:size * d].reshape((size, d)), y, t)
+        # Forward: z = x @ W into the dz buffer, z += b there, out = act(z).
         x_at = 0
         p = 0
         for layer in range(n_layers):
             d = widths[layer]
             k = widths[layer + 1]
             out_at = x_at + size * d
-            out = workspace[out_at:out_at + size * k].reshape((size, k))
+            z = workspace[dz_at:dz_at + size * k].reshape((size, k))
             np.dot(workspace[x_at:out_at].reshape((size, d)),
-                   params[p:p + d * k].reshape((d, k)), out)
+                   params[p:p + d * k].reshape((d, k)), z)
             p += d * k
-            bias = use_bias[layer] != 0
-            _bias_activation_rows(out, params[p:p + k], bias, acts[layer],
-                                  params.dtype.type(alphas[layer]), 0, size)
-            if bias:
+            if use_bias[layer] != 0:
+                bias = params[p:p + k]
+                for i in range(size):
+                    row = z[i]  # row views: LLVM vectorizes these, not z[i, j]
+                    for j in range(k):
+                        row[j] += bias[j]
                 p += k
+            _activation_forward_span(acts[layer], workspace[dz_at:dz_at + size * k],
+                                     workspace[out_at:out_at + size * k],
+                                     params.dtype.type(alphas[layer]))
             x_at = out_at
         out = workspace[x_at:x_at + size * k_out].reshape((size, k_out))
-        dout = workspace[delta_at:delta_at + size * k_out].reshape((size, k_out))
-        loss = _epoch_batch_loss(loss_code, param, out, labels, targets, order, start, dout)
+        loss = _epoch_batch_loss(loss_code, param, out, y, t,
+                                 workspace[delta_at:delta_at + size * k_out].reshape(
+                                     (size, k_out)))
         stats[3] = loss
         if not math.isfinite(loss):
             return
-        stats[1] += _epoch_batch_hits(loss_code, out, labels, targets, order, start)
-        # Backward, last layer first; x_at / p walk back to each layer's input / W.
+        stats[1] += _epoch_batch_hits(loss_code, out, y, t)
+        # Backward, last layer first (x_at / p walk back to each layer's input / W):
+        # dz = delta * act'(out), db = column sums of dz, dW = x.T @ dz and, but for the
+        # first layer, delta = dz @ W.T for the layer below.
         for layer in range(n_layers - 1, -1, -1):
             d = widths[layer]
             k = widths[layer + 1]
@@ -841,20 +855,25 @@ def _train_epoch_batches(X, labels, targets, order, batch_size, widths, acts, al
                 p -= k
             bias_at = p
             p -= d * k
-            # dz overwrites dout (delta) in place; db from the same pass.
-            dz = workspace[delta_at:delta_at + size * k].reshape((size, k))
-            _activation_grad_rows(acts[layer],
-                                  workspace[a_at:a_at + size * k].reshape((size, k)), dz, dz,
-                                  params.dtype.type(alphas[layer]), db_acc, 0, size)
+            _activation_backward_span(acts[layer], workspace[a_at:a_at + size * k],
+                                      workspace[delta_at:delta_at + size * k],
+                                      workspace[dz_at:dz_at + size * k],
+                                      params.dtype.type(alphas[layer]))
+            dz = workspace[dz_at:dz_at + size * k].reshape((size, k))
             if bias:
                 for j in range(k):
+                    db_acc[j] = 0.0
+                for i in range(size):
+                    row = dz[i]
+                    for j in range(k):
+                        db_acc[j] += row[j]
+                for j in range(k):
                     grads[bias_at + j] = db_acc[j]
-            x = workspace[x_at:x_at + size * d].reshape((size, d))
-            np.dot(x.T, dz, grads[p:p + d * k].reshape((d, k)))
+            np.dot(workspace[x_at:a_at].reshape((size, d)).T, dz,
+                   grads[p:p + d * k].reshape((d, k)))
             if layer > 0:
                 np.dot(dz, params[p:p + d * k].reshape((d, k)).T,
-                       workspace[dprev_at:dprev_at + size * d].reshape((size, d)))
-                delta_at, dprev_at = dprev_at, delta_at
+                       workspace[delta_at:delta_at + size * d].reshape((size, d)))
         _epoch_update(opt_code, hyper, params, grads, state0, state1, state2, lrs[b],
                       step + b + 1)
         stats[0] += loss * size
@@ -903,13 +922,28 @@ _adam_serial, _adam_parallel = _serial_and_parallel(
     "_adam", _adam_elements,
     lambda f: types.void(_out(f, 1), _in(f, 1), _out(f, 1), _out(f, 1), _out(f, 1),
                          f, f, f, f, f, f, f, f, f, _b1))
-_train_epoch_core = _deferred(
-    "_train_epoch_core", _train_epoch_batches,
-    lambda f: types.void(_in(f, 2), _in(_i8, 1), _in(f, 2), _in(_i8, 1), _i8, _in(_i8, 1),
-                         _in(_i8, 1), _in(_f8, 1), _in(_i8, 1), _out(f, 1), _out(f, 1),
-                         _out(f, 1), _i8, _f8, _i8, _in(_f8, 1), _in(_f8, 1), _out(f, 1),
-                         _out(f, 1), _out(f, 1), _i8, _out(_f8, 1)),
-    False)
+
+
+def _train_epoch_signature(f):
+    return types.void(_in(f, 2), _in(_i8, 1), _in(f, 2), _in(_i8, 1), _i8, _in(_i8, 1),
+                      _in(_i8, 1), _in(_f8, 1), _in(_i8, 1), _out(f, 1), _out(f, 1),
+                      _out(f, 1), _i8, _f8, _i8, _in(_f8, 1), _in(_f8, 1), _out(f, 1),
+                      _out(f, 1), _out(f, 1), _i8, _out(_f8, 1))
+
+
+_train_epoch_cores = {}
+
+
+def _train_epoch_core(dtype):
+    """The train_epoch core for ``dtype``, compiled (or loaded from the disk cache) on
+    first use of that dtype only: it is the largest core of the module (~10 s of cold
+    compile per signature), and a model trains in one dtype."""
+    core = _train_epoch_cores.get(dtype)
+    if core is None:
+        f = types.float32 if dtype == np.float32 else types.float64
+        core = njit([_train_epoch_signature(f)], **_CORE_OPTIONS)(_train_epoch_batches)
+        _train_epoch_cores[dtype] = core
+    return core
 
 
 # ----------------------------------------------------------------------------------
@@ -1165,15 +1199,18 @@ def train_epoch(X, labels, targets, order, batch_size, widths, acts, alphas, use
                 state0, state1, state2, step, stats):
     """One epoch of mini-batch training of ``L`` dense layers, all in one call.
 
-    The contract of ``_numpy.train_epoch`` (arguments, workspace layout, ``stats``,
-    the stop before the update of a batch whose loss is not finite), as one serial
-    compiled loop: per batch, the rows are gathered into the workspace, each layer is
-    a BLAS matmul plus the fused bias / activation epilogue of ``dense_forward``, the
-    loss is the row-wise core of the matching loss kernel, each layer's backward is
-    the fused activation-derivative / bias-gradient pass of ``dense_backward`` plus
-    two matmuls, and the update is the optimizer kernel's pass over the flat buffers.
-    Nothing is allocated per batch and nothing returns to Python until the epoch ends.
+    The contract of ``_numpy.train_epoch`` (arguments, workspace size, ``stats``, the
+    stop before the update of a batch whose loss is not finite) as one serial compiled
+    loop that returns to Python only when the epoch ends. Per batch: the rows (and
+    labels or targets) are gathered; each layer is a BLAS matmul, then bias and
+    activation (``dense_forward``'s arithmetic); the loss is the row helper of the
+    matching loss kernel; each layer's backward is ``dense_backward``'s arithmetic (dz,
+    the bias gradient summed in float64, dW and dx by BLAS); the update is the optimizer
+    kernel's pass over the flat buffers. The result is bit-identical to calling those
+    single kernels in sequence. Nothing is allocated per batch. Compiled per dtype, on
+    the first call with that dtype.
     """
-    _train_epoch_core(X, labels, targets, order, int(batch_size), widths, acts, alphas,
-                      use_bias, params, grads, workspace, int(loss_code), float(loss_param),
-                      int(opt_code), hyper, lrs, state0, state1, state2, int(step), stats)
+    _train_epoch_core(params.dtype)(
+        X, labels, targets, order, int(batch_size), widths, acts, alphas, use_bias, params,
+        grads, workspace, int(loss_code), float(loss_param), int(opt_code), hyper, lrs,
+        state0, state1, state2, int(step), stats)
