@@ -9,6 +9,8 @@ import time
 
 import numpy as np
 
+from . import benchmarks
+
 CLASSIFICATION_LOSSES = ("cross_entropy", "hinge", "binary_cross_entropy")
 
 
@@ -49,6 +51,7 @@ def build_parser():
     train.add_argument("--plot", default=None, metavar="PNG",
                        help="save the training curves (needs matplotlib)")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
+    benchmarks.add_parser(sub)
     return parser
 
 
@@ -145,7 +148,7 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     if args.command == "train":
         return train(args)
-    return 2
+    return benchmarks.run(args)
 
 
 if __name__ == "__main__":

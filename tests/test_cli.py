@@ -127,3 +127,11 @@ def test_python_m_fastnn_bad_dataset():
     assert result.returncode == 1
     assert "unknown dataset 'nope'" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_bench_subcommand_is_wired(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "--quick" in out and "--vs-torch" in out
