@@ -638,10 +638,15 @@ def _adam_elements(params, grads, exp_avg, exp_avg_sq, max_exp_avg_sq, decay,
 
 
 # The fused training epoch: one serial core calling serial builds of the cores above.
+# Its own helpers are inline="always": as separate functions numba would optimize and
+# machine-compile each call tree once on its own and again inside the kernel (about
+# 2-3 s more cold compile per dtype).
 
 def _nested(func):
     """Serial build of a core's plain function, for calls from inside another core
-    (``prange`` is ``range``). Not cached by itself: it is compiled into its caller."""
+    (``prange`` is ``range``). Not cached by itself: it is compiled into its caller.
+    Not inline="always": spliced in at numba-IR level, the rmsprop pass no longer gave
+    bit-identical results to the rmsprop kernel."""
     return njit(**_HELPER_OPTIONS)(func)
 
 
@@ -651,7 +656,7 @@ _rmsprop_nested = _nested(_rmsprop_elements)
 _adam_nested = _nested(_adam_elements)
 
 
-@njit(**_HELPER_OPTIONS)
+@njit(inline="always", **_HELPER_OPTIONS)
 def _gather_batch(X, labels, targets, order, start, x, y, t):
     """Rows order[start:start + n] of X into x (n, d), and of labels into y / of targets
     into t when those are not empty. One pass, so the random reads overlap."""
@@ -704,7 +709,7 @@ def _epoch_batch_loss(loss_code, param, out, y, t, dout):
     return loss
 
 
-@njit(**_HELPER_OPTIONS)
+@njit(inline="always", **_HELPER_OPTIONS)
 def _epoch_batch_hits(loss_code, out, y, t):
     """Correct predictions of one batch, as _numpy._batch_hits: argmax (first NaN, else
     first max) == label for codes 0 / 5, (logit > 0) == (target >= 0.5) elementwise for
