@@ -50,3 +50,9 @@ def oracle():
 @pytest.fixture(params=[np.float32, np.float64], ids=["float32", "float64"])
 def dtype(request):
     return np.dtype(request.param)
+
+
+def pytest_benchmark_update_json(config, benchmarks, output_json):
+    """Keep the statistics, drop the per-round timings (hundreds of MB for a full run)."""
+    for bench in output_json["benchmarks"]:
+        bench["stats"].pop("data", None)

@@ -2,9 +2,10 @@
 the three reference nets (fastnn.benchmarks.NETS).
 
 ``train_epoch`` (a whole epoch of a reference net in one call) is timed over
-TRAIN_EPOCH_BATCHES batches. Each case checks the backend against ``_numpy`` first (the same call on fresh outputs),
-then makes one warm-up call and times the kernel on preallocated outputs. Groups are
-kernel + shape + dtype, so the backends of one case read side by side:
+TRAIN_EPOCH_BATCHES batches. Each case checks the backend against ``_numpy`` first (the
+same call on fresh outputs), then makes one warm-up call and times the kernel on
+preallocated outputs. Groups are kernel + shape + dtype, so the backends of one case
+read side by side:
 
     pytest bench/ --benchmark-only                       # all usable CPUs
     taskset -c 0 pytest bench/ --benchmark-only          # 1 thread, pinned (headline)

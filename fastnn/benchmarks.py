@@ -39,10 +39,12 @@ import time
 
 import numpy as np
 
+from .kernels import BACKENDS
+
 #: The reference nets: layer sizes, batch sizes, samples per full / --quick epoch.
 NETS = {
     "digits": {"sizes": (64, 32, 10), "batches": (32,), "samples": 60000,
-               "quick_batches": (32,), "quick_samples": 4096},
+               "quick_batches": (32,), "quick_samples": 16384},
     "mnist": {"sizes": (784, 256, 128, 10), "batches": (32, 128, 512), "samples": 60000,
               "quick_batches": (128,), "quick_samples": 4096},
     "cifar": {"sizes": (3072, 1024, 10), "batches": (256,), "samples": 10000,
@@ -53,7 +55,6 @@ OPTIMIZERS = ("sgd", "adam")
 #: Learning rates: fastnn's (and torch's) SGD / Adam defaults.
 LEARNING_RATES = {"sgd": 0.01, "adam": 1e-3}
 ADAM_BETAS, ADAM_EPS = (0.9, 0.999), 1e-8
-BACKENDS = ("numba", "cython", "numpy")
 SEED = 0
 WARMUP_BATCHES = 3
 REPEATS, QUICK_REPEATS = 5, 3
@@ -687,7 +688,7 @@ def run_suite(nets, backends, threads_list, with_torch, quick=False, samples=Non
     loaded = [b for b in backends if any(r.get("backend") == b for r in result["training"])]
     result["settings"]["backends"] = loaded
     if startup and loaded:
-        # --quick: only the default backend (the fastest that loads), warm.
+        # --quick: only the default backend (the first of kernels.BACKENDS that loads), warm.
         _log("startup: import fastnn + first training step" +
              ("" if quick else ", cold and warm numba cache"))
         result["startup"] = measure_startup(loaded[:1] if quick else loaded, cold=not quick,
@@ -838,9 +839,10 @@ def _startup_table(records):
 def _notes(result):
     s = result["settings"]
     notes = ["Notes:",
-             "- fastnn: Sequential.fit(epochs=1, shuffle=True, seed=0) after a warm-up fit on "
-             f"{WARMUP_BATCHES} batches; numpy: NumpyMLP (fastnn.benchmarks), preallocated "
-             "buffers, in-place ops, float32; all start from the same weights and batch order.",
+             "- fastnn: Sequential.fit(epochs=1, shuffle=True, seed=0), its fused train_epoch "
+             f"path, after a warm-up fit on {WARMUP_BATCHES} batches; numpy: NumpyMLP "
+             "(fastnn.benchmarks), preallocated buffers, in-place ops, float32; all start "
+             "from the same weights and batch order.",
              "- s/epoch: median of the repeats; GFLOP/s counts the matmuls (2ndk forward, "
              "2ndk dW, 2ndk dx but the first layer); %sgemm: of the roofline above.",
              "- RSS MB: peak resident set of the configuration's process (data included)."]
@@ -1004,7 +1006,7 @@ def run(args):
             except ImportError as exc:
                 print(f"fastnn bench: {exc}", file=sys.stderr)
                 return 2
-    backends = args.backends or list(BACKENDS)
+    backends = [b for b in BACKENDS if b in (args.backends or BACKENDS)]
     nets = args.nets or list(QUICK_NETS if args.quick else NETS)
     result = run_suite(nets, backends, threads_list, with_torch, quick=args.quick,
                        samples=args.samples, repeats=args.repeats,

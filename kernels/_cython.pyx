@@ -170,7 +170,7 @@ cdef inline floating _sqrt(floating x) noexcept nogil:
 cdef inline floating _sigmoid(floating z) noexcept nogil:
     """1 / (1 + e^-z); exp only ever sees -|z|, so it never overflows."""
     cdef floating e = _exp(-z if z >= 0 else z)
-    return (1 if z >= 0 else e) / (1 + e)
+    return (<floating> 1 if z >= 0 else e) / (<floating> 1 + e)
 
 
 cdef inline floating _softplus(floating z) noexcept nogil:
@@ -257,10 +257,10 @@ cdef void _activation_backward_range(
         memset(out, 0, size * sizeof(floating))
     elif act == SIGMOID:
         for j in range(size):
-            out[j] = dout[j] * (a[j] * (1 - a[j]))
+            out[j] = dout[j] * (a[j] * (<floating> 1 - a[j]))
     elif act == TANH:
         for j in range(size):
-            out[j] = dout[j] * (1 - a[j] * a[j])
+            out[j] = dout[j] * (<floating> 1 - a[j] * a[j])
     elif act == RELU:
         for j in range(size):
             out[j] = dout[j] * (1 if a[j] > 0 else 0)
@@ -891,6 +891,11 @@ cdef void _sgd_range(
     cdef:
         Py_ssize_t i
         floating gi
+    if mu == 0:
+        # Plain SGD as one branch-free loop, so the compiler vectorises it.
+        for i in range(size):
+            p[i] -= lr * (g[i] + wd * p[i])
+        return
     for i in range(size):
         gi = g[i] + wd * p[i] if wd != 0 else g[i]
         if mu != 0:
@@ -989,12 +994,21 @@ cdef void _rmsprop_range(
 ) noexcept nogil:
     cdef:
         Py_ssize_t i
-        floating gi, denom
+        floating gi, vi, denom
+        floating keep = 1 - alpha  # in the working precision: a bare 1 - alpha is double
+    if buf == NULL and grad_avg == NULL:
+        # The common case as one branch-free loop, so the compiler vectorises it.
+        for i in range(size):
+            gi = g[i] + wd * p[i]
+            vi = alpha * square_avg[i] + keep * gi * gi
+            square_avg[i] = vi
+            p[i] -= lr * gi / (_sqrt(vi) + eps)
+        return
     for i in range(size):
         gi = g[i] + wd * p[i] if wd != 0 else g[i]
-        square_avg[i] = alpha * square_avg[i] + (1 - alpha) * gi * gi
+        square_avg[i] = alpha * square_avg[i] + keep * gi * gi
         if grad_avg != NULL:
-            grad_avg[i] = alpha * grad_avg[i] + (1 - alpha) * gi
+            grad_avg[i] = alpha * grad_avg[i] + keep * gi
             denom = _sqrt(square_avg[i] - grad_avg[i] * grad_avg[i]) + eps
         else:
             denom = _sqrt(square_avg[i]) + eps
@@ -1059,19 +1073,30 @@ cdef void _adam_range(
 ) noexcept nogil:
     cdef:
         Py_ssize_t i
-        floating gi, vi
+        floating gi, mi, vi
+        floating keep1 = 1 - beta1, keep2 = 1 - beta2, inv_bias2 = 1 / bias2_sqrt
+    if vmax == NULL and wd == 0:
+        # The common case as one branch-free loop, so the compiler vectorises it
+        # (decay * p is exact when decay == 1).
+        for i in range(size):
+            gi = g[i]
+            mi = beta1 * m[i] + keep1 * gi
+            vi = beta2 * v[i] + keep2 * gi * gi
+            m[i] = mi
+            v[i] = vi
+            p[i] = decay * p[i] - step_size * mi / (_sqrt(vi) * inv_bias2 + eps)
+        return
     for i in range(size):
-        if decay != 1:
-            p[i] *= decay
-        gi = g[i] + wd * p[i] if wd != 0 else g[i]
-        m[i] = beta1 * m[i] + (1 - beta1) * gi
-        v[i] = beta2 * v[i] + (1 - beta2) * gi * gi
+        p[i] *= decay
+        gi = g[i] + wd * p[i]
+        m[i] = beta1 * m[i] + keep1 * gi
+        v[i] = beta2 * v[i] + keep2 * gi * gi
         vi = v[i]
         if vmax != NULL:
             if vi > vmax[i]:
                 vmax[i] = vi
             vi = vmax[i]
-        p[i] -= step_size * m[i] / (_sqrt(vi) / bias2_sqrt + eps)
+        p[i] -= step_size * m[i] / (_sqrt(vi) * inv_bias2 + eps)
 
 
 cdef void _adam_flat(
