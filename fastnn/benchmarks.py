@@ -334,13 +334,61 @@ def _torch_runner(cfg, weights, threads):
     return reset, epoch
 
 
-_RUNNERS = {"fastnn": _fastnn_runner, "numpy": _numpy_runner, "torch": _torch_runner}
+def _matmuls_runner(cfg, weights, threads):
+    """Only the epoch's matmuls, at the net's shapes, through scipy's sgemm (the BLAS the
+    compiled backends call) on preallocated buffers: the ceiling a training step built on
+    this BLAS can reach at these shapes. Row-major calls made the way fastnn makes them:
+    per layer z = a W (forward), dW = a^T dz, and dx = dz W^T for all but the first."""
+    import fastnn as fn
+    from scipy.linalg import blas
+
+    fn.set_num_threads(threads)
+    gemm = blas.dgemm if weights[0].dtype == np.float64 else blas.sgemm
+    sizes, batch, n = cfg["sizes"], cfg["batch"], cfg["samples"]
+    rng = np.random.default_rng(SEED)
+
+    def buffers(rows):
+        acts = [rng.standard_normal((rows, d)).astype(weights[0].dtype) for d in sizes]
+        return acts, [np.empty_like(a) for a in acts]
+
+    Ws = [w for w in weights[0::2]]
+    dWs = [np.empty_like(w) for w in Ws]
+    by_rows = {rows: buffers(rows) for rows in {batch, n % batch} if rows}
+
+    def step(rows):
+        # A row-major (r, c) array is its (c, r) transpose in column-major order, so
+        # row-major C = A B is column-major C^T = B^T A^T: operands swap.
+        acts, grads = by_rows[rows]
+        for i, W in enumerate(Ws):
+            gemm(1.0, W.T, acts[i].T, c=acts[i + 1].T, overwrite_c=1)  # z = a W
+        for i in reversed(range(len(Ws))):
+            gemm(1.0, grads[i + 1].T, acts[i].T, trans_b=1, c=dWs[i].T,
+                 overwrite_c=1)                                      # dW = a^T dz
+            if i:
+                gemm(1.0, Ws[i].T, grads[i + 1].T, trans_a=1, c=grads[i].T,
+                     overwrite_c=1)                                  # dx = dz W^T
+
+    def reset():
+        pass
+
+    def epoch(X, y):
+        for _ in range(len(X) // batch):
+            step(batch)
+        if len(X) % batch:
+            step(len(X) % batch)
+        return float("nan")
+
+    return reset, epoch
+
+
+_RUNNERS = {"fastnn": _fastnn_runner, "numpy": _numpy_runner, "torch": _torch_runner,
+            "matmuls": _matmuls_runner}
 
 
 def run_training(cfg, threads, data=None):
     """Time one configuration in this process; returns its result record.
 
-    ``cfg``: impl ("fastnn", "numpy", "torch"), backend (for fastnn), net, sizes, batch,
+    ``cfg``: impl ("fastnn", "numpy", "torch", "matmuls"), backend (for fastnn), net, sizes, batch,
     optimizer, samples, repeats, dtype. ``data``: (X, y), made here when None.
     """
     dtype = np.dtype(cfg.get("dtype", "float32"))
@@ -632,6 +680,7 @@ def plan(nets, backends, optimizers, with_torch, quick, samples=None, repeats=No
                         "repeats": repeats or (QUICK_REPEATS if quick else REPEATS)}
                 impls = [dict(base, impl="fastnn", backend=b) for b in backends]
                 impls.append(dict(base, impl="numpy", backend=None))
+                impls.append(dict(base, impl="matmuls", backend=None))
                 if with_torch:
                     impls.append(dict(base, impl="torch", backend=None))
                 configs += impls
@@ -783,25 +832,31 @@ def _table(header, rows, align):
 def _detail_table(records):
     """One row per implementation, the implementations of a workload together."""
     header = ("net", "batch", "opt", "impl", "s/epoch", "samples/s", "GFLOP/s", "%sgemm",
-              "RSS MB", "loss")
+              "%matmuls", "RSS MB", "loss")
     workloads = list(dict.fromkeys((r["net"], r["batch"], r["optimizer"]) for r in records))
-    impls = [impl_label("fastnn", b) for b in BACKENDS] + ["numpy", "torch"]
+    impls = [impl_label("fastnn", b) for b in BACKENDS] + ["numpy", "torch", "matmuls"]
     records = sorted(records, key=lambda r: (
         workloads.index((r["net"], r["batch"], r["optimizer"])), impls.index(r["label"])))
+    matmuls = {(r["net"], r["batch"], r["optimizer"]): r["seconds_per_epoch"]
+               for r in records if r["label"] == "matmuls" and not r.get("error")}
     rows, previous = [], None
     for r in records:
         key = (r["net"], r["batch"], r["optimizer"])
         lead = key if key != previous else ("", "", "")
         previous = key
         if r.get("error"):
-            cells = ("error",) + ("",) * 5
+            cells = ("error",) + ("",) * 6
         else:
             pct = r.get("roofline_pct")
+            t_matmuls = matmuls.get(key)
             cells = (f"{r['seconds_per_epoch']:.3f}", f"{r['samples_per_s']:,.0f}",
                      f"{r['gflop_per_s']:.1f}", "" if pct is None else f"{pct:.0f}%",
-                     f"{r.get('peak_rss_mb', 0):.0f}", f"{r['loss']:.4f}")
+                     "" if t_matmuls is None else
+                     f"{100 * t_matmuls / r['seconds_per_epoch']:.0f}%",
+                     f"{r.get('peak_rss_mb', 0):.0f}",
+                     "-" if math.isnan(r["loss"]) else f"{r['loss']:.4f}")
         rows.append(lead + (r["label"],) + cells)
-    return _table(header, rows, "<><<>>>>>>")
+    return _table(header, rows, "<><<>>>>>>>")
 
 
 def _ratio_table(rows, backends):
@@ -845,6 +900,9 @@ def _notes(result):
              "from the same weights and batch order.",
              "- s/epoch: median of the repeats; GFLOP/s counts the matmuls (2ndk forward, "
              "2ndk dW, 2ndk dx but the first layer); %sgemm: of the roofline above.",
+             "- matmuls: only the epoch's matmuls, at the net's shapes, through scipy's "
+             "sgemm on preallocated buffers (what a step on this BLAS cannot beat); "
+             "%matmuls: its time over the row's time.",
              "- RSS MB: peak resident set of the configuration's process (data included)."]
     if s["torch"]:
         notes.append("- torch: eager CPU (nn.Sequential, CrossEntropyLoss, torch.optim), "

@@ -146,9 +146,8 @@ def train(args):
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    if args.command == "train":
-        return train(args)
-    return benchmarks.run(args)
+    commands = {"train": train, "bench": benchmarks.run}
+    return commands[args.command](args)
 
 
 if __name__ == "__main__":

@@ -86,5 +86,11 @@ def available_backends():
 
 
 def default_backend():
-    """The fastest backend that loads."""
-    return available_backends()[0]
+    """The fastest backend that loads (the ones after it are not imported)."""
+    for name in BACKENDS:
+        try:
+            load(name)
+        except ImportError:
+            continue
+        return name
+    raise ImportError("no fastnn backend can be loaded")  # _numpy always loads

@@ -42,6 +42,34 @@ def test_flops_per_sample_counts_forward_dw_and_dx_but_the_first():
     assert benchmarks.flops_per_sample((5, 3, 2)) == 4 * 5 * 3 + 6 * 3 * 2
 
 
+@pytest.mark.parametrize("samples", [96, 100])
+def test_matmuls_baseline_makes_the_epochs_matmuls(monkeypatch, samples):
+    """The matmuls-only row times exactly the FLOPs the GFLOP/s column counts: the
+    shapes of each call, summed over an epoch (a partial last batch included)."""
+    from scipy.linalg import blas
+
+    sizes, batch = [7, 5, 4, 3], 32
+    flops, real = [], blas.sgemm
+
+    def counting_sgemm(alpha, a, b, trans_a=0, trans_b=0, **kw):
+        m, k = a.shape[::-1] if trans_a else a.shape
+        k2, n = b.shape[::-1] if trans_b else b.shape
+        assert k == k2
+        flops.append(2 * m * n * k)
+        out = real(alpha, a, b, trans_a=trans_a, trans_b=trans_b, **kw)
+        assert np.shares_memory(out, kw["c"])  # written in place, no copy
+        return out
+
+    monkeypatch.setattr(blas, "sgemm", counting_sgemm)
+    cfg = {"impl": "matmuls", "backend": None, "net": "t", "sizes": sizes, "batch": batch,
+           "optimizer": "sgd", "samples": samples, "repeats": 1, "dtype": "float32"}
+    record = benchmarks.run_training(cfg, threads=1)
+    per_epoch = benchmarks.flops_per_sample(sizes) * samples
+    warmup = benchmarks.flops_per_sample(sizes) * min(samples, 3 * batch)
+    assert sum(flops) == warmup + per_epoch
+    assert np.isnan(record["loss"]) and record["gflop_per_s"] > 0
+
+
 def test_kernel_benchmarks_run(tmp_path):
     """bench/ on the digits-shaped cases: every kernel x backend x dtype, checked
     against _numpy, then timed for a handful of rounds."""
@@ -79,9 +107,10 @@ def test_fastnn_bench_quick_end_to_end(tmp_path, capsys):
     assert "pip install torch adds the PyTorch column" in out
     result = json.loads(json_path.read_text())
     records = {r["label"]: r for r in result["training"]}
-    assert set(records) == {"fastnn[numpy]", "numpy"}
+    assert set(records) == {"fastnn[numpy]", "numpy", "matmuls"}
     assert all(r["error"] is None and r["seconds_per_epoch"] > 0 and r["peak_rss_mb"] > 0
                and r["gflop_per_s"] > 0 for r in records.values())
+    assert "%matmuls" in out
     assert records["fastnn[numpy]"]["loss"] == pytest.approx(records["numpy"]["loss"],
                                                              rel=1e-4)
     assert result["roofline"]["1"]["roofline"] > 0

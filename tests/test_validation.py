@@ -1,6 +1,11 @@
 """Bad input at every public entry point: ValueError or TypeError naming the argument
 (and what was expected); and input that is merely inconvenient (non-contiguous,
 float64 for a float32 model, integer, lists) is converted, giving the same result."""
+import os
+import subprocess
+import sys
+import tempfile
+
 import numpy as np
 import pytest
 
@@ -265,6 +270,22 @@ def test_backend_names():
         fn.set_backend("cuda")
     with pytest.raises(TypeError, match=r"backend must be a str"):
         fn.set_backend(None)
+
+
+def test_default_backend_imports_no_slower_backend():
+    """Training on the default backend must not import the ones after it (numba's
+    import alone costs ~0.15 s of startup)."""
+    code = ("import sys, numpy as np, fastnn as fn\n"
+            "m = fn.Sequential([fn.Dense(4, 3, activation='relu'), fn.Dense(3, 2)])\n"
+            "m.compile(loss='cross_entropy', optimizer='sgd')\n"
+            "m.fit(np.ones((8, 4), np.float32), np.zeros(8, np.int64), verbose=0)\n"
+            "names = ('cython', 'numba', 'numpy')\n"
+            "print(fn.get_backend(), ' '.join(n for n in names\n"
+            "      if 'fastnn.kernels._' + n in sys.modules))\n")
+    env = {k: v for k, v in os.environ.items() if k != "FASTNN_BACKEND"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=tempfile.gettempdir(), env=env, check=True).stdout.split()
+    assert out[1:] == [out[0]], out  # the active backend, and no other, was imported
 
 
 # ---------------------------------------------------------------------------- constructors
