@@ -26,6 +26,15 @@ def check_dtype(dtype, name="dtype"):
     raise ValueError(f"{name} must be 'float32' or 'float64', got {dtype!r}")
 
 
+def all_finite(arr):
+    """True if ``arr`` holds no NaN or infinity: min and max are finite. Two SIMD
+    reductions with no temporary (a NaN propagates through both), where
+    ``isfinite(arr).all()`` first writes a boolean array as large as the input."""
+    if arr.dtype.kind != "f":
+        return True
+    return bool(np.isfinite(arr.min()) and np.isfinite(arr.max()))
+
+
 def _as_numeric(a, name):
     if isinstance(a, (str, bytes)) or a is None:
         raise TypeError(f"{name} must be array-like of numbers, got {type(a).__name__}")
@@ -51,7 +60,7 @@ def check_array(a, name, dtype, ndim=2, allow_1d=False):
     if arr.size == 0:
         raise ValueError(f"{name} must not be empty, got shape {arr.shape}")
     arr = np.ascontiguousarray(arr, dtype=dtype)
-    if not np.isfinite(arr).all():
+    if not all_finite(arr):
         bad = np.count_nonzero(~np.isfinite(arr))
         raise ValueError(f"{name} contains {bad} NaN or infinite value(s)")
     return arr
@@ -76,7 +85,7 @@ def check_labels(y, name, n_samples, n_classes):
         raise ValueError(f"{name} must be a 1-D vector of class labels, got shape {arr.shape}")
     check_length(arr, name, n_samples)
     if not np.issubdtype(arr.dtype, np.integer):
-        if not np.isfinite(arr).all():
+        if not all_finite(arr):
             raise ValueError(f"{name} contains NaN or infinite values")
         if not np.array_equal(arr, np.round(arr)):
             raise ValueError(f"{name} must hold integer class labels, got non-integer values "
@@ -105,7 +114,7 @@ def check_sample_weight(w, n_samples, dtype, name="sample_weight"):
         raise ValueError(f"{name} must be 1-D of length {n_samples}, got shape {arr.shape}")
     check_length(arr, name, n_samples)
     arr = np.ascontiguousarray(arr, dtype=dtype)
-    if not np.isfinite(arr).all():
+    if not all_finite(arr):
         raise ValueError(f"{name} contains NaN or infinite values")
     if (arr < 0).any():
         raise ValueError(f"{name} must be non-negative, got minimum {arr.min()}")

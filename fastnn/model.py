@@ -3,7 +3,9 @@
 The model owns one contiguous parameter vector ``params`` and one gradient vector
 ``grads`` of the same size; every layer's ``W``/``b`` (and ``dW``/``db``) are views into
 them. An optimizer step is then one kernel call over the whole model, a solver gets
-the vector without copying, and save/load is one array.
+the vector without copying, and save/load is one array. ``grads`` is the training
+loop's scratch: after ``fit`` it holds no defined values (the fused epoch folds plain
+SGD into its backward and may never write it); ``compute_gradients`` gives gradients.
 """
 import json
 import math
@@ -21,6 +23,7 @@ from . import metrics as metrics_module
 from . import optimizers as optimizers_module
 from . import solvers as solvers_module
 from ._validation import (
+    all_finite,
     check_array,
     check_features,
     check_float,
@@ -409,7 +412,7 @@ class Sequential:
                 return steps
             if run_fused is not None:
                 progress.batch_done(n_batches)
-            if not np.isfinite(self.params).all():
+            if not all_finite(self.params):
                 # a finite loss can still come with an update that overflows the weights
                 self._handle_divergence(None, epoch, n_batches - 1, epoch_start_params,
                                         terminate_on_nan, callbacks)
@@ -683,7 +686,7 @@ def load_model(path):
         if params.shape != model.params.shape or params.dtype != model.dtype:
             raise ValueError(f"parameter vector has shape {params.shape} and dtype "
                              f"{params.dtype}, expected {model.params.shape} {model.dtype}")
-        if not np.isfinite(params).all():
+        if not all_finite(params):
             raise ValueError("parameter vector contains NaN or infinite values")
         model.params[...] = params
         if "loss" in meta:

@@ -3,6 +3,7 @@ import numpy as np
 
 from ._backend import backend_module
 from ._validation import (
+    all_finite,
     check_array,
     check_features,
     check_float,
@@ -45,7 +46,7 @@ def _check_class_labels(y, n_samples):
     if arr.dtype.kind in "biuUS":
         return arr
     if arr.dtype.kind == "f":
-        if not np.isfinite(arr).all():
+        if not all_finite(arr):
             raise ValueError("y contains NaN or infinite values")
         if not np.array_equal(arr, np.round(arr)):
             raise ValueError(f"y must hold class labels, got non-integer values such as "
@@ -154,7 +155,7 @@ class Perceptron:
             with np.errstate(over="ignore", invalid="ignore"):
                 mistakes.append(self._run_epoch(kernels, X_epoch, targets_epoch, W, b, lr,
                                                 buffer))
-            if not (np.isfinite(W).all() and np.isfinite(b).all()):
+            if not (all_finite(W) and all_finite(b)):
                 raise ValueError(f"the weights overflowed (inf or NaN) in epoch "
                                  f"{len(mistakes)}; X has values up to {np.abs(X).max():g} "
                                  f"and lr={lr:g}: scale X or lower lr")

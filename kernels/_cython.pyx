@@ -22,7 +22,8 @@
 #    numpy does; every reduction (losses, db) accumulates in double.
 # f) train_epoch composes those same helpers over a whole epoch in one nogil loop, on
 #    pointer offsets into params / grads / workspace (no allocation per batch),
-#    serially: its nets are small, and BLAS keeps its own threads.
+#    serially: its nets are small, and BLAS keeps its own threads. Plain SGD is folded
+#    into the weight-gradient gemm (beta = 1 - lr wd, alpha = -lr): dW is never stored.
 
 from cython cimport floating
 from cython.parallel cimport prange
@@ -447,6 +448,36 @@ cdef void _dense_backward_ptr(
     _gemm(c"T", c"N", d, k, n, 1, x, d, dz, k, 0, dw, k)
     if dx != NULL:
         _gemm(c"N", c"T", n, d, k, 1, dz, k, w, k, 0, dx, d)
+
+
+cdef void _dense_backward_sgd_ptr(
+    const floating *x,     # IN  (n, d)
+    floating *w,           # IN/OUT (d, k)
+    floating *b,           # IN/OUT (k,), or NULL: no bias
+    const floating *a,     # IN  (n, k) forward output
+    const floating *dout,  # IN  (n, k)
+    int act, floating alpha,
+    floating *dz,          # OUT (n, k), may alias dout
+    floating *dx,          # OUT (n, d), or NULL: skipped
+    double *db,            # scratch (k,)
+    int n, int d, int k, double lr, double weight_decay,
+) noexcept nogil:
+    """One layer's backward with plain SGD folded in (torch.optim.SGD, momentum 0):
+    ``dz = dout * act'(a)``, ``db = dz.sum(0)``; ``dx = dz @ w.T`` with the old ``w``;
+    then ``w = (1 - lr wd) w - lr x.T @ dz`` as one gemm (beta = 1 - lr wd,
+    alpha = -lr) and ``b -= lr (db + wd b)``. dW is never written: one pass over the
+    weights instead of three (gemm out, update read, update write)."""
+    cdef Py_ssize_t j
+    if b != NULL:
+        memset(db, 0, <size_t> k * sizeof(double))
+    _dz_rows(act, alpha, a, dout, dz, db if b != NULL else NULL, n, k)
+    if dx != NULL:
+        _gemm(c"N", c"T", n, d, k, 1, dz, k, w, k, 0, dx, d)
+    _gemm(c"T", c"N", d, k, n, <floating> -lr, x, d, dz, k,
+          <floating> (1 - lr * weight_decay), w, k)
+    if b != NULL:
+        for j in range(k):
+            b[j] -= <floating> (lr * (db[j] + weight_decay * b[j]))
 
 
 def dense_backward(
@@ -1248,7 +1279,7 @@ cdef void _train_epoch_ptr(
     const Py_ssize_t *b_off,  # IN  (L,) offset of b_l, or -1: no bias
     const Py_ssize_t *a_off,  # IN  (L+2,) sum(widths[:l]): a_l at rows * a_off[l]
     floating *params,         # IN/OUT (P,)
-    floating *grads,          # OUT (P,)
+    floating *grads,          # scratch (P,): the gradients (untouched by plain SGD)
     floating *workspace,      # scratch (rows * (sum(widths) + 2 widest),)
     double *row_loss,         # scratch (min(batch_size, m),)
     double *db_parts,         # scratch (widest,)
@@ -1274,6 +1305,9 @@ cdef void _train_epoch_ptr(
         floating *dout
         floating *dprev
         floating *swap
+        # Plain SGD (no momentum) updates each layer inside its backward: the dW gemm
+        # writes straight into W (_dense_backward_sgd_ptr), and grads stay untouched.
+        bint fold_sgd = opt_code == SGD and hyper[0] == 0
     stats[0] = stats[1] = stats[2] = stats[3] = 0
     if batch_size < 1:
         return
@@ -1309,18 +1343,28 @@ cdef void _train_epoch_ptr(
             return
         stats[1] += _batch_hits(loss_code, out, labels, targets, rows, size, k_out)
         for layer in range(n_layers - 1, -1, -1):
-            _dense_backward_ptr(
-                workspace + size * a_off[layer], params + w_off[layer],
-                workspace + size * a_off[layer + 1], dout, <int> acts[layer],
-                <floating> alphas[layer], dout, dprev if layer > 0 else NULL,
-                grads + w_off[layer],
-                grads + b_off[layer] if b_off[layer] >= 0 else NULL, db_parts, 1,
-                <int> size, <int> widths[layer], <int> widths[layer + 1])
+            if fold_sgd:
+                _dense_backward_sgd_ptr(
+                    workspace + size * a_off[layer], params + w_off[layer],
+                    params + b_off[layer] if b_off[layer] >= 0 else NULL,
+                    workspace + size * a_off[layer + 1], dout, <int> acts[layer],
+                    <floating> alphas[layer], dout, dprev if layer > 0 else NULL,
+                    db_parts, <int> size, <int> widths[layer], <int> widths[layer + 1],
+                    lrs[b], hyper[2])
+            else:
+                _dense_backward_ptr(
+                    workspace + size * a_off[layer], params + w_off[layer],
+                    workspace + size * a_off[layer + 1], dout, <int> acts[layer],
+                    <floating> alphas[layer], dout, dprev if layer > 0 else NULL,
+                    grads + w_off[layer],
+                    grads + b_off[layer] if b_off[layer] >= 0 else NULL, db_parts, 1,
+                    <int> size, <int> widths[layer], <int> widths[layer + 1])
             swap = dout
             dout = dprev
             dprev = swap
-        _optimizer_step(opt_code, hyper, params, grads, state0, state1, state2,
-                        n_params, lrs[b], step + b + 1)
+        if not fold_sgd:
+            _optimizer_step(opt_code, hyper, params, grads, state0, state1, state2,
+                            n_params, lrs[b], step + b + 1)
         stats[0] += loss * size
         stats[2] += 1
         start += size
@@ -1343,7 +1387,7 @@ def _train_epoch(
     const double[::1] alphas,        # IN  (L,)
     const int64_t[::1] use_bias,     # IN  (L,)
     floating[::1] params,            # IN/OUT (P,)
-    floating[::1] grads,             # OUT (P,)
+    floating[::1] grads,             # scratch (P,)
     floating[::1] workspace,         # scratch
     int loss_code, double loss_param, int opt_code,
     const double[::1] hyper,         # IN
@@ -1414,7 +1458,9 @@ def train_epoch(X, labels, targets, order, batch_size, widths, acts, alphas, use
     (activation derivative and db in one pass, gemm for dW and dx, no dx for the first
     layer); one update of the flat buffers (``opt_code`` and the float64 ``hyper``
     layout from fastnn.kernels.OPTIMIZERS) with lr ``lrs[b]`` (float64) and update
-    number ``t = step + b + 1``.
+    number ``t = step + b + 1``. Plain SGD (momentum 0) is folded into the backward:
+    ``W = (1 - lr wd) W - lr a.T @ dz`` is the dW gemm itself, and ``grads`` (scratch)
+    is left untouched.
 
     ``widths`` int64 (L+1,), ``acts`` int64 (L,), ``alphas`` float64 (L,) (resolved,
     not None), ``use_bias`` int64 (L,); ``params``/``grads`` (P,) hold per layer

@@ -12,6 +12,7 @@ from fastnn import kernels
 REF = kernels.load("numpy")
 OPTIMIZER_CASES = {
     "sgd": ("sgd", [0.0, 0.0, 0.0, 0.0]),
+    "sgd_weight_decay": ("sgd", [0.0, 0.0, 1e-2, 0.0]),  # folded: gemm beta = 1 - lr wd
     "sgd_momentum_wd": ("sgd", [0.9, 0.1, 1e-3, 0.0]),
     "sgd_nesterov": ("sgd", [0.9, 0.0, 0.0, 1.0]),
     "adagrad": ("adagrad", [0.01, 1e-3, 1e-10]),

@@ -430,3 +430,18 @@ def test_integer_and_list_inputs_are_accepted():
     X = [[1, 2, 3], [4, 5, 6]]
     np.testing.assert_array_equal(model.predict(X), model.predict(np.array(X, np.float32)))
     model.fit(np.array(X, dtype=np.int64), [1, 2], epochs=1, verbose=0)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_all_finite_is_exact(dtype):
+    from fastnn._validation import all_finite
+
+    big = np.finfo(dtype).max
+    a = np.array([[big, -big], [1.0, 0.0]], dtype=dtype)   # huge but finite
+    assert all_finite(a)
+    for bad in (np.nan, np.inf, -np.inf):
+        for index in ((0, 0), (1, 1)):
+            b = a.copy()
+            b[index] = bad
+            assert not all_finite(b), (bad, index)
+    assert all_finite(np.array([1, 2, 3]))                  # integers are finite
