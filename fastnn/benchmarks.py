@@ -901,8 +901,9 @@ def _notes(result):
              "- s/epoch: median of the repeats; GFLOP/s counts the matmuls (2ndk forward, "
              "2ndk dW, 2ndk dx but the first layer); %sgemm: of the roofline above.",
              "- matmuls: only the epoch's matmuls, at the net's shapes, through scipy's "
-             "sgemm on preallocated buffers (what a step on this BLAS cannot beat); "
-             "%matmuls: its time over the row's time.",
+             "sgemm on preallocated buffers, called from Python (a few us of call "
+             "overhead each, which dominates on small nets); %matmuls: its time over "
+             "the row's time.",
              "- RSS MB: peak resident set of the configuration's process (data included)."]
     if s["torch"]:
         notes.append("- torch: eager CPU (nn.Sequential, CrossEntropyLoss, torch.optim), "
