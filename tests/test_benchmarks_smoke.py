@@ -90,6 +90,25 @@ def test_kernel_benchmarks_run(tmp_path):
     assert len(kernels) == 15 and "train_epoch" in kernels, sorted(kernels)
     assert report["machine_info"]["fastnn"]["threads"] >= 1
 
+    # bench/kernel_table.py turns that JSON into the speedup table: one row per kernel x
+    # shape x dtype, each ratio the numpy median over the backend's.
+    table = subprocess.run([sys.executable, str(BENCH_DIR / "kernel_table.py"),
+                            str(tmp_path / "kernels.json")], cwd=BENCH_DIR,
+                           capture_output=True, text=True)
+    assert table.returncode == 0, table.stderr
+    medians = {(b["extra_info"]["kernel"], b["extra_info"]["shape"],
+                b["extra_info"]["dtype"], b["extra_info"]["backend"]): b["stats"]["median"]
+               for b in report["benchmarks"]}
+    cases = {key[:3] for key in medians}
+    rows = [line for line in table.stdout.splitlines() if line.startswith("| ")][1:]
+    assert len(rows) == len(cases)
+    row = next(r for r in rows if "| softmax_cross_entropy " in r and "float32" in r)
+    shape = row.split("|")[2].strip()
+    expected = medians[("softmax_cross_entropy", shape, "float32", "numpy")] / \
+        medians[("softmax_cross_entropy", shape, "float32", "cython")]
+    assert row.split("|")[5].strip() == f"{expected:.2f}x"
+    assert "cython: " in table.stdout and f"of {len(cases)} cases not faster" in table.stdout
+
 
 def test_fastnn_bench_quick_end_to_end(tmp_path, capsys):
     """The whole orchestration in a tiny configuration: roofline and training workers,
