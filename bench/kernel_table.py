@@ -12,6 +12,9 @@ import argparse
 import json
 import sys
 
+#: The compiled backends, each compared with the numpy reference.
+COMPILED = ("cython", "numba")
+
 
 def load_medians(path):
     """{(kernel, shape, dtype): {backend: median seconds}} from a pytest-benchmark JSON."""
@@ -25,7 +28,7 @@ def load_medians(path):
     return cases, data.get("machine_info", {}).get("fastnn", {})
 
 
-def speedup_rows(cases, backends=("cython", "numba")):
+def speedup_rows(cases, backends=COMPILED):
     """(kernel, shape, dtype, numpy seconds, {backend: speedup}) for the cases timed on
     numpy, in the order the benchmarks ran."""
     rows = []
@@ -42,7 +45,7 @@ def _seconds(s):
     return f"{s * 1e6:,.1f} us" if s < 1e-3 else f"{s * 1e3:,.2f} ms"
 
 
-def format_table(rows, backends=("cython", "numba"), slower_only=False):
+def format_table(rows, backends=COMPILED, slower_only=False):
     header = ("kernel", "shape", "dtype", "numpy") + tuple(f"{b}/numpy" for b in backends)
     body = []
     for kernel, shape, dtype, base, ratios in rows:
