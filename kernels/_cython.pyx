@@ -1266,6 +1266,11 @@ cdef void _prefetch_rows(
         _prefetch(row + row_bytes - 1)
 
 
+cdef inline floating *_shifted(floating *p, Py_ssize_t offset) noexcept nogil:
+    """``p + offset``, or NULL for NULL (an unused optimizer buffer)."""
+    return p + offset if p != NULL else NULL
+
+
 cdef void _train_epoch_ptr(
     const floating *X,        # IN  (., widths[0]) all samples
     const int64_t *labels,    # IN  (.,) class labels, or NULL (non-label losses)
@@ -1291,12 +1296,13 @@ cdef void _train_epoch_ptr(
     long step,
     double *stats,            # OUT (4,)
 ) noexcept nogil:
-    """The body of ``train_epoch``: per batch gather, forward, loss, backward, update.
+    """The body of ``train_epoch``: per batch gather, forward, loss, then per layer
+    (last first) backward and update.
 
     Workspace of a batch of ``rows``: a_0 .. a_L (rows, widths[l]) packed, then two
     (rows, widest) gradient buffers that swap roles from layer to layer."""
     cdef:
-        Py_ssize_t start = 0, size, next_size, i, b = 0
+        Py_ssize_t start = 0, size, next_size, i, b = 0, n_layer
         Py_ssize_t d0 = widths[0], k_out = widths[n_layers]
         int layer
         double loss
@@ -1352,6 +1358,11 @@ cdef void _train_epoch_ptr(
                     db_parts, <int> size, <int> widths[layer], <int> widths[layer + 1],
                     lrs[b], hyper[2])
             else:
+                # Each layer's update follows its backward at once, while its gradient
+                # is still in cache (dx has used the old W; the layers below need
+                # only dx). The same arithmetic as one update of the whole buffer.
+                n_layer = (w_off[layer + 1] if layer + 1 < n_layers
+                           else n_params) - w_off[layer]
                 _dense_backward_ptr(
                     workspace + size * a_off[layer], params + w_off[layer],
                     workspace + size * a_off[layer + 1], dout, <int> acts[layer],
@@ -1359,12 +1370,15 @@ cdef void _train_epoch_ptr(
                     grads + w_off[layer],
                     grads + b_off[layer] if b_off[layer] >= 0 else NULL, db_parts, 1,
                     <int> size, <int> widths[layer], <int> widths[layer + 1])
+                _optimizer_step(opt_code, hyper, params + w_off[layer],
+                                grads + w_off[layer],
+                                _shifted(state0, w_off[layer]),
+                                _shifted(state1, w_off[layer]),
+                                _shifted(state2, w_off[layer]), n_layer, lrs[b],
+                                step + b + 1)
             swap = dout
             dout = dprev
             dprev = swap
-        if not fold_sgd:
-            _optimizer_step(opt_code, hyper, params, grads, state0, state1, state2,
-                            n_params, lrs[b], step + b + 1)
         stats[0] += loss * size
         stats[2] += 1
         start += size
@@ -1456,11 +1470,11 @@ def train_epoch(X, labels, targets, order, batch_size, widths, acts, alphas, use
     fastnn.kernels.LOSSES: ``labels`` int64 (n,) for cross_entropy / hinge, else
     ``targets`` (n, widths[-1]); the unused one is ignored and may be empty); backward
     (activation derivative and db in one pass, gemm for dW and dx, no dx for the first
-    layer); one update of the flat buffers (``opt_code`` and the float64 ``hyper``
-    layout from fastnn.kernels.OPTIMIZERS) with lr ``lrs[b]`` (float64) and update
-    number ``t = step + b + 1``. Plain SGD (momentum 0) is folded into the backward:
-    ``W = (1 - lr wd) W - lr a.T @ dz`` is the dW gemm itself, and ``grads`` (scratch)
-    is left untouched.
+    layer), each layer's update (``opt_code`` and the float64 ``hyper`` layout from
+    fastnn.kernels.OPTIMIZERS, lr ``lrs[b]`` (float64), update number
+    ``t = step + b + 1``) right after its backward, while its gradient is in cache.
+    Plain SGD (momentum 0) is folded into the backward: ``W = (1 - lr wd) W -
+    lr a.T @ dz`` is the dW gemm itself, and ``grads`` (scratch) is left untouched.
 
     ``widths`` int64 (L+1,), ``acts`` int64 (L,), ``alphas`` float64 (L,) (resolved,
     not None), ``use_bias`` int64 (L,); ``params``/``grads`` (P,) hold per layer

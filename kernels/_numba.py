@@ -778,11 +778,18 @@ def _epoch_update(opt_code, hyper, params, grads, state0, state1, state2, lr, t)
                      f(hyper[2]), hyper[5] != 0.0)
 
 
+@njit(inline="always", **_HELPER_OPTIONS)
+def _layer_state(state, start, end):
+    """state[start:end], or ``state`` itself when empty (an unused buffer)."""
+    return state[start:end] if state.shape[0] else state
+
+
 def _train_epoch_batches(X, labels, targets, order, batch_size, widths, acts, alphas,
                          use_bias, params, grads, workspace, loss_code, loss_param,
                          opt_code, hyper, lrs, state0, state1, state2, step, stats):
     """The whole epoch: the batch loop of _numpy.train_epoch with the arithmetic of the
-    single kernels (dense_forward, the loss, dense_backward, the update) in sequence.
+    single kernels (dense_forward, the loss, dense_backward, the update) in sequence;
+    each layer is updated right after its backward.
 
     Workspace: the outputs of every layer (the gathered batch first), then two buffers
     of batch_size * widest: ``delta`` holds d(loss)/d(output) of the current layer and
@@ -879,8 +886,12 @@ def _train_epoch_batches(X, labels, targets, order, batch_size, widths, acts, al
             if layer > 0:
                 np.dot(dz, params[p:p + d * k].reshape((d, k)).T,
                        workspace[delta_at:delta_at + size * d].reshape((size, d)))
-        _epoch_update(opt_code, hyper, params, grads, state0, state1, state2, lrs[b],
-                      step + b + 1)
+            # The layer's update at once, while its gradient is in cache (delta has
+            # used the old W): the same arithmetic as one update of the whole buffer.
+            end = p + d * k + (k if bias else 0)
+            _epoch_update(opt_code, hyper, params[p:end], grads[p:end],
+                          _layer_state(state0, p, end), _layer_state(state1, p, end),
+                          _layer_state(state2, p, end), lrs[b], step + b + 1)
         stats[0] += loss * size
         stats[2] += 1
 

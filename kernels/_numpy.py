@@ -403,9 +403,11 @@ def train_epoch(X, labels, targets, order, batch_size, widths, acts, alphas, use
     Layers: ``widths`` int64 (L+1,), ``acts`` int64 (L,) activation codes, ``alphas``
     float64 (L,), ``use_bias`` int64 (L,). ``params``/``grads`` (P,) hold, per layer,
     W (widths[l], widths[l+1]) row-major then b (widths[l+1],) if use_bias[l];
-    ``grads`` is scratch: a compiled backend may fold an update into its backward
-    (plain SGD into the dW gemm) and never write it. ``workspace`` has at least
-    ``train_epoch_workspace_size(batch_size, widths)`` elements; ``state0..2`` (P,) are the optimizer's buffers (unused ones untouched).
+    ``grads`` is scratch: a compiled backend may update each layer as soon as its
+    backward is done (the optimizers are elementwise, so this is the same arithmetic)
+    or fold the update into the backward (plain SGD into the dW gemm) and never write
+    it. ``workspace`` has at least ``train_epoch_workspace_size(batch_size, widths)``
+    elements; ``state0..2`` (P,) are the optimizer's buffers (unused ones untouched).
 
     ``stats`` float64 (4,) receives [sum of batch loss * batch rows, correct predictions
     (see _batch_hits), batches completed, the last batch's loss]. A batch whose loss is
