@@ -58,6 +58,10 @@ ADAM_BETAS, ADAM_EPS = (0.9, 0.999), 1e-8
 SEED = 0
 WARMUP_BATCHES = 3
 REPEATS, QUICK_REPEATS = 5, 3
+#: A configuration whose slowest timed epoch exceeds its fastest by this factor is
+#: flagged in the notes: on a VM whose vCPUs are not always scheduled, its median may
+#: not be typical.
+UNEVEN_SPREAD = 1.25
 #: Square sgemm size for the roofline (full run / --quick).
 ROOFLINE_SIZE, QUICK_ROOFLINE_SIZE = 2048, 1024
 RESULT_TAG = "FASTNN-BENCH-RESULT "
@@ -915,6 +919,15 @@ def _notes(result):
         notes.append("- --quick: fewer samples, nets and repeats, 1 thread unless --threads; "
                      "startup of the default backend, warm only. `fastnn bench` runs the "
                      "full suite.")
+    uneven = [r for r in result["training"] if r.get("error") is None
+              and max(r["seconds"]) > UNEVEN_SPREAD * min(r["seconds"])]
+    if uneven:
+        notes.append(
+            f"- uneven epochs (slowest > {UNEVEN_SPREAD}x the fastest: the machine was "
+            "busy elsewhere or a vCPU was descheduled; rerun these to confirm): " +
+            "; ".join(f"{_threads(r['threads'])} {r['net']} b{r['batch']} {r['optimizer']} "
+                      f"{r['label']} {min(r['seconds']):.3f}-{max(r['seconds']):.3f} s"
+                      for r in uneven))
     for reason in result.get("skipped", ()):
         notes.append(f"- skipped: {reason}")
     for error in result["errors"]:

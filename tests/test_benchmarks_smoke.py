@@ -138,6 +138,22 @@ def test_fastnn_bench_quick_end_to_end(tmp_path, capsys):
         assert png_path.stat().st_size > 0
 
 
+def test_notes_flag_uneven_epochs():
+    """A configuration whose epochs spread more than UNEVEN_SPREAD is named in the
+    notes with its range; an even one is not."""
+    record = {"error": None, "threads": 2, "net": "mnist", "batch": 32, "optimizer": "sgd"}
+    result = {"settings": {"torch": False, "quick": False}, "errors": [], "training": [
+        dict(record, label="fastnn[numba]", seconds=[0.65, 0.66, 1.53, 1.81, 1.88]),
+        dict(record, label="numpy", seconds=[1.0, 1.02, 0.99, 1.01, 1.0]),
+        dict(record, label="torch", seconds=[0.5])]}
+    notes = "\n".join(benchmarks._notes(result))
+    assert "uneven epochs" in notes
+    assert "2 threads mnist b32 sgd fastnn[numba] 0.650-1.880 s" in notes
+    assert "numpy 0.990" not in notes and "torch" not in notes.split("uneven")[1]
+    even = dict(result, training=result["training"][1:])
+    assert "uneven" not in "\n".join(benchmarks._notes(even))
+
+
 def test_torch_baseline_matches_numpy():
     """PyTorch (when installed) trains from the same weights on the same batches."""
     pytest.importorskip("torch")
