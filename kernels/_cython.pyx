@@ -19,7 +19,8 @@
 #    a prange. Losses store one double per row and sum the rows serially, so the
 #    loss does not depend on the thread count; db accumulates per-chunk double rows.
 # e) Elementwise math runs in the arrays' precision (expf & co. for float32), as
-#    numpy does; every reduction (losses, db) accumulates in double.
+#    numpy does, with float32 e^x inline (_expf_nonpos); every reduction (losses,
+#    db) accumulates in double.
 # f) train_epoch composes those same helpers over a whole epoch in one nogil loop, on
 #    pointer offsets into params / grads / workspace (no allocation per batch),
 #    serially: its nets are small, and BLAS keeps its own threads. Plain SGD is folded
@@ -28,7 +29,7 @@
 from cython cimport floating
 from cython.parallel cimport prange
 from libc.math cimport (
-    exp, expf, expm1, expm1f, fabs, isfinite, log, log1p, log1pf, sqrt, sqrtf, tanh,
+    exp, expm1, expm1f, fabs, isfinite, log, log1p, log1pf, sqrt, sqrtf, tanh,
     tanhf,
 )
 from libc.stdint cimport int64_t
@@ -62,6 +63,38 @@ cdef extern from *:
     #endif
     """
     void _prefetch "FASTNN_PREFETCH"(const void *p) noexcept nogil
+
+# e^x for float32 x <= 0 (every exponential here: softmax z - max, sigmoid e^-|z|,
+# softplus) inline, so the compiler can vectorise the loops that call it: libm's expf
+# is a call per element. Cephes' expf: x = n ln2 + r, |r| <= ln2 / 2, e^r by a degree-7
+# polynomial, 2^n in the exponent bits (subnormal results by a last multiply with
+# 2^-24, one rounding). Within 2 ulp of e^x; NaN gives NaN.
+cdef extern from *:
+    """
+    #include <stdint.h>
+    static inline float fastnn_expf_nonpos(float x)
+    {
+        const float lowest = -104.0f;  /* e^x rounds to 0 below ~ -103.97 */
+        float xc = x > lowest ? x : lowest;  /* NaN too: no undefined float-to-int */
+        float n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  /* round */
+        float r = (xc - n * 0.693359375f) - n * -2.12194440e-4f;  /* xc - n ln2 */
+        float p = 1.9875691500e-4f;
+        p = p * r + 1.3981999507e-3f;
+        p = p * r + 8.3334519073e-3f;
+        p = p * r + 4.1665795894e-2f;
+        p = p * r + 1.6666665459e-1f;
+        p = p * r + 5.0000001201e-1f;
+        p = p * (r * r) + r + 1.0f;
+        int32_t ni = (int32_t) n;
+        int tiny = ni < -126;  /* 2^n subnormal: 2^(n + 24) then 2^-24 (one rounding) */
+        union { int32_t i; float f; } two_n;
+        two_n.i = (ni + (tiny ? 24 : 0) + 127) << 23;
+        p *= two_n.f;
+        p *= tiny ? 0x1p-24f : 1.0f;
+        return x != x ? x : p;
+    }
+    """
+    float _expf_nonpos "fastnn_expf_nonpos"(float x) noexcept nogil
 
 
 cdef enum:
@@ -133,9 +166,10 @@ cdef double _resolve_alpha(int act, object alpha) except? -1:
 # Scalar math in the arrays' precision
 # ----------------------------------------------------------------------------------
 
-cdef inline floating _exp(floating x) noexcept nogil:
+cdef inline floating _exp_nonpos(floating x) noexcept nogil:
+    """e^x for x <= 0 (inline for float32, see _expf_nonpos; libm exp for float64)."""
     if floating is float:
-        return expf(x)
+        return _expf_nonpos(x)
     else:
         return exp(x)
 
@@ -170,15 +204,15 @@ cdef inline floating _sqrt(floating x) noexcept nogil:
 
 cdef inline floating _sigmoid(floating z) noexcept nogil:
     """1 / (1 + e^-z); exp only ever sees -|z|, so it never overflows."""
-    cdef floating e = _exp(-z if z >= 0 else z)
+    cdef floating e = _exp_nonpos(-z if z >= 0 else z)
     return (<floating> 1 if z >= 0 else e) / (<floating> 1 + e)
 
 
 cdef inline floating _softplus(floating z) noexcept nogil:
     """log(1 + e^z) = max(z, 0) + log1p(e^-|z|)."""
     if z > 0:
-        return z + _log1p(_exp(-z))
-    return _log1p(_exp(z))
+        return z + _log1p(_exp_nonpos(-z))
+    return _log1p(_exp_nonpos(z))
 
 
 # ----------------------------------------------------------------------------------
@@ -633,7 +667,7 @@ cdef double _bce_row(
         double total = 0
     for j in range(k):
         zj = z[j]
-        e = _exp(-zj if zj >= 0 else zj)
+        e = _exp_nonpos(-zj if zj >= 0 else zj)
         total += (<double> zj if zj > 0 else 0.0) - <double> zj * t[j] + _log1p(e)
         if dp != NULL:
             dp[j] = <floating> (s * (<double> ((1 if zj >= 0 else e) / (1 + e)) - t[j]))
@@ -650,19 +684,19 @@ cdef double _softmax_ce_row(
     dz = s (softmax(z) sum_j y_j - y)."""
     cdef:
         Py_ssize_t j
-        floating zmax = z[0], e
+        floating zmax = z[0]
         double sum_exp = 0, log_sum, y_sum = 1, yz = 0, c, e_label
     for j in range(1, k):
         if z[j] > zmax:
             zmax = z[j]
     if dz == NULL:
         for j in range(k):
-            sum_exp += _exp(z[j] - zmax)
+            sum_exp += _exp_nonpos(z[j] - zmax)
     else:
+        for j in range(k):  # no reduction in this loop: it vectorises
+            dz[j] = _exp_nonpos(z[j] - zmax)
         for j in range(k):
-            e = _exp(z[j] - zmax)
-            dz[j] = e
-            sum_exp += e
+            sum_exp += dz[j]
     log_sum = log(sum_exp)
     if y == NULL:
         yz = z[label] - zmax

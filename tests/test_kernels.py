@@ -516,6 +516,33 @@ def test_activation_extreme_inputs(backend, dtype, assert_close, act):
     assert_close(dx, [[0.0]], msg + ": dense_backward dx")
 
 
+def test_float32_exponentials_are_accurate_over_the_whole_range(backend):
+    """sigmoid (e^-|z|) and softmax (e^(z - max)) in float32, from where e^x underflows
+    through the subnormal results to 0, within a few ulp of the float64 value (the
+    cython backend computes them with its own inline expf); NaN stays NaN. Measured:
+    sigmoid <= 3.3 ulp on every backend; softmax ~1 ulp compiled, 8.7 for the numpy
+    reference (its float32 normalisation)."""
+    z = np.concatenate([np.linspace(-110, 30, 200_001), -np.logspace(-8, 2.05, 20_001),
+                        [-103.97, -87.3365, -87.3366, 0.0]]).astype(np.float32)
+    exact = scipy.special.expit(z.astype(np.float64))
+    out = np.empty_like(z)
+    backend.activation_forward(ACTIVATIONS["sigmoid"], z[None, :], out[None, :])
+    ulps = np.abs(out - exact) / np.spacing(exact.astype(np.float32))
+    assert ulps.max() <= 4, f"sigmoid: {ulps.max():.1f} ulp at z = {z[ulps.argmax()]}"
+
+    # Softmax of one row [0, x] (a batch of one: no 1/n scaling): d(loss)/dz_1 with
+    # label 0 is e^x / (1 + e^x).
+    grad, label = np.empty((1, 2), np.float32), np.zeros(1, np.int64)
+    for x, e in zip(z[::100], exact[::100]):
+        backend.softmax_cross_entropy(np.array([[0, x]], np.float32), label, None, grad)
+        ulps = abs(grad[0, 1] - e) / np.spacing(np.float32(e))
+        assert ulps <= 16, f"softmax: {ulps:.1f} ulp at x = {x}"
+
+    nan = np.array([[np.nan, 0.0]], np.float32)
+    backend.activation_forward(ACTIVATIONS["sigmoid"], nan, out[None, :2])
+    assert np.isnan(out[0]) and out[1] == 0.5
+
+
 # logits row, label, exact loss, exact d(loss)/d(logits) for that row alone.
 EXTREME_CE_ROWS = {
     2: [([1e4, -1e4], 0, 0.0, [0, 0]),
