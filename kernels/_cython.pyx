@@ -29,8 +29,7 @@
 from cython cimport floating
 from cython.parallel cimport prange
 from libc.math cimport (
-    exp, expm1, expm1f, fabs, isfinite, log, log1p, log1pf, sqrt, sqrtf, tanh,
-    tanhf,
+    exp, expm1, fabs, isfinite, log, log1p, log1pf, sqrt, sqrtf, tanh,
 )
 from libc.stdint cimport int64_t
 from libc.stdlib cimport free, malloc
@@ -64,11 +63,12 @@ cdef extern from *:
     """
     void _prefetch "FASTNN_PREFETCH"(const void *p) noexcept nogil
 
-# e^x for float32 x <= 0 (every exponential here: softmax z - max, sigmoid e^-|z|,
-# softplus) inline, so the compiler can vectorise the loops that call it: libm's expf
-# is a call per element. Cephes' expf: x = n ln2 + r, |r| <= ln2 / 2, e^r by a degree-7
-# polynomial, 2^n in the exponent bits (subnormal results by a last multiply with
-# 2^-24, one rounding). Within 2 ulp of e^x; NaN gives NaN.
+# e^x and e^x - 1 for float32 x <= 0 (every exponential here: softmax z - max, sigmoid
+# e^-|z|, softplus, elu) and tanh inline, so the compiler can vectorise the loops that
+# call them: libm's are a call per element (tanhf: ~15 ns). e^x is Cephes' expf:
+# x = n ln2 + r, |r| <= ln2 / 2, e^r by a degree-7 polynomial, 2^n in the exponent bits
+# (subnormal results by a last multiply with 2^-24, one rounding). Each within 2 ulp
+# of the exact value; NaN gives NaN.
 cdef extern from *:
     """
     #include <stdint.h>
@@ -76,6 +76,7 @@ cdef extern from *:
     {
         const float lowest = -104.0f;  /* e^x rounds to 0 below ~ -103.97 */
         float xc = x > lowest ? x : lowest;  /* NaN too: no undefined float-to-int */
+        xc = xc < 0.0f ? xc : 0.0f;  /* the domain; keeps 2^n representable */
         float n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  /* round */
         float r = (xc - n * 0.693359375f) - n * -2.12194440e-4f;  /* xc - n ln2 */
         float p = 1.9875691500e-4f;
@@ -93,8 +94,33 @@ cdef extern from *:
         p *= tiny ? 0x1p-24f : 1.0f;
         return x != x ? x : p;
     }
+
+    /* e^x - 1 for x <= 0: Taylor to x^8 above -0.5 (truncation < 6e-9, no
+       cancellation), e^x - 1 below (|result| >= 0.39). */
+    static inline float fastnn_expm1f_nonpos(float x)
+    {
+        float p = 2.48015873e-5f;
+        p = p * x + 1.98412698e-4f;
+        p = p * x + 1.38888889e-3f;
+        p = p * x + 8.33333333e-3f;
+        p = p * x + 4.16666667e-2f;
+        p = p * x + 1.66666667e-1f;
+        p = p * x + 0.5f;
+        p = p * (x * x) + x;
+        float q = fastnn_expf_nonpos(x) - 1.0f;
+        return x > -0.5f ? p : q;
+    }
+
+    /* tanh x = sign(x) (-m / (2 + m)), m = e^(-2|x|) - 1. */
+    static inline float fastnn_tanhf(float x)
+    {
+        float m = fastnn_expm1f_nonpos(-2.0f * fabsf(x));
+        return copysignf(-m / (2.0f + m), x);
+    }
     """
     float _expf_nonpos "fastnn_expf_nonpos"(float x) noexcept nogil
+    float _expm1f_nonpos "fastnn_expm1f_nonpos"(float x) noexcept nogil
+    float _tanhf "fastnn_tanhf"(float x) noexcept nogil
 
 
 cdef enum:
@@ -174,9 +200,10 @@ cdef inline floating _exp_nonpos(floating x) noexcept nogil:
         return exp(x)
 
 
-cdef inline floating _expm1(floating x) noexcept nogil:
+cdef inline floating _expm1_nonpos(floating x) noexcept nogil:
+    """e^x - 1 for x <= 0 (inline for float32, see _expm1f_nonpos)."""
     if floating is float:
-        return expm1f(x)
+        return _expm1f_nonpos(x)
     else:
         return expm1(x)
 
@@ -189,8 +216,9 @@ cdef inline floating _log1p(floating x) noexcept nogil:
 
 
 cdef inline floating _tanh(floating x) noexcept nogil:
+    """tanh (inline for float32, see _tanhf; within 2 ulp)."""
     if floating is float:
-        return tanhf(x)
+        return _tanhf(x)
     else:
         return tanh(x)
 
@@ -271,7 +299,7 @@ cdef void _activation_forward_range(
             out[j] = _softplus(z[j])
     elif act == ELU:
         for j in range(size):
-            out[j] = z[j] if z[j] > 0 else alpha * _expm1(z[j])
+            out[j] = z[j] if z[j] > 0 else alpha * _expm1_nonpos(z[j])
     elif <const floating *> out != z:
         memcpy(out, z, size * sizeof(floating))
 
@@ -304,7 +332,7 @@ cdef void _activation_backward_range(
             out[j] = dout[j] * (1 if a[j] > 0 else alpha)
     elif act == SOFTPLUS:
         for j in range(size):
-            out[j] = dout[j] * -_expm1(-a[j])
+            out[j] = dout[j] * -_expm1_nonpos(-a[j])
     elif act == ELU:
         for j in range(size):
             out[j] = dout[j] * (1 if a[j] > 0 else a[j] + alpha)
