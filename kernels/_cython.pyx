@@ -29,7 +29,7 @@
 from cython cimport floating
 from cython.parallel cimport prange
 from libc.math cimport (
-    exp, expm1, fabs, isfinite, log, log1p, log1pf, sqrt, sqrtf, tanh,
+    exp, expm1, fabs, isfinite, log, log1p, sqrt, sqrtf, tanh,
 )
 from libc.stdint cimport int64_t
 from libc.stdlib cimport free, malloc
@@ -64,8 +64,8 @@ cdef extern from *:
     void _prefetch "FASTNN_PREFETCH"(const void *p) noexcept nogil
 
 # e^x and e^x - 1 for float32 x <= 0 (every exponential here: softmax z - max, sigmoid
-# e^-|z|, softplus, elu) and tanh inline, so the compiler can vectorise the loops that
-# call them: libm's are a call per element (tanhf: ~15 ns). e^x is Cephes' expf:
+# e^-|z|, softplus, elu), log(1 + x) for 0 <= x <= 1 and tanh inline, so the compiler
+# can vectorise the loops that call them: libm's are a call per element (tanhf ~15 ns). e^x is Cephes' expf:
 # x = n ln2 + r, |r| <= ln2 / 2, e^r by a degree-7 polynomial, 2^n in the exponent bits
 # (subnormal results by a last multiply with 2^-24, one rounding). Each within 2 ulp
 # of the exact value; NaN gives NaN.
@@ -117,8 +117,31 @@ cdef extern from *:
         float m = fastnn_expm1f_nonpos(-2.0f * fabsf(x));
         return copysignf(-m / (2.0f + m), x);
     }
+
+    /* log(1 + e) for 0 <= e <= 1 (softplus and BCE: e = e^-|z|): 1 + e = 2^k (1 + x)
+       with x = e itself (k = 0, exact) or (e - 1) / 2 (k = 1), |x| <= sqrt(2) - 1;
+       log(1 + x) by Cephes' logf polynomial. */
+    static inline float fastnn_log1pf_unit(float e)
+    {
+        int big = e >= 0.41421356f;
+        float x = big ? (e - 1.0f) * 0.5f : e;
+        float k = big ? 1.0f : 0.0f;
+        float z = x * x;
+        float y = 7.0376836292e-2f;
+        y = y * x - 1.1514610310e-1f;
+        y = y * x + 1.1676998740e-1f;
+        y = y * x - 1.2420140846e-1f;
+        y = y * x + 1.4249322787e-1f;
+        y = y * x - 1.6668057665e-1f;
+        y = y * x + 2.0000714765e-1f;
+        y = y * x - 2.4999993993e-1f;
+        y = y * x + 3.3333331174e-1f;
+        y = y * x * z + k * -2.12194440e-4f - 0.5f * z;
+        return (x + y) + k * 0.693359375f;
+    }
     """
     float _expf_nonpos "fastnn_expf_nonpos"(float x) noexcept nogil
+    float _log1pf_unit "fastnn_log1pf_unit"(float x) noexcept nogil
     float _expm1f_nonpos "fastnn_expm1f_nonpos"(float x) noexcept nogil
     float _tanhf "fastnn_tanhf"(float x) noexcept nogil
 
@@ -208,9 +231,10 @@ cdef inline floating _expm1_nonpos(floating x) noexcept nogil:
         return expm1(x)
 
 
-cdef inline floating _log1p(floating x) noexcept nogil:
+cdef inline floating _log1p_unit(floating x) noexcept nogil:
+    """log(1 + x) for 0 <= x <= 1 (inline for float32, see _log1pf_unit)."""
     if floating is float:
-        return log1pf(x)
+        return _log1pf_unit(x)
     else:
         return log1p(x)
 
@@ -239,8 +263,8 @@ cdef inline floating _sigmoid(floating z) noexcept nogil:
 cdef inline floating _softplus(floating z) noexcept nogil:
     """log(1 + e^z) = max(z, 0) + log1p(e^-|z|)."""
     if z > 0:
-        return z + _log1p(_exp_nonpos(-z))
-    return _log1p(_exp_nonpos(z))
+        return z + _log1p_unit(_exp_nonpos(-z))
+    return _log1p_unit(_exp_nonpos(z))
 
 
 # ----------------------------------------------------------------------------------
@@ -696,7 +720,7 @@ cdef double _bce_row(
     for j in range(k):
         zj = z[j]
         e = _exp_nonpos(-zj if zj >= 0 else zj)
-        total += (<double> zj if zj > 0 else 0.0) - <double> zj * t[j] + _log1p(e)
+        total += (<double> zj if zj > 0 else 0.0) - <double> zj * t[j] + _log1p_unit(e)
         if dp != NULL:
             dp[j] = <floating> (s * (<double> ((1 if zj >= 0 else e) / (1 + e)) - t[j]))
     return total

@@ -517,10 +517,10 @@ def test_activation_extreme_inputs(backend, dtype, assert_close, act):
 
 
 def test_float32_exponentials_are_accurate_over_the_whole_range(backend):
-    """sigmoid (e^-|z|), softmax (e^(z - max)), tanh and elu (e^z - 1) in float32, from
-    where e^x underflows through the subnormal results to 0, within a few ulp of the
-    float64 value (the cython backend computes them with its own inline expf, expm1f
-    and tanhf); NaN stays NaN. Measured: <= 3.3 ulp on every backend, but softmax on
+    """sigmoid (e^-|z|), softmax (e^(z - max)), tanh, elu (e^z - 1) and softplus
+    (log1p) in float32, from where e^x underflows through the subnormal results to 0,
+    within a few ulp of the float64 value (the cython backend computes them with its
+    own inline expf, expm1f, log1pf and tanhf); NaN stays NaN. Measured: <= 3.3 ulp on every backend, but softmax on
     the numpy reference: 8.7 (its float32 normalisation)."""
     z = np.concatenate([np.linspace(-110, 30, 200_001), -np.logspace(-8, 2.05, 20_001),
                         [-103.97, -87.3365, -87.3366, 0.0]]).astype(np.float32)
@@ -538,20 +538,24 @@ def test_float32_exponentials_are_accurate_over_the_whole_range(backend):
         ulps = abs(grad[0, 1] - e) / np.spacing(np.float32(e))
         assert ulps <= 16, f"softmax: {ulps:.1f} ulp at x = {x}"
 
-    # tanh and elu (e^x - 1) around 0 (where cancellation would show) and beyond.
+    # tanh, elu (e^x - 1) and softplus (log1p) around 0 (where cancellation would
+    # show) and beyond.
     tiny = np.logspace(-40, 1.5, 20_001)
     z = np.concatenate([np.linspace(-30, 30, 200_001), tiny, -tiny]).astype(np.float32)
-    for act, f in (("tanh", np.tanh), ("elu", lambda v: np.where(v > 0, v, np.expm1(v)))):
+    for act, f in (("tanh", np.tanh), ("elu", lambda v: np.where(v > 0, v, np.expm1(v))),
+                   ("softplus", lambda v: np.maximum(v, 0) + np.log1p(np.exp(-np.abs(v))))):
         exact = f(z.astype(np.float64))
         out = np.empty_like(z)
         backend.activation_forward(ACTIVATIONS[act], z[None, :], out[None, :])
         ulps = np.abs(out - exact) / np.spacing(np.abs(exact).astype(np.float32))
         assert ulps.max() <= 4, f"{act}: {ulps.max():.1f} ulp at z = {z[ulps.argmax()]}"
 
-    for act in ("sigmoid", "tanh", "elu"):
+    at_zero = {"sigmoid": 0.5, "tanh": 0.0, "elu": 0.0, "softplus": np.float32(np.log(2))}
+    for act, value in at_zero.items():
         nan = np.array([[np.nan, 0.0]], np.float32)
-        backend.activation_forward(ACTIVATIONS[act], nan, out[None, :2])
-        assert np.isnan(out[0]) and out[1] == (0.5 if act == "sigmoid" else 0.0), act
+        with np.errstate(invalid="ignore"):  # numpy's logaddexp warns on NaN
+            backend.activation_forward(ACTIVATIONS[act], nan, out[None, :2])
+        assert np.isnan(out[0]) and out[1] == value, act
 
 
 # logits row, label, exact loss, exact d(loss)/d(logits) for that row alone.
