@@ -21,10 +21,15 @@ import pytest
 
 from fastnn.benchmarks import NETS, initial_weights
 from fastnn.kernels import ACTIVATIONS, train_epoch_workspace_size
+from fastnn.kernels import load as load_backend
 from fastnn.kernels import LOSSES as LOSS_CODES
 from fastnn.kernels import OPTIMIZERS as OPTIMIZER_CODES
 
 RELU, IDENTITY = ACTIVATIONS["relu"], ACTIVATIONS["identity"]
+#: Activations whose every element is a transcendental function, benchmarked at one
+#: shape (the MNIST net's first hidden layer at batch 128) besides ReLU everywhere.
+SMOOTH_ACTIVATIONS = ("sigmoid", "tanh", "softplus", "elu")
+SMOOTH_ACTIVATION_SHAPE = ("mnist-b128-256", (128, 256))
 SEED = 20240611
 #: Batches per train_epoch call.
 TRAIN_EPOCH_BATCHES = 4
@@ -130,20 +135,21 @@ def _dense_backward(n, d, k, act, first):
     return build
 
 
-def _activation_forward(shape):
+def _activation_forward(shape, act=RELU):
     def build(dtype, rng):
         z = _normal(rng, shape, dtype)
         return (lambda: [np.empty(shape, dtype)],
-                lambda m, out: m.activation_forward(RELU, z, out[0]))
+                lambda m, out: m.activation_forward(act, z, out[0]))
     return build
 
 
-def _activation_backward(shape):
+def _activation_backward(shape, act=RELU):
     def build(dtype, rng):
-        a = np.maximum(_normal(rng, shape, dtype), 0)
+        a = np.empty(shape, dtype)  # the activation of normal z (ReLU: max(z, 0))
+        load_backend("numpy").activation_forward(act, _normal(rng, shape, dtype), a)
         dout = _normal(rng, shape, dtype)
         return (lambda: [np.empty(shape, dtype)],
-                lambda m, out: m.activation_backward(RELU, a, dout, out[0]))
+                lambda m, out: m.activation_backward(act, a, dout, out[0]))
     return build
 
 
@@ -226,6 +232,14 @@ def _cases():
     for shape_id, shape in _hidden_shapes():
         cases.append(Case("activation_forward", shape_id, _activation_forward(shape)))
         cases.append(Case("activation_backward", shape_id, _activation_backward(shape)))
+    # The smooth activations (exp / log1p / tanh per element) at one shape.
+    shape_id, shape = SMOOTH_ACTIVATION_SHAPE
+    for name in SMOOTH_ACTIVATIONS:
+        act = ACTIVATIONS[name]
+        cases.append(Case("activation_forward", f"{shape_id}-{name}",
+                          _activation_forward(shape, act)))
+        cases.append(Case("activation_backward", f"{shape_id}-{name}",
+                          _activation_backward(shape, act)))
     for kernel in ("softmax_cross_entropy", "sigmoid_binary_cross_entropy",
                    "mean_squared_error", "mean_absolute_error", "huber", "multiclass_hinge"):
         for shape_id, shape in _logit_shapes():

@@ -20,7 +20,8 @@ Design:
 * ``train_epoch`` is one serial core running a whole epoch: it calls the row and span
   helpers and serial builds of the optimizer cores (``_nested``), so its arithmetic is
   that of the single kernels in sequence. It is compiled per dtype on first use.
-* Elementwise math runs in the data dtype; losses and reductions accumulate in float64.
+* Elementwise math runs in the data dtype (float32 exp / expm1 / log1p as inline
+  polynomials that vectorise); losses and reductions accumulate in float64.
 * ``FASTMATH_FLAGS`` never includes nnan/ninf: NaN/inf semantics, and with them the
   stable exp/log paths (max-subtracted softmax, ``exp(-|z|)`` sigmoid/softplus), hold.
   Numba errors follow numpy (``error_model="numpy"``): a kernel never raises.
@@ -31,6 +32,7 @@ from types import FunctionType
 import numba
 import numpy as np
 from numba import njit, prange, types
+from numba.extending import overload
 
 from . import DEFAULT_ALPHA
 
@@ -153,28 +155,120 @@ def _serial_sum(values):
     return total
 
 
+# float32 e^x and e^x - 1 for x <= 0 and log(1 + x) for 0 <= x <= 1 (every exp / expm1
+# / log1p here has such an argument) as inline polynomials, the same as the Cython
+# backend's (see _cython.pyx): LLVM vectorises the loops that call them, where
+# math.exp & co. are a libm call per element. float64 keeps math.*.
+
+_F32 = np.float32
+
+
+@njit(**_HELPER_OPTIONS)
+def _expf32_nonpos(x):
+    """Cephes' expf: x = n ln2 + r, e^r by a degree-7 polynomial, 2^n in the exponent
+    bits (subnormal results by a last multiply with 2^-24); NaN gives NaN."""
+    lowest = _F32(-104.0)
+    xc = x if x > lowest else lowest
+    xc = xc if xc < _F32(0.0) else _F32(0.0)
+    n = (xc * _F32(1.44269504088896341) + _F32(12582912.0)) - _F32(12582912.0)
+    r = (xc - n * _F32(0.693359375)) - n * _F32(-2.12194440e-4)
+    p = _F32(1.9875691500e-4)
+    p = p * r + _F32(1.3981999507e-3)
+    p = p * r + _F32(8.3334519073e-3)
+    p = p * r + _F32(4.1665795894e-2)
+    p = p * r + _F32(1.6666665459e-1)
+    p = p * r + _F32(5.0000001201e-1)
+    p = p * (r * r) + r + _F32(1.0)
+    ni = np.int32(n)
+    tiny = ni < np.int32(-126)
+    bits = np.int32((ni + (np.int32(24) if tiny else np.int32(0)) + np.int32(127)) << 23)
+    p = p * bits.view(np.float32)
+    p = p * (_F32(5.9604644775390625e-08) if tiny else _F32(1.0))
+    return x if x != x else p
+
+
+@njit(**_HELPER_OPTIONS)
+def _expm1f32_nonpos(x):
+    """Taylor to x^8 above -0.5 (no cancellation), e^x - 1 below."""
+    p = _F32(2.48015873e-5)
+    p = p * x + _F32(1.98412698e-4)
+    p = p * x + _F32(1.38888889e-3)
+    p = p * x + _F32(8.33333333e-3)
+    p = p * x + _F32(4.16666667e-2)
+    p = p * x + _F32(1.66666667e-1)
+    p = p * x + _F32(0.5)
+    p = p * (x * x) + x
+    q = _expf32_nonpos(x) - _F32(1.0)
+    return p if x > _F32(-0.5) else q
+
+
+@njit(**_HELPER_OPTIONS)
+def _log1pf32_unit(e):
+    """1 + e = 2^k (1 + x), x = e (k = 0) or (e - 1) / 2 (k = 1); Cephes' logf
+    polynomial for log(1 + x)."""
+    big = e >= _F32(0.41421356)
+    x = (e - _F32(1.0)) * _F32(0.5) if big else e
+    k = _F32(1.0) if big else _F32(0.0)
+    z = x * x
+    y = _F32(7.0376836292e-2)
+    y = y * x - _F32(1.1514610310e-1)
+    y = y * x + _F32(1.1676998740e-1)
+    y = y * x - _F32(1.2420140846e-1)
+    y = y * x + _F32(1.4249322787e-1)
+    y = y * x - _F32(1.6668057665e-1)
+    y = y * x + _F32(2.0000714765e-1)
+    y = y * x - _F32(2.4999993993e-1)
+    y = y * x + _F32(3.3333331174e-1)
+    y = y * x * z + k * _F32(-2.12194440e-4) - _F32(0.5) * z
+    return (x + y) + k * _F32(0.693359375)
+
+
+def _exp_nonpos(x):
+    """e^x for x <= 0."""
+    return math.exp(x)
+
+
+def _expm1_nonpos(x):
+    """e^x - 1 for x <= 0."""
+    return math.expm1(x)
+
+
+def _log1p_unit(x):
+    """log(1 + x) for 0 <= x <= 1."""
+    return math.log1p(x)
+
+
+@overload(_exp_nonpos)
+def _exp_nonpos_typed(x):
+    return (lambda x: _expf32_nonpos(x)) if x == types.float32 else (lambda x: math.exp(x))
+
+
+@overload(_expm1_nonpos)
+def _expm1_nonpos_typed(x):
+    return ((lambda x: _expm1f32_nonpos(x)) if x == types.float32 else
+            (lambda x: math.expm1(x)))
+
+
+@overload(_log1p_unit)
+def _log1p_unit_typed(x):
+    return ((lambda x: _log1pf32_unit(x)) if x == types.float32 else
+            (lambda x: math.log1p(x)))
+
+
 @njit(**_HELPER_OPTIONS)
 def _sigmoid(z, one):
     """Overflow-free logistic: exp only ever sees -|z|."""
-    e = math.exp(-abs(z))
+    e = _exp_nonpos(-abs(z))
     return (one if z >= 0 else e) / (one + e)
 
 
-@njit(**_HELPER_OPTIONS)
+@njit(inline="always", **_HELPER_OPTIONS)
 def _tanh(z, one):
-    """tanh without libm's tanh, which is scalar and ~5x slower than this.
-
-    |z| < 0.1: the odd Taylor series to z^13 (truncation < 2e-16 relative), in float64;
-    above: (1 - e) / (1 + e) with e = exp(-2|z|), a few ulp and no overflow.
-    """
+    """tanh z = sign(z) (-m / (2 + m)), m = e^(-2|z|) - 1: no overflow, no cancellation
+    near 0, and (float32) vectorisable, where libm's tanh is a call per element."""
     a = abs(z)
-    e = math.exp(-(a + a))
-    x = np.float64(a)
-    x2 = x * x
-    series = x + x * x2 * (-1 / 3 + x2 * (2 / 15 + x2 * (-17 / 315 + x2 * (
-        62 / 2835 + x2 * (-1382 / 155925 + x2 * (21844 / 6081075))))))
-    t = series if a < 0.1 else (one - e) / (one + e)
-    return t if z >= 0 else -t
+    m = _expm1_nonpos(-(a + a))
+    return math.copysign(-m / (one + one + m), z)
 
 
 @njit(**_HELPER_OPTIONS)
@@ -206,11 +300,11 @@ def _activation_forward_span(act, z, out, alpha):
     elif act == SOFTPLUS:
         for i in range(n):
             v = z[i]
-            out[i] = (v if v > zero else zero) + math.log1p(math.exp(-abs(v)))
+            out[i] = (v if v > zero else zero) + _log1p_unit(_exp_nonpos(-abs(v)))
     elif act == ELU:
         for i in range(n):
             v = z[i]
-            out[i] = v if v > zero else alpha * math.expm1(v)
+            out[i] = v if v > zero else alpha * _expm1_nonpos(v)
 
 
 @njit(**_HELPER_OPTIONS)
@@ -243,7 +337,7 @@ def _activation_backward_span(act, a, dout, out, alpha):
             out[i] = d if a[i] > zero else alpha * d
     elif act == SOFTPLUS:
         for i in range(n):
-            out[i] = -dout[i] * math.expm1(-a[i])
+            out[i] = -dout[i] * _expm1_nonpos(-a[i])
     elif act == ELU:
         for i in range(n):
             v = a[i]
@@ -276,18 +370,18 @@ def _sum_exp_shifted(z, m):
     """sum_j exp(z_j - m), in float64."""
     s = 0.0
     for j in range(z.shape[0]):
-        s += math.exp(z[j] - m)
+        s += _exp_nonpos(z[j] - m)
     return s
 
 
 @njit(**_HELPER_OPTIONS)
 def _store_exp_shifted(z, m, e):
     """e_j = exp(z_j - m); returns their sum in float64."""
+    for j in range(z.shape[0]):  # no reduction in this loop: it vectorises
+        e[j] = _exp_nonpos(z[j] - m)
     s = 0.0
     for j in range(z.shape[0]):
-        v = math.exp(z[j] - m)
-        e[j] = v
-        s += v
+        s += e[j]
     return s
 
 
@@ -301,13 +395,13 @@ def _bce_row(z, t, grad, i, c, want_grad):
         g = grad[i]
         for j in range(z.shape[0]):
             v = z[j]
-            e = math.exp(-abs(v))
-            s += (v if v > zero else zero) - v * t[j] + math.log1p(e)
+            e = _exp_nonpos(-abs(v))
+            s += (v if v > zero else zero) - v * t[j] + _log1p_unit(e)
             g[j] = ((one if v >= zero else e) / (one + e) - t[j]) * c
     else:
         for j in range(z.shape[0]):
             v = z[j]
-            s += (v if v > zero else zero) - v * t[j] + math.log1p(math.exp(-abs(v)))
+            s += (v if v > zero else zero) - v * t[j] + _log1p_unit(_exp_nonpos(-abs(v)))
     return s
 
 
