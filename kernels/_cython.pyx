@@ -18,9 +18,9 @@
 #    per thread (prange); smaller work runs serially. BLAS is never called inside
 #    a prange. Losses store one double per row and sum the rows serially, so the
 #    loss does not depend on the thread count; db accumulates per-chunk double rows.
-# e) Elementwise math runs in the arrays' precision (expf & co. for float32), as
-#    numpy does, with float32 e^x inline (_expf_nonpos); every reduction (losses,
-#    db) accumulates in double.
+# e) Elementwise math runs in the arrays' precision, as numpy does: float32 exp,
+#    expm1, log1p and tanh inline (see the C block below), float64 libm; every
+#    reduction (losses, db) accumulates in double.
 # f) train_epoch composes those same helpers over a whole epoch in one nogil loop, on
 #    pointer offsets into params / grads / workspace (no allocation per batch),
 #    serially: its nets are small, and BLAS keeps its own threads. Plain SGD is folded
@@ -65,10 +65,10 @@ cdef extern from *:
 
 # e^x and e^x - 1 for float32 x <= 0 (every exponential here: softmax z - max, sigmoid
 # e^-|z|, softplus, elu), log(1 + x) for 0 <= x <= 1 and tanh inline, so the compiler
-# can vectorise the loops that call them: libm's are a call per element (tanhf ~15 ns). e^x is Cephes' expf:
-# x = n ln2 + r, |r| <= ln2 / 2, e^r by a degree-7 polynomial, 2^n in the exponent bits
-# (subnormal results by a last multiply with 2^-24, one rounding). Each within 2 ulp
-# of the exact value; NaN gives NaN.
+# can vectorise the loops that call them: libm's are a call per element (tanhf ~15 ns).
+# e^x is Cephes' expf: x = n ln2 + r, |r| <= ln2 / 2, e^r by a degree-7 polynomial, 2^n
+# in the exponent bits (subnormal results by a last multiply with 2^-24, one rounding).
+# Each within 2.5 ulp of the exact value; NaN gives NaN.
 cdef extern from *:
     """
     #include <stdint.h>
@@ -240,7 +240,7 @@ cdef inline floating _log1p_unit(floating x) noexcept nogil:
 
 
 cdef inline floating _tanh(floating x) noexcept nogil:
-    """tanh (inline for float32, see _tanhf; within 2 ulp)."""
+    """tanh (inline for float32, see _tanhf)."""
     if floating is float:
         return _tanhf(x)
     else:

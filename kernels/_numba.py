@@ -223,36 +223,22 @@ def _log1pf32_unit(e):
     return (x + y) + k * _F32(0.693359375)
 
 
-def _exp_nonpos(x):
-    """e^x for x <= 0."""
-    return math.exp(x)
+def _float32_inline(math_fn, float32_fn):
+    """A function that compiled code runs as ``float32_fn`` for a float32 argument and
+    as ``math_fn`` for any other (numba's overload picks one at typing time)."""
+    def dispatch(x):
+        return math_fn(x)
+
+    @overload(dispatch)
+    def _typed(x):
+        impl = float32_fn if x == types.float32 else math_fn
+        return lambda x: impl(x)
+    return dispatch
 
 
-def _expm1_nonpos(x):
-    """e^x - 1 for x <= 0."""
-    return math.expm1(x)
-
-
-def _log1p_unit(x):
-    """log(1 + x) for 0 <= x <= 1."""
-    return math.log1p(x)
-
-
-@overload(_exp_nonpos)
-def _exp_nonpos_typed(x):
-    return (lambda x: _expf32_nonpos(x)) if x == types.float32 else (lambda x: math.exp(x))
-
-
-@overload(_expm1_nonpos)
-def _expm1_nonpos_typed(x):
-    return ((lambda x: _expm1f32_nonpos(x)) if x == types.float32 else
-            (lambda x: math.expm1(x)))
-
-
-@overload(_log1p_unit)
-def _log1p_unit_typed(x):
-    return ((lambda x: _log1pf32_unit(x)) if x == types.float32 else
-            (lambda x: math.log1p(x)))
+_exp_nonpos = _float32_inline(math.exp, _expf32_nonpos)  # e^x, x <= 0
+_expm1_nonpos = _float32_inline(math.expm1, _expm1f32_nonpos)  # e^x - 1, x <= 0
+_log1p_unit = _float32_inline(math.log1p, _log1pf32_unit)  # log(1 + x), 0 <= x <= 1
 
 
 @njit(**_HELPER_OPTIONS)
