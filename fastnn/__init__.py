@@ -33,7 +33,8 @@ from .layers import (  # noqa: E402
     Softplus,
     Tanh,
 )
-from .model import History, NotCompiledError, Sequential, load_model  # noqa: E402
+from ._training import History  # noqa: E402
+from .model import NotCompiledError, Sequential, load_model  # noqa: E402
 from .perceptron import NotFittedError, Perceptron  # noqa: E402
 
 __version__ = "0.1.0"

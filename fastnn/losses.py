@@ -38,6 +38,14 @@ class Loss:
         """Map raw network output to predictions (a new array)."""
         return out.copy()
 
+    def kernel_spec(self, target):
+        """How the fused ``train_epoch`` kernel computes this loss for ``target`` (as
+        returned by ``prepare_target``): ``(code, param, hits_per_sample)`` — the kernel's
+        loss code, its parameter (Huber's delta, the hinge margin, else 0) and how many
+        accuracy hits the kernel counts per sample — or None when the kernel cannot.
+        """
+        return _kernel_spec(self.name)
+
     def get_config(self):
         return {"name": self.name}
 
@@ -74,6 +82,9 @@ class Huber(Loss):
 
     def __call__(self, pred, target, weights, dpred):
         return backend_module().huber(pred, target, self.delta, weights, dpred)
+
+    def kernel_spec(self, target):
+        return _kernel_spec(self.name, self.delta)
 
     def get_config(self):
         return {"name": self.name, "delta": self.delta}
@@ -117,6 +128,10 @@ class CrossEntropy(Loss):
     def link(self, out):
         return softmax(out)
 
+    def kernel_spec(self, target):
+        # the kernel reads integer labels only, not probability rows
+        return _kernel_spec(self.name) if target.ndim == 1 else None
+
     def __call__(self, pred, target, weights, dpred):
         return backend_module().softmax_cross_entropy(pred, target, weights, dpred)
 
@@ -141,6 +156,10 @@ class BinaryCrossEntropy(Loss):
         backend_module().activation_forward(kernels.ACTIVATIONS["sigmoid"], out, prob, None)
         return prob
 
+    def kernel_spec(self, target):
+        # accuracy counts every output of every sample (multi-label)
+        return _kernel_spec(self.name, hits_per_sample=target.shape[1])
+
     def __call__(self, pred, target, weights, dpred):
         return backend_module().sigmoid_binary_cross_entropy(pred, target, weights, dpred)
 
@@ -164,8 +183,18 @@ class Hinge(Loss):
     def __call__(self, pred, target, weights, dpred):
         return backend_module().multiclass_hinge(pred, target, self.margin, weights, dpred)
 
+    def kernel_spec(self, target):
+        return _kernel_spec(self.name, self.margin)
+
     def get_config(self):
         return {"name": self.name, "margin": self.margin}
+
+
+def _kernel_spec(name, param=0.0, hits_per_sample=1):
+    """``Loss.kernel_spec`` for the loss ``name``: None if the kernel has no code for it
+    (a user-defined loss)."""
+    code = kernels.LOSSES.get(name)
+    return None if code is None else (code, float(param), hits_per_sample)
 
 
 LOSSES = {cls.name: cls for cls in

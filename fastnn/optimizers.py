@@ -86,6 +86,8 @@ class Optimizer:
                      self.iterations)
 
     def _hyper(self):
+        """The hyper-parameters besides ``lr`` and ``clipnorm``, as the constructor takes
+        them (get_config and repr read this one table)."""
         return {}
 
     def upcoming_lrs(self, n):
@@ -99,8 +101,8 @@ class Optimizer:
         if self.clipnorm is not None:
             return None
         code, names = kernels.OPTIMIZERS[self.kernel]
-        values = self._kernel_values()
-        hyper = np.array([float(values[name]) for name in names])
+        # the kernel's hyper-parameters are attributes of the same names
+        hyper = np.array([float(getattr(self, name)) for name in names])
         states = [self.state[name] for name in self.state_names]
         states += [states[0]] * (3 - len(states))  # unused slots: never touched
         return code, hyper, tuple(states)
@@ -134,10 +136,6 @@ class SGD(Optimizer):
 
     kernel = "sgd"
 
-    def _kernel_values(self):
-        return {"momentum": self.momentum, "dampening": self.dampening,
-                "weight_decay": self.weight_decay, "nesterov": self.nesterov}
-
     def _update(self, k, params, grads, lr, t):
         k.sgd_update(params, grads, self.state["momentum_buffer"], lr, self.momentum,
                      self.dampening, self.weight_decay, self.nesterov, t)
@@ -160,9 +158,6 @@ class Adagrad(Optimizer):
         self.eps = check_float(eps, "eps", low=0.0)
 
     kernel = "adagrad"
-
-    def _kernel_values(self):
-        return self._hyper()
 
     def _update(self, k, params, grads, lr, t):
         k.adagrad_update(params, grads, self.state["sum"], lr, self.lr_decay,
@@ -188,9 +183,6 @@ class RMSprop(Optimizer):
         self.centered = bool(centered)
 
     kernel = "rmsprop"
-
-    def _kernel_values(self):
-        return self._hyper()
 
     def _update(self, k, params, grads, lr, t):
         s = self.state
@@ -223,10 +215,13 @@ class Adam(Optimizer):
 
     kernel = "adam"
 
-    def _kernel_values(self):
-        return {"beta1": self.betas[0], "beta2": self.betas[1], "eps": self.eps,
-                "weight_decay": self.weight_decay, "decoupled": self.decoupled,
-                "amsgrad": self.amsgrad}
+    @property
+    def beta1(self):
+        return self.betas[0]
+
+    @property
+    def beta2(self):
+        return self.betas[1]
 
     def _update(self, k, params, grads, lr, t):
         s = self.state

@@ -36,6 +36,7 @@ class Objective:
         self.model, self.X, self.target, self.weights = model, X, target, weights
         self.n_evals = 0
         self._cache_x = None
+        self._cache_out = None
 
     @property
     def n_params(self):
@@ -49,11 +50,20 @@ class Objective:
         if self._cache_x is not None and np.array_equal(x, self._cache_x):
             return self._cache
         self._set(x)
-        loss, _ = self.model._loss_and_grad(self.X, self.target, self.weights, training=False)
+        loss, out = self.model._loss_and_grad(self.X, self.target, self.weights,
+                                              training=False)
         self.n_evals += 1
         self._cache_x = np.array(x, dtype=np.float64, copy=True)
         self._cache = (loss, self.model.grads.astype(np.float64))
+        self._cache_out = out.copy()  # (n, n_outputs): small next to the forward pass
         return self._cache
+
+    def output_at(self, x):
+        """The network output (n, n_outputs) of the last loss evaluation if it was at
+        ``x``, else None."""
+        if self._cache_x is None or not np.array_equal(x, self._cache_x):
+            return None
+        return self._cache_out
 
     def loss(self, x):
         return self.loss_and_grad(x)[0]

@@ -1,0 +1,474 @@
+"""The fit loop: epochs of mini-batch steps or solver iterations over a Sequential.
+
+``fit(model, X, y, ...)`` is what ``Sequential.fit`` runs. It validates the arguments
+once, splits off validation data, then trains either
+
+- batch by batch: each epoch in one fused ``train_epoch`` kernel call when the model
+  allows it (``_fused_epoch_runner``), otherwise step by step in Python
+  (``_python_epoch_runner``); both return ``(logs, updates made, bad loss or None)``;
+- or, for a full-batch solver, one solver iteration per epoch (``_fit_solver``).
+
+A loss or weights that turn NaN/inf put back the weights of the last completed epoch
+(``_handle_divergence``); callbacks, progress display and ``History`` see the same
+per-epoch logs on every path.
+"""
+import math
+import sys
+import time
+
+import numpy as np
+
+from . import kernels
+from . import metrics as metrics_module
+from . import optimizers as optimizers_module
+from ._backend import backend_module
+from ._validation import all_finite, check_float, check_int, check_seed
+from .callbacks import Callback, TerminateOnNaN
+from .layers import Dense
+from .solvers import Objective, Solver
+
+
+class History:
+    """What ``fit`` returns.
+
+    Attributes
+    ----------
+    history : dict
+        "loss", each metric and "val_*" mapped to per-epoch lists of floats.
+    epoch : list of int
+        The epoch indices run.
+    stop_reason : str
+        Why fit ended ("completed N epochs", a solver's convergence message, the
+        callback that stopped training, or the divergence message).
+    n_evaluations : int
+        Loss+gradient evaluations made (mini-batch steps, or a solver's evaluations).
+    seconds : float
+        Wall time of the training loop.
+    """
+
+    def __init__(self):
+        self.history = {}
+        self.epoch = []
+        self.stop_reason = None
+        self.n_evaluations = 0
+        self.seconds = 0.0
+
+    def append(self, epoch, logs):
+        self.epoch.append(epoch)
+        for key, value in logs.items():
+            self.history.setdefault(key, []).append(value)
+
+    def plot(self, path=None, keys=None):
+        """Plot the per-epoch curves with matplotlib (``pip install fastnn[plot]``).
+
+        Saves to ``path`` when given; returns the matplotlib Figure.
+        """
+        try:
+            if path is None:
+                import matplotlib.pyplot as plt
+            else:  # draw off-screen without switching the process's matplotlib backend
+                from matplotlib.figure import Figure
+        except ImportError as exc:
+            raise ImportError("History.plot needs matplotlib: pip install 'fastnn[plot]'"
+                              ) from exc
+        keys = [k for k in (keys or self.history) if not k.startswith("val_") and k != "lr"]
+        size = (4.5 * max(len(keys), 1), 3.5)
+        fig = plt.figure(figsize=size) if path is None else Figure(figsize=size)
+        axes = fig.subplots(1, max(len(keys), 1), squeeze=False)
+        epochs = [e + 1 for e in self.epoch]
+        for ax, key in zip(axes[0], keys):
+            ax.plot(epochs, self.history[key], label=key)
+            if "val_" + key in self.history:
+                ax.plot(epochs, self.history["val_" + key], label="val_" + key)
+            ax.set_xlabel("epoch")
+            ax.set_title(key)
+            ax.legend()
+        fig.tight_layout()
+        if path is not None:
+            fig.savefig(path)
+        return fig
+
+    def __repr__(self):
+        return f"History(epochs={len(self.epoch)}, keys={sorted(self.history)})"
+
+
+def fit(model, X, y, epochs=1, batch_size=32, shuffle=True, replacement=False,
+        validation_data=None, validation_split=0.0, sample_weight=None,
+        class_weight=None, callbacks=(), verbose=1, seed=None):
+    """Train ``model`` (compiled) and return a History; see ``Sequential.fit``."""
+    model._require_compiled("fit")
+    epochs = check_int(epochs, "epochs", low=0)
+    verbose = check_int(verbose, "verbose", low=0, high=2)
+    rng = np.random.default_rng(check_seed(seed))
+    X, target, weights = model._prepare(X, y, sample_weight)
+    weights = _apply_class_weight(model, class_weight, target, weights)
+    X, target, weights, val = _split_validation(model, X, target, weights,
+                                                validation_data, validation_split)
+    n = X.shape[0]
+    batch = n if batch_size is None else min(check_int(batch_size, "batch_size", low=1), n)
+    callbacks = list(callbacks or ())
+    for i, cb in enumerate(callbacks):
+        if not isinstance(cb, Callback):
+            raise TypeError(f"callbacks[{i}] must be a fastnn.callbacks.Callback, "
+                            f"got {type(cb).__name__}")
+        cb.set_model(model)
+
+    loop = _FitLoop(model, callbacks, val, verbose)
+    for cb in callbacks:
+        cb.on_train_begin({})
+    start = time.perf_counter()
+    try:
+        if isinstance(model.optimizer, Solver):
+            loop.progress = _Progress(verbose, epochs, 1)
+            loop.history.n_evaluations = loop.fit_solver(X, target, weights, epochs)
+        else:
+            n_batches = math.ceil(n / batch)
+            loop.progress = _Progress(verbose, epochs, n_batches)
+            loop.history.n_evaluations = loop.fit_minibatch(
+                X, target, weights, epochs, batch, n_batches, shuffle, replacement, rng)
+    finally:
+        if loop.progress is not None:
+            loop.progress.close()
+    if model.stop_reason is None:
+        model.stop_reason = f"completed {epochs} epochs"
+    loop.history.stop_reason = model.stop_reason
+    loop.history.seconds = time.perf_counter() - start
+    for cb in callbacks:
+        cb.on_train_end({})
+    return loop.history
+
+
+def _split_validation(model, X, target, weights, validation_data, validation_split):
+    """(X, target, weights, val) with val = (X_val, target_val, weights_val) or None."""
+    validation_split = check_float(validation_split, "validation_split", low=0.0,
+                                   high=1.0, high_open=True)
+    if validation_data is not None and validation_split:
+        raise ValueError("pass either validation_data or validation_split, not both")
+    if validation_data is not None:
+        if not isinstance(validation_data, (tuple, list)) or len(validation_data) not in (2, 3):
+            raise TypeError("validation_data must be a tuple (X_val, y_val) or "
+                            "(X_val, y_val, sample_weight_val)")
+        wv = validation_data[2] if len(validation_data) == 3 else None
+        val = model._prepare(validation_data[0], validation_data[1], wv, name="X_val")
+        return X, target, weights, val
+    if not validation_split:
+        return X, target, weights, None
+    n_val = int(round(X.shape[0] * validation_split))
+    if not 1 <= n_val < X.shape[0]:
+        raise ValueError(f"validation_split={validation_split} leaves {n_val} "
+                         f"validation samples out of {X.shape[0]}; need 1..n-1")
+    cut = X.shape[0] - n_val
+    val = (X[cut:], target[cut:], None if weights is None else weights[cut:])
+    if weights is not None:
+        weights = weights[:cut]
+        if weights.sum() <= 0:
+            raise ValueError("sample_weight is all zero on the training part")
+    return X[:cut], target[:cut], weights, val
+
+
+def _apply_class_weight(model, class_weight, target, weights):
+    """Per-sample weights scaled by ``class_weight[label]`` (a new contiguous array)."""
+    if class_weight is None:
+        return weights
+    if not isinstance(class_weight, dict):
+        raise TypeError(f"class_weight must be a dict {{class: weight}}, got "
+                        f"{type(class_weight).__name__}")
+    if target.ndim == 1:
+        labels = target
+    elif target.shape[1] == 1:
+        labels = target[:, 0].astype(np.int64)
+    else:
+        raise ValueError("class_weight needs integer labels or a single 0/1 target column")
+    factors = np.ones(max(model.n_outputs, 2), dtype=np.float64)
+    for cls, w in class_weight.items():
+        if isinstance(cls, bool) or not isinstance(cls, (int, np.integer)) or \
+                not 0 <= cls < factors.size:
+            raise ValueError(f"class_weight key {cls!r} is not a class in "
+                             f"[0, {factors.size - 1}]")
+        factors[cls] = check_float(w, f"class_weight[{cls}]", low=0.0)
+    combined = factors[labels].astype(model.dtype)
+    if weights is not None:
+        combined *= weights
+    if combined.sum() <= 0:
+        raise ValueError("class_weight and sample_weight give every sample zero weight")
+    return np.ascontiguousarray(combined)
+
+
+class _FitLoop:
+    """The state one ``fit`` call shares between its epochs: model, callbacks, progress
+    display, History and validation set."""
+
+    def __init__(self, model, callbacks, val, verbose):
+        self.model, self.callbacks, self.val = model, callbacks, val
+        self.terminate_on_nan = any(isinstance(cb, TerminateOnNaN) for cb in callbacks)
+        self.history = History()
+        self.progress = None
+        model.history = self.history
+        model.stop_training, model.stop_reason = False, None
+
+    def end_epoch(self, epoch, logs):
+        """Add validation logs, then tell callbacks, History and the progress display."""
+        if self.val is not None:
+            logs.update({"val_" + k: v for k, v in self.model._evaluate(*self.val).items()})
+        for cb in self.callbacks:
+            cb.on_epoch_end(epoch, logs)
+        self.history.append(epoch, logs)
+        self.progress.epoch_done(epoch, logs)
+
+    def handle_divergence(self, loss, epoch, batch, epoch_start_params):
+        """Put back the weights of the last completed epoch; stop cleanly (TerminateOnNaN)
+        or raise FloatingPointError.
+
+        ``loss`` is the non-finite batch loss, or None when the loss was finite but the
+        update made the weights non-finite. Weights that are still finite but already
+        give a non-finite loss are not kept either: they predict inf/NaN.
+        """
+        model = self.model
+        model.params[...] = epoch_start_params
+        what = "the weights became NaN or infinite" if loss is None else f"loss became {loss}"
+        message = (f"{what} at epoch {epoch + 1}, batch {batch + 1}; training stopped and "
+                   "the last finite weights (from the end of the last completed epoch) were "
+                   "kept (try a lower learning rate, gradient clipping or input scaling)")
+        if not self.terminate_on_nan:
+            raise FloatingPointError(message)
+        model.stop_training = True
+        model.stop_reason = message
+        if loss is not None:
+            for cb in self.callbacks:
+                cb.on_batch_end(batch, {"loss": loss})
+
+    # ------------------------------------------------------------ mini-batch training
+    def fit_minibatch(self, X, target, weights, epochs, batch, n_batches, shuffle,
+                      replacement, rng):
+        """The first-order loop: one optimizer step per mini-batch, each epoch either in
+        one fused kernel call or batch by batch in Python. Returns the number of
+        gradient evaluations."""
+        model, n = self.model, X.shape[0]
+        run_fused = _fused_epoch_runner(model, X, target, weights, batch, n_batches,
+                                        self.callbacks)
+        run_epoch = run_fused or self._python_epoch_runner(X, target, weights, batch,
+                                                           n_batches)
+        steps = 0
+        for epoch in range(epochs):
+            for cb in self.callbacks:
+                cb.on_epoch_begin(epoch, {})
+            epoch_start_params = model.params.copy()
+            order = _epoch_order(rng, n, shuffle, replacement)
+            logs, done, bad_loss = run_epoch(order)
+            steps += done
+            if bad_loss is not None:
+                self.handle_divergence(bad_loss, epoch, done, epoch_start_params)
+                return steps
+            if run_fused is not None:
+                self.progress.batch_done(n_batches)
+            if not all_finite(model.params):
+                # a finite loss can still come with an update that overflows the weights
+                self.handle_divergence(None, epoch, n_batches - 1, epoch_start_params)
+                return steps
+            self.end_epoch(epoch, logs)
+            if model.stop_training:
+                break
+        return steps
+
+    def _python_epoch_runner(self, X, target, weights, batch, n_batches):
+        """The general path: ``run(order) -> (logs, updates made, bad loss or None)``."""
+        model, callbacks, progress = self.model, self.callbacks, self.progress
+        n = X.shape[0]
+        gather = _BatchGather(X, target, weights)
+
+        def run(order):
+            metrics = metrics_module.build(model.metrics, model.loss)
+            total = mass = 0.0
+            for b in range(n_batches):
+                xb, yb, wb = gather(order, b * batch, min((b + 1) * batch, n))
+                loss, out = model._loss_and_grad(xb, yb, wb, training=True)
+                if not math.isfinite(loss):
+                    return None, b, loss
+                model.optimizer.step(model.params, model.grads)
+                batch_mass = float(xb.shape[0] if wb is None else wb.sum(dtype=np.float64))
+                total += loss * batch_mass
+                mass += batch_mass
+                for metric in metrics:
+                    metric.update(out, yb)
+                for cb in callbacks:
+                    cb.on_batch_end(b, {"loss": loss})
+                progress.batch_done()
+            logs = {"loss": total / mass if mass else float("nan")}
+            logs.update({m.name: m.result() for m in metrics if m.count})
+            return logs, n_batches, None
+        return run
+
+    # ------------------------------------------------------------ full-batch solvers
+    def fit_solver(self, X, target, weights, epochs):
+        """Full-batch solver: fit epoch = one solver iteration. Returns the number of
+        loss/gradient evaluations."""
+        model = self.model
+        objective = Objective(model, X, target, weights)
+        last_good = model.params.copy()
+        epoch = 0
+
+        def on_iteration(x, loss):
+            nonlocal epoch
+            for cb in self.callbacks:
+                cb.on_epoch_begin(epoch, {})
+            model.params[...] = x
+            if not math.isfinite(loss):
+                self.handle_divergence(loss, epoch, 0, last_good)
+                return True
+            last_good[...] = model.params
+            logs = {"loss": loss}
+            if model.metrics:
+                logs.update(_solver_metrics(model, objective, x, target))
+            for cb in self.callbacks:
+                cb.on_batch_end(0, {"loss": loss})
+            self.progress.batch_done()
+            self.end_epoch(epoch, logs)
+            epoch += 1
+            return model.stop_training
+
+        reason = model.optimizer.minimize(objective, model.params.astype(np.float64), epochs,
+                                          on_iteration)
+        if reason is not None and model.stop_reason is None:
+            model.stop_reason = reason
+        return objective.n_evals
+
+
+def _solver_metrics(model, objective, x, target):
+    """Metrics at the solver's new point ``x``, from the network output of the
+    objective's last evaluation when that was at ``x`` (every solver evaluates its
+    accepted point last, so this is the usual case); otherwise one inference pass."""
+    out = objective.output_at(x)
+    if out is None:
+        logs = model._evaluate(objective.X, target, objective.weights)
+        logs.pop("loss")
+        return logs
+    metrics = metrics_module.build(model.metrics, model.loss)
+    for metric in metrics:
+        metric.update(out, target)
+    return {m.name: m.result() for m in metrics}
+
+
+# ---------------------------------------------------------------- the fused epoch
+def _fused_epoch_runner(model, X, target, weights, batch, n_batches, callbacks):
+    """The fast path: a whole epoch in one ``train_epoch`` kernel call.
+
+    Taken when the model is a stack of Dense layers without regularization, the loss
+    and optimizer have a kernel spec (``Loss.kernel_spec``, ``Optimizer.kernel_spec``:
+    no gradient clipping, targets in a form the kernel reads), there are no sample
+    weights, the only metric is accuracy and no callback needs per-batch calls
+    (TerminateOnNaN is honoured). It computes what the general path computes; set
+    ``model.use_fused_epoch = False`` to force the general path. The optimizer's kernel
+    spec is read once per fit: hyper-parameters changed by a callback in the middle of
+    a fit take effect at the next fit (the learning rate and its scale are read every
+    epoch). Returns ``run(order)`` like ``_python_epoch_runner``, or None.
+    """
+    dense = [layer for layer in model.layers if isinstance(layer, Dense)]
+    optimizer_spec = (model.optimizer.kernel_spec()
+                      if isinstance(model.optimizer, optimizers_module.Optimizer) else None)
+    loss_spec = model.loss.kernel_spec(target)
+    eligible = (
+        model.use_fused_epoch and optimizer_spec is not None and loss_spec is not None
+        and weights is None
+        and len(dense) == len(model.layers) and not any(d.l1 or d.l2 for d in dense)
+        and set(model.metrics) <= {"accuracy"}
+        and all(isinstance(cb, TerminateOnNaN)
+                or type(cb).on_batch_end is Callback.on_batch_end for cb in callbacks))
+    if not eligible:
+        return None
+    loss_code, loss_param, hits_per_sample = loss_spec
+    opt_code, hyper, states = optimizer_spec
+    widths = np.array([dense[0].in_features] + [d.out_features for d in dense], np.int64)
+    acts = np.array([d.act_code for d in dense], np.int64)
+    alphas = np.array([d.alpha for d in dense], np.float64)
+    use_bias = np.array([d.use_bias for d in dense], np.int64)
+    workspace = np.empty(kernels.train_epoch_workspace_size(batch, widths), model.dtype)
+    if target.ndim == 1:
+        labels, targets = target, np.empty((0, model.n_outputs), model.dtype)
+    else:
+        labels, targets = np.empty(0, np.int64), target
+    in_order = np.arange(X.shape[0], dtype=np.int64)
+    stats = np.zeros(4)
+    optimizer = model.optimizer
+
+    def run(order):
+        order = in_order if order is None else order
+        lrs = optimizer.upcoming_lrs(n_batches)
+        backend_module().train_epoch(
+            X, labels, targets, order, batch, widths, acts, alphas, use_bias,
+            model.params, model.grads, workspace, loss_code, loss_param, opt_code, hyper,
+            lrs, states[0], states[1], states[2], optimizer.iterations, stats)
+        done = int(stats[2])
+        optimizer.iterations += done
+        if done < n_batches:
+            return None, done, float(stats[3])
+        logs = {"loss": stats[0] / order.shape[0]}
+        if model.metrics:
+            logs["accuracy"] = stats[1] / (order.shape[0] * hits_per_sample)
+        return logs, done, None
+    return run
+
+
+# ---------------------------------------------------------------- helpers
+def _epoch_order(rng, n, shuffle, replacement):
+    """Sample order for one epoch: None (in order), a permutation, or n draws."""
+    if replacement:
+        return rng.integers(0, n, size=n)
+    if shuffle:
+        return rng.permutation(n)
+    return None
+
+
+class _BatchGather:
+    """Rows of one batch: a view for in-order epochs, otherwise gathered into reusable
+    buffers (np.take with out=, no fresh allocation per step)."""
+
+    def __init__(self, X, target, weights):
+        self.arrays = (X, target, weights)
+        self.buffers = {}
+
+    def __call__(self, order, start, stop):
+        if order is None:
+            return tuple(None if a is None else a[start:stop] for a in self.arrays)
+        idx = order[start:stop]
+        m = stop - start
+        bufs = self.buffers.get(m)
+        if bufs is None:
+            bufs = self.buffers[m] = [None if a is None else np.empty((m,) + a.shape[1:], a.dtype)
+                                      for a in self.arrays]
+        for a, buf in zip(self.arrays, bufs):
+            if a is not None:
+                np.take(a, idx, axis=0, out=buf)
+        return tuple(bufs)
+
+
+class _Progress:
+    """verbose=1: a tqdm bar over all batches when tqdm is installed, else one line per
+    epoch; verbose=2: one line per epoch; verbose=0: silent."""
+
+    def __init__(self, verbose, epochs, n_batches):
+        self.verbose, self.epochs = verbose, epochs
+        self.bar = None
+        if verbose == 1:
+            try:
+                from tqdm.auto import tqdm
+            except ImportError:
+                tqdm = None
+            if tqdm is not None:
+                self.bar = tqdm(total=epochs * n_batches, unit="batch", leave=True,
+                                file=sys.stderr, dynamic_ncols=True)
+
+    def batch_done(self, count=1):
+        if self.bar is not None:
+            self.bar.update(count)
+
+    def epoch_done(self, epoch, logs):
+        text = " ".join(f"{k}={v:.4g}" for k, v in logs.items())
+        if self.bar is not None:
+            self.bar.set_description(f"epoch {epoch + 1}/{self.epochs}", refresh=False)
+            self.bar.set_postfix_str(text)
+        elif self.verbose:
+            print(f"epoch {epoch + 1}/{self.epochs} - {text}", flush=True)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
