@@ -173,12 +173,18 @@ def _apply_class_weight(model, class_weight, target, weights):
     if not isinstance(class_weight, dict):
         raise TypeError(f"class_weight must be a dict {{class: weight}}, got "
                         f"{type(class_weight).__name__}")
+    if not model.loss.classification:
+        raise ValueError(f"class_weight needs a classification loss (cross_entropy, "
+                         f"binary_cross_entropy or hinge), but the model's loss is "
+                         f"{model.loss.name!r}; weight samples with sample_weight instead")
     if target.ndim == 1:
         labels = target
-    elif target.shape[1] == 1:
+    elif target.shape[1] == 1 and np.all((target == 0) | (target == 1)):
         labels = target[:, 0].astype(np.int64)
     else:
-        raise ValueError("class_weight needs integer labels or a single 0/1 target column")
+        raise ValueError("class_weight needs integer labels or a single 0/1 target column, "
+                         f"got targets of shape {target.shape}"
+                         + ("" if target.shape[1] != 1 else " with values other than 0 and 1"))
     factors = np.ones(max(model.n_outputs, 2), dtype=np.float64)
     for cls, w in class_weight.items():
         if isinstance(cls, bool) or not isinstance(cls, (int, np.integer)) or \

@@ -21,6 +21,8 @@ class Loss:
     name = None
     #: Whether targets are integer class labels (classification by argmax).
     uses_labels = False
+    #: Whether the targets are classes (class_weight applies), not values to regress.
+    classification = False
 
     def prepare_target(self, y, n_samples, n_outputs, dtype, name="y"):
         """Validate ``y`` for a network with ``n_outputs`` outputs; return kernel-ready."""
@@ -105,6 +107,7 @@ class CrossEntropy(Loss):
 
     name = "cross_entropy"
     uses_labels = True
+    classification = True
 
     def check_outputs(self, n_outputs):
         if n_outputs < 2:
@@ -143,6 +146,7 @@ class BinaryCrossEntropy(Loss):
     """
 
     name = "binary_cross_entropy"
+    classification = True
 
     def prepare_target(self, y, n_samples, n_outputs, dtype, name="y"):
         target = super().prepare_target(y, n_samples, n_outputs, dtype, name)
@@ -169,6 +173,7 @@ class Hinge(Loss):
 
     name = "hinge"
     uses_labels = True
+    classification = True
 
     def __init__(self, margin=1.0):
         self.margin = check_float(margin, "margin", low=0.0)

@@ -319,7 +319,7 @@ class ConjugateGradient(_OwnLoop):
         from scipy.optimize import line_search
 
         step = line_search(objective.loss, objective.grad, x, d, gfk=g,
-                                          old_fval=f, old_old_fval=self._f_older, c2=0.1)
+                           old_fval=f, old_old_fval=self._f_older, c2=0.1)
         alpha = step[0]
         if alpha is None:
             d = -g
@@ -497,6 +497,8 @@ class _Scipy(Solver):
     method = None
 
     def minimize(self, objective, x0, max_iter, on_iteration):
+        if max_iter == 0:  # scipy would still take a step
+            return "reached the maximum of 0 iterations"
         stopped = []
 
         def callback(intermediate_result):
@@ -511,8 +513,8 @@ class _Scipy(Solver):
         if self.method == "Newton-CG":
             kwargs["hessp"] = objective.hessp
         result = minimize(objective.loss_and_grad, np.array(x0, np.float64),
-                                         method=self.method, callback=callback,
-                                         options=self._options(max_iter), **kwargs)
+                          method=self.method, callback=callback,
+                          options=self._options(max_iter), **kwargs)
         objective._set(result.x)
         if stopped:
             return None

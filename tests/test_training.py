@@ -212,3 +212,35 @@ def test_dropout_and_float64_models_train():
     model.fit(X, y, epochs=40, batch_size=8, verbose=0, seed=0)
     assert model.params.dtype == np.float64
     assert model.evaluate(X, y)["accuracy"] >= 0.95
+
+
+# ---------------------------------------------------------------------------- epochs=0
+@pytest.mark.parametrize("optimizer", sorted(fn.optimizers.OPTIMIZERS) + sorted(fn.solvers.SOLVERS))
+def test_zero_epochs_leave_the_weights_untouched(optimizer):
+    gen = rng(40)
+    X, y = gen.normal(size=(30, 3)), gen.normal(size=(30, 2))
+    model = mlp([3, 4, 2], dtype="float64").compile("mse", optimizer)
+    before = model.get_weights()
+    history = model.fit(X, y, epochs=0, verbose=0)
+    assert history.epoch == [] and history.n_evaluations <= 1
+    for w, w0 in zip(model.get_weights(), before):
+        np.testing.assert_array_equal(w, w0)
+
+
+# ---------------------------------------------------------------------------- class_weight
+@pytest.mark.parametrize("loss", ["mse", "mae", "huber"])
+def test_class_weight_is_refused_for_regression_losses(loss):
+    gen = rng(41)
+    X, y = gen.normal(size=(20, 3)), gen.uniform(-1, 0, size=(20, 1))
+    model = mlp([3, 4, 1]).compile(loss, "sgd")
+    with pytest.raises(ValueError, match="class_weight needs a classification loss.*"
+                                         + loss):
+        model.fit(X, y, class_weight={0: 1.0, 1: 2.0}, verbose=0)
+
+
+def test_class_weight_refuses_soft_binary_targets():
+    gen = rng(42)
+    X, y = gen.normal(size=(20, 3)), gen.uniform(0, 1, size=(20, 1))
+    model = mlp([3, 4, 1]).compile("binary_cross_entropy", "sgd")
+    with pytest.raises(ValueError, match="values other than 0 and 1"):
+        model.fit(X, y, class_weight={0: 1.0, 1: 2.0}, verbose=0)
