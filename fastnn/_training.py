@@ -9,7 +9,7 @@ once, splits off validation data, then trains either
 - or, for a full-batch solver, one solver iteration per epoch (``_fit_solver``).
 
 A loss or weights that turn NaN/inf put back the weights of the last completed epoch
-(``_handle_divergence``); callbacks, progress display and ``History`` see the same
+(``handle_divergence``); callbacks, progress display and ``History`` see the same
 per-epoch logs on every path.
 """
 import math
@@ -34,9 +34,12 @@ class History:
     Attributes
     ----------
     history : dict
-        "loss", each metric and "val_*" mapped to per-epoch lists of floats.
+        "loss", each metric, "val_*" and "lr" (when ReduceLROnPlateau records it) mapped
+        to per-epoch lists of Python floats.
     epoch : list of int
         The epoch indices run.
+    unit : str
+        "epoch", or "iteration" when a full-batch solver trained (one per epoch).
     stop_reason : str
         Why fit ended ("completed N epochs", a solver's convergence message, the
         callback that stopped training, or the divergence message).
@@ -46,9 +49,10 @@ class History:
         Wall time of the training loop.
     """
 
-    def __init__(self):
+    def __init__(self, unit="epoch"):
         self.history = {}
         self.epoch = []
+        self.unit = unit
         self.stop_reason = None
         self.n_evaluations = 0
         self.seconds = 0.0
@@ -56,12 +60,16 @@ class History:
     def append(self, epoch, logs):
         self.epoch.append(epoch)
         for key, value in logs.items():
-            self.history.setdefault(key, []).append(value)
+            self.history.setdefault(key, []).append(float(value))
 
-    def plot(self, path=None, keys=None):
-        """Plot the per-epoch curves with matplotlib (``pip install fastnn[plot]``).
+    def plot(self, path=None, keys=None, logy=None):
+        """Plot the curves with matplotlib (``pip install fastnn[plot]``): one panel per
+        key ("loss", each metric, "lr" when recorded) with its "val_*" curve beside it.
 
-        Saves to ``path`` when given; returns the matplotlib Figure.
+        ``logy`` puts the y axes on a log scale (default: on for solver runs, whose loss
+        falls by orders of magnitude; the "lr" panel is always logarithmic). The x axis
+        counts epochs, or iterations for solvers. Saves to ``path`` when given; returns
+        the matplotlib Figure.
         """
         try:
             if path is None:
@@ -71,16 +79,20 @@ class History:
         except ImportError as exc:
             raise ImportError("History.plot needs matplotlib: pip install 'fastnn[plot]'"
                               ) from exc
-        keys = [k for k in (keys or self.history) if not k.startswith("val_") and k != "lr"]
+        if logy is None:
+            logy = self.unit == "iteration"
+        keys = [k for k in (keys or self.history) if not k.startswith("val_")]
         size = (4.5 * max(len(keys), 1), 3.5)
         fig = plt.figure(figsize=size) if path is None else Figure(figsize=size)
         axes = fig.subplots(1, max(len(keys), 1), squeeze=False)
-        epochs = [e + 1 for e in self.epoch]
+        x = [e + 1 for e in self.epoch]
         for ax, key in zip(axes[0], keys):
-            ax.plot(epochs, self.history[key], label=key)
+            ax.plot(x, self.history[key], label=key)
             if "val_" + key in self.history:
-                ax.plot(epochs, self.history["val_" + key], label="val_" + key)
-            ax.set_xlabel("epoch")
+                ax.plot(x, self.history["val_" + key], label="val_" + key)
+            if logy or key == "lr":
+                ax.set_yscale("log")
+            ax.set_xlabel(self.unit)
             ax.set_title(key)
             ax.legend()
         fig.tight_layout()
@@ -98,6 +110,8 @@ def fit(model, X, y, epochs=1, batch_size=32, shuffle=True, replacement=False,
     """Train ``model`` (compiled) and return a History; see ``Sequential.fit``."""
     model._require_compiled("fit")
     epochs = check_int(epochs, "epochs", low=0)
+    if isinstance(verbose, (bool, np.bool_)):
+        verbose = int(verbose)
     verbose = check_int(verbose, "verbose", low=0, high=2)
     rng = np.random.default_rng(check_seed(seed))
     X, target, weights = model._prepare(X, y, sample_weight)
@@ -113,13 +127,14 @@ def fit(model, X, y, epochs=1, batch_size=32, shuffle=True, replacement=False,
                             f"got {type(cb).__name__}")
         cb.set_model(model)
 
-    loop = _FitLoop(model, callbacks, val, verbose)
+    loop = _FitLoop(model, callbacks, val,
+                    "iteration" if isinstance(model.optimizer, Solver) else "epoch")
     for cb in callbacks:
         cb.on_train_begin({})
     start = time.perf_counter()
     try:
         if isinstance(model.optimizer, Solver):
-            loop.progress = _Progress(verbose, epochs, 1)
+            loop.progress = _Progress(verbose, epochs, 1, unit="iteration")
             loop.history.n_evaluations = loop.fit_solver(X, target, weights, epochs)
         else:
             n_batches = math.ceil(n / batch)
@@ -170,9 +185,13 @@ def _apply_class_weight(model, class_weight, target, weights):
     """Per-sample weights scaled by ``class_weight[label]`` (a new contiguous array)."""
     if class_weight is None:
         return weights
-    if not isinstance(class_weight, dict):
-        raise TypeError(f"class_weight must be a dict {{class: weight}}, got "
-                        f"{type(class_weight).__name__}")
+    balanced = isinstance(class_weight, str) and class_weight == "balanced"
+    if isinstance(class_weight, str) and not balanced:
+        raise ValueError(f"class_weight must be a dict {{class: weight}} or 'balanced', "
+                         f"got {class_weight!r}")
+    if not (balanced or isinstance(class_weight, dict)):
+        raise TypeError(f"class_weight must be a dict {{class: weight}} or 'balanced', "
+                        f"got {type(class_weight).__name__}")
     if not model.loss.classification:
         raise ValueError(f"class_weight needs a classification loss (cross_entropy, "
                          f"binary_cross_entropy or hinge), but the model's loss is "
@@ -186,6 +205,11 @@ def _apply_class_weight(model, class_weight, target, weights):
                          f"got targets of shape {target.shape}"
                          + ("" if target.shape[1] != 1 else " with values other than 0 and 1"))
     factors = np.ones(max(model.n_outputs, 2), dtype=np.float64)
+    if balanced:  # scikit-learn's n_samples / (n_classes * count)
+        counts = np.bincount(labels, minlength=factors.size)
+        present = counts > 0
+        factors[present] = labels.size / (np.count_nonzero(present) * counts[present])
+        class_weight = {}
     for cls, w in class_weight.items():
         if isinstance(cls, bool) or not isinstance(cls, (int, np.integer)) or \
                 not 0 <= cls < factors.size:
@@ -204,10 +228,10 @@ class _FitLoop:
     """The state one ``fit`` call shares between its epochs: model, callbacks, progress
     display, History and validation set."""
 
-    def __init__(self, model, callbacks, val, verbose):
+    def __init__(self, model, callbacks, val, unit):
         self.model, self.callbacks, self.val = model, callbacks, val
         self.terminate_on_nan = any(isinstance(cb, TerminateOnNaN) for cb in callbacks)
-        self.history = History()
+        self.history = History(unit)
         self.progress = None
         model.history = self.history
         model.stop_training, model.stop_reason = False, None
@@ -216,8 +240,12 @@ class _FitLoop:
         """Add validation logs, then tell callbacks, History and the progress display."""
         if self.val is not None:
             logs.update({"val_" + k: v for k, v in self.model._evaluate(*self.val).items()})
+        model = self.model
         for cb in self.callbacks:
             cb.on_epoch_end(epoch, logs)
+            if model.stop_training and model.stop_reason is None:
+                model.stop_reason = (f"stopped by {type(cb).__name__} after "
+                                     f"{self.history.unit} {epoch + 1}")
         self.history.append(epoch, logs)
         self.progress.epoch_done(epoch, logs)
 
@@ -258,6 +286,7 @@ class _FitLoop:
         for epoch in range(epochs):
             for cb in self.callbacks:
                 cb.on_epoch_begin(epoch, {})
+            self.progress.epoch_begin(epoch)
             epoch_start_params = model.params.copy()
             order = _epoch_order(rng, n, shuffle, replacement)
             logs, done, bad_loss = run_epoch(order)
@@ -327,7 +356,6 @@ class _FitLoop:
                 logs.update(_solver_metrics(model, objective, x, target))
             for cb in self.callbacks:
                 cb.on_batch_end(0, {"loss": loss})
-            self.progress.batch_done()
             self.end_epoch(epoch, logs)
             epoch += 1
             return model.stop_training
@@ -448,33 +476,54 @@ class _BatchGather:
 
 
 class _Progress:
-    """verbose=1: a tqdm bar over all batches when tqdm is installed, else one line per
-    epoch; verbose=2: one line per epoch; verbose=0: silent."""
+    """What fit shows while it trains.
 
-    def __init__(self, verbose, epochs, n_batches):
-        self.verbose, self.epochs = verbose, epochs
-        self.bar = None
+    verbose=1 with tqdm installed: for mini-batch training one bar per epoch over its
+    batches, replaced at the end of the epoch by a line with the epoch's logs (val_*
+    included) that stays; for a solver one bar over the iterations. Both on stderr.
+    verbose=1 without tqdm, and verbose=2: one line per epoch (iteration) on stdout.
+    verbose=0: silent.
+    """
+
+    def __init__(self, verbose, epochs, n_batches, unit="epoch"):
+        self.verbose, self.epochs, self.n_batches, self.unit = verbose, epochs, n_batches, unit
+        self.tqdm = self.bar = None
         if verbose == 1:
             try:
                 from tqdm.auto import tqdm
             except ImportError:
                 tqdm = None
-            if tqdm is not None:
-                self.bar = tqdm(total=epochs * n_batches, unit="batch", leave=True,
-                                file=sys.stderr, dynamic_ncols=True)
+            self.tqdm = tqdm
+        if self.tqdm is not None and unit == "iteration":
+            self.bar = self._new_bar(epochs, "iteration", leave=True)
+
+    def _new_bar(self, total, unit, **kwargs):
+        return self.tqdm(total=total, unit=unit, file=sys.stderr, dynamic_ncols=True,
+                         **kwargs)
+
+    def epoch_begin(self, epoch):
+        if self.tqdm is not None and self.unit == "epoch":
+            self.bar = self._new_bar(self.n_batches, "batch", leave=False,
+                                     desc=f"epoch {epoch + 1}/{self.epochs}")
 
     def batch_done(self, count=1):
-        if self.bar is not None:
+        if self.bar is not None and self.unit == "epoch":
             self.bar.update(count)
 
     def epoch_done(self, epoch, logs):
-        text = " ".join(f"{k}={v:.4g}" for k, v in logs.items())
-        if self.bar is not None:
-            self.bar.set_description(f"epoch {epoch + 1}/{self.epochs}", refresh=False)
-            self.bar.set_postfix_str(text)
-        elif self.verbose:
-            print(f"epoch {epoch + 1}/{self.epochs} - {text}", flush=True)
+        metrics = " ".join(f"{k}={v:.4g}" for k, v in logs.items())
+        text = f"{self.unit} {epoch + 1}/{self.epochs} - {metrics}"
+        if self.tqdm is None:
+            if self.verbose:
+                print(text, flush=True)
+        elif self.unit == "iteration":
+            self.bar.set_postfix_str(metrics, refresh=False)
+            self.bar.update(1)
+        else:
+            self.close()
+            self.tqdm.write(text, file=sys.stderr)
 
     def close(self):
         if self.bar is not None:
             self.bar.close()
+            self.bar = None

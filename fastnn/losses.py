@@ -40,6 +40,12 @@ class Loss:
         """Map raw network output to predictions (a new array)."""
         return out.copy()
 
+    def classes(self, out):
+        """Predicted classes from raw network output (for ``predict_classes``)."""
+        raise ValueError(f"predict_classes needs a classification loss (cross_entropy, "
+                         f"binary_cross_entropy or hinge); this model's loss is "
+                         f"{self.name!r}: use predict")
+
     def kernel_spec(self, target):
         """How the fused ``train_epoch`` kernel computes this loss for ``target`` (as
         returned by ``prepare_target``): ``(code, param, hits_per_sample)`` — the kernel's
@@ -131,6 +137,9 @@ class CrossEntropy(Loss):
     def link(self, out):
         return softmax(out)
 
+    def classes(self, out):
+        return out.argmax(axis=1)
+
     def kernel_spec(self, target):
         # the kernel reads integer labels only, not probability rows
         return _kernel_spec(self.name) if target.ndim == 1 else None
@@ -160,6 +169,10 @@ class BinaryCrossEntropy(Loss):
         backend_module().activation_forward(kernels.ACTIVATIONS["sigmoid"], out, prob, None)
         return prob
 
+    def classes(self, out):
+        hits = (out > 0).astype(np.int64)  # sigmoid(z) > 1/2
+        return hits[:, 0] if hits.shape[1] == 1 else hits
+
     def kernel_spec(self, target):
         # accuracy counts every output of every sample (multi-label)
         return _kernel_spec(self.name, hits_per_sample=target.shape[1])
@@ -187,6 +200,9 @@ class Hinge(Loss):
 
     def __call__(self, pred, target, weights, dpred):
         return backend_module().multiclass_hinge(pred, target, self.margin, weights, dpred)
+
+    def classes(self, out):
+        return out.argmax(axis=1)
 
     def kernel_spec(self, target):
         return _kernel_spec(self.name, self.margin)

@@ -188,10 +188,23 @@ class Sequential:
 
     def predict(self, X, batch_size=None):
         """Output through the loss's link: softmax / sigmoid probabilities for
-        cross_entropy / binary_cross_entropy, raw scores for hinge, values for regression."""
+        cross_entropy / binary_cross_entropy, raw scores for hinge, values for regression.
+
+        Shape (n, n_outputs). A compiled model that has not been trained predicts from
+        its initial random weights, as in Keras.
+        """
         self._require_compiled("predict")
         X = self._check_X(X)
         return np.concatenate([self.loss.link(self._forward(X[s], False))
+                               for s in _chunks(X.shape[0], batch_size)])
+
+    def predict_classes(self, X, batch_size=None):
+        """Predicted classes, not probabilities: the argmax class index (n,) for
+        cross_entropy and hinge; for binary_cross_entropy 0/1 per output, (n,) with one
+        output or (n, k) multi-label. Regression losses raise ValueError."""
+        self._require_compiled("predict_classes")
+        X = self._check_X(X)
+        return np.concatenate([self.loss.classes(self._forward(X[s], False))
                                for s in _chunks(X.shape[0], batch_size)])
 
     def evaluate(self, X, y, sample_weight=None, batch_size=None):
@@ -298,8 +311,15 @@ class Sequential:
                 os.remove(tmp)
             raise
 
-    def summary(self):
-        """A table of the layers, their output shapes and parameter counts (a str)."""
+    def summary(self, print_fn=print):
+        """Print a table of the layers, their output shapes and parameter counts.
+
+        ``print_fn`` receives the whole table as one str (as Keras' ``print_fn``):
+        ``model.summary(print_fn=lines.append)`` keeps it instead of printing.
+        """
+        print_fn(self._summary_table())
+
+    def _summary_table(self):
         self._require_layers("summary")
         rows = [("Layer", "Output shape", "Params")]
         width = self.n_features

@@ -244,3 +244,111 @@ def test_class_weight_refuses_soft_binary_targets():
     model = mlp([3, 4, 1]).compile("binary_cross_entropy", "sgd")
     with pytest.raises(ValueError, match="values other than 0 and 1"):
         model.fit(X, y, class_weight={0: 1.0, 1: 2.0}, verbose=0)
+
+
+# ---------------------------------------------------------------------------- Keras parity
+def small_classifier(k=3, loss="cross_entropy"):
+    return mlp([2, 8, k], activation="relu").compile(loss, fn.optimizers.Adam(lr=0.05),
+                                                      metrics=["accuracy"])
+
+
+def test_summary_prints_the_table(capsys):
+    small_classifier().summary()
+    out = capsys.readouterr().out
+    assert "Dense(2, 8, activation='relu')" in out and "Total params: 51 (float32)" in out
+
+
+@pytest.mark.parametrize("verbose, prints", [(False, False), (True, True)])
+def test_verbose_accepts_bools(capsys, monkeypatch, verbose, prints):
+    monkeypatch.setitem(__import__("sys").modules, "tqdm.auto", None)
+    X, y = blobs(14, rng(50))
+    small_classifier().fit(X, y, epochs=2, verbose=verbose)
+    assert (capsys.readouterr().out != "") is prints
+
+
+def test_history_values_are_python_floats():
+    X, y = blobs(14, rng(51))
+    history = small_classifier().fit(X, y, epochs=2, validation_split=0.25, verbose=0)
+    assert set(history.history) == {"loss", "accuracy", "val_loss", "val_accuracy"}
+    assert all(type(v) is float for values in history.history.values() for v in values)
+
+
+def test_stop_reason_names_the_callback_that_stopped():
+    class StopAfterFour(fn.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            if epoch == 3:
+                self.model.stop_training = True
+
+    X, y = blobs(14, rng(52))
+    history = small_classifier().fit(X, y, epochs=10, callbacks=[StopAfterFour()], verbose=0)
+    assert len(history.epoch) == 4
+    assert history.stop_reason == "stopped by StopAfterFour after epoch 4"
+
+
+def test_predict_classes_returns_labels():
+    X, y = blobs(20, rng(53))
+    model = small_classifier()
+    model.fit(X, y, epochs=30, verbose=0, seed=0)
+    classes = model.predict_classes(X)
+    assert classes.shape == (60,) and classes.dtype.kind == "i"
+    np.testing.assert_array_equal(classes, model.predict(X).argmax(axis=1))
+    assert np.mean(classes == y) > 0.9
+    binary = mlp([2, 4, 1]).compile("binary_cross_entropy")
+    np.testing.assert_array_equal(binary.predict_classes(X), binary.predict(X)[:, 0] > 0.5)
+    multi = mlp([2, 4, 3]).compile("binary_cross_entropy")
+    assert multi.predict_classes(X).shape == (60, 3)
+    with pytest.raises(ValueError, match="predict_classes needs a classification loss.*'mse'"):
+        mlp([2, 4, 1]).compile("mse").predict_classes(X)
+
+
+def test_class_weight_balanced_uses_sklearns_formula():
+    X = rng(54).normal(size=(40, 2))
+    y = np.array([0] * 30 + [1] * 8 + [2] * 2)
+    model = small_classifier()
+    balanced = {0: 40 / (3 * 30), 1: 40 / (3 * 8), 2: 40 / (3 * 2)}
+    model.set_weights(small_classifier().get_weights())
+    start = model.get_weights()
+    a = model.fit(X, y, epochs=2, class_weight="balanced", seed=1, verbose=0).history["loss"]
+    model.set_weights(start)
+    model.compile("cross_entropy", fn.optimizers.Adam(lr=0.05), metrics=["accuracy"])
+    b = model.fit(X, y, epochs=2, class_weight=balanced, seed=1, verbose=0).history["loss"]
+    np.testing.assert_allclose(a, b, rtol=1e-6)
+    with pytest.raises(ValueError, match="'balanced', got 'balance'"):
+        model.fit(X, y, class_weight="balance", verbose=0)
+
+
+def test_progress_bar_per_epoch_keeps_a_line_with_validation_metrics(capsys):
+    pytest.importorskip("tqdm")
+    X, y = blobs(14, rng(55))
+    small_classifier().fit(X, y, epochs=3, validation_split=0.25, verbose=1)
+    err = capsys.readouterr().err
+    for epoch in (1, 2, 3):
+        assert f"epoch {epoch}/3 - loss=" in err
+    assert err.count("val_loss=") == 3
+
+
+def test_solver_progress_counts_iterations(capsys, monkeypatch):
+    monkeypatch.setitem(__import__("sys").modules, "tqdm.auto", None)
+    x = np.linspace(-2, 2, 30).reshape(-1, 1)
+    model = mlp([1, 6, 1], dtype="float64").compile("mse", "lbfgs")
+    history = model.fit(x, np.sin(x), epochs=3, verbose=2)
+    assert history.unit == "iteration"
+    assert capsys.readouterr().out.startswith("iteration 1/3 - loss=")
+
+
+def test_history_plot_lr_log_axis_and_solver_labels(tmp_path):
+    pytest.importorskip("matplotlib")
+    X, y = blobs(14, rng(56))
+    cb = fn.callbacks.ReduceLROnPlateau(monitor="loss", patience=0, factor=0.5,
+                                        min_delta=10.0)
+    history = small_classifier().fit(X, y, epochs=3, callbacks=[cb], verbose=0)
+    assert "lr" in history.history
+    fig = history.plot(tmp_path / "h.png")
+    titles = [ax.get_title() for ax in fig.axes]
+    assert "lr" in titles
+    assert fig.axes[titles.index("lr")].get_yscale() == "log"
+    assert fig.axes[titles.index("loss")].get_yscale() == "linear"
+    x = np.linspace(-2, 2, 30).reshape(-1, 1)
+    solver = mlp([1, 6, 1], dtype="float64").compile("mse", "lbfgs")
+    fig = solver.fit(x, np.sin(x), epochs=3, verbose=0).plot(tmp_path / "s.png")
+    assert fig.axes[0].get_yscale() == "log" and fig.axes[0].get_xlabel() == "iteration"
