@@ -10,8 +10,21 @@ import os
 # OpenMP workers sleep. Must be set before any OpenMP runtime starts.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+try:
+    from . import kernels  # noqa: E402
+except ImportError as exc:
+    # In the source checkout the kernels live beside fastnn/, not inside it: only an
+    # install (pip install . or -e .) maps them to fastnn.kernels.
+    _here = os.path.dirname(os.path.abspath(__file__))
+    if os.path.isfile(os.path.join(_here, os.pardir, "kernels", "_numpy.py")):
+        raise ImportError(
+            f"fastnn was imported from its source checkout ({_here}), where the kernels "
+            "are not laid out as fastnn.kernels; run 'pip install -e .' in the checkout, "
+            "or start Python from another directory to use the installed fastnn") from exc
+    raise
+
 from . import (  # noqa: E402
-    callbacks, datasets, kernels, losses, metrics, optimizers, schedules, solvers,
+    callbacks, datasets, losses, metrics, optimizers, schedules, solvers,
 )
 from ._backend import (  # noqa: E402
     get_backend,

@@ -222,10 +222,26 @@ LOSSES = {cls.name: cls for cls in
           (MeanSquaredError, MeanAbsoluteError, Huber, CrossEntropy, BinaryCrossEntropy, Hinge)}
 
 
+#: Keras names accepted by ``compile(loss=...)`` for the losses above.
+KERAS_ALIASES = {
+    "sparse_categorical_crossentropy": "cross_entropy",  # integer labels
+    "categorical_crossentropy": "cross_entropy",         # one-hot / probability rows
+    "binary_crossentropy": "binary_cross_entropy",
+    "mean_squared_error": "mse",
+    "mean_absolute_error": "mae",
+}
+
+
 def get(loss):
-    """A Loss from a name in LOSSES, a config dict, or a Loss instance."""
+    """A Loss from a name in LOSSES (or a Keras name in KERAS_ALIASES), a config dict,
+    or a Loss instance. All take logits: no softmax/sigmoid layer before the loss."""
     if isinstance(loss, Loss):
         return loss
+    if isinstance(loss, type) and issubclass(loss, Loss):
+        raise TypeError(f"loss must be a Loss instance, got the class {loss.__name__}: "
+                        f"call it, {loss.__name__}()")
+    if isinstance(loss, str):
+        loss = KERAS_ALIASES.get(loss, loss)
     if isinstance(loss, dict):
         config = dict(loss)
         name = config.pop("name", None)

@@ -271,6 +271,9 @@ def get(optimizer):
         raise ValueError(f"unknown optimizer {optimizer!r}; expected one of {names}")
     if isinstance(optimizer, (Optimizer, Solver)):
         return optimizer
+    if isinstance(optimizer, type) and issubclass(optimizer, (Optimizer, Solver)):
+        raise TypeError(f"optimizer must be an instance, got the class "
+                        f"{optimizer.__name__}: call it, {optimizer.__name__}()")
     raise TypeError(f"optimizer must be a name (one of {names}) or an optimizer object, "
                     f"got {type(optimizer).__name__}")
 
