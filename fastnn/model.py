@@ -262,12 +262,62 @@ class Sequential:
     def fit(self, X, y, epochs=1, batch_size=32, shuffle=True, replacement=False,
             validation_data=None, validation_split=0.0, sample_weight=None,
             class_weight=None, callbacks=(), verbose=1, seed=None):
-        """Train with the compiled optimizer; returns a History.
+        """Train the compiled model on (X, y).
 
-        ``batch_size=None`` is full-batch gradient descent, 1 is pure SGD, anything else
-        mini-batch. Each epoch visits the data in a fresh permutation (without
-        replacement) or, with ``replacement=True``, draws as many samples with
-        replacement. ``seed`` makes shuffling reproducible.
+        Parameters
+        ----------
+        X : array-like, shape (n_samples, n_features)
+            Inputs; converted to the model's dtype. Must be finite.
+        y : array-like
+            Targets for the compiled loss: integer labels (n_samples,) in [0, n_outputs)
+            or probability rows for cross_entropy and hinge; 0/1 values
+            (n_samples, n_outputs) for binary_cross_entropy; values (n_samples,) or
+            (n_samples, n_outputs) for regression losses.
+        epochs : int, default 1
+            Passes over the data; for a full-batch solver, the maximum number of solver
+            iterations (it may stop earlier on its own convergence test).
+        batch_size : int or None, default 32
+            Samples per step; None is full-batch gradient descent, 1 is pure SGD.
+            Ignored by solvers, which always use the whole set.
+        shuffle : bool, default True
+            Visit the samples in a fresh random order every epoch.
+        replacement : bool, default False
+            Draw each epoch's n samples with replacement instead of a permutation.
+        validation_data : tuple, optional
+            (X_val, y_val) or (X_val, y_val, sample_weight_val), evaluated after every
+            epoch into the "val_*" logs.
+        validation_split : float in [0, 1), default 0.0
+            Hold out this fraction of the last samples (before shuffling) as
+            validation data instead.
+        sample_weight : array-like, shape (n_samples,), optional
+            Non-negative per-sample weights; the loss is sum(w_i l_i) / sum(w_i).
+        class_weight : dict or "balanced", optional
+            Classification losses only: {class: weight} multiplies each sample's
+            weight by its class's; "balanced" uses n_samples / (n_classes * count).
+        callbacks : list of fastnn.callbacks.Callback, optional
+            Called at the start and end of training, of every epoch and of every batch.
+        verbose : int or bool, default 1
+            0/False silent; 1/True a progress bar per epoch (tqdm) or a line per epoch;
+            2 a line per epoch.
+        seed : int, optional
+            Seed of the shuffling and sampling (None: fresh randomness each call).
+
+        Returns
+        -------
+        History
+            Per-epoch logs ("loss", metrics, "val_*"), the epochs run and why training
+            stopped (``history.stop_reason``).
+
+        Raises
+        ------
+        NotCompiledError
+            The model was not compiled.
+        ValueError, TypeError
+            An argument of the wrong shape, type or range (the message names it).
+        FloatingPointError
+            The loss or the weights became NaN or infinite; the weights of the last
+            completed epoch are kept. With a TerminateOnNaN callback training stops
+            cleanly instead.
         """
         return _training.fit(self, X, y, epochs, batch_size, shuffle, replacement,
                              validation_data, validation_split, sample_weight,
