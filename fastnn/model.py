@@ -466,7 +466,7 @@ class Sequential:
         eligible = (
             self.use_fused_epoch and spec is not None and weights is None
             and len(dense) == len(self.layers) and not any(d.l1 or d.l2 for d in dense)
-            and self.loss.name in kernels.LOSSES
+            and self.loss.name in kernels.LOSS_CODES
             and not (self.loss.uses_labels and target.ndim != 1)
             and set(self.metrics) <= {"accuracy"}
             and all(isinstance(cb, TerminateOnNaN)
@@ -484,20 +484,22 @@ class Sequential:
             labels, targets = target, np.empty((0, self.n_outputs), self.dtype)
         else:
             labels, targets = np.empty(0, np.int64), target
-        loss_code = kernels.LOSSES[self.loss.name]
+        loss_code = kernels.LOSS_CODES[self.loss.name]
         loss_param = getattr(self.loss, "delta", getattr(self.loss, "margin", 0.0))
         per_sample_hits = self.n_outputs if self.loss.name == "binary_cross_entropy" else 1
         in_order = np.arange(n, dtype=np.int64)
         stats = np.zeros(4)
+        # The arguments that stay fixed over the fit; run() sets the per-epoch ones.
+        fixed = kernels.TrainEpochSpec(
+            X, labels, targets, in_order, batch, widths, acts, alphas, use_bias, self.params,
+            self.grads, workspace, loss_code, loss_param, optimizer=None, lrs=None, step=0,
+            stats=stats)
 
         def run(order):
             order = in_order if order is None else order
-            code, hyper, states = self.optimizer.kernel_spec()
-            lrs = self.optimizer.upcoming_lrs(n_batches)
-            backend_module().train_epoch(
-                X, labels, targets, order, batch, widths, acts, alphas, use_bias,
-                self.params, self.grads, workspace, loss_code, loss_param, code, hyper, lrs,
-                states[0], states[1], states[2], self.optimizer.iterations, stats)
+            backend_module().train_epoch(fixed._replace(
+                order=order, optimizer=self.optimizer.kernel_spec(),
+                lrs=self.optimizer.upcoming_lrs(n_batches), step=self.optimizer.iterations))
             done = int(stats[2])
             self.optimizer.iterations += done
             if done < n_batches:
