@@ -20,10 +20,11 @@ import numpy as np
 import pytest
 
 from fastnn.benchmarks import NETS, initial_weights
-from fastnn.kernels import ACTIVATIONS, train_epoch_workspace_size
+from fastnn.kernels import (
+    ACTIVATIONS, LOSS_CODES, OPTIMIZER_CODES, OPTIMIZER_HYPER, OptimizerSpec,
+    TrainEpochSpec, train_epoch_workspace_size,
+)
 from fastnn.kernels import load as load_backend
-from fastnn.kernels import LOSSES as LOSS_CODES
-from fastnn.kernels import OPTIMIZERS as OPTIMIZER_CODES
 
 RELU, IDENTITY = ACTIVATIONS["relu"], ACTIVATIONS["identity"]
 #: Activations whose every element is a transcendental function, benchmarked at one
@@ -33,7 +34,7 @@ SMOOTH_ACTIVATION_SHAPE = ("mnist-b128-256", (128, 256))
 SEED = 20240611
 #: Batches per train_epoch call.
 TRAIN_EPOCH_BATCHES = 4
-#: train_epoch hyper-parameters by name (the layout comes from kernels.OPTIMIZERS).
+#: train_epoch hyper-parameters by name (the layout is kernels.OPTIMIZER_HYPER).
 _HYPER = {
     "sgd": {"lr": 0.01, "momentum": 0.0, "dampening": 0.0, "weight_decay": 0.0,
             "nesterov": 0.0},
@@ -194,8 +195,8 @@ def _optimizer(kernel, size):
 def _train_epoch(sizes, batch, optimizer):
     """A whole epoch of TRAIN_EPOCH_BATCHES batches of a reference net: cross-entropy,
     SGD (lr 0.01) or Adam (lr 1e-3, torch defaults), as ``fit`` runs it."""
-    opt_code, names = OPTIMIZER_CODES[optimizer]
-    hyper = np.array([_HYPER[optimizer][name] for name in names], dtype=np.float64)
+    hyper = np.array([_HYPER[optimizer][name] for name in OPTIMIZER_HYPER[optimizer]],
+                     dtype=np.float64)
     widths = np.array(sizes, dtype=np.int64)
     m = TRAIN_EPOCH_BATCHES * batch
     n_params = sum(d * k + k for d, k in zip(sizes[:-1], sizes[1:]))
@@ -217,9 +218,12 @@ def _train_epoch(sizes, batch, optimizer):
                 [np.zeros(4), np.zeros(n_params, dtype), np.zeros(workspace_size, dtype)]
 
         def call(m_, out):
-            m_.train_epoch(X, labels, targets, order, batch, widths, acts, alphas, use_bias,
-                           out[0], out[5], out[6], LOSS_CODES["cross_entropy"], 0.0,
-                           opt_code, hyper, lrs, out[1], out[2], out[3], 0, out[4])
+            m_.train_epoch(TrainEpochSpec(
+                X, labels, targets, order, batch, widths, acts, alphas, use_bias,
+                params=out[0], grads=out[5], workspace=out[6],
+                loss_code=LOSS_CODES["cross_entropy"], loss_param=0.0,
+                optimizer=OptimizerSpec(OPTIMIZER_CODES[optimizer], hyper, tuple(out[1:4])),
+                lrs=lrs, step=0, stats=out[4]))
         return outputs, call
     return build
 

@@ -410,7 +410,6 @@ def _fused_epoch_runner(model, X, target, weights, batch, n_batches, callbacks):
     if not eligible:
         return None
     loss_code, loss_param, hits_per_sample = loss_spec
-    opt_code, hyper, states = optimizer_spec
     widths = np.array([dense[0].in_features] + [d.out_features for d in dense], np.int64)
     acts = np.array([d.act_code for d in dense], np.int64)
     alphas = np.array([d.alpha for d in dense], np.float64)
@@ -423,14 +422,16 @@ def _fused_epoch_runner(model, X, target, weights, batch, n_batches, callbacks):
     in_order = np.arange(X.shape[0], dtype=np.int64)
     stats = np.zeros(4)
     optimizer = model.optimizer
+    # The arguments that stay fixed over the fit; run() sets the per-epoch ones.
+    fixed = kernels.TrainEpochSpec(
+        X, labels, targets, in_order, batch, widths, acts, alphas, use_bias, model.params,
+        model.grads, workspace, loss_code, loss_param, optimizer=optimizer_spec, lrs=None,
+        step=0, stats=stats)
 
     def run(order):
         order = in_order if order is None else order
-        lrs = optimizer.upcoming_lrs(n_batches)
-        backend_module().train_epoch(
-            X, labels, targets, order, batch, widths, acts, alphas, use_bias,
-            model.params, model.grads, workspace, loss_code, loss_param, opt_code, hyper,
-            lrs, states[0], states[1], states[2], optimizer.iterations, stats)
+        backend_module().train_epoch(fixed._replace(
+            order=order, lrs=optimizer.upcoming_lrs(n_batches), step=optimizer.iterations))
         done = int(stats[2])
         optimizer.iterations += done
         if done < n_batches:

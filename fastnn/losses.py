@@ -214,7 +214,7 @@ class Hinge(Loss):
 def _kernel_spec(name, param=0.0, hits_per_sample=1):
     """``Loss.kernel_spec`` for the loss ``name``: None if the kernel has no code for it
     (a user-defined loss)."""
-    code = kernels.LOSSES.get(name)
+    code = kernels.LOSS_CODES.get(name)
     return None if code is None else (code, float(param), hits_per_sample)
 
 

@@ -96,16 +96,17 @@ class Optimizer:
         return np.array([self.current_lr(t) for t in range(t0 + 1, t0 + n + 1)])
 
     def kernel_spec(self):
-        """(code, hyper, (state0, state1, state2)) for ``train_epoch``, or None when this
-        optimizer needs work the fused kernel does not do (gradient clipping)."""
+        """The ``kernels.OptimizerSpec`` (code, hyper, states) of ``train_epoch``, or None
+        when this optimizer needs work the fused kernel does not do (gradient clipping)."""
         if self.clipnorm is not None:
             return None
-        code, names = kernels.OPTIMIZERS[self.kernel]
         # the kernel's hyper-parameters are attributes of the same names
-        hyper = np.array([float(getattr(self, name)) for name in names])
+        hyper = np.array([float(getattr(self, name))
+                          for name in kernels.OPTIMIZER_HYPER[self.kernel]])
         states = [self.state[name] for name in self.state_names]
         states += [states[0]] * (3 - len(states))  # unused slots: never touched
-        return code, hyper, tuple(states)
+        return kernels.OptimizerSpec(kernels.OPTIMIZER_CODES[self.kernel], hyper,
+                                     tuple(states))
 
     def get_config(self):
         lr = self.lr.get_config() if isinstance(self.lr, schedules.Schedule) else self.lr

@@ -9,40 +9,114 @@ integer class labels are int64. Weights are stored (n_in, n_out): ``x @ w + b``.
 This package never imports ``fastnn``: the API depends on the kernels, not back.
 """
 import importlib
+from typing import NamedTuple
+
+# The integer codes kernels take, defined here once; every backend imports them. They
+# are a fixed part of the contract: a code is never renumbered (a new one is appended).
+
+# Activation codes (the ``act`` argument).
+IDENTITY, STEP, SIGMOID, TANH, RELU, LEAKY_RELU, SOFTPLUS, ELU = range(8)
 
 #: Activation name -> the integer code kernels take.
 ACTIVATIONS = {
-    "identity": 0,
-    "step": 1,
-    "sigmoid": 2,
-    "tanh": 3,
-    "relu": 4,
-    "leaky_relu": 5,
-    "softplus": 6,
-    "elu": 7,
+    "identity": IDENTITY,
+    "step": STEP,
+    "sigmoid": SIGMOID,
+    "tanh": TANH,
+    "relu": RELU,
+    "leaky_relu": LEAKY_RELU,
+    "softplus": SOFTPLUS,
+    "elu": ELU,
 }
 
 #: Default ``alpha`` per activation code (leaky_relu slope, elu alpha; unused otherwise).
 DEFAULT_ALPHA = (0.0, 0.0, 0.0, 0.0, 0.0, 0.01, 0.0, 1.0)
 
+# Loss codes (``TrainEpochSpec.loss_code``).
+CROSS_ENTROPY, MSE, MAE, HUBER, BINARY_CROSS_ENTROPY, HINGE = range(6)
+
 #: Loss name -> the integer code ``train_epoch`` takes.
-LOSSES = {
-    "cross_entropy": 0,
-    "mse": 1,
-    "mae": 2,
-    "huber": 3,
-    "binary_cross_entropy": 4,
-    "hinge": 5,
+LOSS_CODES = {
+    "cross_entropy": CROSS_ENTROPY,
+    "mse": MSE,
+    "mae": MAE,
+    "huber": HUBER,
+    "binary_cross_entropy": BINARY_CROSS_ENTROPY,
+    "hinge": HINGE,
 }
 
-#: Optimizer name -> the integer code ``train_epoch`` takes, with the layout of its
-#: ``hyper`` array (the learning rate is not in it: ``lrs`` holds one per update).
-OPTIMIZERS = {
-    "sgd": (0, ("momentum", "dampening", "weight_decay", "nesterov")),
-    "adagrad": (1, ("lr_decay", "weight_decay", "eps")),
-    "rmsprop": (2, ("alpha", "eps", "weight_decay", "momentum", "centered")),
-    "adam": (3, ("beta1", "beta2", "eps", "weight_decay", "decoupled", "amsgrad")),
+#: Loss codes whose targets are int64 class labels (the others take float targets).
+LABEL_LOSS_CODES = (CROSS_ENTROPY, HINGE)
+
+# Optimizer codes (``OptimizerSpec.code``).
+SGD, ADAGRAD, RMSPROP, ADAM = range(4)
+
+#: Optimizer name -> the integer code ``train_epoch`` takes.
+OPTIMIZER_CODES = {"sgd": SGD, "adagrad": ADAGRAD, "rmsprop": RMSPROP, "adam": ADAM}
+
+#: Optimizer name -> the layout of its float64 ``OptimizerSpec.hyper`` array (the
+#: learning rate is not in it: ``TrainEpochSpec.lrs`` holds one per update; booleans
+#: are 0.0 / 1.0).
+OPTIMIZER_HYPER = {
+    "sgd": ("momentum", "dampening", "weight_decay", "nesterov"),
+    "adagrad": ("lr_decay", "weight_decay", "eps"),
+    "rmsprop": ("alpha", "eps", "weight_decay", "momentum", "centered"),
+    "adam": ("beta1", "beta2", "eps", "weight_decay", "decoupled", "amsgrad"),
 }
+
+
+class OptimizerSpec(NamedTuple):
+    """The optimizer of a ``train_epoch`` call (``Optimizer.kernel_spec()`` builds it).
+
+    ``code`` from ``OPTIMIZER_CODES``; ``hyper`` float64 laid out as
+    ``OPTIMIZER_HYPER[name]``; ``states`` three (P,) buffers of the params' dtype, the
+    optimizer's state in the order of its update kernel's arguments (unused ones are
+    never touched and may alias a used one).
+    """
+
+    code: int
+    hyper: object
+    states: tuple
+
+
+class TrainEpochSpec(NamedTuple):
+    """The arguments of ``train_epoch(spec)``: what one epoch of mini-batch training of
+    ``L`` dense layers reads and writes (see ``_numpy.train_epoch`` for the math).
+
+    A fit builds one with the fields that stay fixed and ``_replace``s the per-epoch
+    ones (``order``, ``optimizer``, ``lrs``, ``step``) before each call.
+
+    X (n, widths[0]) float; labels int64 (n,) for the label losses (LABEL_LOSS_CODES),
+    else targets (n, widths[L]) of X's dtype (the unused one may be empty); order int64
+    (m,) the samples to visit, in batches of batch_size (the last may be smaller);
+    widths int64 (L+1,); acts int64 (L,) activation codes; alphas float64 (L,) resolved
+    alphas; use_bias int64 (L,) 0 / 1; params and grads (P,) holding, per layer,
+    W (widths[l], widths[l+1]) row-major then b (widths[l+1],) if use_bias[l]; workspace
+    at least ``train_epoch_workspace_size(batch_size, widths)`` elements; loss_code from
+    LOSS_CODES with loss_param (huber delta, hinge margin, else 0.0); optimizer an
+    OptimizerSpec; lrs float64 (number of batches,) the rate of each update; step the
+    updates made before this epoch (update b is number step + b + 1); stats float64 (4,)
+    the output (see ``train_epoch``).
+    """
+
+    X: object
+    labels: object
+    targets: object
+    order: object
+    batch_size: int
+    widths: object
+    acts: object
+    alphas: object
+    use_bias: object
+    params: object
+    grads: object
+    workspace: object
+    loss_code: int
+    loss_param: float
+    optimizer: OptimizerSpec
+    lrs: object
+    step: int
+    stats: object
 
 
 def train_epoch_workspace_size(batch_size, widths):

@@ -9,6 +9,8 @@ from typing import Optional, Union
 import numpy as np
 import numpy.typing as npt
 
+from . import TrainEpochSpec
+
 _Float = Union[npt.NDArray[np.float32], npt.NDArray[np.float64]]
 _Labels = npt.NDArray[np.int64]
 
@@ -75,13 +77,11 @@ def adam_update(
     eps: float, weight_decay: float, decoupled: bool, amsgrad: bool, step: int,
 ) -> None: ...
 
-# A whole training epoch of dense layers in one call (codes: fastnn.kernels.LOSSES,
-# OPTIMIZERS); integer arrays int64, alphas / hyper / lrs / stats float64
-def train_epoch(
-    X: _Float, labels: _Labels, targets: _Float, order: _Labels, batch_size: int,
-    widths: _Labels, acts: _Labels, alphas: npt.NDArray[np.float64],
-    use_bias: _Labels, params: _Float, grads: _Float, workspace: _Float,
-    loss_code: int, loss_param: float, opt_code: int, hyper: npt.NDArray[np.float64],
-    lrs: npt.NDArray[np.float64], state0: Optional[_Float], state1: Optional[_Float],
-    state2: Optional[_Float], step: int, stats: npt.NDArray[np.float64],
+# Per-sample dense gradients as Jacobian rows: x (n, d), dz (n, k), jac (n, P)
+def dense_per_sample_grad(
+    x: _Float, dz: _Float, jac: _Float, offset: int, use_bias: bool
 ) -> None: ...
+
+# A whole training epoch of dense layers in one call (fields and codes documented in
+# fastnn.kernels.TrainEpochSpec)
+def train_epoch(spec: TrainEpochSpec) -> None: ...

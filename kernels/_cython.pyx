@@ -36,7 +36,10 @@ from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy, memset
 from scipy.linalg.cython_blas cimport dgemm, sgemm
 
+from . import ACTIVATIONS as _ACTIVATIONS
 from . import DEFAULT_ALPHA as _DEFAULT_ALPHA
+from . import LOSS_CODES as _LOSS_CODES
+from . import OPTIMIZER_CODES as _OPTIMIZER_CODES
 
 # OpenMP when the compiler has it (setup.py passes -fopenmp / /openmp); otherwise
 # serial stand-ins, so the module still builds where OpenMP is unavailable (macOS).
@@ -146,32 +149,26 @@ cdef extern from *:
     float _tanhf "fastnn_tanhf"(float x) noexcept nogil
 
 
-cdef enum:
-    # Activation codes (fastnn.kernels.ACTIVATIONS).
-    IDENTITY = 0
-    STEP = 1
-    SIGMOID = 2
-    TANH = 3
-    RELU = 4
-    LEAKY_RELU = 5
-    SOFTPLUS = 6
-    ELU = 7
-
-cdef enum:
-    # Loss kinds of the shared row-loss driver: the codes of fastnn.kernels.LOSSES.
-    SOFTMAX_CE = 0
-    MSE = 1
-    MAE = 2
-    HUBER = 3
-    BCE = 4
-    HINGE = 5
-
-cdef enum:
-    # Optimizer codes (fastnn.kernels.OPTIMIZERS).
-    SGD = 0
-    ADAGRAD = 1
-    RMSPROP = 2
-    ADAM = 3
+# The activation, loss and optimizer codes, from fastnn.kernels (defined there once),
+# as C globals that the nogil code compares with.
+cdef int IDENTITY = _ACTIVATIONS["identity"]
+cdef int STEP = _ACTIVATIONS["step"]
+cdef int SIGMOID = _ACTIVATIONS["sigmoid"]
+cdef int TANH = _ACTIVATIONS["tanh"]
+cdef int RELU = _ACTIVATIONS["relu"]
+cdef int LEAKY_RELU = _ACTIVATIONS["leaky_relu"]
+cdef int SOFTPLUS = _ACTIVATIONS["softplus"]
+cdef int ELU = _ACTIVATIONS["elu"]
+cdef int SOFTMAX_CE = _LOSS_CODES["cross_entropy"]
+cdef int MSE = _LOSS_CODES["mse"]
+cdef int MAE = _LOSS_CODES["mae"]
+cdef int HUBER = _LOSS_CODES["huber"]
+cdef int BCE = _LOSS_CODES["binary_cross_entropy"]
+cdef int HINGE = _LOSS_CODES["hinge"]
+cdef int SGD = _OPTIMIZER_CODES["sgd"]
+cdef int ADAGRAD = _OPTIMIZER_CODES["adagrad"]
+cdef int RMSPROP = _OPTIMIZER_CODES["rmsprop"]
+cdef int ADAM = _OPTIMIZER_CODES["adam"]
 
 # Below this many elements a loop runs serially: a thread team costs more than it saves.
 cdef Py_ssize_t _PARALLEL_MIN = 1 << 17
@@ -1273,7 +1270,7 @@ def adam_update(
 
 cdef void _optimizer_step(
     int opt_code,
-    const double *hyper,  # IN  the optimizer's hyper layout (fastnn.kernels.OPTIMIZERS)
+    const double *hyper,  # IN  laid out as fastnn.kernels.OPTIMIZER_HYPER
     floating *p,          # IN/OUT (size,)
     const floating *g,    # IN  (size,)
     floating *s0, floating *s1, floating *s2,  # IN/OUT state; unused ones untouched
@@ -1545,34 +1542,26 @@ def _train_epoch(
     free(scratch)
 
 
-def train_epoch(X, labels, targets, order, batch_size, widths, acts, alphas, use_bias,
-                params, grads, workspace, loss_code, loss_param, opt_code, hyper, lrs,
-                state0, state1, state2, step, stats):
+def train_epoch(spec):
     """One epoch of mini-batch training of ``L`` dense layers in one call, GIL released.
 
-    Per batch of ``order`` (int64, m; the last batch may be smaller): gather its rows
-    of X (n, widths[0]) into the workspace; forward ``a_l+1 = act_l(a_l @ W_l + b_l)``
-    (bias rows + gemm, one activation pass); loss and its gradient (``loss_code`` from
-    fastnn.kernels.LOSSES: ``labels`` int64 (n,) for cross_entropy / hinge, else
-    ``targets`` (n, widths[-1]); the unused one is ignored and may be empty); backward
-    (activation derivative and db in one pass, gemm for dW and dx, no dx for the first
-    layer), each layer's update (``opt_code`` and the float64 ``hyper`` layout from
-    fastnn.kernels.OPTIMIZERS, lr ``lrs[b]`` (float64), update number
-    ``t = step + b + 1``) right after its backward, while its gradient is in cache.
-    Plain SGD (momentum 0) is folded into the backward: ``W = (1 - lr wd) W -
-    lr a.T @ dz`` is the dW gemm itself, and ``grads`` (scratch) is left untouched.
-
-    ``widths`` int64 (L+1,), ``acts`` int64 (L,), ``alphas`` float64 (L,) (resolved,
-    not None), ``use_bias`` int64 (L,); ``params``/``grads`` (P,) hold per layer
-    W (widths[l], widths[l+1]) row-major then b if use_bias[l]; ``workspace`` holds at
-    least ``train_epoch_workspace_size(min(batch_size, m), widths)`` elements;
-    ``state0..2`` (P,) are the optimizer's buffers (unused ones untouched, may alias).
-    ``stats`` float64 (4,) receives [sum of batch loss * batch rows, correct
-    predictions, batches completed, the last batch's loss]; a non-finite batch loss
-    ends the epoch before its update.
+    ``spec`` is a ``fastnn.kernels.TrainEpochSpec`` (the fields are documented there).
+    Per batch of ``order`` (the last batch may be smaller): gather its rows of X into
+    the workspace; forward ``a_l+1 = act_l(a_l @ W_l + b_l)`` (bias rows + gemm, one
+    activation pass); loss and its gradient; backward (activation derivative and db in
+    one pass, gemm for dW and dx, no dx for the first layer), each layer's update
+    (lr ``lrs[b]``, update number ``t = step + b + 1``) right after its backward, while
+    its gradient is in cache. Plain SGD (momentum 0) is folded into the backward:
+    ``W = (1 - lr wd) W - lr a.T @ dz`` is the dW gemm itself, and ``grads`` (scratch)
+    is left untouched. ``stats`` float64 (4,) receives [sum of batch loss * batch rows,
+    correct predictions, batches completed, the last batch's loss]; a non-finite batch
+    loss ends the epoch before its update.
     """
-    label_loss = loss_code == SOFTMAX_CE or loss_code == HINGE
-    _train_epoch(X, labels if label_loss else None, None if label_loss else targets,
-                 order, batch_size, widths, acts, alphas, use_bias, params, grads,
-                 workspace, loss_code, loss_param, opt_code, hyper, lrs, state0, state1,
-                 state2, step, stats)
+    optimizer = spec.optimizer
+    label_loss = spec.loss_code == SOFTMAX_CE or spec.loss_code == HINGE
+    _train_epoch(spec.X, spec.labels if label_loss else None,
+                 None if label_loss else spec.targets, spec.order, spec.batch_size,
+                 spec.widths, spec.acts, spec.alphas, spec.use_bias, spec.params,
+                 spec.grads, spec.workspace, spec.loss_code, spec.loss_param,
+                 optimizer.code, optimizer.hyper, spec.lrs, *optimizer.states, spec.step,
+                 spec.stats)

@@ -34,13 +34,14 @@ import numpy as np
 from numba import njit, prange, types
 from numba.extending import overload
 
-from . import DEFAULT_ALPHA
-
-# Activation codes, as in fastnn.kernels.ACTIVATIONS (fixed by the contract).
-IDENTITY, STEP, SIGMOID, TANH, RELU, LEAKY_RELU, SOFTPLUS, ELU = range(8)
-
-# Pointwise losses sharing one core.
-_BCE, _MSE, _MAE, _HUBER = range(4)
+# The activation, loss and optimizer codes of fastnn.kernels. Compiled code reads them
+# as compile-time constants, frozen into numba's disk cache, which is keyed on this
+# file's timestamp only: that is safe because the codes are a fixed part of the kernel
+# contract (never renumbered; a new code comes with new code in this file).
+from . import (
+    ADAGRAD, BINARY_CROSS_ENTROPY, CROSS_ENTROPY, DEFAULT_ALPHA, ELU, HINGE, HUBER,
+    IDENTITY, LEAKY_RELU, MAE, MSE, RELU, RMSPROP, SGD, SIGMOID, SOFTPLUS, STEP, TANH,
+)
 
 #: Work size (elements) from which wrappers call the parallel cores.
 PARALLEL_MIN_SIZE = 1 << 17
@@ -633,11 +634,11 @@ def _pointwise_loss_rows(kind, pred, target, param, weights, dpred, use_weights,
             scale_t = pred.dtype.type(scale)
             p = pred[i]
             t = target[i]
-            if kind == _BCE:
+            if kind == BINARY_CROSS_ENTROPY:
                 row = _bce_row(p, t, dpred, i, scale_t, want_grad)
-            elif kind == _MSE:
+            elif kind == MSE:
                 row = _mse_row(p, t, dpred, i, scale_t, want_grad)
-            elif kind == _MAE:
+            elif kind == MAE:
                 row = _mae_row(p, t, dpred, i, scale_t, want_grad)
             else:
                 row = _huber_row(p, t, param, dpred, i, scale_t, want_grad)
@@ -759,28 +760,28 @@ def _gather_batch(X, labels, targets, order, start, x, y, t):
 
 @njit(inline="always", **_HELPER_OPTIONS)
 def _epoch_batch_loss(loss_code, param, out, y, t, dout):
-    """Loss of one train_epoch batch (mean over its rows; codes of kernels.LOSSES) and its
-    gradient into dout, from the batch's labels y or targets t."""
+    """Loss of one train_epoch batch (mean over its rows; codes of kernels.LOSS_CODES)
+    and its gradient into dout, from the batch's labels y or targets t."""
     n, k = out.shape
     loss = 0.0
-    if loss_code == 0:
+    if loss_code == CROSS_ENTROPY:
         scale = 1.0 / n
         for i in range(n):
             loss += _softmax_ce_index_row(out[i], y[i], dout, i, scale, True)
-    elif loss_code == 5:
+    elif loss_code == HINGE:
         scale = 1.0 / n
         for i in range(n):
             loss += scale * _hinge_row(out[i], y[i], param, dout, i, scale, True)
     else:
         scale = 1.0 / (float(n) * k)
         scale_t = out.dtype.type(scale)
-        if loss_code == 1:
+        if loss_code == MSE:
             for i in range(n):
                 loss += scale * _mse_row(out[i], t[i], dout, i, scale_t, True)
-        elif loss_code == 2:
+        elif loss_code == MAE:
             for i in range(n):
                 loss += scale * _mae_row(out[i], t[i], dout, i, scale_t, True)
-        elif loss_code == 3:
+        elif loss_code == HUBER:
             for i in range(n):
                 loss += scale * _huber_row(out[i], t[i], param, dout, i, scale_t, True)
         else:
@@ -792,13 +793,13 @@ def _epoch_batch_loss(loss_code, param, out, y, t, dout):
 @njit(inline="always", **_HELPER_OPTIONS)
 def _epoch_batch_hits(loss_code, out, y, t):
     """Correct predictions of one batch, as _numpy._batch_hits: argmax (first NaN, else
-    first max) == label for codes 0 / 5, (logit > 0) == (target >= 0.5) elementwise for
-    code 4, else 0."""
+    first max) == label for cross_entropy / hinge, (logit > 0) == (target >= 0.5)
+    elementwise for binary_cross_entropy, else 0."""
     n, k = out.shape
     zero = out.dtype.type(0)
     half = t.dtype.type(0.5)
     hits = 0
-    if loss_code == 0 or loss_code == 5:
+    if loss_code == CROSS_ENTROPY or loss_code == HINGE:
         for i in range(n):
             z = out[i]
             best = 0
@@ -814,7 +815,7 @@ def _epoch_batch_hits(loss_code, out, y, t):
                         best = j
             if best == y[i]:
                 hits += 1
-    elif loss_code == 4:
+    elif loss_code == BINARY_CROSS_ENTROPY:
         for i in range(n):
             z = out[i]
             ti = t[i]
@@ -826,18 +827,18 @@ def _epoch_batch_hits(loss_code, out, y, t):
 
 @njit(inline="always", **_HELPER_OPTIONS)
 def _epoch_update(opt_code, hyper, params, grads, state0, state1, state2, lr, t):
-    """One optimizer update (codes and ``hyper`` layouts of kernels.OPTIMIZERS) with rate
-    lr at update number t; scalars in float64 as the wrappers compute them, then cast to
-    the data dtype."""
+    """One optimizer update (kernels.OPTIMIZER_CODES, ``hyper`` laid out as
+    kernels.OPTIMIZER_HYPER) with rate lr at update number t; scalars in float64 as the
+    wrappers compute them, then cast to the data dtype."""
     f = params.dtype.type
-    if opt_code == 0:
+    if opt_code == SGD:
         momentum = hyper[0]
         _sgd_nested(params, grads, state0, f(lr), f(momentum), f(1.0 - hyper[1]),
                     f(hyper[2]), momentum != 0.0, hyper[3] != 0.0, t == 1)
-    elif opt_code == 1:
+    elif opt_code == ADAGRAD:
         _adagrad_nested(params, grads, state0, f(lr / (1.0 + (t - 1) * hyper[0])),
                         f(hyper[1]), f(hyper[2]))
-    elif opt_code == 2:
+    elif opt_code == RMSPROP:
         alpha = hyper[0]
         momentum = hyper[3]
         _rmsprop_nested(params, grads, state0, state1, state2, f(lr), f(alpha),
@@ -1182,7 +1183,7 @@ def sigmoid_binary_cross_entropy(pred, target, weights, dpred):
     pred (n, k) logits, target (n, k) in [0, 1].
     l_ij = max(z, 0) - z t + log(1 + e^-|z|);  dpred = s_i (sigmoid(z) - t) / k.
     """
-    return _pointwise_loss(_BCE, pred, target, 0.0, weights, dpred)
+    return _pointwise_loss(BINARY_CROSS_ENTROPY, pred, target, 0.0, weights, dpred)
 
 
 def mean_squared_error(pred, target, weights, dpred):
@@ -1190,12 +1191,12 @@ def mean_squared_error(pred, target, weights, dpred):
 
     l_ij = (p - t)^2;  dpred = 2 s_i (p - t) / k.
     """
-    return _pointwise_loss(_MSE, pred, target, 0.0, weights, dpred)
+    return _pointwise_loss(MSE, pred, target, 0.0, weights, dpred)
 
 
 def mean_absolute_error(pred, target, weights, dpred):
     """torch L1Loss, mean over n*k.  l_ij = |p - t|;  dpred = s_i sign(p - t) / k."""
-    return _pointwise_loss(_MAE, pred, target, 0.0, weights, dpred)
+    return _pointwise_loss(MAE, pred, target, 0.0, weights, dpred)
 
 
 def huber(pred, target, delta, weights, dpred):
@@ -1204,7 +1205,7 @@ def huber(pred, target, delta, weights, dpred):
     l = d^2/2 if |d| <= delta else delta (|d| - delta/2);
     dpred = s_i clip(d, -delta, delta) / k.
     """
-    return _pointwise_loss(_HUBER, pred, target, delta, weights, dpred)
+    return _pointwise_loss(HUBER, pred, target, delta, weights, dpred)
 
 
 def multiclass_hinge(scores, labels, margin, weights, dscores):
@@ -1290,23 +1291,25 @@ def adam_update(params, grads, exp_avg, exp_avg_sq, max_exp_avg_sq, lr, beta1, b
 # A whole training epoch of a stack of dense layers in one call
 # ----------------------------------------------------------------------------------
 
-def train_epoch(X, labels, targets, order, batch_size, widths, acts, alphas, use_bias,
-                params, grads, workspace, loss_code, loss_param, opt_code, hyper, lrs,
-                state0, state1, state2, step, stats):
+def train_epoch(spec):
     """One epoch of mini-batch training of ``L`` dense layers, all in one call.
 
-    The contract of ``_numpy.train_epoch`` (arguments, workspace size, ``stats``, the
-    stop before the update of a batch whose loss is not finite) as one serial compiled
-    loop that returns to Python only when the epoch ends. Per batch: the rows (and
-    labels or targets) are gathered; each layer is a BLAS matmul, then bias and
-    activation (``dense_forward``'s arithmetic); the loss is the row helper of the
-    matching loss kernel; each layer's backward is ``dense_backward``'s arithmetic (dz,
-    the bias gradient summed in float64, dW and dx by BLAS); the update is the optimizer
-    kernel's pass over the flat buffers. The result is bit-identical to calling those
-    single kernels in sequence. Nothing is allocated per batch. Compiled per dtype, on
-    the first call with that dtype.
+    ``spec`` is a ``fastnn.kernels.TrainEpochSpec``. The contract of
+    ``_numpy.train_epoch`` (workspace size, ``stats``, the stop before the update of a
+    batch whose loss is not finite) as one serial compiled loop that returns to Python
+    only when the epoch ends. Per batch: the rows (and labels or targets) are gathered;
+    each layer is a BLAS matmul, then bias and activation (``dense_forward``'s
+    arithmetic); the loss is the row helper of the matching loss kernel; each layer's
+    backward is ``dense_backward``'s arithmetic (dz, the bias gradient summed in
+    float64, dW and dx by BLAS); the update is the optimizer kernel's pass over the
+    flat buffers. The result is bit-identical to calling those single kernels in
+    sequence. Nothing is allocated per batch. Compiled per dtype, on the first call with
+    that dtype.
     """
-    _train_epoch_core(params.dtype)(
-        X, labels, targets, order, int(batch_size), widths, acts, alphas, use_bias, params,
-        grads, workspace, int(loss_code), float(loss_param), int(opt_code), hyper, lrs,
-        state0, state1, state2, int(step), stats)
+    optimizer = spec.optimizer
+    state0, state1, state2 = optimizer.states
+    _train_epoch_core(spec.params.dtype)(
+        spec.X, spec.labels, spec.targets, spec.order, int(spec.batch_size), spec.widths,
+        spec.acts, spec.alphas, spec.use_bias, spec.params, spec.grads, spec.workspace,
+        int(spec.loss_code), float(spec.loss_param), int(optimizer.code), optimizer.hyper,
+        spec.lrs, state0, state1, state2, int(spec.step), spec.stats)

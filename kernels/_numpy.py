@@ -25,9 +25,11 @@ import math
 
 import numpy as np
 
-from . import DEFAULT_ALPHA
-
-IDENTITY, STEP, SIGMOID, TANH, RELU, LEAKY_RELU, SOFTPLUS, ELU = range(8)
+from . import (
+    ADAGRAD, BINARY_CROSS_ENTROPY, CROSS_ENTROPY, DEFAULT_ALPHA, ELU, HINGE, HUBER,
+    IDENTITY, LABEL_LOSS_CODES, LEAKY_RELU, MAE, MSE, RELU, RMSPROP, SGD, SIGMOID,
+    SOFTPLUS, STEP, TANH,
+)
 
 
 def _alpha(act, alpha):
@@ -349,16 +351,16 @@ def adam_update(params, grads, exp_avg, exp_avg_sq, max_exp_avg_sq, lr, beta1, b
 
 def _batch_loss(loss_code, loss_param, out, labels, targets, rows, dout):
     """Loss of one batch (and its gradient into dout) for a train_epoch loss code."""
-    if loss_code == 0:
+    if loss_code == CROSS_ENTROPY:
         return softmax_cross_entropy(out, labels[rows], None, dout)
-    if loss_code == 5:
+    if loss_code == HINGE:
         return multiclass_hinge(out, labels[rows], loss_param, None, dout)
     target = targets[rows]
-    if loss_code == 1:
+    if loss_code == MSE:
         return mean_squared_error(out, target, None, dout)
-    if loss_code == 2:
+    if loss_code == MAE:
         return mean_absolute_error(out, target, None, dout)
-    if loss_code == 3:
+    if loss_code == HUBER:
         return huber(out, target, loss_param, None, dout)
     return sigmoid_binary_cross_entropy(out, target, None, dout)
 
@@ -366,19 +368,22 @@ def _batch_loss(loss_code, loss_param, out, labels, targets, rows, dout):
 def _batch_hits(loss_code, out, labels, targets, rows):
     """Correct predictions in a batch: argmax == label for label losses, elementwise
     (logit > 0) == (target >= 0.5) for binary_cross_entropy, 0 for regression."""
-    if loss_code in (0, 5):
+    if loss_code in LABEL_LOSS_CODES:
         return int(np.count_nonzero(out.argmax(axis=1) == labels[rows]))
-    if loss_code == 4:
+    if loss_code == BINARY_CROSS_ENTROPY:
         return int(np.count_nonzero((out > 0) == (targets[rows] >= 0.5)))
     return 0
 
 
-def _optimizer_step(opt_code, hyper, params, grads, state0, state1, state2, lr, t):
-    if opt_code == 0:
+def _optimizer_step(optimizer, params, grads, lr, t):
+    """One update of the whole flat buffer by the optimizer of an OptimizerSpec."""
+    hyper = optimizer.hyper
+    state0, state1, state2 = optimizer.states
+    if optimizer.code == SGD:
         sgd_update(params, grads, state0, lr, hyper[0], hyper[1], hyper[2], bool(hyper[3]), t)
-    elif opt_code == 1:
+    elif optimizer.code == ADAGRAD:
         adagrad_update(params, grads, state0, lr, hyper[0], hyper[1], hyper[2], t)
-    elif opt_code == 2:
+    elif optimizer.code == RMSPROP:
         rmsprop_update(params, grads, state0, state1, state2, lr, hyper[0], hyper[1],
                        hyper[2], hyper[3], bool(hyper[4]))
     else:
@@ -386,34 +391,28 @@ def _optimizer_step(opt_code, hyper, params, grads, state0, state1, state2, lr, 
                     hyper[3], bool(hyper[4]), bool(hyper[5]), t)
 
 
-def train_epoch(X, labels, targets, order, batch_size, widths, acts, alphas, use_bias,
-                params, grads, workspace, loss_code, loss_param, opt_code, hyper, lrs,
-                state0, state1, state2, step, stats):
+def train_epoch(spec):
     """One epoch of mini-batch training of ``L`` dense layers, all in one call.
 
-    Visits the samples ``order`` (int64, m) in batches of ``batch_size`` (the last may
-    be smaller). For each batch: gather its rows of X (n, widths[0]) into the
-    workspace; forward ``a_l+1 = act_l(a_l @ W_l + b_l)``; loss and d(loss)/d(output)
-    (loss code from ``fastnn.kernels.LOSSES``, mean over the batch; ``labels`` int64 (n,)
-    for cross_entropy / hinge, ``targets`` (n, widths[-1]) for the others, the unused
-    one empty); backward into ``grads``; one optimizer update (code and ``hyper``
-    layout from ``fastnn.kernels.OPTIMIZERS``) with learning rate ``lrs[b]`` for batch
-    b and update number ``t = step + b + 1``.
+    ``spec`` is a ``fastnn.kernels.TrainEpochSpec`` (the fields are documented there).
+    Visits the samples ``order`` in batches of ``batch_size`` (the last may be
+    smaller). For each batch: gather its rows of X into the workspace; forward
+    ``a_l+1 = act_l(a_l @ W_l + b_l)``; loss and d(loss)/d(output) (mean over the
+    batch); backward into ``grads``; one optimizer update with learning rate ``lrs[b]``
+    for batch b and update number ``t = step + b + 1``.
 
-    Layers: ``widths`` int64 (L+1,), ``acts`` int64 (L,) activation codes, ``alphas``
-    float64 (L,), ``use_bias`` int64 (L,). ``params``/``grads`` (P,) hold, per layer,
-    W (widths[l], widths[l+1]) row-major then b (widths[l+1],) if use_bias[l];
     ``grads`` is scratch: a compiled backend may update each layer as soon as its
     backward is done (the optimizers are elementwise, so this is the same arithmetic)
     or fold the update into the backward (plain SGD into the dW gemm) and never write
-    it. ``workspace`` has at least ``train_epoch_workspace_size(batch_size, widths)``
-    elements; ``state0..2`` (P,) are the optimizer's buffers (unused ones untouched).
+    it. Unused optimizer state buffers are untouched.
 
     ``stats`` float64 (4,) receives [sum of batch loss * batch rows, correct predictions
     (see _batch_hits), batches completed, the last batch's loss]. A batch whose loss is
     not finite ends the epoch before its update, so ``stats[2]`` tells how many updates
     were made and ``stats[3]`` holds the offending loss.
     """
+    (X, labels, targets, order, batch_size, widths, acts, alphas, use_bias, params, grads,
+     workspace, loss_code, loss_param, optimizer, lrs, step, stats) = spec
     n_layers = widths.shape[0] - 1
     m = order.shape[0]
     widest = int(widths.max())
@@ -460,7 +459,6 @@ def train_epoch(X, labels, targets, order, batch_size, widths, acts, alphas, use
             if layer > 0:
                 dout = dx
                 delta, dprev = dprev, delta
-        _optimizer_step(opt_code, hyper, params, grads, state0, state1, state2, lrs[b],
-                        step + b + 1)
+        _optimizer_step(optimizer, params, grads, lrs[b], step + b + 1)
         stats[0] += loss * size
         stats[2] += 1

@@ -36,9 +36,9 @@ def make_problem(rng, dtype, widths, loss, n):
 
 def run_kernel(module, X, labels, targets, order, batch, widths, acts, use_bias, params,
                loss, opt, lr, step=3):
-    code, names = kernels.OPTIMIZERS[OPTIMIZER_CASES[opt][0]]
-    hyper = np.array(OPTIMIZER_CASES[opt][1], dtype=np.float64)
-    assert hyper.size == len(names)
+    name, values = OPTIMIZER_CASES[opt]
+    hyper = np.array(values, dtype=np.float64)
+    assert hyper.size == len(kernels.OPTIMIZER_HYPER[name])
     params = params.copy()
     grads = np.zeros_like(params)
     states = [np.full_like(params, 0.01) for _ in range(3)]  # a run already under way
@@ -47,10 +47,14 @@ def run_kernel(module, X, labels, targets, order, batch, widths, acts, use_bias,
     stats = np.zeros(4)
     alphas = np.array([kernels.DEFAULT_ALPHA[a] for a in acts], np.float64)
     lrs = lr * (1.0 + 0.1 * np.arange(n_batches))
-    module.train_epoch(X, labels, targets, order, batch, np.array(widths, np.int64),
-                       np.array(acts, np.int64), alphas, np.array(use_bias, np.int64),
-                       params, grads, workspace, kernels.LOSSES[loss],
-                       LOSS_PARAMS.get(loss, 0.0), code, hyper, lrs, *states, step, stats)
+    module.train_epoch(kernels.TrainEpochSpec(
+        X=X, labels=labels, targets=targets, order=order, batch_size=batch,
+        widths=np.array(widths, np.int64), acts=np.array(acts, np.int64), alphas=alphas,
+        use_bias=np.array(use_bias, np.int64), params=params, grads=grads,
+        workspace=workspace, loss_code=kernels.LOSS_CODES[loss],
+        loss_param=LOSS_PARAMS.get(loss, 0.0),
+        optimizer=kernels.OptimizerSpec(kernels.OPTIMIZER_CODES[name], hyper, tuple(states)),
+        lrs=lrs, step=step, stats=stats))
     return params, states, stats
 
 
@@ -70,7 +74,7 @@ CASES = [
 
 
 @pytest.mark.parametrize("case", range(len(CASES)))
-@pytest.mark.parametrize("loss", sorted(kernels.LOSSES))
+@pytest.mark.parametrize("loss", sorted(kernels.LOSS_CODES))
 def test_train_epoch_matches_reference(backend, dtype, loss, case):
     widths, act_names, use_bias, batch, n = CASES[case]
     if loss in ("cross_entropy", "hinge") and widths[-1] < 2:
@@ -280,5 +284,6 @@ def test_fused_path_reuses_its_workspace(active_backend, monkeypatch):
     calls = spy_on(monkeypatch, "train_epoch")
     model.fit(X[:320], y[:320], epochs=4, batch_size=32, verbose=0)
     assert len(calls) == 4
-    for position in (9, 10, 11):  # params, grads, workspace
-        assert len({c[position].__array_interface__["data"][0] for c in calls}) == 1
+    for field in ("params", "grads", "workspace"):
+        assert len({getattr(spec, field).__array_interface__["data"][0]
+                    for (spec,) in calls}) == 1
