@@ -123,20 +123,77 @@ def test_fastnn_bench_quick_end_to_end(tmp_path, capsys):
         argv += ["--plot", str(png_path)]
     assert bench.main(argv) == 0
     out = capsys.readouterr().out
-    assert "Speedup of fastnn" in out and "numpy" in out
-    assert "pip install torch adds the PyTorch column" in out
+    assert "Speedup of fastnn over numpy MLP (hand-written baseline)" in out
+    assert "pip install torch adds its rows and speedups" in out
     result = json.loads(json_path.read_text())
     records = {r["label"]: r for r in result["training"]}
-    assert set(records) == {"fastnn[numpy]", "numpy", "matmuls"}
+    assert set(records) == {"fastnn[numpy]", "numpy MLP", "matmuls"}
     assert all(r["error"] is None and r["seconds_per_epoch"] > 0 and r["peak_rss_mb"] > 0
                and r["gflop_per_s"] > 0 for r in records.values())
     assert "%matmuls" in out
-    assert records["fastnn[numpy]"]["loss"] == pytest.approx(records["numpy"]["loss"],
+    assert records["fastnn[numpy]"]["loss"] == pytest.approx(records["numpy MLP"]["loss"],
                                                              rel=1e-4)
     assert result["roofline"]["1"]["roofline"] > 0
     assert result["machine"]["versions"]["numpy"] == np.__version__
     if has_matplotlib:
         assert png_path.stat().st_size > 0
+
+
+def _synthetic_result(seconds):
+    """A ``run_suite`` result at 1 thread from ``seconds``: {(impl, backend): s/epoch}
+    for one workload, digits b32 sgd."""
+    training = []
+    for (impl, backend), t in seconds.items():
+        training.append({
+            "impl": impl, "backend": backend, "label": baselines.impl_label(impl, backend),
+            "threads": 1, "net": "digits", "batch": 32, "optimizer": "sgd", "error": None,
+            "seconds": [t], "seconds_per_epoch": t, "samples_per_s": 1000 / t,
+            "gflop_per_s": 1.0 / t, "roofline_pct": 1.0, "peak_rss_mb": 70.0,
+            "loss": 2.3, "cpus": [0]})
+    versions = {"fastnn": "0", "numpy": "0", "scipy": "0", "numba": "0", "torch": None}
+    return {"machine": {"cpu": "test CPU", "usable_cpus": 1, "logical_cpus": 1,
+                        "python": "3", "versions": versions, "blas": []},
+            "settings": {"threads": [1], "backends": ["cython", "numpy"], "torch": True,
+                         "quick": True},
+            "roofline": {}, "training": training, "startup": [], "skipped": [], "errors": []}
+
+
+SECONDS = {("fastnn", "cython"): 0.02, ("fastnn", "numpy"): 0.2, ("numpy", None): 0.16,
+           ("torch", None): 0.8}
+
+
+def test_report_names_the_numpy_mlp_and_its_speedup_columns_the_backends():
+    """The hand-written baseline is "numpy MLP", never a bare "numpy" beside
+    fastnn[numpy]; each baseline has its own speedup table, a column per backend."""
+    text = report.format_report(_synthetic_result(SECONDS))
+    assert "numpy/numpy" not in text and "/numpy" not in text
+    lines = text.splitlines()
+    for name in ("numpy MLP (hand-written baseline)", "PyTorch (eager, CPU)"):
+        title = lines.index(f"== Speedup of fastnn over {name}, 1 thread: t_baseline / "
+                            "t_fastnn (> 1 = fastnn faster) ==")
+        assert lines[title + 1].split() == ["net", "batch", "opt", "fastnn[cython]",
+                                            "fastnn[numpy]"]
+    over_numpy = lines[lines.index("== Speedup of fastnn over numpy MLP (hand-written "
+                                   "baseline), 1 thread: t_baseline / t_fastnn (> 1 = "
+                                   "fastnn faster) ==") + 3]
+    assert over_numpy.split() == ["digits", "32", "sgd", "8.00x", "0.80x"]
+    impl_column = next(line for line in lines if line.startswith("net ")).index("impl")
+    impls = [line[impl_column:].split("  ")[0] for line in lines if line.endswith("2.3000")]
+    assert impls == ["fastnn[cython]", "fastnn[numpy]", "numpy MLP", "torch"]
+
+
+def test_plot_has_a_log_axis_and_the_values_on_the_bars():
+    pytest.importorskip("matplotlib")
+    fig = report.speedup_figure(_synthetic_result(SECONDS))
+    titles = [ax.get_title() for ax in fig.axes]
+    assert titles == ["fastnn vs numpy MLP (hand-written baseline), 1 thread (> 1: fastnn "
+                      "faster)", "fastnn vs PyTorch (eager, CPU), 1 thread (> 1: fastnn "
+                                 "faster)"]
+    assert all(ax.get_yscale() == "log" for ax in fig.axes)
+    labels = [[t.get_text() for t in ax.texts] for ax in fig.axes]
+    assert labels == [["8.00x", "0.80x"], ["40.0x", "4.00x"]]
+    legend = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert legend == ["fastnn[cython]", "fastnn[numpy]"]
 
 
 def test_notes_flag_uneven_epochs():

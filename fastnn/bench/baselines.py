@@ -167,8 +167,11 @@ class NumpyMLP:
 
 
 def impl_label(impl, backend=None):
-    """The name of an implementation in tables: "fastnn[cython]", "numpy", "torch"."""
-    return f"fastnn[{backend}]" if impl == "fastnn" else impl
+    """The name of an implementation in tables: "fastnn[cython]", "numpy MLP" (the
+    hand-written baseline, not fastnn's numpy backend), "torch", "matmuls"."""
+    if impl == "fastnn":
+        return f"fastnn[{backend}]"
+    return "numpy MLP" if impl == "numpy" else impl
 
 
 def _fastnn_runner(cfg, weights, threads):

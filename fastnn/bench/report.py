@@ -8,25 +8,25 @@ from .baselines import WARMUP_BATCHES, impl_label
 #: flagged in the notes: on a VM whose vCPUs are not always scheduled, its median may
 #: not be typical.
 UNEVEN_SPREAD = 1.25
+#: The baselines of the speedups (impl -> what the report and the plot call it).
+BASELINE_NAMES = {"numpy": "numpy MLP (hand-written baseline)", "torch": "PyTorch (eager, CPU)"}
 
 
 def speedups(result):
     """One row per (threads, workload, fastnn backend, baseline): the speedup
-    t_baseline / t_fastnn (> 1: fastnn is faster)."""
-    seconds = {}
-    for r in result["training"]:
-        if r.get("error") is None:
-            seconds[(r["threads"], r["net"], r["batch"], r["optimizer"], r["label"])] = \
-                r["seconds_per_epoch"]
+    t_baseline / t_fastnn (> 1: fastnn is faster); ``baseline`` is a key of
+    BASELINE_NAMES."""
+    seconds = {(r["threads"], r["net"], r["batch"], r["optimizer"], r["impl"], r["backend"]):
+               r["seconds_per_epoch"] for r in result["training"] if r.get("error") is None}
     rows = []
-    for (threads, net, batch, optimizer, label), t in seconds.items():
-        if not label.startswith("fastnn["):
+    for (threads, net, batch, optimizer, impl, backend), t in seconds.items():
+        if impl != "fastnn":
             continue
-        for baseline in ("numpy", "torch"):
-            t_base = seconds.get((threads, net, batch, optimizer, baseline))
+        for baseline in BASELINE_NAMES:
+            t_base = seconds.get((threads, net, batch, optimizer, baseline, None))
             if t_base is not None:
                 rows.append({"threads": threads, "net": net, "batch": batch,
-                             "optimizer": optimizer, "backend": label[7:-1],
+                             "optimizer": optimizer, "backend": backend,
                              "baseline": baseline, "speedup": t_base / t})
     return rows
 
@@ -62,11 +62,13 @@ def format_report(result):
             continue
         lines += ["", f"== One training epoch, float32, {_threads_title(threads, records)} =="]
         lines += _detail_table(records)
-        rows = [r for r in ratios if r["threads"] == threads]
-        if rows:
-            lines += ["", f"== Speedup of fastnn, {threads_label(threads)}: t_baseline / t_fastnn "
-                          "(> 1 = fastnn faster) =="]
-            lines += _ratio_table(rows, result["settings"]["backends"])
+        for baseline, name in BASELINE_NAMES.items():
+            rows = [r for r in ratios if (r["threads"], r["baseline"]) == (threads, baseline)]
+            if rows:
+                lines += ["", f"== Speedup of fastnn over {name}, "
+                              f"{threads_label(threads)}: t_baseline / t_fastnn "
+                              "(> 1 = fastnn faster) =="]
+                lines += _ratio_table(rows, result["settings"]["backends"])
     if result["startup"]:
         lines += ["", "== Startup: import fastnn + load backend + first training step "
                       "(fresh interpreter, 1 CPU) =="]
@@ -96,7 +98,8 @@ def _detail_table(records):
     header = ("net", "batch", "opt", "impl", "s/epoch", "samples/s", "GFLOP/s", "%sgemm",
               "%matmuls", "RSS MB", "loss")
     workloads = list(dict.fromkeys((r["net"], r["batch"], r["optimizer"]) for r in records))
-    impls = [impl_label("fastnn", b) for b in BACKENDS] + ["numpy", "torch", "matmuls"]
+    impls = [impl_label("fastnn", b) for b in BACKENDS] + \
+        [impl_label(impl) for impl in ("numpy", "torch", "matmuls")]
     records = sorted(records, key=lambda r: (
         workloads.index((r["net"], r["batch"], r["optimizer"])), impls.index(r["label"])))
     matmuls = {(r["net"], r["batch"], r["optimizer"]): r["seconds_per_epoch"]
@@ -122,21 +125,15 @@ def _detail_table(records):
 
 
 def _ratio_table(rows, backends):
-    baselines = [b for b in ("numpy", "torch") if any(r["baseline"] == b for r in rows)]
-    columns = [(b, base) for base in baselines for b in backends]
-    header = ("net", "batch", "opt") + tuple(f"{b}/{base}" for b, base in columns)
-    cells, order = {}, []
+    """Speedups over one baseline: a row per workload, a column per fastnn backend."""
+    header = ("net", "batch", "opt") + tuple(impl_label("fastnn", b) for b in backends)
+    cells = {}
     for r in rows:
-        key = (r["net"], r["batch"], r["optimizer"])
-        if key not in cells:
-            cells[key] = {}
-            order.append(key)
-        cells[key][(r["backend"], r["baseline"])] = r["speedup"]
-    table = []
-    for key in order:
-        table.append(key + tuple(f"{cells[key][c]:.2f}x" if c in cells[key] else "-"
-                                 for c in columns))
-    return _table(header, table, "<><" + ">" * len(columns))
+        cells.setdefault((r["net"], r["batch"], r["optimizer"]), {})[r["backend"]] = \
+            r["speedup"]
+    table = [key + tuple(f"{speedup[b]:.2f}x" if b in speedup else "-" for b in backends)
+             for key, speedup in cells.items()]
+    return _table(header, table, "<><" + ">" * len(backends))
 
 
 def _startup_table(records):
@@ -157,9 +154,9 @@ def _notes(result):
     s = result["settings"]
     notes = ["Notes:",
              "- fastnn: Sequential.fit(epochs=1, shuffle=True, seed=0), its fused train_epoch "
-             f"path, after a warm-up fit on {WARMUP_BATCHES} batches; numpy: NumpyMLP "
-             "(fastnn.bench.baselines), preallocated buffers, in-place ops, float32; all start "
-             "from the same weights and batch order.",
+             f"path, after a warm-up fit on {WARMUP_BATCHES} batches; "
+             f"{BASELINE_NAMES['numpy']}: NumpyMLP (fastnn.bench.baselines), preallocated "
+             "buffers, in-place ops, float32; all start from the same weights and batch order.",
              "- s/epoch: median of the repeats; GFLOP/s counts the matmuls (2ndk forward, "
              "2ndk dW, 2ndk dx but the first layer); %sgemm: of the roofline above.",
              "- matmuls: only the epoch's matmuls, at the net's shapes, through scipy's "
@@ -172,7 +169,7 @@ def _notes(result):
                      "included because it is importable (--no-torch leaves it out).")
     else:
         notes.append("- torch: not included (not installed, or --no-torch): "
-                     "pip install torch adds the PyTorch column.")
+                     "pip install torch adds its rows and speedups.")
     if s["quick"]:
         notes.append("- --quick: fewer samples, nets and repeats, 1 thread unless --threads; "
                      "startup of the default backend, warm only. `fastnn bench` runs the "
@@ -195,34 +192,56 @@ def _notes(result):
 
 def plot_speedups(result, path):
     """Bar chart of the speedups (one panel per thread count and baseline) to ``path``."""
-    matplotlib = import_matplotlib()
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    speedup_figure(result).savefig(path, dpi=120)
+
+
+def speedup_figure(result):
+    """The speedups as a matplotlib Figure: a panel per thread count and baseline, a bar
+    per workload and fastnn backend growing from 1x (up: fastnn faster), labelled with
+    its value, on a log axis (digits' 40x and MNIST's 1.1x read on one scale)."""
+    import_matplotlib()
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     rows = speedups(result)
     panels = sorted({(r["threads"], r["baseline"]) for r in rows})
     backends = result["settings"]["backends"]
     workloads = list(dict.fromkeys((r["net"], r["batch"], r["optimizer"]) for r in rows))
-    fig, axes = plt.subplots(max(len(panels), 1), 1, squeeze=False,
-                             figsize=(max(6, 1.1 * len(workloads) + 2), 3.2 * max(len(panels), 1)))
+    fig = Figure(figsize=(max(6, 1.1 * len(workloads) + 2), 3.4 * max(len(panels), 1)))
+    axes = fig.subplots(max(len(panels), 1), 1, squeeze=False)[:, 0]
     width = 0.8 / max(len(backends), 1)
-    for ax, (threads, baseline) in zip(axes[:, 0], panels):
+    for ax, (threads, baseline) in zip(axes, panels):
+        ax.set_yscale("log")
         for j, backend in enumerate(backends):
             values = {(r["net"], r["batch"], r["optimizer"]): r["speedup"] for r in rows
                       if (r["threads"], r["baseline"], r["backend"]) ==
                       (threads, baseline, backend)}
-            xs = [i + (j - (len(backends) - 1) / 2) * width for i in range(len(workloads))]
-            ax.bar(xs, [values.get(w, 0.0) for w in workloads], width, label=f"fastnn[{backend}]")
+            shown = [(i, values[w]) for i, w in enumerate(workloads) if w in values]
+            xs = [i + (j - (len(backends) - 1) / 2) * width for i, _ in shown]
+            # From 1x, so a slowdown points down: height v - 1 spans 1 .. v.
+            bars = ax.bar(xs, [v - 1 for _, v in shown], width, bottom=1.0,
+                          label=impl_label("fastnn", backend))
+            ax.bar_label(bars, labels=[_speedup_text(v) for _, v in shown], fontsize=7,
+                         padding=2)
         ax.axhline(1.0, color="black", linewidth=0.8)
+        ax.margins(y=0.3)
+        ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}x"))
+        ax.yaxis.set_minor_formatter(NullFormatter())
         ax.set_xticks(range(len(workloads)))
+        ax.set_xlim(-0.5, len(workloads) - 0.5)  # a workload with no bars keeps its slot
         ax.set_xticklabels([f"{n}\nb{b} {o}" for n, b, o in workloads], fontsize=8)
-        ax.set_ylabel(f"speedup vs {baseline}")
-        ax.set_title(f"fastnn vs {baseline}, {threads_label(threads)} (> 1: fastnn faster)")
+        ax.set_ylabel("speedup (log scale)")
+        ax.set_title(f"fastnn vs {BASELINE_NAMES[baseline]}, {threads_label(threads)} "
+                     "(> 1: fastnn faster)", fontsize=10)
         ax.legend(fontsize=8)
     fig.suptitle(f"fastnn bench — {result['machine']['cpu']}", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return fig
+
+
+def _speedup_text(speedup):
+    return f"{speedup:.2f}x" if speedup < 10 else f"{speedup:.1f}x"
 
 
 def import_matplotlib():
