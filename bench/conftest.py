@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 import fastnn
-from fastnn import benchmarks, kernels
+from fastnn import kernels
+from fastnn.bench import machine
 
 def pytest_addoption(parser):
     parser.addoption("--bench-threads", type=int, default=None,
@@ -16,7 +17,7 @@ def pytest_addoption(parser):
 
 
 def pytest_configure(config):
-    threads = config.getoption("--bench-threads") or len(benchmarks.usable_cpus())
+    threads = config.getoption("--bench-threads") or len(machine.usable_cpus())
     fastnn.set_num_threads(threads)
     config._fastnn_bench_threads = threads
 
@@ -27,7 +28,7 @@ def pytest_report_header(config):
 
 
 def pytest_benchmark_update_machine_info(config, machine_info):
-    info = benchmarks.machine_info()
+    info = machine.machine_info()
     machine_info["fastnn"] = dict(info, threads=config._fastnn_bench_threads,
                                   backends=kernels.available_backends())
 

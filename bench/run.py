@@ -3,12 +3,12 @@
     python bench/run.py --quick                 # under a minute
     python bench/run.py --json bench/results/full.json --plot bench/results/full.png
 
-The suite itself lives in ``fastnn.benchmarks`` (installed with the package, so that
+The suite itself lives in ``fastnn.bench`` (installed with the package, so that
 ``fastnn bench`` works without this checkout); ``--help`` lists the options.
 """
 import sys
 
-from fastnn.benchmarks import main
+from fastnn.bench import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,5 +1,5 @@
 """Kernel benchmarks: every kernel of the contract x backend x dtype, on the shapes of
-the three reference nets (fastnn.benchmarks.NETS).
+the three reference nets (fastnn.bench.suite.NETS).
 
 ``train_epoch`` (a whole epoch of a reference net in one call) is timed over
 TRAIN_EPOCH_BATCHES batches. Each case checks the backend against ``_numpy`` first (the
@@ -19,7 +19,8 @@ from typing import Callable, NamedTuple, Optional
 import numpy as np
 import pytest
 
-from fastnn.benchmarks import NETS, initial_weights
+from fastnn.bench.baselines import initial_weights
+from fastnn.bench.suite import NETS
 from fastnn.kernels import (
     ACTIVATIONS, LOSS_CODES, OPTIMIZER_CODES, OPTIMIZER_HYPER, OptimizerSpec,
     TrainEpochSpec, train_epoch_workspace_size,

@@ -12,11 +12,12 @@ from . import kernels
 _state = {"name": None, "module": None, "threads": None}
 
 
-def _usable_cpus():
+def usable_cpus():
+    """The ids of the CPUs this process may run on, sorted."""
     try:
-        return len(os.sched_getaffinity(0))
+        return sorted(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
+        return list(range(os.cpu_count() or 1))
 
 
 def _apply_threads(module):
@@ -71,7 +72,7 @@ def set_num_threads(n):
     """
     if isinstance(n, bool) or not isinstance(n, int):
         raise TypeError(f"n must be an int, got {type(n).__name__}")
-    limit = _usable_cpus()
+    limit = len(usable_cpus())
     if not 1 <= n <= limit:
         raise ValueError(f"n must be between 1 and {limit} (usable CPUs), got {n}")
     import scipy.linalg.cython_blas  # noqa: F401  (load scipy's BLAS so it is limited too)
@@ -87,4 +88,4 @@ def set_num_threads(n):
 
 def get_num_threads():
     """The process thread budget (the number of usable CPUs unless set)."""
-    return _state["threads"] if _state["threads"] is not None else _usable_cpus()
+    return _state["threads"] if _state["threads"] is not None else len(usable_cpus())

@@ -9,8 +9,6 @@ import time
 
 import numpy as np
 
-from . import benchmarks
-
 CLASSIFICATION_LOSSES = ("cross_entropy", "hinge", "binary_cross_entropy")
 
 
@@ -25,6 +23,8 @@ def _parse_hidden(text):
 
 
 def build_parser():
+    from . import bench  # the benchmark program loads with the command line, not with fastnn
+
     parser = argparse.ArgumentParser(prog="fastnn", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="train an MLP and report test accuracy and speed")
@@ -51,7 +51,7 @@ def build_parser():
     train.add_argument("--plot", default=None, metavar="PNG",
                        help="save the training curves (needs matplotlib)")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
-    benchmarks.add_parser(sub)
+    bench.add_parser(sub)
     return parser
 
 
@@ -145,8 +145,10 @@ def train(args):
 
 
 def main(argv=None):
+    from . import bench
+
     args = build_parser().parse_args(argv)
-    commands = {"train": train, "bench": benchmarks.run}
+    commands = {"train": train, "bench": bench.run}
     return commands[args.command](args)
 
 
