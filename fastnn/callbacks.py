@@ -10,7 +10,7 @@ import os
 
 import numpy as np
 
-from ._validation import check_float, check_int
+from ._validation import check_bool, check_float, check_int
 
 
 class Callback:
@@ -76,7 +76,7 @@ class EarlyStopping(_Monitor):
                  restore_best_weights=False):
         super().__init__(monitor, mode, min_delta)
         self.patience = check_int(patience, "patience", low=0)
-        self.restore_best_weights = bool(restore_best_weights)
+        self.restore_best_weights = check_bool(restore_best_weights, "restore_best_weights")
 
     def on_train_begin(self, logs=None):
         self.best, self.wait, self.best_epoch, self.best_weights = None, 0, None, None
@@ -109,7 +109,7 @@ class ModelCheckpoint(_Monitor):
     def __init__(self, path, monitor="val_loss", save_best_only=False, mode="auto"):
         super().__init__(monitor, mode, 0.0)
         self.path = os.fspath(path)
-        self.save_best_only = bool(save_best_only)
+        self.save_best_only = check_bool(save_best_only, "save_best_only")
 
     def on_train_begin(self, logs=None):
         self.best = None
@@ -178,7 +178,7 @@ class CSVLogger(Callback):
     def __init__(self, path, separator=",", append=False):
         self.path = os.fspath(path)
         self.separator = separator
-        self.append = bool(append)
+        self.append = check_bool(append, "append")
 
     def on_train_begin(self, logs=None):
         self._keys = None
