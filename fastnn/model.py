@@ -31,7 +31,7 @@ from ._validation import (
     check_sample_weight,
     check_seed,
 )
-from .callbacks import Callback, TerminateOnNaN
+from .callbacks import Callback, TerminateOnNaN, check_training_setup
 from ._backend import backend_module
 from .layers import Dense, Layer, _BatchBuffers, layer_from_config
 from .solvers import Objective, Solver
@@ -381,6 +381,10 @@ class Sequential:
                 raise TypeError(f"callbacks[{i}] must be a fastnn.callbacks.Callback, "
                                 f"got {type(cb).__name__}")
             cb.set_model(self)
+        logged = ("loss",) + self.metrics
+        check_training_setup(callbacks, logged + (tuple("val_" + k for k in logged)
+                                                  if val is not None else ()),
+                             isinstance(self.optimizer, Solver))
         terminate_on_nan = any(isinstance(cb, TerminateOnNaN) for cb in callbacks)
 
         history = History()
