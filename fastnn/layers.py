@@ -148,6 +148,22 @@ class Layer:
         return f"{type(self).__name__}({args})"
 
 
+def check_joinable(layer, name, model, earlier):
+    """Raise unless ``layer`` is a Layer free to join ``model``: part of no model, and
+    not among ``earlier`` (the layers placed before it in ``model``). One instance in
+    two places would train something that save and load_model do not reproduce."""
+    if not isinstance(layer, Layer):
+        raise TypeError(f"{name} must be a fastnn layer, got {type(layer).__name__}")
+    if layer.model is model or any(layer is other for other in earlier):
+        where = "already in this model"
+    elif layer.model is not None:
+        where = "already part of another model"
+    else:
+        return
+    raise ValueError(f"{name} {layer!r} is {where}; a layer belongs to one model, once: "
+                     "create a new layer, or a copy with copy.deepcopy(layer)")
+
+
 class _BatchBuffers:
     """Scratch arrays per batch size, so steady-state steps allocate nothing."""
 

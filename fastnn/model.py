@@ -33,7 +33,7 @@ from ._validation import (
 )
 from .callbacks import Callback, TerminateOnNaN, check_training_setup
 from ._backend import backend_module
-from .layers import Dense, Layer, _BatchBuffers, layer_from_config
+from .layers import Dense, Layer, _BatchBuffers, check_joinable, layer_from_config
 from .solvers import Objective, Solver
 
 FORMAT = "fastnn.Sequential"
@@ -113,7 +113,7 @@ class Sequential:
             raise TypeError(f"layers must be a list of fastnn layers, got "
                             f"{type(layers).__name__}") from None
         for i, layer in enumerate(layers):
-            self._check_new_layer(layer, f"layers[{i}]", layers[:i])
+            check_joinable(layer, f"layers[{i}]", self, layers[:i])
         self.layers = []
         self.loss = None
         self.optimizer = None
@@ -130,23 +130,8 @@ class Sequential:
     def add(self, layer):
         """Append a layer (weights of the existing layers are kept). If the layer does
         not fit, the model is left exactly as it was."""
-        self._check_new_layer(layer, "layer", self.layers)
+        check_joinable(layer, "layer", self, self.layers)
         self._build(self.layers + [layer])
-
-    def _check_new_layer(self, layer, name, earlier):
-        """``layer`` must be a Layer that no model holds yet (``earlier``: the layers
-        placed before it in this model): one instance in two places would train
-        something that save/load_model does not reproduce."""
-        if not isinstance(layer, Layer):
-            raise TypeError(f"{name} must be a fastnn layer, got {type(layer).__name__}")
-        if layer.model is self or any(layer is other for other in earlier):
-            where = "already in this model"
-        elif layer.model is not None:
-            where = "already part of another model"
-        else:
-            return
-        raise ValueError(f"{name} {layer!r} is {where}; a layer belongs to one model, once: "
-                         "create a new layer, or a copy with copy.deepcopy(layer)")
 
     def _build(self, layers):
         """Make ``layers`` the model's: check that they chain, then point their weights
