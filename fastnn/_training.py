@@ -22,8 +22,8 @@ from . import kernels
 from . import metrics as metrics_module
 from . import optimizers as optimizers_module
 from ._backend import backend_module
-from ._validation import all_finite, check_float, check_int, check_seed
-from .callbacks import Callback, TerminateOnNaN
+from ._validation import all_finite, check_bool, check_float, check_int, check_seed
+from .callbacks import Callback, TerminateOnNaN, check_callbacks, check_training_setup
 from .layers import Dense
 from .solvers import Objective, Solver
 
@@ -118,14 +118,17 @@ def fit(model, X, y, epochs=1, batch_size=32, shuffle=True, replacement=False,
     weights = _apply_class_weight(model, class_weight, target, weights)
     X, target, weights, val = _split_validation(model, X, target, weights,
                                                 validation_data, validation_split)
+    shuffle = check_bool(shuffle, "shuffle")
+    replacement = check_bool(replacement, "replacement")
     n = X.shape[0]
     batch = n if batch_size is None else min(check_int(batch_size, "batch_size", low=1), n)
-    callbacks = list(callbacks or ())
-    for i, cb in enumerate(callbacks):
-        if not isinstance(cb, Callback):
-            raise TypeError(f"callbacks[{i}] must be a fastnn.callbacks.Callback, "
-                            f"got {type(cb).__name__}")
+    callbacks = check_callbacks(callbacks)
+    for cb in callbacks:
         cb.set_model(model)
+    logged = ("loss",) + tuple(model.metrics)
+    check_training_setup(callbacks, logged + (tuple("val_" + k for k in logged)
+                                              if val is not None else ()),
+                         isinstance(model.optimizer, Solver))
 
     loop = _FitLoop(model, callbacks, val,
                     "iteration" if isinstance(model.optimizer, Solver) else "epoch")

@@ -44,7 +44,28 @@ def _as_numeric(a, name):
         raise TypeError(f"{name} must hold numbers, got dtype {arr.dtype}")
     if np.issubdtype(arr.dtype, np.complexfloating):
         raise TypeError(f"{name} must be real, got dtype {arr.dtype}")
+    if arr.dtype.kind == "m":  # numpy counts timedelta64 among the integers
+        raise TypeError(f"{name} must hold numbers, got dtype {arr.dtype}; convert durations "
+                        "to numbers first (e.g. arr / np.timedelta64(1, 's'))")
     return arr
+
+
+def _as_float(arr, name, dtype):
+    """``arr`` as a C-contiguous ``dtype`` array that must be finite; a value that is
+    finite in ``arr`` but too large for ``dtype`` is reported as an overflow, not as
+    the infinity the conversion made of it."""
+    with np.errstate(over="ignore"):
+        converted = np.ascontiguousarray(arr, dtype=dtype)
+    if all_finite(converted):
+        return converted
+    bad = np.count_nonzero(~np.isfinite(arr)) if arr.dtype.kind == "f" else 0
+    if bad:
+        raise ValueError(f"{name} contains {bad} NaN or infinite value(s)")
+    overflow = np.count_nonzero(~np.isfinite(converted))
+    hint = " or use dtype='float64'" if converted.dtype == np.float32 else ""
+    raise ValueError(f"{name} has {overflow} value(s) that overflow {converted.dtype} (largest "
+                     f"magnitude {float(np.abs(arr).max()):.6g}, {converted.dtype} holds up to "
+                     f"{float(np.finfo(converted.dtype).max):.6g}); scale the data{hint}")
 
 
 def check_array(a, name, dtype, ndim=2, allow_1d=False):
@@ -59,11 +80,7 @@ def check_array(a, name, dtype, ndim=2, allow_1d=False):
         raise ValueError(f"{name} must be {ndim}-D, got {arr.ndim}-D array of shape {arr.shape}")
     if arr.size == 0:
         raise ValueError(f"{name} must not be empty, got shape {arr.shape}")
-    arr = np.ascontiguousarray(arr, dtype=dtype)
-    if not all_finite(arr):
-        bad = np.count_nonzero(~np.isfinite(arr))
-        raise ValueError(f"{name} contains {bad} NaN or infinite value(s)")
-    return arr
+    return _as_float(arr, name, dtype)
 
 
 def check_features(X, name, dtype, n_features):
@@ -90,12 +107,20 @@ def check_labels(y, name, n_samples, n_classes):
         if not np.array_equal(arr, np.round(arr)):
             raise ValueError(f"{name} must hold integer class labels, got non-integer values "
                              f"such as {float(arr[arr != np.round(arr)][0])!r}")
-    labels = arr.astype(np.int64)
-    low, high = labels.min(), labels.max()
+    low, high = arr.min(), arr.max()  # before the int64 conversion, which wraps 1e30
     if low < 0 or high >= n_classes:
         raise ValueError(f"{name} must be class labels in [0, {n_classes - 1}] "
-                         f"(the model has {n_classes} outputs), got values from {low} to {high}")
-    return np.ascontiguousarray(labels)
+                         f"(the model has {n_classes} outputs), got values from "
+                         f"{_number_text(low)} to {_number_text(high)}")
+    return np.ascontiguousarray(arr.astype(np.int64))
+
+
+def _number_text(value):
+    """A numpy scalar as the user wrote it: integral floats of int64 range as ints."""
+    value = value.item()
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2 ** 63:
+        return str(int(value))
+    return str(value)
 
 
 def check_length(arr, name, n_samples):
@@ -113,9 +138,7 @@ def check_sample_weight(w, n_samples, dtype, name="sample_weight"):
     if arr.ndim != 1:
         raise ValueError(f"{name} must be 1-D of length {n_samples}, got shape {arr.shape}")
     check_length(arr, name, n_samples)
-    arr = np.ascontiguousarray(arr, dtype=dtype)
-    if not all_finite(arr):
-        raise ValueError(f"{name} contains NaN or infinite values")
+    arr = _as_float(arr, name, dtype)
     if (arr < 0).any():
         raise ValueError(f"{name} must be non-negative, got minimum {arr.min()}")
     if arr.sum() <= 0:
@@ -131,6 +154,14 @@ def check_choice(value, name, choices):
     if value not in choices:
         raise ValueError(f"unknown {name} {value!r}; expected one of {sorted(choices)}")
     return value
+
+
+def check_bool(value, name):
+    """A bool or numpy bool, as a Python bool; a truthy str, int or None is refused."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be a bool (True or False), got "
+                        f"{type(value).__name__} {value!r}")
+    return bool(value)
 
 
 def check_int(value, name, low=None, high=None, allow_none=False):

@@ -3,23 +3,45 @@
 A callback sees the model (``self.model``) and per-epoch ``logs`` ({"loss": ...,
 "accuracy": ..., "val_loss": ...}). Setting ``self.model.stop_training = True`` ends
 training after the current epoch; ``self.model.stop_reason`` says why.
+
+Before the first epoch fit calls ``check_training`` on each callback, so a callback
+that cannot work in that run (a monitored value that will not be logged, a path
+template naming one) fails at once rather than after an epoch of training.
 """
 import csv
 import math
 import os
+import string
 
 import numpy as np
 
-from ._validation import check_float, check_int
+from ._validation import check_bool, check_float, check_int
 
 
 class Callback:
-    """Base class: override any of the hooks."""
+    """Base class: override any of the hooks.
+
+    A callback that writes values into the epoch logs (in ``on_epoch_end``) names them
+    in ``adds_logs``, so the callbacks after it may monitor them.
+    """
 
     model = None
+    #: Keys this callback writes into the epoch logs.
+    adds_logs = ()
 
     def set_model(self, model):
         self.model = model
+
+    def check_training(self, log_keys, solver):
+        """Raise ValueError or TypeError if this callback cannot work in the coming fit.
+
+        Called by fit once, before the first epoch. ``log_keys`` is the tuple of keys
+        the epoch logs hold when this callback's ``on_epoch_end`` runs: "loss", the
+        metric names, "val_" + each of those with validation data, then the
+        ``adds_logs`` of the callbacks before this one. ``solver`` is True when a
+        full-batch solver trains (an epoch is one solver iteration). The base accepts
+        every setting.
+        """
 
     def on_train_begin(self, logs=None):
         pass
@@ -37,10 +59,52 @@ class Callback:
         pass
 
 
+def check_callbacks(callbacks):
+    """fit's ``callbacks`` argument (None, one Callback, or an iterable of them) as a
+    list of Callbacks."""
+    if callbacks is None:
+        return []
+    if isinstance(callbacks, Callback):
+        return [callbacks]
+    try:
+        callbacks = list(callbacks)
+    except TypeError:
+        raise TypeError(f"callbacks must be a fastnn.callbacks.Callback or a list of them, "
+                        f"got {type(callbacks).__name__}") from None
+    for i, cb in enumerate(callbacks):
+        if isinstance(cb, type) and issubclass(cb, Callback):
+            raise TypeError(f"callbacks[{i}] is the class {cb.__name__}; pass an instance, "
+                            f"{cb.__name__}(...)")
+        if not isinstance(cb, Callback):
+            raise TypeError(f"callbacks[{i}] must be a fastnn.callbacks.Callback, "
+                            f"got {type(cb).__name__}")
+    return callbacks
+
+
+def check_training_setup(callbacks, log_keys, solver):
+    """Call ``check_training`` on each callback in order, each seeing ``log_keys`` (the
+    keys fit logs) plus the ``adds_logs`` of the callbacks before it."""
+    log_keys = tuple(log_keys)
+    for cb in callbacks:
+        cb.check_training(log_keys, solver)
+        log_keys += tuple(key for key in cb.adds_logs if key not in log_keys)
+
+
+def _check_path(path):
+    if not isinstance(path, (str, bytes, os.PathLike)):
+        raise TypeError(f"path must be a str or path-like, got {type(path).__name__}")
+    return os.fspath(path)
+
+
+def _missing_log_message(who, key, log_keys):
+    hint = ("pass validation_data or validation_split to log 'val_*' values"
+            if key.startswith("val_") else "pick one of them")
+    return f"{who} {key!r}, which is not among the logged values {sorted(log_keys)}; {hint}"
+
+
 def _monitored(logs, monitor, who):
     if monitor not in logs:
-        raise ValueError(f"{who} monitors {monitor!r}, which is not among the logged values "
-                         f"{sorted(logs)}; pass validation data for 'val_*' or change monitor")
+        raise ValueError(_missing_log_message(f"{who} monitors", monitor, logs))
     return logs[monitor]
 
 
@@ -59,6 +123,11 @@ class _Monitor(Callback):
         self.min_delta = check_float(min_delta, "min_delta", low=0.0)
         self.best = None
 
+    def _check_monitor(self, log_keys):
+        if self.monitor not in log_keys:
+            raise ValueError(_missing_log_message(f"{type(self).__name__} monitors",
+                                                  self.monitor, log_keys))
+
     def _is_improvement(self, value):
         if self.best is None:
             return True
@@ -76,7 +145,10 @@ class EarlyStopping(_Monitor):
                  restore_best_weights=False):
         super().__init__(monitor, mode, min_delta)
         self.patience = check_int(patience, "patience", low=0)
-        self.restore_best_weights = bool(restore_best_weights)
+        self.restore_best_weights = check_bool(restore_best_weights, "restore_best_weights")
+
+    def check_training(self, log_keys, solver):
+        self._check_monitor(log_keys)
 
     def on_train_begin(self, logs=None):
         self.best, self.wait, self.best_epoch, self.best_weights = None, 0, None, None
@@ -103,13 +175,53 @@ class EarlyStopping(_Monitor):
 
 
 class ModelCheckpoint(_Monitor):
-    """Save the model after each epoch (``path`` may contain ``{epoch}``), or only when
-    ``monitor`` improves with ``save_best_only``."""
+    """Save the model after each epoch, or only when ``monitor`` improves with
+    ``save_best_only``.
+
+    ``path`` is a ``str.format`` template whose fields are named: ``{epoch}`` (from 1,
+    an int) or a logged value (a float), e.g. ``"m-{epoch:02d}-{val_loss:.3f}.npz"``.
+    """
 
     def __init__(self, path, monitor="val_loss", save_best_only=False, mode="auto"):
         super().__init__(monitor, mode, 0.0)
-        self.path = os.fspath(path)
-        self.save_best_only = bool(save_best_only)
+        self.path = os.fsdecode(_check_path(path))
+        self.save_best_only = check_bool(save_best_only, "save_best_only")
+        self._fields = self._template_fields()
+
+    def _template_fields(self):
+        """The field names of the path template, after checking that each is named and
+        that its conversion and format spec suit its value (an int for epoch, else a
+        float)."""
+        try:
+            parsed = list(string.Formatter().parse(self.path))
+        except ValueError as exc:
+            raise ValueError(f"path template {self.path!r} is malformed: {exc} (write a "
+                             "literal brace as {{ or }})") from None
+        fields = []
+        for _, field, spec, conversion in parsed:
+            if field is None:
+                continue
+            if field == "" or field.isdigit():
+                raise ValueError(f"path template {self.path!r} has the positional field "
+                                 f"{{{field}}}; name the value: {{epoch}} or a logged value "
+                                 "such as {loss}")
+            sample = 1 if field == "epoch" else 1.0
+            try:
+                format(string.Formatter().convert_field(sample, conversion), spec)
+            except ValueError as exc:
+                raise ValueError(f"path template {self.path!r}: field {{{field}}} cannot be "
+                                 f"formatted with conversion {conversion!r} and spec {spec!r} "
+                                 f"({type(sample).__name__} value): {exc}") from None
+            fields.append(field)
+        return fields
+
+    def check_training(self, log_keys, solver):
+        for field in self._fields:
+            if field != "epoch" and field not in log_keys:
+                raise ValueError(_missing_log_message(
+                    f"path template {self.path!r} has the field", field, ("epoch",) + log_keys))
+        if self.save_best_only:
+            self._check_monitor(log_keys)
 
     def on_train_begin(self, logs=None):
         self.best = None
@@ -139,7 +251,10 @@ class TerminateOnNaN(Callback):
 class ReduceLROnPlateau(_Monitor):
     """Multiply the learning rate by ``factor`` after ``patience`` consecutive epochs
     without improvement (Keras semantics), then wait ``cooldown`` epochs before
-    counting again; never below ``min_lr``."""
+    counting again; never below ``min_lr``. Needs a first-order optimizer; logs the
+    rate as "lr"."""
+
+    adds_logs = ("lr",)
 
     def __init__(self, monitor="val_loss", factor=0.1, patience=10, min_delta=1e-4,
                  cooldown=0, min_lr=0.0, mode="auto"):
@@ -149,6 +264,14 @@ class ReduceLROnPlateau(_Monitor):
         self.patience = check_int(patience, "patience", low=0)
         self.cooldown = check_int(cooldown, "cooldown", low=0)
         self.min_lr = check_float(min_lr, "min_lr", low=0.0)
+
+    def check_training(self, log_keys, solver):
+        if solver:
+            raise ValueError("ReduceLROnPlateau lowers a first-order optimizer's learning "
+                             "rate, but this model trains with a full-batch solver, whose "
+                             "iterations it cannot steer; compile with an optimizer such as "
+                             "'sgd' or 'adam', or drop the callback")
+        self._check_monitor(log_keys)
 
     def on_train_begin(self, logs=None):
         self.best, self.wait, self.cooldown_left = None, 0, 0
@@ -176,9 +299,11 @@ class CSVLogger(Callback):
     """Append one row of logs per epoch to a CSV file (header written once)."""
 
     def __init__(self, path, separator=",", append=False):
-        self.path = os.fspath(path)
+        self.path = _check_path(path)
+        if not isinstance(separator, str) or len(separator) != 1:
+            raise TypeError(f"separator must be a 1-character str, got {separator!r}")
         self.separator = separator
-        self.append = bool(append)
+        self.append = check_bool(append, "append")
 
     def on_train_begin(self, logs=None):
         self._keys = None

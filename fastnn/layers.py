@@ -12,10 +12,22 @@ import numpy as np
 
 from . import kernels
 from ._backend import backend_module
-from ._validation import check_array, check_choice, check_dtype, check_float, check_int, check_seed
+from ._validation import (
+    check_array,
+    check_bool,
+    check_choice,
+    check_dtype,
+    check_float,
+    check_int,
+    check_seed,
+)
 
 INITIALIZERS = ("auto", "he_uniform", "he_normal", "glorot_uniform", "glorot_normal", "zeros")
 RELU_FAMILY = ("relu", "leaky_relu", "elu")
+#: Activations with a parameter ``alpha`` (leaky_relu slope, elu scale): the others
+#: have a kernel default of 0, unused.
+ALPHA_ACTIVATIONS = tuple(name for name, code in kernels.ACTIVATIONS.items()
+                          if kernels.DEFAULT_ALPHA[code])
 _MAX_CACHED_BATCH_SIZES = 4
 
 
@@ -28,10 +40,19 @@ def _activation_code(name):
 
 
 def _activation_alpha(name, alpha):
-    code = kernels.ACTIVATIONS[name]
+    """The kernel's ``alpha`` for activation ``name``: ``alpha`` (None: the default) for
+    the activations in ALPHA_ACTIVATIONS; for the others alpha must be None."""
     if alpha is None:
-        return kernels.DEFAULT_ALPHA[code]
+        return kernels.DEFAULT_ALPHA[kernels.ACTIVATIONS[name]]
+    if name not in ALPHA_ACTIVATIONS:
+        raise ValueError(f"alpha applies only to the activations {list(ALPHA_ACTIVATIONS)}; "
+                         f"activation {name!r} has none, got alpha={alpha!r}")
     return check_float(alpha, "alpha", low=0.0)
+
+
+def _config_alpha(name, alpha):
+    """``alpha`` as a config stores it: None for an activation without one."""
+    return alpha if name in ALPHA_ACTIVATIONS else None
 
 
 def init_weights(init, n_in, n_out, activation, rng, dtype):
@@ -56,10 +77,30 @@ def init_weights(init, n_in, n_out, activation, rng, dtype):
 
 
 class Layer:
-    """Base class: a forward/backward pair with optional parameters."""
+    """Base class: a forward/backward pair with optional parameters.
+
+    A layer is part of at most one model, once: ``Sequential`` points the layer's
+    weights into its flat buffers and records itself in ``model``. A copy
+    (``copy.deepcopy(layer)``) is a new layer, part of no model.
+    """
 
     trainable = False
     dtype = np.dtype(np.float32)
+    _model = None
+
+    @property
+    def model(self):
+        """The Sequential this layer is part of, or None."""
+        return self._model
+
+    def _join(self, model):
+        """Record that ``model`` (a Sequential) now holds this layer; for Sequential only."""
+        self._model = model
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state.pop("_model", None)  # a copy belongs to no model
+        return state
 
     def parameters(self):
         """The parameter arrays, in get_weights() order."""
@@ -84,7 +125,7 @@ class Layer:
 
     def forward(self, x, training=True):
         """Compute the layer output for a batch ``x`` (n, features); returns a new array."""
-        return self._forward(self._check_input(x), training).copy()
+        return self._forward(self._check_input(x), check_bool(training, "training")).copy()
 
     def backward(self, dout):
         """Given dL/d(output) (n, out_features) from the last forward, return dL/dx."""
@@ -105,6 +146,22 @@ class Layer:
     def __repr__(self):
         args = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items() if k != "class")
         return f"{type(self).__name__}({args})"
+
+
+def check_joinable(layer, name, model, earlier):
+    """Raise unless ``layer`` is a Layer free to join ``model``: part of no model, and
+    not among ``earlier`` (the layers placed before it in ``model``). One instance in
+    two places would train something that save and load_model do not reproduce."""
+    if not isinstance(layer, Layer):
+        raise TypeError(f"{name} must be a fastnn layer, got {type(layer).__name__}")
+    if layer.model is model or any(layer is other for other in earlier):
+        where = "already in this model"
+    elif layer.model is not None:
+        where = "already part of another model"
+    else:
+        return
+    raise ValueError(f"{name} {layer!r} is {where}; a layer belongs to one model, once: "
+                     "create a new layer, or a copy with copy.deepcopy(layer)")
 
 
 class _BatchBuffers:
@@ -147,9 +204,7 @@ class Dense(Layer):
         self.init = check_choice(init, "init", INITIALIZERS)
         self.l1 = check_float(l1, "l1", low=0.0)
         self.l2 = check_float(l2, "l2", low=0.0)
-        if not isinstance(use_bias, bool):
-            raise TypeError(f"use_bias must be a bool, got {type(use_bias).__name__}")
-        self.use_bias = use_bias
+        self.use_bias = check_bool(use_bias, "use_bias")
         self.dtype = check_dtype(dtype)
         self.seed = check_seed(seed)
         rng = np.random.default_rng(self.seed)
@@ -214,7 +269,8 @@ class Dense(Layer):
         return {"class": "Dense", "in_features": self.in_features,
                 "out_features": self.out_features, "activation": self.activation,
                 "init": self.init, "l1": self.l1, "l2": self.l2, "use_bias": self.use_bias,
-                "dtype": self.dtype.name, "seed": self.seed, "alpha": self.alpha}
+                "dtype": self.dtype.name, "seed": self.seed,
+                "alpha": _config_alpha(self.activation, self.alpha)}
 
     def __repr__(self):
         extra = f", activation={self.activation!r}" if self.activation != "identity" else ""
@@ -250,8 +306,8 @@ class Activation(Layer):
         return dx
 
     def get_config(self):
-        return {"class": "Activation", "name": self.activation, "alpha": self.alpha,
-                "dtype": self.dtype.name}
+        return {"class": "Activation", "name": self.activation,
+                "alpha": _config_alpha(self.activation, self.alpha), "dtype": self.dtype.name}
 
     def __repr__(self):
         return f"Activation({self.activation!r})"
@@ -351,6 +407,9 @@ def layer_from_config(config):
     if cls_name not in LAYER_CLASSES:
         raise ValueError(f"unknown layer class {cls_name!r} in model file; expected one of "
                          f"{sorted(LAYER_CLASSES)}")
+    activation = config.get("name" if cls_name == "Activation" else "activation")
+    if activation not in ALPHA_ACTIVATIONS and config.get("alpha") == 0.0:
+        config["alpha"] = None  # files saved before configs stored None for no alpha
     if cls_name == "Activation":
         return Activation(config["name"], config.get("alpha"), dtype=config["dtype"])
     return LAYER_CLASSES[cls_name](**config)

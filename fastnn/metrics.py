@@ -98,11 +98,17 @@ METRICS = {cls.name: cls for cls in (Accuracy, MeanAbsoluteError, MeanSquaredErr
 
 
 def check_metrics(metrics, loss):
-    """Validate metric names against the loss; returns a tuple of names."""
+    """Validate metric names (one name, or a list of them) against the loss; returns a
+    tuple of names."""
     if metrics is None:
         return ()
     if isinstance(metrics, str):
         metrics = [metrics]
+    try:
+        metrics = list(metrics)
+    except TypeError:
+        raise TypeError(f"metrics must be a metric name or a list of names from "
+                        f"{sorted(METRICS)}, got {type(metrics).__name__}") from None
     names = []
     for name in metrics:
         if not isinstance(name, str) or name not in METRICS:

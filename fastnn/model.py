@@ -26,7 +26,7 @@ from ._validation import (
     check_int,
     check_sample_weight,
 )
-from .layers import Dense, Layer, _BatchBuffers, layer_from_config
+from .layers import Dense, Layer, _BatchBuffers, check_joinable, layer_from_config
 from .solvers import Solver
 
 FORMAT = "fastnn.Sequential"
@@ -49,11 +49,17 @@ class Sequential:
     """
 
     def __init__(self, layers=None):
-        layers = list(layers or [])
+        if isinstance(layers, Layer):
+            raise TypeError(f"layers must be a list of fastnn layers, got a single "
+                            f"{type(layers).__name__}; pass [layer]")
+        try:
+            layers = list(layers or [])
+        except TypeError:
+            raise TypeError(f"layers must be a list of fastnn layers, got "
+                            f"{type(layers).__name__}") from None
         for i, layer in enumerate(layers):
-            if not isinstance(layer, Layer):
-                raise TypeError(f"layers[{i}] must be a fastnn layer, got {type(layer).__name__}")
-        self.layers = layers
+            check_joinable(layer, f"layers[{i}]", self, layers[:i])
+        self.layers = []
         self.loss = None
         self.optimizer = None
         self.metrics = ()
@@ -63,34 +69,37 @@ class Sequential:
         self.use_fused_epoch = True
         self._buffers = _BatchBuffers()
         if layers:
-            self._build()
+            self._build(layers)
 
     # ------------------------------------------------------------------ structure
     def add(self, layer):
-        """Append a layer (weights of the existing layers are kept)."""
-        if not isinstance(layer, Layer):
-            raise TypeError(f"layer must be a fastnn layer, got {type(layer).__name__}")
-        self.layers.append(layer)
-        self._build()
+        """Append a layer (weights of the existing layers are kept). If the layer does
+        not fit, the model is left exactly as it was."""
+        check_joinable(layer, "layer", self, self.layers)
+        self._build(self.layers + [layer])
 
-    def _build(self):
-        dense = [layer for layer in self.layers if isinstance(layer, Dense)]
+    def _build(self, layers):
+        """Make ``layers`` the model's: check that they chain, then point their weights
+        into fresh flat buffers (copying the current values). Raises before changing
+        anything when they do not fit together."""
+        dense = [layer for layer in layers if isinstance(layer, Dense)]
         if not dense:
             raise ValueError("a Sequential model needs at least one Dense layer")
-        dtypes = {layer.dtype for layer in self.layers}
+        dtypes = {layer.dtype for layer in layers}
         if len(dtypes) != 1:
             raise ValueError(f"all layers must share one dtype, got {sorted(d.name for d in dtypes)}")
-        self.dtype = dtypes.pop()
-        width = self.n_features = dense[0].in_features
-        for layer in self.layers:
+        width = n_features = dense[0].in_features
+        for layer in layers:
             width = layer.output_features(width)
-        self.n_outputs = width
-        arrays = [p for layer in self.layers for p in layer.parameters()]
-        total = sum(p.size for p in arrays)
-        self.params = np.empty(total, dtype=self.dtype)
-        self.grads = np.zeros(total, dtype=self.dtype)
+        dtype = dtypes.pop()
+        total = sum(p.size for layer in layers for p in layer.parameters())
+        params = np.empty(total, dtype=dtype)
+        grads = np.zeros(total, dtype=dtype)
+        self.layers, self.dtype, self.params, self.grads = layers, dtype, params, grads
+        self.n_features, self.n_outputs = n_features, width
         offset = 0
         for layer in self.layers:
+            layer._join(self)
             if not isinstance(layer, Dense):
                 continue
             views = {}
@@ -245,7 +254,16 @@ class Sequential:
     def set_weights(self, weights):
         """Load a list shaped like get_weights() (values are copied in)."""
         current = self.parameters()
-        weights = list(weights)
+        expected = (f"a list of {len(current)} arrays shaped like get_weights() "
+                    f"{[p.shape for p in current]}")
+        if isinstance(weights, np.ndarray):
+            raise TypeError(f"weights must be {expected}, got one ndarray of shape "
+                            f"{weights.shape}")
+        try:
+            weights = list(weights)
+        except TypeError:
+            raise TypeError(f"weights must be {expected}, got {type(weights).__name__}"
+                            ) from None
         if len(weights) != len(current):
             raise ValueError(f"weights must be a list of {len(current)} arrays, got "
                              f"{len(weights)}")

@@ -14,7 +14,7 @@ import numpy as np
 
 from . import kernels, schedules
 from ._backend import backend_module
-from ._validation import check_float
+from ._validation import check_bool, check_float
 from .solvers import SOLVERS, Solver
 
 
@@ -130,7 +130,7 @@ class SGD(Optimizer):
         self.momentum = check_float(momentum, "momentum", low=0.0)
         self.dampening = check_float(dampening, "dampening", low=0.0, high=1.0)
         self.weight_decay = check_float(weight_decay, "weight_decay", low=0.0)
-        self.nesterov = bool(nesterov)
+        self.nesterov = check_bool(nesterov, "nesterov")
         if self.nesterov and (self.momentum <= 0 or self.dampening != 0):
             raise ValueError("nesterov=True needs momentum > 0 and dampening = 0, got "
                              f"momentum={self.momentum}, dampening={self.dampening}")
@@ -181,7 +181,7 @@ class RMSprop(Optimizer):
         self.eps = check_float(eps, "eps", low=0.0)
         self.weight_decay = check_float(weight_decay, "weight_decay", low=0.0)
         self.momentum = check_float(momentum, "momentum", low=0.0)
-        self.centered = bool(centered)
+        self.centered = check_bool(centered, "centered")
 
     kernel = "rmsprop"
 
@@ -212,7 +212,7 @@ class Adam(Optimizer):
                       check_float(betas[1], "betas[1]", low=0.0, high=1.0, high_open=True))
         self.eps = check_float(eps, "eps", low=0.0)
         self.weight_decay = check_float(weight_decay, "weight_decay", low=0.0)
-        self.amsgrad = bool(amsgrad)
+        self.amsgrad = check_bool(amsgrad, "amsgrad")
 
     kernel = "adam"
 

@@ -5,6 +5,7 @@ from ._backend import backend_module
 from ._validation import (
     all_finite,
     check_array,
+    check_bool,
     check_features,
     check_float,
     check_int,
@@ -21,12 +22,6 @@ _MAX_BLOCK = 2048
 
 class NotFittedError(ValueError, AttributeError):
     """A model was used (predict, score, W, ...) before ``fit``."""
-
-
-def _check_bool(value, name):
-    if not isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
-    return bool(value)
 
 
 def _check_class_labels(y, n_samples):
@@ -101,7 +96,7 @@ class Perceptron:
     def __init__(self, lr=1.0, max_epochs=100, shuffle=True, seed=None):
         self.lr = check_float(lr, "lr", low=0.0, low_open=True)
         self.max_epochs = check_int(max_epochs, "max_epochs", low=1)
-        self.shuffle = _check_bool(shuffle, "shuffle")
+        self.shuffle = check_bool(shuffle, "shuffle")
         self.seed = check_seed(seed)
 
     def __repr__(self):
@@ -122,7 +117,7 @@ class Perceptron:
         """Train on X (n, d) and labels y (n,) from zero weights; returns self."""
         lr = check_float(self.lr, "lr", low=0.0, low_open=True)
         max_epochs = check_int(self.max_epochs, "max_epochs", low=1)
-        shuffle = _check_bool(self.shuffle, "shuffle")
+        shuffle = check_bool(self.shuffle, "shuffle")
         rng = np.random.default_rng(check_seed(self.seed))
         dtype = np.float32 if getattr(X, "dtype", None) == np.float32 else np.float64
         X = check_array(X, "X", dtype)

@@ -8,6 +8,7 @@ min_delta and mode are checked exactly; the weights still come from real trainin
 import csv
 import math
 import os
+import re
 
 import numpy as np
 import pytest
@@ -21,6 +22,7 @@ from fastnn.callbacks import (
     ModelCheckpoint,
     ReduceLROnPlateau,
     TerminateOnNaN,
+    check_callbacks,
 )
 
 pytestmark = pytest.mark.usefixtures("active_backend")
@@ -31,6 +33,7 @@ class Inject(Callback):
 
     def __init__(self, key, values):
         self.key, self.values = key, values
+        self.adds_logs = (key,)
 
     def on_epoch_end(self, epoch, logs=None):
         logs[self.key] = self.values[epoch]
@@ -334,3 +337,145 @@ def test_custom_callback_can_stop_training():
 
     history = fit(small_model(), [StopAfterTwo()], epochs=10)
     assert history.epoch == [0, 1] and history.stop_reason == "enough"
+
+
+# ---------------------------------------------------------------------------- start-of-fit checks
+class SettingRecorder(Callback):
+    """Records what ``check_training`` was told."""
+
+    def check_training(self, log_keys, solver):
+        self.setting = (log_keys, solver)
+
+
+def test_check_training_sees_the_log_keys_and_the_solver():
+    X, y = data()
+    recorders = [SettingRecorder(), Inject("score", [0.0] * 2), SettingRecorder()]
+    small_model().fit(X, y, epochs=2, verbose=0, validation_split=0.2, callbacks=recorders)
+    logged = ("loss", "accuracy", "val_loss", "val_accuracy")
+    assert recorders[0].setting == (logged, False)
+    assert recorders[2].setting == (logged + ("score",), False)
+    recorder = SettingRecorder()
+    model = fn.Sequential([fn.Dense(2, 3, seed=0)]).compile("cross_entropy", "lbfgs")
+    model.fit(X, y, epochs=2, verbose=0, callbacks=[recorder])
+    assert recorder.setting == (("loss",), True)
+    assert Callback().check_training((), True) is None  # the base accepts everything
+
+
+def refused_before_training(callbacks, message, **kwargs):
+    """fit raises ``message`` before the first epoch: weights untouched, nothing saved."""
+    model = small_model()
+    before = model.params.copy()
+    recorder = Recorder()
+    with pytest.raises(ValueError, match=message):
+        fit(model, callbacks + [recorder], epochs=3, **kwargs)
+    np.testing.assert_array_equal(model.params, before)
+    assert recorder.events == []
+
+
+@pytest.mark.parametrize("template, field", [("run{v2}.npz", "v2"),
+                                             ("m-{epoch}-{accuracy.real}.npz", "accuracy.real"),
+                                             ("m{val_loss:.3f}.npz", "val_loss")])
+def test_model_checkpoint_template_fields_are_checked_at_the_start(tmp_path, template, field):
+    """Issue 18, item 13: a field that is no logged value raised KeyError after the
+    first epoch; {val_loss} without validation data likewise."""
+    path = str(tmp_path / template)
+    refused_before_training([ModelCheckpoint(path)],
+                            rf"path template '{re.escape(path)}' has the field '{field}', "
+                            r"which is not among the logged values \['accuracy', 'epoch', "
+                            r"'loss'\]")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_model_checkpoint_val_field_with_validation_data(tmp_path):
+    fit(small_model(), [ModelCheckpoint(tmp_path / "m{epoch}-{val_loss:.2f}.npz")], epochs=2,
+        validation_split=0.2)
+    assert len(list(tmp_path.iterdir())) == 2
+    with pytest.raises(ValueError, match=r"has the field 'val_loss', .*; pass validation_data "
+                                         r"or validation_split"):
+        fit(small_model(), [ModelCheckpoint(tmp_path / "m{val_loss}.npz")], epochs=2)
+
+
+@pytest.mark.parametrize("template, message", [
+    ("m{}.npz", r"has the positional field \{\}; name the value"),
+    ("m{0}.npz", r"has the positional field \{0\}; name the value"),
+    ("m{epoch.npz", r"is malformed: .*write a literal brace as \{\{ or \}\}"),
+    ("m}.npz", r"is malformed"),
+    ("m{loss:02d}.npz", r"field \{loss\} cannot be formatted with conversion None and spec "
+                        r"'02d' \(float value\)"),
+    ("m{epoch!x}.npz", r"field \{epoch\} cannot be formatted with conversion 'x'"),
+])
+def test_model_checkpoint_template_syntax_is_checked_at_construction(template, message):
+    with pytest.raises(ValueError, match=rf"path template '{re.escape(template)}'.*{message}"):
+        ModelCheckpoint(template)
+
+
+def test_model_checkpoint_template_may_name_values_earlier_callbacks_add(tmp_path):
+    fit(small_model(), [ReduceLROnPlateau(monitor="loss"),
+                        ModelCheckpoint(tmp_path / "m-{epoch}-{lr:.2f}-{loss!s:.4}.npz")],
+        epochs=2)
+    assert sorted(os.listdir(tmp_path))[0].startswith("m-1-0.05-")
+    with pytest.raises(ValueError, match=r"has the field 'lr'"):
+        fit(small_model(), [ModelCheckpoint(tmp_path / "m{lr}.npz"),
+                            ReduceLROnPlateau(monitor="loss")], epochs=2)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: EarlyStopping(),
+    lambda: ReduceLROnPlateau(),
+    lambda: ModelCheckpoint("m.npz", save_best_only=True),
+    lambda: EarlyStopping(monitor="val_accuracy"),
+])
+def test_missing_monitor_is_refused_before_the_first_epoch(make):
+    """It used to fail after a whole epoch of training."""
+    callback = make()
+    refused_before_training([callback], rf"{type(callback).__name__} monitors "
+                                        rf"'{callback.monitor}', which is not among the logged "
+                                        r"values \['accuracy', 'loss'\]; pass validation_data")
+
+
+def test_unmonitored_checkpoint_needs_no_monitored_value(tmp_path):
+    fit(small_model(), [ModelCheckpoint(tmp_path / "last.npz", monitor="val_r2")], epochs=1)
+    assert os.listdir(tmp_path) == ["last.npz"]
+
+
+@pytest.mark.parametrize("solver", ["lbfgs", "gradient_descent"])
+def test_reduce_lr_on_plateau_with_a_solver_is_refused(solver):
+    """Issue 18, item 13: it raised AttributeError after the first iteration."""
+    X, y = data()
+    model = fn.Sequential([fn.Dense(2, 3, seed=0)]).compile("cross_entropy", solver)
+    before = model.params.copy()
+    with pytest.raises(ValueError, match=r"ReduceLROnPlateau lowers a first-order optimizer's "
+                                         r"learning rate, but this model trains with a "
+                                         r"full-batch solver"):
+        model.fit(X, y, epochs=3, verbose=0, callbacks=[ReduceLROnPlateau(monitor="loss")])
+    np.testing.assert_array_equal(model.params, before)
+    history = model.fit(X, y, epochs=3, verbose=0, callbacks=[EarlyStopping(monitor="loss")])
+    assert len(history.epoch) >= 1
+
+
+def test_check_callbacks_takes_one_callback_or_a_list():
+    """Issue 18, item 14: fit(callbacks=TerminateOnNaN()) said "'TerminateOnNaN' object
+    is not iterable"."""
+    stop = TerminateOnNaN()
+    assert check_callbacks(None) == [] and check_callbacks(()) == []
+    assert check_callbacks(stop) == [stop]
+    assert check_callbacks((stop, Recorder()))[0] is stop
+    with pytest.raises(TypeError, match=r"callbacks must be a fastnn.callbacks.Callback or a "
+                                        r"list of them, got int"):
+        check_callbacks(5)
+    with pytest.raises(TypeError, match=r"callbacks\[1\] must be a fastnn.callbacks.Callback, "
+                                        r"got str"):
+        check_callbacks([stop, "stop"])
+    with pytest.raises(TypeError, match=r"callbacks\[0\] is the class EarlyStopping; pass an "
+                                        r"instance, EarlyStopping\(...\)"):
+        check_callbacks([EarlyStopping])
+
+
+def test_callback_constructor_arguments_are_named():
+    with pytest.raises(TypeError, match=r"path must be a str or path-like, got int"):
+        ModelCheckpoint(5)
+    with pytest.raises(TypeError, match=r"path must be a str or path-like, got NoneType"):
+        CSVLogger(None)
+    with pytest.raises(TypeError, match=r"separator must be a 1-character str, got ';;'"):
+        CSVLogger("log.csv", separator=";;")
+    assert ModelCheckpoint(b"m{epoch}.npz").path == "m{epoch}.npz"

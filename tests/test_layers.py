@@ -211,6 +211,46 @@ def test_activation_config_round_trip():
     assert repr(layer) == "Activation('leaky_relu')"
 
 
+@pytest.mark.parametrize("activation", [None, "identity", "sigmoid", "tanh", "relu",
+                                        "softplus"])
+def test_alpha_is_refused_for_activations_without_one(activation):
+    """Issue 18, item 10: Dense(..., activation='relu', alpha=5) ignored alpha silently."""
+    name = activation or "identity"
+    message = (r"alpha applies only to the activations \['leaky_relu', 'elu'\]; activation "
+               rf"'{name}' has none, got alpha=5")
+    with pytest.raises(ValueError, match=message):
+        fn.Dense(2, 3, activation=activation, alpha=5)
+    with pytest.raises(ValueError, match=message):
+        fn.Activation(name, 5)
+    with pytest.raises(ValueError, match=r"activation 'relu' has none, got alpha=0.0"):
+        fn.Activation("relu", alpha=0.0)
+    layer = fn.Dense(2, 3, activation=activation)
+    assert layer.get_config()["alpha"] is None
+    assert layer_from_config(layer.get_config()).get_config() == layer.get_config()
+    assert fn.Activation(name).get_config()["alpha"] is None
+
+
+def test_configs_saved_with_alpha_zero_for_no_alpha_activation_still_load():
+    """Model files written before configs stored None there hold alpha 0.0."""
+    dense = layer_from_config({"class": "Dense", "in_features": 2, "out_features": 3,
+                               "activation": "relu", "alpha": 0.0})
+    assert dense.activation == "relu" and dense.get_config()["alpha"] is None
+    tanh = layer_from_config({"class": "Activation", "name": "tanh", "alpha": 0.0,
+                              "dtype": "float32"})
+    assert tanh.activation == "tanh" and tanh.get_config()["alpha"] is None
+    with pytest.raises(ValueError, match=r"activation 'relu' has none, got alpha=0.5"):
+        layer_from_config({"class": "Dense", "in_features": 2, "out_features": 3,
+                           "activation": "relu", "alpha": 0.5})
+
+
+@pytest.mark.parametrize("activation, alpha", [("leaky_relu", 0.0), ("leaky_relu", 0.3),
+                                               ("elu", 2.0)])
+def test_alpha_activations_keep_their_alpha(activation, alpha):
+    layer = fn.Dense(2, 3, activation=activation, alpha=alpha)
+    assert layer.alpha == alpha == layer.get_config()["alpha"]
+    assert layer_from_config(layer.get_config()).alpha == alpha
+
+
 # ---------------------------------------------------------------------------- Dropout
 def test_dropout_is_identity_at_inference():
     x = rng(6).normal(size=(50, 8)).astype(np.float32)

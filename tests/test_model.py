@@ -1,5 +1,6 @@
 """Sequential: structure, the flat buffers, compile, forward/predict/evaluate, weights,
 compute_gradients, fit's History / weights / verbosity, summary, repr, save/load."""
+import copy
 import os
 import sys
 
@@ -53,6 +54,77 @@ def test_construction_keeps_layer_weights_and_add_extends():
     model.add(fn.Dense(4, 2, seed=2))
     np.testing.assert_array_equal(model.layers[0].W, W)
     assert model.n_outputs == 2 and model.n_params == 3 * 4 + 4 + 4 * 2 + 2
+
+
+@pytest.mark.parametrize("bad_layer, message", [
+    (lambda: fn.Dense(5, 2, seed=3), r"Dense expects 5 input features, but the previous "
+                                     r"layer gives 3"),
+    (lambda: fn.Dense(3, 2, dtype="float64"), r"all layers must share one dtype"),
+])
+def test_failed_add_leaves_the_model_exactly_as_it_was(bad_layer, message):
+    """Issue 18, item 1: the refused layer used to stay in ``layers``, and the next fit
+    wrote past the end of the flat buffer (heap corruption on cython)."""
+    model = fn.Sequential([fn.Dense(2, 3, seed=0)]).compile("mse", "adam")
+    X, y = rng(30).normal(size=(20, 2)), rng(31).normal(size=(20, 3))
+    model.fit(X, y, epochs=1, verbose=0)
+    layers, params, grads = list(model.layers), model.params, model.grads
+    saved, state = params.copy(), {k: v.copy() for k, v in model.optimizer.state.items()}
+    expected = model.predict(X)
+    bad = bad_layer()
+    for _ in range(3):
+        with pytest.raises(ValueError, match=message):
+            model.add(bad)
+    assert model.layers == layers and len(model.layers) == 1
+    assert model.params is params and model.grads is grads and params.size == 9
+    assert (model.n_features, model.n_outputs, model.dtype) == (2, 3, np.float32)
+    np.testing.assert_array_equal(params, saved)
+    for name, value in model.optimizer.state.items():
+        np.testing.assert_array_equal(value, state[name])
+    assert bad.model is None
+    np.testing.assert_array_equal(model.predict(X), expected)
+    for _ in range(5):
+        model.fit(X, y, epochs=2, batch_size=4, verbose=0)
+    assert model.predict(X).shape == (20, 3)
+    model.add(fn.Dense(3, 2, seed=4))  # a fitting layer is still accepted afterwards
+    assert model.n_outputs == 2 and model.n_params == 9 + 8
+
+
+def test_failed_construction_claims_no_layer():
+    first, second = fn.Dense(2, 3), fn.Dense(4, 1)
+    with pytest.raises(ValueError, match=r"Dense expects 4 input features"):
+        fn.Sequential([first, second])
+    assert first.model is None and second.model is None
+    assert fn.Sequential([first, fn.Dense(3, 1)]).layers[0] is first
+
+
+def test_one_layer_instance_belongs_to_one_model():
+    """Issue 18, item 3: one instance in two places trained something that save and
+    load_model did not reproduce; it is refused, and a deep copy is a new layer."""
+    dense = fn.Dense(2, 3, seed=0)
+    with pytest.raises(ValueError, match=r"layers\[2\] Dense\(2, 3\) is already in this "
+                                         r"model; .*copy.deepcopy\(layer\)"):
+        fn.Sequential([dense, fn.ReLU(), dense])
+    assert dense.model is None
+    model = fn.Sequential([dense])
+    assert dense.model is model
+    with pytest.raises(ValueError, match=r"layers\[0\] Dense\(2, 3\) is already part of "
+                                         r"another model"):
+        fn.Sequential([dense])
+    relu = fn.ReLU()
+    model.add(relu)
+    with pytest.raises(ValueError, match=r"layer Activation\('relu'\) is already in this model"):
+        model.add(relu)
+    other = fn.Sequential([fn.Dense(2, 3)])
+    with pytest.raises(ValueError, match=r"layer Dense\(2, 3\) is already part of another"):
+        other.add(dense)
+    assert len(model.layers) == 2 and len(other.layers) == 1
+    copied = copy.deepcopy(dense)
+    assert copied.model is None
+    twin = fn.Sequential([copied])
+    assert copied.model is twin and dense.model is model
+    np.testing.assert_array_equal(twin.params, model.params[:9])
+    twin.params[...] = 0.0
+    assert not np.shares_memory(twin.params, model.params) and model.params.any()
 
 
 def test_activation_and_dropout_layers_in_a_model():
@@ -141,6 +213,27 @@ def test_set_weights_copies_in_and_checks_shapes():
         model.set_weights([new[0], new[1][None], new[2], new[3]])
 
 
+def test_set_weights_names_a_non_list_argument():
+    """Issue 18, item 14: "'NoneType' object is not iterable" named no argument."""
+    model = mlp([2, 3])
+    with pytest.raises(TypeError, match=r"weights must be a list of 2 arrays shaped like "
+                                        r"get_weights\(\) \[\(2, 3\), \(3,\)\], got NoneType"):
+        model.set_weights(None)
+    with pytest.raises(TypeError, match=r"weights must be a list .* got one ndarray of shape "
+                                        r"\(2, 3\)"):
+        model.set_weights(model.get_weights()[0])
+    model.set_weights(tuple(w + 1 for w in model.get_weights()))  # any iterable of arrays
+
+
+def test_sequential_names_a_layer_passed_without_a_list():
+    with pytest.raises(TypeError, match=r"layers must be a list of fastnn layers, got a single "
+                                        r"Dense; pass \[layer\]"):
+        fn.Sequential(fn.Dense(4, 3))
+    with pytest.raises(TypeError, match=r"layers must be a list of fastnn layers, got int"):
+        fn.Sequential(5)
+    assert fn.Sequential((fn.Dense(4, 3), fn.ReLU())).n_outputs == 3
+
+
 def test_use_bias_false_weights():
     model = fn.Sequential([fn.Dense(3, 2, use_bias=False, seed=0), fn.Dense(2, 1, seed=1)])
     assert [w.shape for w in model.get_weights()] == [(3, 2), (2, 1), (1,)]
@@ -188,8 +281,8 @@ def test_compute_gradients_runs_in_inference_mode():
     dense = [fn.Dense(3, 4, activation="relu", dtype="float64", seed=0),
              fn.Dense(4, 2, dtype="float64", seed=1)]
     plain = fn.Sequential(dense).compile("cross_entropy")
-    dropped = fn.Sequential([fn.Dropout(0.5, seed=0, dtype="float64"), dense[0],
-                             fn.Dropout(0.5, seed=1, dtype="float64"), dense[1]])
+    dropped = fn.Sequential([fn.Dropout(0.5, seed=0, dtype="float64"), copy.deepcopy(dense[0]),
+                             fn.Dropout(0.5, seed=1, dtype="float64"), copy.deepcopy(dense[1])])
     dropped.compile("cross_entropy")
     dropped.set_weights(plain.get_weights())
     loss_a, grads_a = plain.compute_gradients(X, y)

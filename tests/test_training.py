@@ -352,3 +352,28 @@ def test_history_plot_lr_log_axis_and_solver_labels(tmp_path):
     solver = mlp([1, 6, 1], dtype="float64").compile("mse", "lbfgs")
     fig = solver.fit(x, np.sin(x), epochs=3, verbose=0).plot(tmp_path / "s.png")
     assert fig.axes[0].get_yscale() == "log" and fig.axes[0].get_xlabel() == "iteration"
+
+
+# ---------------------------------------------------------------------------- fit arguments
+@pytest.mark.parametrize("name", ["shuffle", "replacement"])
+@pytest.mark.parametrize("value", ["no", "yes", 1, None])
+def test_fit_flags_take_bools_only(name, value):
+    X, y = blobs(5, rng(57))
+    with pytest.raises(TypeError, match=f"{name} must be a bool"):
+        small_classifier().fit(X, y, verbose=0, **{name: value})
+
+
+def test_fit_accepts_numpy_bools_and_a_single_callback():
+    X, y = blobs(5, rng(58))
+    stopper = fn.callbacks.EarlyStopping(monitor="loss", patience=0, min_delta=100.0)
+    history = small_classifier().fit(X, y, epochs=5, shuffle=np.bool_(False),
+                                     callbacks=stopper, verbose=0)
+    assert history.stop_reason.startswith("early stopping")
+
+
+def test_fit_refuses_a_callback_class_and_non_callbacks_by_name():
+    X, y = blobs(5, rng(59))
+    with pytest.raises(TypeError, match=r"callbacks\[0\] is the class TerminateOnNaN"):
+        small_classifier().fit(X, y, callbacks=[fn.callbacks.TerminateOnNaN], verbose=0)
+    with pytest.raises(TypeError, match="callbacks must be a fastnn.callbacks.Callback"):
+        small_classifier().fit(X, y, callbacks=5, verbose=0)

@@ -2,9 +2,11 @@
 (and what was expected); and input that is merely inconvenient (non-contiguous,
 float64 for a float32 model, integer, lists) is converted, giving the same result."""
 import os
+import re
 import subprocess
 import sys
 import tempfile
+import warnings
 
 import numpy as np
 import pytest
@@ -147,7 +149,7 @@ def test_sample_weight_problems(model, data):
         (np.zeros(N), ValueError, r"sample_weight must have a positive sum"),
         (np.ones(N - 1), ValueError, r"sample_weight has 11 samples but X has 12"),
         (np.ones((N, 1)), ValueError, r"sample_weight must be 1-D of length 12"),
-        (np.r_[np.nan, np.ones(N - 1)], ValueError, r"sample_weight contains NaN"),
+        (np.r_[np.nan, np.ones(N - 1)], ValueError, r"sample_weight contains 1 NaN"),
         ("heavy", TypeError, r"sample_weight must be array-like"),
     ]
     for w, exc, message in cases:
@@ -445,3 +447,125 @@ def test_all_finite_is_exact(dtype):
             b[index] = bad
             assert not all_finite(b), (bad, index)
     assert all_finite(np.array([1, 2, 3]))                  # integers are finite
+
+
+# ---------------------------------------------------------------------------- issue 18
+def perceptron_fit_with_shuffle(shuffle, X, y):
+    """fit checks ``shuffle`` again: it may have been set after construction."""
+    perceptron = fn.Perceptron(max_epochs=1)
+    perceptron.shuffle = shuffle
+    return perceptron.fit(X, y)
+
+
+def bool_parameters():
+    """(name, make(value)) for every boolean parameter outside Sequential.fit."""
+    X2, y2 = np.zeros((4, 2)), np.array([0, 1, 0, 1])
+    return [
+        ("use_bias", lambda v: fn.Dense(2, 2, use_bias=v)),
+        ("training", lambda v: fn.Dropout(0.5, seed=0).forward(np.ones((2, 2)), training=v)),
+        ("nesterov", lambda v: fn.optimizers.SGD(momentum=0.9, nesterov=v)),
+        ("centered", lambda v: fn.optimizers.RMSprop(centered=v)),
+        ("amsgrad", lambda v: fn.optimizers.Adam(amsgrad=v)),
+        ("amsgrad", lambda v: fn.optimizers.AdamW(amsgrad=v)),
+        ("restore_best_weights", lambda v: fn.callbacks.EarlyStopping(restore_best_weights=v)),
+        ("save_best_only", lambda v: fn.callbacks.ModelCheckpoint("m.npz", save_best_only=v)),
+        ("append", lambda v: fn.callbacks.CSVLogger("log.csv", append=v)),
+        ("shuffle", lambda v: fn.Perceptron(shuffle=v)),
+        ("shuffle", lambda v: perceptron_fit_with_shuffle(v, X2, y2)),
+        ("scale", lambda v: fn.datasets.load_digits(scale=v)),
+        ("stratify", lambda v: fn.datasets.train_test_split(X2, y2, 0.5, seed=0, stratify=v)),
+    ]
+
+
+@pytest.mark.parametrize("name, make", bool_parameters(),
+                         ids=[f"{i}-{name}" for i, (name, _) in enumerate(bool_parameters())])
+def test_boolean_parameters_take_bools_only(name, make):
+    """Issue 18, item 9: 'no' and 'yes' were read as True (SGD(nesterov='no') turned
+    Nesterov on); numpy bools stay accepted."""
+    for value in ("no", "yes", "False", 1, 0, None, 1.0, np.int64(1), [True]):
+        with pytest.raises(TypeError, match=rf"{name} must be a bool \(True or False\), got "
+                                            rf"{type(value).__name__}"):
+            make(value)
+    for value in (True, False, np.True_, np.False_):
+        make(value)
+
+
+def test_check_bool_returns_a_python_bool():
+    for value in (True, np.True_, False, np.False_):
+        result = fn._validation.check_bool(value, "flag")
+        assert type(result) is bool and result == bool(value)
+    assert fn.optimizers.SGD(momentum=0.9, nesterov=np.True_).get_config()["nesterov"] is True
+    assert fn.optimizers.SGD(momentum=0.9, nesterov=False).nesterov is False
+
+
+@pytest.mark.parametrize("dtype", ["timedelta64[s]", "datetime64[D]"])
+def test_time_arrays_are_refused_as_X_and_y(model, data, dtype):
+    """Issue 18, item 11: timedelta64 (which numpy counts as an integer) was accepted."""
+    X, y = data
+    times = np.arange(N * D).reshape(N, D).astype(dtype)
+    name = re.escape(dtype)
+    for call in (lambda: model.fit(times, y, verbose=0), lambda: model.predict(times),
+                 lambda: model.evaluate(times, y)):
+        with pytest.raises(TypeError, match=rf"X must hold numbers, got dtype {name}"):
+            call()
+    with pytest.raises(TypeError, match=rf"y must hold numbers, got dtype {name}"):
+        model.fit(X, np.arange(N).astype(dtype), verbose=0)
+    with pytest.raises(TypeError, match=rf"y must hold numbers, got dtype {name}"):
+        regression_model(k=1).fit(X, np.arange(N).astype(dtype), verbose=0)
+    with pytest.raises(TypeError, match=rf"sample_weight must hold numbers, got dtype {name}"):
+        model.fit(X, y, sample_weight=np.arange(N).astype(dtype), verbose=0)
+
+
+def test_values_too_large_for_float32_are_reported_as_overflow(model, data):
+    """Issue 18, item 12: 1e300 in float64 input was reported as 'NaN or infinite'."""
+    X, y = data
+    big = X.astype(np.float64)
+    big[2, 1], big[5, 0] = 1e300, -3e200
+    overflow = (r"X has 2 value\(s\) that overflow float32 \(largest magnitude 1e\+300, "
+                r"float32 holds up to 3.40282e\+38\); scale the data or use dtype='float64'")
+    for call in (lambda: model.fit(big, y, verbose=0), lambda: model.predict(big)):
+        with pytest.raises(ValueError, match=overflow):
+            call()
+    with pytest.raises(ValueError, match="x" + overflow[1:]):
+        fn.Dense(D, 2).forward(big)
+    big[0, 0] = np.nan
+    with pytest.raises(ValueError, match=r"X contains 1 NaN or infinite value"):
+        model.predict(big)
+    wide = mlp([D, 5, K], dtype="float64").compile("cross_entropy")
+    wide.fit(np.where(np.isnan(big), 0.0, big) * 1e-300, y, epochs=1, verbose=0)
+    with pytest.raises(ValueError, match=r"y has 1 value\(s\) that overflow float32 \(largest "
+                                         r"magnitude 1e\+39"):
+        regression_model(k=1).fit(X, np.r_[1e39, np.zeros(N - 1)], verbose=0)
+    with pytest.raises(ValueError, match=r"sample_weight has 1 value\(s\) that overflow float32"):
+        model.fit(X, y, sample_weight=np.r_[1e39, np.ones(N - 1)], verbose=0)
+
+
+@pytest.mark.parametrize("loss", ["cross_entropy", "hinge"])
+def test_out_of_range_labels_are_shown_as_given(data, loss):
+    """Issue 18, item 12: 1e30 and uint64-max labels were shown after the int64
+    conversion (-9223372036854775808, -1), with a RuntimeWarning from the cast."""
+    X, y = data
+    model = mlp([D, 5, K]).compile(loss)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(ValueError, match=r"y must be class labels in \[0, 3\] \(the model "
+                                             r"has 4 outputs\), got values from 0 to 1e\+30$"):
+            model.fit(X, np.where(y == 1, 1e30, 0.0), verbose=0)
+        with pytest.raises(ValueError, match=r"got values from 0 to 18446744073709551615$"):
+            model.fit(X, np.where(y == 1, np.iinfo(np.uint64).max, 0).astype(np.uint64),
+                      verbose=0)
+        with pytest.raises(ValueError, match=r"got values from -7 to 3$"):
+            model.evaluate(X, np.where(y == 0, -7.0, y.astype(np.float64)))
+
+
+def test_metrics_argument_is_named(data):
+    """Issue 18, item 14: compile(metrics=5) said "'int' object is not iterable"."""
+    X, y = data
+    model = mlp([D, 5, K])
+    with pytest.raises(TypeError, match=r"metrics must be a metric name or a list of names "
+                                        r"from \['accuracy', 'mae', 'mse', 'r2'\], got int"):
+        model.compile("cross_entropy", metrics=5)
+    model.compile("cross_entropy", metrics="accuracy")
+    assert model.metrics == ("accuracy",)
+    assert set(model.evaluate(X, y)) == {"loss", "accuracy"}
+    assert mlp([D, 2]).compile("mse", metrics=("mae", "r2")).metrics == ("mae", "r2")

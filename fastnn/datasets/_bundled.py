@@ -8,6 +8,8 @@ from importlib import resources
 
 import numpy as np
 
+from .._validation import check_bool
+
 
 def _read_table(name, skip_header):
     """The numeric rows of the bundled ``data/<name>`` as a float64 (rows, cols) array."""
@@ -40,8 +42,7 @@ def load_digits(scale=False):
     Pixels are counts 0..16, left raw by default (row-major 8x8: ``X[i].reshape(8, 8)``);
     ``scale=True`` divides them by 16 to [0, 1].
     """
-    if not isinstance(scale, (bool, np.bool_)):
-        raise TypeError(f"scale must be a bool, got {type(scale).__name__}")
+    check_bool(scale, "scale")
     X, y = _split_target(_read_table("digits.csv.gz", skip_header=False))
     if scale:
         X /= 16

@@ -3,7 +3,7 @@ import numbers
 
 import numpy as np
 
-from .._validation import check_float, check_seed
+from .._validation import check_bool, check_float, check_seed
 
 
 def _test_count(test_size, n):
@@ -68,8 +68,7 @@ def train_test_split(X, y, test_size=0.25, seed=None, stratify=False):
     if n < 2:
         raise ValueError(f"X must have at least 2 samples to split, got {n}")
     n_test = _test_count(test_size, n)
-    if not isinstance(stratify, (bool, np.bool_)):
-        raise TypeError(f"stratify must be a bool, got {type(stratify).__name__}")
+    check_bool(stratify, "stratify")
     rng = np.random.default_rng(check_seed(seed))
     if stratify:
         test, train = _stratified_indices(y, n_test, rng)
