@@ -199,3 +199,15 @@ def check_seed(seed, name="seed"):
     if seed is None:
         return None
     return check_int(seed, name, low=0)
+
+
+def config_class(config, registry, what, key="name"):
+    """``(class, keyword arguments)`` for a ``get_config()`` dict: ``config[key]`` looked
+    up in ``registry`` (name -> class), the other entries as the keyword arguments."""
+    if not isinstance(config, dict):
+        raise TypeError(f"a {what} config must be a dict, got {type(config).__name__}")
+    kwargs = dict(config)
+    name = kwargs.pop(key, None)
+    if not isinstance(name, str) or name not in registry:
+        raise ValueError(f"unknown {what} {name!r}; expected one of {sorted(registry)}")
+    return registry[name], kwargs

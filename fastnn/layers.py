@@ -20,6 +20,7 @@ from ._validation import (
     check_float,
     check_int,
     check_seed,
+    config_class,
 )
 
 INITIALIZERS = ("auto", "he_uniform", "he_normal", "glorot_uniform", "glorot_normal", "zeros")
@@ -402,14 +403,11 @@ LAYER_CLASSES = {"Dense": Dense, "Activation": Activation, "Dropout": Dropout}
 
 def layer_from_config(config):
     """Rebuild a layer from ``layer.get_config()``."""
-    config = dict(config)
-    cls_name = config.pop("class", None)
-    if cls_name not in LAYER_CLASSES:
-        raise ValueError(f"unknown layer class {cls_name!r} in model file; expected one of "
-                         f"{sorted(LAYER_CLASSES)}")
+    cls, config = config_class(config, LAYER_CLASSES, "layer class", key="class")
+    cls_name = cls.__name__
     activation = config.get("name" if cls_name == "Activation" else "activation")
     if activation not in ALPHA_ACTIVATIONS and config.get("alpha") == 0.0:
         config["alpha"] = None  # files saved before configs stored None for no alpha
     if cls_name == "Activation":
         return Activation(config["name"], config.get("alpha"), dtype=config["dtype"])
-    return LAYER_CLASSES[cls_name](**config)
+    return cls(**config)

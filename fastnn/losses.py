@@ -11,7 +11,7 @@ import numpy as np
 
 from . import kernels
 from ._backend import backend_module
-from ._validation import _as_numeric, check_array, check_float, check_labels, check_length
+from ._validation import _as_numeric, config_class, check_array, check_float, check_labels, check_length
 
 
 class Loss:
@@ -241,16 +241,9 @@ def get(loss):
         raise TypeError(f"loss must be a Loss instance, got the class {loss.__name__}: "
                         f"call it, {loss.__name__}()")
     if isinstance(loss, str):
-        loss = KERAS_ALIASES.get(loss, loss)
+        loss = {"name": KERAS_ALIASES.get(loss, loss)}
     if isinstance(loss, dict):
-        config = dict(loss)
-        name = config.pop("name", None)
-        if name not in LOSSES:
-            raise ValueError(f"unknown loss {name!r}; expected one of {sorted(LOSSES)}")
-        return LOSSES[name](**config)
-    if isinstance(loss, str):
-        if loss not in LOSSES:
-            raise ValueError(f"unknown loss {loss!r}; expected one of {sorted(LOSSES)}")
-        return LOSSES[loss]()
+        cls, kwargs = config_class(loss, LOSSES, "loss")
+        return cls(**kwargs)
     raise TypeError(f"loss must be a name (one of {sorted(LOSSES)}) or a fastnn.losses.Loss, "
                     f"got {type(loss).__name__}")

@@ -14,7 +14,7 @@ import numpy as np
 
 from . import kernels, schedules
 from ._backend import backend_module
-from ._validation import check_bool, check_float
+from ._validation import check_bool, check_float, config_class
 from .solvers import SOLVERS, Solver
 
 
@@ -281,13 +281,9 @@ def get(optimizer):
 
 def from_config(config):
     """Rebuild an optimizer from ``get_config()``."""
-    config = dict(config)
-    name = config.pop("name", None)
-    if name not in _CLASSES:
-        raise ValueError(f"unknown optimizer {name!r} in config; expected one of "
-                         f"{sorted(_CLASSES)}")
-    if isinstance(config.get("lr"), dict):
-        config["lr"] = schedules.from_config(config["lr"])
-    if "betas" in config:
-        config["betas"] = tuple(config["betas"])
-    return _CLASSES[name](**config)
+    cls, kwargs = config_class(config, _CLASSES, "optimizer")
+    if isinstance(kwargs.get("lr"), dict):
+        kwargs["lr"] = schedules.from_config(kwargs["lr"])
+    if "betas" in kwargs:
+        kwargs["betas"] = tuple(kwargs["betas"])
+    return cls(**kwargs)

@@ -6,7 +6,7 @@ Every schedule takes the initial rate ``lr`` first; all steps are counted in upd
 """
 import math
 
-from ._validation import check_float, check_int
+from ._validation import check_float, check_int, config_class
 
 
 class Schedule:
@@ -108,8 +108,5 @@ SCHEDULES = {cls.__name__: cls for cls in
 
 def from_config(config):
     """Rebuild a schedule from ``get_config()``."""
-    config = dict(config)
-    name = config.pop("name", None)
-    if name not in SCHEDULES:
-        raise ValueError(f"unknown schedule {name!r}; expected one of {sorted(SCHEDULES)}")
-    return SCHEDULES[name](**config)
+    cls, kwargs = config_class(config, SCHEDULES, "schedule")
+    return cls(**kwargs)

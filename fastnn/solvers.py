@@ -18,7 +18,7 @@ import math
 import numpy as np
 
 from ._backend import backend_module
-from ._validation import check_choice, check_float, check_int
+from ._validation import check_choice, check_float, check_int, config_class
 from .layers import Activation, Dense
 
 #: Above this many parameters Newton() refuses (its Hessian is n_params^2 float64).
@@ -585,8 +585,5 @@ SOLVERS = {cls.name: cls for cls in (GradientDescent, LBFGS, BFGS, ConjugateGrad
 
 def from_config(config):
     """Rebuild a solver from ``get_config()``."""
-    config = dict(config)
-    name = config.pop("name", None)
-    if name not in SOLVERS:
-        raise ValueError(f"unknown solver {name!r}; expected one of {sorted(SOLVERS)}")
-    return SOLVERS[name](**config)
+    cls, kwargs = config_class(config, SOLVERS, "solver")
+    return cls(**kwargs)
