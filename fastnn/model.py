@@ -97,9 +97,10 @@ class Sequential:
         grads = np.zeros(total, dtype=dtype)
         self.layers, self.dtype, self.params, self.grads = layers, dtype, params, grads
         self.n_features, self.n_outputs = n_features, width
-        offset = 0
+        offset, offsets = 0, []
         for layer in self.layers:
             layer._join(self)
+            offsets.append(offset)
             if not isinstance(layer, Dense):
                 continue
             views = {}
@@ -114,6 +115,8 @@ class Sequential:
                 offset += arr.size
             for name, view in views.items():
                 setattr(layer, name, view)
+        #: Where each layer's parameters start in ``params`` (W, then b), by layer index.
+        self.layer_offsets = tuple(offsets)
         self._first_trainable = next(i for i, layer in enumerate(self.layers) if layer.trainable)
         if isinstance(self.optimizer, optimizers_module.Optimizer):
             self.optimizer.build(self.params.size, self.dtype, owner=self)

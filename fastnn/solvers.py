@@ -167,13 +167,9 @@ def _gram(J):
 
 def _param_offsets(model, all_layers=False):
     """[(layer, offset of its first parameter in the flat vector)] for Dense layers
-    (every layer with ``all_layers``)."""
-    result, offset = [], 0
-    for layer in model.layers:
-        if isinstance(layer, Dense) or all_layers:
-            result.append((layer, offset))
-        offset += sum(p.size for p in layer.parameters())
-    return result
+    (every layer with ``all_layers``), from the model's layout."""
+    return [(layer, offset) for layer, offset in zip(model.layers, model.layer_offsets)
+            if all_layers or isinstance(layer, Dense)]
 
 
 def _l2_curvature(model):
