@@ -15,6 +15,28 @@ def _float64_copy(model):
     return copy
 
 
+def numerical_gradient(f, x, eps=1e-6, indices=None):
+    """Central differences of the scalar ``f()`` with respect to the entries of the
+    array ``x``, which ``f`` reads and which is nudged in place (and restored):
+    ``(f(x + eps e_i) - f(x - eps e_i)) / (2 eps)``. Returns a float64 array shaped like
+    ``x``, or, with ``indices`` (into the flattened ``x``), one value per index.
+    """
+    flat = x.reshape(-1)  # a view: x must be contiguous
+    if not np.shares_memory(flat, x):
+        raise ValueError("numerical_gradient needs a contiguous array x")
+    picked = np.arange(flat.size) if indices is None else np.asarray(indices)
+    grad = np.empty(picked.size)
+    for j, i in enumerate(picked):
+        saved = flat[i]
+        flat[i] = saved + eps
+        up = f()
+        flat[i] = saved - eps
+        down = f()
+        flat[i] = saved
+        grad[j] = (up - down) / (2 * eps)
+    return grad.reshape(x.shape) if indices is None else grad
+
+
 def gradcheck(model, X, y, eps=1e-5, sample_weight=None, max_params=2000, seed=0):
     """Largest relative error between ``compute_gradients`` and central differences.
 
@@ -41,15 +63,7 @@ def gradcheck(model, X, y, eps=1e-5, sample_weight=None, max_params=2000, seed=0
     n = params.size
     idx = np.arange(n) if n <= max_params else np.sort(
         np.random.default_rng(seed).choice(n, max_params, replace=False))
-    numeric = np.empty(idx.size)
-    for j, i in enumerate(idx):
-        saved = params[i]
-        params[i] = saved + eps
-        up = loss_at()
-        params[i] = saved - eps
-        down = loss_at()
-        params[i] = saved
-        numeric[j] = (up - down) / (2 * eps)
+    numeric = numerical_gradient(loss_at, params, eps, idx)
     a = analytic[idx]
     denom = np.maximum(np.maximum(np.abs(a), np.abs(numeric)), 1e-4)
     return float(np.max(np.abs(a - numeric) / denom))

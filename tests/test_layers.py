@@ -10,6 +10,7 @@ import pytest
 import fastnn as fn
 from _helpers import ACTIVATIONS, active_backend, rng  # noqa: F401  (active_backend: fixture)
 from fastnn.layers import init_weights, layer_from_config
+from fastnn.gradcheck import numerical_gradient
 
 pytestmark = pytest.mark.usefixtures("active_backend")
 
@@ -43,21 +44,6 @@ def act_reference(name, z, alpha=None):
 def away_from_zero(shape, gen, low=0.1, high=2.0):
     """Values with |v| in [low, high]: no input sits on a kink of relu / leaky_relu."""
     return gen.uniform(low, high, size=shape) * gen.choice([-1.0, 1.0], size=shape)
-
-
-def central_difference(f, x, eps=1e-6):
-    """Numerical gradient of the scalar f() with respect to the array x (in place)."""
-    grad = np.zeros_like(x, dtype=np.float64)
-    flat, gflat = x.reshape(-1), grad.reshape(-1)
-    for i in range(flat.size):
-        saved = flat[i]
-        flat[i] = saved + eps
-        up = f()
-        flat[i] = saved - eps
-        down = f()
-        flat[i] = saved
-        gflat[i] = (up - down) / (2 * eps)
-    return grad
 
 
 # ---------------------------------------------------------------------------- Dense
@@ -101,9 +87,9 @@ def test_dense_backward_matches_finite_differences(activation):
     objective()
     dx = layer.backward(dout)
     dW, db = layer.dW.copy(), layer.db.copy()
-    np.testing.assert_allclose(dW, central_difference(objective, layer.W), rtol=1e-6, atol=1e-8)
-    np.testing.assert_allclose(db, central_difference(objective, layer.b), rtol=1e-6, atol=1e-8)
-    np.testing.assert_allclose(dx, central_difference(objective, x), rtol=1e-6, atol=1e-8)
+    np.testing.assert_allclose(dW, numerical_gradient(objective, layer.W), rtol=1e-6, atol=1e-8)
+    np.testing.assert_allclose(db, numerical_gradient(objective, layer.b), rtol=1e-6, atol=1e-8)
+    np.testing.assert_allclose(dx, numerical_gradient(objective, x), rtol=1e-6, atol=1e-8)
 
 
 def test_dense_without_bias():
@@ -182,7 +168,7 @@ def test_activation_layer_backward_matches_finite_differences(name):
 
     objective()
     dz = layer.backward(dout)
-    np.testing.assert_allclose(dz, central_difference(objective, z), rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(dz, numerical_gradient(objective, z), rtol=1e-6, atol=1e-9)
     np.testing.assert_allclose(dz, dout * act_reference(name, z)[1], rtol=1e-10, atol=1e-12)
 
 
