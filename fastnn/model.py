@@ -81,22 +81,43 @@ class Sequential:
     def _build(self, layers):
         """Make ``layers`` the model's: check that they chain, then point their weights
         into fresh flat buffers (copying the current values). Raises before changing
-        anything when they do not fit together."""
+        anything when they do not fit together.
+
+        A ``Dense(units, ...)`` gets its input size from the layer before it; when the
+        first one has none (no ``input_shape``), the model stays unbuilt (no ``params``)
+        until ``_check_X`` sees the first batch.
+        """
         dense = [layer for layer in layers if isinstance(layer, Dense)]
         if not dense:
             raise ValueError("a Sequential model needs at least one Dense layer")
         dtypes = {layer.dtype for layer in layers}
         if len(dtypes) != 1:
             raise ValueError(f"all layers must share one dtype, got {sorted(d.name for d in dtypes)}")
+        for i, layer in enumerate(dense[:-1]):
+            if layer.softmax_output:
+                raise ValueError("activation 'softmax' goes on the last Dense layer only "
+                                 f"(it is folded into cross_entropy); Dense layer {i} has it")
         width = n_features = dense[0].in_features
+        inputs = []
         for layer in layers:
+            inputs.append(width)
             width = layer.output_features(width)
         dtype = dtypes.pop()
+        if n_features is not None:
+            for layer, n_in in zip(layers, inputs):
+                if isinstance(layer, Dense):
+                    layer.build(n_in)
+        self.layers, self.dtype, self.n_features, self.n_outputs = layers, dtype, n_features, width
+        if n_features is None:
+            for layer in layers:
+                layer._join(self)
+            self.params = self.grads = None
+            self.layer_offsets = ()
+            return
         total = sum(p.size for layer in layers for p in layer.parameters())
         params = np.empty(total, dtype=dtype)
         grads = np.zeros(total, dtype=dtype)
-        self.layers, self.dtype, self.params, self.grads = layers, dtype, params, grads
-        self.n_features, self.n_outputs = n_features, width
+        self.params, self.grads = params, grads
         offset, offsets = 0, []
         for layer in self.layers:
             layer._join(self)
@@ -120,10 +141,13 @@ class Sequential:
         self._first_trainable = next(i for i, layer in enumerate(self.layers) if layer.trainable)
         if isinstance(self.optimizer, optimizers_module.Optimizer):
             self.optimizer.build(self.params.size, self.dtype, owner=self)
+        elif isinstance(self.optimizer, Solver):
+            self.optimizer.check_model(self)
 
     @property
     def n_params(self):
         """Total number of trainable parameters."""
+        self._require_built("n_params")
         return self.params.size
 
     def parameters(self):
@@ -137,13 +161,18 @@ class Sequential:
         self._require_layers("compile")
         loss = losses_module.get(loss)
         loss.check_outputs(self.n_outputs)
+        last = [layer for layer in self.layers if isinstance(layer, Dense)][-1]
+        if last.softmax_output and loss.name != "cross_entropy":
+            raise ValueError(f"activation 'softmax' on the last layer needs the "
+                             f"cross_entropy loss, into which it is folded; got "
+                             f"{loss.name!r} (drop the softmax, or use cross_entropy)")
         self.metrics = metrics_module.check_metrics(metrics, loss)
         self.loss = loss
         optimizer = optimizers_module.get(optimizer)
         if isinstance(optimizer, Solver):
             optimizer.check_model(self)
         self.optimizer = optimizer
-        if isinstance(optimizer, optimizers_module.Optimizer):
+        if isinstance(optimizer, optimizers_module.Optimizer) and self.params is not None:
             optimizer.build(self.params.size, self.dtype, owner=self)
         return self
 
@@ -182,7 +211,18 @@ class Sequential:
 
     def _check_X(self, X, name="X"):
         self._require_layers("the forward pass")
-        return check_features(X, name, self.dtype, self.n_features)
+        X = check_features(X, name, self.dtype, self.n_features)
+        if self.params is None:  # the first batch gives the input size
+            next(layer for layer in self.layers if isinstance(layer, Dense)).build(X.shape[1])
+            self._build(self.layers)
+        return X
+
+    def _require_built(self, what):
+        self._require_layers(what)
+        if self.params is None:
+            raise ValueError(f"{what} needs the model's input size, which is not known yet: "
+                             "give the first layer input_shape=(n_features,) or "
+                             "in_features, or call fit/predict first")
 
     def _prepare(self, X, y, sample_weight, name="X"):
         X = self._check_X(X, name)
@@ -252,10 +292,12 @@ class Sequential:
     # ------------------------------------------------------------------ weights
     def get_weights(self):
         """Copies of the parameters: [W1, b1, W2, b2, ...] (b omitted when use_bias=False)."""
+        self._require_built("get_weights")
         return [p.copy() for p in self.parameters()]
 
     def set_weights(self, weights):
         """Load a list shaped like get_weights() (values are copied in)."""
+        self._require_built("set_weights")
         current = self.parameters()
         expected = (f"a list of {len(current)} arrays shaped like get_weights() "
                     f"{[p.shape for p in current]}")
@@ -351,7 +393,7 @@ class Sequential:
     def save(self, path):
         """Write the model (architecture, weights, compile settings and optimizer state)
         to an .npz file, atomically (temp file + rename). No pickle."""
-        self._require_layers("save")
+        self._require_built("save")
         path = os.fspath(path)
         meta = {"format": FORMAT, "version": FORMAT_VERSION, "config": self.get_config()}
         arrays = {"params": self.params}
@@ -391,7 +433,7 @@ class Sequential:
         print_fn(self._summary_table())
 
     def _summary_table(self):
-        self._require_layers("summary")
+        self._require_built("summary")
         rows = [("Layer", "Output shape", "Params")]
         width = self.n_features
         for layer in self.layers:

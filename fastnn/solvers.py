@@ -462,7 +462,7 @@ class Newton(_OwnLoop):
 
     def check_model(self, model):
         super().check_model(model)
-        if model.n_params > self.max_params:
+        if model.params is not None and model.n_params > self.max_params:
             raise ValueError(f"Newton forms the full {model.n_params}x{model.n_params} Hessian; "
                              f"the model has {model.n_params} parameters, above max_params="
                              f"{self.max_params}. Use NewtonCG or LBFGS for larger models")
