@@ -163,6 +163,9 @@ def check_joinable(layer, name, model, earlier):
     """Raise unless ``layer`` is a Layer free to join ``model``: part of no model, and
     not among ``earlier`` (the layers placed before it in ``model``). One instance in
     two places would train something that save and load_model do not reproduce."""
+    if isinstance(layer, type) and issubclass(layer, Layer):
+        raise TypeError(f"{name} is the class {layer.__name__}; create a layer, "
+                        f"{layer.__name__}(...)")
     if not isinstance(layer, Layer):
         raise TypeError(f"{name} must be a fastnn layer, got {type(layer).__name__}")
     if layer.model is model or any(layer is other for other in earlier):

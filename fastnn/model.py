@@ -48,7 +48,11 @@ class Sequential:
         model.fit(X, y, epochs=20, batch_size=32)
     """
 
-    def __init__(self, layers=None):
+    def __init__(self, layers=None, *more_layers):
+        if more_layers:
+            raise TypeError(f"Sequential takes the layers as one list: "
+                            f"Sequential([layer1, layer2, ...]), got {1 + len(more_layers)} "
+                            "separate arguments")
         if isinstance(layers, Layer):
             raise TypeError(f"layers must be a list of fastnn layers, got a single "
                             f"{type(layers).__name__}; pass [layer]")

@@ -131,3 +131,35 @@ def test_softmax_elsewhere_is_refused():
     model = fn.Sequential([fn.Dense(2, 3, "softmax")])
     with pytest.raises(ValueError, match="needs the cross_entropy loss.*'mse'"):
         model.compile("mse")
+
+
+# ---------------------------------------------------------------------------- errors that say how
+def test_layers_as_separate_arguments_or_classes_say_what_to_do():
+    with pytest.raises(TypeError, match=r"one list: Sequential\(\[layer1, layer2, \.\.\.\]\)"):
+        fn.Sequential(fn.Dense(2, 3), fn.Dense(3, 1))
+    with pytest.raises(TypeError, match=r"layers\[0\] is the class Dense; create a layer"):
+        fn.Sequential([fn.Dense])
+
+
+def test_ragged_sparse_and_string_inputs_say_what_to_do():
+    model = mlp([2, 3]).compile("cross_entropy")
+    with pytest.raises(ValueError, match="X is a ragged nested sequence"):
+        model.predict([[1.0, 2.0], [3.0]])
+    scipy_sparse = pytest.importorskip("scipy.sparse")
+    with pytest.raises(TypeError, match=r"sparse input is not supported; convert it with "
+                                        r"X\.toarray\(\)"):
+        model.predict(scipy_sparse.csr_matrix(np.ones((2, 2))))
+    X = np.ones((3, 2))
+    for labels in (np.array(["cat", "dog", "cat"]), ["cat", "dog", "cat"],
+                   np.array(["cat", "dog", "cat"], dtype=object)):
+        with pytest.raises(TypeError, match=r"got strings.*np\.unique\(y, return_inverse"):
+            model.fit(X, labels, verbose=0)
+
+
+def test_one_based_labels_suggest_y_minus_1():
+    model = mlp([2, 3]).compile("cross_entropy")
+    with pytest.raises(ValueError, match="labels look 1-based: pass y - 1"):
+        model.fit(np.ones((3, 2)), [1, 2, 3], verbose=0)
+    with pytest.raises(ValueError) as info:
+        model.fit(np.ones((3, 2)), [0, 1, 5], verbose=0)
+    assert "1-based" not in str(info.value)
