@@ -72,7 +72,7 @@ def write_model(model, path):
     elif isinstance(model.optimizer, solvers_module.Solver):
         meta["solver"] = model.optimizer.get_config()
     arrays["meta"] = np.array(json.dumps(meta))
-    directory = os.path.dirname(os.path.abspath(path))
+    directory = check_destination(path)
     remove_stale_temp_files(directory)
     fd, tmp = tempfile.mkstemp(prefix=f"{_TEMP_PREFIX}{os.getpid()}-", suffix=_TEMP_SUFFIX,
                                dir=directory)
@@ -87,6 +87,19 @@ def write_model(model, path):
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def check_destination(path):
+    """The directory a model saved at ``path`` goes to; IsADirectoryError if ``path`` is
+    a directory, FileNotFoundError if its directory does not exist."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"cannot save a model to {path!r}: it is a directory")
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"cannot save a model to {path!r}: there is no directory "
+                                f"{directory!r}")
+    return directory
 
 
 def remove_stale_temp_files(directory):
