@@ -21,6 +21,7 @@ import re
 import stat
 import tempfile
 import zipfile
+import zlib
 
 import numpy as np
 
@@ -169,14 +170,15 @@ def _open_regular_file(path):
         os.close(fd)
         kind = ("a directory" if stat.S_ISDIR(mode) else "a named pipe" if stat.S_ISFIFO(mode)
                 else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
-                else "a socket" if stat.S_ISSOCK(mode) else "not a regular file")
+                else "a socket" if stat.S_ISSOCK(mode) else "a special file")
         raise ValueError(f"{path!r} is not a fastnn model file: it is {kind}, "
                          "not a regular file")
     return os.fdopen(fd, "rb")
 
 
 def _read_archive(path):
-    """(meta dict, {name: array}) from the archive, every size checked before reading."""
+    """(meta dict, {name: array}) from the archive at ``path``, every size checked
+    before reading."""
     with _open_regular_file(path) as f:
         file_size = os.fstat(f.fileno()).st_size
         try:
@@ -185,27 +187,30 @@ def _read_archive(path):
             raise ValueError(f"{path!r} is not a fastnn model file: not an .npz (zip) "
                              f"archive (empty, truncated or of another format): {exc}") from None
         with archive:
-            members = _members(archive, file_size)
-            if "meta.npy" not in members:
-                raise ValueError(f"{path!r} is not a fastnn model file: no 'meta' member "
-                                 f"(members: {sorted(members)[:10]})")
             try:
-                meta_text = _read_npy(archive, members.pop("meta.npy"), "meta", kind="U")
-                meta = _parse_json(str(meta_text[()]) if meta_text.ndim == 0 else None)
-            except _Damaged as exc:
-                raise ValueError(f"{path!r} is not a readable fastnn model file: {exc}") from None
-            if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-                found = meta.get("format") if isinstance(meta, dict) else None
-                raise ValueError(f"{path!r} is not a fastnn model file (format {found!r})")
-            if type(meta.get("version")) is not int or meta["version"] != FORMAT_VERSION:
-                raise ValueError(f"{path!r} has model format version {meta.get('version')!r}; "
-                                 f"this fastnn reads version {FORMAT_VERSION}")
-            try:
-                arrays = {name[:-len(".npy")]: _read_npy(archive, info, name[:-len(".npy")],
-                                                         kind="f")
-                          for name, info in members.items()}
-            except (zipfile.BadZipFile, OSError, EOFError) as exc:
-                raise _Damaged(f"unreadable member: {exc}") from None
+                return _read_members(path, archive, file_size)
+            except (zipfile.BadZipFile, EOFError, zlib.error) as exc:
+                raise _Damaged(f"unreadable archive: {exc}") from None
+
+
+def _read_members(path, archive, file_size):
+    members = _members(archive, file_size)
+    if "meta.npy" not in members:
+        raise ValueError(f"{path!r} is not a fastnn model file: no 'meta' member "
+                         f"(members: {sorted(members)[:10]})")
+    try:
+        meta_text = _read_npy(archive, members.pop("meta.npy"), "meta", kind="U")
+        meta = _parse_json(str(meta_text[()]) if meta_text.ndim == 0 else None)
+    except _Damaged as exc:
+        raise ValueError(f"{path!r} is not a readable fastnn model file: {exc}") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        found = meta.get("format") if isinstance(meta, dict) else None
+        raise ValueError(f"{path!r} is not a fastnn model file (format {found!r})")
+    if type(meta.get("version")) is not int or meta["version"] != FORMAT_VERSION:
+        raise ValueError(f"{path!r} has model format version {meta.get('version')!r}; "
+                         f"this fastnn reads version {FORMAT_VERSION}")
+    arrays = {name[:-len(".npy")]: _read_npy(archive, info, name[:-len(".npy")], kind="f")
+              for name, info in members.items()}
     return meta, arrays
 
 
@@ -219,7 +224,9 @@ def _members(archive, file_size):
             raise _Damaged(f"member {name!r} appears twice")
         if not name.endswith(".npy"):
             raise _Damaged(f"member {name!r} is not an .npy array")
-        if info.header_offset + info.compress_size > file_size:
+        if info.flag_bits & 0x1:
+            raise _Damaged(f"member {name!r} is encrypted")
+        if info.header_offset < 0 or info.header_offset + info.compress_size > file_size:
             raise _Damaged(f"member {name!r} declares {info.compress_size} bytes at offset "
                            f"{info.header_offset}, beyond the end of the {file_size}-byte file")
         if info.compress_type == zipfile.ZIP_STORED:

@@ -269,3 +269,12 @@ def test_save_removes_stale_temp_files_of_dead_processes_only(tmp_path):
     finally:
         live.kill()
         live.wait()
+
+
+def test_save_to_a_directory_or_a_missing_directory_is_a_clear_error(tmp_path):
+    model = trained()
+    with pytest.raises(IsADirectoryError, match="it is a directory"):
+        model.save(tmp_path)
+    with pytest.raises(FileNotFoundError, match="there is no directory"):
+        model.save(tmp_path / "absent" / "m.npz")
+    assert list(tmp_path.iterdir()) == []

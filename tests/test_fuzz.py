@@ -1,0 +1,54 @@
+"""Hypothesis fuzzing of the public entry points (issue 18): Dense and activation
+layers, Sequential construction / add / set_weights / compile / fit / predict /
+evaluate / compute_gradients, save + load_model on mutated files, and the raw kernels,
+on every backend. Each target runs in a subprocess (tests/_fuzz_worker.py), so a
+segfault or an abort is reported as a failure naming the crashing input instead of
+killing the test run. Examples are derandomized and bounded (the module takes well
+under a minute).
+"""
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_fuzz_worker.py")
+#: Examples per target.
+EXAMPLES = {"layers": 150, "model": 200, "structure": 150, "model_file": 200, "kernels": 150}
+#: Targets that find a bug today (each worker tries its known crashers first), fixed on
+#: other branches of issue 18; strict, so the merge that fixes one turns its XPASS into
+#: a failure until the mark is removed.
+KNOWN_BUGS = {
+    "layers": "Layer.backward before forward raises RuntimeError, which is not a "
+              "ValueError (fastnn/layers.py)",
+    "model": "a compile that fails (on the optimizer) leaves its loss set: the model is "
+             "half compiled and fit raises AttributeError (issue 18 item 1: a failed call "
+             "must leave the model as it was)",
+    "structure": "a failed add keeps the bad layer (issue 18 item 1); on cython the next "
+                 "fit writes past the parameter buffer",
+}
+
+
+def fuzz_params():
+    params = []
+    for target in EXAMPLES:
+        marks = ([pytest.mark.xfail(strict=True, reason=KNOWN_BUGS[target])]
+                 if target in KNOWN_BUGS else [])
+        params.append(pytest.param(target, marks=marks, id=target))
+    return params
+
+
+@pytest.mark.parametrize("target", fuzz_params())
+def test_fuzz(target):
+    result = subprocess.run([sys.executable, WORKER, target, str(EXAMPLES[target])],
+                            capture_output=True, text=True, timeout=600)
+    lines = result.stderr.splitlines()
+    inputs = [line for line in lines if line.startswith("INPUT ")]
+    if result.returncode != 0:
+        how = (f"died of {signal.Signals(-result.returncode).name}"
+               if result.returncode < 0 else f"failed (exit status {result.returncode})")
+        report = "\n".join(line for line in lines if not line.startswith("INPUT "))[-6000:]
+        pytest.fail(f"fuzz target {target!r} {how} on the input\n"
+                    f"{inputs[-1] if inputs else '(none)'}\n\n{report}", pytrace=False)
+    assert len(inputs) >= EXAMPLES[target], f"only {len(inputs)} examples ran"
