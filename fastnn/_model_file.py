@@ -7,7 +7,8 @@ per optimizer state buffer.
 
 Reading checks, before anything large is allocated: the path is a regular file (a named
 pipe or a device is refused, never opened for a blocking read); each member's declared
-size fits inside the archive; each .npy header's shape times itemsize equals the bytes
+size fits inside the archive (members are stored, not compressed, so nothing read
+can be larger than the file); each .npy header's shape times itemsize equals the bytes
 the member holds; the JSON nests at most ``MAX_JSON_DEPTH`` deep; and the layer sizes
 in the config account for exactly the parameters stored. Then every field of the
 configuration and optimizer state is checked for type, range and finiteness. Every
@@ -21,7 +22,6 @@ import re
 import stat
 import tempfile
 import zipfile
-import zlib
 
 import numpy as np
 
@@ -39,8 +39,6 @@ MAX_JSON_DEPTH = 32
 #: Largest update count accepted from a file: exactly representable as a float64, so
 #: bias corrections like beta ** t stay exact in the kernels.
 MAX_ITERATIONS = 2 ** 53
-#: deflate expands at most ~1032:1; a member claiming more is a zip bomb.
-_MAX_DEFLATE_RATIO = 1032
 #: Optimizer state buffers that hold running sums of squares (a sqrt is taken of them).
 _NONNEGATIVE_STATE = frozenset({"sum", "square_avg", "exp_avg_sq", "max_exp_avg_sq"})
 _TEMP_PREFIX, _TEMP_SUFFIX = ".fastnn-", ".tmp"
@@ -189,7 +187,7 @@ def _read_archive(path):
         with archive:
             try:
                 return _read_members(path, archive, file_size)
-            except (zipfile.BadZipFile, EOFError, zlib.error) as exc:
+            except (zipfile.BadZipFile, EOFError) as exc:
                 raise _Damaged(f"unreadable archive: {exc}") from None
 
 
@@ -200,7 +198,7 @@ def _read_members(path, archive, file_size):
                          f"(members: {sorted(members)[:10]})")
     try:
         meta_text = _read_npy(archive, members.pop("meta.npy"), "meta", kind="U")
-        meta = _parse_json(str(meta_text[()]) if meta_text.ndim == 0 else None)
+        meta = _parse_json(meta_text)
     except _Damaged as exc:
         raise ValueError(f"{path!r} is not a readable fastnn model file: {exc}") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
@@ -215,7 +213,8 @@ def _read_members(path, archive, file_size):
 
 
 def _members(archive, file_size):
-    """{name: ZipInfo}; refuses duplicate names, foreign compression, and members whose
+    """{name: ZipInfo}; refuses duplicate names, encrypted or compressed members (a
+    compressed one could expand a small file into a huge allocation), and members whose
     declared sizes cannot fit in a file of ``file_size`` bytes."""
     members = {}
     for info in archive.infolist():
@@ -228,18 +227,13 @@ def _members(archive, file_size):
             raise _Damaged(f"member {name!r} is encrypted")
         if info.header_offset < 0 or info.header_offset + info.compress_size > file_size:
             raise _Damaged(f"member {name!r} declares {info.compress_size} bytes at offset "
-                           f"{info.header_offset}, beyond the end of the {file_size}-byte file")
-        if info.compress_type == zipfile.ZIP_STORED:
-            if info.file_size != info.compress_size:
-                raise _Damaged(f"stored member {name!r} declares {info.file_size} bytes but "
-                               f"holds {info.compress_size}")
-        elif info.compress_type == zipfile.ZIP_DEFLATED:
-            if info.file_size > _MAX_DEFLATE_RATIO * info.compress_size + 1024:
-                raise _Damaged(f"member {name!r} declares {info.file_size} bytes from "
-                               f"{info.compress_size} compressed: more than deflate can give")
-        else:
-            raise _Damaged(f"member {name!r} uses compression {info.compress_type}; "
-                           "expected stored or deflated")
+                           f"{info.header_offset}, outside the {file_size}-byte file")
+        if info.compress_type != zipfile.ZIP_STORED:
+            raise _Damaged(f"member {name!r} is compressed (zip method {info.compress_type}); "
+                           "model files hold stored members, whose sizes the file bounds")
+        if info.file_size != info.compress_size:
+            raise _Damaged(f"stored member {name!r} declares {info.file_size} bytes but "
+                           f"holds {info.compress_size}")
         members[name] = info
     return members
 
@@ -276,17 +270,20 @@ def _read_npy(archive, info, name, kind):
     return array.astype(dtype.newbyteorder("="), order="C")
 
 
-def _parse_json(text):
-    if text is None:
-        raise _Damaged("member 'meta' is not a 0-d text array")
-    depth = _json_depth(text)
+def _parse_json(meta_text):
+    """The JSON value held by the 0-d text array ``meta_text``."""
+    if meta_text.ndim != 0:
+        raise _Damaged(f"member 'meta' is not a 0-d text array (shape {meta_text.shape})")
+    text = str(meta_text[()])
+    try:
+        depth = _json_depth(text)
+        value = None if depth > MAX_JSON_DEPTH else json.loads(text)
+    except ValueError as exc:  # not JSON, lone surrogates, an int of too many digits
+        raise _Damaged(f"member 'meta' is not JSON text: {exc}") from None
     if depth > MAX_JSON_DEPTH:
         raise _Damaged(f"member 'meta' nests JSON {depth} levels deep (at most "
                        f"{MAX_JSON_DEPTH} allowed)")
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise _Damaged(f"member 'meta' is not JSON: {exc}") from None
+    return value
 
 
 def _json_depth(text):

@@ -156,6 +156,18 @@ def npy_bytes(header_shape, dtype, payload):
     return buffer.getvalue() + payload
 
 
+def assert_refused_cheaply(path, *fragments):
+    """``assert_refused``, with less than 10 MiB allocated on the way (numpy's
+    allocations are traced too)."""
+    tracemalloc.start()
+    try:
+        assert_refused(path, *fragments)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 10 * 2 ** 20
+
+
 def test_npy_header_declaring_a_terabyte_is_refused_without_allocating(tmp_path,
                                                                        saved_members):
     meta, _ = saved_members
@@ -165,13 +177,7 @@ def test_npy_header_declaring_a_terabyte_is_refused_without_allocating(tmp_path,
                                                np.array(json.dumps(meta)).tobytes()))
         archive.writestr("params.npy", npy_bytes((10 ** 12,), np.float32, b"\0" * 400))
     assert path.stat().st_size < 4096
-    tracemalloc.start()
-    try:
-        assert_refused(path, "params", "10", "holds 400 bytes")
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
-    assert peak < 10 * 2 ** 20
+    assert_refused_cheaply(path, "params", "10", "holds 400 bytes")
 
 
 def test_huge_layers_in_config_fail_fast_without_allocating(tmp_path, saved_members):
@@ -179,13 +185,7 @@ def test_huge_layers_in_config_fail_fast_without_allocating(tmp_path, saved_memb
     huge = edit(edit(meta, "config.layers.0.in_features", 10 ** 6),
                 "config.layers.0.out_features", 10 ** 6)
     path = write_members(tmp_path / "hugelayers.npz", huge, arrays)
-    tracemalloc.start()
-    try:
-        assert_refused(path, "parameter vector", "(1000001000021,)")
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
-    assert peak < 10 * 2 ** 20
+    assert_refused_cheaply(path, "parameter vector", "(1000001000021,)")
 
 
 def test_deeply_nested_json_is_a_clear_error(tmp_path, saved_members):
@@ -278,3 +278,40 @@ def test_save_to_a_directory_or_a_missing_directory_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="there is no directory"):
         model.save(tmp_path / "absent" / "m.npz")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_compressed_members_are_refused(tmp_path, saved_members):
+    """A deflated member could expand a small file into a huge allocation."""
+    meta, arrays = saved_members
+    path = tmp_path / "compressed.npz"
+    np.savez_compressed(path, meta=np.array(json.dumps(meta)), **arrays)
+    assert_refused(path, "is compressed")
+
+
+def test_corrupt_archive_structures_are_value_errors(tmp_path):
+    good = tmp_path / "good.npz"
+    trained().save(good)
+    data = bytearray(good.read_bytes())
+    params_at = data.index(b"params.npy") + 200  # inside the params member's data
+    flipped = bytearray(data)
+    flipped[params_at] ^= 0xFF
+    (tmp_path / "crc.npz").write_bytes(bytes(flipped))
+    assert_refused(tmp_path / "crc.npz", "unreadable archive", "CRC")
+    # The end record's central-directory offset, pushed past the real one, makes the
+    # members' offsets negative.
+    shifted = bytearray(data)
+    offset = int.from_bytes(shifted[-6:-2], "little")
+    shifted[-6:-2] = (offset + 100).to_bytes(4, "little")
+    (tmp_path / "offset.npz").write_bytes(bytes(shifted))
+    assert_refused(tmp_path / "offset.npz", "at offset -100, outside the")
+
+
+@pytest.mark.parametrize("meta_text, fragment", [
+    ('{"format": "fastnn.Sequential", "x": ' + "9" * 5000 + "}", "not JSON text"),
+    ("\ud800", "not JSON text"),
+])
+def test_meta_that_is_not_json_text(tmp_path, saved_members, meta_text, fragment):
+    _, arrays = saved_members
+    path = tmp_path / "meta.npz"
+    np.savez(path, meta=np.array(meta_text), **arrays)
+    assert_refused(path, fragment)
