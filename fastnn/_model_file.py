@@ -157,21 +157,29 @@ def read_model(path, model_class):
 def _open_regular_file(path):
     """A binary file object for ``path``, refusing anything but a regular file.
 
-    Opened with O_NONBLOCK, so a named pipe swapped in after a check cannot block the
-    open; the type is then checked on the open descriptor (no race)."""
+    The type is checked before opening (opening a device can have effects), then again
+    on the descriptor, opened with O_NONBLOCK, so a named pipe swapped in between can
+    neither block the open nor be read."""
     try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        _require_regular_file(path, os.stat(path).st_mode)
     except FileNotFoundError:
         raise FileNotFoundError(f"no model file at {path!r}") from None
-    mode = os.fstat(fd).st_mode
-    if not stat.S_ISREG(mode):
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    try:
+        _require_regular_file(path, os.fstat(fd).st_mode)
+    except ValueError:
         os.close(fd)
-        kind = ("a directory" if stat.S_ISDIR(mode) else "a named pipe" if stat.S_ISFIFO(mode)
-                else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
-                else "a socket" if stat.S_ISSOCK(mode) else "a special file")
-        raise ValueError(f"{path!r} is not a fastnn model file: it is {kind}, "
-                         "not a regular file")
+        raise
     return os.fdopen(fd, "rb")
+
+
+def _require_regular_file(path, mode):
+    if stat.S_ISREG(mode):
+        return
+    kind = ("a directory" if stat.S_ISDIR(mode) else "a named pipe" if stat.S_ISFIFO(mode)
+            else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+            else "a socket" if stat.S_ISSOCK(mode) else "a special file")
+    raise ValueError(f"{path!r} is not a fastnn model file: it is {kind}, not a regular file")
 
 
 def _read_archive(path):

@@ -182,6 +182,15 @@ def test_csv_path_that_is_not_a_file(capsys, tmp_path):
     fails_with(capsys, ["--dataset", "csv", str(tmp_path)], "is not a file")
 
 
+def test_backend_option_does_not_change_the_process_default(capsys):
+    before = fn.get_backend()
+    other = next(name for name in fn.kernels.BACKENDS if name != before)
+    assert main(["train", "--dataset", "xor", "--epochs", "1", "--quiet",
+                 "--backend", other]) == 0
+    assert f"backend {other}" in capsys.readouterr().out
+    assert fn.get_backend() == before
+
+
 def test_missing_command_is_an_error(capsys):
     with pytest.raises(SystemExit) as info:
         main([])

@@ -227,6 +227,17 @@ def test_named_pipe_is_refused_not_waited_on(tmp_path):
     assert outcome and "named pipe" in outcome[0] and str(fifo) in outcome[0]
 
 
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="named pipes are POSIX")
+def test_pipe_swapped_in_after_the_check_is_refused_on_the_descriptor(tmp_path, monkeypatch):
+    fifo, regular = tmp_path / "swapped.npz", tmp_path / "regular.npz"
+    os.mkfifo(fifo)
+    regular.write_bytes(b"x")
+    real_stat = os.stat
+    monkeypatch.setattr(os, "stat", lambda p, *a, **k: real_stat(
+        regular if os.fspath(p) == str(fifo) else p, *a, **k))
+    assert_refused(fifo, "named pipe")
+
+
 def test_directory_and_device_are_refused(tmp_path):
     assert_refused(tmp_path, "directory")
     if os.path.exists("/dev/zero"):
