@@ -458,8 +458,8 @@ def _restore_optimizer_state(optimizer, saved, arrays):
         raise _Damaged(f"optimizer.lr_scale must be a number in (0, 1] (ReduceLROnPlateau "
                        f"only lowers it), got {lr_scale!r}")
     names = saved["state"]
-    if not isinstance(names, list) or sorted(map(str, names)) != sorted(optimizer.state) \
-            or not all(isinstance(n, str) for n in names):
+    if not (isinstance(names, list) and all(isinstance(n, str) for n in names)
+            and sorted(names) == sorted(optimizer.state)):
         raise _Damaged(f"optimizer.state must list the buffers {sorted(optimizer.state)}, "
                        f"got {names!r:.200}")
     _no_extra_arrays(arrays, {"optimizer/" + n for n in names})
