@@ -141,7 +141,8 @@ class Layer:
     def backward(self, dout):
         """Given dL/d(output) (n, out_features) from the last forward, return dL/dx."""
         if getattr(self, "_x", None) is None:
-            raise RuntimeError(f"{type(self).__name__}.backward called before forward")
+            raise ValueError(f"{type(self).__name__}.backward needs a forward pass first: "
+                             "call layer.forward(x) before layer.backward(dout)")
         dout = check_array(dout, "dout", self.dtype)
         expected = self._out.shape
         if dout.shape != expected:
