@@ -218,8 +218,10 @@ class _BaseMLP(BaseEstimator):
         with contextlib.ExitStack() as stack:
             if self.backend is not None:
                 stack.enter_context(use_backend(self.backend))
-            if self.n_threads is not None:
-                previous = get_num_threads()
+            previous = get_num_threads()
+            # set_num_threads re-scans the loaded BLAS libraries (tens of ms): only when
+            # the count changes.
+            if self.n_threads is not None and self.n_threads != previous:
                 set_num_threads(self.n_threads)
                 stack.callback(set_num_threads, previous)
             yield
