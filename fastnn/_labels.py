@@ -84,7 +84,11 @@ class ClassLabels:
                 "O" not in (arr.dtype.kind, self.classes.dtype.kind):
             raise TypeError(f"{name} must hold labels of the kind the classes are "
                             f"(dtype {self.classes.dtype}), got dtype {arr.dtype}")
-        codes = np.searchsorted(self.classes, arr)
+        try:
+            codes = np.searchsorted(self.classes, arr)
+        except TypeError as exc:
+            raise TypeError(f"{name} must hold labels comparable with the classes "
+                            f"{self.classes.tolist()}, got dtype {arr.dtype}") from exc
         codes = np.minimum(codes, len(self.classes) - 1)
         unseen = self.classes[codes] != arr
         if unseen.any():

@@ -96,7 +96,7 @@ def _classifier_outputs(builder, estimator, prob, dtype):
     else:
         if n_classes < 2:
             raise ValueError("cannot export a classifier fitted on a single class to ONNX")
-        if prob_is_single_column(estimator):
+        if n_classes == 2:  # one sigmoid unit: P(classes_[1])
             negative = builder.node("Sub", [builder.constant("one", np.array(1, dtype)), prob])
             builder.node("Concat", [negative, prob], "probabilities", axis=1)
         else:
@@ -114,11 +114,6 @@ def _classifier_outputs(builder, estimator, prob, dtype):
     elem = onnx.helper.np_dtype_to_tensor_dtype(dtype)
     return [onnx.helper.make_tensor_value_info("label", label_type, label_shape),
             onnx.helper.make_tensor_value_info("probabilities", elem, [None, n_classes])]
-
-
-def prob_is_single_column(estimator):
-    """Whether a classifier's network has one sigmoid output for two classes."""
-    return not estimator._multilabel and len(estimator.classes_) == 2
 
 
 def to_onnx(model, opset=17):
@@ -151,11 +146,12 @@ def to_onnx(model, opset=17):
 
 
 def _estimator_network(estimator):
-    if not hasattr(estimator, "_network") or not hasattr(estimator, "coefs_"):
+    if not hasattr(estimator, "_network"):
         raise TypeError(f"model must be a fastnn Sequential or a fitted fastnn.sklearn "
-                        f"estimator, got {type(estimator).__name__}"
-                        + ("" if hasattr(estimator, "coefs_") or
-                           not hasattr(estimator, "_network") else " that is not fitted"))
+                        f"estimator, got {type(estimator).__name__}")
+    if not hasattr(estimator, "coefs_"):
+        raise TypeError(f"model must be fitted: this {type(estimator).__name__} is not "
+                        f"fitted yet, call fit first")
     return estimator._network()
 
 

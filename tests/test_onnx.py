@@ -214,3 +214,10 @@ def test_unsupported_op_is_named():
         fonnx.load(graph_with("Abs"))
     assert [layer.activation for layer in fonnx.load(graph_with("Relu")).layers] == \
         ["relu", "identity"]
+
+
+def test_single_class_classifier_is_not_exported():
+    X = rng().normal(size=(10, 2))
+    model = fitted(sklearn_estimators.MLPClassifier(max_iter=2), X, ["a"] * 10)
+    with pytest.raises(ValueError, match="single class"):
+        fonnx.to_onnx(model)

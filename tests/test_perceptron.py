@@ -4,6 +4,7 @@ import pytest
 
 import fastnn.datasets
 from _helpers import active_backend  # noqa: F401  (fixture: each backend active in turn)
+from fastnn._labels import ClassLabels
 from fastnn.perceptron import NotFittedError, Perceptron
 
 
@@ -374,3 +375,40 @@ def test_score_with_sample_weight():
     weights[:10] = 0.0
     assert model.score(X, wrong) == 0.0
     assert model.score(X, y, sample_weight=weights) == 1.0
+
+
+# ----------------------------------------------------------------------------------
+# fastnn._labels: the label <-> code mapping Perceptron and the estimators share
+# ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("labels, classes", [
+    (["b", "a", "c", "a"], ["a", "b", "c"]),
+    (np.array(["no", "yes", "no"], dtype=object), ["no", "yes"]),
+    ([1, -1, -1, 1], [-1, 1]),
+    ([True, False, True], [False, True]),
+    ([3.0, 1.0, 3.0], [1.0, 3.0]),
+    (["only", "only"], ["only"]),
+    (np.array([[2], [0], [2]]), [0, 2]),
+])
+def test_class_labels_round_trip(labels, classes):
+    mapping = ClassLabels.fit(labels)
+    np.testing.assert_array_equal(mapping.classes, classes)
+    codes = mapping.encode(labels)
+    assert codes.dtype == np.int64 and codes.min() == 0 and codes.max() == len(classes) - 1
+    np.testing.assert_array_equal(mapping.decode(codes), np.asarray(labels).reshape(-1))
+    rebuilt = ClassLabels(mapping.classes)  # what a saved model keeps
+    np.testing.assert_array_equal(rebuilt.encode(labels), codes)
+
+
+def test_class_labels_refuse_what_is_not_a_label():
+    mapping = ClassLabels.fit(["a", "b"])
+    with pytest.raises(ValueError, match=r"not among the classes \['a', 'b'\]: \['z'\]"):
+        mapping.encode(["a", "z"])
+    with pytest.raises(TypeError, match="labels of the kind the classes are"):
+        mapping.encode([0, 1])
+    with pytest.raises(ValueError, match="classes must be distinct"):
+        ClassLabels(["a", "a"])
+    with pytest.raises(ValueError, match="y has 2 samples but X has 3"):
+        ClassLabels.fit([0, 1], n_samples=3)
+    with pytest.raises(TypeError, match="comparable with the classes"):
+        ClassLabels(np.array(["a", "b"], dtype=object)).encode(np.array([1, 2], dtype=object))
