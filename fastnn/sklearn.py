@@ -275,16 +275,22 @@ class _BaseMLP(BaseEstimator):
                           "going to be clipped")
         return min(self.batch_size, n_train)
 
-    def _initialize(self, sizes, n_features, n_outputs, n_train, weight_sum, rng):
-        """First fit: the network with sklearn's Glorot-uniform start (the same draws
-        as sklearn's MLP for the same random_state) and the fitted attributes."""
-        model = self._build_network(sizes, n_features, n_outputs, n_train, weight_sum)
+    def _initial_weights(self, widths, rng):
+        """sklearn's Glorot-uniform start, drawn as sklearn's MLP draws it (so the same
+        random_state gives the same initial weights): per layer W, then b."""
         factor = 2.0 if self.activation == "logistic" else 6.0
         weights = []
-        for layer in model.layers:
-            bound = np.sqrt(factor / (layer.in_features + layer.out_features))
-            weights.append(rng.uniform(-bound, bound, (layer.in_features, layer.out_features)))
-            weights.append(rng.uniform(-bound, bound, layer.out_features))
+        for n_in, n_out in zip(widths[:-1], widths[1:]):
+            bound = np.sqrt(factor / (n_in + n_out))
+            weights.append(rng.uniform(-bound, bound, (n_in, n_out)))
+            weights.append(rng.uniform(-bound, bound, n_out))
+        return weights
+
+    def _initialize(self, sizes, weights, n_train, weight_sum):
+        """First fit: the network from the initial ``weights`` and the fitted
+        attributes."""
+        n_features, n_outputs = weights[0].shape[0], weights[-1].shape[0]
+        model = self._build_network(sizes, n_features, n_outputs, n_train, weight_sum)
         model.set_weights(weights)
         self._attach(model)
         self.n_iter_ = 0
@@ -366,27 +372,18 @@ class _BaseMLP(BaseEstimator):
         early_stopping = self.early_stopping and self.solver in STOCHASTIC_SOLVERS
         if early_stopping and incremental:
             raise ValueError("partial_fit does not support early_stopping=True")
+        n_outputs = len(self.classes_) if self._uses_codes() else target.shape[1]
+        if first_pass:  # drawn before the validation split, in sklearn's order
+            initial = self._initial_weights([X.shape[1]] + sizes + [n_outputs], rng)
         validation = None
         if early_stopping:
-            # sklearn stratifies the split by class, except for multilabel y
-            stratify = y_original if isinstance(self, ClassifierMixin) and \
-                y_original.ndim == 1 else None
-            parts = train_test_split(X, target, y_original,
-                                     *(() if sample_weight is None else (sample_weight,)),
-                                     random_state=rng, test_size=self.validation_fraction,
-                                     stratify=stratify)
-            X, X_val, target, _, _, y_val = parts[:6]
-            sample_weight, sw_val = (None, None) if sample_weight is None else parts[6:8]
-            if X_val.shape[0] < 2:
-                raise ValueError("The validation set is too small. Increase "
-                                 "'validation_fraction' or the size of your dataset.")
-            validation = (X_val, y_val, sw_val)
-        n_outputs = len(self.classes_) if self._uses_codes() else target.shape[1]
+            X, target, sample_weight, validation = self._split_validation(
+                X, target, y_original, sample_weight, n_outputs, rng)
         with self._runtime():
             if first_pass:
                 weight_sum = X.shape[0] if sample_weight is None else float(sample_weight.sum())
                 self._n_train = (X.shape[0], weight_sum)
-                self._initialize(sizes, X.shape[1], n_outputs, X.shape[0], weight_sum, rng)
+                self._initialize(sizes, initial, X.shape[0], weight_sum)
             model = self._network()
             try:
                 if self.solver in STOCHASTIC_SOLVERS:
@@ -400,7 +397,25 @@ class _BaseMLP(BaseEstimator):
                                  f"preprocessed. ({exc})") from exc
         return self
 
+    def _split_validation(self, X, target, y_original, sample_weight, n_outputs, rng):
+        """Hold out ``validation_fraction`` for early stopping, as sklearn does (it
+        stratifies by class only when the network has one output, i.e. for binary y).
+        Returns (X, target, sample_weight) of the training part and the validation
+        (X_val, y_val in original labels, sample_weight_val)."""
+        stratify = y_original if isinstance(self, ClassifierMixin) and n_outputs == 1 else None
+        parts = train_test_split(X, target, y_original,
+                                 *(() if sample_weight is None else (sample_weight,)),
+                                 random_state=rng, test_size=self.validation_fraction,
+                                 stratify=stratify)
+        X, X_val, target, _, _, y_val = parts[:6]
+        sample_weight, sw_val = (None, None) if sample_weight is None else parts[6:8]
+        if X_val.shape[0] < 2:
+            raise ValueError("The validation set is too small. Increase "
+                             "'validation_fraction' or the size of your dataset.")
+        return X, target, sample_weight, (X_val, y_val, sw_val)
+
     def _fit_stochastic(self, model, X, target, sample_weight, validation, rng, incremental):
+        self.n_iter_ = 0  # as in sklearn: the epochs of this call (t_ counts them all)
         batch = self._batch_size(X.shape[0])
         control = _EpochControl(self, X.shape[0], batch, validation, incremental)
         if validation is not None:

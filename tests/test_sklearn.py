@@ -98,6 +98,19 @@ def test_same_initial_weights_and_attributes_as_sklearn(cancer):
     np.testing.assert_allclose(ours.predict_proba(X), theirs.predict_proba(X), rtol=1e-9)
 
 
+@pytest.mark.parametrize("dataset", ["cancer", "iris"])
+def test_early_stopping_draws_the_same_validation_split_as_sklearn(dataset, request):
+    X, y = request.getfixturevalue(dataset)
+    kwargs = dict(hidden_layer_sizes=(7,), solver="sgd", learning_rate_init=1e-12,
+                  momentum=0.0, max_iter=2, random_state=5, early_stopping=True,
+                  validation_fraction=0.3)
+    ours = quiet(MLPClassifier(**kwargs, dtype="float64"), X, y)
+    theirs = quiet(neural_network.MLPClassifier(**kwargs), X, y)
+    np.testing.assert_allclose(ours.validation_scores_, theirs.validation_scores_)
+    for a, b in zip(ours.coefs_, theirs.coefs_):
+        np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)
+
+
 @pytest.mark.parametrize("solver", ["adam", "sgd", "lbfgs"])
 def test_accuracy_matches_sklearn(cancer, solver):
     X, y = cancer
@@ -249,6 +262,21 @@ def test_partial_fit_only_for_stochastic_solvers():
     assert not hasattr(MLPClassifier(solver="lbfgs"), "partial_fit")
     assert not hasattr(MLPRegressor(solver="cg"), "partial_fit")
     assert hasattr(MLPRegressor(solver="sgd"), "partial_fit")
+
+
+def test_warm_start_continues_and_n_iter_counts_the_last_call(iris):
+    X, y = iris
+    model = quiet(MLPClassifier(hidden_layer_sizes=(8,), max_iter=5, warm_start=True,
+                                random_state=0), X, y)
+    first = [c.copy() for c in model.coefs_]
+    quiet(model, X, y)
+    assert model.n_iter_ == 5 and len(model.loss_curve_) == 10 and model.t_ == 10 * len(X)
+    assert model.loss_curve_[5] < model.loss_curve_[0]
+    assert not np.array_equal(first[0], model.coefs_[0])
+    model.partial_fit(X, y)
+    assert model.n_iter_ == 1 and len(model.loss_curve_) == 11
+    with pytest.raises(ValueError, match="warm_start can only be used"):
+        model.fit(X[y < 2], y[y < 2])
 
 
 def test_partial_fit_epochs_equal_fit_epochs(iris):
