@@ -126,12 +126,12 @@ class _EpochControl(Callback):
             est.best_loss_ = min(est.best_loss_, est.loss_)
         est._no_improvement_count = 0 if improved else est._no_improvement_count + 1
         if est.solver == "sgd" and est.learning_rate == "invscaling":
-            model.optimizer.lr = (est.learning_rate_init / est._loss_scale
-                                  / (est.t_ + 1) ** est.power_t)
+            self._set_sgd_lr(est.learning_rate_init / est._loss_scale
+                             / (est.t_ + 1) ** est.power_t)
         if est._no_improvement_count > est.n_iter_no_change:
             if est.solver == "sgd" and est.learning_rate == "adaptive" and \
                     model.optimizer.lr * est._loss_scale > 1e-6:
-                model.optimizer.lr = model.optimizer.lr / 5.0
+                self._set_sgd_lr(model.optimizer.lr / 5.0)
                 est._no_improvement_count = 0
             elif not self.incremental:
                 what = "Validation score" if self.validation is not None else "Training loss"
@@ -140,6 +140,16 @@ class _EpochControl(Callback):
                           f"{est.n_iter_no_change} consecutive epochs. Stopping.")
                 model.stop_training = True
                 self.stopped = True
+
+
+    def _set_sgd_lr(self, lr):
+        """Change SGD's step as sklearn does. sklearn's velocity ``v = m v - lr g``
+        carries the old steps' scale; fastnn's (torch's) ``v = m v + g`` is scaled by
+        the current lr at each step, so the buffer is rescaled by old/new lr to keep
+        the momentum sklearn would have."""
+        optimizer = self.model.optimizer
+        optimizer.state["momentum_buffer"] *= optimizer.lr / lr
+        optimizer.lr = lr
 
 
 class _BaseMLP(BaseEstimator):
