@@ -221,3 +221,22 @@ def test_single_class_classifier_is_not_exported():
     model = fitted(sklearn_estimators.MLPClassifier(max_iter=2), X, ["a"] * 10)
     with pytest.raises(ValueError, match="single class"):
         fonnx.to_onnx(model)
+
+
+def test_gemm_attributes_as_torch_writes_them():
+    # torch.onnx writes Linear as Gemm(x, W (out, in), b, transB=1); alpha and beta scale.
+    h = onnx.helper
+    W = rng().normal(size=(3, 4)).astype(np.float32)
+    b = rng(1).normal(size=3).astype(np.float32)
+    inits = [onnx.numpy_helper.from_array(W, "W"), onnx.numpy_helper.from_array(b, "b")]
+    nodes = [h.make_node("Flatten", ["X"], ["x"]),
+             h.make_node("Gemm", ["x", "W", "b"], ["z"], transB=1, alpha=2.0, beta=0.5),
+             h.make_node("Tanh", ["z"], ["y"])]
+    value = h.make_tensor_value_info
+    graph = h.make_graph(nodes, "g", [value("X", onnx.TensorProto.FLOAT, [None, 4])],
+                         [value("y", onnx.TensorProto.FLOAT, [None, 3])], inits)
+    model = fonnx.load(h.make_model(graph))
+    X = rng(2).normal(size=(6, 4)).astype(np.float32)
+    np.testing.assert_allclose(model.predict(X), np.tanh(2 * X @ W.T + 0.5 * b), rtol=1e-5,
+                               atol=1e-6)
+    assert model.layers[0].activation == "tanh" and model.loss.name == "mse"

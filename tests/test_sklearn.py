@@ -409,3 +409,13 @@ def test_float64_and_backend_and_threads(iris):
                                 n_threads=1), X, y)
     assert model.coefs_[0].dtype == np.float64
     assert model.predict_proba(X).dtype == np.float64
+
+
+def test_verbose_prints_sklearns_progress_lines(iris, capsys):
+    X, y = iris
+    MLPClassifier(hidden_layer_sizes=(4,), max_iter=200, tol=10.0, n_iter_no_change=1,
+                  verbose=True, random_state=0).fit(X, y)
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("Iteration 1, loss = ")
+    assert out[-1] == ("Training loss did not improve more than tol=10.000000 for 1 "
+                       "consecutive epochs. Stopping.")
