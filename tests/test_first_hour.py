@@ -199,3 +199,14 @@ def test_one_based_labels_suggest_y_minus_1():
     with pytest.raises(ValueError) as info:
         model.fit(np.ones((3, 2)), [0, 1, 5], verbose=0)
     assert "1-based" not in str(info.value)
+
+
+def test_pandas_inputs_work_in_the_core_api():
+    pd = pytest.importorskip("pandas")
+    X, codes = blobs(10, rng(67))
+    frame = pd.DataFrame(X, columns=["a", "b"])
+    labels = pd.Series(np.array(["x", "y", "z"])[codes])
+    model = mlp([2, 6, 3]).compile("cross_entropy", metrics=["accuracy"])
+    model.fit(frame, labels, epochs=2, verbose=0)
+    assert model.predict_classes(frame).tolist()[0] in {"x", "y", "z"}
+    assert set(model.evaluate(frame, labels)) == {"loss", "accuracy"}
