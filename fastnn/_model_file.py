@@ -92,9 +92,14 @@ def write_model(model, path):
 
 
 def check_destination(path):
-    """The directory a model saved at ``path`` goes to; IsADirectoryError if ``path`` is
-    a directory, FileNotFoundError if its directory does not exist."""
+    """The directory a model saved at ``path`` goes to; ValueError unless ``path`` ends in
+    .npz (the format written), IsADirectoryError if it is a directory,
+    FileNotFoundError if its directory does not exist."""
     path = os.fspath(path)
+    if not str(path).lower().endswith(".npz"):
+        raise ValueError(f"cannot save a model to {path!r}: fastnn writes .npz model files "
+                         "(architecture, weights and optimizer state, no pickle); give a "
+                         "path ending in .npz")
     if os.path.isdir(path):
         raise IsADirectoryError(f"cannot save a model to {path!r}: it is a directory")
     directory = os.path.dirname(os.path.abspath(path))

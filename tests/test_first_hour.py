@@ -210,3 +210,13 @@ def test_pandas_inputs_work_in_the_core_api():
     model.fit(frame, labels, epochs=2, verbose=0)
     assert model.predict_classes(frame).tolist()[0] in {"x", "y", "z"}
     assert set(model.evaluate(frame, labels)) == {"loss", "accuracy"}
+
+
+def test_save_refuses_other_extensions(tmp_path):
+    model = mlp([2, 3]).compile("cross_entropy")
+    for name in ("model.h5", "model.keras", "model"):
+        with pytest.raises(ValueError, match=r"fastnn writes \.npz model files"):
+            model.save(tmp_path / name)
+        assert not (tmp_path / name).exists()
+    model.save(tmp_path / "model.NPZ")
+    assert fn.load_model(tmp_path / "model.NPZ").n_params == model.n_params
