@@ -39,9 +39,14 @@ from numba.extending import overload
 # file's timestamp only: that is safe because the codes are a fixed part of the kernel
 # contract (never renumbered; a new code comes with new code in this file).
 from . import (
-    ADAGRAD, BINARY_CROSS_ENTROPY, CROSS_ENTROPY, DEFAULT_ALPHA, ELU, HINGE, HUBER,
-    IDENTITY, LEAKY_RELU, MAE, MSE, RELU, RMSPROP, SGD, SIGMOID, SOFTPLUS, STEP, TANH,
+    ADAGRAD, ADAM, BINARY_CROSS_ENTROPY, CROSS_ENTROPY, DEFAULT_ALPHA, ELU, HINGE, HUBER,
+    IDENTITY, LEAKY_RELU, MAE, MSE, OPTIMIZER_CODES, OPTIMIZER_HYPER, RELU, RMSPROP, SGD,
+    SIGMOID, SOFTPLUS, STEP, TANH, _checks,
 )
+
+#: Length of each optimizer code's ``hyper`` array (kernels.OPTIMIZER_HYPER).
+_HYPER_SIZES = tuple(len(OPTIMIZER_HYPER[name]) for name in
+                     sorted(OPTIMIZER_CODES, key=OPTIMIZER_CODES.get))
 
 #: Work size (elements) from which wrappers call the parallel cores.
 PARALLEL_MIN_SIZE = 1 << 17
@@ -60,6 +65,14 @@ _HELPER_OPTIONS = dict(_OPTIONS, no_cpython_wrapper=True, no_cfunc_wrapper=True)
 
 _FLOATS = (types.float32, types.float64)
 _i8, _f8, _b1 = types.int64, types.float64, types.boolean
+
+
+#: What a wrapper's call raises when an argument does not fit the core: numba's
+#: dispatcher (TypeError: no signature matches), the core's own check (ValueError), a
+#: non-array (AttributeError) or an unknown activation's alpha (IndexError). The wrapper
+#: then raises the contract's error (``_checks``) or, if that finds nothing wrong, the
+#: original one.
+_REFUSED = (TypeError, ValueError, AttributeError, IndexError)
 
 
 def set_num_threads(n):
@@ -145,6 +158,33 @@ def _empty_2d(like):
 def _chunk(c, n_chunks, n):
     """Bounds [lo, hi) of chunk c when n rows are split into n_chunks."""
     return c * n // n_chunks, (c + 1) * n // n_chunks
+
+
+@njit(**_HELPER_OPTIONS)
+def _require(ok):
+    """The cores' O(1) argument check: a ValueError that the wrapper replaces with the
+    contract's message (``_checks``); called outside any prange."""
+    if not ok:
+        raise ValueError("kernel arguments do not match")
+
+
+@njit(**_HELPER_OPTIONS)
+def _labels_ok(bad_chunks):
+    """Whether no chunk of a prange met a label outside [0, k) (read after the loop)."""
+    for c in range(bad_chunks.shape[0]):
+        if bad_chunks[c]:
+            return False
+    return True
+
+
+@njit(**_HELPER_OPTIONS)
+def _loss_shapes_ok(pred, target_rows, weights, grad, use_weights, want_grad):
+    """pred (n, k) with n, k >= 1, target_rows == n, weights (n,) and grad (n, k) when
+    used."""
+    n, k = pred.shape
+    return (n >= 1 and k >= 1 and target_rows == n
+            and (not use_weights or weights.shape[0] == n)
+            and (not want_grad or (grad.shape[0] == n and grad.shape[1] == k)))
 
 
 @njit(**_HELPER_OPTIONS)
@@ -506,6 +546,7 @@ def _hinge_row(z, y, margin, grad, i, scale, want_grad):
 
 def _activation_forward_chunks(act, z, out, alpha, n_chunks):
     n = z.shape[0]
+    _require(out.shape[0] == n and IDENTITY <= act <= ELU)
     for c in prange(n_chunks):
         lo, hi = _chunk(c, n_chunks, n)
         _activation_forward_span(act, z[lo:hi], out[lo:hi], alpha)
@@ -513,14 +554,17 @@ def _activation_forward_chunks(act, z, out, alpha, n_chunks):
 
 def _activation_backward_chunks(act, a, dout, out, alpha, n_chunks):
     n = a.shape[0]
+    _require(dout.shape[0] == n and out.shape[0] == n and IDENTITY <= act <= ELU)
     for c in prange(n_chunks):
         lo, hi = _chunk(c, n_chunks, n)
         _activation_backward_span(act, a[lo:hi], dout[lo:hi], out[lo:hi], alpha)
 
 
 def _dense_forward_rows(x, w, b, act, out, alpha, n_chunks):
-    np.dot(x, w, out)
     n, k = out.shape
+    _require(x.shape[0] == n and x.shape[1] == w.shape[0] and w.shape[1] == k
+             and b.shape[0] == k and IDENTITY <= act <= ELU)
+    np.dot(x, w, out)
     for c in prange(n_chunks):
         lo, hi = _chunk(c, n_chunks, n)
         for i in range(lo, hi):
@@ -533,6 +577,12 @@ def _dense_forward_rows(x, w, b, act, out, alpha, n_chunks):
 
 def _dense_backward_rows(x, w, a, dout, act, dz, dx, dw, db, alpha, want_dx, n_chunks):
     n, k = dz.shape
+    d = x.shape[1]
+    _require(x.shape[0] == n and w.shape[0] == d and w.shape[1] == k
+             and a.shape[0] == n and a.shape[1] == k and dout.shape[0] == n
+             and dout.shape[1] == k and dw.shape[0] == d and dw.shape[1] == k
+             and db.shape[0] == k and IDENTITY <= act <= ELU
+             and (not want_dx or (dx.shape[0] == n and dx.shape[1] == d)))
     db_chunks = np.empty((n_chunks, k))
     for c in prange(n_chunks):
         lo, hi = _chunk(c, n_chunks, n)
@@ -557,6 +607,8 @@ def _dense_backward_rows(x, w, a, dout, act, dz, dx, dw, db, alpha, want_dx, n_c
 def _dense_per_sample_grad_rows(x, dz, jac, offset, use_bias, n_chunks):
     n, d = x.shape
     k = dz.shape[1]
+    _require(dz.shape[0] == n and jac.shape[0] == n and offset >= 0
+             and offset + d * k + (k if use_bias else 0) <= jac.shape[1])
     for c in prange(n_chunks):
         lo, hi = _chunk(c, n_chunks, n)
         for s in range(lo, hi):
@@ -575,22 +627,32 @@ def _dense_per_sample_grad_rows(x, dz, jac, offset, use_bias, n_chunks):
 
 def _softmax_ce_index_rows(logits, labels, weights, dlogits, use_weights, want_grad,
                            n_chunks):
-    n = logits.shape[0]
+    n, k = logits.shape
+    _require(_loss_shapes_ok(logits, labels.shape[0], weights, dlogits, use_weights,
+                             want_grad))
     total_w = _weight_total(weights, use_weights, n)
     loss_chunks = np.empty(n_chunks)
+    bad_chunks = np.zeros(n_chunks, np.bool_)
     for c in prange(n_chunks):
         lo, hi = _chunk(c, n_chunks, n)
         loss = 0.0
         for i in range(lo, hi):
+            y = labels[i]
+            if y < 0 or y >= k:  # recorded, reported after the loop (never raise here)
+                bad_chunks[c] = True
+                continue
             scale = (weights[i] if use_weights else 1.0) / total_w
-            loss += _softmax_ce_index_row(logits[i], labels[i], dlogits, i, scale, want_grad)
+            loss += _softmax_ce_index_row(logits[i], y, dlogits, i, scale, want_grad)
         loss_chunks[c] = loss
+    _require(_labels_ok(bad_chunks))
     return _serial_sum(loss_chunks)
 
 
 def _softmax_ce_prob_rows(logits, labels, weights, dlogits, use_weights, want_grad,
                           n_chunks):
     n, k = logits.shape
+    _require(labels.shape[1] == k and _loss_shapes_ok(
+        logits, labels.shape[0], weights, dlogits, use_weights, want_grad))
     total_w = _weight_total(weights, use_weights, n)
     loss_chunks = np.empty(n_chunks)
     for c in prange(n_chunks):
@@ -624,6 +686,8 @@ def _softmax_ce_prob_rows(logits, labels, weights, dlogits, use_weights, want_gr
 def _pointwise_loss_rows(kind, pred, target, param, weights, dpred, use_weights,
                          want_grad, n_chunks):
     n, k = pred.shape
+    _require(target.shape[1] == k and _loss_shapes_ok(
+        pred, target.shape[0], weights, dpred, use_weights, want_grad))
     total_w = _weight_total(weights, use_weights, n) * k
     loss_chunks = np.empty(n_chunks)
     for c in prange(n_chunks):
@@ -649,23 +713,32 @@ def _pointwise_loss_rows(kind, pred, target, param, weights, dpred, use_weights,
 
 def _multiclass_hinge_rows(scores, labels, margin, weights, dscores, use_weights,
                            want_grad, n_chunks):
-    n = scores.shape[0]
+    n, k = scores.shape
+    _require(_loss_shapes_ok(scores, labels.shape[0], weights, dscores, use_weights,
+                             want_grad))
     total_w = _weight_total(weights, use_weights, n)
     loss_chunks = np.empty(n_chunks)
+    bad_chunks = np.zeros(n_chunks, np.bool_)
     for c in prange(n_chunks):
         lo, hi = _chunk(c, n_chunks, n)
         loss = 0.0
         for i in range(lo, hi):
+            y = labels[i]
+            if y < 0 or y >= k:  # recorded, reported after the loop (never raise here)
+                bad_chunks[c] = True
+                continue
             scale = (weights[i] if use_weights else 1.0) / total_w
-            loss += scale * _hinge_row(scores[i], labels[i], margin, dscores, i, scale,
-                                       want_grad)
+            loss += scale * _hinge_row(scores[i], y, margin, dscores, i, scale, want_grad)
         loss_chunks[c] = loss
+    _require(_labels_ok(bad_chunks))
     return _serial_sum(loss_chunks)
 
 
 def _sgd_elements(params, grads, momentum_buf, lr, momentum, keep, weight_decay,
                   use_momentum, nesterov, first_step):
-    for i in prange(params.shape[0]):
+    n = params.shape[0]
+    _require(grads.shape[0] == n and (not use_momentum or momentum_buf.shape[0] == n))
+    for i in prange(n):
         g = grads[i] + weight_decay * params[i]
         if use_momentum:
             buf = g if first_step else momentum * momentum_buf[i] + keep * g
@@ -675,7 +748,9 @@ def _sgd_elements(params, grads, momentum_buf, lr, momentum, keep, weight_decay,
 
 
 def _adagrad_elements(params, grads, state_sum, clr, weight_decay, eps):
-    for i in prange(params.shape[0]):
+    n = params.shape[0]
+    _require(grads.shape[0] == n and state_sum.shape[0] == n)
+    for i in prange(n):
         g = grads[i] + weight_decay * params[i]
         s = state_sum[i] + g * g
         state_sum[i] = s
@@ -685,7 +760,11 @@ def _adagrad_elements(params, grads, state_sum, clr, weight_decay, eps):
 def _rmsprop_elements(params, grads, square_avg, momentum_buf, grad_avg, lr, alpha,
                       one_minus_alpha, eps, weight_decay, momentum, use_momentum,
                       centered):
-    for i in prange(params.shape[0]):
+    n = params.shape[0]
+    _require(grads.shape[0] == n and square_avg.shape[0] == n
+             and (not use_momentum or momentum_buf.shape[0] == n)
+             and (not centered or grad_avg.shape[0] == n))
+    for i in prange(n):
         g = grads[i] + weight_decay * params[i]
         v = alpha * square_avg[i] + one_minus_alpha * g * g
         square_avg[i] = v
@@ -705,7 +784,10 @@ def _rmsprop_elements(params, grads, square_avg, momentum_buf, grad_avg, lr, alp
 def _adam_elements(params, grads, exp_avg, exp_avg_sq, max_exp_avg_sq, decay,
                    weight_decay, beta1, one_minus_beta1, beta2, one_minus_beta2,
                    step_size, bias2_sqrt, eps, amsgrad):
-    for i in prange(params.shape[0]):
+    n = params.shape[0]
+    _require(grads.shape[0] == n and exp_avg.shape[0] == n and exp_avg_sq.shape[0] == n
+             and (not amsgrad or max_exp_avg_sq.shape[0] == n))
+    for i in prange(n):
         p = params[i] * decay
         g = grads[i] + weight_decay * p
         m = beta1 * exp_avg[i] + one_minus_beta1 * g
@@ -740,22 +822,30 @@ _adam_nested = _nested(_adam_elements)
 @njit(inline="always", **_HELPER_OPTIONS)
 def _gather_batch(X, labels, targets, order, start, x, y, t):
     """Rows order[start:start + n] of X into x (n, d), and of labels into y / of targets
-    into t when those are not empty. One pass, so the random reads overlap."""
+    into t (k columns, even when empty) when those are not empty. One pass, so the
+    random reads overlap. False (and the batch unfinished) at a sample index outside
+    [0, len(X)) or a label outside [0, k)."""
     n, d = x.shape
     k = t.shape[1]
     for i in range(n):
         r = order[start + i]
+        if r < 0 or r >= X.shape[0]:
+            return False
         src = X[r]
         dst = x[i]
         for j in range(d):
             dst[j] = src[j]
         if y.shape[0]:
-            y[i] = labels[r]
+            label = labels[r]
+            if label < 0 or label >= k:
+                return False
+            y[i] = label
         if t.shape[0]:
             src_t = targets[r]
             dst_t = t[i]
             for j in range(k):
                 dst_t[j] = src_t[j]
+    return True
 
 
 @njit(inline="always", **_HELPER_OPTIONS)
@@ -877,22 +967,43 @@ def _train_epoch_batches(X, labels, targets, order, batch_size, widths, acts, al
     ``dz`` the matmul result before the epilogue (forward) or dout * act' (backward).
     The elementwise passes never write in place, so LLVM vectorizes them.
     """
-    for s in range(4):
-        stats[s] = 0.0
     n_layers = widths.shape[0] - 1
     m = order.shape[0]
-    if batch_size <= 0 or n_layers <= 0:
-        return
+    # The O(L) argument checks (the wrapper reports what is wrong): sizes of every
+    # buffer against widths; sample indices and labels are checked as gathered.
     widest = 0
     width_sum = 0
+    n_params = 0
+    sizes_ok = n_layers >= 1 and batch_size >= 1
     for layer in range(n_layers + 1):
         widest = max(widest, widths[layer])
         width_sum += widths[layer]
-    k_out = widths[n_layers]
+        sizes_ok = sizes_ok and widths[layer] >= 1
+    if sizes_ok and acts.shape[0] == n_layers and alphas.shape[0] == n_layers \
+            and use_bias.shape[0] == n_layers:
+        for layer in range(n_layers):
+            n_params += widths[layer] * widths[layer + 1]
+            n_params += widths[layer + 1] if use_bias[layer] != 0 else 0
+            sizes_ok = sizes_ok and IDENTITY <= acts[layer] <= ELU
+    else:
+        sizes_ok = False
+    k_out = widths[n_layers] if n_layers >= 0 else 0
+    label_loss = loss_code == CROSS_ENTROPY or loss_code == HINGE
+    _require(sizes_ok and X.shape[1] == widths[0] and params.shape[0] == n_params
+             and grads.shape[0] == n_params and state0.shape[0] == n_params
+             and state1.shape[0] == n_params and state2.shape[0] == n_params
+             and workspace.shape[0] >= batch_size * (width_sum + 2 * widest)
+             and lrs.shape[0] >= (m + batch_size - 1) // batch_size
+             and stats.shape[0] == 4 and CROSS_ENTROPY <= loss_code <= HINGE
+             and SGD <= opt_code <= ADAM and hyper.shape[0] == _HYPER_SIZES[opt_code]
+             and (labels.shape[0] == X.shape[0] if label_loss
+                  else targets.shape[0] == X.shape[0] and targets.shape[1] == k_out))
+    for s in range(4):
+        stats[s] = 0.0
     # Per-call scratch: the batch's labels / targets and the float64 bias gradient.
     rows = min(batch_size, m)
-    y_buf = np.empty(rows if labels.shape[0] else 0, np.int64)
-    t_buf = np.empty((rows if targets.shape[0] else 0, k_out), params.dtype)
+    y_buf = np.empty(rows if label_loss else 0, np.int64)
+    t_buf = np.empty((0 if label_loss else rows, k_out), params.dtype)
     db_acc = np.empty(widest)
     param = params.dtype.type(loss_param)
     for b in range((m + batch_size - 1) // batch_size):
@@ -903,8 +1014,8 @@ def _train_epoch_batches(X, labels, targets, order, batch_size, widths, acts, al
         d = widths[0]
         y = y_buf[:size] if y_buf.shape[0] else y_buf
         t = t_buf[:size] if t_buf.shape[0] else t_buf
-        _gather_batch(X, labels, targets, order, start,
-                      workspace[:size * d].reshape((size, d)), y, t)
+        _require(_gather_batch(X, labels, targets, order, start,
+                               workspace[:size * d].reshape((size, d)), y, t))
         # Forward: z = x @ W into the dz buffer, z += b there, out = act(z).
         x_at = 0
         p = 0
@@ -1058,15 +1169,20 @@ def activation_forward(act, z, out, alpha=None):
     leaky_relu z if z > 0 else alpha*z; softplus log(1+e^z); elu z if z > 0 else
     alpha*(e^z - 1).
     """
-    if act == IDENTITY and out is z:
-        return
-    z = z.reshape(-1)
-    out = out.reshape(-1)
-    n = z.shape[0]
-    if n >= PARALLEL_MIN_SIZE:
-        _activation_forward_parallel(act, z, out, _alpha(act, alpha), _n_chunks(n))
-    else:
-        _activation_forward_serial(act, z, out, _alpha(act, alpha), 1)
+    try:
+        if act == IDENTITY and out is z:
+            return
+        flat_z = z.reshape(-1)
+        flat_out = out.reshape(-1)
+        n = flat_z.shape[0]
+        if n >= PARALLEL_MIN_SIZE:
+            _activation_forward_parallel(act, flat_z, flat_out, _alpha(act, alpha),
+                                         _n_chunks(n))
+        else:
+            _activation_forward_serial(act, flat_z, flat_out, _alpha(act, alpha), 1)
+    except _REFUSED:
+        _checks.activation("activation_forward", act, {"z": z}, out)
+        raise
 
 
 def activation_backward(act, a, dout, out, alpha=None):
@@ -1076,16 +1192,18 @@ def activation_backward(act, a, dout, out, alpha=None):
     leaky_relu 1 if a > 0 else alpha; softplus 1-e^-a; elu 1 if a > 0 else a+alpha.
     ``out`` may alias ``dout``.
     """
-    if act == IDENTITY and out is dout:
-        return
-    a = a.reshape(-1)
-    dout = dout.reshape(-1)
-    out = out.reshape(-1)
-    n = a.shape[0]
-    if n >= PARALLEL_MIN_SIZE:
-        _activation_backward_parallel(act, a, dout, out, _alpha(act, alpha), _n_chunks(n))
-    else:
-        _activation_backward_serial(act, a, dout, out, _alpha(act, alpha), 1)
+    try:
+        if act == IDENTITY and out is dout:
+            return
+        flat = (a.reshape(-1), dout.reshape(-1), out.reshape(-1))
+        n = flat[0].shape[0]
+        if n >= PARALLEL_MIN_SIZE:
+            _activation_backward_parallel(act, *flat, _alpha(act, alpha), _n_chunks(n))
+        else:
+            _activation_backward_serial(act, *flat, _alpha(act, alpha), 1)
+    except _REFUSED:
+        _checks.activation("activation_backward", act, {"a": a, "dout": dout}, out)
+        raise
 
 
 # ----------------------------------------------------------------------------------
@@ -1097,11 +1215,15 @@ def dense_forward(x, w, b, act, out, alpha=None):
 
     One BLAS matmul into ``out``, then bias and activation in one pass over ``out``.
     """
-    if out.size >= PARALLEL_MIN_SIZE:
-        _dense_forward_parallel(x, w, b, act, out, _alpha(act, alpha),
-                                _n_chunks(out.shape[0]))
-    else:
-        _dense_forward_serial(x, w, b, act, out, _alpha(act, alpha), 1)
+    try:
+        if out.size >= PARALLEL_MIN_SIZE:
+            _dense_forward_parallel(x, w, b, act, out, _alpha(act, alpha),
+                                    _n_chunks(out.shape[0]))
+        else:
+            _dense_forward_serial(x, w, b, act, out, _alpha(act, alpha), 1)
+    except _REFUSED:
+        _checks.dense_forward(x, w, b, act, out)
+        raise
 
 
 def dense_backward(x, w, a, dout, act, dz, dx, dw, db, alpha=None):
@@ -1113,14 +1235,17 @@ def dense_backward(x, w, a, dout, act, dz, dx, dw, db, alpha=None):
     two matmuls are BLAS calls on transposed views.
     """
     want_dx = dx is not None
-    if not want_dx:
-        dx = _empty_2d(dz)
-    if dz.size >= PARALLEL_MIN_SIZE:
-        _dense_backward_parallel(x, w, a, dout, act, dz, dx, dw, db, _alpha(act, alpha),
-                                 want_dx, _n_chunks(dz.shape[0]))
-    else:
-        _dense_backward_serial(x, w, a, dout, act, dz, dx, dw, db, _alpha(act, alpha),
-                               want_dx, 1)
+    try:
+        dx_or_empty = dx if want_dx else _empty_2d(dz)
+        if dz.size >= PARALLEL_MIN_SIZE:
+            _dense_backward_parallel(x, w, a, dout, act, dz, dx_or_empty, dw, db,
+                                     _alpha(act, alpha), want_dx, _n_chunks(dz.shape[0]))
+        else:
+            _dense_backward_serial(x, w, a, dout, act, dz, dx_or_empty, dw, db,
+                                   _alpha(act, alpha), want_dx, 1)
+    except _REFUSED:
+        _checks.dense_backward(x, w, a, dout, act, dz, dx, dw, db)
+        raise
 
 
 def dense_per_sample_grad(x, dz, jac, offset, use_bias):
@@ -1131,11 +1256,16 @@ def dense_per_sample_grad(x, dz, jac, offset, use_bias):
     when ``use_bias``, ``jac[s, offset + d*k + j] = dz[s, j]``. x (n, d), dz (n, k),
     jac (n, P) with P >= offset + d*k (+ k); other columns are left untouched.
     """
-    n, d = x.shape
-    if n * d * dz.shape[1] >= PARALLEL_MIN_SIZE:
-        _dense_per_sample_grad_parallel(x, dz, jac, offset, bool(use_bias), _n_chunks(n))
-    else:
-        _dense_per_sample_grad_serial(x, dz, jac, offset, bool(use_bias), 1)
+    try:
+        n, d = x.shape
+        if n * d * dz.shape[1] >= PARALLEL_MIN_SIZE:
+            _dense_per_sample_grad_parallel(x, dz, jac, offset, bool(use_bias),
+                                            _n_chunks(n))
+        else:
+            _dense_per_sample_grad_serial(x, dz, jac, offset, bool(use_bias), 1)
+    except _REFUSED:
+        _checks.dense_per_sample_grad(x, dz, jac, offset, use_bias)
+        raise
 
 
 # ----------------------------------------------------------------------------------
@@ -1149,13 +1279,24 @@ def _rows_call(serial, parallel, data, *args):
     return float(serial(*args, 1))
 
 
-def _pointwise_loss(kind, pred, target, param, weights, dpred):
+def _refused_loss(kernel, names, pred, target, weights, dpred, labels=False):
+    """Report why a loss core refused its arguments (the contract's error)."""
+    _checks.loss(kernel, names, pred, target, weights, dpred, labels)
+    if labels:
+        _checks.labels_in_range(kernel, target, pred.shape[1])
+
+
+def _pointwise_loss(kernel, kind, pred, target, param, weights, dpred):
     use_weights = weights is not None
     want_grad = dpred is not None
-    return _rows_call(_pointwise_loss_serial, _pointwise_loss_parallel, pred,
-                      kind, pred, target, param,
-                      weights if use_weights else _empty_1d(pred),
-                      dpred if want_grad else _empty_2d(pred), use_weights, want_grad)
+    try:
+        return _rows_call(_pointwise_loss_serial, _pointwise_loss_parallel, pred,
+                          kind, pred, target, param,
+                          weights if use_weights else _empty_1d(pred),
+                          dpred if want_grad else _empty_2d(pred), use_weights, want_grad)
+    except _REFUSED:
+        _refused_loss(kernel, ("pred", "target", "dpred"), pred, target, weights, dpred)
+        raise
 
 
 def softmax_cross_entropy(logits, labels, weights, dlogits):
@@ -1168,13 +1309,20 @@ def softmax_cross_entropy(logits, labels, weights, dlogits):
     """
     use_weights = weights is not None
     want_grad = dlogits is not None
-    if labels.ndim == 1:
-        serial, parallel = _softmax_ce_index_serial, _softmax_ce_index_parallel
-    else:
-        serial, parallel = _softmax_ce_prob_serial, _softmax_ce_prob_parallel
-    return _rows_call(serial, parallel, logits,
-                      logits, labels, weights if use_weights else _empty_1d(logits),
-                      dlogits if want_grad else _empty_2d(logits), use_weights, want_grad)
+    try:
+        if labels.ndim == 1:
+            serial, parallel = _softmax_ce_index_serial, _softmax_ce_index_parallel
+        else:
+            serial, parallel = _softmax_ce_prob_serial, _softmax_ce_prob_parallel
+        return _rows_call(serial, parallel, logits,
+                          logits, labels, weights if use_weights else _empty_1d(logits),
+                          dlogits if want_grad else _empty_2d(logits), use_weights,
+                          want_grad)
+    except _REFUSED:
+        _refused_loss("softmax_cross_entropy", ("logits", "labels", "dlogits"), logits,
+                      labels, weights, dlogits,
+                      isinstance(labels, np.ndarray) and labels.ndim == 1)
+        raise
 
 
 def sigmoid_binary_cross_entropy(pred, target, weights, dpred):
@@ -1183,7 +1331,7 @@ def sigmoid_binary_cross_entropy(pred, target, weights, dpred):
     pred (n, k) logits, target (n, k) in [0, 1].
     l_ij = max(z, 0) - z t + log(1 + e^-|z|);  dpred = s_i (sigmoid(z) - t) / k.
     """
-    return _pointwise_loss(BINARY_CROSS_ENTROPY, pred, target, 0.0, weights, dpred)
+    return _pointwise_loss("sigmoid_binary_cross_entropy", BINARY_CROSS_ENTROPY, pred, target, 0.0, weights, dpred)
 
 
 def mean_squared_error(pred, target, weights, dpred):
@@ -1191,12 +1339,12 @@ def mean_squared_error(pred, target, weights, dpred):
 
     l_ij = (p - t)^2;  dpred = 2 s_i (p - t) / k.
     """
-    return _pointwise_loss(MSE, pred, target, 0.0, weights, dpred)
+    return _pointwise_loss("mean_squared_error", MSE, pred, target, 0.0, weights, dpred)
 
 
 def mean_absolute_error(pred, target, weights, dpred):
     """torch L1Loss, mean over n*k.  l_ij = |p - t|;  dpred = s_i sign(p - t) / k."""
-    return _pointwise_loss(MAE, pred, target, 0.0, weights, dpred)
+    return _pointwise_loss("mean_absolute_error", MAE, pred, target, 0.0, weights, dpred)
 
 
 def huber(pred, target, delta, weights, dpred):
@@ -1205,7 +1353,7 @@ def huber(pred, target, delta, weights, dpred):
     l = d^2/2 if |d| <= delta else delta (|d| - delta/2);
     dpred = s_i clip(d, -delta, delta) / k.
     """
-    return _pointwise_loss(HUBER, pred, target, delta, weights, dpred)
+    return _pointwise_loss("huber", HUBER, pred, target, delta, weights, dpred)
 
 
 def multiclass_hinge(scores, labels, margin, weights, dscores):
@@ -1216,10 +1364,16 @@ def multiclass_hinge(scores, labels, margin, weights, dscores):
     """
     use_weights = weights is not None
     want_grad = dscores is not None
-    return _rows_call(_multiclass_hinge_serial, _multiclass_hinge_parallel, scores,
-                      scores, labels, margin,
-                      weights if use_weights else _empty_1d(scores),
-                      dscores if want_grad else _empty_2d(scores), use_weights, want_grad)
+    try:
+        return _rows_call(_multiclass_hinge_serial, _multiclass_hinge_parallel, scores,
+                          scores, labels, margin,
+                          weights if use_weights else _empty_1d(scores),
+                          dscores if want_grad else _empty_2d(scores), use_weights,
+                          want_grad)
+    except _REFUSED:
+        _refused_loss("multiclass_hinge", ("scores", "labels", "dscores"), scores, labels,
+                      weights, dscores, labels=True)
+        raise
 
 
 # ----------------------------------------------------------------------------------
@@ -1234,19 +1388,28 @@ def sgd_update(params, grads, momentum_buf, lr, momentum, dampening, weight_deca
     ``momentum_buf`` is untouched when momentum == 0.
     """
     use_momentum = bool(momentum)
-    if not use_momentum:
-        momentum_buf = _empty_1d(params)
-    core = _sgd_parallel if params.shape[0] >= PARALLEL_MIN_SIZE else _sgd_serial
-    core(params, grads, momentum_buf, lr, momentum, 1.0 - dampening, weight_decay,
-         use_momentum, bool(nesterov), step == 1)
+    try:
+        core = _sgd_parallel if params.shape[0] >= PARALLEL_MIN_SIZE else _sgd_serial
+        core(params, grads, momentum_buf if use_momentum else _empty_1d(params), lr,
+             momentum, 1.0 - dampening, weight_decay, use_momentum, bool(nesterov),
+             step == 1)
+    except _REFUSED:
+        _checks.optimizer("sgd_update", params, grads,
+                          {"momentum_buf": momentum_buf} if use_momentum else {})
+        raise
 
 
 def adagrad_update(params, grads, state_sum, lr, lr_decay, weight_decay, eps, step):
     """torch.optim.Adagrad.  g = grad + wd*p; clr = lr / (1 + (t-1)*lr_decay);
     G += g^2; p -= clr * g / (sqrt(G) + eps).
     """
-    core = _adagrad_parallel if params.shape[0] >= PARALLEL_MIN_SIZE else _adagrad_serial
-    core(params, grads, state_sum, lr / (1.0 + (step - 1) * lr_decay), weight_decay, eps)
+    try:
+        core = _adagrad_parallel if params.shape[0] >= PARALLEL_MIN_SIZE else _adagrad_serial
+        core(params, grads, state_sum, lr / (1.0 + (step - 1) * lr_decay), weight_decay,
+             eps)
+    except _REFUSED:
+        _checks.optimizer("adagrad_update", params, grads, {"state_sum": state_sum})
+        raise
 
 
 def rmsprop_update(params, grads, square_avg, momentum_buf, grad_avg, lr, alpha, eps,
@@ -1257,13 +1420,20 @@ def rmsprop_update(params, grads, square_avg, momentum_buf, grad_avg, lr, alpha,
     ``momentum_buf`` / ``grad_avg`` are untouched unless momentum > 0 / centered.
     """
     use_momentum = momentum > 0
-    if not use_momentum:
-        momentum_buf = _empty_1d(params)
-    if not centered:
-        grad_avg = _empty_1d(params)
-    core = _rmsprop_parallel if params.shape[0] >= PARALLEL_MIN_SIZE else _rmsprop_serial
-    core(params, grads, square_avg, momentum_buf, grad_avg, lr, alpha, 1.0 - alpha, eps,
-         weight_decay, momentum, use_momentum, bool(centered))
+    try:
+        core = _rmsprop_parallel if params.shape[0] >= PARALLEL_MIN_SIZE else _rmsprop_serial
+        core(params, grads, square_avg,
+             momentum_buf if use_momentum else _empty_1d(params),
+             grad_avg if centered else _empty_1d(params), lr, alpha, 1.0 - alpha, eps,
+             weight_decay, momentum, use_momentum, bool(centered))
+    except _REFUSED:
+        buffers = {"square_avg": square_avg}
+        if use_momentum:
+            buffers["momentum_buf"] = momentum_buf
+        if centered:
+            buffers["grad_avg"] = grad_avg
+        _checks.optimizer("rmsprop_update", params, grads, buffers)
+        raise
 
 
 def adam_update(params, grads, exp_avg, exp_avg_sq, max_exp_avg_sq, lr, beta1, beta2,
@@ -1279,12 +1449,18 @@ def adam_update(params, grads, exp_avg, exp_avg_sq, max_exp_avg_sq, lr, beta1, b
         decay, coupled_wd = 1.0 - lr * weight_decay, 0.0
     else:
         decay, coupled_wd = 1.0, weight_decay
-    if not amsgrad:
-        max_exp_avg_sq = _empty_1d(params)
-    core = _adam_parallel if params.shape[0] >= PARALLEL_MIN_SIZE else _adam_serial
-    core(params, grads, exp_avg, exp_avg_sq, max_exp_avg_sq, decay, coupled_wd,
-         beta1, 1.0 - beta1, beta2, 1.0 - beta2, lr / (1.0 - beta1 ** step),
-         math.sqrt(1.0 - beta2 ** step), eps, bool(amsgrad))
+    try:
+        core = _adam_parallel if params.shape[0] >= PARALLEL_MIN_SIZE else _adam_serial
+        core(params, grads, exp_avg, exp_avg_sq,
+             max_exp_avg_sq if amsgrad else _empty_1d(params), decay, coupled_wd,
+             beta1, 1.0 - beta1, beta2, 1.0 - beta2, lr / (1.0 - beta1 ** step),
+             math.sqrt(1.0 - beta2 ** step), eps, bool(amsgrad))
+    except _REFUSED:
+        buffers = {"exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
+        if amsgrad:
+            buffers["max_exp_avg_sq"] = max_exp_avg_sq
+        _checks.optimizer("adam_update", params, grads, buffers)
+        raise
 
 
 # ----------------------------------------------------------------------------------
@@ -1306,10 +1482,16 @@ def train_epoch(spec):
     sequence. Nothing is allocated per batch. Compiled per dtype, on the first call with
     that dtype.
     """
-    optimizer = spec.optimizer
-    state0, state1, state2 = optimizer.states
-    _train_epoch_core(spec.params.dtype)(
-        spec.X, spec.labels, spec.targets, spec.order, int(spec.batch_size), spec.widths,
-        spec.acts, spec.alphas, spec.use_bias, spec.params, spec.grads, spec.workspace,
-        int(spec.loss_code), float(spec.loss_param), int(optimizer.code), optimizer.hyper,
-        spec.lrs, state0, state1, state2, int(spec.step), spec.stats)
+    try:
+        optimizer = spec.optimizer
+        state0, state1, state2 = optimizer.states
+        _train_epoch_core(spec.params.dtype)(
+            spec.X, spec.labels, spec.targets, spec.order, int(spec.batch_size),
+            spec.widths, spec.acts, spec.alphas, spec.use_bias, spec.params, spec.grads,
+            spec.workspace, int(spec.loss_code), float(spec.loss_param),
+            int(optimizer.code), optimizer.hyper, spec.lrs, state0, state1, state2,
+            int(spec.step), spec.stats)
+    except _REFUSED:
+        _checks.train_epoch(spec)
+        _checks.train_epoch_indices(spec)
+        raise
