@@ -1804,7 +1804,7 @@ def train_epoch(spec):
     (lr ``lrs[b]``, update number ``t = step + b + 1``) right after its backward, while
     its gradient is in cache. Plain SGD (momentum 0) is folded into the backward:
     ``W = (1 - lr wd) W - lr a.T @ dz`` is the dW gemm itself, and ``grads`` (scratch)
-    is left untouched. ``stats`` float64 (4,) receives [sum of batch loss * batch rows,
+    is left untouched (``_numpy.train_epoch`` says what each backend leaves there). ``stats`` float64 (4,) receives [sum of batch loss * batch rows,
     correct predictions, batches completed, the last batch's loss]; a non-finite batch
     loss ends the epoch before its update.
     """

@@ -3,8 +3,9 @@
 Design:
 
 * Every public function is a thin Python wrapper: it resolves None / default arguments,
-  computes scalar hyper-parameters in float64, picks the serial or the parallel core
-  and makes one call. Cores have fixed types: explicit float32 and float64 signatures
+  picks the serial or the parallel core and makes one call; a core checks its
+  arguments' shapes in O(1) (``_require``) and, should it refuse them, the wrapper
+  raises the contract's error from ``_checks``. Cores have fixed types: explicit float32 and float64 signatures
   (read-only inputs, int64 labels), compiled once with ``cache=True``. A core is
   compiled, or loaded from the disk cache, on its first call (see ``_deferred``), so
   importing this module compiles nothing.
@@ -539,6 +540,40 @@ def _hinge_row(z, y, margin, grad, i, scale, want_grad):
     return row
 
 
+# A dense layer's epilogues, shared by the dense kernels (per chunk of rows) and
+# train_epoch (per batch). They take row-major flat (n * k,) views: numba's reshape
+# is a runtime call, too slow to repeat per layer and batch.
+
+@njit(inline="always", **_HELPER_OPTIONS)
+def _bias_activation_rows(z, b, use_bias, act, alpha, out, in_place, k, lo, hi):
+    """Rows [lo, hi) of ``out = act(x @ w + b)`` after the matmul z = x @ w: z += b
+    (when ``use_bias``), then out = act(z) in one pass over the block (nothing for
+    identity ``in_place``: out is z)."""
+    if use_bias:
+        for i in range(lo, hi):
+            row = z[i * k:(i + 1) * k]
+            for j in range(k):
+                row[j] += b[j]
+    if act != IDENTITY or not in_place:
+        _activation_forward_span(act, z[lo * k:hi * k], out[lo * k:hi * k], alpha)
+
+
+@njit(inline="always", **_HELPER_OPTIONS)
+def _dz_rows(act, a, dout, dz, alpha, acc, want_db, k, lo, hi):
+    """Rows [lo, hi) of a dense backward's epilogue: dz = dout * act'(a) in one pass
+    over the block, then (when ``want_db``) acc[j] = the sum of those rows of dz, in
+    float64. ``dz`` may be ``dout``."""
+    _activation_backward_span(act, a[lo * k:hi * k], dout[lo * k:hi * k],
+                              dz[lo * k:hi * k], alpha)
+    if want_db:
+        for j in range(k):
+            acc[j] = 0.0
+        for i in range(lo, hi):
+            row = dz[i * k:(i + 1) * k]
+            for j in range(k):
+                acc[j] += row[j]
+
+
 # ----------------------------------------------------------------------------------
 # Cores (one plain function each, compiled serial + parallel where the work is
 # elementwise or row-wise)
@@ -565,14 +600,10 @@ def _dense_forward_rows(x, w, b, act, out, alpha, n_chunks):
     _require(x.shape[0] == n and x.shape[1] == w.shape[0] and w.shape[1] == k
              and b.shape[0] == k and IDENTITY <= act <= ELU)
     np.dot(x, w, out)
+    flat = out.reshape(-1)
     for c in prange(n_chunks):
         lo, hi = _chunk(c, n_chunks, n)
-        for i in range(lo, hi):
-            row = out[i]
-            for j in range(k):
-                row[j] += b[j]
-            if act != IDENTITY:
-                _activation_forward_span(act, row, row, alpha)
+        _bias_activation_rows(flat, b, True, act, alpha, flat, True, k, lo, hi)
 
 
 def _dense_backward_rows(x, w, a, dout, act, dz, dx, dw, db, alpha, want_dx, n_chunks):
@@ -584,16 +615,10 @@ def _dense_backward_rows(x, w, a, dout, act, dz, dx, dw, db, alpha, want_dx, n_c
              and db.shape[0] == k and IDENTITY <= act <= ELU
              and (not want_dx or (dx.shape[0] == n and dx.shape[1] == d)))
     db_chunks = np.empty((n_chunks, k))
+    a_flat, dout_flat, dz_flat = a.reshape(-1), dout.reshape(-1), dz.reshape(-1)
     for c in prange(n_chunks):
         lo, hi = _chunk(c, n_chunks, n)
-        acc = db_chunks[c]
-        for j in range(k):
-            acc[j] = 0.0
-        for i in range(lo, hi):
-            row = dz[i]
-            _activation_backward_span(act, a[i], dout[i], row, alpha)
-            for j in range(k):
-                acc[j] += row[j]
+        _dz_rows(act, a_flat, dout_flat, dz_flat, alpha, db_chunks[c], True, k, lo, hi)
     for j in range(k):
         total = 0.0
         for c in range(n_chunks):
@@ -734,70 +759,90 @@ def _multiclass_hinge_rows(scores, labels, margin, weights, dscores, use_weights
     return _serial_sum(loss_chunks)
 
 
-def _sgd_elements(params, grads, momentum_buf, lr, momentum, keep, weight_decay,
-                  use_momentum, nesterov, first_step):
+# The optimizer cores take the hyper-parameters as the kernels do and set up their
+# scalar coefficients in float64 before casting them to the data dtype once (as torch
+# computes them): the wrappers and train_epoch's update share that set-up.
+
+def _sgd_elements(params, grads, momentum_buf, lr, momentum, dampening, weight_decay,
+                  nesterov, step):
     n = params.shape[0]
+    use_momentum = momentum != 0.0
     _require(grads.shape[0] == n and (not use_momentum or momentum_buf.shape[0] == n))
+    f = params.dtype.type
+    lr_t, mu, keep, wd = f(lr), f(momentum), f(1.0 - dampening), f(weight_decay)
+    first_step = step == 1
     for i in prange(n):
-        g = grads[i] + weight_decay * params[i]
+        g = grads[i] + wd * params[i]
         if use_momentum:
-            buf = g if first_step else momentum * momentum_buf[i] + keep * g
+            buf = g if first_step else mu * momentum_buf[i] + keep * g
             momentum_buf[i] = buf
-            g = g + momentum * buf if nesterov else buf
-        params[i] -= lr * g
+            g = g + mu * buf if nesterov else buf
+        params[i] -= lr_t * g
 
 
-def _adagrad_elements(params, grads, state_sum, clr, weight_decay, eps):
+def _adagrad_elements(params, grads, state_sum, lr, lr_decay, weight_decay, eps, step):
     n = params.shape[0]
     _require(grads.shape[0] == n and state_sum.shape[0] == n)
+    f = params.dtype.type
+    clr, wd, eps_t = f(lr / (1.0 + (step - 1) * lr_decay)), f(weight_decay), f(eps)
     for i in prange(n):
-        g = grads[i] + weight_decay * params[i]
+        g = grads[i] + wd * params[i]
         s = state_sum[i] + g * g
         state_sum[i] = s
-        params[i] -= clr * g / (math.sqrt(s) + eps)
+        params[i] -= clr * g / (math.sqrt(s) + eps_t)
 
 
-def _rmsprop_elements(params, grads, square_avg, momentum_buf, grad_avg, lr, alpha,
-                      one_minus_alpha, eps, weight_decay, momentum, use_momentum,
-                      centered):
+def _rmsprop_elements(params, grads, square_avg, momentum_buf, grad_avg, lr, alpha, eps,
+                      weight_decay, momentum, centered):
     n = params.shape[0]
+    use_momentum = momentum > 0.0
     _require(grads.shape[0] == n and square_avg.shape[0] == n
              and (not use_momentum or momentum_buf.shape[0] == n)
              and (not centered or grad_avg.shape[0] == n))
+    f = params.dtype.type
+    lr_t, alpha_t, keep, eps_t = f(lr), f(alpha), f(1.0 - alpha), f(eps)
+    wd, mu = f(weight_decay), f(momentum)
     for i in prange(n):
-        g = grads[i] + weight_decay * params[i]
-        v = alpha * square_avg[i] + one_minus_alpha * g * g
+        g = grads[i] + wd * params[i]
+        v = alpha_t * square_avg[i] + keep * g * g
         square_avg[i] = v
         if centered:
-            gbar = alpha * grad_avg[i] + one_minus_alpha * g
+            gbar = alpha_t * grad_avg[i] + keep * g
             grad_avg[i] = gbar
             v = v - gbar * gbar
-        denom = math.sqrt(v) + eps
+        denom = math.sqrt(v) + eps_t
         if use_momentum:
-            buf = momentum * momentum_buf[i] + g / denom
+            buf = mu * momentum_buf[i] + g / denom
             momentum_buf[i] = buf
-            params[i] -= lr * buf
+            params[i] -= lr_t * buf
         else:
-            params[i] -= lr * g / denom
+            params[i] -= lr_t * g / denom
 
 
-def _adam_elements(params, grads, exp_avg, exp_avg_sq, max_exp_avg_sq, decay,
-                   weight_decay, beta1, one_minus_beta1, beta2, one_minus_beta2,
-                   step_size, bias2_sqrt, eps, amsgrad):
+def _adam_elements(params, grads, exp_avg, exp_avg_sq, max_exp_avg_sq, lr, beta1, beta2,
+                   eps, weight_decay, decoupled, amsgrad, step):
     n = params.shape[0]
     _require(grads.shape[0] == n and exp_avg.shape[0] == n and exp_avg_sq.shape[0] == n
              and (not amsgrad or max_exp_avg_sq.shape[0] == n))
+    f = params.dtype.type
+    if decoupled:
+        decay, wd = f(1.0 - lr * weight_decay), f(0.0)
+    else:
+        decay, wd = f(1.0), f(weight_decay)
+    t = float(step)  # a float exponent: libm pow, as Python's float ** int
+    step_size, bias2_sqrt = f(lr / (1.0 - beta1 ** t)), f(math.sqrt(1.0 - beta2 ** t))
+    b1, keep1, b2, keep2, eps_t = f(beta1), f(1.0 - beta1), f(beta2), f(1.0 - beta2), f(eps)
     for i in prange(n):
         p = params[i] * decay
-        g = grads[i] + weight_decay * p
-        m = beta1 * exp_avg[i] + one_minus_beta1 * g
-        v = beta2 * exp_avg_sq[i] + one_minus_beta2 * g * g
+        g = grads[i] + wd * p
+        m = b1 * exp_avg[i] + keep1 * g
+        v = b2 * exp_avg_sq[i] + keep2 * g * g
         exp_avg[i] = m
         exp_avg_sq[i] = v
         if amsgrad:
             v = max(max_exp_avg_sq[i], v)
             max_exp_avg_sq[i] = v
-        params[i] = p - step_size * m / (math.sqrt(v) / bias2_sqrt + eps)
+        params[i] = p - step_size * m / (math.sqrt(v) / bias2_sqrt + eps_t)
 
 
 # The fused training epoch: one serial core calling serial builds of the cores above.
@@ -918,35 +963,19 @@ def _epoch_batch_hits(loss_code, out, y, t):
 @njit(inline="always", **_HELPER_OPTIONS)
 def _epoch_update(opt_code, hyper, params, grads, state0, state1, state2, lr, t):
     """One optimizer update (kernels.OPTIMIZER_CODES, ``hyper`` laid out as
-    kernels.OPTIMIZER_HYPER) with rate lr at update number t; scalars in float64 as the
-    wrappers compute them, then cast to the data dtype."""
-    f = params.dtype.type
+    kernels.OPTIMIZER_HYPER) with rate lr at update number t: the update kernel's core,
+    scalar set-up included."""
     if opt_code == SGD:
-        momentum = hyper[0]
-        _sgd_nested(params, grads, state0, f(lr), f(momentum), f(1.0 - hyper[1]),
-                    f(hyper[2]), momentum != 0.0, hyper[3] != 0.0, t == 1)
+        _sgd_nested(params, grads, state0, lr, hyper[0], hyper[1], hyper[2],
+                    hyper[3] != 0.0, t)
     elif opt_code == ADAGRAD:
-        _adagrad_nested(params, grads, state0, f(lr / (1.0 + (t - 1) * hyper[0])),
-                        f(hyper[1]), f(hyper[2]))
+        _adagrad_nested(params, grads, state0, lr, hyper[0], hyper[1], hyper[2], t)
     elif opt_code == RMSPROP:
-        alpha = hyper[0]
-        momentum = hyper[3]
-        _rmsprop_nested(params, grads, state0, state1, state2, f(lr), f(alpha),
-                        f(1.0 - alpha), f(hyper[1]), f(hyper[2]), f(momentum),
-                        momentum > 0.0, hyper[4] != 0.0)
+        _rmsprop_nested(params, grads, state0, state1, state2, lr, hyper[0], hyper[1],
+                        hyper[2], hyper[3], hyper[4] != 0.0)
     else:
-        beta1 = hyper[0]
-        beta2 = hyper[1]
-        weight_decay = hyper[3]
-        if hyper[4] != 0.0:
-            decay, coupled_wd = 1.0 - lr * weight_decay, 0.0
-        else:
-            decay, coupled_wd = 1.0, weight_decay
-        ft = float(t)
-        _adam_nested(params, grads, state0, state1, state2, f(decay), f(coupled_wd),
-                     f(beta1), f(1.0 - beta1), f(beta2), f(1.0 - beta2),
-                     f(lr / (1.0 - beta1 ** ft)), f(math.sqrt(1.0 - beta2 ** ft)),
-                     f(hyper[2]), hyper[5] != 0.0)
+        _adam_nested(params, grads, state0, state1, state2, lr, hyper[0], hyper[1],
+                     hyper[2], hyper[3], hyper[4] != 0.0, hyper[5] != 0.0, t)
 
 
 @njit(inline="always", **_HELPER_OPTIONS)
@@ -1027,16 +1056,11 @@ def _train_epoch_batches(X, labels, targets, order, batch_size, widths, acts, al
             np.dot(workspace[x_at:out_at].reshape((size, d)),
                    params[p:p + d * k].reshape((d, k)), z)
             p += d * k
-            if use_bias[layer] != 0:
-                bias = params[p:p + k]
-                for i in range(size):
-                    row = z[i]  # row views: LLVM vectorizes these, not z[i, j]
-                    for j in range(k):
-                        row[j] += bias[j]
-                p += k
-            _activation_forward_span(acts[layer], workspace[dz_at:dz_at + size * k],
-                                     workspace[out_at:out_at + size * k],
-                                     params.dtype.type(alphas[layer]))
+            bias = use_bias[layer] != 0
+            _bias_activation_rows(workspace[dz_at:dz_at + size * k], params[p:p + k], bias,
+                                  acts[layer], params.dtype.type(alphas[layer]),
+                                  workspace[out_at:out_at + size * k], False, k, 0, size)
+            p += k if bias else 0
             x_at = out_at
         out = workspace[x_at:x_at + size * k_out].reshape((size, k_out))
         loss = _epoch_batch_loss(loss_code, param, out, y, t,
@@ -1059,18 +1083,12 @@ def _train_epoch_batches(X, labels, targets, order, batch_size, widths, acts, al
                 p -= k
             bias_at = p
             p -= d * k
-            _activation_backward_span(acts[layer], workspace[a_at:a_at + size * k],
-                                      workspace[delta_at:delta_at + size * k],
-                                      workspace[dz_at:dz_at + size * k],
-                                      params.dtype.type(alphas[layer]))
+            _dz_rows(acts[layer], workspace[a_at:a_at + size * k],
+                     workspace[delta_at:delta_at + size * k],
+                     workspace[dz_at:dz_at + size * k], params.dtype.type(alphas[layer]),
+                     db_acc, bias, k, 0, size)
             dz = workspace[dz_at:dz_at + size * k].reshape((size, k))
             if bias:
-                for j in range(k):
-                    db_acc[j] = 0.0
-                for i in range(size):
-                    row = dz[i]
-                    for j in range(k):
-                        db_acc[j] += row[j]
                 for j in range(k):
                     grads[bias_at + j] = db_acc[j]
             np.dot(workspace[x_at:a_at].reshape((size, d)).T, dz,
@@ -1118,18 +1136,18 @@ _multiclass_hinge_serial, _multiclass_hinge_parallel = _serial_and_parallel(
     lambda f: _f8(_in(f, 2), _in(_i8, 1), f, _in(f, 1), _out(f, 2), _b1, _b1, _i8))
 _sgd_serial, _sgd_parallel = _serial_and_parallel(
     "_sgd", _sgd_elements,
-    lambda f: types.void(_out(f, 1), _in(f, 1), _out(f, 1), f, f, f, f, _b1, _b1, _b1))
+    lambda f: types.void(_out(f, 1), _in(f, 1), _out(f, 1), _f8, _f8, _f8, _f8, _b1, _i8))
 _adagrad_serial, _adagrad_parallel = _serial_and_parallel(
     "_adagrad", _adagrad_elements,
-    lambda f: types.void(_out(f, 1), _in(f, 1), _out(f, 1), f, f, f))
+    lambda f: types.void(_out(f, 1), _in(f, 1), _out(f, 1), _f8, _f8, _f8, _f8, _i8))
 _rmsprop_serial, _rmsprop_parallel = _serial_and_parallel(
     "_rmsprop", _rmsprop_elements,
     lambda f: types.void(_out(f, 1), _in(f, 1), _out(f, 1), _out(f, 1), _out(f, 1),
-                         f, f, f, f, f, f, _b1, _b1))
+                         _f8, _f8, _f8, _f8, _f8, _b1))
 _adam_serial, _adam_parallel = _serial_and_parallel(
     "_adam", _adam_elements,
     lambda f: types.void(_out(f, 1), _in(f, 1), _out(f, 1), _out(f, 1), _out(f, 1),
-                         f, f, f, f, f, f, f, f, f, _b1))
+                         _f8, _f8, _f8, _f8, _f8, _b1, _b1, _i8))
 
 
 def _train_epoch_signature(f):
@@ -1378,7 +1396,7 @@ def multiclass_hinge(scores, labels, margin, weights, dscores):
 
 # ----------------------------------------------------------------------------------
 # Optimizer steps over flat parameter / gradient / state buffers (all 1-D, in place),
-# one fused pass each; scalar coefficients are computed here in float64.
+# one fused pass each (its core sets up the scalar coefficients in float64).
 # ----------------------------------------------------------------------------------
 
 def sgd_update(params, grads, momentum_buf, lr, momentum, dampening, weight_decay,
@@ -1391,8 +1409,7 @@ def sgd_update(params, grads, momentum_buf, lr, momentum, dampening, weight_deca
     try:
         core = _sgd_parallel if params.shape[0] >= PARALLEL_MIN_SIZE else _sgd_serial
         core(params, grads, momentum_buf if use_momentum else _empty_1d(params), lr,
-             momentum, 1.0 - dampening, weight_decay, use_momentum, bool(nesterov),
-             step == 1)
+             momentum, dampening, weight_decay, bool(nesterov), step)
     except _REFUSED:
         _checks.optimizer("sgd_update", params, grads,
                           {"momentum_buf": momentum_buf} if use_momentum else {})
@@ -1405,8 +1422,7 @@ def adagrad_update(params, grads, state_sum, lr, lr_decay, weight_decay, eps, st
     """
     try:
         core = _adagrad_parallel if params.shape[0] >= PARALLEL_MIN_SIZE else _adagrad_serial
-        core(params, grads, state_sum, lr / (1.0 + (step - 1) * lr_decay), weight_decay,
-             eps)
+        core(params, grads, state_sum, lr, lr_decay, weight_decay, eps, step)
     except _REFUSED:
         _checks.optimizer("adagrad_update", params, grads, {"state_sum": state_sum})
         raise
@@ -1424,8 +1440,8 @@ def rmsprop_update(params, grads, square_avg, momentum_buf, grad_avg, lr, alpha,
         core = _rmsprop_parallel if params.shape[0] >= PARALLEL_MIN_SIZE else _rmsprop_serial
         core(params, grads, square_avg,
              momentum_buf if use_momentum else _empty_1d(params),
-             grad_avg if centered else _empty_1d(params), lr, alpha, 1.0 - alpha, eps,
-             weight_decay, momentum, use_momentum, bool(centered))
+             grad_avg if centered else _empty_1d(params), lr, alpha, eps, weight_decay,
+             momentum, bool(centered))
     except _REFUSED:
         buffers = {"square_avg": square_avg}
         if use_momentum:
@@ -1445,16 +1461,11 @@ def adam_update(params, grads, exp_avg, exp_avg_sq, max_exp_avg_sq, lr, beta1, b
     p -= lr/(1-b1^t) * m / (sqrt(v)/sqrt(1-b2^t) + eps).
     ``max_exp_avg_sq`` is untouched unless amsgrad.
     """
-    if decoupled:
-        decay, coupled_wd = 1.0 - lr * weight_decay, 0.0
-    else:
-        decay, coupled_wd = 1.0, weight_decay
     try:
         core = _adam_parallel if params.shape[0] >= PARALLEL_MIN_SIZE else _adam_serial
         core(params, grads, exp_avg, exp_avg_sq,
-             max_exp_avg_sq if amsgrad else _empty_1d(params), decay, coupled_wd,
-             beta1, 1.0 - beta1, beta2, 1.0 - beta2, lr / (1.0 - beta1 ** step),
-             math.sqrt(1.0 - beta2 ** step), eps, bool(amsgrad))
+             max_exp_avg_sq if amsgrad else _empty_1d(params), lr, beta1, beta2, eps,
+             weight_decay, bool(decoupled), bool(amsgrad), step)
     except _REFUSED:
         buffers = {"exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
         if amsgrad:
@@ -1478,9 +1489,10 @@ def train_epoch(spec):
     arithmetic); the loss is the row helper of the matching loss kernel; each layer's
     backward is ``dense_backward``'s arithmetic (dz, the bias gradient summed in
     float64, dW and dx by BLAS); the update is the optimizer kernel's pass over the
-    flat buffers. The result is bit-identical to calling those single kernels in
-    sequence. Nothing is allocated per batch. Compiled per dtype, on the first call with
-    that dtype.
+    flat buffers (each layer's gradient goes to ``grads``, then its update; see
+    ``_numpy.train_epoch`` for what ``grads`` holds afterwards). The result is
+    bit-identical to calling those single kernels in sequence. Nothing is allocated
+    per batch. Compiled per dtype, on the first call with that dtype.
     """
     try:
         optimizer = spec.optimizer

@@ -440,10 +440,17 @@ def train_epoch(spec):
     batch); backward into ``grads``; one optimizer update with learning rate ``lrs[b]``
     for batch b and update number ``t = step + b + 1``.
 
-    ``grads`` is scratch: a compiled backend may update each layer as soon as its
-    backward is done (the optimizers are elementwise, so this is the same arithmetic)
-    or fold the update into the backward (plain SGD into the dW gemm) and never write
-    it. Unused optimizer state buffers are untouched.
+    ``grads`` is scratch, and after the call it holds no defined values on any
+    backend: the backends differ there (and only there) in how they schedule the same
+    arithmetic. This reference writes the whole gradient, then updates the whole
+    buffer. The compiled backends update each layer as soon as its backward is done,
+    while its gradient is in cache (the optimizers are elementwise, so this is the same
+    arithmetic): numba writes each layer's gradient to ``grads`` first; Cython does too,
+    except for plain SGD (momentum 0), which it folds into the backward, ``W = (1 - lr
+    wd) W - lr x.T @ dz`` being the dW gemm itself (beta = 1 - lr wd, alpha = -lr), so
+    ``grads`` is never written. numba does not fold: ``np.dot`` has no alpha / beta, and
+    a separate update pass is what folding would save. Unused optimizer state buffers
+    are untouched.
 
     ``stats`` float64 (4,) receives [sum of batch loss * batch rows, correct predictions
     (see _batch_hits), batches completed, the last batch's loss]. A batch whose loss is
