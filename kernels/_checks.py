@@ -148,6 +148,50 @@ def optimizer(kernel, params, grads, buffers):
         _shape(kernel, name, buf, params.shape)
 
 
+def sgd_update(params, grads, momentum_buf, momentum):
+    optimizer("sgd_update", params, grads,
+              {"momentum_buf": momentum_buf} if momentum else {})
+
+
+def adagrad_update(params, grads, state_sum):
+    optimizer("adagrad_update", params, grads, {"state_sum": state_sum})
+
+
+def rmsprop_update(params, grads, square_avg, momentum_buf, grad_avg, momentum, centered):
+    buffers = {"square_avg": square_avg}
+    if momentum > 0:
+        buffers["momentum_buf"] = momentum_buf
+    if centered:
+        buffers["grad_avg"] = grad_avg
+    optimizer("rmsprop_update", params, grads, buffers)
+
+
+def adam_update(params, grads, exp_avg, exp_avg_sq, max_exp_avg_sq, amsgrad):
+    buffers = {"exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
+    if amsgrad:
+        buffers["max_exp_avg_sq"] = max_exp_avg_sq
+    optimizer("adam_update", params, grads, buffers)
+
+
+def _loss_and_labels(kernel, names, pred, target, weights, dpred, labels=False):
+    """``loss``, then (for class labels) ``labels_in_range``: everything a compiled loss
+    kernel may have refused."""
+    loss(kernel, names, pred, target, weights, dpred, labels)
+    if labels:
+        labels_in_range(kernel, target, pred.shape[1])
+
+
+def softmax_cross_entropy(logits, labels, weights, dlogits):
+    """labels int64 (n,) class indices in [0, k), or (n, k) probability rows."""
+    _loss_and_labels("softmax_cross_entropy", ("logits", "labels", "dlogits"), logits, labels,
+                    weights, dlogits, isinstance(labels, np.ndarray) and labels.ndim == 1)
+
+
+def multiclass_hinge(scores, labels, weights, dscores):
+    _loss_and_labels("multiclass_hinge", ("scores", "labels", "dscores"), scores, labels,
+                    weights, dscores, labels=True)
+
+
 def train_epoch(spec):
     """Every field of a TrainEpochSpec against the others (O(L)); the sample indices in
     ``order`` and the labels are checked by the kernels in their loop."""

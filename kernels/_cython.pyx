@@ -29,8 +29,6 @@
 #    serially: its nets are small, and BLAS keeps its own threads. Plain SGD is folded
 #    into the weight-gradient gemm (beta = 1 - lr wd, alpha = -lr): dW is never stored.
 
-import numpy as np
-
 from cython cimport floating
 from cython.parallel cimport prange
 from libc.math cimport (
@@ -626,8 +624,13 @@ def _dense_backward(
             or (dx is not None and (dx.shape[0] != n or dx.shape[1] != d))
             or not IDENTITY <= act <= ELU):
         _refuse()
-    if n == 0 or d == 0 or k == 0:
-        _refuse()
+    if n == 0:  # no rows: zero gradients, as numpy's sums over nothing
+        dw[:, :] = 0
+        db[:] = 0
+        return
+    if d == 0 or k == 0:
+        raise ValueError(f"dense_backward: x and w must have at least one column, got "
+                         f"x {tuple(x.shape)[:2]}, w {tuple(w.shape)[:2]}")
     db_parts = <double *> malloc(<size_t> nchunks * k * sizeof(double))
     if db_parts == NULL:
         raise MemoryError()
@@ -1044,55 +1047,42 @@ def softmax_cross_entropy(logits, labels, weights, dlogits):
             return _softmax_cross_entropy_index(logits, labels, weights, dlogits)
         return _softmax_cross_entropy_proba(logits, labels, weights, dlogits)
     except _REFUSED:
-        _refused_loss("softmax_cross_entropy", ("logits", "labels", "dlogits"), logits,
-                      labels, weights, dlogits,
-                      isinstance(labels, np.ndarray) and labels.ndim == 1)
+        _checks.softmax_cross_entropy(logits, labels, weights, dlogits)
         raise
 
 
-def _refused_loss(kernel, names, pred, target, weights, dpred, labels=False):
-    """Raise the contract's error for arguments a loss refused (see _checks.loss)."""
-    _checks.loss(kernel, names, pred, target, weights, dpred, labels)
-    if labels:
-        _checks.labels_in_range(kernel, target, pred.shape[1])
+cdef object _pointwise_loss(str kernel, int kind, double param, pred, target, weights,
+                            dpred):
+    """The typed ``_pointwise`` or, should it refuse the arguments, the contract's
+    error (a C call: no second Python frame per loss)."""
+    try:
+        return _pointwise(kind, param, pred, target, weights, dpred)
+    except _REFUSED:
+        _checks.loss(kernel, _PRED, pred, target, weights, dpred)
+        raise
 
 
 def sigmoid_binary_cross_entropy(pred, target, weights, dpred):
     """torch BCEWithLogitsLoss, mean over n*k.  pred (n, k) logits, target (n, k) in
     [0, 1].  l = max(z, 0) - z t + log(1 + e^-|z|);  dpred = s_i (sigmoid(z) - t) / k."""
-    try:
-        return _sigmoid_binary_cross_entropy(pred, target, weights, dpred)
-    except _REFUSED:
-        _refused_loss("sigmoid_binary_cross_entropy", _PRED, pred, target, weights, dpred)
-        raise
+    return _pointwise_loss("sigmoid_binary_cross_entropy", BCE, 0, pred, target, weights,
+                           dpred)
 
 
 def mean_squared_error(pred, target, weights, dpred):
     """torch MSELoss, mean over n*k.  l = (p - t)^2;  dpred = 2 s_i (p - t) / k."""
-    try:
-        return _mean_squared_error(pred, target, weights, dpred)
-    except _REFUSED:
-        _refused_loss("mean_squared_error", _PRED, pred, target, weights, dpred)
-        raise
+    return _pointwise_loss("mean_squared_error", MSE, 0, pred, target, weights, dpred)
 
 
 def mean_absolute_error(pred, target, weights, dpred):
     """torch L1Loss, mean over n*k.  l = |p - t|;  dpred = s_i sign(p - t) / k."""
-    try:
-        return _mean_absolute_error(pred, target, weights, dpred)
-    except _REFUSED:
-        _refused_loss("mean_absolute_error", _PRED, pred, target, weights, dpred)
-        raise
+    return _pointwise_loss("mean_absolute_error", MAE, 0, pred, target, weights, dpred)
 
 
 def huber(pred, target, delta, weights, dpred):
     """torch HuberLoss(delta), mean over n*k.  d = p - t:
     l = d^2/2 if |d| <= delta else delta (|d| - delta/2);  dpred = s_i clip(d) / k."""
-    try:
-        return _huber(pred, target, delta, weights, dpred)
-    except _REFUSED:
-        _refused_loss("huber", _PRED, pred, target, weights, dpred)
-        raise
+    return _pointwise_loss("huber", HUBER, delta, pred, target, weights, dpred)
 
 
 def multiclass_hinge(scores, labels, margin, weights, dscores):
@@ -1102,46 +1092,18 @@ def multiclass_hinge(scores, labels, margin, weights, dscores):
     try:
         return _multiclass_hinge(scores, labels, margin, weights, dscores)
     except _REFUSED:
-        _refused_loss("multiclass_hinge", ("scores", "labels", "dscores"), scores, labels,
-                      weights, dscores, labels=True)
+        _checks.multiclass_hinge(scores, labels, weights, dscores)
         raise
 
 
-def _sigmoid_binary_cross_entropy(
-    const floating[:, ::1] pred,    # IN  (n, k) logits
-    const floating[:, ::1] target,  # IN  (n, k) in [0, 1]
-    const floating[::1] weights,    # IN  (n,) or None
-    floating[:, ::1] dpred,         # OUT (n, k) or None
-):
-    return _loss[floating](BCE, 0, pred, target, None, weights, dpred)
-
-
-def _mean_squared_error(
+def _pointwise(
+    int kind, double param,
     const floating[:, ::1] pred,    # IN  (n, k)
     const floating[:, ::1] target,  # IN  (n, k)
     const floating[::1] weights,    # IN  (n,) or None
     floating[:, ::1] dpred,         # OUT (n, k) or None
 ):
-    return _loss[floating](MSE, 0, pred, target, None, weights, dpred)
-
-
-def _mean_absolute_error(
-    const floating[:, ::1] pred,    # IN  (n, k)
-    const floating[:, ::1] target,  # IN  (n, k)
-    const floating[::1] weights,    # IN  (n,) or None
-    floating[:, ::1] dpred,         # OUT (n, k) or None
-):
-    return _loss[floating](MAE, 0, pred, target, None, weights, dpred)
-
-
-def _huber(
-    const floating[:, ::1] pred,    # IN  (n, k)
-    const floating[:, ::1] target,  # IN  (n, k)
-    double delta,
-    const floating[::1] weights,    # IN  (n,) or None
-    floating[:, ::1] dpred,         # OUT (n, k) or None
-):
-    return _loss[floating](HUBER, delta, pred, target, None, weights, dpred)
+    return _loss[floating](kind, param, pred, target, None, weights, dpred)
 
 
 def _multiclass_hinge(
@@ -1227,8 +1189,7 @@ def sgd_update(params, grads, momentum_buf, lr, momentum, dampening, weight_deca
         _sgd_update(params, grads, momentum_buf, lr, momentum, dampening, weight_decay,
                     nesterov, step)
     except _REFUSED:
-        _checks.optimizer("sgd_update", params, grads,
-                          {"momentum_buf": momentum_buf} if momentum else {})
+        _checks.sgd_update(params, grads, momentum_buf, momentum)
         raise
 
 
@@ -1282,7 +1243,7 @@ def adagrad_update(params, grads, state_sum, lr, lr_decay, weight_decay, eps, st
     try:
         _adagrad_update(params, grads, state_sum, lr, lr_decay, weight_decay, eps, step)
     except _REFUSED:
-        _checks.optimizer("adagrad_update", params, grads, {"state_sum": state_sum})
+        _checks.adagrad_update(params, grads, state_sum)
         raise
 
 
@@ -1375,12 +1336,8 @@ def rmsprop_update(params, grads, square_avg, momentum_buf, grad_avg, lr, alpha,
         _rmsprop_update(params, grads, square_avg, momentum_buf, grad_avg, lr, alpha, eps,
                         weight_decay, momentum, centered)
     except _REFUSED:
-        buffers = {"square_avg": square_avg}
-        if momentum > 0:
-            buffers["momentum_buf"] = momentum_buf
-        if centered:
-            buffers["grad_avg"] = grad_avg
-        _checks.optimizer("rmsprop_update", params, grads, buffers)
+        _checks.rmsprop_update(params, grads, square_avg, momentum_buf, grad_avg, momentum,
+                               centered)
         raise
 
 
@@ -1474,10 +1431,7 @@ def adam_update(params, grads, exp_avg, exp_avg_sq, max_exp_avg_sq, lr, beta1, b
         _adam_update(params, grads, exp_avg, exp_avg_sq, max_exp_avg_sq, lr, beta1,
                      beta2, eps, weight_decay, decoupled, amsgrad, step)
     except _REFUSED:
-        buffers = {"exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
-        if amsgrad:
-            buffers["max_exp_avg_sq"] = max_exp_avg_sq
-        _checks.optimizer("adam_update", params, grads, buffers)
+        _checks.adam_update(params, grads, exp_avg, exp_avg_sq, max_exp_avg_sq, amsgrad)
         raise
 
 

@@ -5,10 +5,10 @@ Design:
 * Every public function is a thin Python wrapper: it resolves None / default arguments,
   picks the serial or the parallel core and makes one call; a core checks its
   arguments' shapes in O(1) (``_require``) and, should it refuse them, the wrapper
-  raises the contract's error from ``_checks``. Cores have fixed types: explicit float32 and float64 signatures
-  (read-only inputs, int64 labels), compiled once with ``cache=True``. A core is
-  compiled, or loaded from the disk cache, on its first call (see ``_deferred``), so
-  importing this module compiles nothing.
+  raises the contract's error from ``_checks``. Cores have fixed types: explicit
+  float32 and float64 signatures (read-only inputs, int64 labels), compiled once with
+  ``cache=True``. A core is compiled, or loaded from the disk cache, on its first call
+  (see ``_deferred``), so importing this module compiles nothing.
 * Elementwise and row-wise cores are one plain function compiled twice, serially and
   with ``parallel=True`` (``prange`` is ``range`` in the serial build). Wrappers take the
   parallel build from ``PARALLEL_MIN_SIZE`` elements. Row-wise cores split the rows into
@@ -42,8 +42,9 @@ from numba.extending import overload
 from . import (
     ADAGRAD, ADAM, BINARY_CROSS_ENTROPY, CROSS_ENTROPY, DEFAULT_ALPHA, ELU, HINGE, HUBER,
     IDENTITY, LEAKY_RELU, MAE, MSE, OPTIMIZER_CODES, OPTIMIZER_HYPER, RELU, RMSPROP, SGD,
-    SIGMOID, SOFTPLUS, STEP, TANH, _checks,
+    SIGMOID, SOFTPLUS, STEP, TANH,
 )
+from . import _checks
 
 #: Length of each optimizer code's ``hyper`` array (kernels.OPTIMIZER_HYPER).
 _HYPER_SIZES = tuple(len(OPTIMIZER_HYPER[name]) for name in
@@ -1297,13 +1298,6 @@ def _rows_call(serial, parallel, data, *args):
     return float(serial(*args, 1))
 
 
-def _refused_loss(kernel, names, pred, target, weights, dpred, labels=False):
-    """Report why a loss core refused its arguments (the contract's error)."""
-    _checks.loss(kernel, names, pred, target, weights, dpred, labels)
-    if labels:
-        _checks.labels_in_range(kernel, target, pred.shape[1])
-
-
 def _pointwise_loss(kernel, kind, pred, target, param, weights, dpred):
     use_weights = weights is not None
     want_grad = dpred is not None
@@ -1313,7 +1307,7 @@ def _pointwise_loss(kernel, kind, pred, target, param, weights, dpred):
                           weights if use_weights else _empty_1d(pred),
                           dpred if want_grad else _empty_2d(pred), use_weights, want_grad)
     except _REFUSED:
-        _refused_loss(kernel, ("pred", "target", "dpred"), pred, target, weights, dpred)
+        _checks.loss(kernel, ("pred", "target", "dpred"), pred, target, weights, dpred)
         raise
 
 
@@ -1337,9 +1331,7 @@ def softmax_cross_entropy(logits, labels, weights, dlogits):
                           dlogits if want_grad else _empty_2d(logits), use_weights,
                           want_grad)
     except _REFUSED:
-        _refused_loss("softmax_cross_entropy", ("logits", "labels", "dlogits"), logits,
-                      labels, weights, dlogits,
-                      isinstance(labels, np.ndarray) and labels.ndim == 1)
+        _checks.softmax_cross_entropy(logits, labels, weights, dlogits)
         raise
 
 
@@ -1349,7 +1341,8 @@ def sigmoid_binary_cross_entropy(pred, target, weights, dpred):
     pred (n, k) logits, target (n, k) in [0, 1].
     l_ij = max(z, 0) - z t + log(1 + e^-|z|);  dpred = s_i (sigmoid(z) - t) / k.
     """
-    return _pointwise_loss("sigmoid_binary_cross_entropy", BINARY_CROSS_ENTROPY, pred, target, 0.0, weights, dpred)
+    return _pointwise_loss("sigmoid_binary_cross_entropy", BINARY_CROSS_ENTROPY, pred,
+                           target, 0.0, weights, dpred)
 
 
 def mean_squared_error(pred, target, weights, dpred):
@@ -1389,8 +1382,7 @@ def multiclass_hinge(scores, labels, margin, weights, dscores):
                           dscores if want_grad else _empty_2d(scores), use_weights,
                           want_grad)
     except _REFUSED:
-        _refused_loss("multiclass_hinge", ("scores", "labels", "dscores"), scores, labels,
-                      weights, dscores, labels=True)
+        _checks.multiclass_hinge(scores, labels, weights, dscores)
         raise
 
 
@@ -1411,8 +1403,7 @@ def sgd_update(params, grads, momentum_buf, lr, momentum, dampening, weight_deca
         core(params, grads, momentum_buf if use_momentum else _empty_1d(params), lr,
              momentum, dampening, weight_decay, bool(nesterov), step)
     except _REFUSED:
-        _checks.optimizer("sgd_update", params, grads,
-                          {"momentum_buf": momentum_buf} if use_momentum else {})
+        _checks.sgd_update(params, grads, momentum_buf, momentum)
         raise
 
 
@@ -1421,10 +1412,11 @@ def adagrad_update(params, grads, state_sum, lr, lr_decay, weight_decay, eps, st
     G += g^2; p -= clr * g / (sqrt(G) + eps).
     """
     try:
-        core = _adagrad_parallel if params.shape[0] >= PARALLEL_MIN_SIZE else _adagrad_serial
+        big = params.shape[0] >= PARALLEL_MIN_SIZE
+        core = _adagrad_parallel if big else _adagrad_serial
         core(params, grads, state_sum, lr, lr_decay, weight_decay, eps, step)
     except _REFUSED:
-        _checks.optimizer("adagrad_update", params, grads, {"state_sum": state_sum})
+        _checks.adagrad_update(params, grads, state_sum)
         raise
 
 
@@ -1437,18 +1429,15 @@ def rmsprop_update(params, grads, square_avg, momentum_buf, grad_avg, lr, alpha,
     """
     use_momentum = momentum > 0
     try:
-        core = _rmsprop_parallel if params.shape[0] >= PARALLEL_MIN_SIZE else _rmsprop_serial
+        big = params.shape[0] >= PARALLEL_MIN_SIZE
+        core = _rmsprop_parallel if big else _rmsprop_serial
         core(params, grads, square_avg,
              momentum_buf if use_momentum else _empty_1d(params),
              grad_avg if centered else _empty_1d(params), lr, alpha, eps, weight_decay,
              momentum, bool(centered))
     except _REFUSED:
-        buffers = {"square_avg": square_avg}
-        if use_momentum:
-            buffers["momentum_buf"] = momentum_buf
-        if centered:
-            buffers["grad_avg"] = grad_avg
-        _checks.optimizer("rmsprop_update", params, grads, buffers)
+        _checks.rmsprop_update(params, grads, square_avg, momentum_buf, grad_avg, momentum,
+                               centered)
         raise
 
 
@@ -1467,10 +1456,7 @@ def adam_update(params, grads, exp_avg, exp_avg_sq, max_exp_avg_sq, lr, beta1, b
              max_exp_avg_sq if amsgrad else _empty_1d(params), lr, beta1, beta2, eps,
              weight_decay, bool(decoupled), bool(amsgrad), step)
     except _REFUSED:
-        buffers = {"exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
-        if amsgrad:
-            buffers["max_exp_avg_sq"] = max_exp_avg_sq
-        _checks.optimizer("adam_update", params, grads, buffers)
+        _checks.adam_update(params, grads, exp_avg, exp_avg_sq, max_exp_avg_sq, amsgrad)
         raise
 
 

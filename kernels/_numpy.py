@@ -183,11 +183,7 @@ def softmax_cross_entropy(logits, labels, weights, dlogits):
     dlogits (n, k) = s_i * (softmax(z_i) * sum_j y_ij - y_i), with s_i = 1/n or
     w_i / sum(w).
     """
-    index_labels = isinstance(labels, np.ndarray) and labels.ndim == 1
-    _checks.loss("softmax_cross_entropy", ("logits", "labels", "dlogits"), logits, labels,
-                 weights, dlogits, labels=index_labels)
-    if index_labels:
-        _checks.labels_in_range("softmax_cross_entropy", labels, logits.shape[1])
+    _checks.softmax_cross_entropy(logits, labels, weights, dlogits)
     n = logits.shape[0]
     shifted = logits - logits.max(axis=1, keepdims=True)
     log_prob = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
@@ -268,9 +264,7 @@ def multiclass_hinge(scores, labels, margin, weights, dscores):
     scores (n, k), labels int64 (n,).  l_i = sum_{j != y_i} max(0, s_ij - s_iy_i + margin).
     dscores: +s_i for each violating j, -s_i * (number of violations) at y_i.
     """
-    _checks.loss("multiclass_hinge", ("scores", "labels", "dscores"), scores, labels,
-                 weights, dscores, labels=True)
-    _checks.labels_in_range("multiclass_hinge", labels, scores.shape[1])
+    _checks.multiclass_hinge(scores, labels, weights, dscores)
     n = scores.shape[0]
     rows = np.arange(n)
     margins = scores - scores[rows, labels][:, None] + margin
@@ -295,8 +289,7 @@ def sgd_update(params, grads, momentum_buf, lr, momentum, dampening, weight_deca
     b = mu*b + (1-dampening)*g, and g = g + mu*b (nesterov) or b;  p -= lr*g.
     ``momentum_buf`` is untouched when momentum == 0.
     """
-    _checks.optimizer("sgd_update", params, grads,
-                      {"momentum_buf": momentum_buf} if momentum else {})
+    _checks.sgd_update(params, grads, momentum_buf, momentum)
     g = grads + weight_decay * params if weight_decay else grads.copy()
     if momentum:
         if step == 1:
@@ -315,7 +308,7 @@ def adagrad_update(params, grads, state_sum, lr, lr_decay, weight_decay, eps, st
     """torch.optim.Adagrad.  g = grad + wd*p; clr = lr / (1 + (t-1)*lr_decay);
     G += g^2; p -= clr * g / (sqrt(G) + eps).
     """
-    _checks.optimizer("adagrad_update", params, grads, {"state_sum": state_sum})
+    _checks.adagrad_update(params, grads, state_sum)
     g = grads + weight_decay * params if weight_decay else grads
     clr = lr / (1 + (step - 1) * lr_decay)
     state_sum += g * g
@@ -329,12 +322,8 @@ def rmsprop_update(params, grads, square_avg, momentum_buf, grad_avg, lr, alpha,
     momentum: b = mu*b + g/(sqrt(v~)+eps), p -= lr*b; else p -= lr*g/(sqrt(v~)+eps).
     ``momentum_buf`` / ``grad_avg`` are untouched unless momentum > 0 / centered.
     """
-    buffers = {"square_avg": square_avg}
-    if momentum > 0:
-        buffers["momentum_buf"] = momentum_buf
-    if centered:
-        buffers["grad_avg"] = grad_avg
-    _checks.optimizer("rmsprop_update", params, grads, buffers)
+    _checks.rmsprop_update(params, grads, square_avg, momentum_buf, grad_avg, momentum,
+                           centered)
     g = grads + weight_decay * params if weight_decay else grads
     square_avg *= alpha
     square_avg += (1 - alpha) * g * g
@@ -361,10 +350,7 @@ def adam_update(params, grads, exp_avg, exp_avg_sq, max_exp_avg_sq, lr, beta1, b
     p -= lr/(1-b1^t) * m / (sqrt(v)/sqrt(1-b2^t) + eps).
     ``max_exp_avg_sq`` is untouched unless amsgrad.
     """
-    buffers = {"exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
-    if amsgrad:
-        buffers["max_exp_avg_sq"] = max_exp_avg_sq
-    _checks.optimizer("adam_update", params, grads, buffers)
+    _checks.adam_update(params, grads, exp_avg, exp_avg_sq, max_exp_avg_sq, amsgrad)
     if decoupled:
         params *= 1 - lr * weight_decay
         g = grads
