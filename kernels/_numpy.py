@@ -442,6 +442,10 @@ def train_epoch(spec):
     (see _batch_hits), batches completed, the last batch's loss]. A batch whose loss is
     not finite ends the epoch before its update, so ``stats[2]`` tells how many updates
     were made and ``stats[3]`` holds the offending loss.
+
+    A sample index in ``order`` outside [0, n) or a class label outside [0, widths[L])
+    raises ValueError: here before any update; the compiled backends check each batch
+    as they gather it, so the batches before the bad one have been applied.
     """
     _checks.train_epoch(spec)
     _checks.train_epoch_indices(spec)

@@ -1387,7 +1387,8 @@ def test_train_epoch_refuses_bad_arguments(backend, oracle, dtype, case):
 
 
 def test_train_epoch_reports_a_bad_label_of_a_later_batch(backend, oracle, dtype):
-    """A bad label in the last batch: an error after the earlier batches' updates."""
+    """A bad label in the last batch is refused too (the compiled backends find it
+    when they reach that batch)."""
     labels = np.array([0, 1, 0, 1, 0, 1, 0, 5])
     spec = epoch_spec(dtype, labels=labels)
     with pytest.raises(ValueError, match=r"labels \(of the samples in order\)"):
