@@ -542,35 +542,39 @@ def _hinge_row(z, y, margin, grad, i, scale, want_grad):
 
 
 # A dense layer's epilogues, shared by the dense kernels (per chunk of rows) and
-# train_epoch (per batch). They take row-major flat (n * k,) views: numba's reshape
-# is a runtime call, too slow to repeat per layer and batch.
+# train_epoch (per batch). They take the (n, k) matrix for the row loops and its
+# row-major flat (n * k,) view for the one-pass elementwise spans: numba's reshape is a
+# runtime call, and a slice per row costs more than a row of a matrix.
 
 @njit(inline="always", **_HELPER_OPTIONS)
-def _bias_activation_rows(z, b, use_bias, act, alpha, out, in_place, k, lo, hi):
+def _bias_activation_rows(z, z_flat, b, use_bias, act, alpha, out_flat, in_place, lo, hi):
     """Rows [lo, hi) of ``out = act(x @ w + b)`` after the matmul z = x @ w: z += b
     (when ``use_bias``), then out = act(z) in one pass over the block (nothing for
     identity ``in_place``: out is z)."""
+    k = z.shape[1]
     if use_bias:
         for i in range(lo, hi):
-            row = z[i * k:(i + 1) * k]
+            row = z[i]  # row views: LLVM vectorizes these, not z[i, j]
             for j in range(k):
                 row[j] += b[j]
     if act != IDENTITY or not in_place:
-        _activation_forward_span(act, z[lo * k:hi * k], out[lo * k:hi * k], alpha)
+        _activation_forward_span(act, z_flat[lo * k:hi * k], out_flat[lo * k:hi * k],
+                                 alpha)
 
 
 @njit(inline="always", **_HELPER_OPTIONS)
-def _dz_rows(act, a, dout, dz, alpha, acc, want_db, k, lo, hi):
+def _dz_rows(act, a_flat, dout_flat, dz, dz_flat, alpha, acc, want_db, lo, hi):
     """Rows [lo, hi) of a dense backward's epilogue: dz = dout * act'(a) in one pass
     over the block, then (when ``want_db``) acc[j] = the sum of those rows of dz, in
     float64. ``dz`` may be ``dout``."""
-    _activation_backward_span(act, a[lo * k:hi * k], dout[lo * k:hi * k],
-                              dz[lo * k:hi * k], alpha)
+    k = dz.shape[1]
+    _activation_backward_span(act, a_flat[lo * k:hi * k], dout_flat[lo * k:hi * k],
+                              dz_flat[lo * k:hi * k], alpha)
     if want_db:
         for j in range(k):
             acc[j] = 0.0
         for i in range(lo, hi):
-            row = dz[i * k:(i + 1) * k]
+            row = dz[i]
             for j in range(k):
                 acc[j] += row[j]
 
@@ -604,7 +608,7 @@ def _dense_forward_rows(x, w, b, act, out, alpha, n_chunks):
     flat = out.reshape(-1)
     for c in prange(n_chunks):
         lo, hi = _chunk(c, n_chunks, n)
-        _bias_activation_rows(flat, b, True, act, alpha, flat, True, k, lo, hi)
+        _bias_activation_rows(out, flat, b, True, act, alpha, flat, True, lo, hi)
 
 
 def _dense_backward_rows(x, w, a, dout, act, dz, dx, dw, db, alpha, want_dx, n_chunks):
@@ -619,7 +623,7 @@ def _dense_backward_rows(x, w, a, dout, act, dz, dx, dw, db, alpha, want_dx, n_c
     a_flat, dout_flat, dz_flat = a.reshape(-1), dout.reshape(-1), dz.reshape(-1)
     for c in prange(n_chunks):
         lo, hi = _chunk(c, n_chunks, n)
-        _dz_rows(act, a_flat, dout_flat, dz_flat, alpha, db_chunks[c], True, k, lo, hi)
+        _dz_rows(act, a_flat, dout_flat, dz, dz_flat, alpha, db_chunks[c], True, lo, hi)
     for j in range(k):
         total = 0.0
         for c in range(n_chunks):
@@ -1058,9 +1062,9 @@ def _train_epoch_batches(X, labels, targets, order, batch_size, widths, acts, al
                    params[p:p + d * k].reshape((d, k)), z)
             p += d * k
             bias = use_bias[layer] != 0
-            _bias_activation_rows(workspace[dz_at:dz_at + size * k], params[p:p + k], bias,
-                                  acts[layer], params.dtype.type(alphas[layer]),
-                                  workspace[out_at:out_at + size * k], False, k, 0, size)
+            _bias_activation_rows(z, workspace[dz_at:dz_at + size * k], params[p:p + k],
+                                  bias, acts[layer], params.dtype.type(alphas[layer]),
+                                  workspace[out_at:out_at + size * k], False, 0, size)
             p += k if bias else 0
             x_at = out_at
         out = workspace[x_at:x_at + size * k_out].reshape((size, k_out))
@@ -1084,11 +1088,11 @@ def _train_epoch_batches(X, labels, targets, order, batch_size, widths, acts, al
                 p -= k
             bias_at = p
             p -= d * k
-            _dz_rows(acts[layer], workspace[a_at:a_at + size * k],
-                     workspace[delta_at:delta_at + size * k],
-                     workspace[dz_at:dz_at + size * k], params.dtype.type(alphas[layer]),
-                     db_acc, bias, k, 0, size)
             dz = workspace[dz_at:dz_at + size * k].reshape((size, k))
+            _dz_rows(acts[layer], workspace[a_at:a_at + size * k],
+                     workspace[delta_at:delta_at + size * k], dz,
+                     workspace[dz_at:dz_at + size * k], params.dtype.type(alphas[layer]),
+                     db_acc, bias, 0, size)
             if bias:
                 for j in range(k):
                     grads[bias_at + j] = db_acc[j]
