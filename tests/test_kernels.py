@@ -18,6 +18,7 @@ import pytest
 import scipy.special
 
 from fastnn import kernels
+from fastnn.gradcheck import numerical_gradient
 from fastnn.kernels import ACTIVATIONS, DEFAULT_ALPHA
 
 #: The oracle, for results computed once and shared by every backend's test (the
@@ -96,20 +97,6 @@ def read_only(*arrays):
     for a in arrays:
         a.setflags(write=False)
     return arrays
-
-
-def numerical_gradient(f, x, h=FD_STEP):
-    """Central differences of the scalar ``f()`` w.r.t. every entry of ``x`` (nudged in place)."""
-    grad = np.zeros_like(x, dtype=np.float64)
-    for idx in np.ndindex(x.shape):
-        old = x[idx]
-        x[idx] = old + h
-        f_plus = f()
-        x[idx] = old - h
-        f_minus = f()
-        x[idx] = old
-        grad[idx] = (f_plus - f_minus) / (2 * h)
-    return grad
 
 
 def test_backend_has_every_kernel(backend):
@@ -466,7 +453,7 @@ def test_dense_gradient_finite_differences(backend, rng, act, alpha):
     backend.dense_backward(x, w, a, dout, code, dz, dx, dw, db, *alpha_args(alpha))
     msg = f"{backend.__name__}.dense_backward {act_case_id((act, alpha))}"
     for name, analytic, param in (("dx", dx, x), ("dw", dw, w), ("db", db, b)):
-        numeric = numerical_gradient(objective, param)
+        numeric = numerical_gradient(objective, param, FD_STEP)
         np.testing.assert_allclose(analytic, numeric, rtol=FD_RTOL, atol=FD_ATOL,
                                    err_msg=f"{msg}: {name}")
 
@@ -791,7 +778,7 @@ def test_loss_gradient_finite_differences(backend, rng, case, weighted):
     dpred = nans((n, k), np.float64)
     call_loss(backend, case, pred, target, weights, dpred)
     numeric = numerical_gradient(
-        lambda: call_loss(backend, case, pred, target, weights, None), pred)
+        lambda: call_loss(backend, case, pred, target, weights, None), pred, FD_STEP)
     np.testing.assert_allclose(
         dpred, numeric, rtol=FD_RTOL, atol=FD_ATOL,
         err_msg=f"{backend.__name__}.{case.kernel} [{case.id}] weighted={weighted}")
