@@ -71,10 +71,11 @@ _i8, _f8, _b1 = types.int64, types.float64, types.boolean
 
 #: What a wrapper's call raises when an argument does not fit the core: numba's
 #: dispatcher (TypeError: no signature matches), the core's own check (ValueError), a
-#: non-array (AttributeError) or an unknown activation's alpha (IndexError). The wrapper
+#: non-array (AttributeError), an unknown activation's alpha (IndexError) or a
+#: placeholder looked up for a non-float dtype (KeyError, ``_empty_1d``). The wrapper
 #: then raises the contract's error (``_checks``) or, if that finds nothing wrong, the
 #: original one.
-_REFUSED = (TypeError, ValueError, AttributeError, IndexError)
+_REFUSED = (TypeError, ValueError, AttributeError, IndexError, KeyError)
 
 
 def set_num_threads(n):

@@ -1380,3 +1380,13 @@ def test_train_epoch_reports_a_bad_label_of_a_later_batch(backend, oracle, dtype
     spec = epoch_spec(dtype, labels=labels)
     with pytest.raises(ValueError, match=r"labels \(of the samples in order\)"):
         backend.train_epoch(spec)
+
+
+def test_integer_loss_inputs_are_refused(backend):
+    """Found by the fuzz test: numba's loss wrappers raised KeyError for int64 input."""
+    pred = np.zeros((3, 2), np.int64)
+    labels = np.zeros(3, np.int64)
+    with pytest.raises(ValueError, match="logits must be float32 or float64, got int64"):
+        backend.softmax_cross_entropy(pred, labels, None, None)
+    with pytest.raises(ValueError, match="must be float32 or float64, got int64"):
+        backend.mean_squared_error(pred, pred, None, None)
