@@ -515,8 +515,10 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
     batch_size : int or 'auto', default='auto' (min(200, n_samples)).
     learning_rate : {'constant', 'invscaling', 'adaptive'}, default='constant'
         Step schedule of the 'sgd' solver.
-    learning_rate_init, power_t, max_iter, shuffle, random_state, tol, verbose,
-    warm_start, momentum, nesterovs_momentum, early_stopping, validation_fraction,
+    learning_rate_init, power_t, max_iter, shuffle, random_state, tol, verbose
+        As in scikit-learn.
+    warm_start, momentum, nesterovs_momentum, early_stopping, validation_fraction
+        As in scikit-learn.
     beta_1, beta_2, epsilon, n_iter_no_change, max_fun
         As in scikit-learn.
     backend : {'numba', 'cython', 'numpy'} or None, default=None (fastnn's current).
@@ -526,10 +528,14 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
 
     Attributes
     ----------
-    classes_, coefs_, intercepts_, loss_, best_loss_, loss_curve_, validation_scores_,
-    best_validation_score_, n_iter_, t_, n_layers_, n_outputs_, out_activation_,
+    coefs_, intercepts_ : list of ndarray
+        Per layer, ``coefs_[i]`` (n_in, n_out) like fastnn's Dense ``W``, and the biases.
+    classes_, loss_, best_loss_, loss_curve_, validation_scores_
+        As in scikit-learn.
+    best_validation_score_, n_iter_, t_, n_layers_, n_outputs_, out_activation_
+        As in scikit-learn.
     n_features_in_, feature_names_in_
-        As in scikit-learn; ``coefs_[i]`` is (n_in, n_out) like fastnn's Dense ``W``.
+        As in scikit-learn.
     """
 
     _score_function = staticmethod(accuracy_score)
