@@ -234,8 +234,10 @@ class EarlyStopping(_Monitor):
     ----------
     best : float
         The best monitored value.
-    best_epoch, stopped_epoch : int or None
-        Epoch indices (from 0) of the best value and of the stop.
+    best_epoch : int or None
+        Epoch index (from 0) of the best value.
+    stopped_epoch : int or None
+        Epoch index (from 0) at which training stopped, or None.
 
     Raises
     ------

@@ -317,8 +317,10 @@ class Dense(Layer):
         The weights (None until the input size is known).
     b : ndarray, shape (out_features,)
         The bias (present but unused with ``use_bias=False``).
-    dW, db : ndarray
-        Gradients of W and b from the last ``backward``.
+    dW : ndarray, shape (in_features, out_features)
+        Gradient of W from the last ``backward``.
+    db : ndarray, shape (out_features,)
+        Gradient of b from the last ``backward``.
 
     Raises
     ------

@@ -56,13 +56,17 @@ class Sequential:
         The compiled optimizer or full-batch solver.
     metrics : tuple of str
         The compiled metric names.
-    params, grads : ndarray, shape (n_params,)
-        The flat parameter and gradient buffers (None until the input size is known).
-        ``grads`` is scratch after ``fit``; use ``compute_gradients`` for gradients.
+    params : ndarray, shape (n_params,)
+        The flat parameter buffer (None until the input size is known).
+    grads : ndarray, shape (n_params,)
+        The flat gradient buffer: scratch after ``fit``; use ``compute_gradients`` for
+        gradients.
     dtype : numpy.dtype
         float32 or float64, the dtype of every layer.
-    n_features, n_outputs : int
-        Input and output widths (``n_features`` None until known).
+    n_features : int or None
+        Input width (None until known).
+    n_outputs : int
+        Output width.
     stop_training : bool
         Set True by a callback to end ``fit`` after the current epoch.
     stop_reason : str or None

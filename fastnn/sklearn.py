@@ -528,14 +528,19 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
 
     Attributes
     ----------
-    coefs_, intercepts_ : list of ndarray
-        Per layer, ``coefs_[i]`` (n_in, n_out) like fastnn's Dense ``W``, and the biases.
-    classes_, loss_, best_loss_, loss_curve_, validation_scores_
-        As in scikit-learn.
-    best_validation_score_, n_iter_, t_, n_layers_, n_outputs_, out_activation_
-        As in scikit-learn.
-    n_features_in_, feature_names_in_
-        As in scikit-learn.
+    coefs_ : list of ndarray
+        Per layer, ``coefs_[i]`` (n_in, n_out) like fastnn's Dense ``W``.
+    intercepts_ : list of ndarray
+        Per layer, the biases (n_out,).
+    classes_ : ndarray
+        The class labels.
+
+    Notes
+    -----
+    The other fitted attributes are scikit-learn's: ``loss_``, ``best_loss_``,
+    ``loss_curve_``, ``validation_scores_``, ``best_validation_score_``, ``n_iter_``,
+    ``t_``, ``n_layers_``, ``n_outputs_``, ``out_activation_``, ``n_features_in_``,
+    ``feature_names_in_``.
     """
 
     _score_function = staticmethod(accuracy_score)
