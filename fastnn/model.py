@@ -627,6 +627,18 @@ class Sequential:
             The loss or the weights became NaN or infinite; the weights of the last
             completed epoch are kept. With a TerminateOnNaN callback training stops
             cleanly instead.
+
+        Examples
+        --------
+        >>> import fastnn as fn
+        >>> X, y = fn.datasets.xor()
+        >>> model = fn.Sequential([fn.Dense(2, 8, activation="tanh", seed=0),
+        ...                        fn.Dense(8, 2, seed=1)])
+        >>> model = model.compile("cross_entropy", fn.optimizers.Adam(lr=0.05),
+        ...                       metrics=["accuracy"])
+        >>> history = model.fit(X, y, epochs=300, batch_size=None, verbose=0, seed=0)
+        >>> history.history["accuracy"][-1]
+        1.0
         """
         return _training.fit(self, X, y, epochs, batch_size, shuffle, replacement,
                              validation_data, validation_split, sample_weight,

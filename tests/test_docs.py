@@ -25,7 +25,7 @@ PUBLIC_MODULES = (
 )
 #: Modules whose docstring examples run as doctests (those that have examples).
 DOCTEST_MODULES = (
-    "fastnn._backend", "fastnn.callbacks", "fastnn.gradcheck", "fastnn.layers",
+    "fastnn", "fastnn._backend", "fastnn.callbacks", "fastnn.gradcheck", "fastnn.layers",
     "fastnn.model", "fastnn.perceptron", "fastnn.schedules", "fastnn.datasets._bundled",
     "fastnn.datasets._split",
 )
