@@ -22,8 +22,9 @@ class Callback:
     """Base class: override any of the hooks; the base hooks do nothing.
 
     ``fit`` calls, in order: ``set_model``, ``check_training``, ``on_train_begin``,
-    then per epoch ``on_epoch_begin``, ``on_batch_end`` after each batch (mini-batch
-    training) and ``on_epoch_end``, and finally ``on_train_end``. A callback that
+    then per epoch ``on_epoch_begin``, ``on_batch_end`` after each batch (once per
+    iteration for a full-batch solver) and ``on_epoch_end``, and finally
+    ``on_train_end``. A callback that
     writes values into the epoch logs (in ``on_epoch_end``) names them in
     ``adds_logs``, so the callbacks after it may monitor them.
 
