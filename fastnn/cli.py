@@ -219,8 +219,10 @@ def _train(args):
 
     if args.save:
         check_destination(args.save)
-    if args.plot and importlib.util.find_spec("matplotlib") is None:
-        raise ImportError("--plot needs matplotlib: pip install 'fastnn[plot]'")
+    if args.plot:
+        if importlib.util.find_spec("matplotlib") is None:
+            raise ImportError("--plot needs matplotlib: pip install 'fastnn[plot]'")
+        _check_plot_path(args.plot)
     backend = fn.use_backend(args.backend) if args.backend else contextlib.nullcontext()
     with backend:
         if args.threads is not None:
@@ -229,6 +231,20 @@ def _train(args):
             except ValueError as exc:
                 raise ValueError(f"--threads: {exc}") from None
         return _run(fn, args)
+
+
+def _check_plot_path(path):
+    """Refuse a --plot path that cannot be written, before training starts."""
+    if os.path.isdir(path):
+        raise ValueError(f"--plot: {path!r} is a directory; give a file name such as "
+                         "curves.png")
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise ValueError(f"--plot: cannot write {path!r}: there is no directory "
+                         f"{directory!r}")
+    if not os.access(directory, os.W_OK):
+        raise ValueError(f"--plot: cannot write {path!r}: the directory {directory!r} is "
+                         "not writable")
 
 
 def _run(fn, args):

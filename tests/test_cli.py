@@ -293,3 +293,14 @@ def test_plot_shows_the_test_set_and_a_title(capsys, tmp_path, monkeypatch):
     assert code == 0 and (tmp_path / "c.png").stat().st_size > 0
     (title, keys), = titles
     assert title.startswith("xor: 2-128-64-2 relu MLP") and "val_loss" in keys
+
+
+def test_plot_path_is_checked_before_training(capsys, tmp_path):
+    pytest.importorskip("matplotlib")
+    for path, message in ((tmp_path, "is a directory"),
+                          (tmp_path / "absent" / "c.png", "there is no directory")):
+        with pytest.raises(SystemExit) as info:
+            main(["train", "--quiet", "--plot", str(path)])
+        captured = capsys.readouterr()
+        assert info.value.code == 2 and message in captured.err
+        assert "trained" not in captured.out
