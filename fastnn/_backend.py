@@ -1,15 +1,31 @@
 """Which kernel backend runs, and with how many threads.
 
-The backend is resolved lazily (importing numba costs a few hundred milliseconds),
-from, in order: ``set_backend`` / ``use_backend``, the FASTNN_BACKEND environment
-variable, and otherwise the fastest backend that loads.
+Two levels decide the active backend:
+
+- the process default, set by ``set_backend``; until then the FASTNN_BACKEND
+  environment variable, else the fastest backend that loads (resolved lazily: importing
+  numba costs a few hundred milliseconds);
+- an override, ``with use_backend(name):``, held in a ``contextvars.ContextVar``: it
+  applies to the code in the block in this thread or asyncio task only. Other threads
+  and tasks keep their own. A new ``threading.Thread`` starts with no override (it runs
+  the process default) unless it runs in a copy of the creator's context
+  (``contextvars.copy_context().run``); an asyncio task inherits the override active
+  where it was created.
+
+Kernels are looked up when they are called: layers, losses, optimizers and the training
+loop ask ``backend_module()`` at every kernel call. A model does not remember a backend;
+it runs on the one active in the context that calls ``fit``, ``predict`` and the rest.
 """
 import contextlib
+import contextvars
 import os
 
 from . import kernels
 
+#: The process default backend (name and module) and the process thread budget.
 _state = {"name": None, "module": None, "threads": None}
+#: (name, module) set by ``use_backend`` in the current context, or None.
+_override = contextvars.ContextVar("fastnn_backend_override", default=None)
 
 
 def usable_cpus():
@@ -27,26 +43,32 @@ def _apply_threads(module):
 
 
 def set_backend(name):
-    """Make ``name`` ("numba", "cython" or "numpy") the active kernel backend.
+    """Make ``name`` ("numba", "cython" or "numpy") the process default kernel backend.
 
+    Every thread and task that is not inside a ``use_backend`` block runs on it. Inside
+    such a block the block's backend stays active; the new default applies after it.
     Raises ValueError for an unknown name and ImportError, with the reason, when the
     backend cannot be loaded on this machine.
     """
-    if not isinstance(name, str):
-        raise TypeError(f"backend must be a str, got {type(name).__name__}")
-    module = kernels.load(name)
+    module = _load(name)
     _state["name"], _state["module"] = name, module
-    _apply_threads(module)
 
 
 def get_backend():
-    """Name of the active kernel backend."""
+    """Name of the kernel backend active in the calling thread or task."""
+    override = _override.get()
+    if override is not None:
+        return override[0]
     backend_module()
     return _state["name"]
 
 
 def backend_module():
-    """The active backend module (resolving the default on first use)."""
+    """The kernel backend module active in the calling thread or task (resolving the
+    process default on first use)."""
+    override = _override.get()
+    if override is not None:
+        return override[1]
     if _state["module"] is None:
         requested = os.environ.get("FASTNN_BACKEND", "").strip().lower()
         set_backend(requested or kernels.default_backend())
@@ -55,13 +77,23 @@ def backend_module():
 
 @contextlib.contextmanager
 def use_backend(name):
-    """Context manager: run the enclosed block with backend ``name``, then restore."""
-    previous = _state["name"], _state["module"]
-    set_backend(name)
+    """Context manager: run the enclosed block with backend ``name``, in this thread or
+    asyncio task only (see the module docstring), then restore what was active.
+    Yields the backend module."""
+    module = _load(name)
+    token = _override.set((name, module))
     try:
-        yield kernels.load(name)
+        yield module
     finally:
-        _state["name"], _state["module"] = previous
+        _override.reset(token)
+
+
+def _load(name):
+    if not isinstance(name, str):
+        raise TypeError(f"backend must be a str, got {type(name).__name__}")
+    module = kernels.load(name)
+    _apply_threads(module)
+    return module
 
 
 def set_num_threads(n):

@@ -38,7 +38,21 @@ def all_finite(arr):
 def _as_numeric(a, name):
     if isinstance(a, (str, bytes)) or a is None:
         raise TypeError(f"{name} must be array-like of numbers, got {type(a).__name__}")
-    arr = np.asarray(a)
+    if hasattr(a, "toarray") and hasattr(a, "nnz"):  # a scipy.sparse matrix or array
+        raise TypeError(f"{name} is a sparse {type(a).__name__}: sparse input is not "
+                        f"supported; convert it with {name}.toarray()")
+    try:
+        arr = np.asarray(a)
+    except ValueError as exc:  # numpy refuses a ragged nested list
+        raise ValueError(f"{name} is a ragged nested sequence (its rows have different "
+                         f"lengths); every sample needs the same number of values") from exc
+    if arr.dtype.kind in "US" or (arr.dtype == object and arr.size
+                                  and isinstance(arr.flat[0], str)):
+        hint = ("encode class labels as 0..K-1, e.g. classes, y = np.unique(y, "
+                "return_inverse=True), or use fastnn.sklearn's estimators, which accept "
+                "any labels") if name.startswith("y") else (
+                "encode categorical features as numbers first (e.g. one-hot)")
+        raise TypeError(f"{name} must hold numbers, got strings (dtype {arr.dtype}); {hint}")
     if arr.dtype == object or not (np.issubdtype(arr.dtype, np.number)
                                    or arr.dtype == np.bool_):
         raise TypeError(f"{name} must hold numbers, got dtype {arr.dtype}")
@@ -109,9 +123,11 @@ def check_labels(y, name, n_samples, n_classes):
                              f"such as {float(arr[arr != np.round(arr)][0])!r}")
     low, high = arr.min(), arr.max()  # before the int64 conversion, which wraps 1e30
     if low < 0 or high >= n_classes:
+        hint = (f"; the labels look 1-based: pass {name} - 1"
+                if low >= 1 and high == n_classes else "")
         raise ValueError(f"{name} must be class labels in [0, {n_classes - 1}] "
                          f"(the model has {n_classes} outputs), got values from "
-                         f"{_number_text(low)} to {_number_text(high)}")
+                         f"{_number_text(low)} to {_number_text(high)}{hint}")
     return np.ascontiguousarray(arr.astype(np.int64))
 
 

@@ -4,12 +4,30 @@
 test accuracy, samples/s and wall time.
 """
 import argparse
+import contextlib
+import functools
+import importlib.util
+import os
 import sys
 import time
+import warnings
 
 import numpy as np
 
+from . import kernels, losses, optimizers
+from ._model_file import check_destination
+from ._validation import check_float, check_int
+from .solvers import SOLVERS
+
 CLASSIFICATION_LOSSES = ("cross_entropy", "hinge", "binary_cross_entropy")
+ACTIVATIONS = sorted(set(kernels.ACTIVATIONS) - {"step"})
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line, "<prog>: error: <message>", with exit status 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 def _parse_hidden(text):
@@ -22,10 +40,33 @@ def _parse_hidden(text):
     return sizes
 
 
+def _parse_number(text, kind, check):
+    """``check(kind(text))``, its ValueError turned into argparse's one-line error."""
+    try:
+        value = kind(text)
+    except ValueError:
+        expected = "an int" if kind is int else "a number"
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+    try:
+        return check(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _int_option(low):
+    return functools.partial(_parse_number, kind=int,
+                             check=functools.partial(check_int, name="value", low=low))
+
+
+def _float_option(**bounds):
+    return functools.partial(_parse_number, kind=float,
+                             check=functools.partial(check_float, name="value", **bounds))
+
+
 def build_parser():
     from . import bench  # the benchmark program loads with the command line, not with fastnn
 
-    parser = argparse.ArgumentParser(prog="fastnn", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="fastnn", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="train an MLP and report test accuracy and speed")
     train.add_argument("--dataset", nargs="+", default=["digits"], metavar="NAME [PATH]",
@@ -33,20 +74,26 @@ def build_parser():
                             "or 'csv FILE' (numeric, last column is the target)")
     train.add_argument("--hidden", type=_parse_hidden, default=[128, 64],
                        help="hidden layer sizes, e.g. 128,64 (default)")
-    train.add_argument("--activation", default="relu", help="hidden activation (relu)")
-    train.add_argument("--loss", default=None,
-                       help="cross_entropy (default for classification data), hinge, mse, "
-                            "mae, huber, binary_cross_entropy")
-    train.add_argument("--optimizer", default="adam", help="sgd, momentum, nesterov, "
-                       "adagrad, rmsprop, adam (default), adamw")
-    train.add_argument("--lr", type=float, default=None, help="learning rate")
-    train.add_argument("--epochs", type=int, default=30)
-    train.add_argument("--batch-size", type=int, default=32)
-    train.add_argument("--backend", default=None, help="numba, cython or numpy")
-    train.add_argument("--threads", type=int, default=None)
+    train.add_argument("--activation", default="relu", choices=ACTIVATIONS,
+                       help="hidden activation (relu)")
+    train.add_argument("--loss", default=None, choices=sorted(losses.LOSSES),
+                       help="default: cross_entropy for classification data, mse otherwise")
+    train.add_argument("--optimizer", default="adam",
+                       choices=sorted(optimizers.OPTIMIZERS) + sorted(SOLVERS),
+                       help="adam (default), a first-order optimizer or a solver")
+    train.add_argument("--lr", type=_float_option(low=0.0, low_open=True), default=None,
+                       help="learning rate (> 0)")
+    train.add_argument("--epochs", type=_int_option(0), default=30)
+    train.add_argument("--batch-size", type=_int_option(1), default=32)
+    train.add_argument("--backend", default=None, choices=kernels.BACKENDS,
+                       help="default: the fastest that loads")
+    train.add_argument("--threads", type=_int_option(1), default=None,
+                       help="thread budget, 1 to the number of usable CPUs")
     train.add_argument("--dtype", default="float32", choices=("float32", "float64"))
-    train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--test-size", type=float, default=0.25)
+    train.add_argument("--seed", type=_int_option(0), default=0)
+    train.add_argument("--test-size", type=_float_option(low=0.0, high=1.0, low_open=True,
+                                                         high_open=True), default=0.25,
+                       help="test fraction, in (0, 1)")
     train.add_argument("--save", default=None, metavar="PATH", help="save the model (.npz)")
     train.add_argument("--plot", default=None, metavar="PNG",
                        help="save the training curves (needs matplotlib)")
@@ -56,14 +103,15 @@ def build_parser():
 
 
 def load_dataset(spec):
-    """(X, y, is_classification) for a --dataset spec."""
+    """(X, y, is_classification) for a --dataset spec; ValueError or OSError naming the
+    dataset or file for a bad one."""
     from . import datasets
 
     name, rest = spec[0], spec[1:]
     if name in ("mnist", "csv") and len(rest) != 1:
-        raise SystemExit(f"--dataset {name} needs a path: --dataset {name} PATH")
+        raise ValueError(f"--dataset {name} needs a path: --dataset {name} PATH")
     if name not in ("mnist", "csv") and rest:
-        raise SystemExit(f"--dataset {name} takes no path")
+        raise ValueError(f"--dataset {name} takes no path")
     if name == "digits":
         X, y = datasets.load_digits(scale=True)
     elif name == "iris":
@@ -77,32 +125,84 @@ def load_dataset(spec):
     elif name == "mnist":
         X, y = datasets.load_mnist(rest[0], kind="train")
     elif name == "csv":
-        table = np.genfromtxt(rest[0], delimiter=",", dtype=np.float64)
-        if table.ndim != 2 or table.shape[1] < 2:
-            raise SystemExit(f"{rest[0]}: expected a numeric table with >= 2 columns")
-        table = table[~np.isnan(table).all(axis=1)]  # a header row parses as NaN
-        X, target = table[:, :-1], table[:, -1]
-        is_labels = np.array_equal(target, np.round(target)) and target.min() >= 0
-        return X, (target.astype(np.int64) if is_labels else target), is_labels
+        return _load_csv(rest[0])
     else:
-        raise SystemExit(f"unknown dataset {name!r}; choose digits, iris, xor, spirals, "
+        raise ValueError(f"unknown dataset {name!r}; choose digits, iris, xor, spirals, "
                          "mnist DIR or csv FILE")
     return X, y, True
 
 
+def _load_csv(path):
+    """A numeric CSV table: header rows skipped, the last column is the target (class
+    labels when they are integers in [0, n_rows), else regression values)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--dataset csv: {path!r} is not a file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "Empty input file": see below
+            table = np.genfromtxt(path, delimiter=",", dtype=np.float64, ndmin=2)
+    except UnicodeDecodeError:
+        raise ValueError(f"--dataset csv: {path!r} is not a text file (binary data?)") from None
+    except ValueError as exc:
+        raise ValueError(f"--dataset csv: {path!r} is not a numeric table: {exc}") from None
+    if table.size == 0:
+        raise ValueError(f"--dataset csv: {path!r} has no data")
+    if table.shape[1] < 2:
+        raise ValueError(f"--dataset csv: {path!r}: expected a numeric table with >= 2 "
+                         f"columns, got {table.shape[1]}")
+    table = table[~np.isnan(table).all(axis=1)]  # a header row parses as NaN
+    if table.shape[0] < 2:
+        raise ValueError(f"--dataset csv: {path!r} has {table.shape[0]} numeric rows; "
+                         "need at least 2")
+    bad_rows = np.flatnonzero(~np.isfinite(table).all(axis=1))
+    if bad_rows.size:
+        raise ValueError(f"--dataset csv: {path!r}: row {bad_rows[0] + 1} of the numeric "
+                         "rows has a missing, non-numeric or infinite value")
+    X, target = table[:, :-1], table[:, -1]
+    is_labels = (np.array_equal(target, np.round(target)) and target.min() >= 0
+                 and target.max() < len(target))
+    return X, (target.astype(np.int64) if is_labels else target), is_labels
+
+
 def train(args):
+    """``fastnn train``. A user error (a bad data file, a setting the data cannot take, a
+    backend that does not load, a --save path that cannot be written) exits with
+    status 2 and one line on stderr, "fastnn train: error: ...", as argparse's do."""
+    try:
+        return _train(args)
+    except (ValueError, OSError, ImportError) as exc:
+        message = " ".join(str(exc).split())
+        print(f"fastnn train: error: {message}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _train(args):
     import fastnn as fn
 
-    if args.backend:
-        fn.set_backend(args.backend)
-    if args.threads:
-        fn.set_num_threads(args.threads)
+    if args.save:
+        check_destination(args.save)
+    if args.plot and importlib.util.find_spec("matplotlib") is None:
+        raise ImportError("--plot needs matplotlib: pip install 'fastnn[plot]'")
+    backend = fn.use_backend(args.backend) if args.backend else contextlib.nullcontext()
+    with backend:
+        if args.threads is not None:
+            try:
+                fn.set_num_threads(args.threads)
+            except ValueError as exc:
+                raise ValueError(f"--threads: {exc}") from None
+        return _run(fn, args)
+
+
+def _run(fn, args):
     X, y, is_classification = load_dataset(args.dataset)
     loss = args.loss or ("cross_entropy" if is_classification else "mse")
     regression = loss not in CLASSIFICATION_LOSSES
+    if not regression and not is_classification:
+        raise ValueError(f"--loss {loss} needs class labels 0..n-1 (n samples) in the target "
+                         f"column; --dataset {' '.join(args.dataset)} has regression targets")
     if loss == "binary_cross_entropy":
-        if not is_classification or y.max() > 1:
-            raise SystemExit("binary_cross_entropy needs 0/1 labels")
+        if y.max() > 1:
+            raise ValueError("--loss binary_cross_entropy needs 0/1 labels")
         y = y.astype(np.float64)
     n_out = 1 if (regression or loss == "binary_cross_entropy") else int(y.max()) + 1
     split = fn.datasets.train_test_split(X, y, test_size=args.test_size, seed=args.seed,
@@ -131,9 +231,11 @@ def train(args):
     seconds = time.perf_counter() - start
     result = model.evaluate(X_test, y_test)
     metric = metrics[0]
-    samples = X_train.shape[0] * len(history.epoch)
-    print(f"trained {len(history.epoch)} epochs in {seconds:.2f} s "
-          f"({samples / seconds:,.0f} samples/s); final train loss {history.history['loss'][-1]:.4f}")
+    epochs = len(history.epoch)
+    speed = (f" ({X_train.shape[0] * epochs / seconds:,.0f} samples/s)"
+             if epochs and seconds > 0 else "")
+    final = f"; final train loss {history.history['loss'][-1]:.4f}" if epochs else ""
+    print(f"trained {epochs} epochs in {seconds:.2f} s{speed}{final}")
     print(f"test loss {result['loss']:.4f} | test {metric} {result[metric]:.4f}")
     if args.save:
         model.save(args.save)

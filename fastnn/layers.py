@@ -44,11 +44,21 @@ def _activation_alpha(name, alpha):
     """The kernel's ``alpha`` for activation ``name``: ``alpha`` (None: the default) for
     the activations in ALPHA_ACTIVATIONS; for the others alpha must be None."""
     if alpha is None:
-        return kernels.DEFAULT_ALPHA[kernels.ACTIVATIONS[name]]
+        return kernels.DEFAULT_ALPHA[kernels.ACTIVATIONS.get(name, 0)]
     if name not in ALPHA_ACTIVATIONS:
         raise ValueError(f"alpha applies only to the activations {list(ALPHA_ACTIVATIONS)}; "
                          f"activation {name!r} has none, got alpha={alpha!r}")
     return check_float(alpha, "alpha", low=0.0)
+
+
+def _input_features(input_shape):
+    """The input size from a Keras ``input_shape`` (an int or a 1-tuple), or None."""
+    if input_shape is None:
+        return None
+    if isinstance(input_shape, (tuple, list)) and len(input_shape) == 1:
+        return check_int(input_shape[0], "input_shape[0]", low=1)
+    raise ValueError(f"input_shape must be a tuple of one int (n_features,), got "
+                     f"{input_shape!r}")
 
 
 def _config_alpha(name, alpha):
@@ -131,7 +141,8 @@ class Layer:
     def backward(self, dout):
         """Given dL/d(output) (n, out_features) from the last forward, return dL/dx."""
         if getattr(self, "_x", None) is None:
-            raise RuntimeError(f"{type(self).__name__}.backward called before forward")
+            raise ValueError(f"{type(self).__name__}.backward needs a forward pass first: "
+                             "call layer.forward(x) before layer.backward(dout)")
         dout = check_array(dout, "dout", self.dtype)
         expected = self._out.shape
         if dout.shape != expected:
@@ -153,6 +164,9 @@ def check_joinable(layer, name, model, earlier):
     """Raise unless ``layer`` is a Layer free to join ``model``: part of no model, and
     not among ``earlier`` (the layers placed before it in ``model``). One instance in
     two places would train something that save and load_model do not reproduce."""
+    if isinstance(layer, type) and issubclass(layer, Layer):
+        raise TypeError(f"{name} is the class {layer.__name__}; create a layer, "
+                        f"{layer.__name__}(...)")
     if not isinstance(layer, Layer):
         raise TypeError(f"{name} must be a fastnn layer, got {type(layer).__name__}")
     if layer.model is model or any(layer is other for other in earlier):
@@ -184,19 +198,65 @@ class _BatchBuffers:
 class Dense(Layer):
     """Fully connected layer ``a = act(x @ W + b)`` with the activation fused in.
 
+    ``Dense(in_features, out_features, activation)``, or as in Keras
+    ``Dense(units, activation, input_shape=(in_features,))``: the input size is then
+    inferred from the previous layer in a Sequential, or, for the first layer without
+    ``input_shape``, from the first batch the model sees (the layer has no weights
+    until then).
+
+    Parameters
+    ----------
+    in_features, out_features : int
+        Input and output sizes (with ``out_features`` omitted, the first argument is the
+        number of units and the input size is inferred).
+    activation : str or None
+        One of identity (None), sigmoid, tanh, relu, leaky_relu, softplus, elu; or
+        softmax, only on the last layer of a model trained with cross_entropy, where it
+        is folded into the loss (the model keeps the logits; ``predict`` returns the
+        softmax probabilities).
+    input_shape : tuple of one int, optional
+        Keras-style input size, with ``Dense(units, ...)`` only.
+    init : str, default "auto"
+        Weight initializer: he_uniform, he_normal, glorot_uniform, glorot_normal,
+        zeros; "auto" is He for the relu family and Glorot otherwise. Biases start at 0.
+    l1, l2 : float, default 0
+        Regularization on W (Keras convention): ``l2 * sum(W**2) + l1 * sum(|W|)``.
+    use_bias : bool, default True
+    dtype : "float32" (default) or "float64"
+    seed : int, optional
+        Seed of the weight initialization.
+    alpha : float, optional
+        leaky_relu's negative slope (default 0.01) or elu's scale (default 1.0); refused
+        for the other activations.
+
     Shape:
         x: (n, in_features) -> a: (n, out_features). W: (in_features, out_features),
         b: (out_features,).
-    Regularization (Keras convention, weights only): ``l2 * sum(W**2) + l1 * sum(|W|)``.
     """
 
     trainable = True
 
-    def __init__(self, in_features, out_features, activation=None, *, init="auto", l1=0.0,
-                 l2=0.0, use_bias=True, dtype="float32", seed=None, alpha=None):
-        self.in_features = check_int(in_features, "in_features", low=1)
+    def __init__(self, in_features, out_features=None, activation=None, *,
+                 input_shape=None, init="auto", l1=0.0, l2=0.0, use_bias=True,
+                 dtype="float32", seed=None, alpha=None):
+        if isinstance(out_features, str):  # Dense(units, "relu"), as in Keras
+            if activation is not None:
+                raise TypeError(f"activation given twice: {out_features!r} and {activation!r}")
+            out_features, activation = None, out_features
+        if out_features is None:  # Dense(units, ...): the input size comes later
+            out_features, in_features = in_features, _input_features(input_shape)
+        elif input_shape is not None:
+            raise TypeError("input_shape goes with Dense(units, ...); "
+                            "Dense(in_features, out_features) already gives the input size")
+        self.in_features = (None if in_features is None
+                            else check_int(in_features, "in_features", low=1))
         self.out_features = check_int(out_features, "out_features", low=1)
-        self.activation, self.act_code = _activation_code(activation)
+        #: A softmax on the last layer: computed as identity, folded into cross_entropy.
+        self.softmax_output = activation == "softmax"
+        self.activation, self.act_code = _activation_code(
+            None if self.softmax_output else activation)
+        if self.softmax_output:
+            self.activation = "softmax"
         if self.activation == "step":
             raise ValueError("activation 'step' has no useful derivative; use it through "
                              "fastnn.Perceptron, or pick one of "
@@ -208,22 +268,47 @@ class Dense(Layer):
         self.use_bias = check_bool(use_bias, "use_bias")
         self.dtype = check_dtype(dtype)
         self.seed = check_seed(seed)
+        self.W = self.b = self.dW = self.db = None
+        self._buffers = _BatchBuffers()
+        self._x = None
+        if self.in_features is not None:
+            self.build(self.in_features)
+
+    @property
+    def built(self):
+        """Whether the input size is known and the weights exist."""
+        return self.W is not None
+
+    def build(self, in_features):
+        """Set the input size and draw the weights (once; Sequential calls it for
+        layers created as ``Dense(units, ...)``)."""
+        in_features = check_int(in_features, "in_features", low=1)
+        if self.built:
+            if in_features != self.in_features:
+                raise ValueError(f"this Dense is built for {self.in_features} input "
+                                 f"features, got {in_features}")
+            return
+        self.in_features = in_features
         rng = np.random.default_rng(self.seed)
-        self.W = init_weights(self.init, self.in_features, self.out_features,
+        self.W = init_weights(self.init, in_features, self.out_features,
                               self.activation, rng, self.dtype)
         self.b = np.zeros(self.out_features, dtype=self.dtype)
         self.dW = np.zeros_like(self.W)
         self.db = np.zeros_like(self.b)
-        self._buffers = _BatchBuffers()
-        self._x = None
 
     def parameters(self):
+        if not self.built:
+            return []
         return [self.W, self.b] if self.use_bias else [self.W]
 
     def gradients(self):
+        if not self.built:
+            return []
         return [self.dW, self.db] if self.use_bias else [self.dW]
 
     def output_features(self, n_in):
+        if not self.built:
+            return self.out_features
         if n_in != self.in_features:
             raise ValueError(f"Dense expects {self.in_features} input features, but the "
                              f"previous layer gives {n_in}")
@@ -245,6 +330,8 @@ class Dense(Layer):
 
     def _check_input(self, x):
         x = check_array(x, "x", self.dtype)
+        if not self.built:
+            self.build(x.shape[1])
         if x.shape[1] != self.in_features:
             raise ValueError(f"x has {x.shape[1]} features per sample, but the layer expects "
                              f"{self.in_features}; got shape {x.shape}")

@@ -97,9 +97,14 @@ class R2(Metric):
 METRICS = {cls.name: cls for cls in (Accuracy, MeanAbsoluteError, MeanSquaredError, R2)}
 
 
+#: Keras names accepted by ``compile(metrics=...)``; logs use the name they map to.
+KERAS_ALIASES = {"acc": "accuracy", "mean_absolute_error": "mae",
+                 "mean_squared_error": "mse"}
+
+
 def check_metrics(metrics, loss):
-    """Validate metric names (one name, or a list of them) against the loss; returns a
-    tuple of names."""
+    """Validate metric names (one name, or a list of them; Keras names in KERAS_ALIASES
+    are accepted) against the loss; returns a tuple of the names logged."""
     if metrics is None:
         return ()
     if isinstance(metrics, str):
@@ -111,6 +116,7 @@ def check_metrics(metrics, loss):
                         f"{sorted(METRICS)}, got {type(metrics).__name__}") from None
     names = []
     for name in metrics:
+        name = KERAS_ALIASES.get(name, name) if isinstance(name, str) else name
         if not isinstance(name, str) or name not in METRICS:
             raise ValueError(f"unknown metric {name!r}; expected one of {sorted(METRICS)}")
         if name == "accuracy" and loss.name in REGRESSION_LOSSES:

@@ -7,30 +7,21 @@ the vector without copying, and save/load is one array. ``grads`` is the trainin
 loop's scratch: after ``fit`` it holds no defined values (the fused epoch folds plain
 SGD into its backward and may never write it); ``compute_gradients`` gives gradients.
 """
-import json
-import os
-import tempfile
-import zipfile
-
 import numpy as np
 
-from . import _training
+from . import _model_file, _training
 from . import losses as losses_module
 from . import metrics as metrics_module
 from . import optimizers as optimizers_module
-from . import solvers as solvers_module
 from ._validation import (
-    all_finite,
     check_array,
     check_features,
     check_int,
     check_sample_weight,
 )
-from .layers import Dense, Layer, _BatchBuffers, check_joinable, layer_from_config
+from .layers import Dense, Layer, _BatchBuffers, check_joinable
 from .solvers import Solver
 
-FORMAT = "fastnn.Sequential"
-FORMAT_VERSION = 1
 _CHUNK_ROWS = 8192
 
 
@@ -48,7 +39,11 @@ class Sequential:
         model.fit(X, y, epochs=20, batch_size=32)
     """
 
-    def __init__(self, layers=None):
+    def __init__(self, layers=None, *more_layers):
+        if more_layers:
+            raise TypeError(f"Sequential takes the layers as one list: "
+                            f"Sequential([layer1, layer2, ...]), got {1 + len(more_layers)} "
+                            "separate arguments")
         if isinstance(layers, Layer):
             raise TypeError(f"layers must be a list of fastnn layers, got a single "
                             f"{type(layers).__name__}; pass [layer]")
@@ -81,22 +76,43 @@ class Sequential:
     def _build(self, layers):
         """Make ``layers`` the model's: check that they chain, then point their weights
         into fresh flat buffers (copying the current values). Raises before changing
-        anything when they do not fit together."""
+        anything when they do not fit together.
+
+        A ``Dense(units, ...)`` gets its input size from the layer before it; when the
+        first one has none (no ``input_shape``), the model stays unbuilt (no ``params``)
+        until ``_check_X`` sees the first batch.
+        """
         dense = [layer for layer in layers if isinstance(layer, Dense)]
         if not dense:
             raise ValueError("a Sequential model needs at least one Dense layer")
         dtypes = {layer.dtype for layer in layers}
         if len(dtypes) != 1:
             raise ValueError(f"all layers must share one dtype, got {sorted(d.name for d in dtypes)}")
+        for i, layer in enumerate(dense[:-1]):
+            if layer.softmax_output:
+                raise ValueError("activation 'softmax' goes on the last Dense layer only "
+                                 f"(it is folded into cross_entropy); Dense layer {i} has it")
         width = n_features = dense[0].in_features
+        inputs = []
         for layer in layers:
+            inputs.append(width)
             width = layer.output_features(width)
         dtype = dtypes.pop()
+        if n_features is not None:
+            for layer, n_in in zip(layers, inputs):
+                if isinstance(layer, Dense):
+                    layer.build(n_in)
+        self.layers, self.dtype, self.n_features, self.n_outputs = layers, dtype, n_features, width
+        if n_features is None:
+            for layer in layers:
+                layer._join(self)
+            self.params = self.grads = None
+            self.layer_offsets = ()
+            return
         total = sum(p.size for layer in layers for p in layer.parameters())
         params = np.empty(total, dtype=dtype)
         grads = np.zeros(total, dtype=dtype)
-        self.layers, self.dtype, self.params, self.grads = layers, dtype, params, grads
-        self.n_features, self.n_outputs = n_features, width
+        self.params, self.grads = params, grads
         offset, offsets = 0, []
         for layer in self.layers:
             layer._join(self)
@@ -120,10 +136,13 @@ class Sequential:
         self._first_trainable = next(i for i, layer in enumerate(self.layers) if layer.trainable)
         if isinstance(self.optimizer, optimizers_module.Optimizer):
             self.optimizer.build(self.params.size, self.dtype, owner=self)
+        elif isinstance(self.optimizer, Solver):
+            self.optimizer.check_model(self, self.loss)
 
     @property
     def n_params(self):
         """Total number of trainable parameters."""
+        self._require_built("n_params")
         return self.params.size
 
     def parameters(self):
@@ -137,14 +156,19 @@ class Sequential:
         self._require_layers("compile")
         loss = losses_module.get(loss)
         loss.check_outputs(self.n_outputs)
-        self.metrics = metrics_module.check_metrics(metrics, loss)
-        self.loss = loss
+        last = [layer for layer in self.layers if isinstance(layer, Dense)][-1]
+        if last.softmax_output and loss.name != "cross_entropy":
+            raise ValueError(f"activation 'softmax' on the last layer needs the "
+                             f"cross_entropy loss, into which it is folded; got "
+                             f"{loss.name!r} (drop the softmax, or use cross_entropy)")
+        metrics = metrics_module.check_metrics(metrics, loss)
         optimizer = optimizers_module.get(optimizer)
         if isinstance(optimizer, Solver):
-            optimizer.check_model(self)
-        self.optimizer = optimizer
-        if isinstance(optimizer, optimizers_module.Optimizer):
+            optimizer.check_model(self, loss)
+        if isinstance(optimizer, optimizers_module.Optimizer) and self.params is not None:
             optimizer.build(self.params.size, self.dtype, owner=self)
+        # everything checked: a compile that raises leaves the model as it was
+        self.loss, self.metrics, self.optimizer = loss, metrics, optimizer
         return self
 
     def _require_layers(self, what):
@@ -182,7 +206,18 @@ class Sequential:
 
     def _check_X(self, X, name="X"):
         self._require_layers("the forward pass")
-        return check_features(X, name, self.dtype, self.n_features)
+        X = check_features(X, name, self.dtype, self.n_features)
+        if self.params is None:  # the first batch gives the input size
+            next(layer for layer in self.layers if isinstance(layer, Dense)).build(X.shape[1])
+            self._build(self.layers)
+        return X
+
+    def _require_built(self, what):
+        self._require_layers(what)
+        if self.params is None:
+            raise ValueError(f"{what} needs the model's input size, which is not known yet: "
+                             "give the first layer input_shape=(n_features,) or "
+                             "in_features, or call fit/predict first")
 
     def _prepare(self, X, y, sample_weight, name="X"):
         X = self._check_X(X, name)
@@ -252,10 +287,12 @@ class Sequential:
     # ------------------------------------------------------------------ weights
     def get_weights(self):
         """Copies of the parameters: [W1, b1, W2, b2, ...] (b omitted when use_bias=False)."""
+        self._require_built("get_weights")
         return [p.copy() for p in self.parameters()]
 
     def set_weights(self, weights):
         """Load a list shaped like get_weights() (values are copied in)."""
+        self._require_built("set_weights")
         current = self.parameters()
         expected = (f"a list of {len(current)} arrays shaped like get_weights() "
                     f"{[p.shape for p in current]}")
@@ -357,37 +394,13 @@ class Sequential:
 
     def save(self, path):
         """Write the model (architecture, weights, compile settings and optimizer state)
-        to an .npz file, atomically (temp file + rename). No pickle."""
-        self._require_layers("save")
-        path = os.fspath(path)
-        meta = {"format": FORMAT, "version": FORMAT_VERSION, "config": self.get_config()}
-        arrays = {"params": self.params}
-        if self.loss is not None:
-            meta["loss"] = self.loss.get_config()
-            meta["metrics"] = list(self.metrics)
-        if isinstance(self.optimizer, optimizers_module.Optimizer):
-            meta["optimizer"] = {"config": self.optimizer.get_config(),
-                                 "iterations": self.optimizer.iterations,
-                                 "lr_scale": self.optimizer.lr_scale,
-                                 "state": sorted(self.optimizer.state)}
-            for name, arr in self.optimizer.state.items():
-                arrays["optimizer/" + name] = arr
-        elif isinstance(self.optimizer, Solver):
-            meta["solver"] = self.optimizer.get_config()
-        arrays["meta"] = np.array(json.dumps(meta))
-        directory = os.path.dirname(os.path.abspath(path))
-        fd, tmp = tempfile.mkstemp(prefix=".fastnn-", suffix=".tmp", dir=directory)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, **arrays)
-                f.flush()
-                os.fsync(f.fileno())
-            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; save like open() does
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise
+        to an .npz file, atomically: the data goes to a temp file
+        ``.fastnn-<pid>-<random>.tmp`` in the target directory, then is renamed over
+        ``path``, so a crash never leaves a half-written model. A save killed before the
+        rename leaves its temp file; each later save removes those whose pid is no longer
+        a running process (never another live process's; POSIX only). No pickle."""
+        self._require_built("save")
+        _model_file.write_model(self, path)
 
     def summary(self, print_fn=print):
         """Print a table of the layers, their output shapes and parameter counts.
@@ -398,7 +411,7 @@ class Sequential:
         print_fn(self._summary_table())
 
     def _summary_table(self):
-        self._require_layers("summary")
+        self._require_built("summary")
         rows = [("Layer", "Output shape", "Params")]
         width = self.n_features
         for layer in self.layers:
@@ -421,59 +434,14 @@ class Sequential:
 
 def load_model(path):
     """Load a model written by ``Sequential.save`` (compiled, with optimizer state,
-    if it was compiled when saved). Raises ValueError for a corrupt or foreign file."""
-    path = os.fspath(path)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"no model file at {path!r}")
-    # Checked first: np.load would return a bare array for .npy and, for any other
-    # non-zip file, report pickled data and suggest allow_pickle.
-    if not zipfile.is_zipfile(path):
-        raise ValueError(f"{path!r} is not a fastnn model file: not an .npz (zip) archive "
-                         "(empty, truncated or of another format)")
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            arrays = {key: data[key] for key in data.files}
-        meta = json.loads(str(arrays.pop("meta")))
-    except (zipfile.BadZipFile, OSError, EOFError, ValueError, KeyError,
-            json.JSONDecodeError) as exc:
-        raise ValueError(f"{path!r} is not a readable fastnn model file: {exc}") from exc
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise ValueError(f"{path!r} is not a fastnn model file (format "
-                         f"{meta.get('format') if isinstance(meta, dict) else None!r})")
-    if meta.get("version") != FORMAT_VERSION:
-        raise ValueError(f"{path!r} has model format version {meta.get('version')}; this "
-                         f"fastnn reads version {FORMAT_VERSION}")
-    try:
-        model = Sequential([layer_from_config(c) for c in meta["config"]["layers"]])
-        params = arrays["params"]
-        if params.shape != model.params.shape or params.dtype != model.dtype:
-            raise ValueError(f"parameter vector has shape {params.shape} and dtype "
-                             f"{params.dtype}, expected {model.params.shape} {model.dtype}")
-        if not all_finite(params):
-            raise ValueError("parameter vector contains NaN or infinite values")
-        model.params[...] = params
-        if "loss" in meta:
-            optimizer = "adam"
-            if "optimizer" in meta:
-                optimizer = optimizers_module.from_config(meta["optimizer"]["config"])
-            elif "solver" in meta:
-                optimizer = solvers_module.from_config(meta["solver"])
-            model.compile(meta["loss"], optimizer, meta.get("metrics") or None)
-            if "optimizer" in meta:
-                opt = meta["optimizer"]
-                model.optimizer.iterations = int(opt["iterations"])
-                model.optimizer.lr_scale = float(opt["lr_scale"])
-                for name in opt["state"]:
-                    saved, current = arrays["optimizer/" + name], model.optimizer.state[name]
-                    if saved.shape != current.shape:
-                        raise ValueError(f"optimizer state {name!r} has shape {saved.shape}, "
-                                         f"expected {current.shape}")
-                    current[...] = saved
-    except KeyError as exc:
-        raise ValueError(f"{path!r} is a damaged fastnn model file: missing {exc}") from exc
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"{path!r} is a damaged fastnn model file: {exc}") from exc
-    return model
+    if it was compiled when saved).
+
+    The file is treated as untrusted: anything but a regular file, a corrupt or foreign
+    archive, sizes the file cannot hold, and any configuration or state field of the
+    wrong type, out of range or not finite raise ValueError naming the file and the
+    field, before large allocations (see ``fastnn._model_file``).
+    """
+    return _model_file.read_model(path, Sequential)
 
 
 # ---------------------------------------------------------------------- helpers
@@ -483,12 +451,6 @@ def _require_compiled_model(model, what):
     if model.loss is None:
         raise NotCompiledError(f"{what} needs a compiled model: call "
                                "model.compile(loss=..., optimizer=...) first")
-
-
-def _umask():
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _chunks(n, batch_size):

@@ -230,11 +230,11 @@ class Solver:
         self.ftol = check_float(ftol, "ftol", low=0.0)
         self.iterations = 0
 
-    def check_model(self, model):
-        """Raise ValueError if this solver cannot train ``model`` as compiled."""
-        if self.losses is not None and model.loss.name not in self.losses:
+    def check_model(self, model, loss):
+        """Raise ValueError if this solver cannot train ``model`` with ``loss``."""
+        if self.losses is not None and loss.name not in self.losses:
             raise ValueError(f"{type(self).__name__} needs a sum-of-squares loss "
-                             f"{list(self.losses)}, got {model.loss.name!r}")
+                             f"{list(self.losses)}, got {loss.name!r}")
 
     def _converged(self, f_prev, f, g):
         gmax = float(np.max(np.abs(g)))
@@ -492,9 +492,9 @@ class Newton(_OwnLoop):
         self.damping = check_float(damping, "damping", low=0.0, low_open=True)
         self.max_params = check_int(max_params, "max_params", low=1)
 
-    def check_model(self, model):
-        super().check_model(model)
-        if model.n_params > self.max_params:
+    def check_model(self, model, loss):
+        super().check_model(model, loss)
+        if model.params is not None and model.n_params > self.max_params:
             raise ValueError(f"Newton forms the full {model.n_params}x{model.n_params} Hessian; "
                              f"the model has {model.n_params} parameters, above max_params="
                              f"{self.max_params}. Use NewtonCG or LBFGS for larger models")

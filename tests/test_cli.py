@@ -1,5 +1,6 @@
 """The ``fastnn train`` command: in-process through ``fastnn.cli.main`` (per backend, via
 ``--backend``), and as ``python -m fastnn`` in a subprocess for --help and errors."""
+import os
 import re
 import subprocess
 import sys
@@ -93,20 +94,108 @@ def test_csv_regression(capsys, tmp_path):
     assert printed_metric(out, "r2") >= 0.95
 
 
-def test_bad_arguments_give_clean_errors(capsys):
-    with pytest.raises(SystemExit, match=r"unknown dataset 'mnst'; choose digits"):
-        main(["train", "--dataset", "mnst"])
-    with pytest.raises(SystemExit, match=r"--dataset csv needs a path"):
-        main(["train", "--dataset", "csv"])
-    with pytest.raises(SystemExit, match=r"--dataset xor takes no path"):
-        main(["train", "--dataset", "xor", "extra"])
+@pytest.mark.usefixtures("active_backend")
+def test_zero_epochs_reports_the_untrained_model(capsys):
+    code, out = run(capsys, "--dataset", "xor", "--epochs", "0")
+    assert code == 0
+    assert "trained 0 epochs in" in out and "samples/s" not in out and "test loss" in out
+
+
+def fails_with(capsys, args, *fragments):
+    """``fastnn train ARGS`` must exit 2 with one line on stderr holding ``fragments``."""
     with pytest.raises(SystemExit) as info:
-        main(["train", "--hidden", "12,x"])
+        main(["train", "--quiet", "--epochs", "1", *args])
     assert info.value.code == 2
-    assert "--hidden takes comma-separated ints" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("fastnn train: error: "), err
+    for fragment in fragments:
+        assert fragment in err, err
+
+
+@pytest.mark.parametrize("args, fragments", [
+    (["--epochs", "-1"], ["--epochs", ">= 0"]),
+    (["--epochs", "1.5"], ["--epochs", "expected an int"]),
+    (["--batch-size", "0"], ["--batch-size", ">= 1"]),
+    (["--threads", "0"], ["--threads", ">= 1"]),
+    (["--threads", "-1"], ["--threads"]),
+    (["--threads", "100000"], ["--threads", "usable CPUs"]),
+    (["--backend", "cuda"], ["--backend", "'cuda'"]),
+    (["--backend", ""], ["--backend"]),
+    (["--activation", "swish"], ["--activation", "'swish'"]),
+    (["--activation", "step"], ["--activation", "'step'"]),
+    (["--loss", "nope"], ["--loss", "'nope'"]),
+    (["--optimizer", "nope"], ["--optimizer", "'nope'"]),
+    (["--lr", "0"], ["--lr"]),
+    (["--lr", "-1"], ["--lr"]),
+    (["--lr", "nan"], ["--lr", "finite"]),
+    (["--lr", "abc"], ["--lr", "expected a number"]),
+    (["--seed", "-1"], ["--seed"]),
+    (["--test-size", "0"], ["--test-size"]),
+    (["--test-size", "1"], ["--test-size"]),
+    (["--test-size", "nan"], ["--test-size"]),
+    (["--dtype", "float16"], ["--dtype"]),
+    (["--hidden", "12,x"], ["--hidden takes comma-separated ints"]),
+    (["--hidden", "0"], ["--hidden sizes must be >= 1"]),
+    (["--dataset", "mnst"], ["unknown dataset 'mnst'; choose digits"]),
+    (["--dataset", "csv"], ["--dataset csv needs a path"]),
+    (["--dataset", "xor", "extra"], ["--dataset xor takes no path"]),
+    (["--dataset", "mnist", "/nonexistent-dir"], ["/nonexistent-dir"]),
+    (["--dataset", "iris", "--loss", "binary_cross_entropy"], ["0/1 labels"]),
+    (["--save", "/nonexistent-dir/m.npz"], ["/nonexistent-dir"]),
+])
+def test_bad_option_values_are_one_line_errors(capsys, args, fragments):
+    fails_with(capsys, args, *fragments)
+
+
+def test_save_into_a_directory_is_refused_before_training(capsys, tmp_path):
+    fails_with(capsys, ["--save", str(tmp_path)], str(tmp_path), "is a directory")
+
+
+def test_plot_without_matplotlib_is_refused_before_training(capsys, tmp_path, monkeypatch):
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "matplotlib" else real_find_spec(name, *a))
+    fails_with(capsys, ["--dataset", "xor", "--plot", str(tmp_path / "c.png")],
+               "--plot needs matplotlib")
+
+
+@pytest.mark.parametrize("content, fragment", [
+    (bytes(range(256)) * 8, "is not a text file"),
+    (b"", "has no data"),
+    (b"a,b\nx,y\n", "0 numeric rows"),
+    (b"1\n2\n3\n", ">= 2 columns"),
+    (b"1,2\n3,4\n5\n", "not a numeric table"),
+    (b"1,2\n3,nan\n5,6\n", "row 2"),
+    (b"1,0\n2,5000\n3,7\n", "needs class labels 0..n-1"),
+])
+def test_bad_csv_files_are_named_in_one_line(capsys, tmp_path, content, fragment):
+    path = tmp_path / "data.csv"
+    path.write_bytes(content)
+    loss = ["--loss", "cross_entropy"] if b"5000" in content else []
+    fails_with(capsys, ["--dataset", "csv", str(path), *loss], str(path), fragment)
+
+
+def test_csv_path_that_is_not_a_file(capsys, tmp_path):
+    fails_with(capsys, ["--dataset", "csv", str(tmp_path / "absent.csv")], "is not a file")
+    fails_with(capsys, ["--dataset", "csv", str(tmp_path)], "is not a file")
+
+
+def test_backend_option_does_not_change_the_process_default(capsys):
+    before = fn.get_backend()
+    other = next(name for name in fn.kernels.BACKENDS if name != before)
+    assert main(["train", "--dataset", "xor", "--epochs", "1", "--quiet",
+                 "--backend", other]) == 0
+    assert f"backend {other}" in capsys.readouterr().out
+    assert fn.get_backend() == before
+
+
+def test_missing_command_is_an_error(capsys):
     with pytest.raises(SystemExit) as info:
         main([])
     assert info.value.code == 2
+    assert "fastnn: error:" in capsys.readouterr().err
 
 
 def python_m_fastnn(*args):
@@ -124,9 +213,21 @@ def test_python_m_fastnn_train_help():
 
 def test_python_m_fastnn_bad_dataset():
     result = python_m_fastnn("train", "--dataset", "nope", "--quiet")
-    assert result.returncode == 1
-    assert "unknown dataset 'nope'" in result.stderr
-    assert "Traceback" not in result.stderr
+    assert result.returncode == 2
+    assert result.stderr == ("fastnn train: error: unknown dataset 'nope'; choose digits, "
+                             "iris, xor, spirals, mnist DIR or csv FILE\n")
+
+
+def test_console_script_reports_a_binary_csv_in_one_line(tmp_path):
+    script = os.path.join(os.path.dirname(sys.executable), "fastnn")
+    assert os.access(script, os.X_OK), f"console script not installed at {script}"
+    binary = tmp_path / "blob.csv"
+    binary.write_bytes(bytes(range(256)))
+    result = subprocess.run([script, "train", "--dataset", "csv", str(binary), "--quiet"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr == (f"fastnn train: error: --dataset csv: {str(binary)!r} is not "
+                             "a text file (binary data?)\n")
 
 
 def test_bench_subcommand_is_wired(capsys):

@@ -54,3 +54,112 @@ def test_importing_the_source_checkout_explains_itself(tmp_path):
     assert result.returncode != 0
     assert "imported from its source checkout" in result.stderr
     assert "pip install -e ." in result.stderr
+
+
+def test_keras_metric_names_log_under_fastnns_names():
+    X, y = blobs(10, rng(61))
+    model = mlp([2, 6, 3]).compile("cross_entropy", "adam", metrics=["acc"])
+    assert model.metrics == ("accuracy",)
+    assert set(model.fit(X, y, epochs=1, verbose=0).history) == {"loss", "accuracy"}
+    reg = mlp([2, 3, 1]).compile("mse", "adam", metrics=["mean_absolute_error"])
+    assert reg.metrics == ("mae",)
+
+
+# ---------------------------------------------------------------------------- Dense(units)
+def test_dense_units_infers_input_sizes_from_the_previous_layer_and_input_shape():
+    model = fn.Sequential([fn.Dense(16, activation="relu", input_shape=(4,)),
+                           fn.Dense(8, "tanh"), fn.Dropout(0.1), fn.Dense(3)])
+    shapes = [w.shape for w in model.get_weights()]
+    assert shapes == [(4, 16), (16,), (16, 8), (8,), (8, 3), (3,)]
+    assert repr(model.layers[1]) == "Dense(16, 8, activation='tanh')"
+    explicit = fn.Sequential([fn.Dense(4, 16, "relu", seed=0)])
+    keras = fn.Sequential([fn.Dense(16, "relu", input_shape=(4,), seed=0)])
+    np.testing.assert_array_equal(keras.get_weights()[0], explicit.get_weights()[0])
+
+
+def test_dense_units_first_layer_is_built_by_the_first_batch(tmp_path):
+    X, y = blobs(10, rng(62))
+    model = fn.Sequential([fn.Dense(8, activation="relu", seed=0), fn.Dense(3, seed=1)])
+    model.compile("cross_entropy", "adam", metrics=["accuracy"])
+    with pytest.raises(ValueError, match="get_weights needs the model's input size"):
+        model.get_weights()
+    with pytest.raises(ValueError, match="input_shape"):
+        model.summary()
+    model.fit(X, y, epochs=2, verbose=0, seed=0)
+    assert model.n_features == 2 and model.n_params == 2 * 8 + 8 + 8 * 3 + 3
+    reference = fn.Sequential([fn.Dense(2, 8, "relu", seed=0), fn.Dense(8, 3, seed=1)])
+    reference.compile("cross_entropy", "adam", metrics=["accuracy"])
+    reference.fit(X, y, epochs=2, verbose=0, seed=0)
+    for a, b in zip(model.get_weights(), reference.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    model.save(tmp_path / "m.npz")
+    np.testing.assert_array_equal(fn.load_model(tmp_path / "m.npz").predict(X),
+                                  model.predict(X))
+    with pytest.raises(ValueError, match="X has 3 features per sample, but the model expects 2"):
+        model.predict(np.zeros((2, 3)))
+
+
+def test_dense_units_argument_problems():
+    with pytest.raises(TypeError, match="activation given twice"):
+        fn.Dense(8, "relu", activation="tanh")
+    with pytest.raises(TypeError, match="input_shape goes with Dense"):
+        fn.Dense(4, 8, input_shape=(4,))
+    with pytest.raises(ValueError, match=r"input_shape must be a tuple of one int"):
+        fn.Dense(8, input_shape=(4, 4))
+
+
+# ---------------------------------------------------------------------------- softmax
+def test_softmax_on_the_last_layer_is_folded_into_cross_entropy():
+    X, y = blobs(10, rng(63))
+    with_softmax = fn.Sequential([fn.Dense(2, 8, "relu", seed=0),
+                                  fn.Dense(8, 3, activation="softmax", seed=1)])
+    logits = fn.Sequential([fn.Dense(2, 8, "relu", seed=0), fn.Dense(8, 3, seed=1)])
+    for model in (with_softmax, logits):
+        model.compile("sparse_categorical_crossentropy", fn.optimizers.Adam(lr=0.05),
+                      metrics=["accuracy"])
+    a = with_softmax.fit(X, y, epochs=3, seed=0, verbose=0).history
+    b = logits.fit(X, y, epochs=3, seed=0, verbose=0).history
+    assert a == b
+    probabilities = with_softmax.predict(X)
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-6)
+    np.testing.assert_array_equal(probabilities, logits.predict(X))
+
+
+def test_softmax_elsewhere_is_refused():
+    with pytest.raises(ValueError, match="softmax' goes on the last Dense layer only"):
+        fn.Sequential([fn.Dense(2, 8, "softmax"), fn.Dense(8, 3)])
+    model = fn.Sequential([fn.Dense(2, 3, "softmax")])
+    with pytest.raises(ValueError, match="needs the cross_entropy loss.*'mse'"):
+        model.compile("mse")
+
+
+# ---------------------------------------------------------------------------- errors that say how
+def test_layers_as_separate_arguments_or_classes_say_what_to_do():
+    with pytest.raises(TypeError, match=r"one list: Sequential\(\[layer1, layer2, \.\.\.\]\)"):
+        fn.Sequential(fn.Dense(2, 3), fn.Dense(3, 1))
+    with pytest.raises(TypeError, match=r"layers\[0\] is the class Dense; create a layer"):
+        fn.Sequential([fn.Dense])
+
+
+def test_ragged_sparse_and_string_inputs_say_what_to_do():
+    model = mlp([2, 3]).compile("cross_entropy")
+    with pytest.raises(ValueError, match="X is a ragged nested sequence"):
+        model.predict([[1.0, 2.0], [3.0]])
+    scipy_sparse = pytest.importorskip("scipy.sparse")
+    with pytest.raises(TypeError, match=r"sparse input is not supported; convert it with "
+                                        r"X\.toarray\(\)"):
+        model.predict(scipy_sparse.csr_matrix(np.ones((2, 2))))
+    X = np.ones((3, 2))
+    for labels in (np.array(["cat", "dog", "cat"]), ["cat", "dog", "cat"],
+                   np.array(["cat", "dog", "cat"], dtype=object)):
+        with pytest.raises(TypeError, match=r"got strings.*np\.unique\(y, return_inverse"):
+            model.fit(X, labels, verbose=0)
+
+
+def test_one_based_labels_suggest_y_minus_1():
+    model = mlp([2, 3]).compile("cross_entropy")
+    with pytest.raises(ValueError, match="labels look 1-based: pass y - 1"):
+        model.fit(np.ones((3, 2)), [1, 2, 3], verbose=0)
+    with pytest.raises(ValueError) as info:
+        model.fit(np.ones((3, 2)), [0, 1, 5], verbose=0)
+    assert "1-based" not in str(info.value)

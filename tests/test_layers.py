@@ -130,9 +130,9 @@ def test_dense_repr_and_config_round_trip():
 
 
 def test_backward_before_forward_raises():
-    with pytest.raises(RuntimeError, match="before forward"):
+    with pytest.raises(ValueError, match="needs a forward pass first"):
         fn.Dense(2, 2).backward(np.ones((1, 2)))
-    with pytest.raises(RuntimeError, match="before forward"):
+    with pytest.raises(ValueError, match="needs a forward pass first"):
         fn.ReLU().backward(np.ones((1, 2)))
 
 

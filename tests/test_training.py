@@ -377,3 +377,17 @@ def test_fit_refuses_a_callback_class_and_non_callbacks_by_name():
         small_classifier().fit(X, y, callbacks=[fn.callbacks.TerminateOnNaN], verbose=0)
     with pytest.raises(TypeError, match="callbacks must be a fastnn.callbacks.Callback"):
         small_classifier().fit(X, y, callbacks=5, verbose=0)
+
+
+def test_a_failed_compile_leaves_the_model_as_it_was():
+    X, y = blobs(5, rng(64))
+    model = small_classifier()
+    loss, optimizer, metrics = model.loss, model.optimizer, model.metrics
+    with pytest.raises(ValueError, match="LevenbergMarquardt needs a sum-of-squares loss"):
+        model.compile("hinge", fn.solvers.LevenbergMarquardt(), metrics=["accuracy"])
+    assert (model.loss, model.optimizer, model.metrics) == (loss, optimizer, metrics)
+    fresh = mlp([2, 3])
+    with pytest.raises(ValueError):
+        fresh.compile("cross_entropy", fn.solvers.LevenbergMarquardt())
+    assert fresh.loss is None and fresh.optimizer is None
+    model.fit(X, y, epochs=1, verbose=0)
