@@ -194,3 +194,19 @@ def test_rank_parts_tile_the_single_process_batches(n, batch, parts):
         assert all(a[1] == c[0] for a, c in zip(bounds, bounds[1:]))
         sizes = [stop - start for start, stop in bounds]
         assert max(sizes) - min(sizes) <= 1
+
+
+def test_readme_example_prints_the_same_on_two_ranks(tmp_path):
+    readme = (HERE.parent / "README.md").read_text(encoding="utf-8")
+    start = readme.index("# train.py")
+    script = tmp_path / "train.py"
+    script.write_text(readme[start:readme.index("```", start)], encoding="utf-8")
+    alone = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                           cwd=tmp_path, timeout=TIMEOUT)
+    assert alone.returncode == 0, alone.stderr
+    env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+    two = subprocess.run([_mpiexec(), "--oversubscribe", "-n", "2", sys.executable, "-m",
+                          "mpi4py", str(script)], capture_output=True, text=True, cwd=tmp_path,
+                         env=env, timeout=TIMEOUT)
+    assert two.returncode == 0, two.stdout + two.stderr
+    assert two.stdout == alone.stdout and alone.stdout.startswith("val_accuracy 0.")
