@@ -210,3 +210,23 @@ def test_readme_example_prints_the_same_on_two_ranks(tmp_path):
                          env=env, timeout=TIMEOUT)
     assert two.returncode == 0, two.stdout + two.stderr
     assert two.stdout == alone.stdout and alone.stdout.startswith("val_accuracy 0.")
+
+
+def test_cost_model_efficiency_falls_with_ranks_and_the_batch_keeps_the_target():
+    from fastnn.bench import mpi
+
+    allreduce = {"ranks": 2, "seconds": {str(b): 1e-6 + b / 2e9 for b in mpi.MESSAGE_BYTES}}
+    steps = {f"{net}/{b}": 1e-4 + 5e-6 * b for net in mpi.NETS for b in (16, 256)}
+    model = mpi.cost_model(allreduce, steps)
+    for entry in model.values():
+        for gbps in mpi.NETWORKS_GBPS:
+            efficiency = [row[gbps]["efficiency"] for row in entry["rows"]]
+            assert all(0 < e <= 1 for e in efficiency) and efficiency == sorted(efficiency)[::-1]
+            for row in entry["rows"]:
+                k, batch = row["ranks"], row[gbps]["batch_for_target"]
+                assert batch % k == 0
+                comm = (2 * (k - 1) * (1e-6 + mpi.NETWORK_LATENCY)
+                        + 2 * (k - 1) / k * entry["grad_bytes"] / (gbps * 1e9 / 8))
+                compute = entry["c0"] + entry["c1"] * batch / k
+                assert compute / (compute + comm) >= mpi.TARGET_EFFICIENCY - 1e-12
+    assert "NOT a measurement" in mpi.model_table(model)

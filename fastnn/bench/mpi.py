@@ -208,31 +208,48 @@ def _rate(result, samples):
     return samples / statistics.median(result["epoch_seconds"])
 
 
+def _merge_rounds(results):
+    """One record from a configuration's rounds: every timed epoch, or the first error."""
+    errors = [r for r in results if r.get("error")]
+    if errors:
+        return errors[0]
+    return {"epoch_seconds": [t for r in results for t in r["epoch_seconds"]],
+            "loss": results[-1]["loss"], "rounds": len(results)}
+
+
 def run_mpi_bench(ranks, quick, with_torch, log):
-    """Every measurement of ``fastnn bench --mpi`` and the cost model; a result dict."""
-    repeats, samples = (2, 8192) if quick else (5, 16384)
+    """Every measurement of ``fastnn bench --mpi`` and the cost model; a result dict.
+
+    The training configurations run in alternating rounds (each in fresh processes), so
+    a change in the machine's background load hits them alike; the rate is the median
+    over every timed epoch of every round."""
+    repeats, samples, rounds = (2, 8192, 1) if quick else (3, 16384, 3)
     sizes = list(NETS[SCALING_NET]["sizes"])
     log(f"allreduce latency and bandwidth, {ranks} ranks")
     allreduce = _launch({"kind": "allreduce", "bytes": list(MESSAGE_BYTES),
                          "trials": 3 if quick else 5}, ranks)
     base = {"kind": "fastnn", "sizes": sizes, "samples": samples, "batch": GLOBAL_BATCH,
             "repeats": repeats}
-    runs = {}
-    for label, spec, n in (("1 process, fused epoch", dict(base, distributed=False, fused=True), None),
-                           ("1 process, per-step", dict(base, distributed=False, fused=False), None),
-                           (f"{ranks} ranks (fastnn)", dict(base, distributed=True, fused=False), ranks)):
-        log(f"scaling: {SCALING_NET} at global batch {GLOBAL_BATCH}, {label}")
-        runs[label] = _launch(spec, n)
+    configs = {"1 process, fused epoch": (dict(base, distributed=False, fused=True), None),
+               "1 process, per-step": (dict(base, distributed=False, fused=False), None),
+               f"{ranks} ranks (fastnn)": (dict(base, distributed=True, fused=False), ranks)}
     if with_torch:
-        log(f"torch DDP (gloo), {ranks} ranks")
         port = 29500 + os.getpid() % 1000
-        runs[f"{ranks} ranks (torch DDP, gloo)"] = _launch(
+        configs[f"{ranks} ranks (torch DDP, gloo)"] = (
             dict(base, kind="ddp", init=f"tcp://127.0.0.1:{port}"), ranks)
+    results, load = {label: [] for label in configs}, []
+    for i in range(rounds):
+        load.append(os.getloadavg()[0] if hasattr(os, "getloadavg") else None)
+        for label, (spec, n) in configs.items():
+            log(f"round {i + 1}/{rounds}: {SCALING_NET} at global batch {GLOBAL_BATCH}, {label}")
+            results[label].append(_launch(spec, n))
+    runs = {label: _merge_rounds(rs) for label, rs in results.items()}
     log("per-step times of the reference nets for the cost model")
     steps = _launch({"kind": "steps", "nets": list(NETS), "batches": [16, 256],
                      "steps": 16 if quick else 48}, None)
     result = {"ranks": ranks, "samples": samples, "net": SCALING_NET, "sizes": sizes,
-              "global_batch": GLOBAL_BATCH, "allreduce": allreduce, "step_seconds": steps,
+              "global_batch": GLOBAL_BATCH, "rounds": rounds, "load_average": load,
+              "allreduce": allreduce, "step_seconds": steps,
               "training": {k: dict(v, samples_per_s=_rate(v, samples)) for k, v in runs.items()}}
     result["errors"] = [f"{k}: {v['error']}" for k, v in
                         [("allreduce", allreduce), ("step times", steps), *runs.items()]
@@ -298,7 +315,9 @@ def format_mpi_report(result):
                                    for b, t in allreduce["seconds"].items())]
     lines += ["", f"Scaling: {result['net']} net {tuple(result['sizes'])}, float32, SGD, "
                   f"global batch {result['global_batch']}, {result['samples']} samples/epoch, "
-                  "1 thread per process, each pinned to its own CPU (median epoch)"]
+                  "1 thread per process, each pinned to its own CPU; median epoch of "
+                  f"{result['rounds']} alternating rounds; 1-min load average before each "
+                  f"round: {', '.join(f'{v:.1f}' for v in result['load_average'] if v is not None)}"]
     training = result["training"]
     baseline = training.get("1 process, fused epoch", {}).get("samples_per_s")
     for label, record in training.items():
