@@ -159,7 +159,8 @@ def _setup(model, X, y, epochs, batch_size, shuffle, replacement, validation_dat
     shuffle = check_bool(shuffle, "shuffle")
     replacement = check_bool(replacement, "replacement")
     n = X.shape[0]
-    batch = n if batch_size is None else min(check_int(batch_size, "batch_size", low=1), n)
+    batch_size = None if batch_size is None else check_int(batch_size, "batch_size", low=1)
+    batch = n if batch_size is None else min(batch_size, n)
     callbacks = check_callbacks(callbacks)
     for cb in callbacks:
         cb.set_model(model)
@@ -169,8 +170,8 @@ def _setup(model, X, y, epochs, batch_size, shuffle, replacement, validation_dat
                                               if val is not None else ()), solver)
     return _Setup(epochs=epochs, verbose=verbose, rng=np.random.default_rng(seed), seed=seed,
                   X=X, target=target, weights=weights, val=val, shuffle=shuffle,
-                  replacement=replacement, batch=batch, callbacks=callbacks, solver=solver,
-                  plan=_BatchPlan(n, batch))
+                  replacement=replacement, batch=batch, batch_size=batch_size,
+                  callbacks=callbacks, solver=solver, plan=_BatchPlan(n, batch))
 
 
 def _train(model, setup, comm):
@@ -231,9 +232,10 @@ def _distribute(model, comm, setup):
     if isinstance(model.optimizer, optimizers_module.Optimizer):
         for name in sorted(model.optimizer.state):
             comm.broadcast(model.optimizer.state[name])
-    if comm.mode == "shards":
-        n_batches = math.ceil(comm.max_value(setup.X.shape[0]) / setup.batch)
-        setup.plan = _BatchPlan(setup.X.shape[0], setup.batch, n_batches=n_batches)
+    if comm.mode == "shards":  # every rank takes the same number of steps
+        largest = comm.max_value(setup.X.shape[0])
+        batch = setup.batch_size or largest
+        setup.plan = _BatchPlan(setup.X.shape[0], batch, n_batches=math.ceil(largest / batch))
         return setup
     if setup.val is not None:
         part = distributed_module.split(setup.val[0].shape[0], comm.size, comm.rank)
@@ -262,7 +264,7 @@ def _description(model, comm, setup):
         "n_features": model.n_features, "loss": model.loss.get_config(),
         "metrics": list(model.metrics), "optimizer": optimizer.get_config(),
         "optimizer_iterations": optimizer.iterations, "backend": get_backend(),
-        "epochs": setup.epochs, "batch_size": setup.batch, "shuffle": setup.shuffle,
+        "epochs": setup.epochs, "batch_size": setup.batch_size, "shuffle": setup.shuffle,
         "replacement": setup.replacement, "seed": setup.seed,
         "validation": setup.val is not None,
         "TerminateOnNaN": any(isinstance(cb, TerminateOnNaN) for cb in setup.callbacks)}

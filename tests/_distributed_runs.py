@@ -94,9 +94,9 @@ def build_special(name, rank, size, out):
     fit.pop("validation_split")
     if name == "stop_on_one_rank":
         fit.update(epochs=5, callbacks=[_StopOnRank(size - 1, 1)])
-    elif name == "shards":  # uneven own parts: rank r holds 20 + 7 r samples
+    elif name == "shards":  # uneven own parts of 20 + 7 r samples, some below a batch
         X, y = X[:20 + 7 * rank], y[:20 + 7 * rank]
-        fit["distributed"] = "shards"
+        fit.update(distributed="shards", batch_size=25)
     elif name == "bad_data":
         if rank == size - 1:
             X = X.copy()
