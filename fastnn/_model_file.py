@@ -29,6 +29,7 @@ from . import losses as losses_module
 from . import optimizers as optimizers_module
 from . import solvers as solvers_module
 from ._validation import all_finite, check_dtype
+from ._labels import ClassLabels
 from .layers import LAYER_CLASSES, layer_from_config
 
 FORMAT = "fastnn.Sequential"
@@ -44,7 +45,7 @@ _NONNEGATIVE_STATE = frozenset({"sum", "square_avg", "exp_avg_sq", "max_exp_avg_
 _TEMP_PREFIX, _TEMP_SUFFIX = ".fastnn-", ".tmp"
 _TEMP_NAME = re.compile(r"\.fastnn-(\d+)-[A-Za-z0-9_]+\.tmp\Z")
 _TOP_LEVEL_FIELDS = frozenset({"format", "version", "config", "loss", "metrics",
-                               "optimizer", "solver"})
+                               "optimizer", "solver", "classes"})
 _OPTIMIZER_FIELDS = frozenset({"config", "iterations", "lr_scale", "state"})
 
 
@@ -70,6 +71,8 @@ def write_model(model, path):
             arrays["optimizer/" + name] = arr
     elif isinstance(model.optimizer, solvers_module.Solver):
         meta["solver"] = model.optimizer.get_config()
+    if model.class_labels is not None:
+        meta["classes"] = _json_classes(model.class_labels.classes)
     arrays["meta"] = np.array(json.dumps(meta))
     directory = check_destination(path)
     remove_stale_temp_files(directory)
@@ -89,9 +92,14 @@ def write_model(model, path):
 
 
 def check_destination(path):
-    """The directory a model saved at ``path`` goes to; IsADirectoryError if ``path`` is
-    a directory, FileNotFoundError if its directory does not exist."""
+    """The directory a model saved at ``path`` goes to; ValueError unless ``path`` ends in
+    .npz (the format written), IsADirectoryError if it is a directory,
+    FileNotFoundError if its directory does not exist."""
     path = os.fspath(path)
+    if not str(path).lower().endswith(".npz"):
+        raise ValueError(f"cannot save a model to {path!r}: fastnn writes .npz model files "
+                         "(architecture, weights and optimizer state, no pickle); give a "
+                         "path ending in .npz")
     if os.path.isdir(path):
         raise IsADirectoryError(f"cannot save a model to {path!r}: it is a directory")
     directory = os.path.dirname(os.path.abspath(path))
@@ -353,11 +361,41 @@ def _build(meta, arrays, model_class):
         model.compile(loss, optimizer, metrics or None)
     except (TypeError, ValueError) as exc:
         raise _Damaged(f"compile settings: {exc}") from None
+    if "classes" in meta:
+        model.class_labels = _class_labels(meta["classes"], model)
     if "optimizer" not in meta:
         _no_extra_arrays(arrays, set())
         return model
     _restore_optimizer_state(model.optimizer, meta["optimizer"], arrays)
     return model
+
+
+def _json_classes(classes):
+    """The class labels as a JSON list: str, or int / float / bool numbers."""
+    labels = classes.tolist()
+    if not all(isinstance(label, (str, int, float)) for label in labels):
+        kinds = sorted({type(label).__name__ for label in labels})
+        raise ValueError(f"the model's class labels are of type(s) {kinds}, which a model "
+                         "file cannot hold; train on str or int labels to save the model")
+    return labels
+
+
+def _class_labels(saved, model):
+    """``ClassLabels`` from the saved "classes" list, checked against the model."""
+    if not isinstance(saved, list) or not saved or len({type(v) for v in saved}) != 1 \
+            or not isinstance(saved[0], (str, int, float)):
+        raise _Damaged(f"classes must be a non-empty list of labels of one type (str, "
+                       f"int or float), got {saved!r:.200}")
+    if len(saved) > max(model.n_outputs, 2) or not model.loss.classification:
+        raise _Damaged(f"classes holds {len(saved)} labels for a model with "
+                       f"{model.n_outputs} output(s) and loss {model.loss.name!r}")
+    try:
+        labels = ClassLabels(np.array(saved))
+    except (TypeError, ValueError) as exc:
+        raise _Damaged(f"classes: {exc}") from None
+    if labels.classes.tolist() != saved:
+        raise _Damaged("classes must be distinct and sorted")
+    return labels
 
 
 def _check_fields(value, field, required):

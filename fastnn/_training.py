@@ -78,14 +78,16 @@ class History:
         for key, value in logs.items():
             self.history.setdefault(key, []).append(float(value))
 
-    def plot(self, path=None, keys=None, logy=None):
+    def plot(self, path=None, keys=None, logy=None, title=None):
         """Plot the curves with matplotlib (``pip install fastnn[plot]``): one panel per
         key ("loss", each metric, "lr" when recorded) with its "val_*" curve beside it.
 
-        ``logy`` puts the y axes on a log scale (default: on for solver runs, whose loss
-        falls by orders of magnitude; the "lr" panel is always logarithmic). The x axis
-        counts epochs, or iterations for solvers. Saves to ``path`` when given (on rank
-        0 alone after a distributed fit); returns the matplotlib Figure.
+        ``logy`` puts the loss and error (mae, mse) axes on a log scale (default: on for
+        solver runs, whose loss falls by orders of magnitude; accuracy and r2 stay linear,
+        and the "lr" panel is always logarithmic). The x axis
+        counts epochs, or iterations for solvers. ``title`` goes above the panels. Saves
+        to ``path`` when given (on rank 0 alone after a distributed fit); returns the
+        matplotlib Figure.
         """
         try:
             if path is None:
@@ -106,11 +108,13 @@ class History:
             ax.plot(x, self.history[key], label=key)
             if "val_" + key in self.history:
                 ax.plot(x, self.history["val_" + key], label="val_" + key)
-            if logy or key == "lr":
+            if (logy and key in ("loss", "mae", "mse")) or key == "lr":
                 ax.set_yscale("log")
             ax.set_xlabel(self.unit)
             ax.set_title(key)
             ax.legend()
+        if title is not None:
+            fig.suptitle(title)
         fig.tight_layout()
         if path is not None and self.writes_files:
             fig.savefig(path)

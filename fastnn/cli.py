@@ -20,7 +20,26 @@ from ._validation import check_float, check_int
 from .solvers import SOLVERS
 
 CLASSIFICATION_LOSSES = ("cross_entropy", "hinge", "binary_cross_entropy")
+#: Settings per dataset that train to a good test result with the default network;
+#: --epochs, --batch-size and --lr override them.
+DATASET_DEFAULTS = {
+    "digits": {"epochs": 30, "batch_size": 32, "lr": None},
+    "iris": {"epochs": 100, "batch_size": 16, "lr": 0.01},
+    "xor": {"epochs": 30, "batch_size": 32, "lr": None},
+    "spirals": {"epochs": 100, "batch_size": 16, "lr": 0.01},
+    "mnist": {"epochs": 10, "batch_size": 128, "lr": None},
+    "csv": {"epochs": 30, "batch_size": 32, "lr": None},
+}
 ACTIVATIONS = sorted(set(kernels.ACTIVATIONS) - {"step"})
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows "(default: ...)" for the options whose default is a plain value."""
+
+    def _get_help_string(self, action):
+        if action.default is None or isinstance(action.default, (bool, list)):
+            return action.help
+        return super()._get_help_string(action)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -66,37 +85,56 @@ def _float_option(**bounds):
 def build_parser():
     from . import bench  # the benchmark program loads with the command line, not with fastnn
 
-    parser = _Parser(prog="fastnn", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="fastnn", description="fastnn: fast CPU training of multilayer "
+                     "perceptrons. Commands: train (an MLP on a bundled or your data), "
+                     "bench (the benchmark suite).")
     sub = parser.add_subparsers(dest="command", required=True)
-    train = sub.add_parser("train", help="train an MLP and report test accuracy and speed")
+    train = sub.add_parser(
+        "train", help="train an MLP and report test accuracy and speed",
+        description="Train an MLP on a dataset, then report the held-out test loss and "
+                    "metric, samples/s and wall time.",
+        formatter_class=_HelpFormatter)
     train.add_argument("--dataset", nargs="+", default=["digits"], metavar="NAME [PATH]",
                        help="digits (default), iris, xor, spirals, 'mnist DIR' (IDX files) "
                             "or 'csv FILE' (numeric, last column is the target)")
     train.add_argument("--hidden", type=_parse_hidden, default=[128, 64],
-                       help="hidden layer sizes, e.g. 128,64 (default)")
+                       help="hidden layer sizes, comma-separated (default: 128,64)")
     train.add_argument("--activation", default="relu", choices=ACTIVATIONS,
-                       help="hidden activation (relu)")
+                       help="activation of the hidden layers")
     train.add_argument("--loss", default=None, choices=sorted(losses.LOSSES),
-                       help="default: cross_entropy for classification data, mse otherwise")
+                       help="the loss; by default cross_entropy for class labels, mse for "
+                            "regression targets")
     train.add_argument("--optimizer", default="adam",
                        choices=sorted(optimizers.OPTIMIZERS) + sorted(SOLVERS),
-                       help="adam (default), a first-order optimizer or a solver")
+                       metavar="NAME",
+                       help="a first-order optimizer (" + ", ".join(sorted(
+                           optimizers.OPTIMIZERS)) + ") or a full-batch solver (" +
+                            ", ".join(sorted(SOLVERS)) + ")")
     train.add_argument("--lr", type=_float_option(low=0.0, low_open=True), default=None,
-                       help="learning rate (> 0)")
-    train.add_argument("--epochs", type=_int_option(0), default=30)
-    train.add_argument("--batch-size", type=_int_option(1), default=32)
+                       help="learning rate (> 0); by default the dataset's (see "
+                            "--epochs) or the optimizer's")
+    train.add_argument("--epochs", type=_int_option(0), default=None,
+                       help="epochs (solvers: iterations); by default per dataset: " +
+                            ", ".join(f"{name} {d['epochs']}"
+                                      for name, d in DATASET_DEFAULTS.items()))
+    train.add_argument("--batch-size", type=_int_option(1), default=None,
+                       help="samples per step (ignored by solvers); by default per "
+                            "dataset: " + ", ".join(f"{name} {d['batch_size']}"
+                                                    for name, d in DATASET_DEFAULTS.items()))
     train.add_argument("--backend", default=None, choices=kernels.BACKENDS,
-                       help="default: the fastest that loads")
+                       help="kernel backend; by default the fastest that loads")
     train.add_argument("--threads", type=_int_option(1), default=None,
-                       help="thread budget, 1 to the number of usable CPUs")
-    train.add_argument("--dtype", default="float32", choices=("float32", "float64"))
-    train.add_argument("--seed", type=_int_option(0), default=0)
+                       help="thread budget, 1 to the number of usable CPUs; by default all")
+    train.add_argument("--dtype", default="float32", choices=("float32", "float64"),
+                       help="floating-point type of the model")
+    train.add_argument("--seed", type=_int_option(0), default=0,
+                       help="seed of the split, the initial weights and the shuffling")
     train.add_argument("--test-size", type=_float_option(low=0.0, high=1.0, low_open=True,
                                                          high_open=True), default=0.25,
-                       help="test fraction, in (0, 1)")
+                       help="fraction of the data held out for testing, in (0, 1)")
     train.add_argument("--save", default=None, metavar="PATH", help="save the model (.npz)")
     train.add_argument("--plot", default=None, metavar="PNG",
-                       help="save the training curves (needs matplotlib)")
+                       help="save the training and test curves (needs matplotlib)")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
     bench.add_parser(sub)
     return parser
@@ -108,6 +146,9 @@ def load_dataset(spec):
     from . import datasets
 
     name, rest = spec[0], spec[1:]
+    if name not in DATASET_DEFAULTS:
+        raise ValueError(f"unknown dataset {name!r}; choose digits, iris, xor, spirals, "
+                         "mnist DIR or csv FILE")
     if name in ("mnist", "csv") and len(rest) != 1:
         raise ValueError(f"--dataset {name} needs a path: --dataset {name} PATH")
     if name not in ("mnist", "csv") and rest:
@@ -124,11 +165,8 @@ def load_dataset(spec):
         X, y = datasets.spirals(seed=0)
     elif name == "mnist":
         X, y = datasets.load_mnist(rest[0], kind="train")
-    elif name == "csv":
-        return _load_csv(rest[0])
     else:
-        raise ValueError(f"unknown dataset {name!r}; choose digits, iris, xor, spirals, "
-                         "mnist DIR or csv FILE")
+        return _load_csv(rest[0])
     return X, y, True
 
 
@@ -215,8 +253,15 @@ def _run(fn, args):
               for i in range(len(sizes) - 1)]
     model = fn.Sequential(layers)
     optimizer = fn.optimizers.get(args.optimizer)
-    if args.lr is not None:
-        optimizer.lr = args.lr
+    defaults = DATASET_DEFAULTS[args.dataset[0]]
+    solver = isinstance(optimizer, fn.solvers.Solver)
+    lr = args.lr if args.lr is not None else None if solver else defaults["lr"]
+    if lr is not None:
+        if not hasattr(optimizer, "lr"):
+            raise ValueError(f"--lr: the solver {args.optimizer} takes no learning rate")
+        optimizer.lr = lr
+    epochs = defaults["epochs"] if args.epochs is None else args.epochs
+    batch_size = defaults["batch_size"] if args.batch_size is None else args.batch_size
     metrics = ["r2"] if regression else ["accuracy"]
     model.compile(loss=loss, optimizer=optimizer, metrics=metrics)
     print(f"fastnn {fn.__version__} | backend {fn.get_backend()} | threads "
@@ -226,23 +271,31 @@ def _run(fn, args):
     print(f"model {'-'.join(map(str, sizes))} ({args.activation}), {model.n_params:,} "
           f"params, loss {loss}, optimizer {optimizer!r}")
     start = time.perf_counter()
-    history = model.fit(X_train, y_train, epochs=args.epochs, batch_size=args.batch_size,
-                        verbose=0 if args.quiet else 1, seed=args.seed)
+    history = model.fit(X_train, y_train, epochs=epochs, batch_size=batch_size,
+                        verbose=0 if args.quiet else 1, seed=args.seed,
+                        validation_data=(X_test, y_test) if args.plot else None)
     seconds = time.perf_counter() - start
     result = model.evaluate(X_test, y_test)
     metric = metrics[0]
-    epochs = len(history.epoch)
-    speed = (f" ({X_train.shape[0] * epochs / seconds:,.0f} samples/s)"
-             if epochs and seconds > 0 else "")
-    final = f"; final train loss {history.history['loss'][-1]:.4f}" if epochs else ""
-    print(f"trained {epochs} epochs in {seconds:.2f} s{speed}{final}")
+    done = len(history.epoch)
+    if solver:
+        speed = f" ({history.n_evaluations} loss+gradient evaluations)"
+    else:
+        speed = (f" ({X_train.shape[0] * done / seconds:,.0f} samples/s)"
+                 if done and seconds > 0 else "")
+    final = f"; final train loss {history.history['loss'][-1]:.4f}" if done else ""
+    print(f"trained {done} {history.unit}s in {seconds:.2f} s{speed}{final}")
+    if solver:
+        print(f"stopped: {history.stop_reason}")
     print(f"test loss {result['loss']:.4f} | test {metric} {result[metric]:.4f}")
     if args.save:
         model.save(args.save)
         print(f"saved model to {args.save}")
     if args.plot:
-        history.plot(args.plot)
-        print(f"saved training curves to {args.plot}")
+        title = (f"{' '.join(args.dataset)}: {'-'.join(map(str, sizes))} {args.activation} "
+                 f"MLP, {loss}, {args.optimizer} (test set as val_*)")
+        history.plot(args.plot, title=title)
+        print(f"saved training and test curves to {args.plot}")
     return 0
 
 

@@ -10,6 +10,7 @@ SGD into its backward and may never write it); ``compute_gradients`` gives gradi
 import numpy as np
 
 from . import _model_file, _training
+from ._labels import ClassLabels
 from . import losses as losses_module
 from . import metrics as metrics_module
 from . import optimizers as optimizers_module
@@ -57,6 +58,9 @@ class Sequential:
         self.layers = []
         self.loss = None
         self.optimizer = None
+        #: The mapping of non-numeric class labels to codes (fastnn._labels.ClassLabels),
+        #: made by the first labels the model sees; None for numeric labels.
+        self.class_labels = None
         self.metrics = ()
         self.stop_training = False
         self.stop_reason = None
@@ -221,10 +225,36 @@ class Sequential:
 
     def _prepare(self, X, y, sample_weight, name="X"):
         X = self._check_X(X, name)
-        target = self.loss.prepare_target(y, X.shape[0], self.n_outputs, self.dtype,
-                                          "y" if name == "X" else name.replace("X", "y"))
+        y_name = "y" if name == "X" else name.replace("X", "y")
+        y = self._encode_labels(y, y_name)
+        target = self.loss.prepare_target(y, X.shape[0], self.n_outputs, self.dtype, y_name)
         weights = check_sample_weight(sample_weight, X.shape[0], self.dtype)
         return X, target, weights
+
+    def _encode_labels(self, y, name):
+        """String or other non-numeric class labels -> codes 0..K-1.
+
+        The first such labels the model sees (normally fit's) fix the mapping, kept in
+        ``class_labels`` and saved with the model: classes in sorted order, code k for
+        ``class_labels.classes[k]``. Numeric labels pass through as class indices.
+        """
+        multi_label = self.loss.name == "binary_cross_entropy" and self.n_outputs != 1
+        if not self.loss.classification or multi_label:
+            return y
+        if np.asarray(y).dtype.kind not in "USO":
+            if self.class_labels is not None:
+                raise TypeError(f"{name} must hold labels like the classes the model was "
+                                f"trained on {self.class_labels.classes.tolist()}, got "
+                                f"numbers")
+            return y
+        if self.class_labels is None:
+            labels = ClassLabels.fit(y, name)
+            capacity = max(self.n_outputs, 2)
+            if len(labels) > capacity:
+                raise ValueError(f"{name} has {len(labels)} classes, but the model has "
+                                 f"{self.n_outputs} output(s), so at most {capacity}")
+            self.class_labels = labels
+        return self.class_labels.encode(y, name)
 
     # ------------------------------------------------------------------ inference
     def forward(self, X, batch_size=None):
@@ -248,11 +278,13 @@ class Sequential:
     def predict_classes(self, X, batch_size=None):
         """Predicted classes, not probabilities: the argmax class index (n,) for
         cross_entropy and hinge; for binary_cross_entropy 0/1 per output, (n,) with one
-        output or (n, k) multi-label. Regression losses raise ValueError."""
+        output or (n, k) multi-label; the original labels when the model was trained on
+        string (or other non-numeric) labels. Regression losses raise ValueError."""
         self._require_compiled("predict_classes")
         X = self._check_X(X)
-        return np.concatenate([self.loss.classes(self._forward(X[s], False))
-                               for s in _chunks(X.shape[0], batch_size)])
+        codes = np.concatenate([self.loss.classes(self._forward(X[s], False))
+                                for s in _chunks(X.shape[0], batch_size)])
+        return codes if self.class_labels is None else self.class_labels.decode(codes)
 
     def evaluate(self, X, y, sample_weight=None, batch_size=None):
         """{"loss": ..., metric: ...} over the whole set (loss includes regularization)."""

@@ -2,6 +2,7 @@
 import numpy as np
 
 from ._backend import backend_module
+from ._labels import ClassLabels, as_label_vector
 from ._validation import (
     all_finite,
     check_array,
@@ -9,7 +10,7 @@ from ._validation import (
     check_features,
     check_float,
     check_int,
-    check_length,
+    check_sample_weight,
     check_seed,
 )
 from .kernels import ACTIVATIONS
@@ -24,32 +25,6 @@ class NotFittedError(ValueError, AttributeError):
     """A model was used (predict, score, W, ...) before ``fit``."""
 
 
-def _check_class_labels(y, n_samples):
-    """Class labels (integers, bools or strings) as a 1-D array of length n_samples.
-
-    Integer-valued floats become int64; other floats are rejected (they look like
-    regression targets). An object array of str (as pandas gives) becomes a str array.
-    """
-    if y is None or isinstance(y, (str, bytes)):
-        raise TypeError(f"y must be an array-like of class labels, got {type(y).__name__}")
-    arr = np.asarray(y)
-    if arr.ndim == 2 and arr.shape[1] == 1:
-        arr = arr[:, 0]
-    if arr.ndim != 1:
-        raise ValueError(f"y must be a 1-D vector of class labels, got shape {arr.shape}")
-    check_length(arr, "y", n_samples)
-    if arr.dtype.kind in "biuUS":
-        return arr
-    if arr.dtype.kind == "f":
-        if not all_finite(arr):
-            raise ValueError("y contains NaN or infinite values")
-        if not np.array_equal(arr, np.round(arr)):
-            raise ValueError(f"y must hold class labels, got non-integer values such as "
-                             f"{arr[arr != np.round(arr)][0]!r}")
-        return arr.astype(np.int64)
-    if arr.dtype == object and all(isinstance(label, str) for label in arr):
-        return arr.astype(str)
-    raise TypeError(f"y must hold integer or string class labels, got dtype {arr.dtype}")
 
 
 class Perceptron:
@@ -90,14 +65,44 @@ class Perceptron:
     converged_ : True when the last epoch made no mistake.
 
     Shape: ``fit(X (n, d), y (n,))``; ``predict(X (m, d)) -> (m,)``. X is float32 (kept)
-    or converted to float64; labels may be integers, bools or strings.
+    or converted to float64; labels may be integers, bools, strings or any sortable
+    objects.
+
+    It is a scikit-learn classifier (``get_params``/``set_params``, ``clone``,
+    ``score``, GridSearchCV) without importing scikit-learn: as sklearn's convention
+    asks, ``__init__`` only stores the hyperparameters and ``fit`` validates them.
     """
 
+    _PARAMS = ("lr", "max_epochs", "shuffle", "seed")
+    _estimator_type = "classifier"  # scikit-learn < 1.6 reads this; later ones the tags
+
     def __init__(self, lr=1.0, max_epochs=100, shuffle=True, seed=None):
-        self.lr = check_float(lr, "lr", low=0.0, low_open=True)
-        self.max_epochs = check_int(max_epochs, "max_epochs", low=1)
-        self.shuffle = check_bool(shuffle, "shuffle")
-        self.seed = check_seed(seed)
+        self.lr = lr
+        self.max_epochs = max_epochs
+        self.shuffle = shuffle
+        self.seed = seed
+
+    def get_params(self, deep=True):
+        """The hyperparameters as a dict (scikit-learn's estimator protocol)."""
+        return {name: getattr(self, name) for name in self._PARAMS}
+
+    def set_params(self, **params):
+        """Set hyperparameters by name; returns self (validated at the next fit)."""
+        for name, value in params.items():
+            if name not in self._PARAMS:
+                raise ValueError(f"invalid parameter {name!r} for Perceptron; expected one "
+                                 f"of {list(self._PARAMS)}")
+            setattr(self, name, value)
+        return self
+
+    def __sklearn_tags__(self):
+        """scikit-learn >= 1.6 tags: a classifier that requires y (called by sklearn only,
+        so importing it here adds no dependency to fastnn)."""
+        from sklearn.utils import ClassifierTags, InputTags, Tags, TargetTags
+
+        return Tags(estimator_type="classifier", target_tags=TargetTags(required=True),
+                    transformer_tags=None, regressor_tags=None,
+                    classifier_tags=ClassifierTags(), input_tags=InputTags())
 
     def __repr__(self):
         return (f"Perceptron(lr={self.lr!r}, max_epochs={self.max_epochs!r}, "
@@ -121,9 +126,8 @@ class Perceptron:
         rng = np.random.default_rng(check_seed(self.seed))
         dtype = np.float32 if getattr(X, "dtype", None) == np.float32 else np.float64
         X = check_array(X, "X", dtype)
-        y = _check_class_labels(y, len(X))
-        classes, codes = np.unique(y, return_inverse=True)
-        codes = codes.reshape(-1)
+        labels = ClassLabels.fit(y, "y", len(X))
+        classes, codes = labels.classes, labels.encode(y)
         if len(classes) < 2:
             raise ValueError(f"y must hold at least 2 classes, got only {classes[0]!r}")
         if len(classes) == 2:
@@ -225,12 +229,14 @@ class Perceptron:
                                        out)
         return self.classes_[out[:, 0].astype(np.intp)]
 
-    def score(self, X, y):
-        """Accuracy: the fraction of X (m, d) whose predicted class equals y (m,)."""
+    def score(self, X, y, sample_weight=None):
+        """Accuracy: the (sample_weight-weighted) fraction of X (m, d) whose predicted
+        class equals y (m,)."""
         self._fitted("score")
         X = check_features(X, "X", self.coef_.dtype, self.n_features_in_)
-        y = _check_class_labels(y, len(X))
+        y = as_label_vector(y, "y", len(X))
         if (y.dtype.kind in "US") != (self.classes_.dtype.kind in "US"):
             raise TypeError(f"y must hold labels of the kind the model was fitted on "
                             f"(classes_ dtype {self.classes_.dtype}), got dtype {y.dtype}")
-        return float(np.mean(self.predict(X) == y))
+        weights = check_sample_weight(sample_weight, len(X), np.float64)
+        return float(np.average(self.predict(X) == y, weights=weights))

@@ -2,9 +2,12 @@
 
 Every backend module (``_numpy``, ``_numba``, ``_cython``) exposes the same functions
 with the same positional arguments. Outputs are preallocated by the caller; a kernel
-returns None or a scalar loss and never validates its inputs (the API validates once,
-at the boundary). Arrays are C-contiguous float32 or float64, one dtype per call;
-integer class labels are int64. Weights are stored (n_in, n_out): ``x @ w + b``.
+returns None or a scalar loss. Every kernel checks its arguments' shapes, dtypes and
+lengths in O(1), and the class labels and sample indices it reads inside its loop, and
+raises the same ValueError on every backend (``_checks``), so no call reads or writes
+out of bounds; values are not validated (the API validates them once, at its
+boundary). Arrays are C-contiguous float32 or float64, one dtype per call; integer
+class labels are int64. Weights are stored (n_in, n_out): ``x @ w + b``.
 
 This package never imports ``fastnn``: the API depends on the kernels, not back.
 """

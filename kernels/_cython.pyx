@@ -2,9 +2,12 @@
 # a) Same functions and positional arguments as kernels/_numpy.py (the contract and
 #    the oracle). Arrays are typed C-contiguous memoryviews over the fused type
 #    `floating` (float32 / float64); inputs are `const` so read-only arrays work.
-#    Kernels never validate; the only exception they raise is MemoryError when
-#    their small scratch buffer (one double per row, or per chunk and column)
-#    cannot be allocated.
+#    Each public function is a plain def that calls its typed twin (`_name`) and,
+#    should that refuse the arguments (a memoryview that does not convert, or the
+#    twin's O(1) check of every shape against the others), raises the contract's
+#    error from kernels/_checks.py, as the other backends do. Class labels and sample
+#    indices are bounds-checked inside the loops and reported after them. Values are
+#    never validated. A scratch buffer that cannot be allocated is a MemoryError.
 # b) Pure C helpers (`noexcept nogil`, raw pointers) compute one contiguous range of
 #    elements or one block of rows, with the branch on the activation / loss kind
 #    hoisted out of the inner loops; a dense layer, a loss or an optimizer step is one
@@ -36,10 +39,12 @@ from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy, memset
 from scipy.linalg.cython_blas cimport dgemm, sgemm
 
+from . import _checks
 from . import ACTIVATIONS as _ACTIVATIONS
 from . import DEFAULT_ALPHA as _DEFAULT_ALPHA
 from . import LOSS_CODES as _LOSS_CODES
 from . import OPTIMIZER_CODES as _OPTIMIZER_CODES
+from . import OPTIMIZER_HYPER as _OPTIMIZER_HYPER
 
 # OpenMP when the compiler has it (setup.py passes -fopenmp / /openmp); otherwise
 # serial stand-ins, so the module still builds where OpenMP is unavailable (macOS).
@@ -197,6 +202,18 @@ cdef inline int _n_chunks(Py_ssize_t work, Py_ssize_t n_items) noexcept nogil:
     if work < _PARALLEL_MIN or _num_threads < 2 or n_items < 2:
         return 1
     return <int> min(<Py_ssize_t> _num_threads, n_items)
+
+
+#: What a typed twin raises for arguments it cannot take: a memoryview that does not
+#: convert (ValueError / TypeError), a non-array (AttributeError / TypeError), or its
+#: own shape check. The public def then raises the contract's error (``_checks``), or
+#: the original one if that finds nothing wrong.
+_REFUSED = (TypeError, ValueError, AttributeError)
+
+
+cdef int _refuse() except -1:
+    """The typed twins' shape-check failure (replaced by ``_checks``' message)."""
+    raise ValueError("kernel arguments do not match")
 
 
 cdef double _resolve_alpha(int act, object alpha) except? -1:
@@ -384,6 +401,10 @@ def _activation_forward(
     floating[::1] out,      # OUT
     double alpha,
 ):
+    if out.shape[0] != z.shape[0] or not IDENTITY <= act <= ELU:
+        _refuse()
+    if z.shape[0] == 0:
+        return
     with nogil:
         _activation_forward_flat(act, <floating> alpha, &z[0], &out[0], z.shape[0])
 
@@ -398,6 +419,10 @@ def _activation_backward(
     cdef:
         Py_ssize_t size = a.shape[0]
         int c, nchunks = _n_chunks(size, size)
+    if dout.shape[0] != size or out.shape[0] != size or not IDENTITY <= act <= ELU:
+        _refuse()
+    if size == 0:
+        return
     with nogil:
         if nchunks == 1:
             _activation_backward_range(act, <floating> alpha, &a[0], &dout[0], &out[0],
@@ -412,13 +437,21 @@ def _activation_backward(
 
 def activation_forward(act, z, out, alpha=None):
     """``out = act(z)``, elementwise; any shape, ``out`` may alias ``z``."""
-    _activation_forward(act, z.reshape(-1), out.reshape(-1), _resolve_alpha(act, alpha))
+    try:
+        _activation_forward(act, z.reshape(-1), out.reshape(-1), _resolve_alpha(act, alpha))
+    except _REFUSED:
+        _checks.activation("activation_forward", act, {"z": z}, out)
+        raise
 
 
 def activation_backward(act, a, dout, out, alpha=None):
     """``out = dout * act'(z)`` from the forward output ``a``; ``out`` may alias ``dout``."""
-    _activation_backward(act, a.reshape(-1), dout.reshape(-1), out.reshape(-1),
-                         _resolve_alpha(act, alpha))
+    try:
+        _activation_backward(act, a.reshape(-1), dout.reshape(-1), out.reshape(-1),
+                             _resolve_alpha(act, alpha))
+    except _REFUSED:
+        _checks.activation("activation_backward", act, {"a": a, "dout": dout}, out)
+        raise
 
 
 # ----------------------------------------------------------------------------------
@@ -448,18 +481,22 @@ cdef void _dense_forward_ptr(
         _activation_forward_range(act, alpha, out, out, <Py_ssize_t> n * k)
 
 
-def dense_forward(
+def _dense_forward(
     const floating[:, ::1] x,  # IN  (n, d)
     const floating[:, ::1] w,  # IN  (d, k)
     const floating[::1] b,     # IN  (k,)
     int act,
     floating[:, ::1] out,      # OUT (n, k)
-    alpha=None,
+    alpha,
 ):
-    """``out = act(x @ w + b)``: bias rows, then gemm with beta=1, then one pass."""
     cdef:
         int n = x.shape[0], d = x.shape[1], k = w.shape[1]
         floating alpha_ = _resolve_alpha(act, alpha)
+    if (w.shape[0] != d or b.shape[0] != k or out.shape[0] != n or out.shape[1] != k
+            or not IDENTITY <= act <= ELU):
+        _refuse()
+    if n == 0 or k == 0:
+        return
     with nogil:
         _dense_forward_ptr(&x[0, 0], &w[0, 0], &b[0], act, alpha_, &out[0, 0], n, d, k,
                            True)
@@ -563,7 +600,7 @@ cdef void _dense_backward_sgd_ptr(
             b[j] -= <floating> (lr * (db[j] + weight_decay * b[j]))
 
 
-def dense_backward(
+def _dense_backward(
     const floating[:, ::1] x,     # IN  (n, d)
     const floating[:, ::1] w,     # IN  (d, k)
     const floating[:, ::1] a,     # IN  (n, k) forward output
@@ -573,16 +610,28 @@ def dense_backward(
     floating[:, ::1] dx,          # OUT (n, d), None: skipped
     floating[:, ::1] dw,          # OUT (d, k)
     floating[::1] db,             # OUT (k,)
-    alpha=None,
+    alpha,
 ):
-    """``dz = dout * act'(a)``, ``db = dz.sum(0)`` in one pass; ``dw = x.T @ dz`` and
-    ``dx = dz @ w.T`` by gemm (transposes through the flags)."""
     cdef:
         int n = x.shape[0], d = x.shape[1], k = w.shape[1]
         floating alpha_ = _resolve_alpha(act, alpha)
         int nchunks = _n_chunks(<Py_ssize_t> n * k, n)
         floating *dx_ = NULL
-        double *db_parts = <double *> malloc(<size_t> nchunks * k * sizeof(double))
+        double *db_parts
+    if (w.shape[0] != d or a.shape[0] != n or a.shape[1] != k or dout.shape[0] != n
+            or dout.shape[1] != k or dz.shape[0] != n or dz.shape[1] != k
+            or dw.shape[0] != d or dw.shape[1] != k or db.shape[0] != k
+            or (dx is not None and (dx.shape[0] != n or dx.shape[1] != d))
+            or not IDENTITY <= act <= ELU):
+        _refuse()
+    if n == 0:  # no rows: zero gradients, as numpy's sums over nothing
+        dw[:, :] = 0
+        db[:] = 0
+        return
+    if d == 0 or k == 0:
+        raise ValueError(f"dense_backward: x and w must have at least one column, got "
+                         f"x {tuple(x.shape)[:2]}, w {tuple(w.shape)[:2]}")
+    db_parts = <double *> malloc(<size_t> nchunks * k * sizeof(double))
     if db_parts == NULL:
         raise MemoryError()
     if dx is not None:
@@ -618,20 +667,22 @@ cdef void _per_sample_grad_rows(
         jac += width
 
 
-def dense_per_sample_grad(
+def _dense_per_sample_grad(
     const floating[:, ::1] x,   # IN  (n, d)
     const floating[:, ::1] dz,  # IN  (n, k)
     floating[:, ::1] jac,       # OUT (n, P), columns [offset, offset + d*k (+ k))
     Py_ssize_t offset,
     bint use_bias,
 ):
-    """Per-sample dense gradients as Jacobian rows: ``jac[s, offset + i*k + j] =
-    x[s, i] dz[s, j]`` and, with ``use_bias``, ``jac[s, offset + d*k + j] = dz[s, j]``;
-    other columns untouched."""
     cdef:
         Py_ssize_t n = x.shape[0], d = x.shape[1], k = dz.shape[1]
         Py_ssize_t width = jac.shape[1], lo, hi
         int c, nchunks = _n_chunks(n * (d + 1) * k, n)
+    if (dz.shape[0] != n or jac.shape[0] != n or offset < 0
+            or offset + d * k + (k if use_bias else 0) > width):
+        _refuse()
+    if n == 0 or d * k == 0:
+        return
     with nogil:
         if nchunks == 1:
             _per_sample_grad_rows(&x[0, 0], &dz[0, 0], &jac[0, 0] + offset, n, d, k,
@@ -642,6 +693,46 @@ def dense_per_sample_grad(
                 hi = n * (c + 1) // nchunks
                 _per_sample_grad_rows(&x[lo, 0], &dz[lo, 0], &jac[lo, 0] + offset,
                                       hi - lo, d, k, width, use_bias)
+
+
+def dense_forward(x, w, b, act, out, alpha=None):
+    """``out = act(x @ w + b)``: bias rows, then gemm with beta=1, then one pass.
+    x (n, d), w (d, k), b (k,), out (n, k)."""
+    try:
+        _dense_forward(x, w, b, act, out, alpha)
+    except _REFUSED:
+        _checks.dense_forward(x, w, b, act, out)
+        raise
+
+
+def dense_backward(x, w, a, dout, act, dz, dx, dw, db, alpha=None):
+    """``dz = dout * act'(a)``, ``db = dz.sum(0)`` in one pass; ``dw = x.T @ dz`` and
+    ``dx = dz @ w.T`` (skipped when dx is None) by gemm (transposes through the flags).
+    x (n, d), w (d, k), a / dout / dz (n, k), dx (n, d), dw (d, k), db (k,)."""
+    try:
+        _dense_backward(x, w, a, dout, act, dz, dx, dw, db, alpha)
+    except _REFUSED:
+        _checks.dense_backward(x, w, a, dout, act, dz, dx, dw, db)
+        raise
+
+
+def dense_per_sample_grad(x, dz, jac, offset, use_bias):
+    """Per-sample dense gradients as Jacobian rows: ``jac[s, offset + i*k + j] =
+    x[s, i] dz[s, j]`` and, with ``use_bias``, ``jac[s, offset + d*k + j] = dz[s, j]``;
+    other columns untouched. x (n, d), dz (n, k), jac (n, P)."""
+    try:
+        _dense_per_sample_grad(x, dz, jac, offset, use_bias)
+    except _REFUSED:
+        _checks.dense_per_sample_grad(x, dz, jac, offset, use_bias)
+        raise
+
+
+#: Length of each optimizer code's ``hyper`` array (fastnn.kernels.OPTIMIZER_HYPER).
+_HYPER_SIZES = tuple(len(_OPTIMIZER_HYPER[name]) for name in
+                     sorted(_OPTIMIZER_CODES, key=_OPTIMIZER_CODES.get))
+
+#: Argument names of the pointwise losses (prediction, target, gradient).
+_PRED = ("pred", "target", "dpred")
 
 
 # ----------------------------------------------------------------------------------
@@ -790,7 +881,7 @@ cdef double _hinge_row(
     return total
 
 
-cdef void _loss_rows(
+cdef Py_ssize_t _loss_rows(
     int kind, double param,
     const floating *pred,     # IN  (n, k)
     const floating *target,   # IN  (., k) or NULL
@@ -803,8 +894,9 @@ cdef void _loss_rows(
     double *row_loss,         # OUT (n,) s_i * l_i
     Py_ssize_t start, Py_ssize_t stop,
 ) noexcept nogil:
+    """Rows [start, stop); returns how many had a label outside [0, k) (skipped)."""
     cdef:
-        Py_ssize_t i, r, off
+        Py_ssize_t i, r, off, n_bad = 0
         double s, l = 0
         const floating *t = NULL
         floating *dp = NULL
@@ -819,6 +911,10 @@ cdef void _loss_rows(
             dp = dpred + off
         if labels != NULL:
             label = labels[r]
+            if label < 0 or label >= k:
+                row_loss[i] = 0
+                n_bad += 1
+                continue
         if kind == MSE:
             l = _mse_row(pred + off, t, k, s, dp)
         elif kind == MAE:
@@ -832,6 +928,7 @@ cdef void _loss_rows(
         elif kind == HINGE:
             l = _hinge_row(pred + off, label, k, <floating> param, s, dp)
         row_loss[i] = s * l
+    return n_bad
 
 
 cdef double _loss_ptr(
@@ -844,11 +941,13 @@ cdef double _loss_ptr(
     floating *dpred,          # OUT (n, k) or NULL
     double *row_loss,         # scratch (n,)
     Py_ssize_t n, Py_ssize_t k, int nchunks,
+    Py_ssize_t *n_bad,        # OUT rows whose label is outside [0, k)
 ) noexcept nogil:
     """sum_i s_i l_i with s_i = 1/n or w_i / sum(w), and / k for the losses torch
-    averages over outputs too (MSE, MAE, Huber, BCE); rows in ``nchunks`` chunks."""
+    averages over outputs too (MSE, MAE, Huber, BCE); rows in ``nchunks`` chunks.
+    Rows with a label outside [0, k) are skipped and counted in ``n_bad``."""
     cdef:
-        Py_ssize_t i
+        Py_ssize_t i, bad = 0
         int c
         double inv_total, total = 0
     if weights == NULL:
@@ -860,12 +959,13 @@ cdef double _loss_ptr(
     if kind == MSE or kind == MAE or kind == HUBER or kind == BCE:
         inv_total /= k
     if nchunks == 1:
-        _loss_rows(kind, param, pred, target, labels, rows, weights, inv_total, k,
-                   dpred, row_loss, 0, n)
+        bad = _loss_rows(kind, param, pred, target, labels, rows, weights, inv_total, k,
+                         dpred, row_loss, 0, n)
     else:
         for c in prange(nchunks, schedule="static", num_threads=nchunks):
-            _loss_rows(kind, param, pred, target, labels, rows, weights, inv_total, k,
-                       dpred, row_loss, n * c // nchunks, n * (c + 1) // nchunks)
+            bad += _loss_rows(kind, param, pred, target, labels, rows, weights, inv_total,
+                              k, dpred, row_loss, n * c // nchunks, n * (c + 1) // nchunks)
+    n_bad[0] = bad
     total = 0
     for i in range(n):
         total += row_loss[i]
@@ -880,16 +980,24 @@ cdef double _loss(
     const floating[::1] weights,    # IN  (n,) or None
     floating[:, ::1] dpred,         # OUT (n, k) or None
 ) except? -1:
-    """``_loss_ptr`` on memoryviews, threaded when big."""
+    """``_loss_ptr`` on memoryviews, threaded when big; refuses shapes that do not match
+    and (after the loop) a label outside [0, k)."""
     cdef:
-        Py_ssize_t n = pred.shape[0], k = pred.shape[1]
+        Py_ssize_t n = pred.shape[0], k = pred.shape[1], n_bad = 0
         int nchunks = _n_chunks(n * k, n)
         const floating *t = NULL
         const int64_t *lab = NULL
         const floating *w = NULL
         floating *dp = NULL
         double total
-        double *row_loss = <double *> malloc(n * sizeof(double))
+        double *row_loss
+    if (n < 1 or k < 1
+            or (target is not None and (target.shape[0] != n or target.shape[1] != k))
+            or (labels is not None and labels.shape[0] != n)
+            or (weights is not None and weights.shape[0] != n)
+            or (dpred is not None and (dpred.shape[0] != n or dpred.shape[1] != k))):
+        _refuse()
+    row_loss = <double *> malloc(n * sizeof(double))
     if row_loss == NULL:
         raise MemoryError()
     if target is not None:
@@ -902,8 +1010,10 @@ cdef double _loss(
         dp = &dpred[0, 0]
     with nogil:
         total = _loss_ptr(kind, param, &pred[0, 0], t, lab, NULL, w, dp, row_loss, n, k,
-                          nchunks)
+                          nchunks, &n_bad)
     free(row_loss)
+    if n_bad:
+        _refuse()
     return total
 
 
@@ -932,64 +1042,77 @@ def softmax_cross_entropy(logits, labels, weights, dlogits):
     l_i = logsumexp(z_i) - z_i[y_i] (or -sum_j y_ij log softmax(z_i)_j);
     dlogits (n, k) = s_i (softmax(z_i) sum_j y_ij - y_i), s_i = 1/n or w_i / sum(w).
     """
-    if labels.ndim == 1:
-        return _softmax_cross_entropy_index(logits, labels, weights, dlogits)
-    return _softmax_cross_entropy_proba(logits, labels, weights, dlogits)
+    try:
+        if labels.ndim == 1:
+            return _softmax_cross_entropy_index(logits, labels, weights, dlogits)
+        return _softmax_cross_entropy_proba(logits, labels, weights, dlogits)
+    except _REFUSED:
+        _checks.softmax_cross_entropy(logits, labels, weights, dlogits)
+        raise
 
 
-def sigmoid_binary_cross_entropy(
-    const floating[:, ::1] pred,    # IN  (n, k) logits
-    const floating[:, ::1] target,  # IN  (n, k) in [0, 1]
-    const floating[::1] weights,    # IN  (n,) or None
-    floating[:, ::1] dpred,         # OUT (n, k) or None
-):
-    """torch BCEWithLogitsLoss, mean over n*k.
-    l = max(z, 0) - z t + log(1 + e^-|z|);  dpred = s_i (sigmoid(z) - t) / k."""
-    return _loss[floating](BCE, 0, pred, target, None, weights, dpred)
+cdef object _pointwise_loss(str kernel, int kind, double param, pred, target, weights,
+                            dpred):
+    """The typed ``_pointwise`` or, should it refuse the arguments, the contract's
+    error (a C call: no second Python frame per loss)."""
+    try:
+        return _pointwise(kind, param, pred, target, weights, dpred)
+    except _REFUSED:
+        _checks.loss(kernel, _PRED, pred, target, weights, dpred)
+        raise
 
 
-def mean_squared_error(
-    const floating[:, ::1] pred,    # IN  (n, k)
-    const floating[:, ::1] target,  # IN  (n, k)
-    const floating[::1] weights,    # IN  (n,) or None
-    floating[:, ::1] dpred,         # OUT (n, k) or None
-):
+def sigmoid_binary_cross_entropy(pred, target, weights, dpred):
+    """torch BCEWithLogitsLoss, mean over n*k.  pred (n, k) logits, target (n, k) in
+    [0, 1].  l = max(z, 0) - z t + log(1 + e^-|z|);  dpred = s_i (sigmoid(z) - t) / k."""
+    return _pointwise_loss("sigmoid_binary_cross_entropy", BCE, 0, pred, target, weights,
+                           dpred)
+
+
+def mean_squared_error(pred, target, weights, dpred):
     """torch MSELoss, mean over n*k.  l = (p - t)^2;  dpred = 2 s_i (p - t) / k."""
-    return _loss[floating](MSE, 0, pred, target, None, weights, dpred)
+    return _pointwise_loss("mean_squared_error", MSE, 0, pred, target, weights, dpred)
 
 
-def mean_absolute_error(
-    const floating[:, ::1] pred,    # IN  (n, k)
-    const floating[:, ::1] target,  # IN  (n, k)
-    const floating[::1] weights,    # IN  (n,) or None
-    floating[:, ::1] dpred,         # OUT (n, k) or None
-):
+def mean_absolute_error(pred, target, weights, dpred):
     """torch L1Loss, mean over n*k.  l = |p - t|;  dpred = s_i sign(p - t) / k."""
-    return _loss[floating](MAE, 0, pred, target, None, weights, dpred)
+    return _pointwise_loss("mean_absolute_error", MAE, 0, pred, target, weights, dpred)
 
 
-def huber(
-    const floating[:, ::1] pred,    # IN  (n, k)
-    const floating[:, ::1] target,  # IN  (n, k)
-    double delta,
-    const floating[::1] weights,    # IN  (n,) or None
-    floating[:, ::1] dpred,         # OUT (n, k) or None
-):
+def huber(pred, target, delta, weights, dpred):
     """torch HuberLoss(delta), mean over n*k.  d = p - t:
     l = d^2/2 if |d| <= delta else delta (|d| - delta/2);  dpred = s_i clip(d) / k."""
-    return _loss[floating](HUBER, delta, pred, target, None, weights, dpred)
+    return _pointwise_loss("huber", HUBER, delta, pred, target, weights, dpred)
 
 
-def multiclass_hinge(
+def multiclass_hinge(scores, labels, margin, weights, dscores):
+    """Weston-Watkins multiclass SVM, mean over samples.  scores (n, k), labels int64
+    (n,).  l_i = sum_{j != y_i} max(0, s_ij - s_iy_i + margin); dscores: +s_i per
+    violating j, -s_i * (number of violations) at y_i."""
+    try:
+        return _multiclass_hinge(scores, labels, margin, weights, dscores)
+    except _REFUSED:
+        _checks.multiclass_hinge(scores, labels, weights, dscores)
+        raise
+
+
+def _pointwise(
+    int kind, double param,
+    const floating[:, ::1] pred,    # IN  (n, k)
+    const floating[:, ::1] target,  # IN  (n, k)
+    const floating[::1] weights,    # IN  (n,) or None
+    floating[:, ::1] dpred,         # OUT (n, k) or None
+):
+    return _loss[floating](kind, param, pred, target, None, weights, dpred)
+
+
+def _multiclass_hinge(
     const floating[:, ::1] scores,  # IN  (n, k)
     const int64_t[::1] labels,      # IN  (n,)
     double margin,
     const floating[::1] weights,    # IN  (n,) or None
     floating[:, ::1] dscores,       # OUT (n, k) or None
 ):
-    """Weston-Watkins multiclass SVM, mean over samples.
-    l_i = sum_{j != y_i} max(0, s_ij - s_iy_i + margin); dscores: +s_i per violating j,
-    -s_i * (number of violations) at y_i."""
     return _loss[floating](HINGE, margin, scores, None, labels, weights, dscores)
 
 
@@ -1038,23 +1161,36 @@ cdef void _sgd_flat(
                    size * (c + 1) // nchunks - lo)
 
 
-def sgd_update(
+def _sgd_update(
     floating[::1] params,        # IN/OUT
     const floating[::1] grads,   # IN
     floating[::1] momentum_buf,  # IN/OUT, None or untouched when momentum == 0
     double lr, double momentum, double dampening, double weight_decay,
     bint nesterov, long step,
 ):
-    """torch.optim.SGD.  g = grad + wd*p; if momentum: b = g (step 1) else
-    b = mu*b + (1-dampening)*g, and g = g + mu*b (nesterov) or b;  p -= lr*g."""
     cdef:
         Py_ssize_t size = params.shape[0]
         floating *buf = NULL
+    if grads.shape[0] != size or (momentum != 0 and (
+            momentum_buf is None or momentum_buf.shape[0] != size)):
+        _refuse()
     if momentum != 0:
         buf = &momentum_buf[0]
     with nogil:
         _sgd_flat(&params[0], &grads[0], buf, size, lr, momentum, dampening,
                   weight_decay, nesterov, step, _n_chunks(size, size))
+
+
+def sgd_update(params, grads, momentum_buf, lr, momentum, dampening, weight_decay,
+               nesterov, step):
+    """torch.optim.SGD.  g = grad + wd*p; if momentum: b = g (step 1) else
+    b = mu*b + (1-dampening)*g, and g = g + mu*b (nesterov) or b;  p -= lr*g."""
+    try:
+        _sgd_update(params, grads, momentum_buf, lr, momentum, dampening, weight_decay,
+                    nesterov, step)
+    except _REFUSED:
+        _checks.sgd_update(params, grads, momentum_buf, momentum)
+        raise
 
 
 cdef void _adagrad_range(
@@ -1087,18 +1223,28 @@ cdef void _adagrad_flat(
                        size * (c + 1) // nchunks - lo)
 
 
-def adagrad_update(
+def _adagrad_update(
     floating[::1] params,       # IN/OUT
     const floating[::1] grads,  # IN
     floating[::1] state_sum,    # IN/OUT
     double lr, double lr_decay, double weight_decay, double eps, long step,
 ):
-    """torch.optim.Adagrad.  g = grad + wd*p; clr = lr / (1 + (t-1)*lr_decay);
-    G += g^2; p -= clr * g / (sqrt(G) + eps)."""
     cdef Py_ssize_t size = params.shape[0]
+    if grads.shape[0] != size or state_sum.shape[0] != size:
+        _refuse()
     with nogil:
         _adagrad_flat(&params[0], &grads[0], &state_sum[0], size, lr, lr_decay,
                       weight_decay, eps, step, _n_chunks(size, size))
+
+
+def adagrad_update(params, grads, state_sum, lr, lr_decay, weight_decay, eps, step):
+    """torch.optim.Adagrad.  g = grad + wd*p; clr = lr / (1 + (t-1)*lr_decay);
+    G += g^2; p -= clr * g / (sqrt(G) + eps)."""
+    try:
+        _adagrad_update(params, grads, state_sum, lr, lr_decay, weight_decay, eps, step)
+    except _REFUSED:
+        _checks.adagrad_update(params, grads, state_sum)
+        raise
 
 
 cdef void _rmsprop_range(
@@ -1155,7 +1301,7 @@ cdef void _rmsprop_flat(
                        weight_decay, momentum, size * (c + 1) // nchunks - lo)
 
 
-def rmsprop_update(
+def _rmsprop_update(
     floating[::1] params,        # IN/OUT
     const floating[::1] grads,   # IN
     floating[::1] square_avg,    # IN/OUT
@@ -1164,13 +1310,14 @@ def rmsprop_update(
     double lr, double alpha, double eps, double weight_decay, double momentum,
     bint centered,
 ):
-    """torch.optim.RMSprop.  g = grad + wd*p; v = alpha*v + (1-alpha)*g^2;
-    centered: gbar = alpha*gbar + (1-alpha)*g, v~ = v - gbar^2, else v~ = v;
-    momentum: b = mu*b + g/(sqrt(v~)+eps), p -= lr*b; else p -= lr*g/(sqrt(v~)+eps)."""
     cdef:
         Py_ssize_t size = params.shape[0]
         floating *buf = NULL
         floating *gbar = NULL
+    if (grads.shape[0] != size or square_avg.shape[0] != size
+            or (momentum > 0 and (momentum_buf is None or momentum_buf.shape[0] != size))
+            or (centered and (grad_avg is None or grad_avg.shape[0] != size))):
+        _refuse()
     if momentum > 0:
         buf = &momentum_buf[0]
     if centered:
@@ -1178,6 +1325,20 @@ def rmsprop_update(
     with nogil:
         _rmsprop_flat(&params[0], &grads[0], &square_avg[0], buf, gbar, size, lr, alpha,
                       eps, weight_decay, momentum, _n_chunks(size, size))
+
+
+def rmsprop_update(params, grads, square_avg, momentum_buf, grad_avg, lr, alpha, eps,
+                   weight_decay, momentum, centered):
+    """torch.optim.RMSprop.  g = grad + wd*p; v = alpha*v + (1-alpha)*g^2;
+    centered: gbar = alpha*gbar + (1-alpha)*g, v~ = v - gbar^2, else v~ = v;
+    momentum: b = mu*b + g/(sqrt(v~)+eps), p -= lr*b; else p -= lr*g/(sqrt(v~)+eps)."""
+    try:
+        _rmsprop_update(params, grads, square_avg, momentum_buf, grad_avg, lr, alpha, eps,
+                        weight_decay, momentum, centered)
+    except _REFUSED:
+        _checks.rmsprop_update(params, grads, square_avg, momentum_buf, grad_avg, momentum,
+                               centered)
+        raise
 
 
 cdef void _adam_range(
@@ -1237,7 +1398,7 @@ cdef void _adam_flat(
                     size * (c + 1) // nchunks - lo)
 
 
-def adam_update(
+def _adam_update(
     floating[::1] params,          # IN/OUT
     const floating[::1] grads,     # IN
     floating[::1] exp_avg,         # IN/OUT
@@ -1246,19 +1407,32 @@ def adam_update(
     double lr, double beta1, double beta2, double eps, double weight_decay,
     bint decoupled, bint amsgrad, long step,
 ):
-    """torch.optim.Adam (decoupled=False) / AdamW (decoupled=True).
-    AdamW: p *= 1 - lr*wd; Adam: g = grad + wd*p.  m = b1*m + (1-b1)*g;
-    v = b2*v + (1-b2)*g^2; amsgrad: v = vmax = max(vmax, v);
-    p -= lr/(1-b1^t) * m / (sqrt(v)/sqrt(1-b2^t) + eps)."""
     cdef:
         Py_ssize_t size = params.shape[0]
         floating *vmax = NULL
+    if (grads.shape[0] != size or exp_avg.shape[0] != size or exp_avg_sq.shape[0] != size
+            or (amsgrad and (max_exp_avg_sq is None or max_exp_avg_sq.shape[0] != size))):
+        _refuse()
     if amsgrad:
         vmax = &max_exp_avg_sq[0]
     with nogil:
         _adam_flat(&params[0], &grads[0], &exp_avg[0], &exp_avg_sq[0], vmax, size, lr,
                    beta1, beta2, eps, weight_decay, decoupled, step,
                    _n_chunks(size, size))
+
+
+def adam_update(params, grads, exp_avg, exp_avg_sq, max_exp_avg_sq, lr, beta1, beta2,
+                eps, weight_decay, decoupled, amsgrad, step):
+    """torch.optim.Adam (decoupled=False) / AdamW (decoupled=True).
+    AdamW: p *= 1 - lr*wd; Adam: g = grad + wd*p.  m = b1*m + (1-b1)*g;
+    v = b2*v + (1-b2)*g^2; amsgrad: v = vmax = max(vmax, v);
+    p -= lr/(1-b1^t) * m / (sqrt(v)/sqrt(1-b2^t) + eps)."""
+    try:
+        _adam_update(params, grads, exp_avg, exp_avg_sq, max_exp_avg_sq, lr, beta1,
+                     beta2, eps, weight_decay, decoupled, amsgrad, step)
+    except _REFUSED:
+        _checks.adam_update(params, grads, exp_avg, exp_avg_sq, max_exp_avg_sq, amsgrad)
+        raise
 
 
 # ----------------------------------------------------------------------------------
@@ -1354,12 +1528,12 @@ cdef inline floating *_shifted(floating *p, Py_ssize_t offset) noexcept nogil:
     return p + offset if p != NULL else NULL
 
 
-cdef void _train_epoch_ptr(
-    const floating *X,        # IN  (., widths[0]) all samples
+cdef int _train_epoch_ptr(
+    const floating *X,        # IN  (n_samples, widths[0]) all samples
     const int64_t *labels,    # IN  (.,) class labels, or NULL (non-label losses)
     const floating *targets,  # IN  (., widths[L]) targets, or NULL (label losses)
     const int64_t *order,     # IN  (m,) the samples to visit, in order
-    Py_ssize_t m, Py_ssize_t batch_size, int n_layers,
+    Py_ssize_t n_samples, Py_ssize_t m, Py_ssize_t batch_size, int n_layers,
     const int64_t *widths,    # IN  (L+1,)
     const int64_t *acts,      # IN  (L,)
     const double *alphas,     # IN  (L,)
@@ -1380,12 +1554,14 @@ cdef void _train_epoch_ptr(
     double *stats,            # OUT (4,)
 ) noexcept nogil:
     """The body of ``train_epoch``: per batch gather, forward, loss, then per layer
-    (last first) backward and update.
+    (last first) backward and update. Returns 0, or 1 when a batch holds a sample index
+    outside [0, n_samples) or a label outside [0, widths[L]) (the epoch then ends before
+    that batch's update).
 
     Workspace of a batch of ``rows``: a_0 .. a_L (rows, widths[l]) packed, then two
     (rows, widest) gradient buffers that swap roles from layer to layer."""
     cdef:
-        Py_ssize_t start = 0, size, next_size, i, b = 0, n_layer
+        Py_ssize_t start = 0, size, next_size, i, b = 0, n_layer, n_bad = 0
         Py_ssize_t d0 = widths[0], k_out = widths[n_layers]
         int layer
         double loss
@@ -1398,12 +1574,12 @@ cdef void _train_epoch_ptr(
         # writes straight into W (_dense_backward_sgd_ptr), and grads stay untouched.
         bint fold_sgd = opt_code == SGD and hyper[0] == 0
     stats[0] = stats[1] = stats[2] = stats[3] = 0
-    if batch_size < 1:
-        return
     while start < m:
         size = min(batch_size, m - start)
         rows = order + start
         for i in range(size):
+            if rows[i] < 0 or rows[i] >= n_samples:
+                return 1
             memcpy(workspace + i * d0, X + rows[i] * d0, d0 * sizeof(floating))
         # Random batches miss the cache: ask for the next batch's samples meanwhile
         # (labels first: the loss waits on them one by one).
@@ -1426,10 +1602,12 @@ cdef void _train_epoch_ptr(
         dout = workspace + size * a_off[n_layers + 1]
         dprev = dout + size * widest
         loss = _loss_ptr(loss_code, loss_param, out, targets, labels, rows, NULL, dout,
-                         row_loss, size, k_out, 1)
+                         row_loss, size, k_out, 1, &n_bad)
+        if n_bad:
+            return 1
         stats[3] = loss
         if not isfinite(loss):
-            return
+            return 0
         stats[1] += _batch_hits(loss_code, out, labels, targets, rows, size, k_out)
         for layer in range(n_layers - 1, -1, -1):
             if fold_sgd:
@@ -1466,6 +1644,7 @@ cdef void _train_epoch_ptr(
         stats[2] += 1
         start += size
         b += 1
+    return 0
 
 
 cdef inline floating *_data_or_null(floating[::1] a) noexcept:
@@ -1496,14 +1675,13 @@ def _train_epoch(
     double[::1] stats,               # OUT (4,)
 ):
     cdef:
-        int n_layers = widths.shape[0] - 1, layer
-        Py_ssize_t m = order.shape[0], widest = 0, p = 0
-        Py_ssize_t rows = max(min(batch_size, m), 1)
-        Py_ssize_t *offsets = <Py_ssize_t *> malloc(
-            (3 * n_layers + 2) * sizeof(Py_ssize_t))
-        Py_ssize_t *w_off = offsets
-        Py_ssize_t *b_off = offsets + n_layers
-        Py_ssize_t *a_off = offsets + 2 * n_layers
+        int n_layers = widths.shape[0] - 1, layer, status
+        Py_ssize_t m = order.shape[0], widest = 0, width_sum = 0, p = 0
+        Py_ssize_t rows = max(min(batch_size, m), 1), n = X.shape[0]
+        Py_ssize_t *offsets
+        Py_ssize_t *w_off
+        Py_ssize_t *b_off
+        Py_ssize_t *a_off
         double *scratch
         const int64_t *lab = NULL
         const floating *tgt = NULL
@@ -1511,8 +1689,33 @@ def _train_epoch(
         floating *s0 = _data_or_null(state0)
         floating *s1 = _data_or_null(state1)
         floating *s2 = _data_or_null(state2)
+        bint ok = (n_layers >= 1 and batch_size >= 1 and acts.shape[0] == n_layers
+                   and alphas.shape[0] == n_layers and use_bias.shape[0] == n_layers)
+    # The O(L) checks of every size against widths (sample indices and labels are
+    # checked in the loop).
     for layer in range(n_layers + 1):
+        ok = ok and widths[layer] >= 1
         widest = max(widest, <Py_ssize_t> widths[layer])
+        width_sum += widths[layer]
+    for layer in range(n_layers if ok else 0):
+        ok = ok and IDENTITY <= acts[layer] <= ELU
+        p += widths[layer] * widths[layer + 1] + (widths[layer + 1] if use_bias[layer] else 0)
+    if not (ok and X.shape[1] == widths[0] and params.shape[0] == p
+            and grads.shape[0] == p and state0 is not None and state0.shape[0] == p
+            and state1 is not None and state1.shape[0] == p
+            and state2 is not None and state2.shape[0] == p
+            and workspace.shape[0] >= batch_size * (width_sum + 2 * widest)
+            and lrs.shape[0] >= (m + batch_size - 1) // batch_size
+            and stats.shape[0] == 4 and SOFTMAX_CE <= loss_code <= HINGE
+            and SGD <= opt_code <= ADAM and hyper.shape[0] == _HYPER_SIZES[opt_code]
+            and (labels.shape[0] == n if labels is not None else targets is not None
+                 and targets.shape[0] == n and targets.shape[1] == widths[n_layers])):
+        _refuse()
+    p = 0
+    offsets = <Py_ssize_t *> malloc((3 * n_layers + 2) * sizeof(Py_ssize_t))
+    w_off = offsets
+    b_off = offsets + n_layers
+    a_off = offsets + 2 * n_layers
     scratch = <double *> malloc((rows + widest) * sizeof(double))
     if offsets == NULL or scratch == NULL:
         free(offsets)
@@ -1532,14 +1735,16 @@ def _train_epoch(
     if targets is not None and targets.shape[0] > 0:
         tgt = &targets[0, 0]
     with nogil:
-        _train_epoch_ptr(
-            &X[0, 0], lab, tgt, &order[0] if m > 0 else NULL, m, batch_size, n_layers,
-            &widths[0], &acts[0], &alphas[0], w_off, b_off, a_off, &params[0],
-            &grads[0], &workspace[0], scratch, scratch + rows, params.shape[0], widest,
-            loss_code, loss_param, opt_code, &hyper[0], lrs_, s0, s1, s2, step,
-            &stats[0])
+        status = _train_epoch_ptr(
+            &X[0, 0] if n > 0 else NULL, lab, tgt, &order[0] if m > 0 else NULL, n, m,
+            batch_size, n_layers, &widths[0], &acts[0], &alphas[0], w_off, b_off, a_off,
+            &params[0], &grads[0], &workspace[0], scratch, scratch + rows,
+            params.shape[0], widest, loss_code, loss_param, opt_code, &hyper[0], lrs_, s0,
+            s1, s2, step, &stats[0])
     free(offsets)
     free(scratch)
+    if status:
+        _refuse()
 
 
 def train_epoch(spec):
@@ -1553,15 +1758,20 @@ def train_epoch(spec):
     (lr ``lrs[b]``, update number ``t = step + b + 1``) right after its backward, while
     its gradient is in cache. Plain SGD (momentum 0) is folded into the backward:
     ``W = (1 - lr wd) W - lr a.T @ dz`` is the dW gemm itself, and ``grads`` (scratch)
-    is left untouched. ``stats`` float64 (4,) receives [sum of batch loss * batch rows,
+    is left untouched (``_numpy.train_epoch`` says what each backend leaves there). ``stats`` float64 (4,) receives [sum of batch loss * batch rows,
     correct predictions, batches completed, the last batch's loss]; a non-finite batch
     loss ends the epoch before its update.
     """
-    optimizer = spec.optimizer
-    label_loss = spec.loss_code == SOFTMAX_CE or spec.loss_code == HINGE
-    _train_epoch(spec.X, spec.labels if label_loss else None,
-                 None if label_loss else spec.targets, spec.order, spec.batch_size,
-                 spec.widths, spec.acts, spec.alphas, spec.use_bias, spec.params,
-                 spec.grads, spec.workspace, spec.loss_code, spec.loss_param,
-                 optimizer.code, optimizer.hyper, spec.lrs, *optimizer.states, spec.step,
-                 spec.stats)
+    try:
+        optimizer = spec.optimizer
+        label_loss = spec.loss_code == SOFTMAX_CE or spec.loss_code == HINGE
+        _train_epoch(spec.X, spec.labels if label_loss else None,
+                     None if label_loss else spec.targets, spec.order, spec.batch_size,
+                     spec.widths, spec.acts, spec.alphas, spec.use_bias, spec.params,
+                     spec.grads, spec.workspace, spec.loss_code, spec.loss_param,
+                     optimizer.code, optimizer.hyper, spec.lrs, *optimizer.states,
+                     spec.step, spec.stats)
+    except _REFUSED:
+        _checks.train_epoch(spec)
+        _checks.train_epoch_indices(spec)
+        raise

@@ -3,11 +3,12 @@
 Design:
 
 * Every public function is a thin Python wrapper: it resolves None / default arguments,
-  computes scalar hyper-parameters in float64, picks the serial or the parallel core
-  and makes one call. Cores have fixed types: explicit float32 and float64 signatures
-  (read-only inputs, int64 labels), compiled once with ``cache=True``. A core is
-  compiled, or loaded from the disk cache, on its first call (see ``_deferred``), so
-  importing this module compiles nothing.
+  picks the serial or the parallel core and makes one call; a core checks its
+  arguments' shapes in O(1) (``_require``) and, should it refuse them, the wrapper
+  raises the contract's error from ``_checks``. Cores have fixed types: explicit
+  float32 and float64 signatures (read-only inputs, int64 labels), compiled once with
+  ``cache=True``. A core is compiled, or loaded from the disk cache, on its first call
+  (see ``_deferred``), so importing this module compiles nothing.
 * Elementwise and row-wise cores are one plain function compiled twice, serially and
   with ``parallel=True`` (``prange`` is ``range`` in the serial build). Wrappers take the
   parallel build from ``PARALLEL_MIN_SIZE`` elements. Row-wise cores split the rows into
@@ -39,9 +40,15 @@ from numba.extending import overload
 # file's timestamp only: that is safe because the codes are a fixed part of the kernel
 # contract (never renumbered; a new code comes with new code in this file).
 from . import (
-    ADAGRAD, BINARY_CROSS_ENTROPY, CROSS_ENTROPY, DEFAULT_ALPHA, ELU, HINGE, HUBER,
-    IDENTITY, LEAKY_RELU, MAE, MSE, RELU, RMSPROP, SGD, SIGMOID, SOFTPLUS, STEP, TANH,
+    ADAGRAD, ADAM, BINARY_CROSS_ENTROPY, CROSS_ENTROPY, DEFAULT_ALPHA, ELU, HINGE, HUBER,
+    IDENTITY, LEAKY_RELU, MAE, MSE, OPTIMIZER_CODES, OPTIMIZER_HYPER, RELU, RMSPROP, SGD,
+    SIGMOID, SOFTPLUS, STEP, TANH,
 )
+from . import _checks
+
+#: Length of each optimizer code's ``hyper`` array (kernels.OPTIMIZER_HYPER).
+_HYPER_SIZES = tuple(len(OPTIMIZER_HYPER[name]) for name in
+                     sorted(OPTIMIZER_CODES, key=OPTIMIZER_CODES.get))
 
 #: Work size (elements) from which wrappers call the parallel cores.
 PARALLEL_MIN_SIZE = 1 << 17
@@ -60,6 +67,14 @@ _HELPER_OPTIONS = dict(_OPTIONS, no_cpython_wrapper=True, no_cfunc_wrapper=True)
 
 _FLOATS = (types.float32, types.float64)
 _i8, _f8, _b1 = types.int64, types.float64, types.boolean
+
+
+#: What a wrapper's call raises when an argument does not fit the core: numba's
+#: dispatcher (TypeError: no signature matches), the core's own check (ValueError), a
+#: non-array (AttributeError) or an unknown activation's alpha (IndexError). The wrapper
+#: then raises the contract's error (``_checks``) or, if that finds nothing wrong, the
+#: original one.
+_REFUSED = (TypeError, ValueError, AttributeError, IndexError)
 
 
 def set_num_threads(n):
@@ -145,6 +160,33 @@ def _empty_2d(like):
 def _chunk(c, n_chunks, n):
     """Bounds [lo, hi) of chunk c when n rows are split into n_chunks."""
     return c * n // n_chunks, (c + 1) * n // n_chunks
+
+
+@njit(**_HELPER_OPTIONS)
+def _require(ok):
+    """The cores' O(1) argument check: a ValueError that the wrapper replaces with the
+    contract's message (``_checks``); called outside any prange."""
+    if not ok:
+        raise ValueError("kernel arguments do not match")
+
+
+@njit(**_HELPER_OPTIONS)
+def _labels_ok(bad_chunks):
+    """Whether no chunk of a prange met a label outside [0, k) (read after the loop)."""
+    for c in range(bad_chunks.shape[0]):
+        if bad_chunks[c]:
+            return False
+    return True
+
+
+@njit(**_HELPER_OPTIONS)
+def _loss_shapes_ok(pred, target_rows, weights, grad, use_weights, want_grad):
+    """pred (n, k) with n, k >= 1, target_rows == n, weights (n,) and grad (n, k) when
+    used."""
+    n, k = pred.shape
+    return (n >= 1 and k >= 1 and target_rows == n
+            and (not use_weights or weights.shape[0] == n)
+            and (not want_grad or (grad.shape[0] == n and grad.shape[1] == k)))
 
 
 @njit(**_HELPER_OPTIONS)
@@ -499,6 +541,44 @@ def _hinge_row(z, y, margin, grad, i, scale, want_grad):
     return row
 
 
+# A dense layer's epilogues, shared by the dense kernels (per chunk of rows) and
+# train_epoch (per batch). They take the (n, k) matrix for the row loops and its
+# row-major flat (n * k,) view for the one-pass elementwise spans: numba's reshape is a
+# runtime call, and a slice per row costs more than a row of a matrix.
+
+@njit(inline="always", **_HELPER_OPTIONS)
+def _bias_activation_rows(z, z_flat, b, use_bias, act, alpha, out_flat, in_place, lo, hi):
+    """Rows [lo, hi) of ``out = act(x @ w + b)`` after the matmul z = x @ w: z += b
+    (when ``use_bias``), then out = act(z) in one pass over the block (nothing for
+    identity ``in_place``: out is z)."""
+    k = z.shape[1]
+    if use_bias:
+        for i in range(lo, hi):
+            row = z[i]  # row views: LLVM vectorizes these, not z[i, j]
+            for j in range(k):
+                row[j] += b[j]
+    if act != IDENTITY or not in_place:
+        _activation_forward_span(act, z_flat[lo * k:hi * k], out_flat[lo * k:hi * k],
+                                 alpha)
+
+
+@njit(inline="always", **_HELPER_OPTIONS)
+def _dz_rows(act, a_flat, dout_flat, dz, dz_flat, alpha, acc, want_db, lo, hi):
+    """Rows [lo, hi) of a dense backward's epilogue: dz = dout * act'(a) in one pass
+    over the block, then (when ``want_db``) acc[j] = the sum of those rows of dz, in
+    float64. ``dz`` may be ``dout``."""
+    k = dz.shape[1]
+    _activation_backward_span(act, a_flat[lo * k:hi * k], dout_flat[lo * k:hi * k],
+                              dz_flat[lo * k:hi * k], alpha)
+    if want_db:
+        for j in range(k):
+            acc[j] = 0.0
+        for i in range(lo, hi):
+            row = dz[i]
+            for j in range(k):
+                acc[j] += row[j]
+
+
 # ----------------------------------------------------------------------------------
 # Cores (one plain function each, compiled serial + parallel where the work is
 # elementwise or row-wise)
@@ -506,6 +586,7 @@ def _hinge_row(z, y, margin, grad, i, scale, want_grad):
 
 def _activation_forward_chunks(act, z, out, alpha, n_chunks):
     n = z.shape[0]
+    _require(out.shape[0] == n and IDENTITY <= act <= ELU)
     for c in prange(n_chunks):
         lo, hi = _chunk(c, n_chunks, n)
         _activation_forward_span(act, z[lo:hi], out[lo:hi], alpha)
@@ -513,37 +594,36 @@ def _activation_forward_chunks(act, z, out, alpha, n_chunks):
 
 def _activation_backward_chunks(act, a, dout, out, alpha, n_chunks):
     n = a.shape[0]
+    _require(dout.shape[0] == n and out.shape[0] == n and IDENTITY <= act <= ELU)
     for c in prange(n_chunks):
         lo, hi = _chunk(c, n_chunks, n)
         _activation_backward_span(act, a[lo:hi], dout[lo:hi], out[lo:hi], alpha)
 
 
 def _dense_forward_rows(x, w, b, act, out, alpha, n_chunks):
-    np.dot(x, w, out)
     n, k = out.shape
+    _require(x.shape[0] == n and x.shape[1] == w.shape[0] and w.shape[1] == k
+             and b.shape[0] == k and IDENTITY <= act <= ELU)
+    np.dot(x, w, out)
+    flat = out.reshape(-1)
     for c in prange(n_chunks):
         lo, hi = _chunk(c, n_chunks, n)
-        for i in range(lo, hi):
-            row = out[i]
-            for j in range(k):
-                row[j] += b[j]
-            if act != IDENTITY:
-                _activation_forward_span(act, row, row, alpha)
+        _bias_activation_rows(out, flat, b, True, act, alpha, flat, True, lo, hi)
 
 
 def _dense_backward_rows(x, w, a, dout, act, dz, dx, dw, db, alpha, want_dx, n_chunks):
     n, k = dz.shape
+    d = x.shape[1]
+    _require(x.shape[0] == n and w.shape[0] == d and w.shape[1] == k
+             and a.shape[0] == n and a.shape[1] == k and dout.shape[0] == n
+             and dout.shape[1] == k and dw.shape[0] == d and dw.shape[1] == k
+             and db.shape[0] == k and IDENTITY <= act <= ELU
+             and (not want_dx or (dx.shape[0] == n and dx.shape[1] == d)))
     db_chunks = np.empty((n_chunks, k))
+    a_flat, dout_flat, dz_flat = a.reshape(-1), dout.reshape(-1), dz.reshape(-1)
     for c in prange(n_chunks):
         lo, hi = _chunk(c, n_chunks, n)
-        acc = db_chunks[c]
-        for j in range(k):
-            acc[j] = 0.0
-        for i in range(lo, hi):
-            row = dz[i]
-            _activation_backward_span(act, a[i], dout[i], row, alpha)
-            for j in range(k):
-                acc[j] += row[j]
+        _dz_rows(act, a_flat, dout_flat, dz, dz_flat, alpha, db_chunks[c], True, lo, hi)
     for j in range(k):
         total = 0.0
         for c in range(n_chunks):
@@ -557,6 +637,8 @@ def _dense_backward_rows(x, w, a, dout, act, dz, dx, dw, db, alpha, want_dx, n_c
 def _dense_per_sample_grad_rows(x, dz, jac, offset, use_bias, n_chunks):
     n, d = x.shape
     k = dz.shape[1]
+    _require(dz.shape[0] == n and jac.shape[0] == n and offset >= 0
+             and offset + d * k + (k if use_bias else 0) <= jac.shape[1])
     for c in prange(n_chunks):
         lo, hi = _chunk(c, n_chunks, n)
         for s in range(lo, hi):
@@ -575,22 +657,32 @@ def _dense_per_sample_grad_rows(x, dz, jac, offset, use_bias, n_chunks):
 
 def _softmax_ce_index_rows(logits, labels, weights, dlogits, use_weights, want_grad,
                            n_chunks):
-    n = logits.shape[0]
+    n, k = logits.shape
+    _require(_loss_shapes_ok(logits, labels.shape[0], weights, dlogits, use_weights,
+                             want_grad))
     total_w = _weight_total(weights, use_weights, n)
     loss_chunks = np.empty(n_chunks)
+    bad_chunks = np.zeros(n_chunks, np.bool_)
     for c in prange(n_chunks):
         lo, hi = _chunk(c, n_chunks, n)
         loss = 0.0
         for i in range(lo, hi):
+            y = labels[i]
+            if y < 0 or y >= k:  # recorded, reported after the loop (never raise here)
+                bad_chunks[c] = True
+                continue
             scale = (weights[i] if use_weights else 1.0) / total_w
-            loss += _softmax_ce_index_row(logits[i], labels[i], dlogits, i, scale, want_grad)
+            loss += _softmax_ce_index_row(logits[i], y, dlogits, i, scale, want_grad)
         loss_chunks[c] = loss
+    _require(_labels_ok(bad_chunks))
     return _serial_sum(loss_chunks)
 
 
 def _softmax_ce_prob_rows(logits, labels, weights, dlogits, use_weights, want_grad,
                           n_chunks):
     n, k = logits.shape
+    _require(labels.shape[1] == k and _loss_shapes_ok(
+        logits, labels.shape[0], weights, dlogits, use_weights, want_grad))
     total_w = _weight_total(weights, use_weights, n)
     loss_chunks = np.empty(n_chunks)
     for c in prange(n_chunks):
@@ -624,6 +716,8 @@ def _softmax_ce_prob_rows(logits, labels, weights, dlogits, use_weights, want_gr
 def _pointwise_loss_rows(kind, pred, target, param, weights, dpred, use_weights,
                          want_grad, n_chunks):
     n, k = pred.shape
+    _require(target.shape[1] == k and _loss_shapes_ok(
+        pred, target.shape[0], weights, dpred, use_weights, want_grad))
     total_w = _weight_total(weights, use_weights, n) * k
     loss_chunks = np.empty(n_chunks)
     for c in prange(n_chunks):
@@ -649,73 +743,111 @@ def _pointwise_loss_rows(kind, pred, target, param, weights, dpred, use_weights,
 
 def _multiclass_hinge_rows(scores, labels, margin, weights, dscores, use_weights,
                            want_grad, n_chunks):
-    n = scores.shape[0]
+    n, k = scores.shape
+    _require(_loss_shapes_ok(scores, labels.shape[0], weights, dscores, use_weights,
+                             want_grad))
     total_w = _weight_total(weights, use_weights, n)
     loss_chunks = np.empty(n_chunks)
+    bad_chunks = np.zeros(n_chunks, np.bool_)
     for c in prange(n_chunks):
         lo, hi = _chunk(c, n_chunks, n)
         loss = 0.0
         for i in range(lo, hi):
+            y = labels[i]
+            if y < 0 or y >= k:  # recorded, reported after the loop (never raise here)
+                bad_chunks[c] = True
+                continue
             scale = (weights[i] if use_weights else 1.0) / total_w
-            loss += scale * _hinge_row(scores[i], labels[i], margin, dscores, i, scale,
-                                       want_grad)
+            loss += scale * _hinge_row(scores[i], y, margin, dscores, i, scale, want_grad)
         loss_chunks[c] = loss
+    _require(_labels_ok(bad_chunks))
     return _serial_sum(loss_chunks)
 
 
-def _sgd_elements(params, grads, momentum_buf, lr, momentum, keep, weight_decay,
-                  use_momentum, nesterov, first_step):
-    for i in prange(params.shape[0]):
-        g = grads[i] + weight_decay * params[i]
+# The optimizer cores take the hyper-parameters as the kernels do and set up their
+# scalar coefficients in float64 before casting them to the data dtype once (as torch
+# computes them): the wrappers and train_epoch's update share that set-up.
+
+def _sgd_elements(params, grads, momentum_buf, lr, momentum, dampening, weight_decay,
+                  nesterov, step):
+    n = params.shape[0]
+    use_momentum = momentum != 0.0
+    _require(grads.shape[0] == n and (not use_momentum or momentum_buf.shape[0] == n))
+    f = params.dtype.type
+    lr_t, mu, keep, wd = f(lr), f(momentum), f(1.0 - dampening), f(weight_decay)
+    first_step = step == 1
+    for i in prange(n):
+        g = grads[i] + wd * params[i]
         if use_momentum:
-            buf = g if first_step else momentum * momentum_buf[i] + keep * g
+            buf = g if first_step else mu * momentum_buf[i] + keep * g
             momentum_buf[i] = buf
-            g = g + momentum * buf if nesterov else buf
-        params[i] -= lr * g
+            g = g + mu * buf if nesterov else buf
+        params[i] -= lr_t * g
 
 
-def _adagrad_elements(params, grads, state_sum, clr, weight_decay, eps):
-    for i in prange(params.shape[0]):
-        g = grads[i] + weight_decay * params[i]
+def _adagrad_elements(params, grads, state_sum, lr, lr_decay, weight_decay, eps, step):
+    n = params.shape[0]
+    _require(grads.shape[0] == n and state_sum.shape[0] == n)
+    f = params.dtype.type
+    clr, wd, eps_t = f(lr / (1.0 + (step - 1) * lr_decay)), f(weight_decay), f(eps)
+    for i in prange(n):
+        g = grads[i] + wd * params[i]
         s = state_sum[i] + g * g
         state_sum[i] = s
-        params[i] -= clr * g / (math.sqrt(s) + eps)
+        params[i] -= clr * g / (math.sqrt(s) + eps_t)
 
 
-def _rmsprop_elements(params, grads, square_avg, momentum_buf, grad_avg, lr, alpha,
-                      one_minus_alpha, eps, weight_decay, momentum, use_momentum,
-                      centered):
-    for i in prange(params.shape[0]):
-        g = grads[i] + weight_decay * params[i]
-        v = alpha * square_avg[i] + one_minus_alpha * g * g
+def _rmsprop_elements(params, grads, square_avg, momentum_buf, grad_avg, lr, alpha, eps,
+                      weight_decay, momentum, centered):
+    n = params.shape[0]
+    use_momentum = momentum > 0.0
+    _require(grads.shape[0] == n and square_avg.shape[0] == n
+             and (not use_momentum or momentum_buf.shape[0] == n)
+             and (not centered or grad_avg.shape[0] == n))
+    f = params.dtype.type
+    lr_t, alpha_t, keep, eps_t = f(lr), f(alpha), f(1.0 - alpha), f(eps)
+    wd, mu = f(weight_decay), f(momentum)
+    for i in prange(n):
+        g = grads[i] + wd * params[i]
+        v = alpha_t * square_avg[i] + keep * g * g
         square_avg[i] = v
         if centered:
-            gbar = alpha * grad_avg[i] + one_minus_alpha * g
+            gbar = alpha_t * grad_avg[i] + keep * g
             grad_avg[i] = gbar
             v = v - gbar * gbar
-        denom = math.sqrt(v) + eps
+        denom = math.sqrt(v) + eps_t
         if use_momentum:
-            buf = momentum * momentum_buf[i] + g / denom
+            buf = mu * momentum_buf[i] + g / denom
             momentum_buf[i] = buf
-            params[i] -= lr * buf
+            params[i] -= lr_t * buf
         else:
-            params[i] -= lr * g / denom
+            params[i] -= lr_t * g / denom
 
 
-def _adam_elements(params, grads, exp_avg, exp_avg_sq, max_exp_avg_sq, decay,
-                   weight_decay, beta1, one_minus_beta1, beta2, one_minus_beta2,
-                   step_size, bias2_sqrt, eps, amsgrad):
-    for i in prange(params.shape[0]):
+def _adam_elements(params, grads, exp_avg, exp_avg_sq, max_exp_avg_sq, lr, beta1, beta2,
+                   eps, weight_decay, decoupled, amsgrad, step):
+    n = params.shape[0]
+    _require(grads.shape[0] == n and exp_avg.shape[0] == n and exp_avg_sq.shape[0] == n
+             and (not amsgrad or max_exp_avg_sq.shape[0] == n))
+    f = params.dtype.type
+    if decoupled:
+        decay, wd = f(1.0 - lr * weight_decay), f(0.0)
+    else:
+        decay, wd = f(1.0), f(weight_decay)
+    t = float(step)  # a float exponent: libm pow, as Python's float ** int
+    step_size, bias2_sqrt = f(lr / (1.0 - beta1 ** t)), f(math.sqrt(1.0 - beta2 ** t))
+    b1, keep1, b2, keep2, eps_t = f(beta1), f(1.0 - beta1), f(beta2), f(1.0 - beta2), f(eps)
+    for i in prange(n):
         p = params[i] * decay
-        g = grads[i] + weight_decay * p
-        m = beta1 * exp_avg[i] + one_minus_beta1 * g
-        v = beta2 * exp_avg_sq[i] + one_minus_beta2 * g * g
+        g = grads[i] + wd * p
+        m = b1 * exp_avg[i] + keep1 * g
+        v = b2 * exp_avg_sq[i] + keep2 * g * g
         exp_avg[i] = m
         exp_avg_sq[i] = v
         if amsgrad:
             v = max(max_exp_avg_sq[i], v)
             max_exp_avg_sq[i] = v
-        params[i] = p - step_size * m / (math.sqrt(v) / bias2_sqrt + eps)
+        params[i] = p - step_size * m / (math.sqrt(v) / bias2_sqrt + eps_t)
 
 
 # The fused training epoch: one serial core calling serial builds of the cores above.
@@ -740,22 +872,30 @@ _adam_nested = _nested(_adam_elements)
 @njit(inline="always", **_HELPER_OPTIONS)
 def _gather_batch(X, labels, targets, order, start, x, y, t):
     """Rows order[start:start + n] of X into x (n, d), and of labels into y / of targets
-    into t when those are not empty. One pass, so the random reads overlap."""
+    into t (k columns, even when empty) when those are not empty. One pass, so the
+    random reads overlap. False (and the batch unfinished) at a sample index outside
+    [0, len(X)) or a label outside [0, k)."""
     n, d = x.shape
     k = t.shape[1]
     for i in range(n):
         r = order[start + i]
+        if r < 0 or r >= X.shape[0]:
+            return False
         src = X[r]
         dst = x[i]
         for j in range(d):
             dst[j] = src[j]
         if y.shape[0]:
-            y[i] = labels[r]
+            label = labels[r]
+            if label < 0 or label >= k:
+                return False
+            y[i] = label
         if t.shape[0]:
             src_t = targets[r]
             dst_t = t[i]
             for j in range(k):
                 dst_t[j] = src_t[j]
+    return True
 
 
 @njit(inline="always", **_HELPER_OPTIONS)
@@ -828,35 +968,19 @@ def _epoch_batch_hits(loss_code, out, y, t):
 @njit(inline="always", **_HELPER_OPTIONS)
 def _epoch_update(opt_code, hyper, params, grads, state0, state1, state2, lr, t):
     """One optimizer update (kernels.OPTIMIZER_CODES, ``hyper`` laid out as
-    kernels.OPTIMIZER_HYPER) with rate lr at update number t; scalars in float64 as the
-    wrappers compute them, then cast to the data dtype."""
-    f = params.dtype.type
+    kernels.OPTIMIZER_HYPER) with rate lr at update number t: the update kernel's core,
+    scalar set-up included."""
     if opt_code == SGD:
-        momentum = hyper[0]
-        _sgd_nested(params, grads, state0, f(lr), f(momentum), f(1.0 - hyper[1]),
-                    f(hyper[2]), momentum != 0.0, hyper[3] != 0.0, t == 1)
+        _sgd_nested(params, grads, state0, lr, hyper[0], hyper[1], hyper[2],
+                    hyper[3] != 0.0, t)
     elif opt_code == ADAGRAD:
-        _adagrad_nested(params, grads, state0, f(lr / (1.0 + (t - 1) * hyper[0])),
-                        f(hyper[1]), f(hyper[2]))
+        _adagrad_nested(params, grads, state0, lr, hyper[0], hyper[1], hyper[2], t)
     elif opt_code == RMSPROP:
-        alpha = hyper[0]
-        momentum = hyper[3]
-        _rmsprop_nested(params, grads, state0, state1, state2, f(lr), f(alpha),
-                        f(1.0 - alpha), f(hyper[1]), f(hyper[2]), f(momentum),
-                        momentum > 0.0, hyper[4] != 0.0)
+        _rmsprop_nested(params, grads, state0, state1, state2, lr, hyper[0], hyper[1],
+                        hyper[2], hyper[3], hyper[4] != 0.0)
     else:
-        beta1 = hyper[0]
-        beta2 = hyper[1]
-        weight_decay = hyper[3]
-        if hyper[4] != 0.0:
-            decay, coupled_wd = 1.0 - lr * weight_decay, 0.0
-        else:
-            decay, coupled_wd = 1.0, weight_decay
-        ft = float(t)
-        _adam_nested(params, grads, state0, state1, state2, f(decay), f(coupled_wd),
-                     f(beta1), f(1.0 - beta1), f(beta2), f(1.0 - beta2),
-                     f(lr / (1.0 - beta1 ** ft)), f(math.sqrt(1.0 - beta2 ** ft)),
-                     f(hyper[2]), hyper[5] != 0.0)
+        _adam_nested(params, grads, state0, state1, state2, lr, hyper[0], hyper[1],
+                     hyper[2], hyper[3], hyper[4] != 0.0, hyper[5] != 0.0, t)
 
 
 @njit(inline="always", **_HELPER_OPTIONS)
@@ -877,22 +1001,43 @@ def _train_epoch_batches(X, labels, targets, order, batch_size, widths, acts, al
     ``dz`` the matmul result before the epilogue (forward) or dout * act' (backward).
     The elementwise passes never write in place, so LLVM vectorizes them.
     """
-    for s in range(4):
-        stats[s] = 0.0
     n_layers = widths.shape[0] - 1
     m = order.shape[0]
-    if batch_size <= 0 or n_layers <= 0:
-        return
+    # The O(L) argument checks (the wrapper reports what is wrong): sizes of every
+    # buffer against widths; sample indices and labels are checked as gathered.
     widest = 0
     width_sum = 0
+    n_params = 0
+    sizes_ok = n_layers >= 1 and batch_size >= 1
     for layer in range(n_layers + 1):
         widest = max(widest, widths[layer])
         width_sum += widths[layer]
-    k_out = widths[n_layers]
+        sizes_ok = sizes_ok and widths[layer] >= 1
+    if sizes_ok and acts.shape[0] == n_layers and alphas.shape[0] == n_layers \
+            and use_bias.shape[0] == n_layers:
+        for layer in range(n_layers):
+            n_params += widths[layer] * widths[layer + 1]
+            n_params += widths[layer + 1] if use_bias[layer] != 0 else 0
+            sizes_ok = sizes_ok and IDENTITY <= acts[layer] <= ELU
+    else:
+        sizes_ok = False
+    k_out = widths[n_layers] if n_layers >= 0 else 0
+    label_loss = loss_code == CROSS_ENTROPY or loss_code == HINGE
+    _require(sizes_ok and X.shape[1] == widths[0] and params.shape[0] == n_params
+             and grads.shape[0] == n_params and state0.shape[0] == n_params
+             and state1.shape[0] == n_params and state2.shape[0] == n_params
+             and workspace.shape[0] >= batch_size * (width_sum + 2 * widest)
+             and lrs.shape[0] >= (m + batch_size - 1) // batch_size
+             and stats.shape[0] == 4 and CROSS_ENTROPY <= loss_code <= HINGE
+             and SGD <= opt_code <= ADAM and hyper.shape[0] == _HYPER_SIZES[opt_code]
+             and (labels.shape[0] == X.shape[0] if label_loss
+                  else targets.shape[0] == X.shape[0] and targets.shape[1] == k_out))
+    for s in range(4):
+        stats[s] = 0.0
     # Per-call scratch: the batch's labels / targets and the float64 bias gradient.
     rows = min(batch_size, m)
-    y_buf = np.empty(rows if labels.shape[0] else 0, np.int64)
-    t_buf = np.empty((rows if targets.shape[0] else 0, k_out), params.dtype)
+    y_buf = np.empty(rows if label_loss else 0, np.int64)
+    t_buf = np.empty((0 if label_loss else rows, k_out), params.dtype)
     db_acc = np.empty(widest)
     param = params.dtype.type(loss_param)
     for b in range((m + batch_size - 1) // batch_size):
@@ -903,8 +1048,8 @@ def _train_epoch_batches(X, labels, targets, order, batch_size, widths, acts, al
         d = widths[0]
         y = y_buf[:size] if y_buf.shape[0] else y_buf
         t = t_buf[:size] if t_buf.shape[0] else t_buf
-        _gather_batch(X, labels, targets, order, start,
-                      workspace[:size * d].reshape((size, d)), y, t)
+        _require(_gather_batch(X, labels, targets, order, start,
+                               workspace[:size * d].reshape((size, d)), y, t))
         # Forward: z = x @ W into the dz buffer, z += b there, out = act(z).
         x_at = 0
         p = 0
@@ -916,16 +1061,11 @@ def _train_epoch_batches(X, labels, targets, order, batch_size, widths, acts, al
             np.dot(workspace[x_at:out_at].reshape((size, d)),
                    params[p:p + d * k].reshape((d, k)), z)
             p += d * k
-            if use_bias[layer] != 0:
-                bias = params[p:p + k]
-                for i in range(size):
-                    row = z[i]  # row views: LLVM vectorizes these, not z[i, j]
-                    for j in range(k):
-                        row[j] += bias[j]
-                p += k
-            _activation_forward_span(acts[layer], workspace[dz_at:dz_at + size * k],
-                                     workspace[out_at:out_at + size * k],
-                                     params.dtype.type(alphas[layer]))
+            bias = use_bias[layer] != 0
+            _bias_activation_rows(z, workspace[dz_at:dz_at + size * k], params[p:p + k],
+                                  bias, acts[layer], params.dtype.type(alphas[layer]),
+                                  workspace[out_at:out_at + size * k], False, 0, size)
+            p += k if bias else 0
             x_at = out_at
         out = workspace[x_at:x_at + size * k_out].reshape((size, k_out))
         loss = _epoch_batch_loss(loss_code, param, out, y, t,
@@ -948,18 +1088,12 @@ def _train_epoch_batches(X, labels, targets, order, batch_size, widths, acts, al
                 p -= k
             bias_at = p
             p -= d * k
-            _activation_backward_span(acts[layer], workspace[a_at:a_at + size * k],
-                                      workspace[delta_at:delta_at + size * k],
-                                      workspace[dz_at:dz_at + size * k],
-                                      params.dtype.type(alphas[layer]))
             dz = workspace[dz_at:dz_at + size * k].reshape((size, k))
+            _dz_rows(acts[layer], workspace[a_at:a_at + size * k],
+                     workspace[delta_at:delta_at + size * k], dz,
+                     workspace[dz_at:dz_at + size * k], params.dtype.type(alphas[layer]),
+                     db_acc, bias, 0, size)
             if bias:
-                for j in range(k):
-                    db_acc[j] = 0.0
-                for i in range(size):
-                    row = dz[i]
-                    for j in range(k):
-                        db_acc[j] += row[j]
                 for j in range(k):
                     grads[bias_at + j] = db_acc[j]
             np.dot(workspace[x_at:a_at].reshape((size, d)).T, dz,
@@ -1007,18 +1141,18 @@ _multiclass_hinge_serial, _multiclass_hinge_parallel = _serial_and_parallel(
     lambda f: _f8(_in(f, 2), _in(_i8, 1), f, _in(f, 1), _out(f, 2), _b1, _b1, _i8))
 _sgd_serial, _sgd_parallel = _serial_and_parallel(
     "_sgd", _sgd_elements,
-    lambda f: types.void(_out(f, 1), _in(f, 1), _out(f, 1), f, f, f, f, _b1, _b1, _b1))
+    lambda f: types.void(_out(f, 1), _in(f, 1), _out(f, 1), _f8, _f8, _f8, _f8, _b1, _i8))
 _adagrad_serial, _adagrad_parallel = _serial_and_parallel(
     "_adagrad", _adagrad_elements,
-    lambda f: types.void(_out(f, 1), _in(f, 1), _out(f, 1), f, f, f))
+    lambda f: types.void(_out(f, 1), _in(f, 1), _out(f, 1), _f8, _f8, _f8, _f8, _i8))
 _rmsprop_serial, _rmsprop_parallel = _serial_and_parallel(
     "_rmsprop", _rmsprop_elements,
     lambda f: types.void(_out(f, 1), _in(f, 1), _out(f, 1), _out(f, 1), _out(f, 1),
-                         f, f, f, f, f, f, _b1, _b1))
+                         _f8, _f8, _f8, _f8, _f8, _b1))
 _adam_serial, _adam_parallel = _serial_and_parallel(
     "_adam", _adam_elements,
     lambda f: types.void(_out(f, 1), _in(f, 1), _out(f, 1), _out(f, 1), _out(f, 1),
-                         f, f, f, f, f, f, f, f, f, _b1))
+                         _f8, _f8, _f8, _f8, _f8, _b1, _b1, _i8))
 
 
 def _train_epoch_signature(f):
@@ -1058,15 +1192,20 @@ def activation_forward(act, z, out, alpha=None):
     leaky_relu z if z > 0 else alpha*z; softplus log(1+e^z); elu z if z > 0 else
     alpha*(e^z - 1).
     """
-    if act == IDENTITY and out is z:
-        return
-    z = z.reshape(-1)
-    out = out.reshape(-1)
-    n = z.shape[0]
-    if n >= PARALLEL_MIN_SIZE:
-        _activation_forward_parallel(act, z, out, _alpha(act, alpha), _n_chunks(n))
-    else:
-        _activation_forward_serial(act, z, out, _alpha(act, alpha), 1)
+    try:
+        if act == IDENTITY and out is z:
+            return
+        flat_z = z.reshape(-1)
+        flat_out = out.reshape(-1)
+        n = flat_z.shape[0]
+        if n >= PARALLEL_MIN_SIZE:
+            _activation_forward_parallel(act, flat_z, flat_out, _alpha(act, alpha),
+                                         _n_chunks(n))
+        else:
+            _activation_forward_serial(act, flat_z, flat_out, _alpha(act, alpha), 1)
+    except _REFUSED:
+        _checks.activation("activation_forward", act, {"z": z}, out)
+        raise
 
 
 def activation_backward(act, a, dout, out, alpha=None):
@@ -1076,16 +1215,18 @@ def activation_backward(act, a, dout, out, alpha=None):
     leaky_relu 1 if a > 0 else alpha; softplus 1-e^-a; elu 1 if a > 0 else a+alpha.
     ``out`` may alias ``dout``.
     """
-    if act == IDENTITY and out is dout:
-        return
-    a = a.reshape(-1)
-    dout = dout.reshape(-1)
-    out = out.reshape(-1)
-    n = a.shape[0]
-    if n >= PARALLEL_MIN_SIZE:
-        _activation_backward_parallel(act, a, dout, out, _alpha(act, alpha), _n_chunks(n))
-    else:
-        _activation_backward_serial(act, a, dout, out, _alpha(act, alpha), 1)
+    try:
+        if act == IDENTITY and out is dout:
+            return
+        flat = (a.reshape(-1), dout.reshape(-1), out.reshape(-1))
+        n = flat[0].shape[0]
+        if n >= PARALLEL_MIN_SIZE:
+            _activation_backward_parallel(act, *flat, _alpha(act, alpha), _n_chunks(n))
+        else:
+            _activation_backward_serial(act, *flat, _alpha(act, alpha), 1)
+    except _REFUSED:
+        _checks.activation("activation_backward", act, {"a": a, "dout": dout}, out)
+        raise
 
 
 # ----------------------------------------------------------------------------------
@@ -1097,11 +1238,15 @@ def dense_forward(x, w, b, act, out, alpha=None):
 
     One BLAS matmul into ``out``, then bias and activation in one pass over ``out``.
     """
-    if out.size >= PARALLEL_MIN_SIZE:
-        _dense_forward_parallel(x, w, b, act, out, _alpha(act, alpha),
-                                _n_chunks(out.shape[0]))
-    else:
-        _dense_forward_serial(x, w, b, act, out, _alpha(act, alpha), 1)
+    try:
+        if out.size >= PARALLEL_MIN_SIZE:
+            _dense_forward_parallel(x, w, b, act, out, _alpha(act, alpha),
+                                    _n_chunks(out.shape[0]))
+        else:
+            _dense_forward_serial(x, w, b, act, out, _alpha(act, alpha), 1)
+    except _REFUSED:
+        _checks.dense_forward(x, w, b, act, out)
+        raise
 
 
 def dense_backward(x, w, a, dout, act, dz, dx, dw, db, alpha=None):
@@ -1113,14 +1258,17 @@ def dense_backward(x, w, a, dout, act, dz, dx, dw, db, alpha=None):
     two matmuls are BLAS calls on transposed views.
     """
     want_dx = dx is not None
-    if not want_dx:
-        dx = _empty_2d(dz)
-    if dz.size >= PARALLEL_MIN_SIZE:
-        _dense_backward_parallel(x, w, a, dout, act, dz, dx, dw, db, _alpha(act, alpha),
-                                 want_dx, _n_chunks(dz.shape[0]))
-    else:
-        _dense_backward_serial(x, w, a, dout, act, dz, dx, dw, db, _alpha(act, alpha),
-                               want_dx, 1)
+    try:
+        dx_or_empty = dx if want_dx else _empty_2d(dz)
+        if dz.size >= PARALLEL_MIN_SIZE:
+            _dense_backward_parallel(x, w, a, dout, act, dz, dx_or_empty, dw, db,
+                                     _alpha(act, alpha), want_dx, _n_chunks(dz.shape[0]))
+        else:
+            _dense_backward_serial(x, w, a, dout, act, dz, dx_or_empty, dw, db,
+                                   _alpha(act, alpha), want_dx, 1)
+    except _REFUSED:
+        _checks.dense_backward(x, w, a, dout, act, dz, dx, dw, db)
+        raise
 
 
 def dense_per_sample_grad(x, dz, jac, offset, use_bias):
@@ -1131,11 +1279,16 @@ def dense_per_sample_grad(x, dz, jac, offset, use_bias):
     when ``use_bias``, ``jac[s, offset + d*k + j] = dz[s, j]``. x (n, d), dz (n, k),
     jac (n, P) with P >= offset + d*k (+ k); other columns are left untouched.
     """
-    n, d = x.shape
-    if n * d * dz.shape[1] >= PARALLEL_MIN_SIZE:
-        _dense_per_sample_grad_parallel(x, dz, jac, offset, bool(use_bias), _n_chunks(n))
-    else:
-        _dense_per_sample_grad_serial(x, dz, jac, offset, bool(use_bias), 1)
+    try:
+        n, d = x.shape
+        if n * d * dz.shape[1] >= PARALLEL_MIN_SIZE:
+            _dense_per_sample_grad_parallel(x, dz, jac, offset, bool(use_bias),
+                                            _n_chunks(n))
+        else:
+            _dense_per_sample_grad_serial(x, dz, jac, offset, bool(use_bias), 1)
+    except _REFUSED:
+        _checks.dense_per_sample_grad(x, dz, jac, offset, use_bias)
+        raise
 
 
 # ----------------------------------------------------------------------------------
@@ -1149,13 +1302,17 @@ def _rows_call(serial, parallel, data, *args):
     return float(serial(*args, 1))
 
 
-def _pointwise_loss(kind, pred, target, param, weights, dpred):
+def _pointwise_loss(kernel, kind, pred, target, param, weights, dpred):
     use_weights = weights is not None
     want_grad = dpred is not None
-    return _rows_call(_pointwise_loss_serial, _pointwise_loss_parallel, pred,
-                      kind, pred, target, param,
-                      weights if use_weights else _empty_1d(pred),
-                      dpred if want_grad else _empty_2d(pred), use_weights, want_grad)
+    try:
+        return _rows_call(_pointwise_loss_serial, _pointwise_loss_parallel, pred,
+                          kind, pred, target, param,
+                          weights if use_weights else _empty_1d(pred),
+                          dpred if want_grad else _empty_2d(pred), use_weights, want_grad)
+    except _REFUSED:
+        _checks.loss(kernel, ("pred", "target", "dpred"), pred, target, weights, dpred)
+        raise
 
 
 def softmax_cross_entropy(logits, labels, weights, dlogits):
@@ -1168,13 +1325,18 @@ def softmax_cross_entropy(logits, labels, weights, dlogits):
     """
     use_weights = weights is not None
     want_grad = dlogits is not None
-    if labels.ndim == 1:
-        serial, parallel = _softmax_ce_index_serial, _softmax_ce_index_parallel
-    else:
-        serial, parallel = _softmax_ce_prob_serial, _softmax_ce_prob_parallel
-    return _rows_call(serial, parallel, logits,
-                      logits, labels, weights if use_weights else _empty_1d(logits),
-                      dlogits if want_grad else _empty_2d(logits), use_weights, want_grad)
+    try:
+        if labels.ndim == 1:
+            serial, parallel = _softmax_ce_index_serial, _softmax_ce_index_parallel
+        else:
+            serial, parallel = _softmax_ce_prob_serial, _softmax_ce_prob_parallel
+        return _rows_call(serial, parallel, logits,
+                          logits, labels, weights if use_weights else _empty_1d(logits),
+                          dlogits if want_grad else _empty_2d(logits), use_weights,
+                          want_grad)
+    except _REFUSED:
+        _checks.softmax_cross_entropy(logits, labels, weights, dlogits)
+        raise
 
 
 def sigmoid_binary_cross_entropy(pred, target, weights, dpred):
@@ -1183,7 +1345,8 @@ def sigmoid_binary_cross_entropy(pred, target, weights, dpred):
     pred (n, k) logits, target (n, k) in [0, 1].
     l_ij = max(z, 0) - z t + log(1 + e^-|z|);  dpred = s_i (sigmoid(z) - t) / k.
     """
-    return _pointwise_loss(BINARY_CROSS_ENTROPY, pred, target, 0.0, weights, dpred)
+    return _pointwise_loss("sigmoid_binary_cross_entropy", BINARY_CROSS_ENTROPY, pred,
+                           target, 0.0, weights, dpred)
 
 
 def mean_squared_error(pred, target, weights, dpred):
@@ -1191,12 +1354,12 @@ def mean_squared_error(pred, target, weights, dpred):
 
     l_ij = (p - t)^2;  dpred = 2 s_i (p - t) / k.
     """
-    return _pointwise_loss(MSE, pred, target, 0.0, weights, dpred)
+    return _pointwise_loss("mean_squared_error", MSE, pred, target, 0.0, weights, dpred)
 
 
 def mean_absolute_error(pred, target, weights, dpred):
     """torch L1Loss, mean over n*k.  l_ij = |p - t|;  dpred = s_i sign(p - t) / k."""
-    return _pointwise_loss(MAE, pred, target, 0.0, weights, dpred)
+    return _pointwise_loss("mean_absolute_error", MAE, pred, target, 0.0, weights, dpred)
 
 
 def huber(pred, target, delta, weights, dpred):
@@ -1205,7 +1368,7 @@ def huber(pred, target, delta, weights, dpred):
     l = d^2/2 if |d| <= delta else delta (|d| - delta/2);
     dpred = s_i clip(d, -delta, delta) / k.
     """
-    return _pointwise_loss(HUBER, pred, target, delta, weights, dpred)
+    return _pointwise_loss("huber", HUBER, pred, target, delta, weights, dpred)
 
 
 def multiclass_hinge(scores, labels, margin, weights, dscores):
@@ -1216,15 +1379,20 @@ def multiclass_hinge(scores, labels, margin, weights, dscores):
     """
     use_weights = weights is not None
     want_grad = dscores is not None
-    return _rows_call(_multiclass_hinge_serial, _multiclass_hinge_parallel, scores,
-                      scores, labels, margin,
-                      weights if use_weights else _empty_1d(scores),
-                      dscores if want_grad else _empty_2d(scores), use_weights, want_grad)
+    try:
+        return _rows_call(_multiclass_hinge_serial, _multiclass_hinge_parallel, scores,
+                          scores, labels, margin,
+                          weights if use_weights else _empty_1d(scores),
+                          dscores if want_grad else _empty_2d(scores), use_weights,
+                          want_grad)
+    except _REFUSED:
+        _checks.multiclass_hinge(scores, labels, weights, dscores)
+        raise
 
 
 # ----------------------------------------------------------------------------------
 # Optimizer steps over flat parameter / gradient / state buffers (all 1-D, in place),
-# one fused pass each; scalar coefficients are computed here in float64.
+# one fused pass each (its core sets up the scalar coefficients in float64).
 # ----------------------------------------------------------------------------------
 
 def sgd_update(params, grads, momentum_buf, lr, momentum, dampening, weight_decay,
@@ -1234,19 +1402,26 @@ def sgd_update(params, grads, momentum_buf, lr, momentum, dampening, weight_deca
     ``momentum_buf`` is untouched when momentum == 0.
     """
     use_momentum = bool(momentum)
-    if not use_momentum:
-        momentum_buf = _empty_1d(params)
-    core = _sgd_parallel if params.shape[0] >= PARALLEL_MIN_SIZE else _sgd_serial
-    core(params, grads, momentum_buf, lr, momentum, 1.0 - dampening, weight_decay,
-         use_momentum, bool(nesterov), step == 1)
+    try:
+        core = _sgd_parallel if params.shape[0] >= PARALLEL_MIN_SIZE else _sgd_serial
+        core(params, grads, momentum_buf if use_momentum else _empty_1d(params), lr,
+             momentum, dampening, weight_decay, bool(nesterov), step)
+    except _REFUSED:
+        _checks.sgd_update(params, grads, momentum_buf, momentum)
+        raise
 
 
 def adagrad_update(params, grads, state_sum, lr, lr_decay, weight_decay, eps, step):
     """torch.optim.Adagrad.  g = grad + wd*p; clr = lr / (1 + (t-1)*lr_decay);
     G += g^2; p -= clr * g / (sqrt(G) + eps).
     """
-    core = _adagrad_parallel if params.shape[0] >= PARALLEL_MIN_SIZE else _adagrad_serial
-    core(params, grads, state_sum, lr / (1.0 + (step - 1) * lr_decay), weight_decay, eps)
+    try:
+        big = params.shape[0] >= PARALLEL_MIN_SIZE
+        core = _adagrad_parallel if big else _adagrad_serial
+        core(params, grads, state_sum, lr, lr_decay, weight_decay, eps, step)
+    except _REFUSED:
+        _checks.adagrad_update(params, grads, state_sum)
+        raise
 
 
 def rmsprop_update(params, grads, square_avg, momentum_buf, grad_avg, lr, alpha, eps,
@@ -1257,13 +1432,17 @@ def rmsprop_update(params, grads, square_avg, momentum_buf, grad_avg, lr, alpha,
     ``momentum_buf`` / ``grad_avg`` are untouched unless momentum > 0 / centered.
     """
     use_momentum = momentum > 0
-    if not use_momentum:
-        momentum_buf = _empty_1d(params)
-    if not centered:
-        grad_avg = _empty_1d(params)
-    core = _rmsprop_parallel if params.shape[0] >= PARALLEL_MIN_SIZE else _rmsprop_serial
-    core(params, grads, square_avg, momentum_buf, grad_avg, lr, alpha, 1.0 - alpha, eps,
-         weight_decay, momentum, use_momentum, bool(centered))
+    try:
+        big = params.shape[0] >= PARALLEL_MIN_SIZE
+        core = _rmsprop_parallel if big else _rmsprop_serial
+        core(params, grads, square_avg,
+             momentum_buf if use_momentum else _empty_1d(params),
+             grad_avg if centered else _empty_1d(params), lr, alpha, eps, weight_decay,
+             momentum, bool(centered))
+    except _REFUSED:
+        _checks.rmsprop_update(params, grads, square_avg, momentum_buf, grad_avg, momentum,
+                               centered)
+        raise
 
 
 def adam_update(params, grads, exp_avg, exp_avg_sq, max_exp_avg_sq, lr, beta1, beta2,
@@ -1275,16 +1454,14 @@ def adam_update(params, grads, exp_avg, exp_avg_sq, max_exp_avg_sq, lr, beta1, b
     p -= lr/(1-b1^t) * m / (sqrt(v)/sqrt(1-b2^t) + eps).
     ``max_exp_avg_sq`` is untouched unless amsgrad.
     """
-    if decoupled:
-        decay, coupled_wd = 1.0 - lr * weight_decay, 0.0
-    else:
-        decay, coupled_wd = 1.0, weight_decay
-    if not amsgrad:
-        max_exp_avg_sq = _empty_1d(params)
-    core = _adam_parallel if params.shape[0] >= PARALLEL_MIN_SIZE else _adam_serial
-    core(params, grads, exp_avg, exp_avg_sq, max_exp_avg_sq, decay, coupled_wd,
-         beta1, 1.0 - beta1, beta2, 1.0 - beta2, lr / (1.0 - beta1 ** step),
-         math.sqrt(1.0 - beta2 ** step), eps, bool(amsgrad))
+    try:
+        core = _adam_parallel if params.shape[0] >= PARALLEL_MIN_SIZE else _adam_serial
+        core(params, grads, exp_avg, exp_avg_sq,
+             max_exp_avg_sq if amsgrad else _empty_1d(params), lr, beta1, beta2, eps,
+             weight_decay, bool(decoupled), bool(amsgrad), step)
+    except _REFUSED:
+        _checks.adam_update(params, grads, exp_avg, exp_avg_sq, max_exp_avg_sq, amsgrad)
+        raise
 
 
 # ----------------------------------------------------------------------------------
@@ -1302,14 +1479,21 @@ def train_epoch(spec):
     arithmetic); the loss is the row helper of the matching loss kernel; each layer's
     backward is ``dense_backward``'s arithmetic (dz, the bias gradient summed in
     float64, dW and dx by BLAS); the update is the optimizer kernel's pass over the
-    flat buffers. The result is bit-identical to calling those single kernels in
-    sequence. Nothing is allocated per batch. Compiled per dtype, on the first call with
-    that dtype.
+    flat buffers (each layer's gradient goes to ``grads``, then its update; see
+    ``_numpy.train_epoch`` for what ``grads`` holds afterwards). The result is
+    bit-identical to calling those single kernels in sequence. Nothing is allocated
+    per batch. Compiled per dtype, on the first call with that dtype.
     """
-    optimizer = spec.optimizer
-    state0, state1, state2 = optimizer.states
-    _train_epoch_core(spec.params.dtype)(
-        spec.X, spec.labels, spec.targets, spec.order, int(spec.batch_size), spec.widths,
-        spec.acts, spec.alphas, spec.use_bias, spec.params, spec.grads, spec.workspace,
-        int(spec.loss_code), float(spec.loss_param), int(optimizer.code), optimizer.hyper,
-        spec.lrs, state0, state1, state2, int(spec.step), spec.stats)
+    try:
+        optimizer = spec.optimizer
+        state0, state1, state2 = optimizer.states
+        _train_epoch_core(spec.params.dtype)(
+            spec.X, spec.labels, spec.targets, spec.order, int(spec.batch_size),
+            spec.widths, spec.acts, spec.alphas, spec.use_bias, spec.params, spec.grads,
+            spec.workspace, int(spec.loss_code), float(spec.loss_param),
+            int(optimizer.code), optimizer.hyper, spec.lrs, state0, state1, state2,
+            int(spec.step), spec.stats)
+    except _REFUSED:
+        _checks.train_epoch(spec)
+        _checks.train_epoch_indices(spec)
+        raise

@@ -8,7 +8,11 @@ Conventions shared by every backend:
 
 * Arrays are C-contiguous float32 or float64, one dtype per call; integer class
   labels are int64. Outputs are preallocated by the caller and written in place;
-  a kernel returns None or the loss as a Python float. Kernels never validate.
+  a kernel returns None or the loss as a Python float.
+* Every kernel checks its arguments' shapes, dtypes and lengths (``_checks``, O(1))
+  and the class labels / sample indices it reads, and raises ValueError (TypeError
+  for a non-array) naming the argument, so no call reads or writes out of bounds.
+  Values are not checked: the API validates them once, at its boundary.
 * Shapes: ``n`` samples, ``d`` input features, ``k`` outputs. Dense weights are
   ``w (d, k)`` and bias ``b (k,)`` so the layer computes ``x @ w + b``.
 * ``act`` is an integer code from ``fastnn.kernels.ACTIVATIONS``; ``alpha`` is the
@@ -25,6 +29,7 @@ import math
 
 import numpy as np
 
+from . import _checks
 from . import (
     ADAGRAD, BINARY_CROSS_ENTROPY, CROSS_ENTROPY, DEFAULT_ALPHA, ELU, HINGE, HUBER,
     IDENTITY, LABEL_LOSS_CODES, LEAKY_RELU, MAE, MSE, RELU, RMSPROP, SGD, SIGMOID,
@@ -54,6 +59,7 @@ def activation_forward(act, z, out, alpha=None):
     leaky_relu z if z > 0 else alpha*z; softplus log(1+e^z); elu z if z > 0 else
     alpha*(e^z - 1).
     """
+    _checks.activation("activation_forward", act, {"z": z}, out)
     alpha = _alpha(act, alpha)
     if act == IDENTITY:
         if out is not z:
@@ -83,6 +89,7 @@ def activation_backward(act, a, dout, out, alpha=None):
     leaky_relu 1 if a > 0 else alpha; softplus 1-e^-a; elu 1 if a > 0 else a+alpha.
     ``out`` may alias ``dout``.
     """
+    _checks.activation("activation_backward", act, {"a": a, "dout": dout}, out)
     alpha = _alpha(act, alpha)
     if act == IDENTITY:
         if out is not dout:
@@ -111,6 +118,7 @@ def activation_backward(act, a, dout, out, alpha=None):
 
 def dense_forward(x, w, b, act, out, alpha=None):
     """``out = act(x @ w + b)``.  x (n, d), w (d, k), b (k,), out (n, k)."""
+    _checks.dense_forward(x, w, b, act, out)
     np.matmul(x, w, out=out)
     out += b
     activation_forward(act, out, out, alpha)
@@ -123,6 +131,7 @@ def dense_backward(x, w, a, dout, act, dz, dx, dw, db, alpha=None):
     (skipped when dx is None). x (n, d), w (d, k), a/dout/dz (n, k), dx (n, d),
     dw (d, k), db (k,). ``dz`` may alias ``dout``.
     """
+    _checks.dense_backward(x, w, a, dout, act, dz, dx, dw, db)
     activation_backward(act, a, dout, dz, alpha)
     np.matmul(x.T, dz, out=dw)
     np.sum(dz, axis=0, out=db)
@@ -138,6 +147,7 @@ def dense_per_sample_grad(x, dz, jac, offset, use_bias):
     when ``use_bias``, ``jac[s, offset + d*k + j] = dz[s, j]``. x (n, d), dz (n, k),
     jac (n, P) with P >= offset + d*k (+ k); other columns are left untouched.
     """
+    _checks.dense_per_sample_grad(x, dz, jac, offset, use_bias)
     n, d = x.shape
     k = dz.shape[1]
     block = jac[:, offset:offset + d * k].reshape(n, d, k)
@@ -149,6 +159,10 @@ def dense_per_sample_grad(x, dz, jac, offset, use_bias):
 # ----------------------------------------------------------------------------------
 # Losses: each returns the loss and (unless dpred is None) writes its gradient
 # ----------------------------------------------------------------------------------
+
+#: Argument names of the pointwise losses (prediction, target, gradient).
+_PRED = ("pred", "target", "dpred")
+
 
 def _sample_scale(n, weights):
     """Per-sample factor of the mean: 1/n, or w_i / sum(w)."""
@@ -169,6 +183,7 @@ def softmax_cross_entropy(logits, labels, weights, dlogits):
     dlogits (n, k) = s_i * (softmax(z_i) * sum_j y_ij - y_i), with s_i = 1/n or
     w_i / sum(w).
     """
+    _checks.softmax_cross_entropy(logits, labels, weights, dlogits)
     n = logits.shape[0]
     shifted = logits - logits.max(axis=1, keepdims=True)
     log_prob = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
@@ -191,6 +206,7 @@ def sigmoid_binary_cross_entropy(pred, target, weights, dpred):
     pred (n, k) logits, target (n, k) in [0, 1].
     l_ij = max(z, 0) - z t + log(1 + e^-|z|);  dpred = s_i (sigmoid(z) - t) / k.
     """
+    _checks.loss("sigmoid_binary_cross_entropy", _PRED, pred, target, weights, dpred)
     n, k = pred.shape
     per_elem = np.maximum(pred, 0) - pred * target + np.log1p(np.exp(-np.abs(pred)))
     scale = _sample_scale(n, weights) / k
@@ -205,6 +221,7 @@ def mean_squared_error(pred, target, weights, dpred):
 
     l_ij = (p - t)^2;  dpred = 2 s_i (p - t) / k.
     """
+    _checks.loss("mean_squared_error", _PRED, pred, target, weights, dpred)
     n, k = pred.shape
     diff = pred - target
     scale = _sample_scale(n, weights) / k
@@ -215,6 +232,7 @@ def mean_squared_error(pred, target, weights, dpred):
 
 def mean_absolute_error(pred, target, weights, dpred):
     """torch L1Loss, mean over n*k.  l_ij = |p - t|;  dpred = s_i sign(p - t) / k."""
+    _checks.loss("mean_absolute_error", _PRED, pred, target, weights, dpred)
     n, k = pred.shape
     diff = pred - target
     scale = _sample_scale(n, weights) / k
@@ -229,6 +247,7 @@ def huber(pred, target, delta, weights, dpred):
     l = d^2/2 if |d| <= delta else delta (|d| - delta/2);
     dpred = s_i clip(d, -delta, delta) / k.
     """
+    _checks.loss("huber", _PRED, pred, target, weights, dpred)
     n, k = pred.shape
     diff = pred - target
     absd = np.abs(diff)
@@ -245,6 +264,7 @@ def multiclass_hinge(scores, labels, margin, weights, dscores):
     scores (n, k), labels int64 (n,).  l_i = sum_{j != y_i} max(0, s_ij - s_iy_i + margin).
     dscores: +s_i for each violating j, -s_i * (number of violations) at y_i.
     """
+    _checks.multiclass_hinge(scores, labels, weights, dscores)
     n = scores.shape[0]
     rows = np.arange(n)
     margins = scores - scores[rows, labels][:, None] + margin
@@ -269,6 +289,7 @@ def sgd_update(params, grads, momentum_buf, lr, momentum, dampening, weight_deca
     b = mu*b + (1-dampening)*g, and g = g + mu*b (nesterov) or b;  p -= lr*g.
     ``momentum_buf`` is untouched when momentum == 0.
     """
+    _checks.sgd_update(params, grads, momentum_buf, momentum)
     g = grads + weight_decay * params if weight_decay else grads.copy()
     if momentum:
         if step == 1:
@@ -287,6 +308,7 @@ def adagrad_update(params, grads, state_sum, lr, lr_decay, weight_decay, eps, st
     """torch.optim.Adagrad.  g = grad + wd*p; clr = lr / (1 + (t-1)*lr_decay);
     G += g^2; p -= clr * g / (sqrt(G) + eps).
     """
+    _checks.adagrad_update(params, grads, state_sum)
     g = grads + weight_decay * params if weight_decay else grads
     clr = lr / (1 + (step - 1) * lr_decay)
     state_sum += g * g
@@ -300,6 +322,8 @@ def rmsprop_update(params, grads, square_avg, momentum_buf, grad_avg, lr, alpha,
     momentum: b = mu*b + g/(sqrt(v~)+eps), p -= lr*b; else p -= lr*g/(sqrt(v~)+eps).
     ``momentum_buf`` / ``grad_avg`` are untouched unless momentum > 0 / centered.
     """
+    _checks.rmsprop_update(params, grads, square_avg, momentum_buf, grad_avg, momentum,
+                           centered)
     g = grads + weight_decay * params if weight_decay else grads
     square_avg *= alpha
     square_avg += (1 - alpha) * g * g
@@ -326,6 +350,7 @@ def adam_update(params, grads, exp_avg, exp_avg_sq, max_exp_avg_sq, lr, beta1, b
     p -= lr/(1-b1^t) * m / (sqrt(v)/sqrt(1-b2^t) + eps).
     ``max_exp_avg_sq`` is untouched unless amsgrad.
     """
+    _checks.adam_update(params, grads, exp_avg, exp_avg_sq, max_exp_avg_sq, amsgrad)
     if decoupled:
         params *= 1 - lr * weight_decay
         g = grads
@@ -401,16 +426,29 @@ def train_epoch(spec):
     batch); backward into ``grads``; one optimizer update with learning rate ``lrs[b]``
     for batch b and update number ``t = step + b + 1``.
 
-    ``grads`` is scratch: a compiled backend may update each layer as soon as its
-    backward is done (the optimizers are elementwise, so this is the same arithmetic)
-    or fold the update into the backward (plain SGD into the dW gemm) and never write
-    it. Unused optimizer state buffers are untouched.
+    ``grads`` is scratch, and after the call it holds no defined values on any
+    backend: the backends differ there (and only there) in how they schedule the same
+    arithmetic. This reference writes the whole gradient, then updates the whole
+    buffer. The compiled backends update each layer as soon as its backward is done,
+    while its gradient is in cache (the optimizers are elementwise, so this is the same
+    arithmetic): numba writes each layer's gradient to ``grads`` first; Cython does too,
+    except for plain SGD (momentum 0), which it folds into the backward, ``W = (1 - lr
+    wd) W - lr x.T @ dz`` being the dW gemm itself (beta = 1 - lr wd, alpha = -lr), so
+    ``grads`` is never written. numba does not fold: ``np.dot`` has no alpha / beta, and
+    a separate update pass is what folding would save. Unused optimizer state buffers
+    are untouched.
 
     ``stats`` float64 (4,) receives [sum of batch loss * batch rows, correct predictions
     (see _batch_hits), batches completed, the last batch's loss]. A batch whose loss is
     not finite ends the epoch before its update, so ``stats[2]`` tells how many updates
     were made and ``stats[3]`` holds the offending loss.
+
+    A sample index in ``order`` outside [0, n) or a class label outside [0, widths[L])
+    raises ValueError: here before any update; the compiled backends check each batch
+    as they gather it, so the batches before the bad one have been applied.
     """
+    _checks.train_epoch(spec)
+    _checks.train_epoch_indices(spec)
     (X, labels, targets, order, batch_size, widths, acts, alphas, use_bias, params, grads,
      workspace, loss_code, loss_param, optimizer, lrs, step, stats) = spec
     n_layers = widths.shape[0] - 1

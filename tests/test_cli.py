@@ -69,7 +69,7 @@ def test_options_save_and_plot(capsys, tmp_path):
     code, out = run(capsys, "--dataset", "xor", "--epochs", "2",
                     "--plot", str(png))
     assert code == 0 and png.stat().st_size > 0
-    assert f"saved training curves to {png}" in out
+    assert f"saved training and test curves to {png}" in out
 
 
 @pytest.mark.usefixtures("active_backend")
@@ -148,7 +148,10 @@ def test_bad_option_values_are_one_line_errors(capsys, args, fragments):
 
 
 def test_save_into_a_directory_is_refused_before_training(capsys, tmp_path):
-    fails_with(capsys, ["--save", str(tmp_path)], str(tmp_path), "is a directory")
+    directory = tmp_path / "looks_like_a_file.npz"
+    directory.mkdir()
+    fails_with(capsys, ["--save", str(directory)], str(directory), "is a directory")
+    fails_with(capsys, ["--save", str(tmp_path / "m.h5")], "m.h5", "writes .npz model files")
 
 
 def test_plot_without_matplotlib_is_refused_before_training(capsys, tmp_path, monkeypatch):
@@ -199,8 +202,10 @@ def test_missing_command_is_an_error(capsys):
 
 
 def python_m_fastnn(*args):
+    # From a neutral directory: in the repository root, ./fastnn (the source tree) would
+    # shadow a non-editable install.
     return subprocess.run([sys.executable, "-m", "fastnn", *args], capture_output=True,
-                          text=True, timeout=120)
+                          text=True, timeout=120, cwd=os.path.dirname(sys.executable))
 
 
 def test_python_m_fastnn_train_help():
@@ -236,3 +241,55 @@ def test_bench_subcommand_is_wired(capsys):
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
     assert "--quick" in out and "--vs-torch" in out
+
+
+# ---------------------------------------------------------------------------- first hour
+def test_help_shows_defaults_and_every_solver(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    for name in sorted(fn.solvers.SOLVERS) + sorted(fn.optimizers.OPTIMIZERS):
+        assert name in out
+    assert "digits 30, iris 100" in out and "(default: 0.25)" in out
+    assert "(default: None)" not in out
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "``" not in capsys.readouterr().out
+
+
+def test_unknown_dataset_is_named_even_with_a_path(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["train", "--dataset", "csvv", "x"])
+    assert info.value.code == 2
+    assert "unknown dataset 'csvv'" in capsys.readouterr().err
+
+
+def test_iris_defaults_train_to_a_good_result(capsys):
+    code, out = run(capsys, "--dataset", "iris")
+    assert code == 0
+    assert float(out.split("test accuracy")[1]) >= 0.9
+    assert "trained 100 epochs" in out
+
+
+def test_solver_runs_report_iterations_not_samples_per_second(capsys):
+    code, out = run(capsys, "--dataset", "xor", "--optimizer", "lbfgs", "--epochs", "5")
+    assert code == 0
+    assert "iterations in" in out and "loss+gradient evaluations" in out
+    assert "samples/s" not in out and "stopped:" in out
+
+
+def test_plot_shows_the_test_set_and_a_title(capsys, tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    titles = []
+    original = fn.History.plot
+
+    def spy(history, path=None, keys=None, logy=None, title=None):
+        titles.append((title, sorted(history.history)))
+        return original(history, path, keys, logy, title)
+
+    monkeypatch.setattr(fn.History, "plot", spy)
+    code, out = run(capsys, "--dataset", "xor", "--epochs", "2", "--plot",
+                    str(tmp_path / "c.png"))
+    assert code == 0 and (tmp_path / "c.png").stat().st_size > 0
+    (title, keys), = titles
+    assert title.startswith("xor: 2-128-64-2 relu MLP") and "val_loss" in keys

@@ -149,11 +149,47 @@ def test_ragged_sparse_and_string_inputs_say_what_to_do():
     with pytest.raises(TypeError, match=r"sparse input is not supported; convert it with "
                                         r"X\.toarray\(\)"):
         model.predict(scipy_sparse.csr_matrix(np.ones((2, 2))))
-    X = np.ones((3, 2))
-    for labels in (np.array(["cat", "dog", "cat"]), ["cat", "dog", "cat"],
-                   np.array(["cat", "dog", "cat"], dtype=object)):
-        with pytest.raises(TypeError, match=r"got strings.*np\.unique\(y, return_inverse"):
-            model.fit(X, labels, verbose=0)
+    regression = mlp([2, 1]).compile("mse")
+    with pytest.raises(TypeError, match=r"X must hold numbers, got strings.*one-hot"):
+        regression.fit([["a", "b"]], [1.0], verbose=0)
+    with pytest.raises(TypeError, match=r"y must hold numbers, got strings"):
+        regression.fit(np.ones((2, 2)), ["1.5", "2"], verbose=0)
+
+
+@pytest.mark.parametrize("make", [np.array, list, lambda v: np.array(v, dtype=object)])
+def test_string_labels_are_mapped_and_kept_with_the_model(make, tmp_path):
+    X, codes = blobs(10, rng(65))
+    names = np.array(["cat", "dog", "emu"])
+    y = make(names[codes].tolist())
+    model = fn.Sequential([fn.Dense(2, 8, "relu", seed=0), fn.Dense(8, 3, seed=1)])
+    model.compile("cross_entropy", fn.optimizers.Adam(lr=0.05), metrics=["accuracy"])
+    reference = fn.Sequential([fn.Dense(2, 8, "relu", seed=0), fn.Dense(8, 3, seed=1)])
+    reference.compile("cross_entropy", fn.optimizers.Adam(lr=0.05), metrics=["accuracy"])
+    history = model.fit(X, y, epochs=20, seed=0, verbose=0, validation_data=(X, y))
+    assert history.history == reference.fit(X, codes, epochs=20, seed=0, verbose=0,
+                                            validation_data=(X, codes)).history
+    assert model.class_labels.classes.tolist() == ["cat", "dog", "emu"]
+    predicted = model.predict_classes(X)
+    assert predicted.tolist() == names[reference.predict_classes(X)].tolist()
+    assert model.evaluate(X, y) == reference.evaluate(X, codes)
+    model.save(tmp_path / "m.npz")
+    loaded = fn.load_model(tmp_path / "m.npz")
+    assert loaded.predict_classes(X).tolist() == predicted.tolist()
+    with pytest.raises(ValueError, match=r"not among the classes \['cat', 'dog', 'emu'\]"):
+        model.evaluate(X[:2], ["cat", "yak"])
+    with pytest.raises(TypeError, match="labels like the classes the model was trained on"):
+        model.evaluate(X[:2], [0, 1])
+
+
+def test_binary_string_labels_and_too_many_classes():
+    X = rng(66).normal(size=(20, 2)).astype(np.float32)
+    y = np.where(X[:, 0] > 0, "yes", "no")
+    model = mlp([2, 4, 1]).compile("binary_cross_entropy", fn.optimizers.Adam(lr=0.05))
+    model.fit(X, y, epochs=30, verbose=0, seed=0)
+    assert set(model.predict_classes(X).tolist()) <= {"no", "yes"}
+    too_many = mlp([2, 4, 2]).compile("cross_entropy")
+    with pytest.raises(ValueError, match="y has 3 classes, but the model has 2 output"):
+        too_many.fit(X[:3], ["a", "b", "c"], verbose=0)
 
 
 def test_one_based_labels_suggest_y_minus_1():
@@ -163,3 +199,24 @@ def test_one_based_labels_suggest_y_minus_1():
     with pytest.raises(ValueError) as info:
         model.fit(np.ones((3, 2)), [0, 1, 5], verbose=0)
     assert "1-based" not in str(info.value)
+
+
+def test_pandas_inputs_work_in_the_core_api():
+    pd = pytest.importorskip("pandas")
+    X, codes = blobs(10, rng(67))
+    frame = pd.DataFrame(X, columns=["a", "b"])
+    labels = pd.Series(np.array(["x", "y", "z"])[codes])
+    model = mlp([2, 6, 3]).compile("cross_entropy", metrics=["accuracy"])
+    model.fit(frame, labels, epochs=2, verbose=0)
+    assert model.predict_classes(frame).tolist()[0] in {"x", "y", "z"}
+    assert set(model.evaluate(frame, labels)) == {"loss", "accuracy"}
+
+
+def test_save_refuses_other_extensions(tmp_path):
+    model = mlp([2, 3]).compile("cross_entropy")
+    for name in ("model.h5", "model.keras", "model"):
+        with pytest.raises(ValueError, match=r"fastnn writes \.npz model files"):
+            model.save(tmp_path / name)
+        assert not (tmp_path / name).exists()
+    model.save(tmp_path / "model.NPZ")
+    assert fn.load_model(tmp_path / "model.NPZ").n_params == model.n_params

@@ -1216,3 +1216,180 @@ def test_loss_against_installed_torch(backend, rng, case):
     np.testing.assert_allclose(loss, expected.item(), rtol=1e-10, err_msg=msg + ": loss")
     np.testing.assert_allclose(dpred, z.grad.numpy(), rtol=1e-10, atol=1e-12,
                                err_msg=msg + ": dpred")
+
+
+# ----------------------------------------------------------------------------------
+# Bad arguments: every backend refuses them with the reference's error, never reading
+# or writing out of bounds (issue 18)
+# ----------------------------------------------------------------------------------
+
+def call_kernel(module, name, args):
+    """``module.name(*args)`` on fresh copies of the array arguments; returns the
+    exception it raised (the test fails if none)."""
+    args = [a.copy() if isinstance(a, np.ndarray) else a for a in args]
+    with pytest.raises((ValueError, TypeError)) as caught:
+        getattr(module, name)(*args)
+    return caught.value
+
+
+def assert_refused(backend, oracle, name, args, match):
+    """The backend raises exactly the oracle's error, whose message contains ``match``."""
+    expected = call_kernel(oracle, name, args)
+    assert match in str(expected), str(expected)
+    got = call_kernel(backend, name, args)
+    assert (type(got), str(got)) == (type(expected), str(expected))
+
+
+def float_arrays(dtype, *shapes):
+    rng = np.random.default_rng(0)
+    return [rng.standard_normal(shape).astype(dtype) for shape in shapes]
+
+
+# (n, k) of the label tests: one row, and enough rows for the parallel cores.
+LABEL_SHAPES = [(1, 3), (7, 5), (40000, 4)]
+
+
+@pytest.mark.parametrize("kernel", ["softmax_cross_entropy", "multiclass_hinge"])
+@pytest.mark.parametrize("bad_label", [-1, "k", 2**40])
+@pytest.mark.parametrize("shape", LABEL_SHAPES, ids=shape_id)
+@pytest.mark.parametrize("with_grad", [True, False])
+def test_label_out_of_range_is_refused(backend, oracle, dtype, kernel, bad_label, shape,
+                                       with_grad):
+    n, k = shape
+    scores, grad = float_arrays(dtype, shape, shape)
+    labels = np.arange(n, dtype=np.int64) % k
+    labels[n // 2] = k if bad_label == "k" else bad_label
+    if kernel == "softmax_cross_entropy":
+        args = [scores, labels, None, grad if with_grad else None]
+    else:
+        args = [scores, labels, 1.0, None, grad if with_grad else None]
+    assert_refused(backend, oracle, kernel, args, f"labels must be class indices in [0, {k})")
+
+
+LENGTH_CASES = {
+    # kernel: (args with lengths 5 unless named otherwise, argument named in the error)
+    "sgd_update": (lambda p, s: [p(5), p(4), p(5), 0.1, 0.9, 0.0, 0.0, False, 2], "grads"),
+    "sgd_update-momentum_buf": (
+        lambda p, s: [p(5), p(5), p(3), 0.1, 0.9, 0.0, 0.0, False, 2], "momentum_buf"),
+    "adagrad_update": (lambda p, s: [p(5), p(5), p(6), 0.1, 0.0, 0.0, 1e-10, 1], "state_sum"),
+    "rmsprop_update": (lambda p, s: [p(5), p(5), s(5), p(5), p(2), 0.01, 0.99, 1e-8, 0.0,
+                                     0.0, True], "grad_avg"),
+    "adam_update": (lambda p, s: [p(5), p(5), p(5), s(4), p(5), 1e-3, 0.9, 0.999, 1e-8, 0.0,
+                                  False, False, 1], "exp_avg_sq"),
+    "adam_update-grads": (lambda p, s: [p(9), p(5), p(9), s(9), p(9), 1e-3, 0.9, 0.999, 1e-8,
+                                        0.0, False, False, 1], "grads"),
+    "adam_update-amsgrad": (lambda p, s: [p(5), p(5), p(5), s(5), p(1), 1e-3, 0.9, 0.999,
+                                          1e-8, 0.0, True, True, 1], "max_exp_avg_sq"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(LENGTH_CASES))
+def test_optimizer_length_mismatch_is_refused(backend, oracle, dtype, case):
+    make, name = LENGTH_CASES[case]
+    args = make(lambda n: np.full(n, 0.5, dtype), lambda n: np.full(n, 0.25, dtype))
+    assert_refused(backend, oracle, case.split("-")[0], args, f"{name} must have shape")
+
+
+def dense_cases(dtype):
+    """(kernel, args, argument named in the error) with one shape or dtype wrong."""
+    x, w, b, out = float_arrays(dtype, (4, 3), (3, 2), (2,), (4, 2))
+    a, dz, dx, dw = float_arrays(dtype, (4, 2), (4, 2), (4, 3), (3, 2))
+    other = np.float64 if dtype == np.float32 else np.float32
+    relu = ACTIVATIONS["relu"]
+    return [
+        ("dense_forward", [x, w[:2], b, relu, out], "w"),
+        ("dense_forward", [x, w, b[:1], relu, out], "b"),
+        ("dense_forward", [x, w, b, relu, out[:3]], "out"),
+        ("dense_forward", [x, w, b, relu, out.astype(other)], "out"),
+        ("dense_forward", [x, w, b, 99, out], "act"),
+        ("dense_backward", [x, w, a, a, relu, dz, dx, dw, b[:1]], "db"),
+        ("dense_backward", [x, w, a, a, relu, dz, dx[:, :2], dw, b], "dx"),
+        ("dense_backward", [x, w, a[:2], a, relu, dz, None, dw, b], "a"),
+        ("dense_backward", [x, w, a, a, relu, dz, None, dw.T.copy(), b], "dw"),
+        ("activation_forward", [relu, x, out], "out"),
+        ("activation_backward", [relu, a, a[:1], dz], "dout"),
+        ("dense_per_sample_grad", [x, a, np.zeros((4, 7), dtype), 0, True], "jac"),
+        ("mean_squared_error", [a, dz[:3], None, None], "target"),
+        ("huber", [a, dz, 1.0, b[:1], None], "weights"),
+        ("softmax_cross_entropy", [a, np.zeros(3, np.int64), None, None], "labels"),
+        ("multiclass_hinge", [a, np.zeros(4, np.int64), 1.0, None, dz.T.copy()], "dscores"),
+    ]
+
+
+@pytest.mark.parametrize("case", range(len(dense_cases(np.float32))))
+def test_layer_and_loss_shape_mismatch_is_refused(backend, oracle, dtype, case):
+    kernel, args, name = dense_cases(dtype)[case]
+    assert_refused(backend, oracle, kernel, args, name)
+
+
+def epoch_spec(dtype, **changes):
+    """A valid cross-entropy train_epoch spec of a 3-5-2 net (8 samples, batch 3), with
+    ``changes`` applied."""
+    rng = np.random.default_rng(1)
+    widths = np.array([3, 5, 2], np.int64)
+    n_params = 3 * 5 + 5 + 5 * 2 + 2
+    spec = kernels.TrainEpochSpec(
+        X=rng.standard_normal((8, 3)).astype(dtype), labels=np.arange(8, dtype=np.int64) % 2,
+        targets=np.empty((0, 2), dtype), order=np.arange(8, dtype=np.int64), batch_size=3,
+        widths=widths, acts=np.array([ACTIVATIONS["relu"], 0], np.int64),
+        alphas=np.zeros(2), use_bias=np.ones(2, np.int64),
+        params=rng.standard_normal(n_params).astype(dtype), grads=np.zeros(n_params, dtype),
+        workspace=np.zeros(kernels.train_epoch_workspace_size(3, widths), dtype),
+        loss_code=kernels.CROSS_ENTROPY, loss_param=0.0,
+        optimizer=kernels.OptimizerSpec(kernels.ADAM, np.array([0.9, 0.999, 1e-8, 0, 0, 0.]),
+                                        tuple(np.zeros(n_params, dtype) for _ in range(3))),
+        lrs=np.full(3, 0.01), step=0, stats=np.zeros(4))
+    return spec._replace(**changes)
+
+
+def epoch_error(module, spec):
+    """The error train_epoch raises on a copy of ``spec``'s parameters; asserts that the
+    parameters are untouched (the bad input is in the first batch or is a size)."""
+    params = spec.params.copy()
+    with pytest.raises((ValueError, TypeError)) as caught:
+        module.train_epoch(spec._replace(params=params))
+    np.testing.assert_array_equal(params, spec.params)
+    return caught.value
+
+
+EPOCH_CASES = {
+    "label": (lambda s: dict(labels=np.array([0, 1, 2, 0, 1, 0, 1, 0])),
+              "labels (of the samples in order) must be class indices in [0, 2)"),
+    "negative_label": (lambda s: dict(labels=np.array([0, -3, 1, 0, 1, 0, 1, 0])),
+                       "class indices in [0, 2), got -3"),
+    "order": (lambda s: dict(order=np.array([0, 1, 8, 3, 4, 5, 6, 7])),
+              "order must be class indices in [0, 8)"),
+    "labels_length": (lambda s: dict(labels=s.labels[:5]), "labels must have shape (8,)"),
+    "X_width": (lambda s: dict(X=np.zeros((8, 4), s.X.dtype)), "X must have shape (8, 3)"),
+    "params": (lambda s: dict(params=s.params[:-1]), "params must have shape (32,)"),
+    "workspace": (lambda s: dict(workspace=s.workspace[:-1]), "workspace must have at least"),
+    "lrs": (lambda s: dict(lrs=s.lrs[:2]), "lrs must hold one rate per batch (3)"),
+    "hyper": (lambda s: dict(optimizer=s.optimizer._replace(hyper=np.zeros(4))),
+              "optimizer.hyper must have shape (6,)"),
+    "state": (lambda s: dict(optimizer=s.optimizer._replace(
+        states=(s.optimizer.states[0][:3],) + s.optimizer.states[1:])),
+        "optimizer.states[0] must have shape (32,)"),
+    "acts": (lambda s: dict(acts=np.array([4, 42], np.int64)), "act must be an activation"),
+    "targets": (lambda s: dict(loss_code=kernels.MSE, targets=np.zeros((8, 3), s.X.dtype)),
+                "targets must have shape (8, 2)"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(EPOCH_CASES))
+def test_train_epoch_refuses_bad_arguments(backend, oracle, dtype, case):
+    changes, match = EPOCH_CASES[case]
+    spec = epoch_spec(dtype)
+    spec = spec._replace(**changes(spec))
+    expected = epoch_error(oracle, spec)
+    assert match in str(expected), str(expected)
+    got = epoch_error(backend, spec)
+    assert (type(got), str(got)) == (type(expected), str(expected))
+
+
+def test_train_epoch_reports_a_bad_label_of_a_later_batch(backend, oracle, dtype):
+    """A bad label in the last batch is refused too (the compiled backends find it
+    when they reach that batch)."""
+    labels = np.array([0, 1, 0, 1, 0, 1, 0, 5])
+    spec = epoch_spec(dtype, labels=labels)
+    with pytest.raises(ValueError, match=r"labels \(of the samples in order\)"):
+        backend.train_epoch(spec)

@@ -4,6 +4,7 @@ import pytest
 
 import fastnn.datasets
 from _helpers import active_backend  # noqa: F401  (fixture: each backend active in turn)
+from fastnn._labels import ClassLabels
 from fastnn.perceptron import NotFittedError, Perceptron
 
 
@@ -192,11 +193,22 @@ def test_multiclass_string_and_sparse_integer_labels():
     assert by_name.score(X, names) == by_index.score(X, y)
 
 
-def test_integer_valued_float_labels():
+def test_integer_valued_float_labels_keep_their_dtype_as_in_sklearn():
     X, y = iris_setosa()
     model = Perceptron(seed=0).fit(X, y.astype(np.float64))
-    assert model.classes_.dtype == np.int64
-    np.testing.assert_array_equal(model.classes_, [0, 1])
+    assert model.classes_.dtype == np.float64
+    np.testing.assert_array_equal(model.classes_, [0.0, 1.0])
+    assert model.predict(X).dtype == np.float64
+
+
+def test_object_and_minus_plus_one_labels():
+    X, y = iris_setosa()
+    signs = Perceptron(seed=0).fit(X, np.where(y == 1, 1, -1))
+    np.testing.assert_array_equal(signs.classes_, [-1, 1])
+    objects = Perceptron(seed=0).fit(X, np.array(["no", "yes"], dtype=object)[y])
+    np.testing.assert_array_equal(objects.classes_, ["no", "yes"])
+    np.testing.assert_array_equal(signs.coef_, objects.coef_)
+    assert objects.score(X, np.array(["no", "yes"], dtype=object)[y]) == 1.0
 
 
 def test_float32_input_trains_in_float32_else_float64():
@@ -259,9 +271,11 @@ def test_fit_returns_self_and_repr():
     ({"seed": -1}, ValueError, "seed"),
     ({"seed": 1.5}, TypeError, "seed"),
 ])
-def test_bad_hyperparameters(kwargs, error, match):
+def test_bad_hyperparameters_fail_at_fit(kwargs, error, match):
+    model = Perceptron(**kwargs)  # sklearn convention: __init__ only stores
+    assert model.get_params()[next(iter(kwargs))] is next(iter(kwargs.values()))
     with pytest.raises(error, match=match):
-        Perceptron(**kwargs)
+        model.fit(*iris_setosa())
 
 
 def test_hyperparameters_changed_after_construction_are_checked_by_fit():
@@ -284,6 +298,8 @@ def test_hyperparameters_changed_after_construction_are_checked_by_fit():
     (np.ones((4, 2)), [np.nan, 1, 0, 1], ValueError, "y contains NaN"),
     (np.ones((4, 2)), None, TypeError, "y must be"),
     (np.ones((4, 2)), "abcd", TypeError, "y must be"),
+    (np.ones((4, 2)), np.array(["a", 1, 2, 3], object), TypeError, "labels of one comparable"),
+    (np.ones((4, 2)), np.array(["a", None, "b", "a"], object), ValueError, "missing labels"),
 ])
 def test_bad_training_data(X, y, error, match):
     with pytest.raises(error, match=match):
@@ -320,3 +336,79 @@ def test_overflow_is_reported():
     X = np.array([[10.0], [-10.0]], dtype=np.float32)
     with pytest.raises(ValueError, match="overflowed .* scale X or lower lr"):
         Perceptron(lr=1e38, shuffle=False).fit(X, [1, 0])
+
+
+# ----------------------------------------------------------------------------------
+# A scikit-learn classifier
+# ----------------------------------------------------------------------------------
+
+def test_sklearn_clone_get_params_and_set_params():
+    sklearn = pytest.importorskip("sklearn")
+    model = Perceptron(lr=0.5, max_epochs=7, shuffle=False, seed=1)
+    copy = sklearn.base.clone(model)
+    assert copy is not model and copy.get_params() == model.get_params()
+    assert copy.set_params(lr=2.0) is copy and copy.lr == 2.0 and model.lr == 0.5
+    with pytest.raises(ValueError, match="invalid parameter 'alpha' for Perceptron"):
+        copy.set_params(alpha=1.0)
+    assert sklearn.base.is_classifier(model)
+
+
+def test_sklearn_grid_search_and_cross_val_score():
+    pytest.importorskip("sklearn")
+    from sklearn.model_selection import GridSearchCV, cross_val_score
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    X, y = fastnn.datasets.load_iris()
+    scores = cross_val_score(Perceptron(seed=0), X, y, cv=3)
+    assert scores.shape == (3,) and scores.mean() > 0.6
+    search = GridSearchCV(make_pipeline(StandardScaler(), Perceptron(seed=0)),
+                          {"perceptron__max_epochs": [1, 50]}, cv=3).fit(X, y)
+    assert search.best_params_ == {"perceptron__max_epochs": 50}
+
+
+def test_score_with_sample_weight():
+    X, y = iris_setosa()
+    model = Perceptron(seed=0).fit(X, y)
+    wrong = np.where(y == 1, 0, 1)
+    weights = np.ones(len(y))
+    weights[:10] = 0.0
+    assert model.score(X, wrong) == 0.0
+    assert model.score(X, y, sample_weight=weights) == 1.0
+
+
+# ----------------------------------------------------------------------------------
+# fastnn._labels: the label <-> code mapping Perceptron and the estimators share
+# ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("labels, classes", [
+    (["b", "a", "c", "a"], ["a", "b", "c"]),
+    (np.array(["no", "yes", "no"], dtype=object), ["no", "yes"]),
+    ([1, -1, -1, 1], [-1, 1]),
+    ([True, False, True], [False, True]),
+    ([3.0, 1.0, 3.0], [1.0, 3.0]),
+    (["only", "only"], ["only"]),
+    (np.array([[2], [0], [2]]), [0, 2]),
+])
+def test_class_labels_round_trip(labels, classes):
+    mapping = ClassLabels.fit(labels)
+    np.testing.assert_array_equal(mapping.classes, classes)
+    codes = mapping.encode(labels)
+    assert codes.dtype == np.int64 and codes.min() == 0 and codes.max() == len(classes) - 1
+    np.testing.assert_array_equal(mapping.decode(codes), np.asarray(labels).reshape(-1))
+    rebuilt = ClassLabels(mapping.classes)  # what a saved model keeps
+    np.testing.assert_array_equal(rebuilt.encode(labels), codes)
+
+
+def test_class_labels_refuse_what_is_not_a_label():
+    mapping = ClassLabels.fit(["a", "b"])
+    with pytest.raises(ValueError, match=r"not among the classes \['a', 'b'\]: \['z'\]"):
+        mapping.encode(["a", "z"])
+    with pytest.raises(TypeError, match="labels of the kind the classes are"):
+        mapping.encode([0, 1])
+    with pytest.raises(ValueError, match="classes must be distinct"):
+        ClassLabels(["a", "a"])
+    with pytest.raises(ValueError, match="y has 2 samples but X has 3"):
+        ClassLabels.fit([0, 1], n_samples=3)
+    with pytest.raises(TypeError, match="comparable with the classes"):
+        ClassLabels(np.array(["a", "b"], dtype=object)).encode(np.array([1, 2], dtype=object))

@@ -470,7 +470,6 @@ def bool_parameters():
         ("restore_best_weights", lambda v: fn.callbacks.EarlyStopping(restore_best_weights=v)),
         ("save_best_only", lambda v: fn.callbacks.ModelCheckpoint("m.npz", save_best_only=v)),
         ("append", lambda v: fn.callbacks.CSVLogger("log.csv", append=v)),
-        ("shuffle", lambda v: fn.Perceptron(shuffle=v)),
         ("shuffle", lambda v: perceptron_fit_with_shuffle(v, X2, y2)),
         ("scale", lambda v: fn.datasets.load_digits(scale=v)),
         ("stratify", lambda v: fn.datasets.train_test_split(X2, y2, 0.5, seed=0, stratify=v)),

@@ -1,0 +1,265 @@
+"""The argument checks of the kernel contract, shared by every backend.
+
+The numpy reference runs them on every call. The compiled backends test the same
+conditions in O(1) in compiled code (and bounds-check class labels and sample indices
+inside their loops) and call these only to report a failure, so every backend raises
+the same error: a ValueError (TypeError for a non-array) that names the kernel, the
+argument, what was expected and what was received. Values are not checked (no NaN
+scans): the API validates them once, at its boundary.
+"""
+import numpy as np
+
+from . import DEFAULT_ALPHA, LABEL_LOSS_CODES, OPTIMIZER_HYPER, train_epoch_workspace_size
+
+_FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
+_INT64 = np.dtype(np.int64)
+_FLOAT64 = np.dtype(np.float64)
+
+
+def _array(kernel, name, a, ndim=None, dtype=None, writable=False):
+    """``a`` as the kernel needs it: an ndarray, C-contiguous, of ``ndim`` dimensions
+    (any when None) and ``dtype`` (float32 or float64 when None); returns its dtype."""
+    if not isinstance(a, np.ndarray):
+        raise TypeError(f"{kernel}: {name} must be a numpy array, got {type(a).__name__}")
+    if ndim is not None and a.ndim != ndim:
+        raise ValueError(f"{kernel}: {name} must be {ndim}-D, got shape {a.shape}")
+    if dtype is None:
+        if a.dtype not in _FLOATS:
+            raise ValueError(f"{kernel}: {name} must be float32 or float64, got {a.dtype}")
+    elif a.dtype != dtype:
+        raise ValueError(f"{kernel}: {name} must have dtype {dtype} (one dtype per call), "
+                         f"got {a.dtype}")
+    if not a.flags.c_contiguous:
+        raise ValueError(f"{kernel}: {name} must be C-contiguous")
+    if writable and not a.flags.writeable:
+        raise ValueError(f"{kernel}: {name} is an output and must be writable")
+    return a.dtype
+
+
+def _shape(kernel, name, a, shape):
+    if a.shape != shape:
+        raise ValueError(f"{kernel}: {name} must have shape {shape}, got {a.shape}")
+
+
+def _act(kernel, act):
+    if not 0 <= act < len(DEFAULT_ALPHA):
+        raise ValueError(f"{kernel}: act must be an activation code in "
+                         f"[0, {len(DEFAULT_ALPHA)}), got {act}")
+
+
+def activation(kernel, act, inputs, out):
+    """activation_forward (inputs: z) / activation_backward (inputs: a, dout): every
+    array of one shape and dtype."""
+    _act(kernel, act)
+    (first_name, first), *rest = inputs.items()
+    dtype = _array(kernel, first_name, first)
+    for name, a in rest + [("out", out)]:
+        _array(kernel, name, a, dtype=dtype, writable=name == "out")
+        _shape(kernel, name, a, first.shape)
+
+
+def dense_forward(x, w, b, act, out):
+    """x (n, d), w (d, k), b (k,), out (n, k)."""
+    kernel = "dense_forward"
+    _act(kernel, act)
+    dtype = _array(kernel, "x", x, 2)
+    _array(kernel, "w", w, 2, dtype)
+    _array(kernel, "b", b, 1, dtype)
+    _array(kernel, "out", out, 2, dtype, writable=True)
+    (n, d), k = x.shape, w.shape[1]
+    _shape(kernel, "w", w, (d, k))
+    _shape(kernel, "b", b, (k,))
+    _shape(kernel, "out", out, (n, k))
+
+
+def dense_backward(x, w, a, dout, act, dz, dx, dw, db):
+    """x (n, d), w (d, k), a / dout / dz (n, k), dx (n, d) or None, dw (d, k), db (k,)."""
+    kernel = "dense_backward"
+    _act(kernel, act)
+    dtype = _array(kernel, "x", x, 2)
+    _array(kernel, "w", w, 2, dtype)
+    (n, d), k = x.shape, w.shape[1]
+    _shape(kernel, "w", w, (d, k))
+    outputs = {"dz": (n, k), "dw": (d, k), "db": (k,)}
+    if dx is not None:
+        outputs["dx"] = (n, d)
+    for name, arr, shape in [("a", a, (n, k)), ("dout", dout, (n, k))] + [
+            (name, {"dz": dz, "dx": dx, "dw": dw, "db": db}[name], shape)
+            for name, shape in outputs.items()]:
+        _array(kernel, name, arr, len(shape), dtype, writable=name in outputs)
+        _shape(kernel, name, arr, shape)
+
+
+def dense_per_sample_grad(x, dz, jac, offset, use_bias):
+    """x (n, d), dz (n, k), jac (n, P) with 0 <= offset, offset + d*k (+ k) <= P."""
+    kernel = "dense_per_sample_grad"
+    dtype = _array(kernel, "x", x, 2)
+    _array(kernel, "dz", dz, 2, dtype)
+    _array(kernel, "jac", jac, 2, dtype, writable=True)
+    (n, d), k = x.shape, dz.shape[1]
+    _shape(kernel, "dz", dz, (n, k))
+    width = d * k + (k if use_bias else 0)
+    if jac.shape[0] != n or offset < 0 or offset + width > jac.shape[1]:
+        raise ValueError(f"{kernel}: jac must have {n} rows and columns [offset, offset + "
+                         f"{width}) = [{offset}, {offset + width}), got shape {jac.shape}")
+
+
+def loss(kernel, names, pred, target, weights, dpred, labels=False):
+    """pred (n, k), n and k >= 1; target (n, k) of pred's dtype, or int64 labels (n,)
+    when ``labels``; weights (n,) or None; dpred (n, k) or None. ``names`` are the
+    kernel's names of (pred, target, dpred)."""
+    pred_name, target_name, grad_name = names
+    dtype = _array(kernel, pred_name, pred, 2)
+    n, k = pred.shape
+    if n < 1 or k < 1:
+        raise ValueError(f"{kernel}: {pred_name} must have at least one row and one "
+                         f"column, got shape {pred.shape}")
+    if labels:
+        _array(kernel, target_name, target, 1, _INT64)
+        _shape(kernel, target_name, target, (n,))
+    else:
+        _array(kernel, target_name, target, 2, dtype)
+        _shape(kernel, target_name, target, (n, k))
+    if weights is not None:
+        _array(kernel, "weights", weights, 1, dtype)
+        _shape(kernel, "weights", weights, (n,))
+    if dpred is not None:
+        _array(kernel, grad_name, dpred, 2, dtype, writable=True)
+        _shape(kernel, grad_name, dpred, (n, k))
+
+
+def labels_in_range(kernel, labels, k, name="labels"):
+    """Every class label in [0, k) (O(n): numpy reference, or reporting a bad label a
+    compiled kernel found in its loop)."""
+    bad = np.flatnonzero((labels < 0) | (labels >= k))
+    if bad.size:
+        raise ValueError(f"{kernel}: {name} must be class indices in [0, {k}), got "
+                         f"{labels[bad[0]]} at position {bad[0]}")
+
+
+def optimizer(kernel, params, grads, buffers):
+    """params (P,) writable; grads and every buffer ``buffers`` names (the state the
+    update uses; unused ones are not passed) (P,) of params' dtype."""
+    dtype = _array(kernel, "params", params, 1, writable=True)
+    _array(kernel, "grads", grads, 1, dtype)
+    _shape(kernel, "grads", grads, params.shape)
+    for name, buf in buffers.items():
+        _array(kernel, name, buf, 1, dtype, writable=True)
+        _shape(kernel, name, buf, params.shape)
+
+
+def sgd_update(params, grads, momentum_buf, momentum):
+    optimizer("sgd_update", params, grads,
+              {"momentum_buf": momentum_buf} if momentum else {})
+
+
+def adagrad_update(params, grads, state_sum):
+    optimizer("adagrad_update", params, grads, {"state_sum": state_sum})
+
+
+def rmsprop_update(params, grads, square_avg, momentum_buf, grad_avg, momentum, centered):
+    buffers = {"square_avg": square_avg}
+    if momentum > 0:
+        buffers["momentum_buf"] = momentum_buf
+    if centered:
+        buffers["grad_avg"] = grad_avg
+    optimizer("rmsprop_update", params, grads, buffers)
+
+
+def adam_update(params, grads, exp_avg, exp_avg_sq, max_exp_avg_sq, amsgrad):
+    buffers = {"exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
+    if amsgrad:
+        buffers["max_exp_avg_sq"] = max_exp_avg_sq
+    optimizer("adam_update", params, grads, buffers)
+
+
+def _loss_and_labels(kernel, names, pred, target, weights, dpred, labels=False):
+    """``loss``, then (for class labels) ``labels_in_range``: everything a compiled loss
+    kernel may have refused."""
+    loss(kernel, names, pred, target, weights, dpred, labels)
+    if labels:
+        labels_in_range(kernel, target, pred.shape[1])
+
+
+def softmax_cross_entropy(logits, labels, weights, dlogits):
+    """labels int64 (n,) class indices in [0, k), or (n, k) probability rows."""
+    _loss_and_labels("softmax_cross_entropy", ("logits", "labels", "dlogits"), logits, labels,
+                    weights, dlogits, isinstance(labels, np.ndarray) and labels.ndim == 1)
+
+
+def multiclass_hinge(scores, labels, weights, dscores):
+    _loss_and_labels("multiclass_hinge", ("scores", "labels", "dscores"), scores, labels,
+                    weights, dscores, labels=True)
+
+
+def train_epoch(spec):
+    """Every field of a TrainEpochSpec against the others (O(L)); the sample indices in
+    ``order`` and the labels are checked by the kernels in their loop."""
+    kernel = "train_epoch"
+    dtype = _array(kernel, "X", spec.X, 2)
+    _array(kernel, "order", spec.order, 1, _INT64)
+    _array(kernel, "widths", spec.widths, 1, _INT64)
+    n_layers = spec.widths.shape[0] - 1
+    widths = [int(w) for w in spec.widths]
+    if n_layers < 1 or min(widths) < 1:
+        raise ValueError(f"{kernel}: widths must hold at least two widths, each >= 1, got "
+                         f"{widths}")
+    for name, dt in (("acts", _INT64), ("alphas", _FLOAT64), ("use_bias", _INT64)):
+        _array(kernel, name, getattr(spec, name), 1, dt)
+        _shape(kernel, name, getattr(spec, name), (n_layers,))
+    for act in spec.acts:
+        _act(kernel, act)
+    if spec.batch_size < 1:
+        raise ValueError(f"{kernel}: batch_size must be >= 1, got {spec.batch_size}")
+    n = spec.X.shape[0]
+    _shape(kernel, "X", spec.X, (n, widths[0]))
+    if spec.loss_code in LABEL_LOSS_CODES:
+        _array(kernel, "labels", spec.labels, 1, _INT64)
+        _shape(kernel, "labels", spec.labels, (n,))
+    else:
+        _array(kernel, "targets", spec.targets, 2, dtype)
+        _shape(kernel, "targets", spec.targets, (n, widths[-1]))
+    if not 0 <= spec.loss_code < 6:
+        raise ValueError(f"{kernel}: loss_code must be a code of LOSS_CODES, got "
+                         f"{spec.loss_code}")
+    n_params = sum(d * k + (k if bias else 0)
+                   for d, k, bias in zip(widths[:-1], widths[1:], spec.use_bias))
+    for name in ("params", "grads"):
+        _array(kernel, name, getattr(spec, name), 1, dtype, writable=True)
+        _shape(kernel, name, getattr(spec, name), (n_params,))
+    _array(kernel, "workspace", spec.workspace, 1, dtype, writable=True)
+    needed = train_epoch_workspace_size(spec.batch_size, widths)
+    if spec.workspace.shape[0] < needed:
+        raise ValueError(f"{kernel}: workspace must have at least {needed} elements, got "
+                         f"{spec.workspace.shape[0]}")
+    opt = spec.optimizer
+    layouts = list(OPTIMIZER_HYPER.values())
+    if not 0 <= opt.code < len(layouts):
+        raise ValueError(f"{kernel}: optimizer.code must be a code of OPTIMIZER_CODES, "
+                         f"got {opt.code}")
+    _array(kernel, "optimizer.hyper", opt.hyper, 1, _FLOAT64)
+    _shape(kernel, "optimizer.hyper", opt.hyper, (len(layouts[opt.code]),))
+    if len(opt.states) != 3:
+        raise ValueError(f"{kernel}: optimizer.states must hold 3 buffers, got "
+                         f"{len(opt.states)}")
+    for i, state in enumerate(opt.states):
+        _array(kernel, f"optimizer.states[{i}]", state, 1, dtype, writable=True)
+        _shape(kernel, f"optimizer.states[{i}]", state, (n_params,))
+    n_batches = -(-spec.order.shape[0] // spec.batch_size)
+    _array(kernel, "lrs", spec.lrs, 1, _FLOAT64)
+    if spec.lrs.shape[0] < n_batches:
+        raise ValueError(f"{kernel}: lrs must hold one rate per batch ({n_batches}), got "
+                         f"{spec.lrs.shape[0]}")
+    _array(kernel, "stats", spec.stats, 1, _FLOAT64, writable=True)
+    _shape(kernel, "stats", spec.stats, (4,))
+
+
+def train_epoch_indices(spec):
+    """The sample indices of ``order`` in [0, n) and, for a label loss, the labels of
+    those samples in [0, widths[-1]) (O(m): the numpy reference, or reporting what a
+    compiled kernel found in its loop)."""
+    kernel = "train_epoch"
+    labels_in_range(kernel, spec.order, spec.X.shape[0], "order")
+    if spec.loss_code in LABEL_LOSS_CODES:
+        labels_in_range(kernel, spec.labels[spec.order], int(spec.widths[-1]),
+                        "labels (of the samples in order)")
