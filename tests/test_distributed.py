@@ -230,3 +230,14 @@ def test_cost_model_efficiency_falls_with_ranks_and_the_batch_keeps_the_target()
                 compute = entry["c0"] + entry["c1"] * batch / k
                 assert compute / (compute + comm) >= mpi.TARGET_EFFICIENCY - 1e-12
     assert "NOT a measurement" in mpi.model_table(model)
+
+
+def test_cli_trains_on_two_ranks_and_rank_0_alone_prints_and_saves(tmp_path):
+    env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+    done = subprocess.run([_mpiexec(), "--oversubscribe", "-n", "2", sys.executable, "-m",
+                           "fastnn", "train", "--epochs", "2", "--threads", "1", "--quiet",
+                           "--save", "m.npz"], capture_output=True, text=True, cwd=tmp_path,
+                          env=env, timeout=TIMEOUT)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.count("trained 2 epochs") == 1 and "saved model to m.npz" in done.stdout
+    assert fn.load_model(tmp_path / "m.npz").n_features == 64
