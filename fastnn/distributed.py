@@ -79,25 +79,20 @@ def is_main():
 
 
 def communicator(distributed):
-    """fit's ``distributed`` argument as a Communicator, or None for one process.
-
-    ``distributed`` is False, True (every rank passes the same full data set; each
-    trains on its part of every global batch), "shards" (every rank passes its own part
-    of the data) or an mpi4py communicator (every rank of it passes the full data set).
-    """
+    """fit's ``distributed`` argument as a Communicator over MPI.COMM_WORLD, or None for
+    one process. ``distributed`` is False, True (every rank passes the same full data
+    set; each trains on its part of every global batch) or "shards" (every rank passes
+    its own part of the data)."""
     if distributed is False or distributed is None:
         return None
-    mode = "shards" if isinstance(distributed, str) and distributed == "shards" else "full"
-    if not (distributed is True or mode == "shards" or hasattr(distributed, "Allreduce")):
-        raise ValueError(f"distributed must be False, True, 'shards' or an mpi4py "
-                         f"communicator, got {distributed!r}")
+    if not (distributed is True or (isinstance(distributed, str) and distributed == "shards")):
+        raise ValueError(f"distributed must be False, True or 'shards', got {distributed!r}")
     if not launched():
         raise RuntimeError(f"fit(distributed={distributed!r}) needs processes started by "
                            f"an MPI launcher, but this one runs alone; {_LAUNCH_HINT}. For "
                            "a script that also runs as plain 'python train.py', pass "
                            "distributed=fastnn.distributed.launched()")
-    comm = distributed if hasattr(distributed, "Allreduce") else _mpi().COMM_WORLD
-    return Communicator(comm, mode)
+    return Communicator(_mpi().COMM_WORLD, "full" if distributed is True else "shards")
 
 
 def fingerprint(*arrays):
@@ -135,6 +130,7 @@ class Communicator:
             self.fail(exc)
 
     def fail(self, exc):
+        """Keep ``exc`` (the first one) for the next collective to share."""
         if self.pending is None:
             self.pending = exc
 

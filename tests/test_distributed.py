@@ -165,7 +165,7 @@ def test_outside_a_launcher_rank_size_and_a_clear_message(monkeypatch):
     model, X, y, fit = runs.build("sgd_l2", 0, 1)
     with pytest.raises(RuntimeError, match="needs processes started by an MPI launcher.*mpiexec"):
         model.fit(X, y, **fit)
-    with pytest.raises(ValueError, match="distributed must be False, True, 'shards'"):
+    with pytest.raises(ValueError, match="distributed must be False, True or 'shards'"):
         model.fit(X, y, **{**fit, "distributed": "all"})
     assert "mpi4py.MPI" not in sys.modules  # MPI was never initialised here
 

@@ -7,7 +7,9 @@ fastnn.bench --mpi-worker SPEC``), every rank pinned to its own CPU with one thr
   bandwidth (16 MiB; algorithm bandwidth bytes / t and ring bus bandwidth
   2 (K-1)/K bytes / t);
 * scaling: the MNIST-shaped net at a global batch of 256, K ranks x 1 thread against
-  1 process x 1 thread (fused epoch, and the per-step path each rank runs);
+  1 process x 1 thread (fused epoch, and the per-step path each rank runs), and K
+  independent processes training at once with 1/K of the batch and samples each, no
+  communication: the ceiling this machine's CPUs put on K ranks;
 * torch DistributedDataParallel (gloo) on the same net, data and batches, when torch
   is importable;
 * each reference net's per-step time at two batch sizes (1 thread, per-step path),
@@ -103,14 +105,17 @@ def _fastnn_worker(spec):
     import fastnn as fn
 
     sizes, distributed = spec["sizes"], spec["distributed"]
-    X, y = synthetic_data(sizes, spec["samples"])
+    # "independent": K processes that share nothing, each with 1/K of the samples and of
+    # the batch: the most K ranks could reach on this machine without communication.
+    independent = spec.get("independent", False)
+    size = fn.distributed.size() if distributed or independent else 1
+    X, y = synthetic_data(sizes, spec["samples"] // size if independent else spec["samples"])
     model = fn.Sequential([fn.Dense(d, k, activation=None if i == len(sizes) - 2 else "relu")
                            for i, (d, k) in enumerate(zip(sizes[:-1], sizes[1:]))])
     model.set_weights(initial_weights(sizes))
     model.compile("cross_entropy", fn.optimizers.SGD(lr=LR))
     model.use_fused_epoch = spec["fused"]
     timer = _EpochTimer()
-    size = fn.distributed.size() if distributed else 1
     history = model.fit(X, y, epochs=spec["repeats"] + 1, batch_size=spec["batch"] // size,
                         verbose=0, seed=SEED, callbacks=[timer.callback],
                         distributed=distributed)
@@ -232,6 +237,8 @@ def run_mpi_bench(ranks, quick, with_torch, log):
             "repeats": repeats}
     configs = {"1 process, fused epoch": (dict(base, distributed=False, fused=True), None),
                "1 process, per-step": (dict(base, distributed=False, fused=False), None),
+               f"{ranks} independent processes (ceiling)": (
+                   dict(base, distributed=False, fused=False, independent=True), ranks),
                f"{ranks} ranks (fastnn)": (dict(base, distributed=True, fused=False), ranks)}
     if with_torch:
         port = 29500 + os.getpid() % 1000
