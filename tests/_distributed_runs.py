@@ -63,7 +63,9 @@ def build(name, rank, size):
                                    "callbacks": callbacks}
     model = _model((5, 4, 2), dtype, seed, l2=1e-4 if name == "lm" else 0.0)
     solver = {"lbfgs": solvers.LBFGS(), "lm": solvers.LevenbergMarquardt(matrix_free=False),
-              "lm_free": solvers.LevenbergMarquardt(matrix_free=True)}[name]
+              "lm_free": solvers.LevenbergMarquardt(matrix_free=True),
+              "conjugate_gradient": solvers.ConjugateGradient(),
+              "newton_cg": solvers.NewtonCG()}[name]
     model.compile("mse", solver, ["r2"])
     return model, X, y_reg, {**fit, "epochs": 4, "sample_weight": weights,
                              "validation_split": 0.2 if name == "lbfgs" else 0.0}
@@ -123,7 +125,8 @@ def build_special(name, rank, size, out):
 
 
 def _run(name, rank, size, out):
-    if name in ("sgd_l2", "adam", "adam32", "callbacks", "lbfgs", "lm", "lm_free"):
+    if name in ("sgd_l2", "adam", "adam32", "callbacks", "lbfgs", "lm", "lm_free",
+                "conjugate_gradient", "newton_cg"):
         model, X, y, fit = build(name, rank, size)
     else:
         model, X, y, fit = build_special(name, rank, size, out)

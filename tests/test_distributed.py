@@ -24,7 +24,8 @@ pytest.importorskip("mpi4py")
 import _distributed_runs as runs  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
-EQUIVALENT = ("sgd_l2", "adam", "adam32", "callbacks", "lbfgs", "lm", "lm_free")
+EQUIVALENT = ("sgd_l2", "adam", "adam32", "callbacks", "lbfgs", "lm", "lm_free",
+              "conjugate_gradient", "newton_cg")
 SPECIAL = ("stop_on_one_rank", "shards", "bad_data", "nan_on_one_rank", "callback_fails",
            "other_model", "other_data")
 TIMEOUT = 120
@@ -77,6 +78,8 @@ def test_equals_one_process_with_the_global_batch(ranks, name, tmp_path, monkeyp
     model, X, y, fit = runs.build(name, 0, 1)
     history = model.fit(X, y, **{**fit, "batch_size": size * runs.BATCH, "distributed": False})
     rtol = 1e-5 if model.dtype == np.float32 else 1e-10
+    if name == "newton_cg":  # its finite-difference Hessian products (step h ~ 1e-8)
+        rtol = 1e-6          # amplify the ~1e-16 roundoff of a gradient summed by rank
     atol = rtol * float(np.abs(model.params).max())
     np.testing.assert_allclose(results[0]["params"], model.params, rtol=rtol, atol=atol)
     got = results[0]["history"]
@@ -241,3 +244,16 @@ def test_cli_trains_on_two_ranks_and_rank_0_alone_prints_and_saves(tmp_path):
     assert done.returncode == 0, done.stdout + done.stderr
     assert done.stdout.count("trained 2 epochs") == 1 and "saved model to m.npz" in done.stdout
     assert fn.load_model(tmp_path / "m.npz").n_features == 64
+
+
+def test_bench_mpi_workers_measure_on_two_ranks():
+    from fastnn.bench import mpi
+
+    allreduce = mpi._launch({"kind": "allreduce", "bytes": [8, 4096], "trials": 1}, 2)
+    assert allreduce["ranks"] == 2 and set(allreduce["seconds"]) == {"8", "4096"}
+    spec = {"kind": "fastnn", "sizes": [8, 6, 3], "samples": 256, "batch": 64, "repeats": 1,
+            "distributed": True, "fused": False}
+    two = mpi._launch(spec, 2)
+    one = mpi._launch(dict(spec, distributed=False), None)
+    assert len(two["epoch_seconds"]) == 1
+    np.testing.assert_allclose(two["loss"], one["loss"], rtol=1e-5)
