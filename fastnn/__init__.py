@@ -3,6 +3,22 @@
 Compiled kernels (Numba and Cython) do the hot work behind one contract
 (``fastnn.kernels``); this package wraps them as layers, losses, optimizers and a
 Keras-like ``Sequential.fit``.
+
+The top-level names: ``Sequential``, ``load_model``, ``History``, ``NotCompiledError``
+(``fastnn.model``); the layers ``Dense``, ``Activation``, ``Dropout``, ``ReLU``,
+``LeakyReLU``, ``Sigmoid``, ``Tanh``, ``Softplus``, ``ELU``, ``Identity``
+(``fastnn.layers``); ``Perceptron``, ``NotFittedError``; ``gradcheck``; the backend
+and thread controls ``set_backend``, ``use_backend``, ``get_backend``,
+``set_num_threads``, ``get_num_threads``; and the submodules ``callbacks``,
+``datasets``, ``kernels``, ``losses``, ``metrics``, ``optimizers``, ``schedules``,
+``solvers``. ``fastnn.sklearn`` and ``fastnn.onnx`` are imported on their own.
+
+Examples
+--------
+>>> import fastnn as fn
+>>> model = fn.Sequential([fn.Dense(4, 16, activation="relu"), fn.Dense(16, 3)])
+>>> model.compile(loss="cross_entropy", optimizer="adam", metrics=["accuracy"])
+Sequential([Dense(4, 16, activation='relu'), Dense(16, 3)])
 """
 import os
 

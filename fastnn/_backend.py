@@ -47,15 +47,29 @@ def set_backend(name):
 
     Every thread and task that is not inside a ``use_backend`` block runs on it. Inside
     such a block the block's backend stays active; the new default applies after it.
-    Raises ValueError for an unknown name and ImportError, with the reason, when the
-    backend cannot be loaded on this machine.
+    Until it is called, the default is the FASTNN_BACKEND environment variable, else
+    the fastest backend that loads.
+
+    Parameters
+    ----------
+    name : {"numba", "cython", "numpy"}
+        The backend.
+
+    Raises
+    ------
+    ValueError
+        An unknown name.
+    TypeError
+        ``name`` is not a str.
+    ImportError
+        The backend cannot be loaded on this machine (the message says why).
     """
     module = _load(name)
     _state["name"], _state["module"] = name, module
 
 
 def get_backend():
-    """Name of the kernel backend active in the calling thread or task."""
+    """Name (str) of the kernel backend active in the calling thread or task."""
     override = _override.get()
     if override is not None:
         return override[0]
@@ -77,9 +91,33 @@ def backend_module():
 
 @contextlib.contextmanager
 def use_backend(name):
-    """Context manager: run the enclosed block with backend ``name``, in this thread or
-    asyncio task only (see the module docstring), then restore what was active.
-    Yields the backend module."""
+    """Context manager: run the enclosed block with backend ``name``, then restore.
+
+    The override holds in this thread or asyncio task only (see the module
+    docstring); other threads keep the process default.
+
+    Parameters
+    ----------
+    name : {"numba", "cython", "numpy"}
+        The backend.
+
+    Yields
+    ------
+    module
+        The backend's kernel module.
+
+    Raises
+    ------
+    ValueError, TypeError, ImportError
+        As for ``set_backend``.
+
+    Examples
+    --------
+    >>> import fastnn as fn
+    >>> with fn.use_backend("numpy"):
+    ...     fn.get_backend()
+    'numpy'
+    """
     module = _load(name)
     token = _override.set((name, module))
     try:
@@ -100,7 +138,19 @@ def set_num_threads(n):
     """Set one thread budget for the whole process: BLAS and the kernels together.
 
     BLAS pools are limited through threadpoolctl; the numba and Cython kernels take the
-    same count. ``n`` is an int from 1 to the number of CPUs this process may use.
+    same count.
+
+    Parameters
+    ----------
+    n : int
+        From 1 to the number of CPUs this process may use.
+
+    Raises
+    ------
+    TypeError
+        ``n`` is not an int.
+    ValueError
+        ``n`` is out of range.
     """
     if isinstance(n, bool) or not isinstance(n, int):
         raise TypeError(f"n must be an int, got {type(n).__name__}")
@@ -119,5 +169,5 @@ def set_num_threads(n):
 
 
 def get_num_threads():
-    """The process thread budget (the number of usable CPUs unless set)."""
+    """The process thread budget, an int (the number of usable CPUs unless set)."""
     return _state["threads"] if _state["threads"] is not None else len(usable_cpus())

@@ -19,6 +19,16 @@ def as_label_vector(y, name="y", n_samples=None):
     this); non-integer or non-finite floats look like regression targets and are
     rejected, and so are None/NaN inside object arrays and labels that cannot be
     ordered against each other (such as a mix of str and int).
+
+    Returns
+    -------
+    ndarray, shape (n,)
+        The labels (a view or the array itself when possible).
+
+    Raises
+    ------
+    ValueError, TypeError
+        Naming ``name``, for the cases above or a length other than ``n_samples``.
     """
     if y is None or isinstance(y, (str, bytes)):
         raise TypeError(f"{name} must be an array-like of class labels, got {type(y).__name__}")
@@ -55,7 +65,15 @@ def as_label_vector(y, name="y", n_samples=None):
 class ClassLabels:
     """The mapping between original class labels and codes 0..K-1.
 
-    ``classes`` : (K,) sorted distinct labels; code k stands for ``classes[k]``.
+    Parameters
+    ----------
+    classes : array-like, shape (K,)
+        Distinct labels (sorted on construction).
+
+    Attributes
+    ----------
+    classes : ndarray, shape (K,)
+        The sorted distinct labels; code k stands for ``classes[k]``.
     """
 
     def __init__(self, classes):
@@ -68,7 +86,7 @@ class ClassLabels:
 
     @classmethod
     def fit(cls, y, name="y", n_samples=None):
-        """The mapping of the distinct labels in y."""
+        """The ClassLabels of the distinct labels in ``y`` (validated as class labels)."""
         return cls(np.unique(as_label_vector(y, name, n_samples)))
 
     def __len__(self):

@@ -19,10 +19,22 @@ from ._validation import check_bool, check_float, check_int
 
 
 class Callback:
-    """Base class: override any of the hooks.
+    """Base class: override any of the hooks; the base hooks do nothing.
 
-    A callback that writes values into the epoch logs (in ``on_epoch_end``) names them
-    in ``adds_logs``, so the callbacks after it may monitor them.
+    ``fit`` calls, in order: ``set_model``, ``check_training``, ``on_train_begin``,
+    then per epoch ``on_epoch_begin``, ``on_batch_end`` after each batch (once per
+    iteration for a full-batch solver) and ``on_epoch_end``, and finally
+    ``on_train_end``. A callback that
+    writes values into the epoch logs (in ``on_epoch_end``) names them in
+    ``adds_logs``, so the callbacks after it may monitor them.
+
+    Examples
+    --------
+    >>> import fastnn as fn
+    >>> class StopAtLoss(fn.callbacks.Callback):
+    ...     def on_epoch_end(self, epoch, logs=None):
+    ...         if logs["loss"] < 0.1:
+    ...             self.model.stop_training = True
     """
 
     model = None
@@ -30,38 +42,97 @@ class Callback:
     adds_logs = ()
 
     def set_model(self, model):
+        """Give the callback the model being trained (``self.model``); fit calls it first."""
         self.model = model
 
     def check_training(self, log_keys, solver):
         """Raise ValueError or TypeError if this callback cannot work in the coming fit.
 
-        Called by fit once, before the first epoch. ``log_keys`` is the tuple of keys
-        the epoch logs hold when this callback's ``on_epoch_end`` runs: "loss", the
-        metric names, "val_" + each of those with validation data, then the
-        ``adds_logs`` of the callbacks before this one. ``solver`` is True when a
-        full-batch solver trains (an epoch is one solver iteration). The base accepts
-        every setting.
+        Called by fit once, before the first epoch.
+
+        Parameters
+        ----------
+        log_keys : tuple of str
+            The keys the epoch logs hold when this callback's ``on_epoch_end`` runs:
+            "loss", the metric names, ``"val_"`` + each of those with validation data,
+            then the ``adds_logs`` of the callbacks before this one.
+        solver : bool
+            True when a full-batch solver trains (an epoch is one solver iteration).
+
+        Notes
+        -----
+        The base accepts every setting.
         """
 
     def on_train_begin(self, logs=None):
-        pass
+        """Called once when ``fit`` starts, before the first epoch.
+
+        Parameters
+        ----------
+        logs : dict
+            Empty.
+        """
 
     def on_epoch_begin(self, epoch, logs=None):
-        pass
+        """Called at the start of every epoch (solvers: every iteration).
+
+        Parameters
+        ----------
+        epoch : int
+            The epoch index, from 0.
+        logs : dict
+            Empty.
+        """
 
     def on_batch_end(self, batch, logs=None):
-        pass
+        """Called after every mini-batch step; for a full-batch solver once per
+        iteration, with batch 0.
+
+        A callback that overrides this hook keeps fit off the fused epoch kernel (the
+        epoch then runs step by step in Python).
+
+        Parameters
+        ----------
+        batch : int
+            The batch index within the epoch, from 0.
+        logs : dict
+            ``{"loss": float}``, the batch's loss.
+        """
 
     def on_epoch_end(self, epoch, logs=None):
-        pass
+        """Called at the end of every epoch (solvers: every iteration).
+
+        Setting ``self.model.stop_training = True`` here ends training after this
+        epoch.
+
+        Parameters
+        ----------
+        epoch : int
+            The epoch index, from 0.
+        logs : dict
+            The epoch's values: "loss", each metric, ``"val_*"`` with validation data,
+            and what earlier callbacks added (``adds_logs``). A callback may add keys.
+        """
 
     def on_train_end(self, logs=None):
-        pass
+        """Called once when ``fit`` ends (after the last epoch or a stop).
+
+        Parameters
+        ----------
+        logs : dict
+            Empty.
+        """
 
 
 def check_callbacks(callbacks):
     """fit's ``callbacks`` argument (None, one Callback, or an iterable of them) as a
-    list of Callbacks."""
+    list of Callbacks.
+
+    Raises
+    ------
+    TypeError
+        Not a Callback or an iterable of Callback instances (a class must be called).
+    """
     if callbacks is None:
         return []
     if isinstance(callbacks, Callback):
@@ -82,8 +153,11 @@ def check_callbacks(callbacks):
 
 
 def check_training_setup(callbacks, log_keys, solver):
-    """Call ``check_training`` on each callback in order, each seeing ``log_keys`` (the
-    keys fit logs) plus the ``adds_logs`` of the callbacks before it."""
+    """Call ``check_training`` on each callback in order.
+
+    Each sees ``log_keys`` (the keys fit logs) plus the ``adds_logs`` of the callbacks
+    before it.
+    """
     log_keys = tuple(log_keys)
     for cb in callbacks:
         cb.check_training(log_keys, solver)
@@ -137,9 +211,40 @@ class _Monitor(Callback):
 
 
 class EarlyStopping(_Monitor):
-    """Stop after ``patience`` consecutive epochs in which ``monitor`` did not improve by
-    ``min_delta`` (Keras semantics; patience 0 stops at the first such epoch);
-    optionally put back the weights of the best epoch."""
+    """Stop training when a monitored value stops improving (Keras semantics).
+
+    Stops after ``patience`` consecutive epochs in which ``monitor`` did not improve by
+    more than ``min_delta`` (patience 0 stops at the first such epoch); optionally puts
+    back the weights of the best epoch. The reason goes to ``history.stop_reason``.
+
+    Parameters
+    ----------
+    monitor : str, default "val_loss"
+        A logged key: "loss", a metric, or a ``"val_*"`` key (needs validation data).
+    patience : int >= 0, default 0
+        Epochs without improvement to tolerate.
+    min_delta : float >= 0, default 0.0
+        The smallest change that counts as an improvement.
+    mode : {"auto", "min", "max"}, default "auto"
+        Whether lower or higher is better; "auto" is "max" for keys containing
+        "accuracy" or "r2", else "min".
+    restore_best_weights : bool, default False
+        At the end of training, put back the weights of the best epoch.
+
+    Attributes
+    ----------
+    best : float
+        The best monitored value.
+    best_epoch : int or None
+        Epoch index (from 0) of the best value.
+    stopped_epoch : int or None
+        Epoch index (from 0) at which training stopped, or None.
+
+    Raises
+    ------
+    ValueError
+        At fit, when ``monitor`` is not logged in that run.
+    """
 
     def __init__(self, monitor="val_loss", patience=0, min_delta=0.0, mode="auto",
                  restore_best_weights=False):
@@ -148,13 +253,16 @@ class EarlyStopping(_Monitor):
         self.restore_best_weights = check_bool(restore_best_weights, "restore_best_weights")
 
     def check_training(self, log_keys, solver):
+        """Raise ValueError if ``monitor`` is not among ``log_keys``."""
         self._check_monitor(log_keys)
 
     def on_train_begin(self, logs=None):
+        """Reset the best value, the wait count and the saved weights."""
         self.best, self.wait, self.best_epoch, self.best_weights = None, 0, None, None
         self.stopped_epoch = None
 
     def on_epoch_end(self, epoch, logs=None):
+        """Compare ``logs[monitor]`` with the best so far; stop after ``patience`` misses."""
         value = _monitored(logs, self.monitor, "EarlyStopping")
         if self._is_improvement(value):
             self.best, self.best_epoch, self.wait = value, epoch, 0
@@ -170,16 +278,33 @@ class EarlyStopping(_Monitor):
                                       f"{self.best_epoch + 1})")
 
     def on_train_end(self, logs=None):
+        """Put back the best epoch's weights (with ``restore_best_weights``)."""
         if self.restore_best_weights and self.best_weights is not None:
             self.model.params[...] = self.best_weights
 
 
 class ModelCheckpoint(_Monitor):
-    """Save the model after each epoch, or only when ``monitor`` improves with
-    ``save_best_only``.
+    """Save the model after each epoch, or only when ``monitor`` improves.
 
-    ``path`` is a ``str.format`` template whose fields are named: ``{epoch}`` (from 1,
-    an int) or a logged value (a float), e.g. ``"m-{epoch:02d}-{val_loss:.3f}.npz"``.
+    Parameters
+    ----------
+    path : str or path-like
+        A ``str.format`` template whose fields are named: ``{epoch}`` (from 1, an int)
+        or a logged value (a float), e.g. ``"m-{epoch:02d}-{val_loss:.3f}.npz"``.
+    monitor : str, default "val_loss"
+        The logged key compared with ``save_best_only``.
+    save_best_only : bool, default False
+        Save only when ``monitor`` improves on the best so far.
+    mode : {"auto", "min", "max"}, default "auto"
+        As for ``EarlyStopping``.
+
+    Raises
+    ------
+    ValueError
+        A malformed template or a positional field; at fit, a template field or a
+        ``monitor`` that is not logged in that run.
+    TypeError
+        ``path`` is not a str or path-like.
     """
 
     def __init__(self, path, monitor="val_loss", save_best_only=False, mode="auto"):
@@ -216,6 +341,8 @@ class ModelCheckpoint(_Monitor):
         return fields
 
     def check_training(self, log_keys, solver):
+        """Raise ValueError if a template field (or, with ``save_best_only``, ``monitor``)
+        is not among ``log_keys``."""
         for field in self._fields:
             if field != "epoch" and field not in log_keys:
                 raise ValueError(_missing_log_message(
@@ -224,9 +351,11 @@ class ModelCheckpoint(_Monitor):
             self._check_monitor(log_keys)
 
     def on_train_begin(self, logs=None):
+        """Forget the best value of an earlier fit."""
         self.best = None
 
     def on_epoch_end(self, epoch, logs=None):
+        """Save the model to ``path`` formatted with ``epoch + 1`` and ``logs``."""
         if self.save_best_only:
             value = _monitored(logs, self.monitor, "ModelCheckpoint")
             if not self._is_improvement(value):
@@ -238,21 +367,49 @@ class ModelCheckpoint(_Monitor):
 class TerminateOnNaN(Callback):
     """Stop training cleanly (no exception) when the loss becomes NaN or infinite.
 
-    fit checks every batch; with this callback present it stops instead of raising,
-    leaving the last finite weights in the model.
+    fit checks every batch; without this callback a non-finite loss raises
+    FloatingPointError, with it fit stops and returns. Either way the model keeps the
+    weights of the last completed epoch.
     """
 
     def on_batch_end(self, batch, logs=None):
+        """Set ``model.stop_training`` when ``logs["loss"]`` is NaN or infinite."""
         loss = (logs or {}).get("loss")
         if loss is not None and not math.isfinite(loss):
             self.model.stop_training = True
 
 
 class ReduceLROnPlateau(_Monitor):
-    """Multiply the learning rate by ``factor`` after ``patience`` consecutive epochs
-    without improvement (Keras semantics), then wait ``cooldown`` epochs before
-    counting again; never below ``min_lr``. Needs a first-order optimizer; logs the
-    rate as "lr"."""
+    """Lower the learning rate when a monitored value stops improving (Keras semantics).
+
+    Multiplies the rate by ``factor`` after ``patience`` consecutive epochs without an
+    improvement of more than ``min_delta``, then waits ``cooldown`` epochs before
+    counting again; never goes below ``min_lr``. It scales the optimizer's
+    ``lr_scale``, so it works on top of a schedule. Needs a first-order optimizer; logs
+    the rate in use during the epoch as "lr".
+
+    Parameters
+    ----------
+    monitor : str, default "val_loss"
+        A logged key.
+    factor : float in (0, 1), default 0.1
+        The multiplier of the rate.
+    patience : int >= 0, default 10
+        Epochs without improvement before the rate drops.
+    min_delta : float >= 0, default 1e-4
+        The smallest change that counts as an improvement.
+    cooldown : int >= 0, default 0
+        Epochs to wait after a drop before counting again.
+    min_lr : float >= 0, default 0.0
+        The lowest rate.
+    mode : {"auto", "min", "max"}, default "auto"
+        As for ``EarlyStopping``.
+
+    Raises
+    ------
+    ValueError
+        At fit, when a full-batch solver trains or ``monitor`` is not logged.
+    """
 
     adds_logs = ("lr",)
 
@@ -266,6 +423,7 @@ class ReduceLROnPlateau(_Monitor):
         self.min_lr = check_float(min_lr, "min_lr", low=0.0)
 
     def check_training(self, log_keys, solver):
+        """Raise ValueError for a solver run, or if ``monitor`` is not among ``log_keys``."""
         if solver:
             raise ValueError("ReduceLROnPlateau lowers a first-order optimizer's learning "
                              "rate, but this model trains with a full-batch solver, whose "
@@ -274,9 +432,11 @@ class ReduceLROnPlateau(_Monitor):
         self._check_monitor(log_keys)
 
     def on_train_begin(self, logs=None):
+        """Reset the best value, the wait count and the cooldown."""
         self.best, self.wait, self.cooldown_left = None, 0, 0
 
     def on_epoch_end(self, epoch, logs=None):
+        """Log "lr"; lower the rate after ``patience`` epochs without improvement."""
         value = _monitored(logs, self.monitor, "ReduceLROnPlateau")
         optimizer = self.model.optimizer
         logs["lr"] = optimizer.current_lr()
@@ -296,7 +456,24 @@ class ReduceLROnPlateau(_Monitor):
 
 
 class CSVLogger(Callback):
-    """Append one row of logs per epoch to a CSV file (header written once)."""
+    """Write one row of logs per epoch to a CSV file (header written once).
+
+    Columns: "epoch" (from 1), then the log keys of the first epoch, sorted.
+
+    Parameters
+    ----------
+    path : str or path-like
+        The CSV file.
+    separator : str, default ","
+        One character.
+    append : bool, default False
+        Append to an existing file instead of replacing it at the start of fit.
+
+    Raises
+    ------
+    TypeError
+        ``path`` is not path-like, or ``separator`` is not one character.
+    """
 
     def __init__(self, path, separator=",", append=False):
         self.path = _check_path(path)
@@ -306,11 +483,13 @@ class CSVLogger(Callback):
         self.append = check_bool(append, "append")
 
     def on_train_begin(self, logs=None):
+        """Remove an existing file unless ``append``."""
         self._keys = None
         if not self.append and os.path.exists(self.path):
             os.remove(self.path)
 
     def on_epoch_end(self, epoch, logs=None):
+        """Append the epoch's row (and the header to a new or empty file)."""
         if self._keys is None:
             self._keys = ["epoch"] + sorted(logs)
         new_file = not os.path.exists(self.path) or os.path.getsize(self.path) == 0

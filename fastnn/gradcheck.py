@@ -16,10 +16,31 @@ def _float64_copy(model):
 
 
 def numerical_gradient(f, x, eps=1e-6, indices=None):
-    """Central differences of the scalar ``f()`` with respect to the entries of the
-    array ``x``, which ``f`` reads and which is nudged in place (and restored):
-    ``(f(x + eps e_i) - f(x - eps e_i)) / (2 eps)``. Returns a float64 array shaped like
-    ``x``, or, with ``indices`` (into the flattened ``x``), one value per index.
+    """Central differences of the scalar ``f()`` with respect to the entries of ``x``.
+
+    ``(f(x + eps e_i) - f(x - eps e_i)) / (2 eps)``, with ``x`` nudged in place (and
+    restored) for each entry.
+
+    Parameters
+    ----------
+    f : callable
+        ``f() -> float``, reading ``x``.
+    x : ndarray
+        Contiguous array that ``f`` reads.
+    eps : float, default 1e-6
+        The step.
+    indices : array-like of int, optional
+        Entries (into the flattened ``x``) to differentiate; default all.
+
+    Returns
+    -------
+    ndarray
+        float64, shaped like ``x``; with ``indices``, one value per index.
+
+    Raises
+    ------
+    ValueError
+        ``x`` is not contiguous.
     """
     flat = x.reshape(-1)  # a view: x must be contiguous
     if not np.shares_memory(flat, x):
@@ -41,12 +62,47 @@ def gradcheck(model, X, y, eps=1e-5, sample_weight=None, max_params=2000, seed=0
     """Largest relative error between ``compute_gradients`` and central differences.
 
     Runs on a float64 copy of the model in inference mode (dropout off), regularization
-    included. err_i = |g_i - n_i| / max(|g_i|, |n_i|, 1e-4), where
-    n_i = (L(p + eps e_i) - L(p - eps e_i)) / (2 eps); entries smaller than 1e-4 are
+    included. ``err_i = abs(g_i - n_i) / max(abs(g_i), abs(n_i), 1e-4)``, where
+    ``n_i = (L(p + eps e_i) - L(p - eps e_i)) / (2 eps)``; entries smaller than 1e-4 are
     thus judged by absolute error, below which rounding in L dominates. The default
     ``eps`` balances truncation (~eps^2) against rounding in L (~1e-16 / eps); at 1e-6
-    rounding alone already reaches ~1e-6 on the small entries. Models with more than
-    ``max_params`` parameters are checked on a random subset of that size.
+    rounding alone already reaches ~1e-6 on the small entries.
+
+    Parameters
+    ----------
+    model : Sequential
+        A compiled model (left unchanged).
+    X : array-like, shape (n_samples, n_features)
+        Inputs.
+    y : array-like
+        Targets for the model's loss.
+    eps : float > 0, default 1e-5
+        The central-difference step.
+    sample_weight : array-like, shape (n_samples,), optional
+        Per-sample weights of the loss.
+    max_params : int >= 1, default 2000
+        Models with more parameters are checked on a random subset of that size.
+    seed : int, default 0
+        Seed of that subset.
+
+    Returns
+    -------
+    float
+        The largest ``err_i``.
+
+    Raises
+    ------
+    NotCompiledError
+        The model was not compiled.
+
+    Examples
+    --------
+    >>> import numpy as np, fastnn as fn
+    >>> X, y = fn.datasets.xor()
+    >>> model = fn.Sequential([fn.Dense(2, 4, activation="tanh", seed=0), fn.Dense(4, 2)])
+    >>> _ = model.compile("cross_entropy")
+    >>> fn.gradcheck(model, X, y) < 1e-6
+    True
     """
     _require_compiled_model(model, "gradcheck")
     eps = check_float(eps, "eps", low=0.0, low_open=True)

@@ -69,9 +69,34 @@ def _config_alpha(name, alpha):
 def init_weights(init, n_in, n_out, activation, rng, dtype):
     """Draw a (n_in, n_out) weight matrix.
 
-    he_*: variance 2/n_in; glorot_*: variance 2/(n_in + n_out); uniform variants draw
-    from U(-limit, limit) with limit = sqrt(3 * variance). "auto" is He for the
-    relu family and Glorot otherwise.
+    he_*: variance ``2 / n_in``; glorot_*: variance ``2 / (n_in + n_out)``; the uniform
+    variants draw from U(-limit, limit) with ``limit = sqrt(3 * variance)``, the normal
+    ones from N(0, variance). "auto" is He for the relu family (relu, leaky_relu, elu)
+    and Glorot otherwise.
+
+    Parameters
+    ----------
+    init : str
+        One of ``INITIALIZERS``: "auto", "he_uniform", "he_normal", "glorot_uniform",
+        "glorot_normal", "zeros".
+    n_in, n_out : int
+        Input and output sizes.
+    activation : str
+        The layer's activation name (decides "auto").
+    rng : numpy.random.Generator
+        Source of the random draws.
+    dtype : numpy dtype
+        dtype of the result.
+
+    Returns
+    -------
+    ndarray, shape (n_in, n_out)
+        C-contiguous, of ``dtype``.
+
+    Raises
+    ------
+    ValueError
+        An unknown ``init``.
     """
     check_choice(init, "init", INITIALIZERS)
     if init == "auto":
@@ -122,6 +147,7 @@ class Layer:
         return []
 
     def regularization_loss(self):
+        """The layer's l1/l2 penalty on its weights (a float; 0.0 without parameters)."""
         return 0.0
 
     def add_regularization_gradient(self):
@@ -135,11 +161,41 @@ class Layer:
         return check_array(x, "x", self.dtype)
 
     def forward(self, x, training=True):
-        """Compute the layer output for a batch ``x`` (n, features); returns a new array."""
+        """Compute the layer's output for a batch, keeping what ``backward`` needs.
+
+        Parameters
+        ----------
+        x : array-like, shape (n, in_features)
+            Inputs, converted to the layer's dtype.
+        training : bool, default True
+            Training mode (dropout active) or inference mode.
+
+        Returns
+        -------
+        ndarray, shape (n, out_features)
+            A new array of the layer's dtype.
+        """
         return self._forward(self._check_input(x), check_bool(training, "training")).copy()
 
     def backward(self, dout):
-        """Given dL/d(output) (n, out_features) from the last forward, return dL/dx."""
+        """Backpropagate through the last ``forward``: fills ``dW``/``db`` and returns dL/dx.
+
+        Parameters
+        ----------
+        dout : array-like, shape (n, out_features)
+            dL/d(output), shaped like the last forward's output.
+
+        Returns
+        -------
+        ndarray, shape (n, in_features)
+            dL/dx, a new array. Layers with parameters also set ``dW`` (dL/dW) and
+            ``db`` (dL/db), without regularization.
+
+        Raises
+        ------
+        ValueError
+            No forward pass was made, or ``dout`` has the wrong shape.
+        """
         if getattr(self, "_x", None) is None:
             raise ValueError(f"{type(self).__name__}.backward needs a forward pass first: "
                              "call layer.forward(x) before layer.backward(dout)")
@@ -161,9 +217,19 @@ class Layer:
 
 
 def check_joinable(layer, name, model, earlier):
-    """Raise unless ``layer`` is a Layer free to join ``model``: part of no model, and
-    not among ``earlier`` (the layers placed before it in ``model``). One instance in
-    two places would train something that save and load_model do not reproduce."""
+    """Raise unless ``layer`` is a Layer free to join ``model``.
+
+    Free means part of no model and not among ``earlier`` (the layers placed before it
+    in ``model``). One instance in two places would train something that save and
+    load_model do not reproduce.
+
+    Raises
+    ------
+    TypeError
+        ``layer`` is not a Layer instance (``name`` names it in the message).
+    ValueError
+        ``layer`` is already in this or another model.
+    """
     if isinstance(layer, type) and issubclass(layer, Layer):
         raise TypeError(f"{name} is the class {layer.__name__}; create a layer, "
                         f"{layer.__name__}(...)")
@@ -209,29 +275,75 @@ class Dense(Layer):
     in_features, out_features : int
         Input and output sizes (with ``out_features`` omitted, the first argument is the
         number of units and the input size is inferred).
-    activation : str or None
-        One of identity (None), sigmoid, tanh, relu, leaky_relu, softplus, elu; or
-        softmax, only on the last layer of a model trained with cross_entropy, where it
-        is folded into the loss (the model keeps the logits; ``predict`` returns the
-        softmax probabilities).
+    activation : str or None, default None
+        The elementwise ``act``, one of:
+
+        - "identity" (or None): ``z``;
+        - "sigmoid": ``1 / (1 + exp(-z))``;
+        - "tanh": ``tanh(z)``;
+        - "relu": ``max(z, 0)``;
+        - "leaky_relu": ``z if z > 0 else alpha * z``;
+        - "softplus": ``log(1 + exp(z))``;
+        - "elu": ``z if z > 0 else alpha * (exp(z) - 1)``;
+        - "softmax": only on the last layer of a model trained with cross_entropy,
+          where it is folded into the loss (the model keeps the logits; ``predict``
+          returns the softmax probabilities).
+
+        The activation may also be the second positional argument, as in Keras:
+        ``Dense(10, "relu")``.
     input_shape : tuple of one int, optional
-        Keras-style input size, with ``Dense(units, ...)`` only.
+        Keras-style input size ``(in_features,)``, with ``Dense(units, ...)`` only.
     init : str, default "auto"
-        Weight initializer: he_uniform, he_normal, glorot_uniform, glorot_normal,
-        zeros; "auto" is He for the relu family and Glorot otherwise. Biases start at 0.
-    l1, l2 : float, default 0
-        Regularization on W (Keras convention): ``l2 * sum(W**2) + l1 * sum(|W|)``.
+        Weight initializer: "he_uniform", "he_normal" (variance ``2 / in_features``),
+        "glorot_uniform", "glorot_normal" (variance ``2 / (in_features +
+        out_features)``), "zeros"; "auto" is He uniform for relu, leaky_relu and elu,
+        Glorot uniform otherwise. Biases start at 0.
+    l1, l2 : float >= 0, default 0
+        Regularization on W (Keras convention), added to the loss:
+        ``l2 * sum(W**2) + l1 * sum(abs(W))``.
     use_bias : bool, default True
-    dtype : "float32" (default) or "float64"
+        Whether the layer has the bias ``b``.
+    dtype : {"float32", "float64"}, default "float32"
+        dtype of the weights and of the inputs the layer takes.
     seed : int, optional
-        Seed of the weight initialization.
-    alpha : float, optional
+        Seed of the weight initialization (None: fresh randomness).
+    alpha : float >= 0, optional
         leaky_relu's negative slope (default 0.01) or elu's scale (default 1.0); refused
         for the other activations.
 
-    Shape:
-        x: (n, in_features) -> a: (n, out_features). W: (in_features, out_features),
-        b: (out_features,).
+    Attributes
+    ----------
+    W : ndarray, shape (in_features, out_features)
+        The weights (None until the input size is known).
+    b : ndarray, shape (out_features,)
+        The bias (present but unused with ``use_bias=False``).
+    dW : ndarray, shape (in_features, out_features)
+        Gradient of W from the last ``backward``.
+    db : ndarray, shape (out_features,)
+        Gradient of b from the last ``backward``.
+
+    Raises
+    ------
+    ValueError
+        A size < 1, an unknown activation or init, "step" (use fastnn.Perceptron),
+        ``alpha`` with an activation that has none, negative l1/l2.
+    TypeError
+        The activation given twice, or ``input_shape`` together with
+        ``Dense(in_features, out_features)``.
+
+    Notes
+    -----
+    Shapes: x (n, in_features) -> a (n, out_features). Activation derivatives are
+    computed from the stored output ``a``.
+
+    Examples
+    --------
+    >>> import fastnn as fn
+    >>> layer = fn.Dense(3, 2, activation="leaky_relu", alpha=0.1, seed=0)
+    >>> layer.forward([[1.0, 2.0, 3.0]]).shape
+    (1, 2)
+    >>> fn.Dense(10, "relu")  # Keras style: the input size comes later
+    Dense(None, 10, activation='relu')
     """
 
     trainable = True
@@ -276,12 +388,25 @@ class Dense(Layer):
 
     @property
     def built(self):
-        """Whether the input size is known and the weights exist."""
+        """Whether the input size is known and the weights exist (bool)."""
         return self.W is not None
 
     def build(self, in_features):
-        """Set the input size and draw the weights (once; Sequential calls it for
-        layers created as ``Dense(units, ...)``)."""
+        """Set the input size and draw the weights.
+
+        Sequential calls it for layers created as ``Dense(units, ...)``. Building again
+        with the same size does nothing.
+
+        Parameters
+        ----------
+        in_features : int >= 1
+            The input size.
+
+        Raises
+        ------
+        ValueError
+            The layer is already built for another input size.
+        """
         in_features = check_int(in_features, "in_features", low=1)
         if self.built:
             if in_features != self.in_features:
@@ -297,16 +422,19 @@ class Dense(Layer):
         self.db = np.zeros_like(self.b)
 
     def parameters(self):
+        """``[W, b]`` (``[W]`` without bias; ``[]`` before the layer is built)."""
         if not self.built:
             return []
         return [self.W, self.b] if self.use_bias else [self.W]
 
     def gradients(self):
+        """``[dW, db]``, aligned with ``parameters()``."""
         if not self.built:
             return []
         return [self.dW, self.db] if self.use_bias else [self.dW]
 
     def output_features(self, n_in):
+        """``out_features``; raises ValueError if built for another ``n_in``."""
         if not self.built:
             return self.out_features
         if n_in != self.in_features:
@@ -315,6 +443,7 @@ class Dense(Layer):
         return self.out_features
 
     def regularization_loss(self):
+        """``l2 * sum(W**2) + l1 * sum(abs(W))`` as a float (summed in float64)."""
         loss = 0.0
         if self.l2:
             loss += self.l2 * float(np.square(self.W, dtype=np.float64).sum())
@@ -323,6 +452,7 @@ class Dense(Layer):
         return loss
 
     def add_regularization_gradient(self):
+        """``dW += 2 * l2 * W + l1 * sign(W)``, in place."""
         if self.l2:
             self.dW += (2.0 * self.l2) * self.W
         if self.l1:
@@ -354,6 +484,7 @@ class Dense(Layer):
         return dx
 
     def get_config(self):
+        """The constructor arguments as JSON-able data (``layer_from_config`` rebuilds)."""
         return {"class": "Dense", "in_features": self.in_features,
                 "out_features": self.out_features, "activation": self.activation,
                 "init": self.init, "l1": self.l1, "l2": self.l2, "use_bias": self.use_bias,
@@ -366,9 +497,27 @@ class Dense(Layer):
 
 
 class Activation(Layer):
-    """Elementwise activation ``a = act(z)``; its backward uses the stored output ``a``.
+    """Elementwise activation layer ``a = act(z)``; its backward uses the stored ``a``.
 
-    Shape: any (n, features) -> the same shape.
+    Parameters
+    ----------
+    name : str or None
+        "identity" (None), "sigmoid", "tanh", "relu", "leaky_relu", "softplus" or
+        "elu" (the formulas are listed under ``Dense``).
+    alpha : float >= 0, optional
+        leaky_relu's slope (default 0.01) or elu's scale (default 1.0); refused for the
+        others.
+    dtype : {"float32", "float64"}, default "float32"
+        dtype of the inputs.
+
+    Raises
+    ------
+    ValueError
+        An unknown name, "step", or ``alpha`` for an activation without one.
+
+    Notes
+    -----
+    Shapes: any (n, features) -> the same shape.
     """
 
     def __init__(self, name, alpha=None, *, dtype="float32"):
@@ -394,6 +543,7 @@ class Activation(Layer):
         return dx
 
     def get_config(self):
+        """The constructor arguments as JSON-able data (``layer_from_config`` rebuilds)."""
         return {"class": "Activation", "name": self.activation,
                 "alpha": _config_alpha(self.activation, self.alpha), "dtype": self.dtype.name}
 
@@ -415,45 +565,73 @@ def _named_activation(name, has_alpha=False):
 
 
 class ReLU(Activation):
-    """``max(z, 0)``."""
+    """``max(z, 0)``. Keyword: ``dtype`` ("float32" or "float64")."""
     __init__ = _named_activation("relu")
 
 
 class LeakyReLU(Activation):
-    """``z if z > 0 else alpha * z``."""
+    """``z if z > 0 else alpha * z``.
+
+    Parameters
+    ----------
+    alpha : float >= 0, default 0.01
+        The slope for negative inputs.
+    dtype : {"float32", "float64"}, default "float32"
+        dtype of the inputs (keyword only).
+    """
     __init__ = _named_activation("leaky_relu", has_alpha=True)
 
 
 class Sigmoid(Activation):
-    """``1 / (1 + exp(-z))``."""
+    """``1 / (1 + exp(-z))``. Keyword: ``dtype`` ("float32" or "float64")."""
     __init__ = _named_activation("sigmoid")
 
 
 class Tanh(Activation):
-    """``tanh(z)``."""
+    """``tanh(z)``. Keyword: ``dtype`` ("float32" or "float64")."""
     __init__ = _named_activation("tanh")
 
 
 class Softplus(Activation):
-    """``log(1 + exp(z))``."""
+    """``log(1 + exp(z))``. Keyword: ``dtype`` ("float32" or "float64")."""
     __init__ = _named_activation("softplus")
 
 
 class ELU(Activation):
-    """``z if z > 0 else alpha * (exp(z) - 1)``."""
+    """``z if z > 0 else alpha * (exp(z) - 1)``.
+
+    Parameters
+    ----------
+    alpha : float >= 0, default 1.0
+        The scale of the negative part.
+    dtype : {"float32", "float64"}, default "float32"
+        dtype of the inputs (keyword only).
+    """
     __init__ = _named_activation("elu", has_alpha=True)
 
 
 class Identity(Activation):
-    """``z`` (a no-op layer)."""
+    """``z`` (a no-op layer). Keyword: ``dtype`` ("float32" or "float64")."""
     __init__ = _named_activation("identity")
 
 
 class Dropout(Layer):
     """Inverted dropout: in training, zero each unit with probability ``rate`` and scale
-    the survivors by 1/(1-rate); identity at inference. Seeded for reproducibility.
+    the survivors by ``1 / (1 - rate)``; identity at inference.
 
-    Shape: any (n, features) -> the same shape.
+    Parameters
+    ----------
+    rate : float in [0, 1)
+        Probability of dropping each unit.
+    seed : int, optional
+        Seed of the dropout masks, for reproducibility (keyword only).
+    dtype : {"float32", "float64"}, default "float32"
+        dtype of the inputs (keyword only).
+
+    Notes
+    -----
+    Shapes: any (n, features) -> the same shape. Solvers and ``evaluate``/``predict``
+    run in inference mode, where dropout is off.
     """
 
     def __init__(self, rate, *, seed=None, dtype="float32"):
@@ -478,6 +656,7 @@ class Dropout(Layer):
         return dout if self._mask is None else dout * self._mask
 
     def get_config(self):
+        """The constructor arguments as JSON-able data (``layer_from_config`` rebuilds)."""
         return {"class": "Dropout", "rate": self.rate, "seed": self.seed,
                 "dtype": self.dtype.name}
 
@@ -489,7 +668,18 @@ LAYER_CLASSES = {"Dense": Dense, "Activation": Activation, "Dropout": Dropout}
 
 
 def layer_from_config(config):
-    """Rebuild a layer from ``layer.get_config()``."""
+    """Rebuild a layer from ``layer.get_config()``.
+
+    Parameters
+    ----------
+    config : dict
+        ``{"class": "Dense" | "Activation" | "Dropout", <constructor arguments>}``.
+
+    Returns
+    -------
+    Layer
+        A new layer (fresh weights for Dense, drawn from its ``seed``).
+    """
     cls, config = config_class(config, LAYER_CLASSES, "layer class", key="class")
     cls_name = cls.__name__
     activation = config.get("name" if cls_name == "Activation" else "activation")

@@ -15,8 +15,20 @@ from ._validation import _as_numeric, config_class, check_array, check_float, ch
 
 
 class Loss:
-    """Base class. ``loss(pred, target, weights, dpred) -> float`` writes d(loss)/d(pred)
-    into ``dpred`` (unless None) through the active kernel backend."""
+    """Base class of the losses: a loss and its gradient in one kernel call.
+
+    ``loss(pred, target, weights, dpred) -> float`` returns the (weighted) mean loss
+    and writes d(loss)/d(pred) into ``dpred`` (unless None) through the active kernel
+    backend.
+
+    Notes
+    -----
+    The arguments of a call: ``pred`` (n, k) the raw network output (logits for the
+    classification losses), C-contiguous float32 or float64; ``target`` as
+    ``prepare_target`` returns it; ``weights`` None or per-sample weights (n,), making
+    the loss ``sum(w_i l_i) / sum(w_i)``; ``dpred`` None or an output array shaped like
+    ``pred``.
+    """
 
     name = None
     #: Whether targets are integer class labels (classification by argmax).
@@ -25,7 +37,30 @@ class Loss:
     classification = False
 
     def prepare_target(self, y, n_samples, n_outputs, dtype, name="y"):
-        """Validate ``y`` for a network with ``n_outputs`` outputs; return kernel-ready."""
+        """Validate ``y`` for a network with ``n_outputs`` outputs; return it kernel-ready.
+
+        Parameters
+        ----------
+        y : array-like
+            Targets (the shapes each loss takes are in its class docstring).
+        n_samples, n_outputs : int
+            Rows of X and outputs of the network.
+        dtype : numpy dtype
+            The model's dtype (float targets are converted to it).
+        name : str, default "y"
+            The argument name used in error messages.
+
+        Returns
+        -------
+        ndarray
+            C-contiguous: int64 labels (n_samples,) or float targets
+            (n_samples, n_outputs).
+
+        Raises
+        ------
+        ValueError, TypeError
+            A wrong length, shape, dtype or range.
+        """
         target = check_array(y, name, dtype, allow_1d=True)
         check_length(target, name, n_samples)
         if target.shape[1] != n_outputs:
@@ -34,14 +69,17 @@ class Loss:
         return target
 
     def check_outputs(self, n_outputs):
-        """Raise if this loss cannot work with a network of ``n_outputs`` outputs."""
+        """Raise ValueError if this loss cannot work with ``n_outputs`` network outputs."""
 
     def link(self, out):
-        """Map raw network output to predictions (a new array)."""
+        """Map raw network output (n, k) to predictions (a new (n, k) array); identity here."""
         return out.copy()
 
     def classes(self, out):
-        """Predicted classes from raw network output (for ``predict_classes``)."""
+        """Predicted classes from raw network output (for ``predict_classes``).
+
+        Raises ValueError for the regression losses.
+        """
         raise ValueError(f"predict_classes needs a classification loss (cross_entropy, "
                          f"binary_cross_entropy or hinge); this model's loss is "
                          f"{self.name!r}: use predict")
@@ -55,6 +93,7 @@ class Loss:
         return _kernel_spec(self.name)
 
     def get_config(self):
+        """JSON-able ``{"name": ..., <parameters>}``; ``fastnn.losses.get`` rebuilds it."""
         return {"name": self.name}
 
     def __repr__(self):
@@ -63,25 +102,42 @@ class Loss:
 
 
 class MeanSquaredError(Loss):
-    """mean((pred - y)^2) over all elements (torch MSELoss)."""
+    """Mean squared error ``mean((pred - y)**2)`` over all elements (torch MSELoss).
+
+    Targets: values (n,) for one output or (n, k), of the model's dtype.
+    """
 
     name = "mse"
 
     def __call__(self, pred, target, weights, dpred):
+        """Mean loss (float); writes d(loss)/d(pred) into ``dpred`` unless None."""
         return backend_module().mean_squared_error(pred, target, weights, dpred)
 
 
 class MeanAbsoluteError(Loss):
-    """mean(|pred - y|) over all elements (torch L1Loss)."""
+    """Mean absolute error ``mean(abs(pred - y))`` over all elements (torch L1Loss).
+
+    Targets: values (n,) for one output or (n, k).
+    """
 
     name = "mae"
 
     def __call__(self, pred, target, weights, dpred):
+        """Mean loss (float); writes d(loss)/d(pred) into ``dpred`` unless None."""
         return backend_module().mean_absolute_error(pred, target, weights, dpred)
 
 
 class Huber(Loss):
-    """Huber loss: d^2/2 for |d| <= delta, delta(|d| - delta/2) beyond (torch HuberLoss)."""
+    """Huber loss, mean over all elements (torch HuberLoss).
+
+    With ``d = pred - y``: ``d**2 / 2`` where ``abs(d) <= delta``, else
+    ``delta * (abs(d) - delta / 2)``. Targets: values (n,) or (n, k).
+
+    Parameters
+    ----------
+    delta : float > 0, default 1.0
+        Where the loss turns from quadratic to linear.
+    """
 
     name = "huber"
 
@@ -89,17 +145,22 @@ class Huber(Loss):
         self.delta = check_float(delta, "delta", low=0.0, low_open=True)
 
     def __call__(self, pred, target, weights, dpred):
+        """Mean loss (float); writes d(loss)/d(pred) into ``dpred`` unless None."""
         return backend_module().huber(pred, target, self.delta, weights, dpred)
 
     def kernel_spec(self, target):
         return _kernel_spec(self.name, self.delta)
 
     def get_config(self):
+        """``{"name": "huber", "delta": delta}``."""
         return {"name": self.name, "delta": self.delta}
 
 
 def softmax(out):
-    """Row-wise softmax of (n, k) logits, max-subtracted for stability."""
+    """Row-wise softmax ``exp(z_j) / sum_k exp(z_k)`` of (n, k) logits.
+
+    Max-subtracted for stability; returns a new (n, k) array.
+    """
     e = np.exp(out - out.max(axis=1, keepdims=True))
     e /= e.sum(axis=1, keepdims=True)
     return e
@@ -108,7 +169,9 @@ def softmax(out):
 class CrossEntropy(Loss):
     """Softmax cross-entropy on logits (torch CrossEntropyLoss).
 
-    Targets: integer labels (n,) in [0, k), or probability rows (n, k).
+    Per sample ``l = -log softmax(z)[y]`` for a label y, or ``-sum_j p_j log softmax(z)_j``
+    for a probability row p; the mean over samples. Targets: integer labels (n,) in
+    [0, k), or probability rows (n, k) in [0, 1]. Needs k >= 2 outputs.
     """
 
     name = "cross_entropy"
@@ -145,13 +208,16 @@ class CrossEntropy(Loss):
         return _kernel_spec(self.name) if target.ndim == 1 else None
 
     def __call__(self, pred, target, weights, dpred):
+        """Mean loss (float); writes d(loss)/d(pred) into ``dpred`` unless None."""
         return backend_module().softmax_cross_entropy(pred, target, weights, dpred)
 
 
 class BinaryCrossEntropy(Loss):
     """Sigmoid + binary cross-entropy on logits (torch BCEWithLogitsLoss).
 
-    Targets in [0, 1]: a single column (binary) or an (n, k) 0/1 matrix (multi-label).
+    Per element ``-(y log sigmoid(z) + (1 - y) log(1 - sigmoid(z)))``, mean over all
+    elements. Targets in [0, 1]: a single column (binary) or an (n, k) 0/1 matrix
+    (multi-label).
     """
 
     name = "binary_cross_entropy"
@@ -178,11 +244,21 @@ class BinaryCrossEntropy(Loss):
         return _kernel_spec(self.name, hits_per_sample=target.shape[1])
 
     def __call__(self, pred, target, weights, dpred):
+        """Mean loss (float); writes d(loss)/d(pred) into ``dpred`` unless None."""
         return backend_module().sigmoid_binary_cross_entropy(pred, target, weights, dpred)
 
 
 class Hinge(Loss):
-    """Multiclass SVM loss (Weston-Watkins) on raw scores; integer labels (n,)."""
+    """Multiclass SVM loss (Weston-Watkins) on raw scores.
+
+    Per sample ``sum over j != y of max(0, s_j - s_y + margin)``, mean over samples.
+    Targets: integer labels (n,) in [0, k). Needs k >= 2 outputs.
+
+    Parameters
+    ----------
+    margin : float >= 0, default 1.0
+        The margin the true class's score must win by.
+    """
 
     name = "hinge"
     uses_labels = True
@@ -199,6 +275,7 @@ class Hinge(Loss):
         return check_labels(y, name, n_samples, n_outputs)
 
     def __call__(self, pred, target, weights, dpred):
+        """Mean loss (float); writes d(loss)/d(pred) into ``dpred`` unless None."""
         return backend_module().multiclass_hinge(pred, target, self.margin, weights, dpred)
 
     def classes(self, out):
@@ -208,6 +285,7 @@ class Hinge(Loss):
         return _kernel_spec(self.name, self.margin)
 
     def get_config(self):
+        """``{"name": "hinge", "margin": margin}``."""
         return {"name": self.name, "margin": self.margin}
 
 
@@ -233,8 +311,28 @@ KERAS_ALIASES = {
 
 
 def get(loss):
-    """A Loss from a name in LOSSES (or a Keras name in KERAS_ALIASES), a config dict,
-    or a Loss instance. All take logits: no softmax/sigmoid layer before the loss."""
+    """A Loss from a name, a config dict or a Loss instance.
+
+    All losses take logits: no softmax/sigmoid layer before the loss.
+
+    Parameters
+    ----------
+    loss : str, dict or Loss
+        A name in ``LOSSES`` ("mse", "mae", "huber", "cross_entropy",
+        "binary_cross_entropy", "hinge") or in ``KERAS_ALIASES``; a config
+        ``{"name": ..., <parameters>}``; or a Loss, returned as is.
+
+    Returns
+    -------
+    Loss
+
+    Raises
+    ------
+    ValueError
+        An unknown name.
+    TypeError
+        Neither a name, a dict nor a Loss (a Loss class must be called).
+    """
     if isinstance(loss, Loss):
         return loss
     if isinstance(loss, type) and issubclass(loss, Loss):

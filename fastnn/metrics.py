@@ -12,25 +12,45 @@ REGRESSION_LOSSES = ("mse", "mae", "huber")
 
 
 class Metric:
-    """Base accumulator: ``reset()``, ``update(out, target)``, ``result() -> float``."""
+    """Base accumulator: ``reset()``, ``update(out, target)``, ``result() -> float``.
+
+    Parameters
+    ----------
+    loss : fastnn.losses.Loss
+        The model's loss; its link turns raw outputs into predictions.
+    """
 
     def __init__(self, loss):
         self.loss = loss
         self.reset()
 
     def reset(self):
+        """Forget the batches seen so far (start a new epoch or evaluation)."""
         self.total = 0.0
         self.count = 0
 
 
 class Accuracy(Metric):
-    """Multiclass: argmax matches the label (or the argmax of a probability row).
-    Binary / multi-label (binary_cross_entropy): the fraction of outputs whose sign
-    (logit > 0) matches target >= 0.5, over all elements."""
+    """Fraction of correct predictions ("accuracy", Keras "acc").
+
+    Multiclass: the fraction of samples whose argmax output is the label (or the
+    argmax of a probability row). Binary / multi-label (binary_cross_entropy): the
+    fraction of outputs whose sign (logit > 0) matches ``target >= 0.5``, over all
+    elements.
+    """
 
     name = "accuracy"
 
     def update(self, out, target):
+        """Accumulate one batch.
+
+        Parameters
+        ----------
+        out : ndarray, shape (n, k)
+            Raw network output for the batch.
+        target : ndarray
+            The batch's targets as the loss's ``prepare_target`` returns them.
+        """
         if isinstance(self.loss, BinaryCrossEntropy):
             hits = (out > 0) == (target >= 0.5)
         else:
@@ -40,46 +60,81 @@ class Accuracy(Metric):
         self.count += hits.size
 
     def result(self):
+        """The metric over every batch since ``reset``, as a float."""
         return self.total / self.count
 
 
 class MeanAbsoluteError(Metric):
-    """mean |prediction - target| over all elements."""
+    """``mean(abs(prediction - target))`` over all elements ("mae")."""
 
     name = "mae"
 
     def update(self, out, target):
+        """Accumulate one batch.
+
+        Parameters
+        ----------
+        out : ndarray, shape (n, k)
+            Raw network output for the batch.
+        target : ndarray
+            The batch's targets as the loss's ``prepare_target`` returns them.
+        """
         self.total += float(np.abs(self.loss.link(out) - target).sum(dtype=np.float64))
         self.count += target.size
 
     def result(self):
+        """The metric over every batch since ``reset``, as a float."""
         return self.total / self.count
 
 
 class MeanSquaredError(Metric):
-    """mean (prediction - target)^2 over all elements."""
+    """``mean((prediction - target)**2)`` over all elements ("mse")."""
 
     name = "mse"
 
     def update(self, out, target):
+        """Accumulate one batch.
+
+        Parameters
+        ----------
+        out : ndarray, shape (n, k)
+            Raw network output for the batch.
+        target : ndarray
+            The batch's targets as the loss's ``prepare_target`` returns them.
+        """
         diff = self.loss.link(out).astype(np.float64) - target
         self.total += float((diff * diff).sum())
         self.count += target.size
 
     def result(self):
+        """The metric over every batch since ``reset``, as a float."""
         return self.total / self.count
 
 
 class R2(Metric):
-    """Coefficient of determination 1 - SS_res/SS_tot, averaged over outputs."""
+    """Coefficient of determination ``1 - SS_res / SS_tot``, averaged over outputs ("r2").
+
+    Per output j: ``SS_res = sum_i (y_ij - pred_ij)**2``, ``SS_tot = sum_i (y_ij -
+    mean_j)**2``; an output with ``SS_tot = 0`` counts as 0.
+    """
 
     name = "r2"
 
     def reset(self):
+        """Forget the batches seen so far (start a new epoch or evaluation)."""
         self.count = 0
         self.ss_res = self.sum_y = self.sum_y2 = 0.0
 
     def update(self, out, target):
+        """Accumulate one batch.
+
+        Parameters
+        ----------
+        out : ndarray, shape (n, k)
+            Raw network output for the batch.
+        target : ndarray
+            The batch's targets as the loss's ``prepare_target`` returns them.
+        """
         pred = self.loss.link(out).astype(np.float64)
         target = target.astype(np.float64)
         self.ss_res = self.ss_res + ((target - pred) ** 2).sum(axis=0)
@@ -88,6 +143,7 @@ class R2(Metric):
         self.count += target.shape[0]
 
     def result(self):
+        """The metric over every batch since ``reset``, as a float."""
         ss_tot = self.sum_y2 - self.sum_y ** 2 / self.count
         with np.errstate(divide="ignore", invalid="ignore"):
             per_output = np.where(ss_tot > 0, 1.0 - self.ss_res / ss_tot, 0.0)
@@ -103,8 +159,27 @@ KERAS_ALIASES = {"acc": "accuracy", "mean_absolute_error": "mae",
 
 
 def check_metrics(metrics, loss):
-    """Validate metric names (one name, or a list of them; Keras names in KERAS_ALIASES
-    are accepted) against the loss; returns a tuple of the names logged."""
+    """Validate metric names against the loss.
+
+    Parameters
+    ----------
+    metrics : str, list of str or None
+        Names from ``METRICS`` ("accuracy", "mae", "mse", "r2") or ``KERAS_ALIASES``.
+    loss : fastnn.losses.Loss
+        "accuracy" needs a classification loss; the others real-valued targets.
+
+    Returns
+    -------
+    tuple of str
+        The names logged (aliases resolved).
+
+    Raises
+    ------
+    ValueError
+        An unknown name, or a metric that does not suit the loss.
+    TypeError
+        ``metrics`` is neither a name nor an iterable of names.
+    """
     if metrics is None:
         return ()
     if isinstance(metrics, str):
@@ -130,5 +205,5 @@ def check_metrics(metrics, loss):
 
 
 def build(names, loss):
-    """Fresh accumulators for the metric ``names``."""
+    """Fresh accumulators (a list of Metric) for the checked metric ``names``."""
     return [METRICS[name](loss) for name in names]

@@ -27,17 +27,68 @@ _CHUNK_ROWS = 8192
 
 
 class NotCompiledError(RuntimeError, ValueError):
-    """The model was used for training/evaluation before ``compile``."""
+    """The model was used for training, evaluation or prediction before ``compile``.
+
+    A subclass of both RuntimeError and ValueError, so either ``except`` catches it.
+    """
 
 
 class Sequential:
     """A feed-forward stack of layers trained as one model.
 
-    Example::
+    The layers' weights live in one flat parameter vector ``params`` (and their
+    gradients in ``grads``); each layer's ``W``/``b`` are views into it.
 
-        model = fn.Sequential([fn.Dense(64, 128, activation="relu"), fn.Dense(128, 10)])
-        model.compile(loss="cross_entropy", optimizer="adam", metrics=["accuracy"])
-        model.fit(X, y, epochs=20, batch_size=32)
+    Parameters
+    ----------
+    layers : list of fastnn.layers.Layer, optional
+        The layers, first to last; at least one must be a ``Dense``. A layer belongs to
+        one model, once. Consecutive sizes must chain, and all layers share one dtype.
+        An empty model takes layers later through ``add``.
+
+    Attributes
+    ----------
+    layers : list of Layer
+        The layers, in order.
+    loss : fastnn.losses.Loss or None
+        The compiled loss (None before ``compile``).
+    optimizer : fastnn.optimizers.Optimizer, fastnn.solvers.Solver or None
+        The compiled optimizer or full-batch solver.
+    metrics : tuple of str
+        The compiled metric names.
+    params : ndarray, shape (n_params,)
+        The flat parameter buffer (None until the input size is known).
+    grads : ndarray, shape (n_params,)
+        The flat gradient buffer: scratch after ``fit``; use ``compute_gradients`` for
+        gradients.
+    dtype : numpy.dtype
+        float32 or float64, the dtype of every layer.
+    n_features : int or None
+        Input width (None until known).
+    n_outputs : int
+        Output width.
+    stop_training : bool
+        Set True by a callback to end ``fit`` after the current epoch.
+    stop_reason : str or None
+        Why the last ``fit`` stopped.
+
+    Raises
+    ------
+    TypeError
+        ``layers`` is not a list of layer instances (e.g. separate arguments, a single
+        layer, or a layer class).
+    ValueError
+        A layer is already in a model, no layer is Dense, the sizes do not chain, the
+        dtypes differ, or ``activation="softmax"`` is not on the last Dense layer.
+
+    Examples
+    --------
+    >>> import fastnn as fn
+    >>> model = fn.Sequential([fn.Dense(64, 128, activation="relu"), fn.Dense(128, 10)])
+    >>> model.compile(loss="cross_entropy", optimizer="adam", metrics=["accuracy"])
+    Sequential([Dense(64, 128, activation='relu'), Dense(128, 10)])
+    >>> model.n_params
+    9610
     """
 
     def __init__(self, layers=None, *more_layers):
@@ -72,8 +123,18 @@ class Sequential:
 
     # ------------------------------------------------------------------ structure
     def add(self, layer):
-        """Append a layer (weights of the existing layers are kept). If the layer does
-        not fit, the model is left exactly as it was."""
+        """Append a layer; the weights of the existing layers are kept.
+
+        Parameters
+        ----------
+        layer : fastnn.layers.Layer
+            A layer instance that is part of no model and fits after the last layer.
+
+        Raises
+        ------
+        TypeError, ValueError
+            As for ``Sequential(layers)``; the model is then left exactly as it was.
+        """
         check_joinable(layer, "layer", self, self.layers)
         self._build(self.layers + [layer])
 
@@ -145,18 +206,57 @@ class Sequential:
 
     @property
     def n_params(self):
-        """Total number of trainable parameters."""
+        """Total number of parameters (int), the size of ``params``.
+
+        Raises ValueError while the input size is not known yet.
+        """
         self._require_built("n_params")
         return self.params.size
 
     def parameters(self):
-        """The per-layer parameter views, in get_weights() order (not copies)."""
+        """The parameter arrays, in ``get_weights()`` order.
+
+        Returns
+        -------
+        list of ndarray
+            ``[W1, b1, W2, b2, ...]`` (b omitted for ``use_bias=False``): views into
+            ``params``, not copies; writing to them changes the model.
+        """
         return [p for layer in self.layers for p in layer.parameters()]
 
     # ------------------------------------------------------------------ compile
     def compile(self, loss, optimizer="adam", metrics=None):
-        """Set the loss (name or fastnn.losses.Loss), optimizer (name or object) and
-        metric names ("accuracy", "mae", "mse", "r2")."""
+        """Set the loss, the optimizer (or full-batch solver) and the metrics.
+
+        Compiling again keeps the weights; an optimizer object keeps its state when the
+        same model compiles it again.
+
+        Parameters
+        ----------
+        loss : str, dict or fastnn.losses.Loss
+            "cross_entropy", "binary_cross_entropy", "hinge", "mse", "mae", "huber", a
+            Keras name (``fastnn.losses.KERAS_ALIASES``), a config dict, or a Loss.
+            Losses take logits: put no softmax/sigmoid layer before them (except
+            ``Dense(..., activation="softmax")`` last, folded into cross_entropy).
+        optimizer : str, fastnn.optimizers.Optimizer or fastnn.solvers.Solver, default "adam"
+            A name from ``fastnn.optimizers.OPTIMIZERS`` or ``fastnn.solvers.SOLVERS``,
+            or an instance.
+        metrics : str or list of str, optional
+            "accuracy" (classification losses), "mae", "mse", "r2" (regression losses),
+            or their Keras names (``fastnn.metrics.KERAS_ALIASES``).
+
+        Returns
+        -------
+        Sequential
+            self.
+
+        Raises
+        ------
+        ValueError, TypeError
+            An unknown or unsuitable loss, optimizer or metric (e.g. cross_entropy with
+            one output, accuracy with a regression loss, a class instead of an
+            instance). The model is then left as it was.
+        """
         self._require_layers("compile")
         loss = losses_module.get(loss)
         loss.check_outputs(self.n_outputs)
@@ -258,17 +358,48 @@ class Sequential:
 
     # ------------------------------------------------------------------ inference
     def forward(self, X, batch_size=None):
-        """Raw network output (logits for classification losses), shape (n, n_outputs)."""
+        """Raw network output in inference mode (dropout off), without the loss's link.
+
+        Parameters
+        ----------
+        X : array-like, shape (n_samples, n_features)
+            Inputs, converted to the model's dtype; must be finite.
+        batch_size : int, optional
+            Rows per forward pass (default 8192); only memory use depends on it.
+
+        Returns
+        -------
+        ndarray, shape (n_samples, n_outputs)
+            Logits for the classification losses, values for regression; model dtype.
+        """
         X = self._check_X(X)
         return np.concatenate([self._forward(X[s], False).copy()
                                for s in _chunks(X.shape[0], batch_size)])
 
     def predict(self, X, batch_size=None):
-        """Output through the loss's link: softmax / sigmoid probabilities for
-        cross_entropy / binary_cross_entropy, raw scores for hinge, values for regression.
+        """Predictions: the network output through the loss's link.
 
-        Shape (n, n_outputs). A compiled model that has not been trained predicts from
-        its initial random weights, as in Keras.
+        Softmax probabilities for cross_entropy, sigmoid probabilities for
+        binary_cross_entropy, raw scores for hinge, values for the regression losses.
+        A compiled model that has not been trained predicts from its initial random
+        weights, as in Keras.
+
+        Parameters
+        ----------
+        X : array-like, shape (n_samples, n_features)
+            Inputs, converted to the model's dtype; must be finite.
+        batch_size : int, optional
+            Rows per forward pass (default 8192); only memory use depends on it.
+
+        Returns
+        -------
+        ndarray, shape (n_samples, n_outputs)
+            In the model's dtype.
+
+        Raises
+        ------
+        NotCompiledError
+            The model was not compiled (the link depends on the loss).
         """
         self._require_compiled("predict")
         X = self._check_X(X)
@@ -276,10 +407,30 @@ class Sequential:
                                for s in _chunks(X.shape[0], batch_size)])
 
     def predict_classes(self, X, batch_size=None):
-        """Predicted classes, not probabilities: the argmax class index (n,) for
-        cross_entropy and hinge; for binary_cross_entropy 0/1 per output, (n,) with one
-        output or (n, k) multi-label; the original labels when the model was trained on
-        string (or other non-numeric) labels. Regression losses raise ValueError."""
+        """Predicted classes, not probabilities.
+
+        Parameters
+        ----------
+        X : array-like, shape (n_samples, n_features)
+            Inputs, converted to the model's dtype; must be finite.
+        batch_size : int, optional
+            Rows per forward pass (default 8192).
+
+        Returns
+        -------
+        ndarray
+            cross_entropy and hinge: the argmax class index, int64 (n_samples,).
+            binary_cross_entropy: 0/1 per output (logit > 0), int64 (n_samples,) with
+            one output, else (n_samples, n_outputs) multi-label. When the model was
+            trained on string (or other non-numeric) labels, those labels instead.
+
+        Raises
+        ------
+        NotCompiledError
+            The model was not compiled.
+        ValueError
+            The loss is a regression loss (use ``predict``).
+        """
         self._require_compiled("predict_classes")
         X = self._check_X(X)
         codes = np.concatenate([self.loss.classes(self._forward(X[s], False))
@@ -287,7 +438,33 @@ class Sequential:
         return codes if self.class_labels is None else self.class_labels.decode(codes)
 
     def evaluate(self, X, y, sample_weight=None, batch_size=None):
-        """{"loss": ..., metric: ...} over the whole set (loss includes regularization)."""
+        """Loss and metrics over the whole set, in inference mode (dropout off).
+
+        Parameters
+        ----------
+        X : array-like, shape (n_samples, n_features)
+            Inputs.
+        y : array-like
+            Targets, as for ``fit``.
+        sample_weight : array-like, shape (n_samples,), optional
+            Non-negative weights of the loss, ``sum(w_i l_i) / sum(w_i)``; the metrics
+            are unweighted.
+        batch_size : int, optional
+            Rows per forward pass (default 8192); only memory use depends on it.
+
+        Returns
+        -------
+        dict
+            ``{"loss": float, <metric>: float, ...}``; the loss includes the layers'
+            l1/l2 regularization.
+
+        Raises
+        ------
+        NotCompiledError
+            The model was not compiled.
+        ValueError, TypeError
+            X or y of the wrong shape, type or range.
+        """
         self._require_compiled("evaluate")
         X, target, weights = self._prepare(X, y, sample_weight)
         return self._evaluate(X, target, weights, batch_size)
@@ -309,8 +486,29 @@ class Sequential:
         return logs
 
     def compute_gradients(self, X, y, sample_weight=None):
-        """(loss, grads) over the whole set in inference mode (dropout off); loss and
-        grads include regularization; grads are copies aligned with get_weights()."""
+        """Loss and its gradient over the whole set, in inference mode (dropout off).
+
+        Parameters
+        ----------
+        X : array-like, shape (n_samples, n_features)
+            Inputs.
+        y : array-like
+            Targets, as for ``fit``.
+        sample_weight : array-like, shape (n_samples,), optional
+            Non-negative per-sample weights.
+
+        Returns
+        -------
+        loss : float
+            The mean (or weighted) loss plus the l1/l2 regularization.
+        grads : list of ndarray
+            d(loss)/d(parameter), copies shaped and ordered like ``get_weights()``.
+
+        Raises
+        ------
+        NotCompiledError
+            The model was not compiled.
+        """
         self._require_compiled("compute_gradients")
         X, target, weights = self._prepare(X, y, sample_weight)
         loss, _ = self._loss_and_grad(X, target, weights, training=False)
@@ -318,12 +516,33 @@ class Sequential:
 
     # ------------------------------------------------------------------ weights
     def get_weights(self):
-        """Copies of the parameters: [W1, b1, W2, b2, ...] (b omitted when use_bias=False)."""
+        """Copies of the parameters.
+
+        Returns
+        -------
+        list of ndarray
+            ``[W1, b1, W2, b2, ...]``: W (in_features, out_features) and b
+            (out_features,) of each Dense layer (b omitted for ``use_bias=False``).
+        """
         self._require_built("get_weights")
         return [p.copy() for p in self.parameters()]
 
     def set_weights(self, weights):
-        """Load a list shaped like get_weights() (values are copied in)."""
+        """Copy new parameter values into the model.
+
+        Parameters
+        ----------
+        weights : list of array-like
+            Shaped and ordered like ``get_weights()``; converted to the model's dtype.
+
+        Raises
+        ------
+        TypeError
+            ``weights`` is not a list (e.g. one ndarray).
+        ValueError
+            The wrong number of arrays or an array of the wrong shape; nothing is
+            changed then.
+        """
         self._require_built("set_weights")
         current = self.parameters()
         expected = (f"a list of {len(current)} arrays shaped like get_weights() "
@@ -415,6 +634,18 @@ class Sequential:
             The loss or the weights became NaN or infinite; the weights of the last
             completed epoch are kept. With a TerminateOnNaN callback training stops
             cleanly instead.
+
+        Examples
+        --------
+        >>> import fastnn as fn
+        >>> X, y = fn.datasets.xor()
+        >>> model = fn.Sequential([fn.Dense(2, 8, activation="tanh", seed=0),
+        ...                        fn.Dense(8, 2, seed=1)])
+        >>> model = model.compile("cross_entropy", fn.optimizers.Adam(lr=0.05),
+        ...                       metrics=["accuracy"])
+        >>> history = model.fit(X, y, epochs=300, batch_size=None, verbose=0, seed=0)
+        >>> history.history["accuracy"][-1]
+        1.0
         """
         return _training.fit(self, X, y, epochs, batch_size, shuffle, replacement,
                              validation_data, validation_split, sample_weight,
@@ -422,23 +653,35 @@ class Sequential:
 
     # ------------------------------------------------------------------ save / load
     def get_config(self):
+        """The architecture as JSON-able data: ``{"layers": [layer.get_config(), ...]}``."""
         return {"layers": [layer.get_config() for layer in self.layers]}
 
     def save(self, path):
-        """Write the model (architecture, weights, compile settings and optimizer state)
-        to an .npz file, atomically: the data goes to a temp file
+        """Write the model to an .npz file (no pickle), atomically.
+
+        The file holds the architecture, the weights, the compile settings and the
+        optimizer state; ``load_model`` reads it back. The data goes to a temp file
         ``.fastnn-<pid>-<random>.tmp`` in the target directory, then is renamed over
         ``path``, so a crash never leaves a half-written model. A save killed before the
         rename leaves its temp file; each later save removes those whose pid is no longer
-        a running process (never another live process's; POSIX only). No pickle."""
+        a running process (never another live process's; POSIX only).
+
+        Parameters
+        ----------
+        path : str or path-like
+            The file to write.
+        """
         self._require_built("save")
         _model_file.write_model(self, path)
 
     def summary(self, print_fn=print):
         """Print a table of the layers, their output shapes and parameter counts.
 
-        ``print_fn`` receives the whole table as one str (as Keras' ``print_fn``):
-        ``model.summary(print_fn=lines.append)`` keeps it instead of printing.
+        Parameters
+        ----------
+        print_fn : callable, default print
+            Receives the whole table as one str (as Keras' ``print_fn``):
+            ``model.summary(print_fn=lines.append)`` keeps it instead of printing.
         """
         print_fn(self._summary_table())
 
@@ -465,13 +708,26 @@ class Sequential:
 
 
 def load_model(path):
-    """Load a model written by ``Sequential.save`` (compiled, with optimizer state,
-    if it was compiled when saved).
+    """Load a model written by ``Sequential.save``.
 
-    The file is treated as untrusted: anything but a regular file, a corrupt or foreign
-    archive, sizes the file cannot hold, and any configuration or state field of the
-    wrong type, out of range or not finite raise ValueError naming the file and the
-    field, before large allocations (see ``fastnn._model_file``).
+    Parameters
+    ----------
+    path : str or path-like
+        The .npz file.
+
+    Returns
+    -------
+    Sequential
+        The model with its weights; compiled, with its optimizer state, if it was
+        compiled when saved (``fit`` then resumes exactly).
+
+    Raises
+    ------
+    ValueError
+        The file is treated as untrusted: anything but a regular file, a corrupt or
+        foreign archive, sizes the file cannot hold, and any configuration or state
+        field of the wrong type, out of range or not finite raise ValueError naming the
+        file and the field, before large allocations.
     """
     return _model_file.read_model(path, Sequential)
 

@@ -117,7 +117,30 @@ def _classifier_outputs(builder, estimator, prob, dtype):
 
 
 def to_onnx(model, opset=17):
-    """The ONNX ModelProto of a Sequential or a fitted fastnn.sklearn estimator."""
+    """The ONNX graph of a Sequential or a fitted fastnn.sklearn estimator.
+
+    Parameters
+    ----------
+    model : Sequential, MLPClassifier or MLPRegressor
+        The network (an estimator must be fitted).
+    opset : int, default 17
+        The ONNX opset version.
+
+    Returns
+    -------
+    onnx.ModelProto
+        Input ``X`` (n, n_features) of the model's dtype; the outputs are listed in
+        the module docstring.
+
+    Raises
+    ------
+    TypeError
+        ``model`` is neither a Sequential nor a fitted fastnn.sklearn estimator.
+    ValueError
+        A classifier fitted on a single class.
+    ImportError
+        The ``onnx`` package is missing.
+    """
     onnx = _onnx()
     estimator = None
     if not isinstance(model, Sequential):
@@ -156,8 +179,22 @@ def _estimator_network(estimator):
 
 
 def export(model, path, opset=17):
-    """Write ``model`` (Sequential or fitted fastnn.sklearn estimator) to ``path`` as
-    ONNX; returns the ModelProto."""
+    """Write ``model`` (Sequential or fitted fastnn.sklearn estimator) to ``path`` as ONNX.
+
+    Parameters
+    ----------
+    model : Sequential, MLPClassifier or MLPRegressor
+        As for ``to_onnx``.
+    path : str or path-like
+        The .onnx file to write.
+    opset : int, default 17
+        The ONNX opset version.
+
+    Returns
+    -------
+    onnx.ModelProto
+        The graph written.
+    """
     proto = to_onnx(model, opset)
     _onnx().save_model(proto, path)
     return proto
@@ -166,9 +203,26 @@ def export(model, path, opset=17):
 # ---------------------------------------------------------------------- import
 
 def load(source):
-    """A compiled, trainable Sequential rebuilt from an ONNX MLP (a path, bytes or a
-    ModelProto). Its loss follows the output link: Softmax -> cross_entropy, Sigmoid
-    -> binary_cross_entropy, none -> mse; the optimizer is Adam (recompile to change)."""
+    """A compiled, trainable Sequential rebuilt from an ONNX MLP.
+
+    Its loss follows the graph's output link: Softmax -> cross_entropy, Sigmoid ->
+    binary_cross_entropy, none -> mse; the optimizer is Adam (recompile to change).
+
+    Parameters
+    ----------
+    source : str, path-like, bytes or onnx.ModelProto
+        The graph: chains of Gemm or MatMul(+Add) with supported activations (see the
+        module docstring).
+
+    Returns
+    -------
+    Sequential
+
+    Raises
+    ------
+    ValueError
+        The graph is not an MLP that fastnn can rebuild (the message says what).
+    """
     onnx = _onnx()
     if isinstance(source, onnx.ModelProto):
         proto = source

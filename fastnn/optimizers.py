@@ -28,7 +28,27 @@ def _check_lr(lr):
 
 
 class Optimizer:
-    """Base class. Subclasses name their state buffers and implement ``_update``."""
+    """Base class of the first-order optimizers: one update kernel over the flat buffers.
+
+    Subclasses name their state buffers (``state_names``) and implement ``_update``.
+
+    Parameters
+    ----------
+    lr : float > 0 or fastnn.schedules.Schedule
+        The learning rate, or a schedule of it over the updates.
+    clipnorm : float > 0, optional
+        Rescale the gradient so its global L2 norm is at most ``clipnorm`` before each
+        update.
+
+    Attributes
+    ----------
+    iterations : int
+        Updates made so far.
+    lr_scale : float
+        Multiplier on the (scheduled) rate; ReduceLROnPlateau lowers it.
+    state : dict of str to ndarray
+        The state buffers, each (n_params,) of the model's dtype.
+    """
 
     name = None
     state_names = ()
@@ -58,6 +78,15 @@ class Optimizer:
         The state is kept when the same model builds again with the same size (compile
         called twice); an optimizer moved to another model starts afresh (state and
         update count), so two models never share one optimizer's momentum.
+
+        Parameters
+        ----------
+        n_params : int
+            Size of the flat parameter vector.
+        dtype : numpy dtype
+            The model's dtype.
+        owner : object, optional
+            The model (compared by identity).
         """
         fits = owner is self._owner and all(
             name in self.state and self.state[name].shape == (n_params,)
@@ -70,13 +99,24 @@ class Optimizer:
         self._owner = owner
 
     def current_lr(self, t=None):
-        """The rate for update number ``t`` (default: the next update)."""
+        """The rate for update number ``t`` (from 1; default: the next update).
+
+        ``lr`` (or ``lr(t)`` for a schedule) times ``lr_scale``, as a float.
+        """
         t = self.iterations + 1 if t is None else t
         base = self.lr(t) if isinstance(self.lr, schedules.Schedule) else self.lr
         return base * self.lr_scale
 
     def step(self, params, grads):
-        """One in-place update of the flat ``params`` from the flat ``grads``."""
+        """One in-place update of the flat ``params`` from the flat ``grads``.
+
+        Parameters
+        ----------
+        params : ndarray, shape (n_params,)
+            Updated in place.
+        grads : ndarray, shape (n_params,)
+            The gradient, same dtype; rescaled in place when ``clipnorm`` applies.
+        """
         if self.clipnorm is not None:
             norm = math.sqrt(float(np.dot(grads, grads)))
             if norm > self.clipnorm:
@@ -91,7 +131,7 @@ class Optimizer:
         return {}
 
     def upcoming_lrs(self, n):
-        """float64 array of the rates of the next ``n`` updates (for fused kernels)."""
+        """The rates of the next ``n`` updates, a float64 (n,) array (for fused kernels)."""
         t0 = self.iterations
         return np.array([self.current_lr(t) for t in range(t0 + 1, t0 + n + 1)])
 
@@ -109,6 +149,8 @@ class Optimizer:
                                      tuple(states))
 
     def get_config(self):
+        """JSON-able ``{"name", "lr", "clipnorm", <hyper-parameters>}``; ``from_config``
+        rebuilds the optimizer (without its state)."""
         lr = self.lr.get_config() if isinstance(self.lr, schedules.Schedule) else self.lr
         return {"name": self.name, "lr": lr, "clipnorm": self.clipnorm, **self._hyper()}
 
@@ -119,7 +161,33 @@ class Optimizer:
 
 
 class SGD(Optimizer):
-    """Stochastic gradient descent with optional (Nesterov) momentum and weight decay."""
+    """Stochastic gradient descent with optional (Nesterov) momentum and weight decay.
+
+    As torch.optim.SGD: ``g = grad + weight_decay * p``; with momentum
+    ``buf = momentum * buf + (1 - dampening) * g`` (``buf = g`` at the first update) and
+    ``g = g + momentum * buf`` (nesterov) or ``g = buf``; then ``p -= lr * g``.
+
+    Parameters
+    ----------
+    lr : float > 0 or fastnn.schedules.Schedule, default 0.01
+        The learning rate, or a schedule of it over the updates.
+    momentum : float >= 0, default 0.0
+        Momentum factor.
+    dampening : float in [0, 1], default 0.0
+        Dampening of the momentum.
+    nesterov : bool, default False
+        Nesterov momentum (needs momentum > 0 and dampening 0).
+    weight_decay : float >= 0, default 0.0
+        L2 penalty added to the gradient.
+    clipnorm : float > 0, optional
+        Rescale the gradient so its global L2 norm is at most ``clipnorm`` before each
+        update (this keeps fit off the fused epoch kernel).
+
+    Raises
+    ------
+    ValueError
+        A value out of range, or nesterov without momentum or with dampening.
+    """
 
     name = "sgd"
     state_names = ("momentum_buffer",)
@@ -147,7 +215,26 @@ class SGD(Optimizer):
 
 
 class Adagrad(Optimizer):
-    """Adagrad: per-parameter rates lr / sqrt(sum of squared gradients)."""
+    """Adagrad: per-parameter rates ``lr / sqrt(sum of squared gradients)``.
+
+    As torch.optim.Adagrad: ``g = grad + weight_decay * p``;
+    ``lr_t = lr / (1 + (t - 1) * lr_decay)``; ``sum += g**2``;
+    ``p -= lr_t * g / (sqrt(sum) + eps)``.
+
+    Parameters
+    ----------
+    lr : float > 0 or fastnn.schedules.Schedule, default 0.01
+        The learning rate, or a schedule of it over the updates.
+    lr_decay : float >= 0, default 0.0
+        Decay of the rate over the updates.
+    weight_decay : float >= 0, default 0.0
+        L2 penalty added to the gradient.
+    eps : float >= 0, default 1e-10
+        Added to the denominator.
+    clipnorm : float > 0, optional
+        Rescale the gradient so its global L2 norm is at most ``clipnorm`` before each
+        update (this keeps fit off the fused epoch kernel).
+    """
 
     name = "adagrad"
     state_names = ("sum",)
@@ -169,7 +256,31 @@ class Adagrad(Optimizer):
 
 
 class RMSprop(Optimizer):
-    """RMSprop with optional momentum and centering."""
+    """RMSprop with optional momentum and centering.
+
+    As torch.optim.RMSprop: ``g = grad + weight_decay * p``;
+    ``v = alpha * v + (1 - alpha) * g**2``; centered: ``m = alpha * m + (1 - alpha) * g``
+    and the denominator uses ``v - m**2``; ``d = sqrt(v) + eps``; with momentum
+    ``buf = momentum * buf + g / d`` and ``p -= lr * buf``, else ``p -= lr * g / d``.
+
+    Parameters
+    ----------
+    lr : float > 0 or fastnn.schedules.Schedule, default 0.01
+        The learning rate, or a schedule of it over the updates.
+    alpha : float in [0, 1], default 0.99
+        Smoothing constant of the squared-gradient average.
+    eps : float >= 0, default 1e-8
+        Added to the denominator.
+    weight_decay : float >= 0, default 0.0
+        L2 penalty added to the gradient.
+    momentum : float >= 0, default 0.0
+        Momentum factor.
+    centered : bool, default False
+        Normalize by an estimate of the gradient's variance instead of its second moment.
+    clipnorm : float > 0, optional
+        Rescale the gradient so its global L2 norm is at most ``clipnorm`` before each
+        update (this keeps fit off the fused epoch kernel).
+    """
 
     name = "rmsprop"
     state_names = ("square_avg", "momentum_buffer", "grad_avg")
@@ -197,7 +308,36 @@ class RMSprop(Optimizer):
 
 
 class Adam(Optimizer):
-    """Adam (L2 weight decay added to the gradient); optional AMSGrad."""
+    """Adam (L2 weight decay added to the gradient); optional AMSGrad.
+
+    As torch.optim.Adam: ``g = grad + weight_decay * p``;
+    ``m = beta1 * m + (1 - beta1) * g``; ``v = beta2 * v + (1 - beta2) * g**2``;
+    ``p -= lr * (m / (1 - beta1**t)) / (sqrt(v / (1 - beta2**t)) + eps)`` (AMSGrad uses
+    the running maximum of v).
+
+    Parameters
+    ----------
+    lr : float > 0 or fastnn.schedules.Schedule, default 1e-3
+        The learning rate, or a schedule of it over the updates.
+    betas : (float, float) in [0, 1), default (0.9, 0.999)
+        Decay rates of the first and second moment averages.
+    eps : float >= 0, default 1e-8
+        Added to the denominator.
+    weight_decay : float >= 0, default 0.0
+        L2 penalty added to the gradient.
+    amsgrad : bool, default False
+        Use the AMSGrad variant.
+    clipnorm : float > 0, optional
+        Rescale the gradient so its global L2 norm is at most ``clipnorm`` before each
+        update (this keeps fit off the fused epoch kernel).
+
+    Raises
+    ------
+    TypeError
+        ``betas`` is not a pair.
+    ValueError
+        A value out of range.
+    """
 
     name = "adam"
     state_names = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
@@ -218,10 +358,12 @@ class Adam(Optimizer):
 
     @property
     def beta1(self):
+        """``betas[0]``, the first-moment decay rate."""
         return self.betas[0]
 
     @property
     def beta2(self):
+        """``betas[1]``, the second-moment decay rate."""
         return self.betas[1]
 
     def _update(self, k, params, grads, lr, t):
@@ -236,7 +378,11 @@ class Adam(Optimizer):
 
 
 class AdamW(Adam):
-    """Adam with decoupled weight decay: p *= 1 - lr * weight_decay before the step."""
+    """Adam with decoupled weight decay: ``p *= 1 - lr * weight_decay`` before the step.
+
+    As torch.optim.AdamW; the parameters are Adam's, with ``weight_decay`` default 0.01
+    applied as above instead of through the gradient.
+    """
 
     name = "adamw"
     decoupled = True
@@ -261,8 +407,26 @@ _CLASSES = {cls.name: cls for cls in (SGD, Adagrad, RMSprop, Adam, AdamW)}
 
 
 def get(optimizer):
-    """An optimizer or solver from a name (OPTIMIZERS, fastnn.solvers.SOLVERS) or an
-    Optimizer / fastnn.solvers.Solver instance."""
+    """An optimizer or solver from a name or an instance.
+
+    Parameters
+    ----------
+    optimizer : str, Optimizer or fastnn.solvers.Solver
+        A name in ``OPTIMIZERS`` ("sgd", "momentum", "nesterov", "adagrad", "rmsprop",
+        "adam", "adamw"; default settings) or ``fastnn.solvers.SOLVERS``, or an
+        instance, returned as is.
+
+    Returns
+    -------
+    Optimizer or fastnn.solvers.Solver
+
+    Raises
+    ------
+    ValueError
+        An unknown name.
+    TypeError
+        Neither a name nor an instance (a class must be called).
+    """
     names = sorted(OPTIMIZERS) + sorted(SOLVERS)
     if isinstance(optimizer, str):
         if optimizer in OPTIMIZERS:
@@ -280,7 +444,7 @@ def get(optimizer):
 
 
 def from_config(config):
-    """Rebuild an optimizer from ``get_config()``."""
+    """Rebuild an optimizer (fresh state) from ``get_config()``."""
     cls, kwargs = config_class(config, _CLASSES, "optimizer")
     if isinstance(kwargs.get("lr"), dict):
         kwargs["lr"] = schedules.from_config(kwargs["lr"])

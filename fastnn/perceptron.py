@@ -22,7 +22,10 @@ _MAX_BLOCK = 2048
 
 
 class NotFittedError(ValueError, AttributeError):
-    """A model was used (predict, score, W, ...) before ``fit``."""
+    """A model was used (predict, score, W, ...) before ``fit``.
+
+    A subclass of both ValueError and AttributeError (as scikit-learn's).
+    """
 
 
 
@@ -43,34 +46,51 @@ class Perceptron:
 
     Parameters
     ----------
-    lr : float > 0
+    lr : float > 0, default 1.0
         Learning rate, the step of each update. From zero weights it only scales W and b,
         so (up to rounding) the predictions do not depend on it.
-    max_epochs : int >= 1
+    max_epochs : int >= 1, default 100
         Most passes over the training data.
-    shuffle : bool
+    shuffle : bool, default True
         Visit the samples in a fresh random order each epoch (else in the given order);
         the shuffled copy takes as much memory as X.
-    seed : int >= 0 or None
+    seed : int >= 0 or None, default None
         Seed of the shuffling; the same seed gives the same model.
 
-    Attributes (after ``fit``)
+    Attributes
     ----------
-    coef_, W : (d, k) weights, k = 1 for 2 classes, else the number of classes.
-    intercept_, b : (k,) biases.
-    classes_ : (c,) sorted class labels; predictions are drawn from it.
-    n_features_in_ : d.
-    n_epochs_ : epochs run.
-    mistakes_ : (n_epochs_,) int64, samples that caused an update in each epoch.
-    converged_ : True when the last epoch made no mistake.
+    coef_ : ndarray, shape (d, k)
+        The weights (also ``W``), k = 1 for 2 classes, else the number of classes.
+    intercept_ : ndarray, shape (k,)
+        The biases (also ``b``).
+    classes_ : ndarray, shape (c,)
+        The sorted class labels; predictions are drawn from it.
+    n_features_in_ : int
+        d, the number of features.
+    n_epochs_ : int
+        Epochs run.
+    mistakes_ : ndarray of int64
+        Samples that caused an update in each epoch (one entry per epoch run).
+    converged_ : bool
+        True when the last epoch made no mistake.
 
-    Shape: ``fit(X (n, d), y (n,))``; ``predict(X (m, d)) -> (m,)``. X is float32 (kept)
-    or converted to float64; labels may be integers, bools, strings or any sortable
-    objects.
+    Notes
+    -----
+    Shapes: ``fit(X (n, d), y (n,))``; ``predict(X (m, d)) -> (m,)``. X is float32
+    (kept) or converted to float64; labels may be integers, bools, strings or any
+    sortable objects. The attributes above exist after ``fit``.
 
     It is a scikit-learn classifier (``get_params``/``set_params``, ``clone``,
     ``score``, GridSearchCV) without importing scikit-learn: as sklearn's convention
     asks, ``__init__`` only stores the hyperparameters and ``fit`` validates them.
+
+    Examples
+    --------
+    >>> import fastnn as fn
+    >>> X, y = fn.datasets.load_iris()
+    >>> clf = fn.Perceptron(seed=0).fit(X[:, 2:4], y == 0)
+    >>> clf.converged_, clf.score(X[:, 2:4], y == 0)
+    (True, 1.0)
     """
 
     _PARAMS = ("lr", "max_epochs", "shuffle", "seed")
@@ -83,11 +103,15 @@ class Perceptron:
         self.seed = seed
 
     def get_params(self, deep=True):
-        """The hyperparameters as a dict (scikit-learn's estimator protocol)."""
+        """The hyperparameters as a dict (scikit-learn's estimator protocol; ``deep`` is
+        accepted and unused: a Perceptron holds no sub-estimators)."""
         return {name: getattr(self, name) for name in self._PARAMS}
 
     def set_params(self, **params):
-        """Set hyperparameters by name; returns self (validated at the next fit)."""
+        """Set hyperparameters by name; returns self (validated at the next fit).
+
+        Raises ValueError for a name that is not a hyperparameter.
+        """
         for name, value in params.items():
             if name not in self._PARAMS:
                 raise ValueError(f"invalid parameter {name!r} for Perceptron; expected one "
@@ -119,7 +143,26 @@ class Perceptron:
         return self._fitted("b").intercept_
 
     def fit(self, X, y):
-        """Train on X (n, d) and labels y (n,) from zero weights; returns self."""
+        """Train from zero weights until an epoch without mistakes or ``max_epochs``.
+
+        Parameters
+        ----------
+        X : array-like, shape (n, d)
+            Finite features; float32 is kept, anything else converted to float64.
+        y : array-like, shape (n,)
+            Class labels (at least 2 classes) of any sortable kind.
+
+        Returns
+        -------
+        Perceptron
+            self, fitted.
+
+        Raises
+        ------
+        ValueError, TypeError
+            Invalid hyperparameters, X or y (the message names which), fewer than 2
+            classes, or weights that overflow (scale X or lower lr).
+        """
         lr = check_float(self.lr, "lr", low=0.0, low_open=True)
         max_epochs = check_int(self.max_epochs, "max_epochs", low=1)
         shuffle = check_bool(self.shuffle, "shuffle")
@@ -209,7 +252,22 @@ class Perceptron:
         return self
 
     def decision_function(self, X):
-        """Net input ``X @ W + b`` of every unit: X (m, d) -> (m, k), k = 1 for 2 classes."""
+        """Net input ``X @ W + b`` of every unit.
+
+        Parameters
+        ----------
+        X : array-like, shape (m, d)
+
+        Returns
+        -------
+        ndarray, shape (m, k)
+            k = 1 for 2 classes; the dtype of ``coef_``.
+
+        Raises
+        ------
+        NotFittedError
+            Before ``fit``.
+        """
         self._fitted("decision_function")
         X = check_features(X, "X", self.coef_.dtype, self.n_features_in_)
         out = np.empty((len(X), self.coef_.shape[1]), dtype=self.coef_.dtype)
@@ -218,8 +276,23 @@ class Perceptron:
         return out
 
     def predict(self, X):
-        """Class labels of X (m, d) -> (m,): the step unit's class for 2 classes, else the
-        class with the largest net input."""
+        """Predicted class labels: the step unit's class for 2 classes, else the class
+        with the largest net input.
+
+        Parameters
+        ----------
+        X : array-like, shape (m, d)
+
+        Returns
+        -------
+        ndarray, shape (m,)
+            Labels drawn from ``classes_``.
+
+        Raises
+        ------
+        NotFittedError
+            Before ``fit``.
+        """
         self._fitted("predict")
         if self.coef_.shape[1] > 1:
             return self.classes_[np.argmax(self.decision_function(X), axis=1)]
@@ -230,8 +303,19 @@ class Perceptron:
         return self.classes_[out[:, 0].astype(np.intp)]
 
     def score(self, X, y, sample_weight=None):
-        """Accuracy: the (sample_weight-weighted) fraction of X (m, d) whose predicted
-        class equals y (m,)."""
+        """Accuracy: the (sample_weight-weighted) fraction of samples predicted right.
+
+        Parameters
+        ----------
+        X : array-like, shape (m, d)
+        y : array-like, shape (m,)
+            True labels, of the kind the model was fitted on.
+        sample_weight : array-like, shape (m,), optional
+
+        Returns
+        -------
+        float
+        """
         self._fitted("score")
         X = check_features(X, "X", self.coef_.dtype, self.n_features_in_)
         y = as_label_vector(y, "y", len(X))

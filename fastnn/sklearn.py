@@ -458,11 +458,22 @@ class _BaseMLP(BaseEstimator):
                           f"the data.", ConvergenceWarning)
 
     def fit(self, X, y, sample_weight=None):
-        """Fit the network to X (n_samples, n_features) and y; returns self.
+        """Fit the network to (X, y).
 
-        y: class labels (n_samples,) or a multilabel indicator matrix for the
-        classifier; values (n_samples,) or (n_samples, n_outputs) for the regressor.
-        sample_weight: optional (n_samples,) non-negative weights.
+        Parameters
+        ----------
+        X : array-like, shape (n_samples, n_features)
+            Training inputs.
+        y : array-like
+            Class labels (n_samples,) or a multilabel indicator matrix
+            (n_samples, n_classes) for the classifier; values (n_samples,) or
+            (n_samples, n_outputs) for the regressor.
+        sample_weight : array-like, shape (n_samples,), optional
+            Non-negative per-sample weights.
+
+        Returns
+        -------
+        self
         """
         return self._fit(X, y, sample_weight=sample_weight, incremental=False)
 
@@ -515,8 +526,10 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
     batch_size : int or 'auto', default='auto' (min(200, n_samples)).
     learning_rate : {'constant', 'invscaling', 'adaptive'}, default='constant'
         Step schedule of the 'sgd' solver.
-    learning_rate_init, power_t, max_iter, shuffle, random_state, tol, verbose,
-    warm_start, momentum, nesterovs_momentum, early_stopping, validation_fraction,
+    learning_rate_init, power_t, max_iter, shuffle, random_state, tol, verbose
+        As in scikit-learn.
+    warm_start, momentum, nesterovs_momentum, early_stopping, validation_fraction
+        As in scikit-learn.
     beta_1, beta_2, epsilon, n_iter_no_change, max_fun
         As in scikit-learn.
     backend : {'numba', 'cython', 'numpy'} or None, default=None (fastnn's current).
@@ -526,10 +539,19 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
 
     Attributes
     ----------
-    classes_, coefs_, intercepts_, loss_, best_loss_, loss_curve_, validation_scores_,
-    best_validation_score_, n_iter_, t_, n_layers_, n_outputs_, out_activation_,
-    n_features_in_, feature_names_in_
-        As in scikit-learn; ``coefs_[i]`` is (n_in, n_out) like fastnn's Dense ``W``.
+    coefs_ : list of ndarray
+        Per layer, ``coefs_[i]`` (n_in, n_out) like fastnn's Dense ``W``.
+    intercepts_ : list of ndarray
+        Per layer, the biases (n_out,).
+    classes_ : ndarray
+        The class labels.
+
+    Notes
+    -----
+    The other fitted attributes are scikit-learn's: ``loss_``, ``best_loss_``,
+    ``loss_curve_``, ``validation_scores_``, ``best_validation_score_``, ``n_iter_``,
+    ``t_``, ``n_layers_``, ``n_outputs_``, ``out_activation_``, ``n_features_in_``,
+    ``feature_names_in_``.
     """
 
     _score_function = staticmethod(accuracy_score)
@@ -580,8 +602,24 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
 
     @available_if(lambda est: est._check_solver())
     def partial_fit(self, X, y, sample_weight=None, classes=None):
-        """One epoch over X, y. ``classes`` (all labels that will ever occur) is
-        required on the first call; returns self."""
+        """One epoch over (X, y), continuing from the current weights.
+
+        Available for the stochastic solvers only.
+
+        Parameters
+        ----------
+        X : array-like, shape (n_samples, n_features)
+        y : array-like, shape (n_samples,) or (n_samples, n_classes)
+            Class labels or a multilabel indicator matrix.
+        sample_weight : array-like, shape (n_samples,), optional
+        classes : array-like, optional
+            All labels that will ever occur; required on the first call (except for
+            multilabel y).
+
+        Returns
+        -------
+        self
+        """
         if not hasattr(self, "classes_"):
             if classes is None and not type_of_target(y).startswith("multilabel"):
                 raise ValueError("classes must be passed on the first call to partial_fit.")
@@ -604,7 +642,8 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
         return self._labels.decode(np.argmax(prob, axis=1))
 
     def predict(self, X):
-        """Class labels (n_samples,), or the indicator matrix for multilabel."""
+        """Predicted class labels (n_samples,), or the 0/1 indicator matrix
+        (n_samples, n_classes) for multilabel."""
         return self._predict_validated(self._validate_X(X))
 
     def predict_proba(self, X):
@@ -617,7 +656,7 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
         return np.hstack([1 - prob, prob])
 
     def predict_log_proba(self, X):
-        """log of predict_proba."""
+        """``log(predict_proba(X))``, shape (n_samples, n_classes)."""
         prob = self.predict_proba(X)
         return np.log(prob, out=prob)
 
@@ -685,7 +724,11 @@ class MLPRegressor(RegressorMixin, _BaseMLP):
 
     @available_if(lambda est: est._check_solver())
     def partial_fit(self, X, y, sample_weight=None):
-        """One epoch over X, y; returns self."""
+        """One epoch over (X, y), continuing from the current weights; returns self.
+
+        Available for the stochastic solvers only. X (n_samples, n_features); y
+        (n_samples,) or (n_samples, n_outputs); sample_weight (n_samples,), optional.
+        """
         return self._fit(X, y, sample_weight=sample_weight, incremental=True)
 
     def _predict_validated(self, X):

@@ -71,10 +71,11 @@ _i8, _f8, _b1 = types.int64, types.float64, types.boolean
 
 #: What a wrapper's call raises when an argument does not fit the core: numba's
 #: dispatcher (TypeError: no signature matches), the core's own check (ValueError), a
-#: non-array (AttributeError) or an unknown activation's alpha (IndexError). The wrapper
+#: non-array (AttributeError), an unknown activation's alpha (IndexError) or a
+#: placeholder looked up for a non-float dtype (KeyError, ``_empty_1d``). The wrapper
 #: then raises the contract's error (``_checks``) or, if that finds nothing wrong, the
 #: original one.
-_REFUSED = (TypeError, ValueError, AttributeError, IndexError)
+_REFUSED = (TypeError, ValueError, AttributeError, IndexError, KeyError)
 
 
 def set_num_threads(n):
@@ -655,11 +656,14 @@ def _dense_per_sample_grad_rows(x, dz, jac, offset, use_bias, n_chunks):
                     row[start + j] = g[j]
 
 
-def _softmax_ce_index_rows(logits, labels, weights, dlogits, use_weights, want_grad,
-                           n_chunks):
-    n, k = logits.shape
-    _require(_loss_shapes_ok(logits, labels.shape[0], weights, dlogits, use_weights,
-                             want_grad))
+def _label_loss_rows(kind, z, labels, param, weights, grad, use_weights, want_grad,
+                     n_chunks):
+    """Softmax cross-entropy (``kind`` CROSS_ENTROPY) or the multiclass hinge with margin
+    ``param`` (HINGE) over rows with class-index labels: the weighted mean loss; grad
+    rows when ``want_grad``. Labels out of [0, k) are recorded per chunk and refused
+    after the loop."""
+    n, k = z.shape
+    _require(_loss_shapes_ok(z, labels.shape[0], weights, grad, use_weights, want_grad))
     total_w = _weight_total(weights, use_weights, n)
     loss_chunks = np.empty(n_chunks)
     bad_chunks = np.zeros(n_chunks, np.bool_)
@@ -672,7 +676,10 @@ def _softmax_ce_index_rows(logits, labels, weights, dlogits, use_weights, want_g
                 bad_chunks[c] = True
                 continue
             scale = (weights[i] if use_weights else 1.0) / total_w
-            loss += _softmax_ce_index_row(logits[i], y, dlogits, i, scale, want_grad)
+            if kind == CROSS_ENTROPY:
+                loss += _softmax_ce_index_row(z[i], y, grad, i, scale, want_grad)
+            else:
+                loss += scale * _hinge_row(z[i], y, param, grad, i, scale, want_grad)
         loss_chunks[c] = loss
     _require(_labels_ok(bad_chunks))
     return _serial_sum(loss_chunks)
@@ -738,29 +745,6 @@ def _pointwise_loss_rows(kind, pred, target, param, weights, dpred, use_weights,
                 row = _huber_row(p, t, param, dpred, i, scale_t, want_grad)
             loss += scale * row
         loss_chunks[c] = loss
-    return _serial_sum(loss_chunks)
-
-
-def _multiclass_hinge_rows(scores, labels, margin, weights, dscores, use_weights,
-                           want_grad, n_chunks):
-    n, k = scores.shape
-    _require(_loss_shapes_ok(scores, labels.shape[0], weights, dscores, use_weights,
-                             want_grad))
-    total_w = _weight_total(weights, use_weights, n)
-    loss_chunks = np.empty(n_chunks)
-    bad_chunks = np.zeros(n_chunks, np.bool_)
-    for c in prange(n_chunks):
-        lo, hi = _chunk(c, n_chunks, n)
-        loss = 0.0
-        for i in range(lo, hi):
-            y = labels[i]
-            if y < 0 or y >= k:  # recorded, reported after the loop (never raise here)
-                bad_chunks[c] = True
-                continue
-            scale = (weights[i] if use_weights else 1.0) / total_w
-            loss += scale * _hinge_row(scores[i], y, margin, dscores, i, scale, want_grad)
-        loss_chunks[c] = loss
-    _require(_labels_ok(bad_chunks))
     return _serial_sum(loss_chunks)
 
 
@@ -1127,18 +1111,15 @@ _dense_backward_serial, _dense_backward_parallel = _serial_and_parallel(
 _dense_per_sample_grad_serial, _dense_per_sample_grad_parallel = _serial_and_parallel(
     "_dense_per_sample_grad", _dense_per_sample_grad_rows,
     lambda f: types.void(_in(f, 2), _in(f, 2), _out(f, 2), _i8, _b1, _i8))
-_softmax_ce_index_serial, _softmax_ce_index_parallel = _serial_and_parallel(
-    "_softmax_ce_index", _softmax_ce_index_rows,
-    lambda f: _f8(_in(f, 2), _in(_i8, 1), _in(f, 1), _out(f, 2), _b1, _b1, _i8))
+_label_loss_serial, _label_loss_parallel = _serial_and_parallel(
+    "_label_loss", _label_loss_rows,
+    lambda f: _f8(_i8, _in(f, 2), _in(_i8, 1), f, _in(f, 1), _out(f, 2), _b1, _b1, _i8))
 _softmax_ce_prob_serial, _softmax_ce_prob_parallel = _serial_and_parallel(
     "_softmax_ce_prob", _softmax_ce_prob_rows,
     lambda f: _f8(_in(f, 2), _in(f, 2), _in(f, 1), _out(f, 2), _b1, _b1, _i8))
 _pointwise_loss_serial, _pointwise_loss_parallel = _serial_and_parallel(
     "_pointwise_loss", _pointwise_loss_rows,
     lambda f: _f8(_i8, _in(f, 2), _in(f, 2), f, _in(f, 1), _out(f, 2), _b1, _b1, _i8))
-_multiclass_hinge_serial, _multiclass_hinge_parallel = _serial_and_parallel(
-    "_multiclass_hinge", _multiclass_hinge_rows,
-    lambda f: _f8(_in(f, 2), _in(_i8, 1), f, _in(f, 1), _out(f, 2), _b1, _b1, _i8))
 _sgd_serial, _sgd_parallel = _serial_and_parallel(
     "_sgd", _sgd_elements,
     lambda f: types.void(_out(f, 1), _in(f, 1), _out(f, 1), _f8, _f8, _f8, _f8, _b1, _i8))
@@ -1326,14 +1307,14 @@ def softmax_cross_entropy(logits, labels, weights, dlogits):
     use_weights = weights is not None
     want_grad = dlogits is not None
     try:
+        weights_arg = weights if use_weights else _empty_1d(logits)
+        grad_arg = dlogits if want_grad else _empty_2d(logits)
         if labels.ndim == 1:
-            serial, parallel = _softmax_ce_index_serial, _softmax_ce_index_parallel
-        else:
-            serial, parallel = _softmax_ce_prob_serial, _softmax_ce_prob_parallel
-        return _rows_call(serial, parallel, logits,
-                          logits, labels, weights if use_weights else _empty_1d(logits),
-                          dlogits if want_grad else _empty_2d(logits), use_weights,
-                          want_grad)
+            return _rows_call(_label_loss_serial, _label_loss_parallel, logits,
+                              CROSS_ENTROPY, logits, labels, logits.dtype.type(0),
+                              weights_arg, grad_arg, use_weights, want_grad)
+        return _rows_call(_softmax_ce_prob_serial, _softmax_ce_prob_parallel, logits,
+                          logits, labels, weights_arg, grad_arg, use_weights, want_grad)
     except _REFUSED:
         _checks.softmax_cross_entropy(logits, labels, weights, dlogits)
         raise
@@ -1380,8 +1361,8 @@ def multiclass_hinge(scores, labels, margin, weights, dscores):
     use_weights = weights is not None
     want_grad = dscores is not None
     try:
-        return _rows_call(_multiclass_hinge_serial, _multiclass_hinge_parallel, scores,
-                          scores, labels, margin,
+        return _rows_call(_label_loss_serial, _label_loss_parallel, scores,
+                          HINGE, scores, labels, margin,
                           weights if use_weights else _empty_1d(scores),
                           dscores if want_grad else _empty_2d(scores), use_weights,
                           want_grad)

@@ -204,7 +204,7 @@ def sigmoid_binary_cross_entropy(pred, target, weights, dpred):
     """Stable sigmoid + binary cross-entropy (torch BCEWithLogitsLoss), mean over n*k.
 
     pred (n, k) logits, target (n, k) in [0, 1].
-    l_ij = max(z, 0) - z t + log(1 + e^-|z|);  dpred = s_i (sigmoid(z) - t) / k.
+    ``l_ij = max(z, 0) - z t + log(1 + e^-|z|)``;  ``dpred = s_i (sigmoid(z) - t) / k``.
     """
     _checks.loss("sigmoid_binary_cross_entropy", _PRED, pred, target, weights, dpred)
     n, k = pred.shape
@@ -231,7 +231,7 @@ def mean_squared_error(pred, target, weights, dpred):
 
 
 def mean_absolute_error(pred, target, weights, dpred):
-    """torch L1Loss, mean over n*k.  l_ij = |p - t|;  dpred = s_i sign(p - t) / k."""
+    """torch L1Loss, mean over n*k.  ``l_ij = |p - t|``;  ``dpred = s_i sign(p - t) / k``."""
     _checks.loss("mean_absolute_error", _PRED, pred, target, weights, dpred)
     n, k = pred.shape
     diff = pred - target
@@ -244,8 +244,8 @@ def mean_absolute_error(pred, target, weights, dpred):
 def huber(pred, target, delta, weights, dpred):
     """torch HuberLoss(delta), mean over n*k.  d = p - t:
 
-    l = d^2/2 if |d| <= delta else delta (|d| - delta/2);
-    dpred = s_i clip(d, -delta, delta) / k.
+    ``l = d^2/2 if |d| <= delta else delta (|d| - delta/2)``;
+    ``dpred = s_i clip(d, -delta, delta) / k``.
     """
     _checks.loss("huber", _PRED, pred, target, weights, dpred)
     n, k = pred.shape
@@ -345,9 +345,9 @@ def adam_update(params, grads, exp_avg, exp_avg_sq, max_exp_avg_sq, lr, beta1, b
                 eps, weight_decay, decoupled, amsgrad, step):
     """torch.optim.Adam (decoupled=False) / AdamW (decoupled=True).
 
-    AdamW: p *= 1 - lr*wd; Adam: g = grad + wd*p.  m = b1*m + (1-b1)*g;
-    v = b2*v + (1-b2)*g^2; amsgrad: vmax = max(vmax, v) and v is replaced by vmax;
-    p -= lr/(1-b1^t) * m / (sqrt(v)/sqrt(1-b2^t) + eps).
+    AdamW: ``p *= 1 - lr*wd``; Adam: ``g = grad + wd*p``.  ``m = b1*m + (1-b1)*g``;
+    ``v = b2*v + (1-b2)*g^2``; amsgrad: ``vmax = max(vmax, v)`` and v is replaced by vmax;
+    ``p -= lr/(1-b1^t) * m / (sqrt(v)/sqrt(1-b2^t) + eps)``.
     ``max_exp_avg_sq`` is untouched unless amsgrad.
     """
     _checks.adam_update(params, grads, exp_avg, exp_avg_sq, max_exp_avg_sq, amsgrad)

@@ -354,18 +354,19 @@ def run_model_file(case):
 
 @st.composite
 def kernel_cases(draw):
-    """Raw kernels with consistent shapes, but one float array of another dtype, layout
-    or rank. Left out, as they fail today (kernels/ gets the shape and label checks on
-    another branch): mismatched shapes and out-of-range labels (out-of-bounds access on
-    numba and cython), labels of another dtype (IndexError on numpy) and integer loss
-    inputs (KeyError on numba)."""
+    """Raw kernels with one argument spoiled: a float array of another dtype, layout,
+    rank or shape (a row or column short or long), or class labels out of range, of the
+    wrong length or dtype."""
     return {"backend": draw(BACKENDS), "dtype": draw(DTYPES),
             "kernel": draw(st.sampled_from(["dense_forward", "dense_backward",
                                             "activation_forward", "softmax_cross_entropy",
-                                            "mean_squared_error", "sgd_update"])),
+                                            "multiclass_hinge", "mean_squared_error",
+                                            "sgd_update", "adam_update"])),
             "spoil": draw(st.sampled_from(["none", "dtype", "fortran", "strided", "rank",
-                                           "int"])),
-            "which": draw(st.integers(0, 8)), "act": draw(st.integers(0, 7))}
+                                           "int", "short", "long", "label_value",
+                                           "label_length", "label_dtype"])),
+            "which": draw(st.integers(0, 8)), "axis": draw(st.integers(0, 1)),
+            "act": draw(st.integers(0, 7)), "label": draw(st.sampled_from([-1, 3, 2**40]))}
 
 
 def kernel_arguments(kernel, dtype, act):
@@ -382,12 +383,15 @@ def kernel_arguments(kernel, dtype, act):
                            a(k, m), a(m)],
         "activation_forward": [act, a(n, m), a(n, m)],
         "softmax_cross_entropy": [a(n, m), labels, None, a(n, m)],
+        "multiclass_hinge": [a(n, m), labels, 1.0, None, a(n, m)],
         "mean_squared_error": [a(n, m), a(n, m), None, a(n, m)],
-        "sgd_update": [a(n), a(n), a(n), 0.1, 0.9, 0.0, 0.0, False, False],
+        "sgd_update": [a(n), a(n), a(n), 0.1, 0.9, 0.0, 0.0, False, 1],
+        "adam_update": [a(n), a(n), a(n), np.abs(a(n)), np.abs(a(n)), 1e-3, 0.9, 0.999,
+                        1e-8, 0.0, False, False, 1],
     }[kernel]
 
 
-def spoiled(array, spoil):
+def spoiled(array, spoil, axis):
     if spoil == "dtype":
         return array.astype(np.float64 if array.dtype == np.float32 else np.float32)
     if spoil == "fortran":
@@ -396,18 +400,36 @@ def spoiled(array, spoil):
         return np.repeat(array, 2, axis=-1)[..., ::2]
     if spoil == "rank":
         return array[None]
+    if spoil in ("short", "long"):
+        axis = min(axis, array.ndim - 1)
+        if spoil == "short":
+            return np.ascontiguousarray(np.delete(array, 0, axis=axis))
+        return np.ascontiguousarray(np.concatenate([array, array.take([0], axis)], axis))
     return array.astype(np.int64)
 
 
 def run_kernels(case):
     module = fn.kernels.load(case["backend"])
+    labelled = case["kernel"] in ("softmax_cross_entropy", "multiclass_hinge")
     args = kernel_arguments(case["kernel"], case["dtype"], case["act"] % 7 + 1
-                            if case["kernel"] != "softmax_cross_entropy" else 0)
-    slots = [i for i, v in enumerate(args) if isinstance(v, np.ndarray) and v.dtype.kind == "f"]
-    loss = case["kernel"] in ("softmax_cross_entropy", "mean_squared_error")
-    if case["spoil"] != "none" and not (loss and case["spoil"] == "int"):
+                            if not labelled else 0)
+    spoil = case["spoil"]
+    if spoil.startswith("label_"):
+        if not labelled:
+            return
+        labels = args[1].copy()
+        if spoil == "label_value":
+            labels[case["which"] % labels.size] = case["label"]
+        elif spoil == "label_length":
+            labels = labels[1:]
+        else:
+            labels = labels.astype(np.float64)
+        args[1] = labels
+    elif spoil != "none":
+        slots = [i for i, v in enumerate(args)
+                 if isinstance(v, np.ndarray) and v.dtype.kind == "f"]
         i = slots[case["which"] % len(slots)]
-        args[i] = spoiled(args[i], case["spoil"])
+        args[i] = spoiled(args[i], spoil, case["axis"])
     attempt(getattr(module, case["kernel"]), *args)
 
 

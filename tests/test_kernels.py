@@ -18,6 +18,7 @@ import pytest
 import scipy.special
 
 from fastnn import kernels
+from fastnn.gradcheck import numerical_gradient
 from fastnn.kernels import ACTIVATIONS, DEFAULT_ALPHA
 
 #: The oracle, for results computed once and shared by every backend's test (the
@@ -96,20 +97,6 @@ def read_only(*arrays):
     for a in arrays:
         a.setflags(write=False)
     return arrays
-
-
-def numerical_gradient(f, x, h=FD_STEP):
-    """Central differences of the scalar ``f()`` w.r.t. every entry of ``x`` (nudged in place)."""
-    grad = np.zeros_like(x, dtype=np.float64)
-    for idx in np.ndindex(x.shape):
-        old = x[idx]
-        x[idx] = old + h
-        f_plus = f()
-        x[idx] = old - h
-        f_minus = f()
-        x[idx] = old
-        grad[idx] = (f_plus - f_minus) / (2 * h)
-    return grad
 
 
 def test_backend_has_every_kernel(backend):
@@ -466,7 +453,7 @@ def test_dense_gradient_finite_differences(backend, rng, act, alpha):
     backend.dense_backward(x, w, a, dout, code, dz, dx, dw, db, *alpha_args(alpha))
     msg = f"{backend.__name__}.dense_backward {act_case_id((act, alpha))}"
     for name, analytic, param in (("dx", dx, x), ("dw", dw, w), ("db", db, b)):
-        numeric = numerical_gradient(objective, param)
+        numeric = numerical_gradient(objective, param, FD_STEP)
         np.testing.assert_allclose(analytic, numeric, rtol=FD_RTOL, atol=FD_ATOL,
                                    err_msg=f"{msg}: {name}")
 
@@ -791,7 +778,7 @@ def test_loss_gradient_finite_differences(backend, rng, case, weighted):
     dpred = nans((n, k), np.float64)
     call_loss(backend, case, pred, target, weights, dpred)
     numeric = numerical_gradient(
-        lambda: call_loss(backend, case, pred, target, weights, None), pred)
+        lambda: call_loss(backend, case, pred, target, weights, None), pred, FD_STEP)
     np.testing.assert_allclose(
         dpred, numeric, rtol=FD_RTOL, atol=FD_ATOL,
         err_msg=f"{backend.__name__}.{case.kernel} [{case.id}] weighted={weighted}")
@@ -1393,3 +1380,13 @@ def test_train_epoch_reports_a_bad_label_of_a_later_batch(backend, oracle, dtype
     spec = epoch_spec(dtype, labels=labels)
     with pytest.raises(ValueError, match=r"labels \(of the samples in order\)"):
         backend.train_epoch(spec)
+
+
+def test_integer_loss_inputs_are_refused(backend):
+    """Found by the fuzz test: numba's loss wrappers raised KeyError for int64 input."""
+    pred = np.zeros((3, 2), np.int64)
+    labels = np.zeros(3, np.int64)
+    with pytest.raises(ValueError, match="logits must be float32 or float64, got int64"):
+        backend.softmax_cross_entropy(pred, labels, None, None)
+    with pytest.raises(ValueError, match="must be float32 or float64, got int64"):
+        backend.mean_squared_error(pred, pred, None, None)

@@ -32,6 +32,18 @@ def load_iris():
     Columns: sepal length, sepal width, petal length, petal width.
     Classes: 0 setosa, 1 versicolor, 2 virginica. Setosa is linearly separable from
     the other two; versicolor and virginica are not separable from each other.
+
+    Returns
+    -------
+    X : ndarray, shape (150, 4), float32
+    y : ndarray, shape (150,), int64
+
+    Examples
+    --------
+    >>> import fastnn as fn
+    >>> X, y = fn.datasets.load_iris()
+    >>> X.shape, y.shape
+    ((150, 4), (150,))
     """
     return _split_target(_read_table("iris.csv.gz", skip_header=True))
 
@@ -39,8 +51,17 @@ def load_iris():
 def load_digits(scale=False):
     """UCI handwritten digits: X (1797, 64) float32 8x8 images, y (1797,) int64 in 0..9.
 
-    Pixels are counts 0..16, left raw by default (row-major 8x8: ``X[i].reshape(8, 8)``);
-    ``scale=True`` divides them by 16 to [0, 1].
+    Pixels are counts 0..16, left raw by default (row-major 8x8: ``X[i].reshape(8, 8)``).
+
+    Parameters
+    ----------
+    scale : bool, default False
+        Divide the pixels by 16, to [0, 1].
+
+    Returns
+    -------
+    X : ndarray, shape (1797, 64), float32
+    y : ndarray, shape (1797,), int64
     """
     check_bool(scale, "scale")
     X, y = _split_target(_read_table("digits.csv.gz", skip_header=False))

@@ -53,10 +53,24 @@ def _read_bytes(file):
 def read_idx(file):
     """Read one IDX file (gzip-compressed or plain) into the array its header declares.
 
-    ``file`` is a path or a binary file object. Returns a native-endian array with the
-    header's shape and dtype (uint8, int8, int16, int32, float32 or float64), e.g.
-    (60000, 28, 28) uint8 for MNIST's training images. Raises ValueError naming the
-    file when the magic number is wrong or the data is truncated or has trailing bytes.
+    Parameters
+    ----------
+    file : str, path-like or binary file object
+        The IDX file.
+
+    Returns
+    -------
+    ndarray
+        Native-endian, with the header's shape and dtype (uint8, int8, int16, int32,
+        float32 or float64), e.g. (60000, 28, 28) uint8 for MNIST's training images.
+
+    Raises
+    ------
+    ValueError
+        The magic number is wrong, or the data is truncated or has trailing bytes
+        (the message names the file).
+    TypeError
+        ``file`` is neither a path nor a binary file object.
     """
     data, name = _read_bytes(file)
     if len(data) < 4:
@@ -101,13 +115,29 @@ def _find(directory, prefix, part, ndim):
 def load_mnist(path, kind="train"):
     """MNIST from the IDX files a user downloaded: X float32 (n, 784) in [0, 1], y int64 (n,).
 
-    ``path`` is the directory holding ``train-images-idx3-ubyte`` /
-    ``train-labels-idx1-ubyte`` (``kind="train"``, n = 60000) or ``t10k-images-idx3-ubyte``
-    / ``t10k-labels-idx1-ubyte`` (``kind="test"``, n = 10000), each plain or ``.gz``.
     X is pixel / 255, one flattened row-major 28x28 image per row. Files in the same
     format with other image sizes (n, rows*cols) or labels (e.g. Fashion-MNIST) load too.
-    Raises FileNotFoundError for a missing directory or file and ValueError for a
-    corrupt, truncated or mismatched one.
+
+    Parameters
+    ----------
+    path : str or path-like
+        The directory holding ``train-images-idx3-ubyte`` / ``train-labels-idx1-ubyte``
+        (``kind="train"``, n = 60000) or ``t10k-images-idx3-ubyte`` /
+        ``t10k-labels-idx1-ubyte`` (``kind="test"``, n = 10000), each plain or ``.gz``.
+    kind : {"train", "test"}, default "train"
+        Which part to load.
+
+    Returns
+    -------
+    X : ndarray, shape (n, 784), float32
+    y : ndarray, shape (n,), int64
+
+    Raises
+    ------
+    FileNotFoundError
+        A missing directory or file.
+    ValueError
+        A corrupt, truncated or mismatched file.
     """
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"path must be a directory path (str or os.PathLike), "

@@ -47,14 +47,45 @@ def _stratified_indices(y, n_test, rng):
 
 
 def train_test_split(X, y, test_size=0.25, seed=None, stratify=False):
-    """Shuffle and split (X, y): returns X_train, X_test, y_train, y_test.
+    """Shuffle and split (X, y) into a training and a test part.
 
-    X (n, ...) any array-like, y (n,) labels or targets. ``test_size`` is a fraction in
-    (0, 1) (the test part gets ``ceil(test_size * n)`` samples) or an int count in
-    [1, n - 1]. ``stratify=True`` splits each class of y in that proportion (each
-    class's test count within one of its exact share). The parts are disjoint, cover
-    all n samples, are in random order, and keep X's and y's dtypes; the same ``seed``
-    gives the same split.
+    The parts are disjoint, cover all n samples, are in random order, and keep X's and
+    y's dtypes; the same ``seed`` gives the same split.
+
+    Parameters
+    ----------
+    X : array-like, shape (n, ...)
+        Samples, n >= 2.
+    y : array-like, shape (n,)
+        Labels or targets.
+    test_size : float in (0, 1) or int in [1, n - 1], default 0.25
+        A fraction (the test part gets ``ceil(test_size * n)`` samples) or a count.
+    seed : int, optional
+        Seed of the shuffle (None: fresh randomness).
+    stratify : bool, default False
+        Split each class of y in that proportion (each class's test count within one
+        of its exact share).
+
+    Returns
+    -------
+    X_train, X_test, y_train, y_test : ndarray
+
+    Raises
+    ------
+    ValueError
+        Mismatched lengths, y not 1-D, fewer than 2 samples, or a ``test_size`` that
+        leaves a part empty.
+    TypeError
+        ``test_size`` is neither a float nor an int.
+
+    Examples
+    --------
+    >>> import fastnn as fn
+    >>> X, y = fn.datasets.load_iris()
+    >>> X_train, X_test, y_train, y_test = fn.datasets.train_test_split(
+    ...     X, y, test_size=0.2, seed=0, stratify=True)
+    >>> len(X_train), len(X_test)
+    (120, 30)
     """
     X = np.asarray(X)
     y = np.asarray(y)
