@@ -40,3 +40,26 @@ def test_readme_block_runs_and_prints_what_it_says(code, expected, tmp_path, mon
         exec(compile(code, str(README), "exec"), {"__name__": "__readme__"})
     if expected is not None:
         assert stdout.getvalue() == expected
+
+
+def test_readme_layout_names_every_module():
+    """The README's Layout section lists every module of fastnn/ and kernels/, and
+    nothing that does not exist."""
+    root = README.parent
+    if not (root / "fastnn").is_dir():
+        pytest.skip("needs the source checkout")
+    text = README.read_text(encoding="utf-8")
+    block = text.split("## Layout", 1)[1].split("```text\n", 1)[1].split("```", 1)[0]
+    entries = [re.split(r"\s{2,}", line.strip())[0] for line in block.splitlines()
+               if line.strip()]
+    listed = {name.strip() for entry in entries for name in entry.split(",")}
+    modules = {p.name for p in (root / "fastnn").glob("*.py")}
+    modules |= {p.name + "/" for p in (root / "fastnn").iterdir()
+                if (p / "__init__.py").exists()}
+    modules |= {p.name for p in (root / "kernels").glob("*.py*")}
+    missing = modules - listed
+    assert not missing, f"README Layout does not list {sorted(missing)}"
+    places = [root, root / "fastnn", root / "kernels"]
+    unknown = {name for name in listed
+               if not any((place / name.rstrip("/")).exists() for place in places)}
+    assert not unknown, f"README Layout lists {sorted(unknown)}, which do not exist"
