@@ -12,20 +12,32 @@ A loss or weights that turn NaN/inf put back the weights of the last completed e
 (``handle_divergence``); callbacks, progress display and ``History`` see the same
 per-epoch logs on every path.
 """
+import contextlib
 import math
 import sys
 import time
 
 import numpy as np
 
+from . import distributed as distributed_module
 from . import kernels
 from . import metrics as metrics_module
 from . import optimizers as optimizers_module
-from ._backend import backend_module
+from ._backend import backend_module, get_backend
 from ._validation import all_finite, check_bool, check_float, check_int, check_seed
-from .callbacks import Callback, TerminateOnNaN, check_callbacks, check_training_setup
+from .callbacks import (
+    Callback,
+    CSVLogger,
+    ModelCheckpoint,
+    TerminateOnNaN,
+    check_callbacks,
+    check_training_setup,
+)
 from .layers import Dense
 from .solvers import Objective, Solver
+
+#: Callbacks that only write files: a distributed fit runs them on rank 0 alone.
+_WRITERS = (ModelCheckpoint, CSVLogger)
 
 
 class History:
@@ -47,9 +59,13 @@ class History:
         Loss+gradient evaluations made (mini-batch steps, or a solver's evaluations).
     seconds : float
         Wall time of the training loop.
+    writes_files : bool
+        False on the ranks other than 0 of a distributed fit: ``plot`` draws but does
+        not save there.
     """
 
     def __init__(self, unit="epoch"):
+        self.writes_files = True
         self.history = {}
         self.epoch = []
         self.unit = unit
@@ -70,7 +86,8 @@ class History:
         solver runs, whose loss falls by orders of magnitude; accuracy and r2 stay linear,
         and the "lr" panel is always logarithmic). The x axis
         counts epochs, or iterations for solvers. ``title`` goes above the panels. Saves
-        to ``path`` when given; returns the matplotlib Figure.
+        to ``path`` when given (on rank 0 alone after a distributed fit); returns the
+        matplotlib Figure.
         """
         try:
             if path is None:
@@ -99,7 +116,7 @@ class History:
         if title is not None:
             fig.suptitle(title)
         fig.tight_layout()
-        if path is not None:
+        if path is not None and self.writes_files:
             fig.savefig(path)
         return fig
 
@@ -109,14 +126,36 @@ class History:
 
 def fit(model, X, y, epochs=1, batch_size=32, shuffle=True, replacement=False,
         validation_data=None, validation_split=0.0, sample_weight=None,
-        class_weight=None, callbacks=(), verbose=1, seed=None):
+        class_weight=None, callbacks=(), verbose=1, seed=None, distributed=False):
     """Train ``model`` (compiled) and return a History; see ``Sequential.fit``."""
     model._require_compiled("fit")
+    comm = distributed_module.communicator(distributed)
+    arguments = (X, y, epochs, batch_size, shuffle, replacement, validation_data,
+                 validation_split, sample_weight, class_weight, callbacks, verbose, seed)
+    if comm is None:
+        return _train(model, _setup(model, *arguments), None)
+    with comm.abort_on_disagreement():
+        setup = None
+        with comm.guard():
+            setup = _setup(model, *arguments)
+        return _train(model, _distribute(model, comm, setup), comm)
+
+
+class _Setup:
+    """fit's validated arguments and data."""
+
+    def __init__(self, **fields):
+        self.__dict__.update(fields)
+
+
+def _setup(model, X, y, epochs, batch_size, shuffle, replacement, validation_data,
+           validation_split, sample_weight, class_weight, callbacks, verbose, seed):
+    """Validate fit's arguments (raising before any training) into a _Setup."""
     epochs = check_int(epochs, "epochs", low=0)
     if isinstance(verbose, (bool, np.bool_)):
         verbose = int(verbose)
     verbose = check_int(verbose, "verbose", low=0, high=2)
-    rng = np.random.default_rng(check_seed(seed))
+    seed = check_seed(seed)
     X, target, weights = model._prepare(X, y, sample_weight)
     weights = _apply_class_weight(model, class_weight, target, weights)
     X, target, weights, val = _split_validation(model, X, target, weights,
@@ -124,39 +163,120 @@ def fit(model, X, y, epochs=1, batch_size=32, shuffle=True, replacement=False,
     shuffle = check_bool(shuffle, "shuffle")
     replacement = check_bool(replacement, "replacement")
     n = X.shape[0]
-    batch = n if batch_size is None else min(check_int(batch_size, "batch_size", low=1), n)
+    batch_size = None if batch_size is None else check_int(batch_size, "batch_size", low=1)
+    batch = n if batch_size is None else min(batch_size, n)
     callbacks = check_callbacks(callbacks)
     for cb in callbacks:
         cb.set_model(model)
+    solver = isinstance(model.optimizer, Solver)
     logged = ("loss",) + tuple(model.metrics)
     check_training_setup(callbacks, logged + (tuple("val_" + k for k in logged)
-                                              if val is not None else ()),
-                         isinstance(model.optimizer, Solver))
+                                              if val is not None else ()), solver)
+    return _Setup(epochs=epochs, verbose=verbose, rng=np.random.default_rng(seed), seed=seed,
+                  X=X, target=target, weights=weights, val=val, shuffle=shuffle,
+                  replacement=replacement, batch=batch, batch_size=batch_size,
+                  callbacks=callbacks, solver=solver, plan=_BatchPlan(n, batch))
 
-    loop = _FitLoop(model, callbacks, val,
-                    "iteration" if isinstance(model.optimizer, Solver) else "epoch")
-    for cb in callbacks:
-        cb.on_train_begin({})
+
+def _train(model, setup, comm):
+    """Run the validated fit on this process (one rank of it when ``comm`` is set)."""
+    loop = _FitLoop(model, setup.callbacks, setup.val, comm,
+                    "iteration" if setup.solver else "epoch")
+    verbose = setup.verbose if comm is None or comm.rank == 0 else 0
+    with _guarded(comm):
+        for cb in loop.callbacks:
+            cb.on_train_begin({})
     start = time.perf_counter()
     try:
-        if isinstance(model.optimizer, Solver):
-            loop.progress = _Progress(verbose, epochs, 1, unit="iteration")
-            loop.history.n_evaluations = loop.fit_solver(X, target, weights, epochs)
+        if setup.solver:
+            loop.progress = _Progress(verbose, setup.epochs, 1, unit="iteration")
+            loop.history.n_evaluations = loop.fit_solver(setup.X, setup.target,
+                                                         setup.weights, setup.epochs)
         else:
-            n_batches = math.ceil(n / batch)
-            loop.progress = _Progress(verbose, epochs, n_batches)
-            loop.history.n_evaluations = loop.fit_minibatch(
-                X, target, weights, epochs, batch, n_batches, shuffle, replacement, rng)
+            loop.progress = _Progress(verbose, setup.epochs, setup.plan.n_batches)
+            loop.history.n_evaluations = loop.fit_minibatch(setup)
     finally:
         if loop.progress is not None:
             loop.progress.close()
     if model.stop_reason is None:
-        model.stop_reason = f"completed {epochs} epochs"
+        model.stop_reason = f"completed {setup.epochs} epochs"
     loop.history.stop_reason = model.stop_reason
     loop.history.seconds = time.perf_counter() - start
-    for cb in callbacks:
-        cb.on_train_end({})
+    with _guarded(comm):
+        for cb in loop.callbacks:
+            cb.on_train_end({})
+    if comm is not None:
+        comm.sync()
     return loop.history
+
+
+def _guarded(comm):
+    """Around rank-local work in a distributed fit: an exception is shared with every
+    rank at the next collective instead of leaving them waiting in it."""
+    return contextlib.nullcontext() if comm is None else comm.guard()
+
+
+def _distribute(model, comm, setup):
+    """Make every rank's fit consistent, then give each rank its part of the data.
+
+    Checks that model, compile settings, fit arguments (and, with the full data set on
+    every rank, the data) agree; shares a seed drawn on rank 0 when none was given;
+    broadcasts rank 0's parameters and optimizer state. With the full data set the
+    validation set is split between the ranks, and a solver trains on this rank's
+    contiguous part; in "shards" mode each rank shuffles its own part (seeded by the
+    shared seed and its rank) and an epoch has as many steps as the largest part needs.
+    """
+    comm.check_same({} if setup is None else _description(model, comm, setup))
+    seed = setup.seed
+    if seed is None:
+        seed = comm.broadcast_object(int(np.random.SeedSequence().entropy % 2 ** 63)
+                                     if comm.rank == 0 else None)
+    setup.rng = np.random.default_rng(seed if comm.mode == "full" else [seed, comm.rank])
+    comm.broadcast(model.params)
+    if isinstance(model.optimizer, optimizers_module.Optimizer):
+        for name in sorted(model.optimizer.state):
+            comm.broadcast(model.optimizer.state[name])
+    if comm.mode == "shards":  # every rank takes the same number of steps
+        largest = comm.max_value(setup.X.shape[0])
+        batch = setup.batch_size or largest
+        setup.plan = _BatchPlan(setup.X.shape[0], batch, n_batches=math.ceil(largest / batch))
+        return setup
+    if setup.val is not None:
+        part = distributed_module.split(setup.val[0].shape[0], comm.size, comm.rank)
+        setup.val = tuple(None if a is None else a[part] for a in setup.val)
+    n = setup.X.shape[0]
+    if setup.solver:
+        if n < comm.size:
+            comm.raise_agreed(ValueError(f"a distributed solver needs at least one training "
+                                         f"sample per rank: {n} samples for {comm.size} ranks"))
+        part = distributed_module.split(n, comm.size, comm.rank)
+        setup.X, setup.target = setup.X[part], setup.target[part]
+        setup.weights = None if setup.weights is None else setup.weights[part]
+    setup.plan = _BatchPlan(n, setup.batch, parts=comm.size, part=comm.rank)
+    return setup
+
+
+def _description(model, comm, setup):
+    """What must agree between the ranks before the first step."""
+    optimizer = model.optimizer
+    # Initial weights and dropout seeds may differ: rank 0's weights are broadcast and
+    # each rank draws its own dropout masks.
+    layers = [{k: v for k, v in layer.get_config().items() if k != "seed"}
+              for layer in model.layers]
+    description = {**{f"layers[{i}]": config for i, config in enumerate(layers)},
+        "n_layers": len(layers), "dtype": model.dtype.name,
+        "n_features": model.n_features, "loss": model.loss.get_config(),
+        "metrics": list(model.metrics), "optimizer": optimizer.get_config(),
+        "optimizer_iterations": optimizer.iterations, "backend": get_backend(),
+        "epochs": setup.epochs, "batch_size": setup.batch_size, "shuffle": setup.shuffle,
+        "replacement": setup.replacement, "seed": setup.seed,
+        "validation": setup.val is not None,
+        "TerminateOnNaN": any(isinstance(cb, TerminateOnNaN) for cb in setup.callbacks)}
+    if comm.mode == "full":
+        description["n_samples"] = setup.X.shape[0]
+        description["data checksum"] = distributed_module.fingerprint(
+            setup.X, setup.target, setup.weights, *(setup.val or ()))
+    return description
 
 
 def _split_validation(model, X, target, weights, validation_data, validation_split):
@@ -232,28 +352,44 @@ def _apply_class_weight(model, class_weight, target, weights):
 
 class _FitLoop:
     """The state one ``fit`` call shares between its epochs: model, callbacks, progress
-    display, History and validation set."""
+    display, History, validation set and, in a distributed fit, the communicator."""
 
-    def __init__(self, model, callbacks, val, unit):
-        self.model, self.callbacks, self.val = model, callbacks, val
+    def __init__(self, model, callbacks, val, comm, unit):
+        self.model, self.val, self.comm = model, val, comm
+        if comm is not None and comm.rank != 0:  # rank 0 alone writes files
+            callbacks = [cb for cb in callbacks if not isinstance(cb, _WRITERS)]
+        self.callbacks = callbacks
         self.terminate_on_nan = any(isinstance(cb, TerminateOnNaN) for cb in callbacks)
         self.history = History(unit)
+        self.history.writes_files = comm is None or comm.rank == 0
         self.progress = None
         model.history = self.history
         model.stop_training, model.stop_reason = False, None
 
     def end_epoch(self, epoch, logs):
-        """Add validation logs, then tell callbacks, History and the progress display."""
+        """Add validation logs, then tell callbacks, History and the progress display.
+        In a distributed fit every rank ends up with the same logs and the same
+        decision to stop (any rank's callback stopping stops them all)."""
+        model, comm = self.model, self.comm
         if self.val is not None:
-            logs.update({"val_" + k: v for k, v in self.model._evaluate(*self.val).items()})
-        model = self.model
-        for cb in self.callbacks:
-            cb.on_epoch_end(epoch, logs)
-            if model.stop_training and model.stop_reason is None:
-                model.stop_reason = (f"stopped by {type(cb).__name__} after "
-                                     f"{self.history.unit} {epoch + 1}")
-        self.history.append(epoch, logs)
-        self.progress.epoch_done(epoch, logs)
+            logs.update({"val_" + k: v for k, v in _evaluate(model, comm, self.val).items()})
+        with _guarded(comm):
+            for cb in self.callbacks:
+                cb.on_epoch_end(epoch, logs)
+                if model.stop_training and model.stop_reason is None:
+                    model.stop_reason = (f"stopped by {type(cb).__name__} after "
+                                         f"{self.history.unit} {epoch + 1}")
+            self.history.append(epoch, logs)
+            self.progress.epoch_done(epoch, logs)
+        if comm is not None:
+            model.stop_training, model.stop_reason = comm.agree_stop(model.stop_training,
+                                                                     model.stop_reason)
+
+    def begin_epoch(self, epoch):
+        with _guarded(self.comm):
+            for cb in self.callbacks:
+                cb.on_epoch_begin(epoch, {})
+            self.progress.epoch_begin(epoch)
 
     def handle_divergence(self, loss, epoch, batch, epoch_start_params):
         """Put back the weights of the last completed epoch; stop cleanly (TerminateOnNaN)
@@ -263,80 +399,95 @@ class _FitLoop:
         update made the weights non-finite. Weights that are still finite but already
         give a non-finite loss are not kept either: they predict inf/NaN.
         """
-        model = self.model
+        model, comm = self.model, self.comm
         model.params[...] = epoch_start_params
         what = "the weights became NaN or infinite" if loss is None else f"loss became {loss}"
+        if comm is not None and loss is not None and comm.nonfinite_ranks:
+            what += (f" (on the batch part of rank "
+                     f"{', '.join(map(str, comm.nonfinite_ranks))} of {comm.size})")
         message = (f"{what} at epoch {epoch + 1}, batch {batch + 1}; training stopped and "
                    "the last finite weights (from the end of the last completed epoch) were "
                    "kept (try a lower learning rate, gradient clipping or input scaling)")
         if not self.terminate_on_nan:
+            if comm is not None:
+                comm.raise_agreed(FloatingPointError(message))
             raise FloatingPointError(message)
         model.stop_training = True
         model.stop_reason = message
         if loss is not None:
-            for cb in self.callbacks:
-                cb.on_batch_end(batch, {"loss": loss})
+            with _guarded(comm):
+                for cb in self.callbacks:
+                    cb.on_batch_end(batch, {"loss": loss})
 
     # ------------------------------------------------------------ mini-batch training
-    def fit_minibatch(self, X, target, weights, epochs, batch, n_batches, shuffle,
-                      replacement, rng):
+    def fit_minibatch(self, setup):
         """The first-order loop: one optimizer step per mini-batch, each epoch either in
-        one fused kernel call or batch by batch in Python. Returns the number of
-        gradient evaluations."""
-        model, n = self.model, X.shape[0]
-        run_fused = _fused_epoch_runner(model, X, target, weights, batch, n_batches,
-                                        self.callbacks)
-        run_epoch = run_fused or self._python_epoch_runner(X, target, weights, batch,
-                                                           n_batches)
+        one fused kernel call or batch by batch in Python (always in a distributed fit:
+        the fused kernel cannot average gradients between ranks in mid-epoch). Returns
+        the number of gradient evaluations."""
+        model, plan = self.model, setup.plan
+        run_fused = None
+        if self.comm is None:
+            run_fused = _fused_epoch_runner(model, setup.X, setup.target, setup.weights,
+                                            plan.batch, plan.n_batches, self.callbacks)
+        run_epoch = run_fused or self._python_epoch_runner(setup.X, setup.target,
+                                                           setup.weights, plan)
         steps = 0
-        for epoch in range(epochs):
-            for cb in self.callbacks:
-                cb.on_epoch_begin(epoch, {})
-            self.progress.epoch_begin(epoch)
+        for epoch in range(setup.epochs):
+            self.begin_epoch(epoch)
             epoch_start_params = model.params.copy()
-            order = _epoch_order(rng, n, shuffle, replacement)
+            order = _epoch_order(setup.rng, plan.n, setup.shuffle, setup.replacement)
             logs, done, bad_loss = run_epoch(order)
             steps += done
             if bad_loss is not None:
                 self.handle_divergence(bad_loss, epoch, done, epoch_start_params)
                 return steps
             if run_fused is not None:
-                self.progress.batch_done(n_batches)
+                self.progress.batch_done(plan.n_batches)
             if not all_finite(model.params):
                 # a finite loss can still come with an update that overflows the weights
-                self.handle_divergence(None, epoch, n_batches - 1, epoch_start_params)
+                self.handle_divergence(None, epoch, plan.n_batches - 1, epoch_start_params)
                 return steps
             self.end_epoch(epoch, logs)
             if model.stop_training:
                 break
         return steps
 
-    def _python_epoch_runner(self, X, target, weights, batch, n_batches):
-        """The general path: ``run(order) -> (logs, updates made, bad loss or None)``."""
-        model, callbacks, progress = self.model, self.callbacks, self.progress
-        n = X.shape[0]
+    def _python_epoch_runner(self, X, target, weights, plan):
+        """The general path: ``run(order) -> (logs, updates made, bad loss or None)``.
+
+        Distributed, each rank computes the gradient of its part of the global batch
+        and ``Communicator.average_gradient`` makes the global one; metrics are summed
+        over the ranks at the end of the epoch."""
+        model, callbacks, progress, comm = self.model, self.callbacks, self.progress, self.comm
         gather = _BatchGather(X, target, weights)
 
         def run(order):
             metrics = metrics_module.build(model.metrics, model.loss)
             total = mass = 0.0
-            for b in range(n_batches):
-                xb, yb, wb = gather(order, b * batch, min((b + 1) * batch, n))
-                loss, out = model._loss_and_grad(xb, yb, wb, training=True)
+            for b in range(plan.n_batches):
+                xb, yb, wb = gather(order, *plan.bounds(b))
+                if comm is None:
+                    loss, out = model._loss_and_grad(xb, yb, wb, training=True)
+                    batch_mass = float(xb.shape[0] if wb is None else wb.sum(dtype=np.float64))
+                else:
+                    loss, out, batch_mass = _distributed_step(model, comm, xb, yb, wb)
                 if not math.isfinite(loss):
                     return None, b, loss
                 model.optimizer.step(model.params, model.grads)
-                batch_mass = float(xb.shape[0] if wb is None else wb.sum(dtype=np.float64))
                 total += loss * batch_mass
                 mass += batch_mass
-                for metric in metrics:
-                    metric.update(out, yb)
-                for cb in callbacks:
-                    cb.on_batch_end(b, {"loss": loss})
-                progress.batch_done()
+                with _guarded(comm):
+                    for metric in metrics if out is not None else ():
+                        metric.update(out, yb)
+                    for cb in callbacks:
+                        cb.on_batch_end(b, {"loss": loss})
+                    progress.batch_done()
+            if comm is not None:
+                comm.reduce_metrics(metrics, model.n_outputs)
             logs = {"loss": total / mass if mass else float("nan")}
             logs.update({m.name: m.result() for m in metrics if m.count})
-            return logs, n_batches, None
+            return logs, plan.n_batches, None
         return run
 
     # ------------------------------------------------------------ full-batch solvers
@@ -344,14 +495,13 @@ class _FitLoop:
         """Full-batch solver: fit epoch = one solver iteration. Returns the number of
         loss/gradient evaluations."""
         model = self.model
-        objective = Objective(model, X, target, weights)
+        objective = Objective(model, X, target, weights, self.comm)
         last_good = model.params.copy()
         epoch = 0
 
         def on_iteration(x, loss):
             nonlocal epoch
-            for cb in self.callbacks:
-                cb.on_epoch_begin(epoch, {})
+            self.begin_epoch(epoch)
             model.params[...] = x
             if not math.isfinite(loss):
                 self.handle_divergence(loss, epoch, 0, last_good)
@@ -359,9 +509,10 @@ class _FitLoop:
             last_good[...] = model.params
             logs = {"loss": loss}
             if model.metrics:
-                logs.update(_solver_metrics(model, objective, x, target))
-            for cb in self.callbacks:
-                cb.on_batch_end(0, {"loss": loss})
+                logs.update(_solver_metrics(model, objective, x, target, self.comm))
+            with _guarded(self.comm):
+                for cb in self.callbacks:
+                    cb.on_batch_end(0, {"loss": loss})
             self.end_epoch(epoch, logs)
             epoch += 1
             return model.stop_training
@@ -373,18 +524,57 @@ class _FitLoop:
         return objective.n_evals
 
 
-def _solver_metrics(model, objective, x, target):
+def _distributed_step(model, comm, xb, yb, wb):
+    """This rank's part of one global step: ``(global loss, this rank's network output
+    or None, global sample-weight mass)``; ``model.grads`` holds the global gradient."""
+    loss, out, mass = 0.0, None, 0.0
+    if xb.shape[0]:
+        with comm.guard():
+            mass = float(xb.shape[0] if wb is None else wb.sum(dtype=np.float64))
+            loss, out = model._loss_and_grad(xb, yb, wb, training=True)
+    loss, total = comm.average_gradient(model.grads, loss, mass)
+    return loss, out, total
+
+
+def _evaluate(model, comm, val):
+    """Validation logs: ``model._evaluate`` on one process; distributed, the loss and
+    metrics over every rank's part of the validation set."""
+    if comm is None:
+        return model._evaluate(*val)
+    X, target, weights = val
+    metrics = metrics_module.build(model.metrics, model.loss)
+    total = mass = 0.0
+    with comm.guard():
+        if X.shape[0]:
+            out = model._forward(X, False)
+            mass = float(X.shape[0] if weights is None else weights.sum(dtype=np.float64))
+            if mass > 0:
+                total = model.loss(out, target, weights, None) * mass
+            for metric in metrics:
+                metric.update(out, target)
+    total, mass = comm.sum([total, mass])
+    comm.reduce_metrics(metrics, model.n_outputs)
+    logs = {"loss": total / mass + model._regularization_loss()}
+    logs.update({m.name: m.result() for m in metrics})
+    return logs
+
+
+def _solver_metrics(model, objective, x, target, comm):
     """Metrics at the solver's new point ``x``, from the network output of the
     objective's last evaluation when that was at ``x`` (every solver evaluates its
-    accepted point last, so this is the usual case); otherwise one inference pass."""
+    accepted point last, so this is the usual case); otherwise one inference pass.
+    Distributed, over every rank's part of the training set."""
     out = objective.output_at(x)
     if out is None:
-        logs = model._evaluate(objective.X, target, objective.weights)
+        logs = _evaluate(model, comm, (objective.X, target, objective.weights))
         logs.pop("loss")
         return logs
     metrics = metrics_module.build(model.metrics, model.loss)
-    for metric in metrics:
-        metric.update(out, target)
+    with _guarded(comm):
+        for metric in metrics:
+            metric.update(out, target)
+    if comm is not None:
+        comm.reduce_metrics(metrics, model.n_outputs)
     return {m.name: m.result() for m in metrics}
 
 
@@ -450,6 +640,31 @@ def _fused_epoch_runner(model, X, target, weights, batch, n_batches, callbacks):
 
 
 # ---------------------------------------------------------------- helpers
+class _BatchPlan:
+    """Which rows of an epoch's sample order each step of this process takes.
+
+    Step b covers the global batch ``[b * parts * batch, (b + 1) * parts * batch)`` of
+    the order (clipped to n); with ``parts`` ranks each takes its contiguous part of it
+    (``distributed.split``: sizes differ by at most one, possibly empty in the last
+    batch), so the steps are those of one process with batch ``parts * batch``.
+    ``n_batches`` may exceed what n needs (a rank's own shard shorter than another's):
+    the extra steps are empty on this rank.
+    """
+
+    def __init__(self, n, batch, parts=1, part=0, n_batches=None):
+        self.n, self.batch, self.parts, self.part = n, batch, parts, part
+        self.global_batch = batch * parts
+        self.n_batches = math.ceil(n / self.global_batch) if n_batches is None else n_batches
+
+    def bounds(self, b):
+        start = min(b * self.global_batch, self.n)
+        stop = min(start + self.global_batch, self.n)
+        if self.parts == 1:
+            return start, stop
+        part = distributed_module.split(stop - start, self.parts, self.part)
+        return start + part.start, start + part.stop
+
+
 def _epoch_order(rng, n, shuffle, replacement):
     """Sample order for one epoch: None (in order), a permutation, or n draws."""
     if replacement:

@@ -224,7 +224,11 @@ def _train(args):
             raise ImportError("--plot needs matplotlib: pip install 'fastnn[plot]'")
         _check_plot_path(args.plot)
     backend = fn.use_backend(args.backend) if args.backend else contextlib.nullcontext()
-    with backend:
+    # Under mpiexec every rank trains (fit(distributed=True)); only rank 0 prints
+    # (print() writes nothing while sys.stdout is None) and saves.
+    quiet = contextlib.nullcontext() if fn.distributed.is_main() else \
+        contextlib.redirect_stdout(None)
+    with backend, quiet:
         if args.threads is not None:
             try:
                 fn.set_num_threads(args.threads)
@@ -289,6 +293,7 @@ def _run(fn, args):
     start = time.perf_counter()
     history = model.fit(X_train, y_train, epochs=epochs, batch_size=batch_size,
                         verbose=0 if args.quiet else 1, seed=args.seed,
+                        distributed=fn.distributed.launched(),
                         validation_data=(X_test, y_test) if args.plot else None)
     seconds = time.perf_counter() - start
     result = model.evaluate(X_test, y_test)
@@ -304,7 +309,7 @@ def _run(fn, args):
     if solver:
         print(f"stopped: {history.stop_reason}")
     print(f"test loss {result['loss']:.4f} | test {metric} {result[metric]:.4f}")
-    if args.save:
+    if args.save and fn.distributed.is_main():
         model.save(args.save)
         print(f"saved model to {args.save}")
     if args.plot:

@@ -570,7 +570,7 @@ class Sequential:
     # ------------------------------------------------------------------ training
     def fit(self, X, y, epochs=1, batch_size=32, shuffle=True, replacement=False,
             validation_data=None, validation_split=0.0, sample_weight=None,
-            class_weight=None, callbacks=(), verbose=1, seed=None):
+            class_weight=None, callbacks=(), verbose=1, seed=None, distributed=False):
         """Train the compiled model on (X, y).
 
         Parameters
@@ -610,6 +610,13 @@ class Sequential:
             2 a line per epoch.
         seed : int, optional
             Seed of the shuffling and sampling (None: fresh randomness each call).
+        distributed : bool or "shards", default False
+            Data-parallel training on the processes an MPI launcher started
+            (``mpiexec -n K python -m mpi4py train.py``; ``pip install 'fastnn[mpi]'``).
+            True: every rank passes the same full data set and takes its part of each
+            global batch of K * batch_size, so training equals one process with that
+            batch size. "shards": every rank passes its own part. Steps run batch by
+            batch (not the fused epoch kernel); see ``fastnn.distributed``.
 
         Returns
         -------
@@ -642,7 +649,7 @@ class Sequential:
         """
         return _training.fit(self, X, y, epochs, batch_size, shuffle, replacement,
                              validation_data, validation_split, sample_weight,
-                             class_weight, callbacks, verbose, seed)
+                             class_weight, callbacks, verbose, seed, distributed)
 
     # ------------------------------------------------------------------ save / load
     def get_config(self):

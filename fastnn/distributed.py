@@ -1,0 +1,302 @@
+"""Data-parallel training over MPI: ``fit(..., distributed=True)`` on K processes.
+
+Start the same script on K ranks with an MPI launcher (``pip install 'fastnn[mpi]'``
+puts ``mpiexec`` in the environment)::
+
+    mpiexec -n 4 python -m mpi4py train.py
+
+and train with ``model.fit(X, y, batch_size=64, distributed=True)``. Every rank keeps
+a full copy of the model; each step every rank computes the gradient of its part of
+the global batch, and one in-place allreduce over the flat gradient vector makes the
+global average, so the parameters stay bit-identical on every rank. The allreduce is
+non-blocking (``Iallreduce``) and waited for with sleeps between polls, so a rank
+waiting for a slower one does not spin on a CPU that other work needs.
+
+``mpi4py`` is imported only when a launcher started this process or distributed
+training is asked for: ``import fastnn`` never initialises MPI.
+
+Failures: every collective fit makes carries an ok/error flag. A rank whose step,
+callback or data check raised sets it, and at that collective every rank stops: the
+failing rank re-raises its own exception, the others raise ``RankFailedError`` naming
+the rank and the cause. An error that could leave the other ranks waiting in a
+collective (one not raised through such an agreement) aborts the whole MPI job.
+"""
+import os
+import sys
+import time
+import traceback
+import zlib
+from contextlib import contextmanager
+
+import numpy as np
+
+#: Environment variables an MPI launcher sets in the processes it starts
+#: (Open MPI / PMIx, MPICH / Intel MPI hydra, Slurm's PMI).
+_LAUNCHER_VARIABLES = ("OMPI_COMM_WORLD_SIZE", "PMIX_RANK", "PMI_SIZE", "PMI_RANK")
+
+#: Waiting for a collective: poll this long, then sleep this long between polls (the
+#: OS rounds the sleep up to ~50-60 us).
+SPIN_SECONDS, POLL_SECONDS = 1e-4, 2e-5
+
+_INSTALL_HINT = ("install the MPI extra: pip install 'fastnn[mpi]' (mpi4py and an "
+                 "Open MPI runtime with its mpiexec)")
+_LAUNCH_HINT = ("start the script with an MPI launcher, e.g. "
+                "'mpiexec -n 2 python -m mpi4py train.py' (as root in a container also "
+                "set OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1; add "
+                "--oversubscribe for more ranks than cores)")
+
+
+class RankFailedError(RuntimeError):
+    """Another rank failed during distributed training; the message names it and why."""
+
+
+def launched():
+    """True when an MPI launcher (mpiexec, srun) started this process."""
+    return "mpi4py.MPI" in sys.modules or any(v in os.environ for v in _LAUNCHER_VARIABLES)
+
+
+def _mpi():
+    try:
+        from mpi4py import MPI
+    except ImportError as exc:
+        raise ImportError(f"distributed training needs mpi4py: {_INSTALL_HINT}") from exc
+    return MPI
+
+
+def rank():
+    """This process's rank in MPI.COMM_WORLD (0 when not started by an MPI launcher)."""
+    return _mpi().COMM_WORLD.Get_rank() if launched() else 0
+
+
+def size():
+    """Number of processes in MPI.COMM_WORLD (1 when not started by an MPI launcher)."""
+    return _mpi().COMM_WORLD.Get_size() if launched() else 1
+
+
+def is_main():
+    """True on rank 0, the rank that prints and writes files (also when not launched)."""
+    return rank() == 0
+
+
+def communicator(distributed):
+    """fit's ``distributed`` argument as a Communicator over MPI.COMM_WORLD, or None for
+    one process. ``distributed`` is False, True (every rank passes the same full data
+    set; each trains on its part of every global batch) or "shards" (every rank passes
+    its own part of the data)."""
+    if distributed is False or distributed is None:
+        return None
+    if not (distributed is True or (isinstance(distributed, str) and distributed == "shards")):
+        raise ValueError(f"distributed must be False, True or 'shards', got {distributed!r}")
+    if not launched():
+        raise RuntimeError(f"fit(distributed={distributed!r}) needs processes started by "
+                           f"an MPI launcher, but this one runs alone; {_LAUNCH_HINT}. For "
+                           "a script that also runs as plain 'python train.py', pass "
+                           "distributed=fastnn.distributed.launched()")
+    return Communicator(_mpi().COMM_WORLD, "full" if distributed is True else "shards")
+
+
+def fingerprint(*arrays):
+    """A checksum of the arrays' bytes (None entries skipped): equal data, equal value."""
+    value = 1
+    for arr in arrays:
+        if arr is not None:
+            value = zlib.adler32(np.ascontiguousarray(arr).view(np.uint8).ravel(), value)
+            value = zlib.adler32(repr((arr.shape, arr.dtype.str)).encode(), value)
+    return value
+
+
+class Communicator:
+    """The collectives one distributed ``fit`` makes, each with a failure flag.
+
+    ``mode`` is "full" (every rank holds the full data set) or "shards".
+    """
+
+    def __init__(self, comm, mode):
+        self.MPI = _mpi()
+        self.comm, self.mode = comm, mode
+        self.rank, self.size = comm.Get_rank(), comm.Get_size()
+        self.pending = None      # the first exception raised on this rank, not yet shared
+        self.agreed = None       # the exception every rank is raising together
+        self.nonfinite_ranks = ()
+        self._buffers = {}
+
+    # ---------------------------------------------------------------- failures
+    @contextmanager
+    def guard(self):
+        """Run the block; an exception is kept for the next collective to share."""
+        try:
+            yield
+        except Exception as exc:  # every rank learns of it at the next collective
+            self.fail(exc)
+
+    def fail(self, exc):
+        """Keep ``exc`` (the first one) for the next collective to share."""
+        if self.pending is None:
+            self.pending = exc
+
+    def _raise_failures(self):
+        """Every rank calls this once some rank failed: raise together."""
+        mine = None if self.pending is None else f"{type(self.pending).__name__}: {self.pending}"
+        causes = [(r, text) for r, text in enumerate(self.comm.allgather(mine)) if text]
+        if self.pending is not None:
+            self.agreed = self.pending
+            raise self.pending
+        text = "; ".join(f"rank {r} failed: {cause}" for r, cause in causes)
+        self.agreed = RankFailedError(f"distributed training stopped on every rank: {text}")
+        raise self.agreed
+
+    def raise_agreed(self, exc):
+        """Raise ``exc``, which every rank raises at this point too."""
+        self.agreed = exc
+        raise exc
+
+    @contextmanager
+    def abort_on_disagreement(self):
+        """Let agreed exceptions through; abort the MPI job on any other, since the
+        other ranks could be waiting for this one in a collective."""
+        try:
+            yield
+        except BaseException as exc:
+            if exc is self.agreed:
+                raise
+            sys.stderr.write(f"fastnn: rank {self.rank} of {self.size} failed outside a "
+                             f"collective; aborting the MPI job:\n{traceback.format_exc()}")
+            sys.stderr.flush()
+            self.comm.Abort(1)
+            raise
+
+    # ---------------------------------------------------------------- collectives
+    def _flagged(self, n, dtype):
+        """A reusable buffer of n values plus the failure flag at the end."""
+        key = (n, np.dtype(dtype).str)
+        buf = self._buffers.get(key)
+        if buf is None:
+            buf = self._buffers[key] = np.empty(n + 1, dtype)
+        return buf
+
+    def allreduce_flagged(self, buf):
+        """Sum ``buf`` (values, then a flag slot) over the ranks, in place, with one
+        Iallreduce; raise on every rank if any rank has a pending failure."""
+        buf[-1] = 0 if self.pending is None else 1
+        self._wait(self.comm.Iallreduce(self.MPI.IN_PLACE, buf, op=self.MPI.SUM))
+        if buf[-1] != 0:
+            self._raise_failures()
+        return buf
+
+    @staticmethod
+    def _wait(request):
+        """Wait for a non-blocking collective: poll for SPIN_SECONDS, then sleep between
+        polls. A blocking MPI call spins until every rank has arrived; on a machine
+        shared with other work that spinning takes the CPU from the processes (or the
+        other ranks) the collective is waiting for. Measured here with other jobs
+        running: 2-rank training ran ~1.5x faster than with a blocking Allreduce."""
+        deadline = time.perf_counter() + SPIN_SECONDS
+        while not request.Test():
+            if time.perf_counter() > deadline:
+                time.sleep(POLL_SECONDS)
+
+    def sum(self, values):
+        """Sum of a float64 vector over the ranks (a fresh array)."""
+        values = np.asarray(values, np.float64).ravel()
+        buf = self._flagged(values.size, np.float64)
+        buf[:-1] = values
+        return self.allreduce_flagged(buf)[:-1].copy()
+
+    def sync(self):
+        """An empty collective: raises on every rank if any rank has failed."""
+        self.allreduce_flagged(self._flagged(0, np.float64))
+
+    def max_value(self, value):
+        """The largest ``value`` (a number) over the ranks."""
+        self.sync()
+        return self.comm.allreduce(value, op=self.MPI.MAX)
+
+    def agree_stop(self, stop, reason):
+        """(stop, reason) the same on every rank: stop if any rank stops, with the
+        reason of the lowest such rank."""
+        if self.sum([1.0 if stop else 0.0])[0] == 0:
+            return False, None
+        reasons = [r for r in self.comm.allgather(reason if stop else None) if r]
+        return True, reasons[0] if reasons else None
+
+    def average_gradient(self, grads, loss, mass):
+        """The global mean gradient, in place in ``grads``; returns the global mean
+        loss and the global sample-weight mass.
+
+        Each rank holds its part's weighted mean ``grads`` and ``loss`` over sample
+        weight ``mass``; one Allreduce of [mass * grads, mass * loss, mass] gives
+        Σ wᵢ∇lᵢ / Σ wᵢ over the global batch (regularization terms, equal on every
+        rank, come out once). A non-finite loss on any rank makes the global loss
+        non-finite on every rank; ``nonfinite_ranks`` then names those ranks.
+        """
+        n = grads.size
+        buf = self._flagged(n + 2, grads.dtype)
+        if self.pending is None and mass > 0:
+            np.multiply(grads, mass, out=buf[:n])
+            buf[n], buf[n + 1] = loss * mass, mass
+        else:
+            buf[:n + 2] = 0
+        local_finite = self.pending is not None or mass == 0 or np.isfinite(loss)
+        self.allreduce_flagged(buf)
+        total = float(buf[n + 1])
+        np.multiply(buf[:n], 1.0 / total if total else 0.0, out=grads)
+        global_loss = float(buf[n]) / total if total else 0.0
+        if not np.isfinite(global_loss):
+            flags = self.comm.allgather(bool(local_finite))
+            self.nonfinite_ranks = tuple(r for r, ok in enumerate(flags) if not ok)
+        return global_loss, total
+
+    def sum_matrix(self, matrix):
+        """Sum a float64 array over the ranks, in place (the Gauss-Newton matrix)."""
+        self.sync()
+        self.comm.Allreduce(self.MPI.IN_PLACE, matrix, op=self.MPI.SUM)
+        return matrix
+
+    def broadcast(self, arr):
+        """Overwrite ``arr`` on every rank with rank 0's values, in place."""
+        self.sync()
+        self.comm.Bcast(arr, root=0)
+
+    def broadcast_object(self, value):
+        return self.comm.bcast(value, root=0)
+
+    def check_same(self, description):
+        """Raise ValueError on every rank if ``description`` (a dict) differs between
+        ranks, naming the ranks and the entries; raise on every rank if any rank failed
+        before (e.g. while validating its data)."""
+        self.sync()
+        gathered = self.comm.allgather(description)
+        differ = []
+        for r, other in enumerate(gathered[1:], start=1):
+            keys = [k for k in gathered[0] if other.get(k) != gathered[0][k]]
+            differ += [f"rank {r} has {k}={other.get(k)!r} where rank 0 has "
+                       f"{gathered[0][k]!r}" for k in keys]
+        if differ:
+            self.raise_agreed(ValueError(
+                "distributed training needs the same model, compile settings and fit "
+                "arguments on every rank" + (" and, with distributed=True, the same data "
+                                              "(pass distributed='shards' to give each rank "
+                                              "its own part)" if self.mode == "full" else "")
+                + ": " + "; ".join(differ)))
+
+    # ---------------------------------------------------------------- metrics
+    def reduce_metrics(self, metrics, width):
+        """Sum every metric's accumulators over the ranks, in place, so ``result()`` is
+        the value over all ranks' samples. A field is a scalar or an array of ``width``
+        (the model's outputs: r2's per-output sums); a scalar on a rank that has seen
+        no samples yet is summed as an array of equal entries."""
+        fields = [(m, k) for m in metrics for k in sorted(vars(m)) if k != "loss"]
+        values = np.zeros((len(fields), width))
+        for row, (m, k) in zip(values, fields):
+            row[...] = np.asarray(getattr(m, k), np.float64)
+        summed = self.sum(values).reshape(values.shape)
+        for row, (m, k) in zip(summed, fields):
+            setattr(m, k, float(row[0]) if np.all(row == row[0]) else row.copy())
+
+
+def split(n, parts, index):
+    """The slice of ``range(n)`` that part ``index`` of ``parts`` gets: contiguous,
+    sizes differing by at most one, the larger parts first (np.array_split's rule)."""
+    base, extra = divmod(n, parts)
+    start = index * base + min(index, extra)
+    return slice(start, start + base + (1 if index < extra else 0))

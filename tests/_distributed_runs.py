@@ -1,0 +1,151 @@
+"""Training runs for tests/test_distributed.py, started under ``mpiexec`` by the tests.
+
+``python _distributed_runs.py OUTDIR NAME [NAME ...]`` runs each named run on every
+rank and writes ``OUTDIR/NAME-rank{r}.npz`` (final parameters, the History as JSON,
+or the exception raised). ``build(name, rank, size)`` is also what the tests call in
+one process to make the single-process reference with batch ``size * batch_size``.
+Every rank starts from its own random weights: fit must broadcast rank 0's.
+"""
+import json
+import os
+import sys
+
+import numpy as np
+
+import fastnn as fn
+from fastnn import callbacks as cbs
+from fastnn import optimizers, solvers
+
+BATCH = 8
+
+
+def _data(n, d, dtype, seed=3):
+    rng = np.random.default_rng(seed)
+    X = rng.standard_normal((n, d)).astype(dtype)
+    y_class = (X[:, 0] + X[:, 1] > 0).astype(np.int64) + (X[:, 2] > 1)
+    y_reg = np.stack([np.sin(X[:, 0]) + X[:, 1], X[:, 2] * X[:, 3]], axis=1)
+    weights = rng.uniform(0.2, 2.0, n)
+    return X, y_class, y_reg.astype(dtype), weights
+
+
+def _model(sizes, dtype, seed, l2=0.0, activation="tanh"):
+    layers = [fn.Dense(a, b, activation=activation if i < len(sizes) - 2 else None,
+                       l2=l2, dtype=dtype, seed=seed + i)
+              for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:]))]
+    return fn.Sequential(layers)
+
+
+def build(name, rank, size):
+    """(model, X, y, fit keyword arguments) of run ``name`` on ``rank`` of ``size``
+    (rank 0 of 1: the single-process reference, whose batch is size * BATCH)."""
+    dtype = "float32" if name.endswith("32") else "float64"
+    seed = 0 if rank == 0 else 100 + rank
+    X, y_class, y_reg, weights = _data(61, 5, dtype)
+    fit = {"epochs": 3, "batch_size": BATCH, "verbose": 0, "seed": 7, "distributed": True}
+    if name == "sgd_l2":  # momentum, l2, a validation split, accuracy
+        model = _model((5, 7, 3), dtype, seed, l2=1e-3)
+        model.compile("cross_entropy", optimizers.SGD(lr=0.2, momentum=0.9), ["accuracy"])
+        return model, X, y_class, {**fit, "validation_split": 0.25}
+    if name.startswith("adam"):  # sample weights, weighted validation data, r2 and mae
+        model = _model((5, 6, 2), dtype, seed)
+        model.compile("mse", optimizers.Adam(lr=0.02), ["mae", "r2"])
+        val = (X[:13] * 0.5, y_reg[:13], weights[:13])
+        return model, X, y_reg, {**fit, "sample_weight": weights, "validation_data": val}
+    if name == "callbacks":  # early stopping with restored weights, lr plateaus, files
+        model = _model((5, 7, 3), dtype, seed)
+        model.compile("cross_entropy", optimizers.SGD(lr=0.5), ["accuracy"])
+        out = os.environ.get("FASTNN_TEST_OUT", ".")
+        callbacks = [cbs.ReduceLROnPlateau("loss", patience=0, factor=0.5),
+                     cbs.EarlyStopping("val_accuracy", patience=1, restore_best_weights=True),
+                     cbs.CSVLogger(os.path.join(out, f"log-rank{rank}.csv")),
+                     cbs.ModelCheckpoint(os.path.join(out, f"ckpt-rank{rank}.npz"), "loss")]
+        return model, X, y_class, {**fit, "epochs": 8, "validation_split": 0.3,
+                                   "callbacks": callbacks}
+    model = _model((5, 4, 2), dtype, seed, l2=1e-4 if name == "lm" else 0.0)
+    solver = {"lbfgs": solvers.LBFGS(), "lm": solvers.LevenbergMarquardt(matrix_free=False),
+              "lm_free": solvers.LevenbergMarquardt(matrix_free=True),
+              "conjugate_gradient": solvers.ConjugateGradient(),
+              "newton_cg": solvers.NewtonCG()}[name]
+    model.compile("mse", solver, ["r2"])
+    return model, X, y_reg, {**fit, "epochs": 4, "sample_weight": weights,
+                             "validation_split": 0.2 if name == "lbfgs" else 0.0}
+
+
+class _StopOnRank(cbs.Callback):
+    """Stops training after epoch ``epoch`` on one rank only."""
+
+    def __init__(self, rank, epoch):
+        self.rank, self.epoch = rank, epoch
+
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch == self.epoch and fn.distributed.rank() == self.rank:
+            self.model.stop_training = True
+
+
+class _FailOnRank(cbs.Callback):
+    """Raises in ``on_epoch_end`` of epoch 1 on the last rank."""
+
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch == 1 and fn.distributed.rank() == fn.distributed.size() - 1:
+            raise RuntimeError("callback failed on purpose")
+
+
+def build_special(name, rank, size, out):
+    """Runs that are not compared with one process: stops and faults."""
+    model, X, y, fit = build("sgd_l2", rank, size)
+    fit.pop("validation_split")
+    if name == "stop_on_one_rank":
+        fit.update(epochs=5, callbacks=[_StopOnRank(size - 1, 1)])
+    elif name == "shards":  # uneven own parts of 20 + 7 r samples, some below a batch
+        X, y = X[:20 + 7 * rank], y[:20 + 7 * rank]
+        fit.update(distributed="shards", batch_size=25)
+    elif name == "bad_data":
+        if rank == size - 1:
+            X = X.copy()
+            X[4, 1] = np.nan
+    elif name == "nan_on_one_rank":  # the squared error overflows on the last rank
+        model = _model((5, 6, 2), "float64", 0)
+        model.compile("mse", "sgd")
+        y = _data(61, 5, "float64")[2] * (1e200 if rank == size - 1 else 1.0)
+        fit["distributed"] = "shards"
+    elif name == "callback_fails":
+        fit.update(epochs=4, callbacks=[
+            cbs.ModelCheckpoint(os.path.join(out, "fault-ckpt-{epoch}.npz"), "loss"),
+            _FailOnRank()])
+    elif name == "other_model":
+        model = _model((5, 7 + rank, 3), "float64", 0)
+        model.compile("cross_entropy", "sgd")
+    elif name == "other_data":
+        X = X + rank
+    elif name == "abort" and rank == size - 1:  # fails outside fit's agreements
+        def broken_step(params, grads):
+            raise MemoryError("optimizer step failed on purpose")
+        model.optimizer.step = broken_step
+    return model, X, y, fit
+
+
+def _run(name, rank, size, out):
+    if name in ("sgd_l2", "adam", "adam32", "callbacks", "lbfgs", "lm", "lm_free",
+                "conjugate_gradient", "newton_cg"):
+        model, X, y, fit = build(name, rank, size)
+    else:
+        model, X, y, fit = build_special(name, rank, size, out)
+    try:
+        history = model.fit(X, y, **fit)
+    except Exception as exc:
+        return {"params": model.params, "error": json.dumps([type(exc).__name__, str(exc)])}
+    return {"params": model.params,
+            "history": json.dumps({"history": history.history, "epoch": history.epoch,
+                                   "stop_reason": history.stop_reason})}
+
+
+def main(argv):
+    out, names = argv[0], argv[1:]
+    os.environ["FASTNN_TEST_OUT"] = out
+    rank, size = fn.distributed.rank(), fn.distributed.size()
+    for name in names:
+        np.savez(os.path.join(out, f"{name}-rank{rank}.npz"), **_run(name, rank, size, out))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

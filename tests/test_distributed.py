@@ -1,0 +1,259 @@
+"""Data-parallel training over MPI: real ``mpiexec -n 2`` and ``-n 3`` runs.
+
+One mpiexec run per rank count does every training run of ``_distributed_runs.py``
+(starting MPI costs about a second); each test then checks one of them: parameters
+bit-identical on every rank, History identical on every rank and equal to one process
+with the same global batch (rtol 1e-10 in float64, 1e-5 in float32), faults stopping
+every rank with an error that names the failing rank. Every subprocess has a timeout.
+"""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import fastnn as fn
+from fastnn import distributed
+from fastnn._training import _BatchPlan
+
+pytest.importorskip("mpi4py")
+import _distributed_runs as runs  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+EQUIVALENT = ("sgd_l2", "adam", "adam32", "callbacks", "lbfgs", "lm", "lm_free",
+              "conjugate_gradient", "newton_cg")
+SPECIAL = ("stop_on_one_rank", "shards", "bad_data", "nan_on_one_rank", "callback_fails",
+           "other_model", "other_data")
+TIMEOUT = 120
+
+
+def _mpiexec():
+    beside_python = Path(sys.executable).parent / "mpiexec"
+    found = str(beside_python) if beside_python.exists() else shutil.which("mpiexec")
+    if found is None:
+        pytest.skip("no mpiexec (pip install 'fastnn[mpi]')")
+    return found
+
+
+def _launch(size, out, names):
+    """Run ``_distributed_runs.py`` on ``size`` ranks; the CompletedProcess."""
+    env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+    command = [_mpiexec(), "--oversubscribe", "-n", str(size), sys.executable,
+               str(HERE / "_distributed_runs.py"), str(out), *names]
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=TIMEOUT)
+
+
+@pytest.fixture(scope="module", params=[2, 3], ids=["2-ranks", "3-ranks"])
+def ranks(request, tmp_path_factory):
+    """(size, output directory) of one mpiexec run doing every training run."""
+    out = tmp_path_factory.mktemp(f"mpi{request.param}")
+    done = _launch(request.param, out, EQUIVALENT + SPECIAL)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return request.param, out
+
+
+def _results(size, out, name):
+    files = [np.load(out / f"{name}-rank{r}.npz") for r in range(size)]
+    return [{key: (json.loads(str(f[key])) if key != "params" else f[key]) for key in f.files}
+            for f in files]
+
+
+def _same_on_every_rank(results):
+    for r, result in enumerate(results[1:], start=1):
+        assert np.array_equal(result["params"], results[0]["params"]), f"rank {r} params"
+        assert result.get("history") == results[0].get("history"), f"rank {r} History"
+
+
+@pytest.mark.parametrize("name", EQUIVALENT)
+def test_equals_one_process_with_the_global_batch(ranks, name, tmp_path, monkeypatch):
+    size, out = ranks
+    results = _results(size, out, name)
+    assert "error" not in results[0], results[0].get("error")
+    _same_on_every_rank(results)
+    monkeypatch.setenv("FASTNN_TEST_OUT", str(tmp_path))
+    model, X, y, fit = runs.build(name, 0, 1)
+    history = model.fit(X, y, **{**fit, "batch_size": size * runs.BATCH, "distributed": False})
+    rtol = 1e-5 if model.dtype == np.float32 else 1e-10
+    if name == "newton_cg":  # its finite-difference Hessian products (step h ~ 1e-8)
+        rtol = 1e-6          # amplify the ~1e-16 roundoff of a gradient summed by rank
+    atol = rtol * float(np.abs(model.params).max())
+    np.testing.assert_allclose(results[0]["params"], model.params, rtol=rtol, atol=atol)
+    got = results[0]["history"]
+    assert got["epoch"] == history.epoch and got["stop_reason"] == history.stop_reason
+    assert sorted(got["history"]) == sorted(history.history)
+    for key, values in history.history.items():
+        np.testing.assert_allclose(got["history"][key], values, rtol=rtol, err_msg=key)
+
+
+def test_rank_0_alone_writes_files(ranks):
+    size, out = ranks
+    assert (out / "log-rank0.csv").exists() and (out / "ckpt-rank0.npz").exists()
+    for r in range(1, size):
+        assert not (out / f"log-rank{r}.csv").exists()
+        assert not (out / f"ckpt-rank{r}.npz").exists()
+
+
+def test_a_stop_on_one_rank_stops_every_rank(ranks):
+    size, out = ranks
+    results = _results(size, out, "stop_on_one_rank")
+    _same_on_every_rank(results)
+    assert results[0]["history"]["epoch"] == [0, 1]
+    assert "_StopOnRank" in results[0]["history"]["stop_reason"]
+
+
+def test_own_uneven_shards_keep_ranks_identical(ranks):
+    size, out = ranks
+    results = _results(size, out, "shards")
+    _same_on_every_rank(results)
+    assert results[0]["history"]["epoch"] == [0, 1, 2]
+    assert np.isfinite(results[0]["history"]["history"]["loss"]).all()
+
+
+@pytest.mark.parametrize("name, own_error, cause", [
+    ("bad_data", "ValueError", "ValueError: X contains 1 NaN"),
+    ("callback_fails", "RuntimeError", "RuntimeError: callback failed on purpose"),
+])
+def test_a_failing_rank_stops_every_rank_naming_it(ranks, name, own_error, cause):
+    size, out = ranks
+    results = _results(size, out, name)
+    assert results[-1]["error"][0] == own_error
+    for result in results[:-1]:
+        kind, message = result["error"]
+        assert kind == "RankFailedError"
+        assert f"rank {size - 1} failed: {cause}" in message
+
+
+def test_a_checkpoint_written_before_a_failure_survives(ranks):
+    _, out = ranks
+    assert fn.load_model(out / "fault-ckpt-1.npz").n_params > 0
+
+
+def test_a_nonfinite_loss_on_one_rank_stops_every_rank_naming_it(ranks):
+    size, out = ranks
+    for result in _results(size, out, "nan_on_one_rank"):
+        kind, message = result["error"]
+        assert kind == "FloatingPointError"
+        assert f"loss became inf (on the batch part of rank {size - 1} of {size})" in message
+
+
+@pytest.mark.parametrize("name, difference", [
+    ("other_model", "rank 1 has layers[0]="), ("other_data", "rank 1 has data checksum")])
+def test_ranks_that_disagree_fail_before_training(ranks, name, difference):
+    size, out = ranks
+    for result in _results(size, out, name):
+        kind, message = result["error"]
+        assert kind == "ValueError" and difference in message
+        assert "distributed='shards'" in message
+
+
+def test_an_error_outside_the_agreements_aborts_the_job(tmp_path):
+    done = _launch(2, tmp_path, ["abort"])
+    assert done.returncode != 0
+    output = done.stdout + done.stderr
+    assert "rank 1 of 2 failed outside a collective" in output
+    assert "MemoryError: optimizer step failed on purpose" in output
+
+
+# ------------------------------------------------------------------ one process
+def test_outside_a_launcher_rank_size_and_a_clear_message(monkeypatch):
+    for variable in distributed._LAUNCHER_VARIABLES:
+        monkeypatch.delenv(variable, raising=False)
+    if "mpi4py.MPI" in sys.modules:
+        pytest.skip("MPI was initialised in this process by another test")
+    assert (distributed.rank(), distributed.size(), distributed.is_main()) == (0, 1, True)
+    model, X, y, fit = runs.build("sgd_l2", 0, 1)
+    with pytest.raises(RuntimeError, match="needs processes started by an MPI launcher.*mpiexec"):
+        model.fit(X, y, **fit)
+    with pytest.raises(ValueError, match="distributed must be False, True or 'shards'"):
+        model.fit(X, y, **{**fit, "distributed": "all"})
+    assert "mpi4py.MPI" not in sys.modules  # MPI was never initialised here
+
+
+def test_without_mpi4py_says_what_to_install(monkeypatch):
+    monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "2")
+    monkeypatch.setitem(sys.modules, "mpi4py", None)
+    model, X, y, fit = runs.build("sgd_l2", 0, 1)
+    with pytest.raises(ImportError, match=r"pip install 'fastnn\[mpi\]'"):
+        model.fit(X, y, **fit)
+
+
+def test_import_fastnn_does_not_import_mpi4py():
+    code = "import sys, fastnn; assert 'mpi4py' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=TIMEOUT)
+
+
+@pytest.mark.parametrize("n, batch, parts", [(61, 8, 2), (61, 8, 3), (5, 4, 3), (16, 8, 2)])
+def test_rank_parts_tile_the_single_process_batches(n, batch, parts):
+    single = _BatchPlan(n, parts * batch)
+    plans = [_BatchPlan(n, batch, parts=parts, part=r) for r in range(parts)]
+    assert all(p.n_batches == single.n_batches for p in plans)
+    for b in range(single.n_batches):
+        bounds = [p.bounds(b) for p in plans]
+        assert bounds[0][0] == single.bounds(b)[0] and bounds[-1][1] == single.bounds(b)[1]
+        assert all(a[1] == c[0] for a, c in zip(bounds, bounds[1:]))
+        sizes = [stop - start for start, stop in bounds]
+        assert max(sizes) - min(sizes) <= 1
+
+
+def test_readme_example_prints_the_same_on_two_ranks(tmp_path):
+    readme = (HERE.parent / "README.md").read_text(encoding="utf-8")
+    start = readme.index("# train.py")
+    script = tmp_path / "train.py"
+    script.write_text(readme[start:readme.index("```", start)], encoding="utf-8")
+    alone = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                           cwd=tmp_path, timeout=TIMEOUT)
+    assert alone.returncode == 0, alone.stderr
+    env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+    two = subprocess.run([_mpiexec(), "--oversubscribe", "-n", "2", sys.executable, "-m",
+                          "mpi4py", str(script)], capture_output=True, text=True, cwd=tmp_path,
+                         env=env, timeout=TIMEOUT)
+    assert two.returncode == 0, two.stdout + two.stderr
+    assert two.stdout == alone.stdout and alone.stdout.startswith("val_accuracy 0.")
+
+
+def test_cost_model_efficiency_falls_with_ranks_and_the_batch_keeps_the_target():
+    from fastnn.bench import mpi
+
+    allreduce = {"ranks": 2, "seconds": {str(b): 1e-6 + b / 2e9 for b in mpi.MESSAGE_BYTES}}
+    steps = {f"{net}/{b}": 1e-4 + 5e-6 * b for net in mpi.NETS for b in (16, 256)}
+    model = mpi.cost_model(allreduce, steps)
+    for entry in model.values():
+        for gbps in mpi.NETWORKS_GBPS:
+            efficiency = [row[gbps]["efficiency"] for row in entry["rows"]]
+            assert all(0 < e <= 1 for e in efficiency) and efficiency == sorted(efficiency)[::-1]
+            for row in entry["rows"]:
+                k, batch = row["ranks"], row[gbps]["batch_for_target"]
+                assert batch % k == 0
+                comm = (2 * (k - 1) * (1e-6 + mpi.NETWORK_LATENCY)
+                        + 2 * (k - 1) / k * entry["grad_bytes"] / (gbps * 1e9 / 8))
+                compute = entry["c0"] + entry["c1"] * batch / k
+                assert compute / (compute + comm) >= mpi.TARGET_EFFICIENCY - 1e-12
+    assert "NOT a measurement" in mpi.model_table(model)
+
+
+def test_cli_trains_on_two_ranks_and_rank_0_alone_prints_and_saves(tmp_path):
+    env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+    done = subprocess.run([_mpiexec(), "--oversubscribe", "-n", "2", sys.executable, "-m",
+                           "fastnn", "train", "--epochs", "2", "--threads", "1", "--quiet",
+                           "--save", "m.npz"], capture_output=True, text=True, cwd=tmp_path,
+                          env=env, timeout=TIMEOUT)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.count("trained 2 epochs") == 1 and "saved model to m.npz" in done.stdout
+    assert fn.load_model(tmp_path / "m.npz").n_features == 64
+
+
+def test_bench_mpi_workers_measure_on_two_ranks():
+    from fastnn.bench import mpi
+
+    allreduce = mpi._launch({"kind": "allreduce", "bytes": [8, 4096], "trials": 1}, 2)
+    assert allreduce["ranks"] == 2 and set(allreduce["seconds"]) == {"8", "4096"}
+    spec = {"kind": "fastnn", "sizes": [8, 6, 3], "samples": 256, "batch": 64, "repeats": 1,
+            "distributed": True, "fused": False}
+    two = mpi._launch(spec, 2)
+    one = mpi._launch(dict(spec, distributed=False), None)
+    assert len(two["epoch_seconds"]) == 1
+    np.testing.assert_allclose(two["loss"], one["loss"], rtol=1e-5)
