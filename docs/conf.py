@@ -20,6 +20,10 @@ autoclass_content = "class"
 exclude_patterns = ["_build"]
 html_theme = "alabaster"
 napoleon_use_ivar = True
+# napoleon links the words of a type such as "ndarray, shape (n_params,)"; a word that
+# names members of two classes (Sequential.n_params, Objective.n_params) is ambiguous,
+# not broken: keep the link to the first and do not fail the -W build on it.
+suppress_warnings = ["ref.python"]
 
 
 def skip_foreign_members(app, what, name, obj, skip, options):

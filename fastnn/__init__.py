@@ -62,7 +62,7 @@ from .layers import (  # noqa: E402
     Softplus,
     Tanh,
 )
-from ._training import History  # noqa: E402
+from ._history import History  # noqa: E402
 from .model import NotCompiledError, Sequential, load_model  # noqa: E402
 from .perceptron import NotFittedError, Perceptron  # noqa: E402
 

@@ -4,7 +4,7 @@
 once, splits off validation data, then trains either
 
 - batch by batch: each epoch in one fused ``train_epoch`` kernel call when the model
-  allows it (``_fused_epoch_runner``), otherwise step by step in Python
+  allows it (``fused_epoch_runner``), otherwise step by step in Python
   (``_python_epoch_runner``); both return ``(logs, updates made, bad loss or None)``;
 - or, for a full-batch solver, one solver iteration per epoch (``_fit_solver``).
 
@@ -14,114 +14,28 @@ per-epoch logs on every path.
 """
 import contextlib
 import math
-import sys
 import time
 
 import numpy as np
 
 from . import distributed as distributed_module
-from . import kernels
 from . import metrics as metrics_module
 from . import optimizers as optimizers_module
-from ._backend import backend_module, get_backend
+from ._backend import get_backend
+from ._epochs import BatchGather, BatchPlan, epoch_order, fused_epoch_runner
+from ._history import History, _Progress
 from ._validation import all_finite, check_bool, check_float, check_int, check_seed
 from .callbacks import (
-    Callback,
     CSVLogger,
     ModelCheckpoint,
     TerminateOnNaN,
     check_callbacks,
     check_training_setup,
 )
-from .layers import Dense
 from .solvers import Objective, Solver
 
 #: Callbacks that only write files: a distributed fit runs them on rank 0 alone.
 _WRITERS = (ModelCheckpoint, CSVLogger)
-
-
-class History:
-    """What ``fit`` returns.
-
-    Attributes
-    ----------
-    history : dict
-        "loss", each metric, "val_*" and "lr" (when ReduceLROnPlateau records it) mapped
-        to per-epoch lists of Python floats.
-    epoch : list of int
-        The epoch indices run.
-    unit : str
-        "epoch", or "iteration" when a full-batch solver trained (one per epoch).
-    stop_reason : str
-        Why fit ended ("completed N epochs", a solver's convergence message, the
-        callback that stopped training, or the divergence message).
-    n_evaluations : int
-        Loss+gradient evaluations made (mini-batch steps, or a solver's evaluations).
-    seconds : float
-        Wall time of the training loop.
-    writes_files : bool
-        False on the ranks other than 0 of a distributed fit: ``plot`` draws but does
-        not save there.
-    """
-
-    def __init__(self, unit="epoch"):
-        self.writes_files = True
-        self.history = {}
-        self.epoch = []
-        self.unit = unit
-        self.stop_reason = None
-        self.n_evaluations = 0
-        self.seconds = 0.0
-
-    def append(self, epoch, logs):
-        self.epoch.append(epoch)
-        for key, value in logs.items():
-            self.history.setdefault(key, []).append(float(value))
-
-    def plot(self, path=None, keys=None, logy=None, title=None):
-        """Plot the curves with matplotlib (``pip install fastnn[plot]``): one panel per
-        key ("loss", each metric, "lr" when recorded) with its "val_*" curve beside it.
-
-        ``logy`` puts the loss and error (mae, mse) axes on a log scale (default: on for
-        solver runs, whose loss falls by orders of magnitude; accuracy and r2 stay linear,
-        and the "lr" panel is always logarithmic). The x axis
-        counts epochs, or iterations for solvers. ``title`` goes above the panels. Saves
-        to ``path`` when given (on rank 0 alone after a distributed fit); returns the
-        matplotlib Figure.
-        """
-        try:
-            if path is None:
-                import matplotlib.pyplot as plt
-            else:  # draw off-screen without switching the process's matplotlib backend
-                from matplotlib.figure import Figure
-        except ImportError as exc:
-            raise ImportError("History.plot needs matplotlib: pip install 'fastnn[plot]'"
-                              ) from exc
-        if logy is None:
-            logy = self.unit == "iteration"
-        keys = [k for k in (keys or self.history) if not k.startswith("val_")]
-        size = (4.5 * max(len(keys), 1), 3.5)
-        fig = plt.figure(figsize=size) if path is None else Figure(figsize=size)
-        axes = fig.subplots(1, max(len(keys), 1), squeeze=False)
-        x = [e + 1 for e in self.epoch]
-        for ax, key in zip(axes[0], keys):
-            ax.plot(x, self.history[key], label=key)
-            if "val_" + key in self.history:
-                ax.plot(x, self.history["val_" + key], label="val_" + key)
-            if (logy and key in ("loss", "mae", "mse")) or key == "lr":
-                ax.set_yscale("log")
-            ax.set_xlabel(self.unit)
-            ax.set_title(key)
-            ax.legend()
-        if title is not None:
-            fig.suptitle(title)
-        fig.tight_layout()
-        if path is not None and self.writes_files:
-            fig.savefig(path)
-        return fig
-
-    def __repr__(self):
-        return f"History(epochs={len(self.epoch)}, keys={sorted(self.history)})"
 
 
 def fit(model, X, y, epochs=1, batch_size=32, shuffle=True, replacement=False,
@@ -175,7 +89,7 @@ def _setup(model, X, y, epochs, batch_size, shuffle, replacement, validation_dat
     return _Setup(epochs=epochs, verbose=verbose, rng=np.random.default_rng(seed), seed=seed,
                   X=X, target=target, weights=weights, val=val, shuffle=shuffle,
                   replacement=replacement, batch=batch, batch_size=batch_size,
-                  callbacks=callbacks, solver=solver, plan=_BatchPlan(n, batch))
+                  callbacks=callbacks, solver=solver, plan=BatchPlan(n, batch))
 
 
 def _train(model, setup, comm):
@@ -239,7 +153,7 @@ def _distribute(model, comm, setup):
     if comm.mode == "shards":  # every rank takes the same number of steps
         largest = comm.max_value(setup.X.shape[0])
         batch = setup.batch_size or largest
-        setup.plan = _BatchPlan(setup.X.shape[0], batch, n_batches=math.ceil(largest / batch))
+        setup.plan = BatchPlan(setup.X.shape[0], batch, n_batches=math.ceil(largest / batch))
         return setup
     if setup.val is not None:
         part = distributed_module.split(setup.val[0].shape[0], comm.size, comm.rank)
@@ -252,7 +166,7 @@ def _distribute(model, comm, setup):
         part = distributed_module.split(n, comm.size, comm.rank)
         setup.X, setup.target = setup.X[part], setup.target[part]
         setup.weights = None if setup.weights is None else setup.weights[part]
-    setup.plan = _BatchPlan(n, setup.batch, parts=comm.size, part=comm.rank)
+    setup.plan = BatchPlan(n, setup.batch, parts=comm.size, part=comm.rank)
     return setup
 
 
@@ -428,7 +342,7 @@ class _FitLoop:
         model, plan = self.model, setup.plan
         run_fused = None
         if self.comm is None:
-            run_fused = _fused_epoch_runner(model, setup.X, setup.target, setup.weights,
+            run_fused = fused_epoch_runner(model, setup.X, setup.target, setup.weights,
                                             plan.batch, plan.n_batches, self.callbacks)
         run_epoch = run_fused or self._python_epoch_runner(setup.X, setup.target,
                                                            setup.weights, plan)
@@ -436,7 +350,7 @@ class _FitLoop:
         for epoch in range(setup.epochs):
             self.begin_epoch(epoch)
             epoch_start_params = model.params.copy()
-            order = _epoch_order(setup.rng, plan.n, setup.shuffle, setup.replacement)
+            order = epoch_order(setup.rng, plan.n, setup.shuffle, setup.replacement)
             logs, done, bad_loss = run_epoch(order)
             steps += done
             if bad_loss is not None:
@@ -460,7 +374,7 @@ class _FitLoop:
         and ``Communicator.average_gradient`` makes the global one; metrics are summed
         over the ranks at the end of the epoch."""
         model, callbacks, progress, comm = self.model, self.callbacks, self.progress, self.comm
-        gather = _BatchGather(X, target, weights)
+        gather = BatchGather(X, target, weights)
 
         def run(order):
             metrics = metrics_module.build(model.metrics, model.loss)
@@ -576,176 +490,3 @@ def _solver_metrics(model, objective, x, target, comm):
     if comm is not None:
         comm.reduce_metrics(metrics, model.n_outputs)
     return {m.name: m.result() for m in metrics}
-
-
-# ---------------------------------------------------------------- the fused epoch
-def _fused_epoch_runner(model, X, target, weights, batch, n_batches, callbacks):
-    """The fast path: a whole epoch in one ``train_epoch`` kernel call.
-
-    Taken when the model is a stack of Dense layers without regularization, the loss
-    and optimizer have a kernel spec (``Loss.kernel_spec``, ``Optimizer.kernel_spec``:
-    no gradient clipping, targets in a form the kernel reads), there are no sample
-    weights, the only metric is accuracy and no callback needs per-batch calls
-    (TerminateOnNaN is honoured). It computes what the general path computes; set
-    ``model.use_fused_epoch = False`` to force the general path. The optimizer's kernel
-    spec is read once per fit: hyper-parameters changed by a callback in the middle of
-    a fit take effect at the next fit (the learning rate and its scale are read every
-    epoch). Returns ``run(order)`` like ``_python_epoch_runner``, or None.
-    """
-    dense = [layer for layer in model.layers if isinstance(layer, Dense)]
-    optimizer_spec = (model.optimizer.kernel_spec()
-                      if isinstance(model.optimizer, optimizers_module.Optimizer) else None)
-    loss_spec = model.loss.kernel_spec(target)
-    eligible = (
-        model.use_fused_epoch and optimizer_spec is not None and loss_spec is not None
-        and weights is None
-        and len(dense) == len(model.layers) and not any(d.l1 or d.l2 for d in dense)
-        and set(model.metrics) <= {"accuracy"}
-        and all(isinstance(cb, TerminateOnNaN)
-                or type(cb).on_batch_end is Callback.on_batch_end for cb in callbacks))
-    if not eligible:
-        return None
-    loss_code, loss_param, hits_per_sample = loss_spec
-    widths = np.array([dense[0].in_features] + [d.out_features for d in dense], np.int64)
-    acts = np.array([d.act_code for d in dense], np.int64)
-    alphas = np.array([d.alpha for d in dense], np.float64)
-    use_bias = np.array([d.use_bias for d in dense], np.int64)
-    workspace = np.empty(kernels.train_epoch_workspace_size(batch, widths), model.dtype)
-    if target.ndim == 1:
-        labels, targets = target, np.empty((0, model.n_outputs), model.dtype)
-    else:
-        labels, targets = np.empty(0, np.int64), target
-    in_order = np.arange(X.shape[0], dtype=np.int64)
-    stats = np.zeros(4)
-    optimizer = model.optimizer
-    # The arguments that stay fixed over the fit; run() sets the per-epoch ones.
-    fixed = kernels.TrainEpochSpec(
-        X, labels, targets, in_order, batch, widths, acts, alphas, use_bias, model.params,
-        model.grads, workspace, loss_code, loss_param, optimizer=optimizer_spec, lrs=None,
-        step=0, stats=stats)
-
-    def run(order):
-        order = in_order if order is None else order
-        backend_module().train_epoch(fixed._replace(
-            order=order, lrs=optimizer.upcoming_lrs(n_batches), step=optimizer.iterations))
-        done = int(stats[2])
-        optimizer.iterations += done
-        if done < n_batches:
-            return None, done, float(stats[3])
-        logs = {"loss": stats[0] / order.shape[0]}
-        if model.metrics:
-            logs["accuracy"] = stats[1] / (order.shape[0] * hits_per_sample)
-        return logs, done, None
-    return run
-
-
-# ---------------------------------------------------------------- helpers
-class _BatchPlan:
-    """Which rows of an epoch's sample order each step of this process takes.
-
-    Step b covers the global batch ``[b * parts * batch, (b + 1) * parts * batch)`` of
-    the order (clipped to n); with ``parts`` ranks each takes its contiguous part of it
-    (``distributed.split``: sizes differ by at most one, possibly empty in the last
-    batch), so the steps are those of one process with batch ``parts * batch``.
-    ``n_batches`` may exceed what n needs (a rank's own shard shorter than another's):
-    the extra steps are empty on this rank.
-    """
-
-    def __init__(self, n, batch, parts=1, part=0, n_batches=None):
-        self.n, self.batch, self.parts, self.part = n, batch, parts, part
-        self.global_batch = batch * parts
-        self.n_batches = math.ceil(n / self.global_batch) if n_batches is None else n_batches
-
-    def bounds(self, b):
-        start = min(b * self.global_batch, self.n)
-        stop = min(start + self.global_batch, self.n)
-        if self.parts == 1:
-            return start, stop
-        part = distributed_module.split(stop - start, self.parts, self.part)
-        return start + part.start, start + part.stop
-
-
-def _epoch_order(rng, n, shuffle, replacement):
-    """Sample order for one epoch: None (in order), a permutation, or n draws."""
-    if replacement:
-        return rng.integers(0, n, size=n)
-    if shuffle:
-        return rng.permutation(n)
-    return None
-
-
-class _BatchGather:
-    """Rows of one batch: a view for in-order epochs, otherwise gathered into reusable
-    buffers (np.take with out=, no fresh allocation per step)."""
-
-    def __init__(self, X, target, weights):
-        self.arrays = (X, target, weights)
-        self.buffers = {}
-
-    def __call__(self, order, start, stop):
-        if order is None:
-            return tuple(None if a is None else a[start:stop] for a in self.arrays)
-        idx = order[start:stop]
-        m = stop - start
-        bufs = self.buffers.get(m)
-        if bufs is None:
-            bufs = self.buffers[m] = [None if a is None else np.empty((m,) + a.shape[1:], a.dtype)
-                                      for a in self.arrays]
-        for a, buf in zip(self.arrays, bufs):
-            if a is not None:
-                np.take(a, idx, axis=0, out=buf)
-        return tuple(bufs)
-
-
-class _Progress:
-    """What fit shows while it trains.
-
-    verbose=1 with tqdm installed: for mini-batch training one bar per epoch over its
-    batches, replaced at the end of the epoch by a line with the epoch's logs (val_*
-    included) that stays; for a solver one bar over the iterations. Both on stderr.
-    verbose=1 without tqdm, and verbose=2: one line per epoch (iteration) on stdout.
-    verbose=0: silent.
-    """
-
-    def __init__(self, verbose, epochs, n_batches, unit="epoch"):
-        self.verbose, self.epochs, self.n_batches, self.unit = verbose, epochs, n_batches, unit
-        self.tqdm = self.bar = None
-        if verbose == 1:
-            try:
-                from tqdm.auto import tqdm
-            except ImportError:
-                tqdm = None
-            self.tqdm = tqdm
-        if self.tqdm is not None and unit == "iteration":
-            self.bar = self._new_bar(epochs, "iteration", leave=True)
-
-    def _new_bar(self, total, unit, **kwargs):
-        return self.tqdm(total=total, unit=unit, file=sys.stderr, dynamic_ncols=True,
-                         **kwargs)
-
-    def epoch_begin(self, epoch):
-        if self.tqdm is not None and self.unit == "epoch":
-            self.bar = self._new_bar(self.n_batches, "batch", leave=False,
-                                     desc=f"epoch {epoch + 1}/{self.epochs}")
-
-    def batch_done(self, count=1):
-        if self.bar is not None and self.unit == "epoch":
-            self.bar.update(count)
-
-    def epoch_done(self, epoch, logs):
-        metrics = " ".join(f"{k}={v:.4g}" for k, v in logs.items())
-        text = f"{self.unit} {epoch + 1}/{self.epochs} - {metrics}"
-        if self.tqdm is None:
-            if self.verbose:
-                print(text, flush=True)
-        elif self.unit == "iteration":
-            self.bar.set_postfix_str(metrics, refresh=False)
-            self.bar.update(1)
-        else:
-            self.close()
-            self.tqdm.write(text, file=sys.stderr)
-
-    def close(self):
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None

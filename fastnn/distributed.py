@@ -258,6 +258,7 @@ class Communicator:
         self.comm.Bcast(arr, root=0)
 
     def broadcast_object(self, value):
+        """Rank 0's ``value`` (any picklable object), on every rank."""
         return self.comm.bcast(value, root=0)
 
     def check_same(self, description):

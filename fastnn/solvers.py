@@ -54,6 +54,7 @@ class Objective:
 
     @property
     def n_params(self):
+        """Length of the flat parameter vector x."""
         return self.model.params.size
 
     def _set(self, x):
@@ -88,9 +89,11 @@ class Objective:
         return self._cache_out
 
     def loss(self, x):
+        """The training loss (regularization included) at x."""
         return self.loss_and_grad(x)[0]
 
     def grad(self, x):
+        """The gradient (float64 copy, shape of x) at x."""
         return self.loss_and_grad(x)[1]
 
     def hessp(self, x, v):
@@ -248,6 +251,7 @@ class Solver:
         return {"gtol": self.gtol, "ftol": self.ftol}
 
     def get_config(self):
+        """The solver's name and settings, as ``from_config`` takes them."""
         return {"name": self.name, **self._params()}
 
     def __repr__(self):
@@ -259,6 +263,8 @@ class _OwnLoop(Solver):
     """Solvers written here: one ``_iterate`` per fit epoch."""
 
     def minimize(self, objective, x0, max_iter, on_iteration):
+        """Iterate from ``x0`` until converged, ``max_iter`` iterations or
+        ``on_iteration`` asks to stop; returns the reason (None when asked to stop)."""
         x = np.array(x0, dtype=np.float64)
         f, g = objective.loss_and_grad(x)
         self._start(objective, x)
@@ -367,17 +373,17 @@ class ConjugateGradient(_OwnLoop):
 
 
 class LevenbergMarquardt(_OwnLoop):
-    """Levenberg-Marquardt for the mse loss: solve (J~'J~ + D + mu I) delta = -g.
+    """Levenberg-Marquardt for the mse loss: solve ``(J'J + D + mu I) delta = -g``.
 
-    J~ is the scaled residual Jacobian (so J~'J~ is the Gauss-Newton Hessian of the
+    J is the scaled residual Jacobian (so ``J'J`` is the Gauss-Newton Hessian of the
     mse), D the l2 regularizer's curvature and g the exact gradient. A step that lowers
-    the loss is taken and mu *= mu_decrease; otherwise mu *= mu_increase and the step is
-    solved again, until mu exceeds mu_max.
+    the loss is taken and mu is multiplied by ``mu_decrease``; otherwise by
+    ``mu_increase`` and the step is solved again, until mu exceeds ``mu_max``.
 
-    ``matrix_free``: False builds J~ with the per-sample kernel and solves by Cholesky;
-    True never forms J~ and solves the damped system by conjugate gradient with J~v
-    (forward mode) and J~'u (backprop) products; "auto" goes matrix-free when J~ would
-    take more than ``max_dense_bytes``.
+    ``matrix_free``: False builds J with the per-sample kernel and solves by Cholesky;
+    True never forms J and solves the damped system by conjugate gradient with ``J v``
+    (forward mode) and ``J' u`` (backprop) products; "auto" goes matrix-free when J
+    would take more than ``max_dense_bytes``.
     """
 
     name = "levenberg_marquardt"
@@ -480,9 +486,9 @@ class Newton(_OwnLoop):
     """Newton's method with the full Hessian (small models only).
 
     H comes from central differences of the analytic gradient (2 gradient evaluations
-    per parameter), symmetrized. The step solves |H| d = -g with H's eigenvalues
-    replaced by max(|lambda|, damping) — a descent direction even where the loss is
-    not convex — followed by an Armijo backtracking line search.
+    per parameter), symmetrized. The step solves ``|H| d = -g`` with H's eigenvalues
+    replaced by ``max(|lambda|, damping)`` — a descent direction even where the loss
+    is not convex — followed by an Armijo backtracking line search.
     """
 
     name = "newton"
@@ -525,6 +531,8 @@ class _Scipy(Solver):
     method = None
 
     def minimize(self, objective, x0, max_iter, on_iteration):
+        """Run scipy.optimize.minimize from ``x0`` for at most ``max_iter`` iterations;
+        returns the reason it stopped (None when ``on_iteration`` asked to stop)."""
         if max_iter == 0:  # scipy would still take a step
             return "reached the maximum of 0 iterations"
         stopped = []

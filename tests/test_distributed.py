@@ -18,7 +18,7 @@ import pytest
 
 import fastnn as fn
 from fastnn import distributed
-from fastnn._training import _BatchPlan
+from fastnn._epochs import BatchPlan
 
 pytest.importorskip("mpi4py")
 import _distributed_runs as runs  # noqa: E402
@@ -188,8 +188,8 @@ def test_import_fastnn_does_not_import_mpi4py():
 
 @pytest.mark.parametrize("n, batch, parts", [(61, 8, 2), (61, 8, 3), (5, 4, 3), (16, 8, 2)])
 def test_rank_parts_tile_the_single_process_batches(n, batch, parts):
-    single = _BatchPlan(n, parts * batch)
-    plans = [_BatchPlan(n, batch, parts=parts, part=r) for r in range(parts)]
+    single = BatchPlan(n, parts * batch)
+    plans = [BatchPlan(n, batch, parts=parts, part=r) for r in range(parts)]
     assert all(p.n_batches == single.n_batches for p in plans)
     for b in range(single.n_batches):
         bounds = [p.bounds(b) for p in plans]

@@ -1,0 +1,130 @@
+"""The pieces of an epoch: each step's rows (``_BatchPlan``, ``epoch_order``,
+``BatchGather``) and the fused path that runs a whole epoch in one ``train_epoch``
+kernel call (``fused_epoch_runner``)."""
+import math
+
+import numpy as np
+
+from . import distributed as distributed_module
+from . import kernels
+from . import optimizers as optimizers_module
+from ._backend import backend_module
+from .callbacks import Callback, TerminateOnNaN
+from .layers import Dense
+
+
+class BatchPlan:
+    """Which rows of an epoch's sample order each step of this process takes.
+
+    Step b covers the global batch ``[b * parts * batch, (b + 1) * parts * batch)`` of
+    the order (clipped to n); with ``parts`` ranks each takes its contiguous part of it
+    (``distributed.split``: sizes differ by at most one, possibly empty in the last
+    batch), so the steps are those of one process with batch ``parts * batch``.
+    ``n_batches`` may exceed what n needs (a rank's own shard shorter than another's):
+    the extra steps are empty on this rank.
+    """
+
+    def __init__(self, n, batch, parts=1, part=0, n_batches=None):
+        self.n, self.batch, self.parts, self.part = n, batch, parts, part
+        self.global_batch = batch * parts
+        self.n_batches = math.ceil(n / self.global_batch) if n_batches is None else n_batches
+
+    def bounds(self, b):
+        start = min(b * self.global_batch, self.n)
+        stop = min(start + self.global_batch, self.n)
+        if self.parts == 1:
+            return start, stop
+        part = distributed_module.split(stop - start, self.parts, self.part)
+        return start + part.start, start + part.stop
+
+
+def epoch_order(rng, n, shuffle, replacement):
+    """Sample order for one epoch: None (in order), a permutation, or n draws."""
+    if replacement:
+        return rng.integers(0, n, size=n)
+    if shuffle:
+        return rng.permutation(n)
+    return None
+
+
+class BatchGather:
+    """Rows of one batch: a view for in-order epochs, otherwise gathered into reusable
+    buffers (np.take with out=, no fresh allocation per step)."""
+
+    def __init__(self, X, target, weights):
+        self.arrays = (X, target, weights)
+        self.buffers = {}
+
+    def __call__(self, order, start, stop):
+        if order is None:
+            return tuple(None if a is None else a[start:stop] for a in self.arrays)
+        idx = order[start:stop]
+        m = stop - start
+        bufs = self.buffers.get(m)
+        if bufs is None:
+            bufs = self.buffers[m] = [None if a is None else np.empty((m,) + a.shape[1:], a.dtype)
+                                      for a in self.arrays]
+        for a, buf in zip(self.arrays, bufs):
+            if a is not None:
+                np.take(a, idx, axis=0, out=buf)
+        return tuple(bufs)
+
+
+def fused_epoch_runner(model, X, target, weights, batch, n_batches, callbacks):
+    """The fast path: a whole epoch in one ``train_epoch`` kernel call.
+
+    Taken when the model is a stack of Dense layers without regularization, the loss
+    and optimizer have a kernel spec (``Loss.kernel_spec``, ``Optimizer.kernel_spec``:
+    no gradient clipping, targets in a form the kernel reads), there are no sample
+    weights, the only metric is accuracy and no callback needs per-batch calls
+    (TerminateOnNaN is honoured). It computes what the general path computes; set
+    ``model.use_fused_epoch = False`` to force the general path. The optimizer's kernel
+    spec is read once per fit: hyper-parameters changed by a callback in the middle of
+    a fit take effect at the next fit (the learning rate and its scale are read every
+    epoch). Returns ``run(order)`` like ``_python_epoch_runner``, or None.
+    """
+    dense = [layer for layer in model.layers if isinstance(layer, Dense)]
+    optimizer_spec = (model.optimizer.kernel_spec()
+                      if isinstance(model.optimizer, optimizers_module.Optimizer) else None)
+    loss_spec = model.loss.kernel_spec(target)
+    eligible = (
+        model.use_fused_epoch and optimizer_spec is not None and loss_spec is not None
+        and weights is None
+        and len(dense) == len(model.layers) and not any(d.l1 or d.l2 for d in dense)
+        and set(model.metrics) <= {"accuracy"}
+        and all(isinstance(cb, TerminateOnNaN)
+                or type(cb).on_batch_end is Callback.on_batch_end for cb in callbacks))
+    if not eligible:
+        return None
+    loss_code, loss_param, hits_per_sample = loss_spec
+    widths = np.array([dense[0].in_features] + [d.out_features for d in dense], np.int64)
+    acts = np.array([d.act_code for d in dense], np.int64)
+    alphas = np.array([d.alpha for d in dense], np.float64)
+    use_bias = np.array([d.use_bias for d in dense], np.int64)
+    workspace = np.empty(kernels.train_epoch_workspace_size(batch, widths), model.dtype)
+    if target.ndim == 1:
+        labels, targets = target, np.empty((0, model.n_outputs), model.dtype)
+    else:
+        labels, targets = np.empty(0, np.int64), target
+    in_order = np.arange(X.shape[0], dtype=np.int64)
+    stats = np.zeros(4)
+    optimizer = model.optimizer
+    # The arguments that stay fixed over the fit; run() sets the per-epoch ones.
+    fixed = kernels.TrainEpochSpec(
+        X, labels, targets, in_order, batch, widths, acts, alphas, use_bias, model.params,
+        model.grads, workspace, loss_code, loss_param, optimizer=optimizer_spec, lrs=None,
+        step=0, stats=stats)
+
+    def run(order):
+        order = in_order if order is None else order
+        backend_module().train_epoch(fixed._replace(
+            order=order, lrs=optimizer.upcoming_lrs(n_batches), step=optimizer.iterations))
+        done = int(stats[2])
+        optimizer.iterations += done
+        if done < n_batches:
+            return None, done, float(stats[3])
+        logs = {"loss": stats[0] / order.shape[0]}
+        if model.metrics:
+            logs["accuracy"] = stats[1] / (order.shape[0] * hits_per_sample)
+        return logs, done, None
+    return run
