@@ -60,6 +60,10 @@ def activation_forward(act, z, out, alpha=None):
     alpha*(e^z - 1).
     """
     _checks.activation("activation_forward", act, {"z": z}, out)
+    return _activation_forward(act, z, out, alpha)
+
+
+def _activation_forward(act, z, out, alpha=None):
     alpha = _alpha(act, alpha)
     if act == IDENTITY:
         if out is not z:
@@ -90,6 +94,10 @@ def activation_backward(act, a, dout, out, alpha=None):
     ``out`` may alias ``dout``.
     """
     _checks.activation("activation_backward", act, {"a": a, "dout": dout}, out)
+    return _activation_backward(act, a, dout, out, alpha)
+
+
+def _activation_backward(act, a, dout, out, alpha=None):
     alpha = _alpha(act, alpha)
     if act == IDENTITY:
         if out is not dout:
@@ -119,9 +127,13 @@ def activation_backward(act, a, dout, out, alpha=None):
 def dense_forward(x, w, b, act, out, alpha=None):
     """``out = act(x @ w + b)``.  x (n, d), w (d, k), b (k,), out (n, k)."""
     _checks.dense_forward(x, w, b, act, out)
+    return _dense_forward(x, w, b, act, out, alpha)
+
+
+def _dense_forward(x, w, b, act, out, alpha=None):
     np.matmul(x, w, out=out)
     out += b
-    activation_forward(act, out, out, alpha)
+    _activation_forward(act, out, out, alpha)
 
 
 def dense_backward(x, w, a, dout, act, dz, dx, dw, db, alpha=None):
@@ -132,7 +144,11 @@ def dense_backward(x, w, a, dout, act, dz, dx, dw, db, alpha=None):
     dw (d, k), db (k,). ``dz`` may alias ``dout``.
     """
     _checks.dense_backward(x, w, a, dout, act, dz, dx, dw, db)
-    activation_backward(act, a, dout, dz, alpha)
+    return _dense_backward(x, w, a, dout, act, dz, dx, dw, db, alpha)
+
+
+def _dense_backward(x, w, a, dout, act, dz, dx, dw, db, alpha=None):
+    _activation_backward(act, a, dout, dz, alpha)
     np.matmul(x.T, dz, out=dw)
     np.sum(dz, axis=0, out=db)
     if dx is not None:
@@ -184,6 +200,10 @@ def softmax_cross_entropy(logits, labels, weights, dlogits):
     w_i / sum(w).
     """
     _checks.softmax_cross_entropy(logits, labels, weights, dlogits)
+    return _softmax_cross_entropy(logits, labels, weights, dlogits)
+
+
+def _softmax_cross_entropy(logits, labels, weights, dlogits):
     n = logits.shape[0]
     shifted = logits - logits.max(axis=1, keepdims=True)
     log_prob = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
@@ -207,6 +227,10 @@ def sigmoid_binary_cross_entropy(pred, target, weights, dpred):
     ``l_ij = max(z, 0) - z t + log(1 + e^-|z|)``;  ``dpred = s_i (sigmoid(z) - t) / k``.
     """
     _checks.loss("sigmoid_binary_cross_entropy", _PRED, pred, target, weights, dpred)
+    return _sigmoid_binary_cross_entropy(pred, target, weights, dpred)
+
+
+def _sigmoid_binary_cross_entropy(pred, target, weights, dpred):
     n, k = pred.shape
     per_elem = np.maximum(pred, 0) - pred * target + np.log1p(np.exp(-np.abs(pred)))
     scale = _sample_scale(n, weights) / k
@@ -222,6 +246,10 @@ def mean_squared_error(pred, target, weights, dpred):
     l_ij = (p - t)^2;  dpred = 2 s_i (p - t) / k.
     """
     _checks.loss("mean_squared_error", _PRED, pred, target, weights, dpred)
+    return _mean_squared_error(pred, target, weights, dpred)
+
+
+def _mean_squared_error(pred, target, weights, dpred):
     n, k = pred.shape
     diff = pred - target
     scale = _sample_scale(n, weights) / k
@@ -233,6 +261,10 @@ def mean_squared_error(pred, target, weights, dpred):
 def mean_absolute_error(pred, target, weights, dpred):
     """torch L1Loss, mean over n*k.  ``l_ij = |p - t|``;  ``dpred = s_i sign(p - t) / k``."""
     _checks.loss("mean_absolute_error", _PRED, pred, target, weights, dpred)
+    return _mean_absolute_error(pred, target, weights, dpred)
+
+
+def _mean_absolute_error(pred, target, weights, dpred):
     n, k = pred.shape
     diff = pred - target
     scale = _sample_scale(n, weights) / k
@@ -248,6 +280,10 @@ def huber(pred, target, delta, weights, dpred):
     ``dpred = s_i clip(d, -delta, delta) / k``.
     """
     _checks.loss("huber", _PRED, pred, target, weights, dpred)
+    return _huber(pred, target, delta, weights, dpred)
+
+
+def _huber(pred, target, delta, weights, dpred):
     n, k = pred.shape
     diff = pred - target
     absd = np.abs(diff)
@@ -265,6 +301,10 @@ def multiclass_hinge(scores, labels, margin, weights, dscores):
     dscores: +s_i for each violating j, -s_i * (number of violations) at y_i.
     """
     _checks.multiclass_hinge(scores, labels, weights, dscores)
+    return _multiclass_hinge(scores, labels, margin, weights, dscores)
+
+
+def _multiclass_hinge(scores, labels, margin, weights, dscores):
     n = scores.shape[0]
     rows = np.arange(n)
     margins = scores - scores[rows, labels][:, None] + margin
@@ -290,6 +330,11 @@ def sgd_update(params, grads, momentum_buf, lr, momentum, dampening, weight_deca
     ``momentum_buf`` is untouched when momentum == 0.
     """
     _checks.sgd_update(params, grads, momentum_buf, momentum)
+    return _sgd_update(params, grads, momentum_buf, lr, momentum, dampening, weight_decay, nesterov, step)
+
+
+def _sgd_update(params, grads, momentum_buf, lr, momentum, dampening, weight_decay,
+                nesterov, step):
     g = grads + weight_decay * params if weight_decay else grads.copy()
     if momentum:
         if step == 1:
@@ -309,6 +354,10 @@ def adagrad_update(params, grads, state_sum, lr, lr_decay, weight_decay, eps, st
     G += g^2; p -= clr * g / (sqrt(G) + eps).
     """
     _checks.adagrad_update(params, grads, state_sum)
+    return _adagrad_update(params, grads, state_sum, lr, lr_decay, weight_decay, eps, step)
+
+
+def _adagrad_update(params, grads, state_sum, lr, lr_decay, weight_decay, eps, step):
     g = grads + weight_decay * params if weight_decay else grads
     clr = lr / (1 + (step - 1) * lr_decay)
     state_sum += g * g
@@ -324,6 +373,11 @@ def rmsprop_update(params, grads, square_avg, momentum_buf, grad_avg, lr, alpha,
     """
     _checks.rmsprop_update(params, grads, square_avg, momentum_buf, grad_avg, momentum,
                            centered)
+    return _rmsprop_update(params, grads, square_avg, momentum_buf, grad_avg, lr, alpha, eps, weight_decay, momentum, centered)
+
+
+def _rmsprop_update(params, grads, square_avg, momentum_buf, grad_avg, lr, alpha, eps,
+                    weight_decay, momentum, centered):
     g = grads + weight_decay * params if weight_decay else grads
     square_avg *= alpha
     square_avg += (1 - alpha) * g * g
@@ -351,6 +405,11 @@ def adam_update(params, grads, exp_avg, exp_avg_sq, max_exp_avg_sq, lr, beta1, b
     ``max_exp_avg_sq`` is untouched unless amsgrad.
     """
     _checks.adam_update(params, grads, exp_avg, exp_avg_sq, max_exp_avg_sq, amsgrad)
+    return _adam_update(params, grads, exp_avg, exp_avg_sq, max_exp_avg_sq, lr, beta1, beta2, eps, weight_decay, decoupled, amsgrad, step)
+
+
+def _adam_update(params, grads, exp_avg, exp_avg_sq, max_exp_avg_sq, lr, beta1, beta2,
+                 eps, weight_decay, decoupled, amsgrad, step):
     if decoupled:
         params *= 1 - lr * weight_decay
         g = grads
@@ -377,17 +436,17 @@ def adam_update(params, grads, exp_avg, exp_avg_sq, max_exp_avg_sq, lr, beta1, b
 def _batch_loss(loss_code, loss_param, out, labels, targets, rows, dout):
     """Loss of one batch (and its gradient into dout) for a train_epoch loss code."""
     if loss_code == CROSS_ENTROPY:
-        return softmax_cross_entropy(out, labels[rows], None, dout)
+        return _softmax_cross_entropy(out, labels[rows], None, dout)
     if loss_code == HINGE:
-        return multiclass_hinge(out, labels[rows], loss_param, None, dout)
+        return _multiclass_hinge(out, labels[rows], loss_param, None, dout)
     target = targets[rows]
     if loss_code == MSE:
-        return mean_squared_error(out, target, None, dout)
+        return _mean_squared_error(out, target, None, dout)
     if loss_code == MAE:
-        return mean_absolute_error(out, target, None, dout)
+        return _mean_absolute_error(out, target, None, dout)
     if loss_code == HUBER:
-        return huber(out, target, loss_param, None, dout)
-    return sigmoid_binary_cross_entropy(out, target, None, dout)
+        return _huber(out, target, loss_param, None, dout)
+    return _sigmoid_binary_cross_entropy(out, target, None, dout)
 
 
 def _batch_hits(loss_code, out, labels, targets, rows):
@@ -405,15 +464,16 @@ def _optimizer_step(optimizer, params, grads, lr, t):
     hyper = optimizer.hyper
     state0, state1, state2 = optimizer.states
     if optimizer.code == SGD:
-        sgd_update(params, grads, state0, lr, hyper[0], hyper[1], hyper[2], bool(hyper[3]), t)
+        _sgd_update(params, grads, state0, lr, hyper[0], hyper[1], hyper[2], bool(hyper[3]),
+                    t)
     elif optimizer.code == ADAGRAD:
-        adagrad_update(params, grads, state0, lr, hyper[0], hyper[1], hyper[2], t)
+        _adagrad_update(params, grads, state0, lr, hyper[0], hyper[1], hyper[2], t)
     elif optimizer.code == RMSPROP:
-        rmsprop_update(params, grads, state0, state1, state2, lr, hyper[0], hyper[1],
-                       hyper[2], hyper[3], bool(hyper[4]))
+        _rmsprop_update(params, grads, state0, state1, state2, lr, hyper[0], hyper[1],
+                        hyper[2], hyper[3], bool(hyper[4]))
     else:
-        adam_update(params, grads, state0, state1, state2, lr, hyper[0], hyper[1], hyper[2],
-                    hyper[3], bool(hyper[4]), bool(hyper[5]), t)
+        _adam_update(params, grads, state0, state1, state2, lr, hyper[0], hyper[1],
+                     hyper[2], hyper[3], bool(hyper[4]), bool(hyper[5]), t)
 
 
 def train_epoch(spec):
@@ -480,7 +540,7 @@ def train_epoch(spec):
             else:
                 bias, db = np.zeros(k, params.dtype), np.empty(k, params.dtype)
             layer_params.append((w, bias, dw, db))
-            dense_forward(outs[layer], w, bias, acts[layer], outs[layer + 1], alphas[layer])
+            _dense_forward(outs[layer], w, bias, acts[layer], outs[layer + 1], alphas[layer])
         out = outs[n_layers]
         dout = delta[:out.size].reshape(out.shape)
         loss = _batch_loss(loss_code, loss_param, out, labels, targets, rows, dout)
@@ -492,8 +552,8 @@ def train_epoch(spec):
             w, bias, dw, db = layer_params[layer]
             d, k = widths[layer], widths[layer + 1]
             dx = dprev[:size * d].reshape(size, d) if layer > 0 else None
-            dense_backward(outs[layer], w, outs[layer + 1], dout, acts[layer], dout, dx, dw,
-                           db, alphas[layer])
+            _dense_backward(outs[layer], w, outs[layer + 1], dout, acts[layer], dout, dx, dw,
+                            db, alphas[layer])
             if layer > 0:
                 dout = dx
                 delta, dprev = dprev, delta
