@@ -27,8 +27,8 @@ class History:
         not save there.
     """
 
-    def __init__(self, unit="epoch"):
-        self.writes_files = True
+    def __init__(self, unit="epoch", writes_files=True):
+        self.writes_files = writes_files
         self.history = {}
         self.epoch = []
         self.unit = unit

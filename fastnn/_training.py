@@ -274,8 +274,7 @@ class _FitLoop:
             callbacks = [cb for cb in callbacks if not isinstance(cb, _WRITERS)]
         self.callbacks = callbacks
         self.terminate_on_nan = any(isinstance(cb, TerminateOnNaN) for cb in callbacks)
-        self.history = History(unit)
-        self.history.writes_files = comm is None or comm.rank == 0
+        self.history = History(unit, writes_files=comm is None or comm.rank == 0)
         self.progress = None
         model.history = self.history
         model.stop_training, model.stop_reason = False, None
