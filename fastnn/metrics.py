@@ -14,6 +14,9 @@ REGRESSION_LOSSES = ("mse", "mae", "huber")
 class Metric:
     """Base accumulator: ``reset()``, ``update(out, target)``, ``result() -> float``.
 
+    A metric that is a mean over elements or samples defines ``_batch_sum(out, target)
+    -> (sum over the batch, count)``; the others override ``update`` and ``result``.
+
     Parameters
     ----------
     loss : fastnn.losses.Loss
@@ -29,6 +32,24 @@ class Metric:
         self.total = 0.0
         self.count = 0
 
+    def update(self, out, target):
+        """Accumulate one batch.
+
+        Parameters
+        ----------
+        out : ndarray, shape (n, k)
+            Raw network output for the batch.
+        target : ndarray
+            The batch's targets as the loss's ``prepare_target`` returns them.
+        """
+        total, count = self._batch_sum(out, target)
+        self.total += total
+        self.count += count
+
+    def result(self):
+        """The metric over every batch since ``reset``, as a float."""
+        return self.total / self.count
+
 
 class Accuracy(Metric):
     """Fraction of correct predictions ("accuracy", Keras "acc").
@@ -41,27 +62,13 @@ class Accuracy(Metric):
 
     name = "accuracy"
 
-    def update(self, out, target):
-        """Accumulate one batch.
-
-        Parameters
-        ----------
-        out : ndarray, shape (n, k)
-            Raw network output for the batch.
-        target : ndarray
-            The batch's targets as the loss's ``prepare_target`` returns them.
-        """
+    def _batch_sum(self, out, target):
         if isinstance(self.loss, BinaryCrossEntropy):
             hits = (out > 0) == (target >= 0.5)
         else:
             labels = target if target.ndim == 1 else target.argmax(axis=1)
             hits = out.argmax(axis=1) == labels
-        self.total += int(np.count_nonzero(hits))
-        self.count += hits.size
-
-    def result(self):
-        """The metric over every batch since ``reset``, as a float."""
-        return self.total / self.count
+        return int(np.count_nonzero(hits)), hits.size
 
 
 class MeanAbsoluteError(Metric):
@@ -69,22 +76,8 @@ class MeanAbsoluteError(Metric):
 
     name = "mae"
 
-    def update(self, out, target):
-        """Accumulate one batch.
-
-        Parameters
-        ----------
-        out : ndarray, shape (n, k)
-            Raw network output for the batch.
-        target : ndarray
-            The batch's targets as the loss's ``prepare_target`` returns them.
-        """
-        self.total += float(np.abs(self.loss.link(out) - target).sum(dtype=np.float64))
-        self.count += target.size
-
-    def result(self):
-        """The metric over every batch since ``reset``, as a float."""
-        return self.total / self.count
+    def _batch_sum(self, out, target):
+        return float(np.abs(self.loss.link(out) - target).sum(dtype=np.float64)), target.size
 
 
 class MeanSquaredError(Metric):
@@ -92,23 +85,9 @@ class MeanSquaredError(Metric):
 
     name = "mse"
 
-    def update(self, out, target):
-        """Accumulate one batch.
-
-        Parameters
-        ----------
-        out : ndarray, shape (n, k)
-            Raw network output for the batch.
-        target : ndarray
-            The batch's targets as the loss's ``prepare_target`` returns them.
-        """
+    def _batch_sum(self, out, target):
         diff = self.loss.link(out).astype(np.float64) - target
-        self.total += float((diff * diff).sum())
-        self.count += target.size
-
-    def result(self):
-        """The metric over every batch since ``reset``, as a float."""
-        return self.total / self.count
+        return float((diff * diff).sum()), target.size
 
 
 class R2(Metric):
@@ -121,20 +100,10 @@ class R2(Metric):
     name = "r2"
 
     def reset(self):
-        """Forget the batches seen so far (start a new epoch or evaluation)."""
         self.count = 0
         self.ss_res = self.sum_y = self.sum_y2 = 0.0
 
     def update(self, out, target):
-        """Accumulate one batch.
-
-        Parameters
-        ----------
-        out : ndarray, shape (n, k)
-            Raw network output for the batch.
-        target : ndarray
-            The batch's targets as the loss's ``prepare_target`` returns them.
-        """
         pred = self.loss.link(out).astype(np.float64)
         target = target.astype(np.float64)
         self.ss_res = self.ss_res + ((target - pred) ** 2).sum(axis=0)
@@ -143,7 +112,6 @@ class R2(Metric):
         self.count += target.shape[0]
 
     def result(self):
-        """The metric over every batch since ``reset``, as a float."""
         ss_tot = self.sum_y2 - self.sum_y ** 2 / self.count
         with np.errstate(divide="ignore", invalid="ignore"):
             per_output = np.where(ss_tot > 0, 1.0 - self.ss_res / ss_tot, 0.0)
