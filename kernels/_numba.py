@@ -635,6 +635,53 @@ def _dense_backward_rows(x, w, a, dout, act, dz, dx, dw, db, alpha, want_dx, n_c
         np.dot(dz, w.T, dx)
 
 
+def _dense_stack_forward_layers(x, params, widths, acts, alphas, use_bias, workspace, out):
+    """Per layer ``dense_forward``'s arithmetic (BLAS matmul, then bias and activation
+    over the rows in one pass), hidden layer l writing half ``l % 2`` of the workspace,
+    the last one ``out``."""
+    n_layers = widths.shape[0] - 1
+    n = x.shape[0]
+    # The O(L) argument checks (the wrapper reports what is wrong).
+    ok = (n_layers >= 1 and acts.shape[0] == n_layers and alphas.shape[0] == n_layers
+          and use_bias.shape[0] == n_layers)
+    hidden = 0
+    n_params = 0
+    if ok:
+        for layer in range(n_layers + 1):
+            ok = ok and widths[layer] >= 1
+            if 0 < layer < n_layers:
+                hidden = max(hidden, widths[layer])
+        for layer in range(n_layers):
+            ok = ok and IDENTITY <= acts[layer] <= ELU
+            n_params += widths[layer] * widths[layer + 1]
+            n_params += widths[layer + 1] if use_bias[layer] != 0 else 0
+    _require(ok and x.shape[1] == widths[0] and params.shape[0] == n_params
+             and workspace.shape[0] >= 2 * n * hidden and out.shape[0] == n
+             and out.shape[1] == widths[n_layers])
+    if n == 0:
+        return
+    half = n * hidden
+    a_at = 0
+    p = 0
+    for layer in range(n_layers):
+        d = widths[layer]
+        k = widths[layer + 1]
+        w = params[p:p + d * k].reshape((d, k))
+        p += d * k
+        dst_at = (layer % 2) * half
+        z = out if layer == n_layers - 1 else workspace[dst_at:dst_at + n * k].reshape((n, k))
+        if layer == 0:
+            np.dot(x, w, z)
+        else:
+            np.dot(workspace[a_at:a_at + n * d].reshape((n, d)), w, z)
+        bias = use_bias[layer] != 0
+        z_flat = z.reshape(-1)
+        _bias_activation_rows(z, z_flat, params[p:p + k], bias, acts[layer],
+                              params.dtype.type(alphas[layer]), z_flat, True, 0, n)
+        p += k if bias else 0
+        a_at = dst_at
+
+
 def _dense_per_sample_grad_rows(x, dz, jac, offset, use_bias, n_chunks):
     n, d = x.shape
     k = dz.shape[1]
@@ -1104,6 +1151,10 @@ _activation_backward_serial, _activation_backward_parallel = _serial_and_paralle
 _dense_forward_serial, _dense_forward_parallel = _serial_and_parallel(
     "_dense_forward", _dense_forward_rows,
     lambda f: types.void(_in(f, 2), _in(f, 2), _in(f, 1), _i8, _out(f, 2), f, _i8))
+_dense_stack_forward_core = _deferred(
+    "_dense_stack_forward_core", _dense_stack_forward_layers,
+    lambda f: types.void(_in(f, 2), _in(f, 1), _in(_i8, 1), _in(_i8, 1), _in(_f8, 1),
+                         _in(_i8, 1), _out(f, 1), _out(f, 2)), False)
 _dense_backward_serial, _dense_backward_parallel = _serial_and_parallel(
     "_dense_backward", _dense_backward_rows,
     lambda f: types.void(_in(f, 2), _in(f, 2), _in(f, 2), _in(f, 2), _i8, _out(f, 2),
@@ -1249,6 +1300,21 @@ def dense_backward(x, w, a, dout, act, dz, dx, dw, db, alpha=None):
                                    _alpha(act, alpha), want_dx, 1)
     except _REFUSED:
         _checks.dense_backward(x, w, a, dout, act, dz, dx, dw, db)
+        raise
+
+
+def dense_stack_forward(x, params, widths, acts, alphas, use_bias, workspace, out):
+    """The inference pass of ``L`` dense layers in one call:
+    ``a_l+1 = act_l(a_l @ W_l + b_l)``, ``out = a_L``; shapes and layout as
+    ``_numpy.dense_stack_forward``. One serial compiled loop: per layer a BLAS matmul,
+    then bias and activation in one pass (``dense_forward``'s arithmetic), the hidden
+    outputs alternating between the halves of ``workspace``.
+    """
+    try:
+        _dense_stack_forward_core(x, params, widths, acts, alphas, use_bias, workspace, out)
+    except _REFUSED:
+        _checks.dense_stack_forward(x, params, widths, acts, alphas, use_bias, workspace,
+                                    out)
         raise
 
 
