@@ -363,12 +363,13 @@ class Sequential:
     def _check_inference_X(self, X):
         """``_check_X(X)``, with a short path for an ndarray already as the kernels take
         it (the model's dtype, 2-D, C-contiguous, non-empty, n_features wide): its values
-        are checked by one float64 sum, finite when they all are (float32 values cannot
-        overflow it; a float64 sum that does sends X through the full check)."""
+        are checked by one BLAS dot product ``sum(X * X)``, finite when they all are (a
+        NaN or inf makes it NaN or inf; when finite values overflow it, X takes the full
+        check). It costs a third of the full check's two reductions on small inputs."""
         if (self.layers and type(X) is np.ndarray and X.dtype == self.dtype and X.ndim == 2
                 and X.flags.c_contiguous and X.shape[0] > 0
                 and X.shape[1] == self.n_features
-                and math.isfinite(X.sum(dtype=np.float64))):
+                and math.isfinite(np.vdot(X, X))):
             return X
         return self._check_X(X)
 
@@ -831,15 +832,14 @@ class _DenseStack:
 
 
 def _link_in_place(loss, out):
-    """``loss.link(out)`` computed in ``out`` itself (a fresh output array) for the
-    built-in links, with the same arithmetic; a link defined elsewhere gets ``out``."""
+    """``loss.link(out)`` computed in ``out`` itself (a fresh output array) by one
+    kernel call for the built-in links (identity, softmax, sigmoid); a link defined
+    elsewhere gets ``out`` and returns its own array."""
     link = type(loss).link
     if link is losses_module.Loss.link:
         return out
     if link is losses_module.CrossEntropy.link:
-        out -= out.max(axis=1, keepdims=True)
-        np.exp(out, out=out)
-        out /= out.sum(axis=1, keepdims=True)
+        backend_module().softmax_forward(out, out)
         return out
     if link is losses_module.BinaryCrossEntropy.link:
         backend_module().activation_forward(kernels.ACTIVATIONS["sigmoid"], out, out, None)

@@ -61,6 +61,16 @@ def activation(kernel, act, inputs, out):
         _shape(kernel, name, a, first.shape)
 
 
+def softmax_forward(z, out):
+    """z (n, k) with k >= 1; out (n, k) of z's dtype."""
+    kernel = "softmax_forward"
+    dtype = _array(kernel, "z", z, 2)
+    if z.shape[1] < 1:
+        raise ValueError(f"{kernel}: z must have at least one column, got shape {z.shape}")
+    _array(kernel, "out", out, 2, dtype, writable=True)
+    _shape(kernel, "out", out, z.shape)
+
+
 def dense_forward(x, w, b, act, out):
     """x (n, d), w (d, k), b (k,), out (n, k)."""
     kernel = "dense_forward"

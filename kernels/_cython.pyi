@@ -23,6 +23,7 @@ def activation_forward(
 def activation_backward(
     act: int, a: _Float, dout: _Float, out: _Float, alpha: Optional[float] = None
 ) -> None: ...
+def softmax_forward(z: _Float, out: _Float) -> None: ...
 
 # Dense layer: x (n, d), w (d, k), b (k,), out / a / dout / dz (n, k)
 def dense_forward(

@@ -28,6 +28,8 @@
 #    pointer offsets into params / grads / workspace (no allocation per batch),
 #    serially: its nets are small, and BLAS keeps its own threads. Plain SGD is folded
 #    into the weight-gradient gemm (beta = 1 - lr wd, alpha = -lr): dW is never stored.
+#    dense_stack_forward (inference) runs the same dense forward helper per layer in
+#    one nogil call, the hidden outputs alternating between two workspace halves.
 
 from cython cimport floating
 from cython.parallel cimport prange
@@ -451,6 +453,56 @@ def activation_backward(act, a, dout, out, alpha=None):
                              _resolve_alpha(act, alpha))
     except _REFUSED:
         _checks.activation("activation_backward", act, {"a": a, "dout": dout}, out)
+        raise
+
+
+cdef void _softmax_rows(
+    const floating *z,  # IN  (n, k)
+    floating *out,      # OUT (n, k), may alias z
+    Py_ssize_t n, Py_ssize_t k,
+) noexcept nogil:
+    """Each row ``out = e^(z - max z) / sum e^(z - max z)``, the sum in double."""
+    cdef:
+        Py_ssize_t i, j
+        floating zmax
+        double total
+        const floating *zi
+        floating *oi
+    for i in range(n):
+        zi = z + i * k
+        oi = out + i * k
+        zmax = zi[0]
+        for j in range(1, k):
+            zmax = zi[j] if zi[j] > zmax else zmax
+        for j in range(k):  # no reduction in this loop: it vectorises
+            oi[j] = _exp_nonpos(zi[j] - zmax)
+        total = 0
+        for j in range(k):
+            total += oi[j]
+        for j in range(k):
+            oi[j] = <floating> (oi[j] / total)
+
+
+def _softmax_forward(
+    const floating[:, ::1] z,  # IN  (n, k)
+    floating[:, ::1] out,      # OUT (n, k)
+):
+    cdef Py_ssize_t n = z.shape[0], k = z.shape[1]
+    if k < 1 or out.shape[0] != n or out.shape[1] != k:
+        _refuse()
+    if n == 0:
+        return
+    with nogil:
+        _softmax_rows(&z[0, 0], &out[0, 0], n, k)
+
+
+def softmax_forward(z, out):
+    """Row-wise softmax ``out = e^(z - max z) / sum e^(z - max z)``, one pass per row
+    (the sum in double). z, out (n, k), k >= 1; ``out`` may alias ``z``."""
+    try:
+        _softmax_forward(z, out)
+    except _REFUSED:
+        _checks.softmax_forward(z, out)
         raise
 
 

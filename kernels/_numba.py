@@ -601,6 +601,19 @@ def _activation_backward_chunks(act, a, dout, out, alpha, n_chunks):
         _activation_backward_span(act, a[lo:hi], dout[lo:hi], out[lo:hi], alpha)
 
 
+def _softmax_chunks(z, out, n_chunks):
+    """Each row: its max, e^(z - max) into out with the sum in float64, then out / sum."""
+    n, k = z.shape
+    _require(k >= 1 and out.shape[0] == n and out.shape[1] == k)
+    for c in prange(n_chunks):
+        lo, hi = _chunk(c, n_chunks, n)
+        for i in range(lo, hi):
+            row = out[i]
+            total = _store_exp_shifted(z[i], _row_max(z[i]), row)
+            for j in range(k):
+                row[j] = row[j] / total
+
+
 def _dense_forward_rows(x, w, b, act, out, alpha, n_chunks):
     n, k = out.shape
     _require(x.shape[0] == n and x.shape[1] == w.shape[0] and w.shape[1] == k
@@ -1148,6 +1161,8 @@ _activation_forward_serial, _activation_forward_parallel = _serial_and_parallel(
 _activation_backward_serial, _activation_backward_parallel = _serial_and_parallel(
     "_activation_backward", _activation_backward_chunks,
     lambda f: types.void(_i8, _in(f, 1), _in(f, 1), _out(f, 1), f, _i8))
+_softmax_serial, _softmax_parallel = _serial_and_parallel(
+    "_softmax", _softmax_chunks, lambda f: types.void(_in(f, 2), _out(f, 2), _i8))
 _dense_forward_serial, _dense_forward_parallel = _serial_and_parallel(
     "_dense_forward", _dense_forward_rows,
     lambda f: types.void(_in(f, 2), _in(f, 2), _in(f, 1), _i8, _out(f, 2), f, _i8))
@@ -1258,6 +1273,21 @@ def activation_backward(act, a, dout, out, alpha=None):
             _activation_backward_serial(act, *flat, _alpha(act, alpha), 1)
     except _REFUSED:
         _checks.activation("activation_backward", act, {"a": a, "dout": dout}, out)
+        raise
+
+
+def softmax_forward(z, out):
+    """Row-wise softmax ``out_ij = e^(z_ij - m_i) / sum_j e^(z_ij - m_i)``, m_i = max_j
+    z_ij, one pass per row (the sum in float64). z, out (n, k), k >= 1; ``out`` may
+    alias ``z``.
+    """
+    try:
+        if z.size >= PARALLEL_MIN_SIZE:
+            _softmax_parallel(z, out, _n_chunks(z.shape[0]))
+        else:
+            _softmax_serial(z, out, 1)
+    except _REFUSED:
+        _checks.softmax_forward(z, out)
         raise
 
 

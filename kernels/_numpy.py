@@ -112,6 +112,14 @@ def activation_backward(act, a, dout, out, alpha=None):
         raise ValueError(f"unknown activation code {act}")
 
 
+def softmax_forward(z, out):
+    """Row-wise softmax ``out_ij = e^(z_ij - m_i) / sum_j e^(z_ij - m_i)``, m_i = max_j
+    z_ij (so exp never overflows). z, out (n, k), k >= 1; ``out`` may alias ``z``."""
+    _checks.softmax_forward(z, out)
+    e = np.exp(z - z.max(axis=1, keepdims=True))
+    np.divide(e, e.sum(axis=1, keepdims=True), out=out)
+
+
 # ----------------------------------------------------------------------------------
 # Dense layer
 # ----------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ ACT_NAMES = tuple(ACTIVATIONS)
 #: The kernel contract: every backend module has all of these.
 KERNELS = (
     "activation_forward", "activation_backward", "dense_forward", "dense_backward",
-    "dense_per_sample_grad", "dense_stack_forward",
+    "dense_per_sample_grad", "dense_stack_forward", "softmax_forward",
     "softmax_cross_entropy", "sigmoid_binary_cross_entropy", "mean_squared_error",
     "mean_absolute_error", "huber", "multiclass_hinge",
     "sgd_update", "adagrad_update", "rmsprop_update", "adam_update",
@@ -401,6 +401,31 @@ def test_dense_per_sample_grad(backend, oracle, dtype, rng, assert_close, shape,
         untouched[offset:offset + width] = False
         np.testing.assert_array_equal(jac[:, untouched], SENTINEL,
                                       err_msg=msg + ": wrote outside its columns")
+
+
+@pytest.mark.parametrize("shape", [(0, 3)] + ELEMENTWISE_SHAPES + [(3, 10)], ids=shape_id)
+def test_softmax_forward(backend, oracle, dtype, rng, assert_close, shape):
+    z = (10 * rng.standard_normal(shape)).astype(dtype)
+    if shape == (3, 10):
+        z[1] = [800, -800, 0, 1, 2, 3, 4, 5, 6, 7]  # a big-logit row: max-subtracted
+    expected = nans(shape, dtype)
+    oracle.softmax_forward(z, expected)
+    out = nans(shape, dtype)
+    assert backend.softmax_forward(read_only(z.copy())[0], out) is None
+    msg = f"{backend.__name__}.softmax_forward {shape_id(shape)}"
+    assert_close(out, expected, msg + " vs _numpy")
+    assert_close(expected, scipy.special.softmax(z.astype(np.float64), axis=1),
+                 msg + ": _numpy vs scipy.special.softmax")
+    in_place = z.copy()
+    backend.softmax_forward(in_place, in_place)
+    assert_close(in_place, expected, msg + " in place")
+
+
+def test_softmax_forward_refuses_mismatched_arguments(backend):
+    with pytest.raises(ValueError, match=r"out must have shape \(2, 3\)"):
+        backend.softmax_forward(np.zeros((2, 3)), np.zeros((3, 2)))
+    with pytest.raises(ValueError, match="z must have at least one column"):
+        backend.softmax_forward(np.zeros((2, 0)), np.zeros((2, 0)))
 
 
 # ----------------------------------------------------------------------------------
