@@ -2,7 +2,8 @@
 the three reference nets (fastnn.bench.suite.NETS).
 
 ``train_epoch`` (a whole epoch of a reference net in one call) is timed over
-TRAIN_EPOCH_BATCHES batches. Each case checks the backend against ``_numpy`` first (the
+TRAIN_EPOCH_BATCHES batches; ``dense_stack_forward`` (a net's inference pass in one
+call) at INFERENCE_BATCHES rows. Each case checks the backend against ``_numpy`` first (the
 same call on fresh outputs), then makes one warm-up call and times the kernel on
 preallocated outputs. Groups are kernel + shape + dtype, so the backends of one case
 read side by side:
@@ -23,7 +24,7 @@ from fastnn.bench.baselines import initial_weights
 from fastnn.bench.suite import NETS
 from fastnn.kernels import (
     ACTIVATIONS, LOSS_CODES, OPTIMIZER_CODES, OPTIMIZER_HYPER, OptimizerSpec,
-    TrainEpochSpec, train_epoch_workspace_size,
+    TrainEpochSpec, dense_stack_workspace_size, train_epoch_workspace_size,
 )
 from fastnn.kernels import load as load_backend
 
@@ -35,6 +36,8 @@ SMOOTH_ACTIVATION_SHAPE = ("mnist-b128-256", (128, 256))
 SEED = 20240611
 #: Batches per train_epoch call.
 TRAIN_EPOCH_BATCHES = 4
+#: Rows of the dense_stack_forward cases: one sample (call overhead), a bulk predict.
+INFERENCE_BATCHES = (1, 4096)
 #: train_epoch hyper-parameters by name (the layout is kernels.OPTIMIZER_HYPER).
 _HYPER = {
     "sgd": {"lr": 0.01, "momentum": 0.0, "dampening": 0.0, "weight_decay": 0.0,
@@ -229,6 +232,24 @@ def _train_epoch(sizes, batch, optimizer):
     return build
 
 
+def _dense_stack_forward(sizes, n):
+    """The inference pass of a reference net (ReLU hidden layers, identity output) on
+    n rows, as ``predict`` runs it."""
+    widths = np.array(sizes, dtype=np.int64)
+    acts = np.array([RELU] * (len(sizes) - 2) + [IDENTITY], dtype=np.int64)
+    alphas = np.zeros(len(sizes) - 1)
+    use_bias = np.ones(len(sizes) - 1, dtype=np.int64)
+
+    def build(dtype, rng):
+        x = _normal(rng, (n, sizes[0]), dtype)
+        params = np.concatenate([w.ravel() for w in initial_weights(sizes, dtype)])
+        workspace = np.empty(dense_stack_workspace_size(n, widths), dtype)
+        return (lambda: [np.empty((n, sizes[-1]), dtype)],
+                lambda m, out: m.dense_stack_forward(x, params, widths, acts, alphas,
+                                                     use_bias, workspace, out[0]))
+    return build
+
+
 def _cases():
     cases = []
     for shape_id, n, d, k, act, first in _layers():
@@ -262,6 +283,10 @@ def _cases():
                                   f"{net}-b{batch}x{TRAIN_EPOCH_BATCHES}-{optimizer}",
                                   _train_epoch(spec["sizes"], batch, optimizer),
                                   checked=5, atol=atol))
+    for net, spec in NETS.items():
+        for n in INFERENCE_BATCHES:
+            cases.append(Case("dense_stack_forward", f"{net}-b{n}",
+                              _dense_stack_forward(spec["sizes"], n)))
     return cases
 
 

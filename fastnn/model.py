@@ -7,9 +7,12 @@ the vector without copying, and save/load is one array. ``grads`` is the trainin
 loop's scratch: after ``fit`` it holds no defined values (the fused epoch folds plain
 SGD into its backward and may never write it); ``compute_gradients`` gives gradients.
 """
+import math
+
 import numpy as np
 
-from . import _model_file, _training
+from . import _model_file, _training, kernels
+from ._backend import backend_module
 from ._labels import ClassLabels
 from . import losses as losses_module
 from . import metrics as metrics_module
@@ -20,7 +23,7 @@ from ._validation import (
     check_int,
     check_sample_weight,
 )
-from .layers import Dense, Layer, _BatchBuffers, check_joinable
+from .layers import Dense, Dropout, Layer, _BatchBuffers, check_joinable
 from .solvers import Solver
 
 _CHUNK_ROWS = 8192
@@ -357,6 +360,52 @@ class Sequential:
         return self.class_labels.encode(y, name)
 
     # ------------------------------------------------------------------ inference
+    def _check_inference_X(self, X):
+        """``_check_X(X)``, with a short path for an ndarray already as the kernels take
+        it (the model's dtype, 2-D, C-contiguous, non-empty, n_features wide): its values
+        are checked by one BLAS dot product ``sum(X * X)``, finite when they all are (a
+        NaN or inf makes it NaN or inf; when finite values overflow it, X takes the full
+        check). It costs a third of the full check's two reductions on small inputs."""
+        if (self.layers and type(X) is np.ndarray and X.dtype == self.dtype and X.ndim == 2
+                and X.flags.c_contiguous and X.shape[0] > 0
+                and X.shape[1] == self.n_features
+                and math.isfinite(np.vdot(X, X))):
+            return X
+        return self._check_X(X)
+
+    def _dense_stack(self):
+        """The model as one ``dense_stack_forward`` call (a ``_DenseStack``, kept while
+        the parameter buffer stays the same), or None when a layer is neither Dense nor
+        Dropout (identity at inference, so skipped)."""
+        stack = self.__dict__.get("_inference_stack")
+        if stack is not None and stack.params is self.params:
+            return stack
+        if self.params is None or not all(isinstance(layer, (Dense, Dropout))
+                                          for layer in self.layers):
+            return None
+        self._inference_stack = _DenseStack(
+            self.params, [layer for layer in self.layers if isinstance(layer, Dense)])
+        return self._inference_stack
+
+    def _inference_output(self, X, batch_size):
+        """The network output for checked ``X`` in inference mode, a new (n, n_outputs)
+        array: one kernel call per chunk of ``batch_size`` rows for a stack of Dense
+        layers, else layer by layer."""
+        stack = self._dense_stack()
+        n = X.shape[0]
+        if stack is None:
+            return np.concatenate([self._forward(X[s], False).copy()
+                                   for s in _chunks(n, batch_size)])
+        out = np.empty((n, self.n_outputs), self.dtype)
+        step = _chunk_rows(batch_size)
+        if n <= step:
+            stack.forward(X, out)
+        else:
+            for start in range(0, n, step):
+                stop = min(start + step, n)
+                stack.forward(X[start:stop], out[start:stop])
+        return out
+
     def forward(self, X, batch_size=None):
         """Raw network output in inference mode (dropout off), without the loss's link.
 
@@ -372,9 +421,7 @@ class Sequential:
         ndarray, shape (n_samples, n_outputs)
             Logits for the classification losses, values for regression; model dtype.
         """
-        X = self._check_X(X)
-        return np.concatenate([self._forward(X[s], False).copy()
-                               for s in _chunks(X.shape[0], batch_size)])
+        return self._inference_output(self._check_inference_X(X), batch_size)
 
     def predict(self, X, batch_size=None):
         """Predictions: the network output through the loss's link.
@@ -402,9 +449,8 @@ class Sequential:
             The model was not compiled (the link depends on the loss).
         """
         self._require_compiled("predict")
-        X = self._check_X(X)
-        return np.concatenate([self.loss.link(self._forward(X[s], False))
-                               for s in _chunks(X.shape[0], batch_size)])
+        out = self._inference_output(self._check_inference_X(X), batch_size)
+        return _link_in_place(self.loss, out)
 
     def predict_classes(self, X, batch_size=None):
         """Predicted classes, not probabilities.
@@ -432,9 +478,8 @@ class Sequential:
             The loss is a regression loss (use ``predict``).
         """
         self._require_compiled("predict_classes")
-        X = self._check_X(X)
-        codes = np.concatenate([self.loss.classes(self._forward(X[s], False))
-                                for s in _chunks(X.shape[0], batch_size)])
+        codes = self.loss.classes(self._inference_output(self._check_inference_X(X),
+                                                         batch_size))
         return codes if self.class_labels is None else self.class_labels.decode(codes)
 
     def evaluate(self, X, y, sample_weight=None, batch_size=None):
@@ -472,8 +517,9 @@ class Sequential:
     def _evaluate(self, X, target, weights, batch_size=None):
         metrics = metrics_module.build(self.metrics, self.loss)
         total = mass = 0.0
+        stack = self._dense_stack()
         for s in _chunks(X.shape[0], batch_size):
-            out = self._forward(X[s], False)
+            out = self._forward(X[s], False) if stack is None else stack.forward(X[s])
             w = None if weights is None else weights[s]
             chunk_mass = float(out.shape[0] if w is None else w.sum(dtype=np.float64))
             if chunk_mass > 0:
@@ -741,6 +787,68 @@ def _require_compiled_model(model, what):
                                "model.compile(loss=..., optimizer=...) first")
 
 
+def _chunk_rows(batch_size):
+    """Rows per forward pass: ``batch_size`` checked, or _CHUNK_ROWS for None."""
+    return _CHUNK_ROWS if batch_size is None else check_int(batch_size, "batch_size", low=1)
+
+
 def _chunks(n, batch_size):
-    step = _CHUNK_ROWS if batch_size is None else check_int(batch_size, "batch_size", low=1)
+    step = _chunk_rows(batch_size)
     return [slice(i, min(i + step, n)) for i in range(0, n, step)]
+
+
+class _DenseStack:
+    """A model's Dense layers as the arguments of ``dense_stack_forward``, with the
+    workspace of the last chunk size (so repeated calls of one size allocate only
+    their output).
+
+    Parameters
+    ----------
+    params : ndarray, shape (n_params,)
+        The model's flat parameter buffer: per Dense layer W then b, the kernel's layout
+        (the other layers have no parameters).
+    dense : list of Dense
+        The model's Dense layers, in order.
+    """
+
+    def __init__(self, params, dense):
+        self.params = params
+        self.widths = np.array([dense[0].in_features] + [d.out_features for d in dense],
+                               np.int64)
+        self.acts = np.array([d.act_code for d in dense], np.int64)
+        self.alphas = np.array([d.alpha for d in dense], np.float64)
+        self.use_bias = np.array([d.use_bias for d in dense], np.int64)
+        self.n_outputs = dense[-1].out_features
+        self._rows = -1
+        self._workspace = None
+
+    def forward(self, x, out=None):
+        """``out`` (n, n_outputs) = the stack's output for checked ``x`` (n, n_features),
+        in one kernel call; a new array when ``out`` is None. Returns ``out``."""
+        n = x.shape[0]
+        if n != self._rows:
+            self._workspace = np.empty(kernels.dense_stack_workspace_size(n, self.widths),
+                                       self.params.dtype)
+            self._rows = n
+        if out is None:
+            out = np.empty((n, self.n_outputs), self.params.dtype)
+        backend_module().dense_stack_forward(x, self.params, self.widths, self.acts,
+                                             self.alphas, self.use_bias, self._workspace,
+                                             out)
+        return out
+
+
+def _link_in_place(loss, out):
+    """``loss.link(out)`` computed in ``out`` itself (a fresh output array) by one
+    kernel call for the built-in links (identity, softmax, sigmoid); a link defined
+    elsewhere gets ``out`` and returns its own array."""
+    link = type(loss).link
+    if link is losses_module.Loss.link:
+        return out
+    if link is losses_module.CrossEntropy.link:
+        backend_module().softmax_forward(out, out)
+        return out
+    if link is losses_module.BinaryCrossEntropy.link:
+        backend_module().activation_forward(kernels.ACTIVATIONS["sigmoid"], out, out, None)
+        return out
+    return loss.link(out)

@@ -128,6 +128,14 @@ def train_epoch_workspace_size(batch_size, widths):
     return batch_size * (sum(widths) + 2 * max(widths))
 
 
+def dense_stack_workspace_size(n, widths):
+    """Elements of the ``workspace`` that ``dense_stack_forward`` needs for ``n`` rows:
+    two buffers of the widest hidden layer, between which the hidden outputs alternate
+    (0 for a single layer, which writes straight into ``out``)."""
+    hidden = widths[1:-1]
+    return 2 * n * max(hidden) if len(hidden) else 0
+
+
 #: Backend names in the order ``default_backend`` tries them (see README: Backends).
 BACKENDS = ("cython", "numba", "numpy")
 

@@ -9,7 +9,10 @@ scans): the API validates them once, at its boundary.
 """
 import numpy as np
 
-from . import DEFAULT_ALPHA, LABEL_LOSS_CODES, OPTIMIZER_HYPER, train_epoch_workspace_size
+from . import (
+    DEFAULT_ALPHA, LABEL_LOSS_CODES, OPTIMIZER_HYPER, dense_stack_workspace_size,
+    train_epoch_workspace_size,
+)
 
 _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
 _INT64 = np.dtype(np.int64)
@@ -56,6 +59,16 @@ def activation(kernel, act, inputs, out):
     for name, a in rest + [("out", out)]:
         _array(kernel, name, a, dtype=dtype, writable=name == "out")
         _shape(kernel, name, a, first.shape)
+
+
+def softmax_forward(z, out):
+    """z (n, k) with k >= 1; out (n, k) of z's dtype."""
+    kernel = "softmax_forward"
+    dtype = _array(kernel, "z", z, 2)
+    if z.shape[1] < 1:
+        raise ValueError(f"{kernel}: z must have at least one column, got shape {z.shape}")
+    _array(kernel, "out", out, 2, dtype, writable=True)
+    _shape(kernel, "out", out, z.shape)
 
 
 def dense_forward(x, w, b, act, out):
@@ -192,23 +205,55 @@ def multiclass_hinge(scores, labels, weights, dscores):
                     weights, dscores, labels=True)
 
 
+def _layer_stack(kernel, widths, acts, alphas, use_bias):
+    """The description of ``L`` dense layers (O(L)): widths int64 (L+1,) each >= 1,
+    acts int64 (L,) activation codes, alphas float64 (L,), use_bias int64 (L,).
+    Returns the widths as a list of ints and the number of parameters P."""
+    _array(kernel, "widths", widths, 1, _INT64)
+    n_layers = widths.shape[0] - 1
+    widths = [int(w) for w in widths]
+    if n_layers < 1 or min(widths) < 1:
+        raise ValueError(f"{kernel}: widths must hold at least two widths, each >= 1, got "
+                         f"{widths}")
+    for name, arr, dt in (("acts", acts, _INT64), ("alphas", alphas, _FLOAT64),
+                          ("use_bias", use_bias, _INT64)):
+        _array(kernel, name, arr, 1, dt)
+        _shape(kernel, name, arr, (n_layers,))
+    for act in acts:
+        _act(kernel, act)
+    n_params = sum(d * k + (k if bias else 0)
+                   for d, k, bias in zip(widths[:-1], widths[1:], use_bias))
+    return widths, n_params
+
+
+def dense_stack_forward(x, params, widths, acts, alphas, use_bias, workspace, out):
+    """x (n, widths[0]); params (P,) of x's dtype; widths / acts / alphas / use_bias as
+    ``_layer_stack``; workspace at least ``dense_stack_workspace_size(n, widths)``
+    elements; out (n, widths[L])."""
+    kernel = "dense_stack_forward"
+    dtype = _array(kernel, "x", x, 2)
+    widths, n_params = _layer_stack(kernel, widths, acts, alphas, use_bias)
+    n = x.shape[0]
+    _shape(kernel, "x", x, (n, widths[0]))
+    _array(kernel, "params", params, 1, dtype)
+    _shape(kernel, "params", params, (n_params,))
+    _array(kernel, "workspace", workspace, 1, dtype, writable=True)
+    needed = dense_stack_workspace_size(n, widths)
+    if workspace.shape[0] < needed:
+        raise ValueError(f"{kernel}: workspace must have at least {needed} elements, got "
+                         f"{workspace.shape[0]}")
+    _array(kernel, "out", out, 2, dtype, writable=True)
+    _shape(kernel, "out", out, (n, widths[-1]))
+
+
 def train_epoch(spec):
     """Every field of a TrainEpochSpec against the others (O(L)); the sample indices in
     ``order`` and the labels are checked by the kernels in their loop."""
     kernel = "train_epoch"
     dtype = _array(kernel, "X", spec.X, 2)
     _array(kernel, "order", spec.order, 1, _INT64)
-    _array(kernel, "widths", spec.widths, 1, _INT64)
-    n_layers = spec.widths.shape[0] - 1
-    widths = [int(w) for w in spec.widths]
-    if n_layers < 1 or min(widths) < 1:
-        raise ValueError(f"{kernel}: widths must hold at least two widths, each >= 1, got "
-                         f"{widths}")
-    for name, dt in (("acts", _INT64), ("alphas", _FLOAT64), ("use_bias", _INT64)):
-        _array(kernel, name, getattr(spec, name), 1, dt)
-        _shape(kernel, name, getattr(spec, name), (n_layers,))
-    for act in spec.acts:
-        _act(kernel, act)
+    widths, n_params = _layer_stack(kernel, spec.widths, spec.acts, spec.alphas,
+                                    spec.use_bias)
     if spec.batch_size < 1:
         raise ValueError(f"{kernel}: batch_size must be >= 1, got {spec.batch_size}")
     n = spec.X.shape[0]
@@ -222,8 +267,6 @@ def train_epoch(spec):
     if not 0 <= spec.loss_code < 6:
         raise ValueError(f"{kernel}: loss_code must be a code of LOSS_CODES, got "
                          f"{spec.loss_code}")
-    n_params = sum(d * k + (k if bias else 0)
-                   for d, k, bias in zip(widths[:-1], widths[1:], spec.use_bias))
     for name in ("params", "grads"):
         _array(kernel, name, getattr(spec, name), 1, dtype, writable=True)
         _shape(kernel, name, getattr(spec, name), (n_params,))

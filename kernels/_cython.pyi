@@ -23,6 +23,7 @@ def activation_forward(
 def activation_backward(
     act: int, a: _Float, dout: _Float, out: _Float, alpha: Optional[float] = None
 ) -> None: ...
+def softmax_forward(z: _Float, out: _Float) -> None: ...
 
 # Dense layer: x (n, d), w (d, k), b (k,), out / a / dout / dz (n, k)
 def dense_forward(
@@ -32,6 +33,11 @@ def dense_forward(
 def dense_backward(
     x: _Float, w: _Float, a: _Float, dout: _Float, act: int, dz: _Float,
     dx: Optional[_Float], dw: _Float, db: _Float, alpha: Optional[float] = None,
+) -> None: ...
+def dense_stack_forward(
+    x: _Float, params: _Float, widths: npt.NDArray[np.int64], acts: npt.NDArray[np.int64],
+    alphas: npt.NDArray[np.float64], use_bias: npt.NDArray[np.int64], workspace: _Float,
+    out: _Float,
 ) -> None: ...
 
 # Losses: return the (weighted) mean loss; the gradient output None means loss only

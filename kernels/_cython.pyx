@@ -28,6 +28,8 @@
 #    pointer offsets into params / grads / workspace (no allocation per batch),
 #    serially: its nets are small, and BLAS keeps its own threads. Plain SGD is folded
 #    into the weight-gradient gemm (beta = 1 - lr wd, alpha = -lr): dW is never stored.
+#    dense_stack_forward (inference) runs the same dense forward helper per layer in
+#    one nogil call, the hidden outputs alternating between two workspace halves.
 
 from cython cimport floating
 from cython.parallel cimport prange
@@ -454,6 +456,56 @@ def activation_backward(act, a, dout, out, alpha=None):
         raise
 
 
+cdef void _softmax_rows(
+    const floating *z,  # IN  (n, k)
+    floating *out,      # OUT (n, k), may alias z
+    Py_ssize_t n, Py_ssize_t k,
+) noexcept nogil:
+    """Each row ``out = e^(z - max z) / sum e^(z - max z)``, the sum in double."""
+    cdef:
+        Py_ssize_t i, j
+        floating zmax
+        double total
+        const floating *zi
+        floating *oi
+    for i in range(n):
+        zi = z + i * k
+        oi = out + i * k
+        zmax = zi[0]
+        for j in range(1, k):
+            zmax = zi[j] if zi[j] > zmax else zmax
+        for j in range(k):  # no reduction in this loop: it vectorises
+            oi[j] = _exp_nonpos(zi[j] - zmax)
+        total = 0
+        for j in range(k):
+            total += oi[j]
+        for j in range(k):
+            oi[j] = <floating> (oi[j] / total)
+
+
+def _softmax_forward(
+    const floating[:, ::1] z,  # IN  (n, k)
+    floating[:, ::1] out,      # OUT (n, k)
+):
+    cdef Py_ssize_t n = z.shape[0], k = z.shape[1]
+    if k < 1 or out.shape[0] != n or out.shape[1] != k:
+        _refuse()
+    if n == 0:
+        return
+    with nogil:
+        _softmax_rows(&z[0, 0], &out[0, 0], n, k)
+
+
+def softmax_forward(z, out):
+    """Row-wise softmax ``out = e^(z - max z) / sum e^(z - max z)``, one pass per row
+    (the sum in double). z, out (n, k), k >= 1; ``out`` may alias ``z``."""
+    try:
+        _softmax_forward(z, out)
+    except _REFUSED:
+        _checks.softmax_forward(z, out)
+        raise
+
+
 # ----------------------------------------------------------------------------------
 # Dense layer
 # ----------------------------------------------------------------------------------
@@ -702,6 +754,87 @@ def dense_forward(x, w, b, act, out, alpha=None):
         _dense_forward(x, w, b, act, out, alpha)
     except _REFUSED:
         _checks.dense_forward(x, w, b, act, out)
+        raise
+
+
+cdef void _dense_stack_forward_ptr(
+    const floating *x,        # IN  (n, widths[0])
+    const floating *params,   # IN  (P,) per layer W_l then b_l (if use_bias[l])
+    int n_layers,
+    const int64_t *widths,    # IN  (L+1,)
+    const int64_t *acts,      # IN  (L,)
+    const double *alphas,     # IN  (L,)
+    const int64_t *use_bias,  # IN  (L,)
+    floating *workspace,      # scratch (2 half,)
+    Py_ssize_t half,
+    floating *out,            # OUT (n, widths[L])
+    int n,
+) noexcept nogil:
+    """``a_l+1 = act_l(a_l @ W_l + b_l)`` layer by layer (``_dense_forward_ptr``), hidden
+    layer l writing half ``l % 2`` of the workspace, the last one ``out``."""
+    cdef:
+        int layer, d, k
+        Py_ssize_t p = 0
+        const floating *a = x
+        floating *dst
+    for layer in range(n_layers):
+        d = <int> widths[layer]
+        k = <int> widths[layer + 1]
+        dst = out if layer == n_layers - 1 else workspace + (layer % 2) * half
+        _dense_forward_ptr(a, params + p, params + p + d * k if use_bias[layer] else NULL,
+                           <int> acts[layer], <floating> alphas[layer], dst, n, d, k,
+                           True)
+        p += <Py_ssize_t> d * k + (k if use_bias[layer] else 0)
+        a = dst
+
+
+def _dense_stack_forward(
+    const floating[:, ::1] x,      # IN  (n, widths[0])
+    const floating[::1] params,    # IN  (P,)
+    const int64_t[::1] widths,     # IN  (L+1,)
+    const int64_t[::1] acts,       # IN  (L,)
+    const double[::1] alphas,      # IN  (L,)
+    const int64_t[::1] use_bias,   # IN  (L,)
+    floating[::1] workspace,       # scratch
+    floating[:, ::1] out,          # OUT (n, widths[L])
+):
+    cdef:
+        int n_layers = widths.shape[0] - 1, layer
+        Py_ssize_t n = x.shape[0], hidden = 0, p = 0
+        bint ok = (n_layers >= 1 and acts.shape[0] == n_layers
+                   and alphas.shape[0] == n_layers and use_bias.shape[0] == n_layers)
+    # The O(L) checks of every size against widths.
+    for layer in range(n_layers + 1 if ok else 0):
+        ok = ok and widths[layer] >= 1
+        if 0 < layer < n_layers:
+            hidden = max(hidden, <Py_ssize_t> widths[layer])
+    for layer in range(n_layers if ok else 0):
+        ok = ok and IDENTITY <= acts[layer] <= ELU
+        p += widths[layer] * widths[layer + 1] + (widths[layer + 1] if use_bias[layer] else 0)
+    if not (ok and x.shape[1] == widths[0] and params.shape[0] == p
+            and workspace.shape[0] >= 2 * n * hidden and out.shape[0] == n
+            and out.shape[1] == widths[n_layers]):
+        _refuse()
+    if n == 0:
+        return
+    with nogil:
+        _dense_stack_forward_ptr(&x[0, 0], &params[0], n_layers, &widths[0], &acts[0],
+                                 &alphas[0], &use_bias[0],
+                                 &workspace[0] if hidden > 0 else NULL, n * hidden,
+                                 &out[0, 0], <int> n)
+
+
+def dense_stack_forward(x, params, widths, acts, alphas, use_bias, workspace, out):
+    """The inference pass of ``L`` dense layers in one call, GIL released: per layer
+    ``a_l+1 = act_l(a_l @ W_l + b_l)`` (bias rows, gemm with beta=1, one activation
+    pass, as ``dense_forward``), the hidden outputs alternating between the halves of
+    ``workspace``, the last written into ``out``. Shapes and layout as
+    ``_numpy.dense_stack_forward``."""
+    try:
+        _dense_stack_forward(x, params, widths, acts, alphas, use_bias, workspace, out)
+    except _REFUSED:
+        _checks.dense_stack_forward(x, params, widths, acts, alphas, use_bias, workspace,
+                                    out)
         raise
 
 

@@ -601,6 +601,19 @@ def _activation_backward_chunks(act, a, dout, out, alpha, n_chunks):
         _activation_backward_span(act, a[lo:hi], dout[lo:hi], out[lo:hi], alpha)
 
 
+def _softmax_chunks(z, out, n_chunks):
+    """Each row: its max, e^(z - max) into out with the sum in float64, then out / sum."""
+    n, k = z.shape
+    _require(k >= 1 and out.shape[0] == n and out.shape[1] == k)
+    for c in prange(n_chunks):
+        lo, hi = _chunk(c, n_chunks, n)
+        for i in range(lo, hi):
+            row = out[i]
+            total = _store_exp_shifted(z[i], _row_max(z[i]), row)
+            for j in range(k):
+                row[j] = row[j] / total
+
+
 def _dense_forward_rows(x, w, b, act, out, alpha, n_chunks):
     n, k = out.shape
     _require(x.shape[0] == n and x.shape[1] == w.shape[0] and w.shape[1] == k
@@ -633,6 +646,53 @@ def _dense_backward_rows(x, w, a, dout, act, dz, dx, dw, db, alpha, want_dx, n_c
     np.dot(x.T, dz, dw)
     if want_dx:
         np.dot(dz, w.T, dx)
+
+
+def _dense_stack_forward_layers(x, params, widths, acts, alphas, use_bias, workspace, out):
+    """Per layer ``dense_forward``'s arithmetic (BLAS matmul, then bias and activation
+    over the rows in one pass), hidden layer l writing half ``l % 2`` of the workspace,
+    the last one ``out``."""
+    n_layers = widths.shape[0] - 1
+    n = x.shape[0]
+    # The O(L) argument checks (the wrapper reports what is wrong).
+    ok = (n_layers >= 1 and acts.shape[0] == n_layers and alphas.shape[0] == n_layers
+          and use_bias.shape[0] == n_layers)
+    hidden = 0
+    n_params = 0
+    if ok:
+        for layer in range(n_layers + 1):
+            ok = ok and widths[layer] >= 1
+            if 0 < layer < n_layers:
+                hidden = max(hidden, widths[layer])
+        for layer in range(n_layers):
+            ok = ok and IDENTITY <= acts[layer] <= ELU
+            n_params += widths[layer] * widths[layer + 1]
+            n_params += widths[layer + 1] if use_bias[layer] != 0 else 0
+    _require(ok and x.shape[1] == widths[0] and params.shape[0] == n_params
+             and workspace.shape[0] >= 2 * n * hidden and out.shape[0] == n
+             and out.shape[1] == widths[n_layers])
+    if n == 0:
+        return
+    half = n * hidden
+    a_at = 0
+    p = 0
+    for layer in range(n_layers):
+        d = widths[layer]
+        k = widths[layer + 1]
+        w = params[p:p + d * k].reshape((d, k))
+        p += d * k
+        dst_at = (layer % 2) * half
+        z = out if layer == n_layers - 1 else workspace[dst_at:dst_at + n * k].reshape((n, k))
+        if layer == 0:
+            np.dot(x, w, z)
+        else:
+            np.dot(workspace[a_at:a_at + n * d].reshape((n, d)), w, z)
+        bias = use_bias[layer] != 0
+        z_flat = z.reshape(-1)
+        _bias_activation_rows(z, z_flat, params[p:p + k], bias, acts[layer],
+                              params.dtype.type(alphas[layer]), z_flat, True, 0, n)
+        p += k if bias else 0
+        a_at = dst_at
 
 
 def _dense_per_sample_grad_rows(x, dz, jac, offset, use_bias, n_chunks):
@@ -1101,9 +1161,15 @@ _activation_forward_serial, _activation_forward_parallel = _serial_and_parallel(
 _activation_backward_serial, _activation_backward_parallel = _serial_and_parallel(
     "_activation_backward", _activation_backward_chunks,
     lambda f: types.void(_i8, _in(f, 1), _in(f, 1), _out(f, 1), f, _i8))
+_softmax_serial, _softmax_parallel = _serial_and_parallel(
+    "_softmax", _softmax_chunks, lambda f: types.void(_in(f, 2), _out(f, 2), _i8))
 _dense_forward_serial, _dense_forward_parallel = _serial_and_parallel(
     "_dense_forward", _dense_forward_rows,
     lambda f: types.void(_in(f, 2), _in(f, 2), _in(f, 1), _i8, _out(f, 2), f, _i8))
+_dense_stack_forward_core = _deferred(
+    "_dense_stack_forward_core", _dense_stack_forward_layers,
+    lambda f: types.void(_in(f, 2), _in(f, 1), _in(_i8, 1), _in(_i8, 1), _in(_f8, 1),
+                         _in(_i8, 1), _out(f, 1), _out(f, 2)), False)
 _dense_backward_serial, _dense_backward_parallel = _serial_and_parallel(
     "_dense_backward", _dense_backward_rows,
     lambda f: types.void(_in(f, 2), _in(f, 2), _in(f, 2), _in(f, 2), _i8, _out(f, 2),
@@ -1210,6 +1276,21 @@ def activation_backward(act, a, dout, out, alpha=None):
         raise
 
 
+def softmax_forward(z, out):
+    """Row-wise softmax ``out_ij = e^(z_ij - m_i) / sum_j e^(z_ij - m_i)``, m_i = max_j
+    z_ij, one pass per row (the sum in float64). z, out (n, k), k >= 1; ``out`` may
+    alias ``z``.
+    """
+    try:
+        if z.size >= PARALLEL_MIN_SIZE:
+            _softmax_parallel(z, out, _n_chunks(z.shape[0]))
+        else:
+            _softmax_serial(z, out, 1)
+    except _REFUSED:
+        _checks.softmax_forward(z, out)
+        raise
+
+
 # ----------------------------------------------------------------------------------
 # Dense layer
 # ----------------------------------------------------------------------------------
@@ -1249,6 +1330,21 @@ def dense_backward(x, w, a, dout, act, dz, dx, dw, db, alpha=None):
                                    _alpha(act, alpha), want_dx, 1)
     except _REFUSED:
         _checks.dense_backward(x, w, a, dout, act, dz, dx, dw, db)
+        raise
+
+
+def dense_stack_forward(x, params, widths, acts, alphas, use_bias, workspace, out):
+    """The inference pass of ``L`` dense layers in one call:
+    ``a_l+1 = act_l(a_l @ W_l + b_l)``, ``out = a_L``; shapes and layout as
+    ``_numpy.dense_stack_forward``. One serial compiled loop: per layer a BLAS matmul,
+    then bias and activation in one pass (``dense_forward``'s arithmetic), the hidden
+    outputs alternating between the halves of ``workspace``.
+    """
+    try:
+        _dense_stack_forward_core(x, params, widths, acts, alphas, use_bias, workspace, out)
+    except _REFUSED:
+        _checks.dense_stack_forward(x, params, widths, acts, alphas, use_bias, workspace,
+                                    out)
         raise
 
 

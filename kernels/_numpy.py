@@ -33,7 +33,7 @@ from . import _checks
 from . import (
     ADAGRAD, BINARY_CROSS_ENTROPY, CROSS_ENTROPY, DEFAULT_ALPHA, ELU, HINGE, HUBER,
     IDENTITY, LABEL_LOSS_CODES, LEAKY_RELU, MAE, MSE, RELU, RMSPROP, SGD, SIGMOID,
-    SOFTPLUS, STEP, TANH,
+    SOFTPLUS, STEP, TANH, dense_stack_workspace_size,
 )
 
 
@@ -120,6 +120,14 @@ def _activation_backward(act, a, dout, out, alpha=None):
         raise ValueError(f"unknown activation code {act}")
 
 
+def softmax_forward(z, out):
+    """Row-wise softmax ``out_ij = e^(z_ij - m_i) / sum_j e^(z_ij - m_i)``, m_i = max_j
+    z_ij (so exp never overflows). z, out (n, k), k >= 1; ``out`` may alias ``z``."""
+    _checks.softmax_forward(z, out)
+    e = np.exp(z - z.max(axis=1, keepdims=True))
+    np.divide(e, e.sum(axis=1, keepdims=True), out=out)
+
+
 # ----------------------------------------------------------------------------------
 # Dense layer
 # ----------------------------------------------------------------------------------
@@ -170,6 +178,40 @@ def dense_per_sample_grad(x, dz, jac, offset, use_bias):
     np.multiply(x[:, :, None], dz[:, None, :], out=block)
     if use_bias:
         jac[:, offset + d * k:offset + d * k + k] = dz
+
+
+def dense_stack_forward(x, params, widths, acts, alphas, use_bias, workspace, out):
+    """The inference pass of ``L`` dense layers in one call.
+
+    ``a_0 = x``, ``a_l+1 = act_l(a_l @ W_l + b_l)`` (``dense_forward`` per layer),
+    ``out = a_L``. x (n, widths[0]); params (P,) holding, per layer, W (widths[l],
+    widths[l+1]) row-major then b (widths[l+1],) if use_bias[l] (the layout of
+    ``TrainEpochSpec.params``); widths int64 (L+1,); acts int64 (L,) activation codes;
+    alphas float64 (L,) resolved alphas; use_bias int64 (L,) 0 / 1; workspace at least
+    ``dense_stack_workspace_size(n, widths)`` elements: hidden layer l writes the
+    (n, widths[l+1]) block at the start of its half ``l % 2``; out (n, widths[L]).
+    """
+    _checks.dense_stack_forward(x, params, widths, acts, alphas, use_bias, workspace, out)
+    n_layers = widths.shape[0] - 1
+    n = x.shape[0]
+    half = dense_stack_workspace_size(n, widths) // 2
+    a, p = x, 0
+    for layer in range(n_layers):
+        d, k = int(widths[layer]), int(widths[layer + 1])
+        w = params[p:p + d * k].reshape(d, k)
+        p += d * k
+        if use_bias[layer]:
+            bias = params[p:p + k]
+            p += k
+        else:
+            bias = np.zeros(k, params.dtype)
+        if layer == n_layers - 1:
+            dst = out
+        else:
+            start = (layer % 2) * half
+            dst = workspace[start:start + n * k].reshape(n, k)
+        dense_forward(a, w, bias, int(acts[layer]), dst, float(alphas[layer]))
+        a = dst
 
 
 # ----------------------------------------------------------------------------------

@@ -88,7 +88,7 @@ def test_kernel_benchmarks_run(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     results = json.loads((tmp_path / "kernels.json").read_text())
     kernels = {b["extra_info"]["kernel"] for b in results["benchmarks"]}
-    assert len(kernels) == 15 and "train_epoch" in kernels, sorted(kernels)
+    assert len(kernels) == 16 and "train_epoch" in kernels, sorted(kernels)
     assert results["machine_info"]["fastnn"]["threads"] >= 1
 
     # bench/kernel_table.py turns that JSON into the speedup table: one row per kernel x

@@ -30,7 +30,7 @@ ACT_NAMES = tuple(ACTIVATIONS)
 #: The kernel contract: every backend module has all of these.
 KERNELS = (
     "activation_forward", "activation_backward", "dense_forward", "dense_backward",
-    "dense_per_sample_grad",
+    "dense_per_sample_grad", "dense_stack_forward", "softmax_forward",
     "softmax_cross_entropy", "sigmoid_binary_cross_entropy", "mean_squared_error",
     "mean_absolute_error", "huber", "multiclass_hinge",
     "sgd_update", "adagrad_update", "rmsprop_update", "adam_update",
@@ -401,6 +401,151 @@ def test_dense_per_sample_grad(backend, oracle, dtype, rng, assert_close, shape,
         untouched[offset:offset + width] = False
         np.testing.assert_array_equal(jac[:, untouched], SENTINEL,
                                       err_msg=msg + ": wrote outside its columns")
+
+
+@pytest.mark.parametrize("shape", [(0, 3)] + ELEMENTWISE_SHAPES + [(3, 10)], ids=shape_id)
+def test_softmax_forward(backend, oracle, dtype, rng, assert_close, shape):
+    z = (10 * rng.standard_normal(shape)).astype(dtype)
+    if shape == (3, 10):
+        z[1] = [800, -800, 0, 1, 2, 3, 4, 5, 6, 7]  # a big-logit row: max-subtracted
+    expected = nans(shape, dtype)
+    oracle.softmax_forward(z, expected)
+    out = nans(shape, dtype)
+    assert backend.softmax_forward(read_only(z.copy())[0], out) is None
+    msg = f"{backend.__name__}.softmax_forward {shape_id(shape)}"
+    assert_close(out, expected, msg + " vs _numpy")
+    assert_close(expected, scipy.special.softmax(z.astype(np.float64), axis=1),
+                 msg + ": _numpy vs scipy.special.softmax")
+    in_place = z.copy()
+    backend.softmax_forward(in_place, in_place)
+    assert_close(in_place, expected, msg + " in place")
+
+
+def test_softmax_forward_refuses_mismatched_arguments(backend):
+    with pytest.raises(ValueError, match=r"out must have shape \(2, 3\)"):
+        backend.softmax_forward(np.zeros((2, 3)), np.zeros((3, 2)))
+    with pytest.raises(ValueError, match="z must have at least one column"):
+        backend.softmax_forward(np.zeros((2, 0)), np.zeros((2, 0)))
+
+
+# ----------------------------------------------------------------------------------
+# A stack of dense layers in one call (the inference path)
+# ----------------------------------------------------------------------------------
+
+#: (widths, use_bias) of the stacks: one layer (no workspace), a 1-wide hidden layer,
+#: the digits net, and five layers with odd widths, some without bias.
+STACKS = [((13, 7), (1,)), ((5, 1, 3), (1, 0)), ((64, 128, 64, 10), (1, 1, 1)),
+          ((9, 17, 4, 31, 6, 2), (0, 1, 1, 0, 1))]
+STACK_ROWS = (0, 1, 7, 129)
+
+
+def stack_id(stack):
+    widths, use_bias = stack
+    return "-".join(map(str, widths)) + ("" if all(use_bias) else "-nobias")
+
+
+def stack_arrays(widths, use_bias, acts, alpha, dtype, rng):
+    """The kernel's layer description and params (N(0, 1/d) weights, N(0, 1/4) biases)."""
+    widths = np.array(widths, np.int64)
+    n_layers = widths.shape[0] - 1
+    codes = np.array([ACTIVATIONS[acts[i % len(acts)]] for i in range(n_layers)], np.int64)
+    alphas = np.array([DEFAULT_ALPHA[c] if alpha is None else alpha for c in codes])
+    parts = []
+    for d, k, bias in zip(widths[:-1], widths[1:], use_bias):
+        parts.append(rng.standard_normal(d * k) / math.sqrt(d))
+        if bias:
+            parts.append(0.5 * rng.standard_normal(k))
+    params = np.concatenate(parts).astype(dtype)
+    return widths, codes, alphas, np.array(use_bias, np.int64), params
+
+
+def stack_formula(x, params, widths, codes, alphas, use_bias):
+    """The stack's output from the textbook definitions, layer by layer in float64."""
+    a, p = x.astype(np.float64), 0
+    names = {code: name for name, code in ACTIVATIONS.items()}
+    for layer, (d, k) in enumerate(zip(widths[:-1], widths[1:])):
+        w = params[p:p + d * k].astype(np.float64).reshape(d, k)
+        p += d * k
+        z = a @ w
+        if use_bias[layer]:
+            z += params[p:p + k]
+            p += k
+        a = act_value(names[codes[layer]], z, alphas[layer])
+    return a
+
+
+@pytest.mark.parametrize("n", STACK_ROWS)
+@pytest.mark.parametrize("stack", STACKS, ids=stack_id)
+@pytest.mark.parametrize("act,alpha", [c for c in ACT_CASES if c[0] != "step"],
+                         ids=[act_case_id(c) for c in ACT_CASES if c[0] != "step"])
+def test_dense_stack_forward(backend, oracle, dtype, rng, assert_close, act, alpha, stack,
+                             n):
+    widths, codes, alphas, use_bias, params = stack_arrays(
+        *stack, (act, "identity"), alpha, dtype, rng)
+    x = rng.standard_normal((n, widths[0])).astype(dtype)
+    size = kernels.dense_stack_workspace_size(n, widths)
+    expected = nans((n, widths[-1]), dtype)
+    oracle.dense_stack_forward(x, params, widths, codes, alphas, use_bias,
+                               nans(size, dtype), expected)
+    out = nans((n, widths[-1]), dtype)
+    read_only(x, params, widths, codes, alphas, use_bias)
+    assert backend.dense_stack_forward(x, params, widths, codes, alphas, use_bias,
+                                       nans(size, dtype), out) is None
+    msg = f"{backend.__name__}.dense_stack_forward({act}) {stack_id(stack)} n={n}"
+    scale = math.sqrt(max(widths))
+    assert_close(out, expected, msg + " vs _numpy", scale=scale)
+    assert_close(expected, stack_formula(x, params, widths, codes, alphas, use_bias),
+                 msg + ": _numpy vs the layer-by-layer formula", scale=scale)
+
+
+def test_dense_stack_forward_writes_only_its_workspace(backend, dtype, rng):
+    widths, codes, alphas, use_bias, params = stack_arrays(*STACKS[3], ("tanh",), None,
+                                                           dtype, rng)
+    x = rng.standard_normal((5, widths[0])).astype(dtype)
+    size = kernels.dense_stack_workspace_size(5, widths)
+    workspace = np.full(size + 3, SENTINEL, dtype)
+    backend.dense_stack_forward(x, params, widths, codes, alphas, use_bias, workspace,
+                                nans((5, widths[-1]), dtype))
+    np.testing.assert_array_equal(workspace[size:], SENTINEL)
+
+
+def stack_call(widths=(4, 6, 3), use_bias=(1, 1), n=2, acts=None, n_params=None,
+               workspace_size=None, out_shape=None, dtype=np.float64):
+    """The arguments of a valid dense_stack_forward call, with one of them changed."""
+    widths, codes, alphas, use_bias, params = stack_arrays(
+        widths, use_bias, ("relu",), None, dtype, np.random.default_rng(0))
+    if acts is not None:
+        codes = np.array(acts, np.int64)
+    if n_params is not None:
+        params = np.zeros(n_params, dtype)
+    size = (kernels.dense_stack_workspace_size(n, widths) if workspace_size is None
+            else workspace_size)
+    out = np.empty(out_shape or (n, widths[-1]), dtype)
+    return (np.zeros((n, widths[0]), dtype), params, widths, codes, alphas, use_bias,
+            np.empty(size, dtype), out)
+
+
+@pytest.mark.parametrize("change,match", [
+    ({"acts": (4, 99)}, "act must be an activation code"),
+    ({"acts": (4,)}, "acts must have shape"),
+    ({"n_params": 10}, "params must have shape"),
+    ({"workspace_size": 23}, "workspace must have at least 24 elements"),
+    ({"out_shape": (2, 4)}, r"out must have shape \(2, 3\)"),
+    ({"widths": (4, 0, 3)}, "widths must hold at least two widths, each >= 1"),
+])
+def test_dense_stack_forward_refuses_mismatched_arguments(backend, change, match):
+    args = stack_call(**{k: v for k, v in change.items() if k != "widths"})
+    if "widths" in change:
+        args = args[:2] + (np.array(change["widths"], np.int64),) + args[3:]
+    with pytest.raises(ValueError, match=match):
+        backend.dense_stack_forward(*args)
+
+
+def test_dense_stack_forward_refuses_mixed_dtypes(backend):
+    args = list(stack_call())
+    args[1] = args[1].astype(np.float32)
+    with pytest.raises(ValueError, match="params must have dtype float64"):
+        backend.dense_stack_forward(*args)
 
 
 # ----------------------------------------------------------------------------------
