@@ -361,7 +361,8 @@ def kernel_cases(draw):
             "kernel": draw(st.sampled_from(["dense_forward", "dense_backward",
                                             "activation_forward", "softmax_cross_entropy",
                                             "multiclass_hinge", "mean_squared_error",
-                                            "sgd_update", "adam_update"])),
+                                            "sgd_update", "adam_update",
+                                            "dense_stack_forward", "softmax_forward"])),
             "spoil": draw(st.sampled_from(["none", "dtype", "fortran", "strided", "rank",
                                            "int", "short", "long", "label_value",
                                            "label_length", "label_dtype"])),
@@ -388,6 +389,11 @@ def kernel_arguments(kernel, dtype, act):
         "sgd_update": [a(n), a(n), a(n), 0.1, 0.9, 0.0, 0.0, False, 1],
         "adam_update": [a(n), a(n), a(n), np.abs(a(n)), np.abs(a(n)), 1e-3, 0.9, 0.999,
                         1e-8, 0.0, False, False, 1],
+        "dense_stack_forward": [a(n, k), a(k * m + m + m * m + m), np.array([k, m, m]),
+                                np.array([act, 0]), np.zeros(2), np.ones(2, np.int64),
+                                a(fn.kernels.dense_stack_workspace_size(n, [k, m, m])),
+                                a(n, m)],
+        "softmax_forward": [a(n, m), a(n, m)],
     }[kernel]
 
 
