@@ -19,7 +19,6 @@ from ._model_file import check_destination
 from ._validation import check_float, check_int
 from .solvers import SOLVERS
 
-CLASSIFICATION_LOSSES = ("cross_entropy", "hinge", "binary_cross_entropy")
 #: Settings per dataset that train to a good test result with the default network;
 #: --epochs, --batch-size and --lr override them.
 DATASET_DEFAULTS = {
@@ -254,7 +253,7 @@ def _check_plot_path(path):
 def _run(fn, args):
     X, y, is_classification = load_dataset(args.dataset)
     loss = args.loss or ("cross_entropy" if is_classification else "mse")
-    regression = loss not in CLASSIFICATION_LOSSES
+    regression = not losses.LOSSES[loss].classification
     if not regression and not is_classification:
         raise ValueError(f"--loss {loss} needs class labels 0..n-1 (n samples) in the target "
                          f"column; --dataset {' '.join(args.dataset)} has regression targets")

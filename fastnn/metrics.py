@@ -8,8 +8,6 @@ import numpy as np
 
 from .losses import BinaryCrossEntropy
 
-REGRESSION_LOSSES = ("mse", "mae", "huber")
-
 
 class Metric:
     """Base accumulator: ``reset()``, ``update(out, target)``, ``result() -> float``.
@@ -162,7 +160,7 @@ def check_metrics(metrics, loss):
         name = KERAS_ALIASES.get(name, name) if isinstance(name, str) else name
         if not isinstance(name, str) or name not in METRICS:
             raise ValueError(f"unknown metric {name!r}; expected one of {sorted(METRICS)}")
-        if name == "accuracy" and loss.name in REGRESSION_LOSSES:
+        if name == "accuracy" and not loss.classification:
             raise ValueError(f"metric 'accuracy' needs a classification loss, got loss "
                              f"{loss.name!r}; use 'mae', 'mse' or 'r2'")
         if name != "accuracy" and loss.uses_labels:
