@@ -1,4 +1,5 @@
 """Build the Cython kernels. Metadata lives in pyproject.toml."""
+import glob
 import os
 import sys
 import tempfile
@@ -29,6 +30,8 @@ extensions = [
     Extension(
         "fastnn.kernels._cython",
         ["kernels/_cython.pyx"],
+        include_dirs=["kernels"],
+        depends=sorted(glob.glob("kernels/*.h")),  # C headers: a change rebuilds
         extra_compile_args=compile_args,
         extra_link_args=link_args,
     )
