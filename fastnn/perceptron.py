@@ -260,8 +260,9 @@ class Perceptron:
 
         Returns
         -------
-        ndarray, shape (m, k)
-            k = 1 for 2 classes; the dtype of ``coef_``.
+        ndarray, shape (m,) for 2 classes, else (m, k)
+            As scikit-learn's: with 2 classes the one unit's net input, positive (or
+            zero) for ``classes_[1]``; else one column per class. The dtype of ``coef_``.
 
         Raises
         ------
@@ -273,7 +274,7 @@ class Perceptron:
         out = np.empty((len(X), self.coef_.shape[1]), dtype=self.coef_.dtype)
         backend_module().dense_forward(X, self.coef_, self.intercept_,
                                        ACTIVATIONS["identity"], out)
-        return out
+        return out[:, 0] if out.shape[1] == 1 else out
 
     def predict(self, X):
         """Predicted class labels: the step unit's class for 2 classes, else the class

@@ -161,7 +161,8 @@ def test_predictions_follow_the_net_input(active_backend):
     np.testing.assert_array_equal(multi.predict(X), multi.classes_[np.argmax(scores, 1)])
     binary = Perceptron(seed=0).fit(X, y == 2)
     z = X @ binary.coef_[:, 0] + binary.intercept_[0]
-    assert binary.decision_function(X).shape == (150, 1)
+    np.testing.assert_allclose(binary.decision_function(X), z, rtol=1e-12, atol=1e-12)
+    assert binary.decision_function(X).shape == (150,)  # sklearn's shape for 2 classes
     np.testing.assert_array_equal(binary.predict(X), z >= 0)
 
 
