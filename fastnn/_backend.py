@@ -19,11 +19,14 @@ it runs on the one active in the context that calls ``fit``, ``predict`` and the
 import contextlib
 import contextvars
 import os
+import sys
 
 from . import kernels
 
 #: The process default backend (name and module) and the process thread budget.
 _state = {"name": None, "module": None, "threads": None}
+#: threadpoolctl's view of the loaded BLAS libraries, and len(sys.modules) when taken.
+_blas = {"controller": None, "modules": -1}
 #: (name, module) set by ``use_backend`` in the current context, or None.
 _override = contextvars.ContextVar("fastnn_backend_override", default=None)
 
@@ -157,15 +160,27 @@ def set_num_threads(n):
     limit = len(usable_cpus())
     if not 1 <= n <= limit:
         raise ValueError(f"n must be between 1 and {limit} (usable CPUs), got {n}")
-    import scipy.linalg.cython_blas  # noqa: F401  (load scipy's BLAS so it is limited too)
-    from threadpoolctl import threadpool_limits
-
-    threadpool_limits(limits=n, user_api="blas")
+    _limit_blas(n)
     _state["threads"] = n
     for name in kernels.BACKENDS:
         module = kernels._loaded.get(name)
         if module is not None:
             _apply_threads(module)
+
+
+def _limit_blas(n):
+    """Limit every loaded BLAS thread pool (numpy's and scipy's OpenBLAS, ...) to ``n``.
+
+    threadpoolctl finds the pools by scanning the loaded shared libraries, 1-13 ms a
+    time; the scan is kept and redone only when modules were imported since (a new BLAS
+    comes with an import), so switching the budget back and forth costs ~50 us."""
+    import scipy.linalg.cython_blas  # noqa: F401  (load scipy's BLAS so it is limited too)
+    from threadpoolctl import ThreadpoolController
+
+    if _blas["controller"] is None or _blas["modules"] != len(sys.modules):
+        _blas["controller"] = ThreadpoolController()
+        _blas["modules"] = len(sys.modules)
+    _blas["controller"].limit(limits=n, user_api="blas")
 
 
 def get_num_threads():

@@ -149,3 +149,60 @@ def test_use_backend_refuses_bad_names_and_leaves_the_backend():
         with fn.use_backend(3):
             pass
     assert fn.get_backend() == before
+
+
+# ----------------------------------------------------------------------------------
+# The thread budget
+# ----------------------------------------------------------------------------------
+
+@pytest.fixture
+def restore_threads():
+    saved = fn.get_num_threads()
+    yield
+    fn.set_num_threads(saved)
+
+
+def test_set_num_threads_limits_every_blas_pool(restore_threads):
+    from threadpoolctl import threadpool_info
+
+    for n in sorted({1, len(_backend.usable_cpus())}):
+        fn.set_num_threads(n)
+        assert fn.get_num_threads() == n
+        pools = [p for p in threadpool_info() if p["user_api"] == "blas"]
+        assert pools and all(p["num_threads"] == n for p in pools), pools
+
+
+@pytest.mark.parametrize("n, error", [(0, ValueError), (10**6, ValueError), (True, TypeError),
+                                      ("2", TypeError), (1.0, TypeError)])
+def test_set_num_threads_rejects(n, error, restore_threads):
+    before = fn.get_num_threads()
+    with pytest.raises(error, match="n must be"):
+        fn.set_num_threads(n)
+    assert fn.get_num_threads() == before
+
+
+def test_set_num_threads_scans_the_libraries_again_only_after_an_import(
+        monkeypatch, restore_threads):
+    """threadpoolctl's scan of the loaded libraries costs milliseconds: switching the
+    budget back and forth (as the sklearn estimators' n_threads does around every call)
+    reuses it, and an import since the last scan (a new BLAS may come with it) redoes it."""
+    import sys
+
+    import threadpoolctl
+
+    scans = []
+
+    class CountingController(threadpoolctl.ThreadpoolController):
+        def __init__(self):
+            scans.append(1)
+            super().__init__()
+
+    monkeypatch.setattr(threadpoolctl, "ThreadpoolController", CountingController)
+    monkeypatch.setitem(_backend._blas, "controller", None)
+    for _ in range(3):
+        fn.set_num_threads(1)
+        fn.set_num_threads(len(_backend.usable_cpus()))
+    assert len(scans) == 1
+    monkeypatch.setitem(sys.modules, "fastnn_test_fresh_import", object())
+    fn.set_num_threads(1)
+    assert len(scans) == 2
