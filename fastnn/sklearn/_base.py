@@ -1,6 +1,7 @@
 """What MLPClassifier and MLPRegressor share: parameters, validation, the network and
 the fit loop."""
 import contextlib
+import math
 import warnings
 
 import numpy as np
@@ -106,19 +107,23 @@ class _BaseMLP(BaseEstimator):
             check_int(self.n_threads, "n_threads", low=1)
         return sizes
 
-    @contextlib.contextmanager
     def _runtime(self):
-        """The estimator's backend and thread count for the duration of a call."""
-        with contextlib.ExitStack() as stack:
-            if self.backend is not None:
-                stack.enter_context(use_backend(self.backend))
-            previous = get_num_threads()
-            # set_num_threads re-scans the loaded BLAS libraries (tens of ms): only when
-            # the count changes.
-            if self.n_threads is not None and self.n_threads != previous:
-                set_num_threads(self.n_threads)
-                stack.callback(set_num_threads, previous)
-            yield
+        """The estimator's backend and thread count for the duration of a call (a
+        context manager; a no-op one, cheap enough for a 1-row predict, when both are
+        the process's already)."""
+        previous = get_num_threads()
+        # set_num_threads re-scans the loaded BLAS libraries (tens of ms): only when
+        # the count changes.
+        switch_threads = self.n_threads is not None and self.n_threads != previous
+        if self.backend is None and not switch_threads:
+            return contextlib.nullcontext()
+        stack = contextlib.ExitStack()
+        if self.backend is not None:
+            stack.enter_context(use_backend(self.backend))
+        if switch_threads:
+            set_num_threads(self.n_threads)
+            stack.callback(set_num_threads, previous)
+        return stack
 
     # ------------------------------------------------------------------ the network
     def _build_network(self, sizes, n_features, n_outputs, n_train, weight_sum):
@@ -369,8 +374,24 @@ class _BaseMLP(BaseEstimator):
 
     # ------------------------------------------------------------------ inference
     def _validate_X(self, X):
+        """X for inference, checked as ``validate_data(reset=False)`` checks it, in the
+        estimator's dtype.
+
+        sklearn's checks cost ~90 us, far more than a small predict, so an ndarray that
+        certainly passes them skips them: fitted, 2-D float, ``n_features_in_`` columns,
+        finite in the estimator's dtype (one dot product ``sum(X * X)``, finite when
+        every value is), and no feature names seen at fit (sklearn would warn). Any
+        other input takes sklearn's checks and gets their errors and warnings.
+        """
+        dtype = check_dtype(self.dtype)
+        if (type(X) is np.ndarray and X.ndim == 2 and X.dtype.kind == "f"
+                and "coefs_" in self.__dict__ and "feature_names_in_" not in self.__dict__
+                and X.shape[0] > 0 and X.shape[1] == self.n_features_in_):
+            converted = np.ascontiguousarray(X, dtype=dtype)
+            if math.isfinite(np.vdot(converted, converted)):
+                return converted
         check_is_fitted(self)
-        return validate_data(self, X, reset=False, dtype=check_dtype(self.dtype))
+        return validate_data(self, X, reset=False, dtype=dtype)
 
     def _network_output(self, X):
         """The network's output through its link: (n_samples, n_outputs), float64 (as
