@@ -1,7 +1,6 @@
 """What MLPClassifier and MLPRegressor share: parameters, validation, the network and
 the fit loop."""
 import contextlib
-import math
 import warnings
 
 import numpy as np
@@ -13,7 +12,14 @@ from sklearn.utils.validation import check_is_fitted
 
 from .. import optimizers
 from .._backend import get_num_threads, set_num_threads, use_backend
-from .._validation import check_choice, check_dtype, check_float, check_int, check_sample_weight
+from .._validation import (
+    all_finite,
+    check_choice,
+    check_dtype,
+    check_float,
+    check_int,
+    check_sample_weight,
+)
 from ..layers import Dense
 from ..model import Sequential
 from ._control import _EpochControl, _full_batch_solver
@@ -379,16 +385,16 @@ class _BaseMLP(BaseEstimator):
 
         sklearn's checks cost ~90 us, far more than a small predict, so an ndarray that
         certainly passes them skips them: fitted, 2-D float, ``n_features_in_`` columns,
-        finite in the estimator's dtype (one dot product ``sum(X * X)``, finite when
-        every value is), and no feature names seen at fit (sklearn would warn). Any
-        other input takes sklearn's checks and gets their errors and warnings.
+        finite in the estimator's dtype, and no feature names seen at fit (sklearn
+        would warn). Any other input takes sklearn's checks and gets their errors and
+        warnings.
         """
         dtype = check_dtype(self.dtype)
         if (type(X) is np.ndarray and X.ndim == 2 and X.dtype.kind == "f"
                 and "coefs_" in self.__dict__ and "feature_names_in_" not in self.__dict__
                 and X.shape[0] > 0 and X.shape[1] == self.n_features_in_):
             converted = np.ascontiguousarray(X, dtype=dtype)
-            if math.isfinite(np.vdot(converted, converted)):
+            if all_finite(converted):
                 return converted
         check_is_fitted(self)
         return validate_data(self, X, reset=False, dtype=dtype)
