@@ -123,13 +123,13 @@ class _BaseMLP(BaseEstimator):
         switch_threads = self.n_threads is not None and self.n_threads != previous
         if self.backend is None and not switch_threads:
             return contextlib.nullcontext()
-        stack = contextlib.ExitStack()
-        if self.backend is not None:
-            stack.enter_context(use_backend(self.backend))
-        if switch_threads:
-            set_num_threads(self.n_threads)
-            stack.callback(set_num_threads, previous)
-        return stack
+        with contextlib.ExitStack() as stack:  # unwinds if a step fails
+            if self.backend is not None:
+                stack.enter_context(use_backend(self.backend))
+            if switch_threads:
+                set_num_threads(self.n_threads)
+                stack.callback(set_num_threads, previous)
+            return stack.pop_all()
 
     # ------------------------------------------------------------------ the network
     def _build_network(self, sizes, n_features, n_outputs, n_train, weight_sum):
