@@ -43,6 +43,10 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
     dtype : {'float32', 'float64'}, default='float32'
         Precision of the weights and of the computation.
     n_threads : int or None, default=None (fastnn's current budget).
+        A count other than the process's budget is set around every fit and predict
+        call and set back after it, ~13 ms each way (threadpoolctl re-scans the
+        loaded BLAS libraries): for many small calls, set the process's budget once
+        with ``fastnn.set_num_threads`` instead.
 
     Attributes
     ----------
