@@ -8,9 +8,12 @@ Adam at 1e-3, batch 32, exactly ``--epochs`` epochs (n_iter_no_change = epochs, 
 early stop cuts either run short). fastnn trains in float32 (its default), sklearn in
 float64 (its default for float64 input). Reports test accuracy (R² for diabetes), mean
 over the seeds, and the median fit time at 1 thread (BLAS limited by threadpoolctl,
-fastnn with n_threads=1); run it pinned for a clean 1-core figure:
+fastnn with n_threads=1) over the seeds times ``--repeats`` fits of each (the two
+estimators alternating, so a busy spell on a shared machine hits both); run it pinned
+for a clean 1-core figure:
 
-    taskset -c 0 python bench/sklearn_compare.py [--epochs 30] [--seeds 5] [--json PATH]
+    taskset -c 0 python bench/sklearn_compare.py [--epochs 30] [--seeds 5] [--repeats 1]
+                                                 [--json PATH]
 """
 import argparse
 import json
@@ -61,7 +64,7 @@ def timed_fit(estimator, X, y):
     return time.perf_counter() - start
 
 
-def compare(name, epochs, seeds):
+def compare(name, epochs, seeds, repeats):
     loader, kind = DATASETS[name]
     ours_cls = getattr(fastnn.sklearn, "MLP" + kind.capitalize())
     theirs_cls = getattr(neural_network, "MLP" + kind.capitalize())
@@ -72,10 +75,11 @@ def compare(name, epochs, seeds):
     ours_cls(**params(1, 0), n_threads=1).fit(X_train, y_train)
     for seed in range(seeds):
         X_train, X_test, y_train, y_test = split(loader, kind, seed)
-        ours = ours_cls(**params(epochs, seed), n_threads=1)
-        theirs = theirs_cls(**params(epochs, seed))
-        result["fastnn_s"].append(timed_fit(ours, X_train, y_train))
-        result["sklearn_s"].append(timed_fit(theirs, X_train, y_train))
+        for _ in range(repeats):
+            ours = ours_cls(**params(epochs, seed), n_threads=1)
+            theirs = theirs_cls(**params(epochs, seed))
+            result["fastnn_s"].append(timed_fit(ours, X_train, y_train))
+            result["sklearn_s"].append(timed_fit(theirs, X_train, y_train))
         result["fastnn_score"].append(ours.score(X_test, y_test))
         result["sklearn_score"].append(theirs.score(X_test, y_test))
     return result
@@ -85,6 +89,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="fits per seed and estimator (the time is their median)")
     parser.add_argument("--json", help="also write the raw results here")
     args = parser.parse_args()
     warnings.simplefilter("ignore", ConvergenceWarning)
@@ -98,7 +104,7 @@ def main():
     fastnn.set_num_threads(1)
     with threadpool_limits(limits=1):
         for name in DATASETS:
-            r = compare(name, args.epochs, args.seeds)
+            r = compare(name, args.epochs, args.seeds, args.repeats)
             results.append(r)
             ours_s, theirs_s = statistics.median(r["fastnn_s"]), statistics.median(r["sklearn_s"])
             print(f"| {name} | {r['metric']} | {np.mean(r['fastnn_score']):.3f} | "

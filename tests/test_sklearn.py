@@ -379,6 +379,23 @@ def test_wrong_feature_count_uses_sklearn_wording(iris):
         model.predict(X[:, :3])
 
 
+def test_predict_of_an_ndarray_is_checked_as_sklearn_checks_it(iris):
+    """The short path for ndarrays (no validate_data) predicts what the checked path
+    does, and every input it cannot vouch for gets sklearn's error."""
+    X, y = iris
+    model = quiet(MLPClassifier(max_iter=5, random_state=0), X, y)
+    expected = model.predict_proba(X.tolist())  # a list: sklearn's checks
+    for variant in (X, np.asfortranarray(X), X.astype(np.float32), np.repeat(X, 2, axis=0)[::2]):
+        np.testing.assert_array_equal(model.predict_proba(variant), expected)
+    for value, match in ((np.nan, "Input X contains NaN"), (1e39, "Input X contains infinity")):
+        bad = X.copy()
+        bad[3, 1] = value  # 1e39 is finite in float64, infinite in the model's float32
+        with pytest.raises(ValueError, match=match):
+            model.predict(bad)
+    with pytest.raises(ValueError, match="0 sample"):
+        model.predict(X[:0])
+
+
 def test_sparse_input_is_refused_with_a_clear_error(iris):
     sparse = pytest.importorskip("scipy.sparse")
     X, y = iris

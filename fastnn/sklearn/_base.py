@@ -12,7 +12,14 @@ from sklearn.utils.validation import check_is_fitted
 
 from .. import optimizers
 from .._backend import get_num_threads, set_num_threads, use_backend
-from .._validation import check_choice, check_dtype, check_float, check_int, check_sample_weight
+from .._validation import (
+    all_finite,
+    check_choice,
+    check_dtype,
+    check_float,
+    check_int,
+    check_sample_weight,
+)
 from ..layers import Dense
 from ..model import Sequential
 from ._control import _EpochControl, _full_batch_solver
@@ -106,19 +113,23 @@ class _BaseMLP(BaseEstimator):
             check_int(self.n_threads, "n_threads", low=1)
         return sizes
 
-    @contextlib.contextmanager
     def _runtime(self):
-        """The estimator's backend and thread count for the duration of a call."""
-        with contextlib.ExitStack() as stack:
+        """The estimator's backend and thread count for the duration of a call (a
+        context manager; a no-op one, cheap enough for a 1-row predict, when both are
+        the process's already)."""
+        previous = get_num_threads()
+        # set_num_threads re-scans the loaded BLAS libraries (tens of ms): only when
+        # the count changes.
+        switch_threads = self.n_threads is not None and self.n_threads != previous
+        if self.backend is None and not switch_threads:
+            return contextlib.nullcontext()
+        with contextlib.ExitStack() as stack:  # unwinds if a step fails
             if self.backend is not None:
                 stack.enter_context(use_backend(self.backend))
-            previous = get_num_threads()
-            # set_num_threads re-scans the loaded BLAS libraries (tens of ms): only when
-            # the count changes.
-            if self.n_threads is not None and self.n_threads != previous:
+            if switch_threads:
                 set_num_threads(self.n_threads)
                 stack.callback(set_num_threads, previous)
-            yield
+            return stack.pop_all()
 
     # ------------------------------------------------------------------ the network
     def _build_network(self, sizes, n_features, n_outputs, n_train, weight_sum):
@@ -369,8 +380,24 @@ class _BaseMLP(BaseEstimator):
 
     # ------------------------------------------------------------------ inference
     def _validate_X(self, X):
+        """X for inference, checked as ``validate_data(reset=False)`` checks it, in the
+        estimator's dtype.
+
+        sklearn's checks cost ~90 us, far more than a small predict, so an ndarray that
+        certainly passes them skips them: fitted, 2-D float, ``n_features_in_`` columns,
+        finite in the estimator's dtype, and no feature names seen at fit (sklearn
+        would warn). Any other input takes sklearn's checks and gets their errors and
+        warnings.
+        """
+        dtype = check_dtype(self.dtype)
+        if (type(X) is np.ndarray and X.ndim == 2 and X.dtype.kind == "f"
+                and "coefs_" in self.__dict__ and "feature_names_in_" not in self.__dict__
+                and X.shape[0] > 0 and X.shape[1] == self.n_features_in_):
+            converted = np.ascontiguousarray(X, dtype=dtype)
+            if all_finite(converted):
+                return converted
         check_is_fitted(self)
-        return validate_data(self, X, reset=False, dtype=check_dtype(self.dtype))
+        return validate_data(self, X, reset=False, dtype=dtype)
 
     def _network_output(self, X):
         """The network's output through its link: (n_samples, n_outputs), float64 (as
