@@ -30,20 +30,32 @@ def check_dtype(dtype, name="dtype"):
 def all_finite(arr):
     """True if ``arr`` holds no NaN or infinity.
 
-    A C-contiguous float32/float64 array first takes one BLAS dot product
-    ``sum(arr * arr)``: finite when every value is (a NaN or inf makes it NaN or inf),
-    and 5-7x faster than two reductions on weight-sized arrays. When it is not finite
-    (or for other arrays), the exact test: min and max are finite, two SIMD reductions
-    with no temporary (a NaN propagates through both), where ``isfinite(arr).all()``
-    would first write a boolean array as large as the input. So finite values that
-    overflow the dot product still count as finite.
+    A C-contiguous float32/float64 array first takes ``dot_finite`` (one dot product,
+    5-7x faster than two reductions on weight-sized arrays). When that fails (or for
+    other arrays), the exact test: min and max are finite, two SIMD reductions with no
+    temporary (a NaN propagates through both), where ``isfinite(arr).all()`` would
+    first write a boolean array as large as the input. So finite values that overflow
+    the dot product still count as finite.
     """
     if arr.dtype.kind != "f":
         return True
-    if (arr.dtype.char in "fd" and arr.flags.c_contiguous  # float32, float64: BLAS
-            and math.isfinite(np.vdot(arr, arr))):
+    if arr.dtype.char in "fd" and arr.flags.c_contiguous and dot_finite(arr):
         return True
     return bool(np.isfinite(arr.min()) and np.isfinite(arr.max()))
+
+
+def dot_finite(arr):
+    """True when ``sum(arr * arr)`` is finite, which it is only when every value is (a
+    NaN or inf makes it NaN or inf); False says nothing, since finite values can
+    overflow it. ``arr``: C-contiguous float32 or float64. The dot product runs in
+    scipy's BLAS, the one the compiled kernels call: a second BLAS (numpy's) woken
+    between their calls leaves its threads spinning against theirs."""
+    from scipy.linalg.blas import ddot, sdot
+
+    flat = arr.reshape(-1)
+    if not 0 < flat.size < 2**31:  # BLAS's int length; nothing to add up
+        return flat.size == 0
+    return math.isfinite((sdot if arr.dtype == np.float32 else ddot)(flat, flat))
 
 
 def _as_numeric(a, name):

@@ -7,7 +7,6 @@ the vector without copying, and save/load is one array. ``grads`` is the trainin
 loop's scratch: after ``fit`` it holds no defined values (the fused epoch folds plain
 SGD into its backward and may never write it); ``compute_gradients`` gives gradients.
 """
-import math
 
 import numpy as np
 
@@ -22,6 +21,7 @@ from ._validation import (
     check_features,
     check_int,
     check_sample_weight,
+    dot_finite,
 )
 from .layers import Dense, Dropout, Layer, _BatchBuffers, check_joinable
 from .solvers import Solver
@@ -363,13 +363,12 @@ class Sequential:
     def _check_inference_X(self, X):
         """``_check_X(X)``, with a short path for an ndarray already as the kernels take
         it (the model's dtype, 2-D, C-contiguous, non-empty, n_features wide): its values
-        are checked by one BLAS dot product ``sum(X * X)``, finite when they all are (a
-        NaN or inf makes it NaN or inf; when finite values overflow it, X takes the full
+        are checked by ``dot_finite`` (when finite values overflow it, X takes the full
         check). It costs a third of the full check's two reductions on small inputs."""
         if (self.layers and type(X) is np.ndarray and X.dtype == self.dtype and X.ndim == 2
                 and X.flags.c_contiguous and X.shape[0] > 0
                 and X.shape[1] == self.n_features
-                and math.isfinite(np.vdot(X, X))):
+                and dot_finite(X)):
             return X
         return self._check_X(X)
 

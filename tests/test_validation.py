@@ -447,6 +447,24 @@ def test_all_finite_is_exact(dtype):
             b[index] = bad
             assert not all_finite(b), (bad, index)
     assert all_finite(np.array([1, 2, 3]))                  # integers are finite
+    assert all_finite(np.zeros((0, 3), dtype))              # nothing to check
+    assert all_finite(np.ones(5, dtype)[::2])               # strided: the exact test
+    assert not all_finite(np.array([1.0, np.nan, 2.0], dtype)[1::2])  # strided NaN
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_dot_finite_is_true_only_for_finite_values(dtype):
+    from fastnn._validation import dot_finite
+
+    a = np.linspace(-3, 3, 1001, dtype=dtype).reshape(7, 143)
+    assert dot_finite(a)
+    for bad in (np.nan, np.inf, -np.inf):
+        for index in ((0, 0), (3, 77), (6, 142)):
+            b = a.copy()
+            b[index] = bad
+            assert not dot_finite(b), (bad, index)
+    assert dot_finite(np.zeros((0, 4), dtype))
+    assert not dot_finite(np.full(4, np.finfo(dtype).max, dtype))  # overflows: no answer
 
 
 # ---------------------------------------------------------------------------- issue 18
