@@ -19,6 +19,7 @@ import time
 import numpy as np
 
 from .._backend import usable_cpus
+from ..model import bf16_supported
 from .baselines import SEED
 
 
@@ -141,7 +142,13 @@ def measure_sgemm(size, repeats, threads):
         result[name] = flop / statistics.median(seconds) / 1e9
         result[name + "_best"] = flop / min(seconds) / 1e9
     result["roofline"] = max(result["scipy"], result["numpy"])
+    if bf16_supported():  # the bf16 GEMM's ceiling, printed beside the sgemm one
+        from fastnn.kernels import _cython
+
+        result["bf16_peak"] = statistics.median(
+            _cython.bf16_peak_flops() for _ in range(repeats)) / 1e9
     return result
+
 
 
 _STARTUP_SCRIPT = """

@@ -81,8 +81,10 @@ def _roofline_line(threads, roof):
     what = f"sgemm roofline, {threads_label(threads)}"
     if roof.get("error"):
         return f"{what}: error"
+    bf16 = (f"; vdpbf16ps peak {roof['bf16_peak']:.1f} GFLOP/s (fastnn's bf16 register "
+            f"tile, L1-resident)" if roof.get("bf16_peak") else "")
     return (f"{what}: {roof['roofline']:.1f} GFLOP/s (scipy sgemm {roof['scipy']:.1f}, "
-            f"numpy matmul {roof['numpy']:.1f}; {roof['size']}^3, median)")
+            f"numpy matmul {roof['numpy']:.1f}; {roof['size']}^3, median){bf16}")
 
 
 def _table(header, rows, align):

@@ -1,0 +1,265 @@
+/* bfloat16 products with float32 accumulation on AVX512_BF16 (vdpbf16ps).
+
+   bf16 is the upper half of a float32: 8 exponent bits, 7 mantissa bits. The rounding
+   is the hardware's (vcvtneps2bf16): round to nearest, ties to even; NaN stays NaN
+   (quieted: bit 6 of the bf16 set); inf stays inf; subnormal inputs are treated as
+   signed zero (the instruction's DAZ; bf16 subnormals never reach vdpbf16ps, which
+   would flush them too). kernels/_numpy.py (_bf16) emulates exactly this.
+
+   vdpbf16ps adds, per float32 lane i, a[2i] b[2i] + a[2i+1] b[2i+1] to the lane, the
+   bf16 pair (element 2i in the low half of the 32-bit word). A product of two bf16 is
+   exact in float32, so a bf16 GEMM matches a float32 GEMM of the rounded inputs to
+   float32 accumulation order. Every operand here is a matrix of such 32-bit pair
+   words, the pairs running along the reduction index k:
+   - A (m rows, kp pairs): word (i, q) at a[i sai + q saq]; a row-major bf16 matrix
+     (rows padded to even length) has sai = row words, saq = 1 (fastnn_bf16_pack_rows);
+     the pair-interleaved layout below read down its columns has sai = 1, saq = ld;
+   - B (kp pairs, n columns), pair-interleaved: word (q, j) at b[q ldb + j], holding
+     (B[2q][j], B[2q+1][j]); ldb a multiple of 16 (fastnn_bf16_pack_pairs from a
+     row-major (k, n) matrix, fastnn_bf16_pack_pairs_t from its transpose).
+   Missing halves (odd k, padding columns) are zeros.
+
+   C = alpha A B + beta C (+ bias) (relu) in float32 (fastnn_bf16_gemm): register tiles
+   of up to 6 rows x 64 columns (24 zmm accumulators, 4 B loads and 6 broadcasts per
+   pair). The loop over 64-column panels is outside the loop over row tiles: the
+   panel of B stays in L2 while the row tiles stream A. The whole k runs at once
+   (no partial sums in memory, so the epilogue may update C in place: the SGD step
+   W = (1 - lr wd) W - lr X^T dZ is one call), except in a plain product with a deep
+   k, split into blocks of FASTNN_BF16_KC pairs (see there).
+
+   Every function is compiled for AVX512_BF16 by a target attribute, so builds for
+   the baseline ISA (FASTNN_PORTABLE=1) keep them; callers check
+   fastnn_cpu_has_avx512_bf16() first. On other compilers and CPUs they are absent
+   (FASTNN_BF16 is 0) and the callers raise. */
+#ifndef FASTNN_BF16_H
+#define FASTNN_BF16_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include "fastnn_cpu.h"
+
+#if FASTNN_X86 && (defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 10))
+#define FASTNN_BF16 1
+#include <immintrin.h>
+
+#define FASTNN_BF16_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
+#define FASTNN_BF16_INLINE FASTNN_BF16_TARGET static inline __attribute__((always_inline))
+
+/* 16 floats (the first `count` of src, zeros after) rounded to bf16. */
+FASTNN_BF16_INLINE __m256i fastnn_bf16_load16(const float *src, int count)
+{
+    __mmask16 mask = count >= 16 ? (__mmask16) 0xffff : (__mmask16) ((1u << count) - 1u);
+    return (__m256i) _mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(mask, src));
+}
+
+/* dst[:n] = src[:n] rounded to bf16 and widened back to float32 (may alias). */
+FASTNN_BF16_TARGET static void fastnn_bf16_round_f32(const float *src, float *dst,
+                                                     ptrdiff_t n)
+{
+    for (ptrdiff_t i = 0; i < n; i += 16) {
+        int count = n - i >= 16 ? 16 : (int) (n - i);
+        __m512i wide = _mm512_slli_epi32(
+            _mm512_cvtepu16_epi32(fastnn_bf16_load16(src + i, count)), 16);
+        _mm512_mask_storeu_ps(dst + i, count >= 16 ? (__mmask16) 0xffff
+                              : (__mmask16) ((1u << count) - 1u), _mm512_castsi512_ps(wide));
+    }
+}
+
+/* dst (rows, ldd) bf16 = src (rows, cols) rounded, row-major, columns cols..ldd-1
+   zero (ldd even: whole pair words). */
+FASTNN_BF16_TARGET static void fastnn_bf16_pack_rows(
+    const float *src, ptrdiff_t ld, int rows, int cols, uint16_t *dst, ptrdiff_t ldd)
+{
+    for (int i = 0; i < rows; i++) {
+        const float *s = src + i * ld;
+        uint16_t *d = dst + i * ldd;
+        int j = 0;
+        for (; j + 16 <= cols; j += 16)
+            _mm256_storeu_si256((__m256i *) (d + j), fastnn_bf16_load16(s + j, 16));
+        if (j < cols) {
+            __mmask16 mask = (__mmask16) ((1u << (cols - j)) - 1u);
+            _mm256_mask_storeu_epi16(d + j, mask, fastnn_bf16_load16(s + j, cols - j));
+        }
+        for (j = cols; j < ldd; j++)
+            d[j] = 0;
+    }
+}
+
+/* The pair words of 16 columns: low half from row r0, high half from row r1 (NULL:
+   zeros). */
+FASTNN_BF16_INLINE __m512i fastnn_bf16_pair16(const float *r0, const float *r1, int count)
+{
+    __m512i lo = _mm512_cvtepu16_epi32(fastnn_bf16_load16(r0, count));
+    if (r1 == NULL)
+        return lo;
+    __m512i hi = _mm512_cvtepu16_epi32(fastnn_bf16_load16(r1, count));
+    return _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16));
+}
+
+/* dst (ceil(rows / 2), ldd) pair words = src (rows, cols) pair-interleaved down its
+   rows: word (q, j) = (src[2q][j], src[2q+1][j]); a missing row 2q+1 and columns
+   cols..ldd-1 are zeros. */
+FASTNN_BF16_TARGET static void fastnn_bf16_pack_pairs(
+    const float *src, ptrdiff_t ld, int rows, int cols, uint32_t *dst, ptrdiff_t ldd)
+{
+    for (int q = 0; q < (rows + 1) / 2; q++) {
+        const float *r0 = src + 2 * q * ld;
+        const float *r1 = 2 * q + 1 < rows ? r0 + ld : NULL;
+        uint32_t *d = dst + q * ldd;
+        int j = 0;
+        for (; j + 16 <= cols; j += 16)
+            _mm512_storeu_si512(d + j, fastnn_bf16_pair16(r0 + j, r1 ? r1 + j : NULL, 16));
+        if (j < cols)
+            _mm512_mask_storeu_epi32(d + j, (__mmask16) ((1u << (cols - j)) - 1u),
+                                     fastnn_bf16_pair16(r0 + j, r1 ? r1 + j : NULL, cols - j));
+        for (j = cols; j < ldd; j++)
+            d[j] = 0;
+    }
+}
+
+/* dst (ceil(cols / 2), ldd) pair words = the pair-interleaved layout of src^T, for
+   src (rows, cols): word (q, j) = (src[j][2q], src[j][2q+1]), the words of src's
+   row j rounded to bf16 (row-major bf16 already pairs along a row); columns
+   rows..ldd-1 are zeros. */
+FASTNN_BF16_TARGET static void fastnn_bf16_pack_pairs_t(
+    const float *src, ptrdiff_t ld, int rows, int cols, uint32_t *dst, ptrdiff_t ldd)
+{
+    int kp = (cols + 1) / 2;
+    for (int j = 0; j < rows; j++) {
+        const float *s = src + j * ld;
+        for (int c = 0; c < cols; c += 32) {
+            int count = cols - c >= 32 ? 32 : cols - c;
+            __m256i lo = fastnn_bf16_load16(s + c, count >= 16 ? 16 : count);
+            __m256i hi = fastnn_bf16_load16(s + c + 16, count > 16 ? count - 16 : 0);
+            uint32_t words[16];
+            _mm256_storeu_si256((__m256i *) words, lo);
+            _mm256_storeu_si256((__m256i *) (words + 8), hi);
+            int nq = (count + 1) / 2;
+            uint32_t *d = dst + (ptrdiff_t) (c / 2) * ldd + j;
+            for (int q = 0; q < nq; q++)
+                d[q * ldd] = words[q];
+        }
+    }
+    for (int q = 0; q < kp; q++)
+        for (ptrdiff_t j = rows; j < ldd; j++)
+            dst[q * ldd + j] = 0;
+}
+
+/* One register tile: rows [0, MR) x NV zmm columns of C from A (kp pairs) and the
+   64-byte-aligned-width B panel, then the epilogue. `ncols` valid columns in the last
+   zmm (1..16). */
+FASTNN_BF16_INLINE void fastnn_bf16_tile(
+    int MR, int NV, int kp, const uint32_t *a, ptrdiff_t sai, ptrdiff_t saq,
+    const uint32_t *b, ptrdiff_t ldb, float *c, ptrdiff_t ldc, int ncols,
+    float alpha, float beta, const float *bias, int relu)
+{
+    __m512 acc[6][4];
+#pragma GCC unroll 6
+    for (int r = 0; r < MR; r++)
+#pragma GCC unroll 4
+        for (int v = 0; v < NV; v++)
+            acc[r][v] = _mm512_setzero_ps();
+    for (int q = 0; q < kp; q++) {
+        __m512bh bv[4];
+#pragma GCC unroll 4
+        for (int v = 0; v < NV; v++)
+            bv[v] = (__m512bh) _mm512_loadu_si512(b + q * ldb + 16 * v);
+#pragma GCC unroll 6
+        for (int r = 0; r < MR; r++) {
+            __m512bh av = (__m512bh) _mm512_set1_epi32((int) a[r * sai + q * saq]);
+#pragma GCC unroll 4
+            for (int v = 0; v < NV; v++)
+                acc[r][v] = _mm512_dpbf16_ps(acc[r][v], av, bv[v]);
+        }
+    }
+    __m512 valpha = _mm512_set1_ps(alpha), vbeta = _mm512_set1_ps(beta);
+    __m512 zero = _mm512_setzero_ps();
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; v++) {
+        __mmask16 mask = v < NV - 1 || ncols >= 16 ? (__mmask16) 0xffff
+                         : (__mmask16) ((1u << ncols) - 1u);
+        __m512 vb = bias ? _mm512_maskz_loadu_ps(mask, bias + 16 * v) : zero;
+#pragma GCC unroll 6
+        for (int r = 0; r < MR; r++) {
+            float *dst = c + r * ldc + 16 * v;
+            __m512 x = alpha == 1.0f ? acc[r][v] : _mm512_mul_ps(valpha, acc[r][v]);
+            if (beta != 0.0f)
+                x = _mm512_fmadd_ps(vbeta, _mm512_maskz_loadu_ps(mask, dst), x);
+            x = _mm512_add_ps(x, vb);
+            if (relu)  /* max(0, x) returns x when x is NaN: NaN propagates */
+                x = _mm512_max_ps(zero, x);
+            _mm512_mask_storeu_ps(dst, mask, x);
+        }
+    }
+}
+
+#define FASTNN_BF16_TILE_ARGS int kp, const uint32_t *a, ptrdiff_t sai, ptrdiff_t saq, \
+    const uint32_t *b, ptrdiff_t ldb, float *c, ptrdiff_t ldc, int ncols, float alpha, \
+    float beta, const float *bias, int relu
+#define FASTNN_BF16_TILE(MR, NV) \
+    FASTNN_BF16_TARGET static void fastnn_bf16_tile_##MR##x##NV(FASTNN_BF16_TILE_ARGS) \
+    { fastnn_bf16_tile(MR, NV, kp, a, sai, saq, b, ldb, c, ldc, ncols, alpha, beta, bias, \
+                       relu); }
+#define FASTNN_BF16_TILE_ROW(MR) FASTNN_BF16_TILE(MR, 1) FASTNN_BF16_TILE(MR, 2) \
+    FASTNN_BF16_TILE(MR, 3) FASTNN_BF16_TILE(MR, 4)
+FASTNN_BF16_TILE_ROW(1)
+FASTNN_BF16_TILE_ROW(2)
+FASTNN_BF16_TILE_ROW(3)
+FASTNN_BF16_TILE_ROW(4)
+FASTNN_BF16_TILE_ROW(5)
+FASTNN_BF16_TILE_ROW(6)
+
+typedef void (*fastnn_bf16_tile_fn)(FASTNN_BF16_TILE_ARGS);
+#define FASTNN_BF16_TILE_FNS(MR) {fastnn_bf16_tile_##MR##x1, fastnn_bf16_tile_##MR##x2, \
+    fastnn_bf16_tile_##MR##x3, fastnn_bf16_tile_##MR##x4}
+static const fastnn_bf16_tile_fn fastnn_bf16_tiles[6][4] = {
+    FASTNN_BF16_TILE_FNS(1), FASTNN_BF16_TILE_FNS(2), FASTNN_BF16_TILE_FNS(3),
+    FASTNN_BF16_TILE_FNS(4), FASTNN_BF16_TILE_FNS(5), FASTNN_BF16_TILE_FNS(6)};
+
+/* Pairs of k per block when C can hold partial sums (alpha = 1, beta = 0): a block
+   of A (m x 256 words) and the B panel block (256 x 64 words, 64 KB) then share L2
+   while every panel reuses the A block; a deeper k streams A from L3 once per panel. */
+#define FASTNN_BF16_KC 256
+
+/* C (m, n) = alpha A B + beta C + bias (row vector, or NULL), then max(0, .) when
+   relu; A and B as described at the top, kp pairs deep. beta = 0 never reads C. */
+FASTNN_BF16_TARGET static void fastnn_bf16_gemm(
+    int m, int n, int kp, const uint32_t *a, ptrdiff_t sai, ptrdiff_t saq,
+    const uint32_t *b, ptrdiff_t ldb, float *c, ptrdiff_t ldc, float alpha, float beta,
+    const float *bias, int relu)
+{
+    /* Partial sums go to C only for a plain product (its epilogue needs no old C). */
+    int kc = alpha == 1.0f && beta == 0.0f && kp > 3 * FASTNN_BF16_KC / 2
+             ? FASTNN_BF16_KC : kp;
+    for (int k0 = 0; k0 < kp; k0 += kc) {
+        int depth = kp - k0 < kc ? kp - k0 : kc;
+        int last = k0 + depth >= kp;
+        float block_beta = k0 == 0 ? beta : 1.0f;
+        for (int j = 0; j < n; j += 64) {
+            int width = n - j >= 64 ? 64 : n - j;
+            int nv = (width + 15) / 16;
+            int ncols = width - 16 * (nv - 1);
+            for (int i = 0; i < m; i += 6) {
+                int mr = m - i >= 6 ? 6 : m - i;
+                fastnn_bf16_tiles[mr - 1][nv - 1](
+                    depth, a + i * sai + k0 * saq, sai, saq, b + k0 * ldb + j, ldb,
+                    c + i * ldc + j, ldc, ncols, alpha, block_beta,
+                    last && bias ? bias + j : NULL, last && relu);
+            }
+        }
+    }
+}
+
+/* Seconds per call of the 6 x 64 tile over kp pairs with A and B in L1: the
+   vdpbf16ps peak this core reaches (2 * 6 * 64 * 2 kp flops per call). */
+FASTNN_BF16_TARGET static void fastnn_bf16_peak_tile(int kp, const uint32_t *a,
+                                                     const uint32_t *b, float *c)
+{
+    fastnn_bf16_tile_6x4(kp, a, kp, 1, b, 64, c, 64, 16, 1.0f, 0.0f, NULL, 0);
+}
+
+#else
+#define FASTNN_BF16 0
+#endif
+
+#endif /* FASTNN_BF16_H */
