@@ -2416,6 +2416,32 @@ def bf16_peak_flops(Py_ssize_t repeats=20000):
     return 2.0 * 6 * 64 * 2 * kp * repeats / seconds
 
 
+def bf16_gemm_flops(int m, int n, int k, bint pair_a=False, Py_ssize_t repeats=10):
+    """The bf16 GEMM's rate at one shape, in flop/s: ``C (m, n) = A (m, k) B (k, n)``
+    on packed operands (packing not timed), A row-major (the forward and dx layout) or,
+    with ``pair_a``, pair-interleaved down its columns (the dW layout); the median of
+    ``repeats`` calls (a micro-benchmark, beside ``bf16_peak_flops``)."""
+    _require_bf16()
+    cdef:
+        Py_ssize_t kp = _pairs(k), a_words = m * kp, r
+        uint32_t *a = <uint32_t *> calloc(a_words + kp * _ld16(n), sizeof(uint32_t))
+        float *c = <float *> malloc(<size_t> max(m * n, 1) * sizeof(float))
+    if a == NULL or c == NULL:
+        free(a)
+        free(c)
+        raise MemoryError()
+    seconds = []
+    for r in range(repeats + 1):
+        start = time.perf_counter()
+        with nogil:
+            _bf16_gemm(m, n, <int> kp, a, 1 if pair_a else kp, m if pair_a else 1,
+                       a + a_words, _ld16(n), c, n, 1, 0, NULL, 0)
+        seconds.append(time.perf_counter() - start)
+    free(a)
+    free(c)
+    return 2.0 * m * n * k / sorted(seconds[1:])[repeats // 2]
+
+
 def _bf16_epoch(spec):
     """Whether ``train_epoch`` runs ``spec`` in bf16 (raising where the CPU cannot)."""
     if spec.bf16:

@@ -117,32 +117,58 @@ FASTNN_BF16_TARGET static void fastnn_bf16_pack_pairs(
     }
 }
 
+/* 16 x 16 transpose of 32-bit words in registers: lane q of r[j] goes to lane j of
+   r[q] (unpack within 128-bit lanes, then two rounds of lane shuffles). */
+FASTNN_BF16_INLINE void fastnn_bf16_transpose16(__m512i r[16])
+{
+    __m512i t[16];
+    for (int i = 0; i < 8; i++) {
+        t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+    }
+    for (int i = 0; i < 4; i++) {
+        r[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
+        r[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+        r[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+        r[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+    }
+    for (int i = 0; i < 2; i++)
+        for (int c = 0; c < 4; c++) {
+            t[8 * i + c] = _mm512_shuffle_i32x4(r[8 * i + c], r[8 * i + 4 + c], 0x88);
+            t[8 * i + 4 + c] = _mm512_shuffle_i32x4(r[8 * i + c], r[8 * i + 4 + c], 0xdd);
+        }
+    for (int c = 0; c < 8; c++) {
+        r[c] = _mm512_shuffle_i32x4(t[c], t[8 + c], 0x88);
+        r[c + 8] = _mm512_shuffle_i32x4(t[c], t[8 + c], 0xdd);
+    }
+}
+
 /* dst (ceil(cols / 2), ldd) pair words = the pair-interleaved layout of src^T, for
-   src (rows, cols): word (q, j) = (src[j][2q], src[j][2q+1]), the words of src's
-   row j rounded to bf16 (row-major bf16 already pairs along a row); columns
-   rows..ldd-1 are zeros. */
+   src (rows, cols) and ldd a multiple of 16 >= rows: word (q, j) = (src[j][2q],
+   src[j][2q+1]), the words of src's row j rounded to bf16 (row-major bf16 already
+   pairs along a row); columns rows..ldd-1 are zeros. Blocks of 16 rows x 16 words go
+   through a register transpose, so every store is a whole 64-byte row segment. */
 FASTNN_BF16_TARGET static void fastnn_bf16_pack_pairs_t(
     const float *src, ptrdiff_t ld, int rows, int cols, uint32_t *dst, ptrdiff_t ldd)
 {
-    int kp = (cols + 1) / 2;
-    for (int j = 0; j < rows; j++) {
-        const float *s = src + j * ld;
+    for (ptrdiff_t j0 = 0; j0 < ldd; j0 += 16) {
         for (int c = 0; c < cols; c += 32) {
             int count = cols - c >= 32 ? 32 : cols - c;
-            __m256i lo = fastnn_bf16_load16(s + c, count >= 16 ? 16 : count);
-            __m256i hi = fastnn_bf16_load16(s + c + 16, count > 16 ? count - 16 : 0);
-            uint32_t words[16];
-            _mm256_storeu_si256((__m256i *) words, lo);
-            _mm256_storeu_si256((__m256i *) (words + 8), hi);
-            int nq = (count + 1) / 2;
-            uint32_t *d = dst + (ptrdiff_t) (c / 2) * ldd + j;
-            for (int q = 0; q < nq; q++)
-                d[q * ldd] = words[q];
+            __m512i r[16];
+            for (int t = 0; t < 16; t++) {
+                r[t] = _mm512_setzero_si512();
+                if (j0 + t < rows) {
+                    const float *s = src + (j0 + t) * ld + c;
+                    r[t] = _mm512_inserti64x4(
+                        _mm512_castsi256_si512(fastnn_bf16_load16(s, count >= 16 ? 16 : count)),
+                        fastnn_bf16_load16(s + 16, count > 16 ? count - 16 : 0), 1);
+                }
+            }
+            fastnn_bf16_transpose16(r);
+            for (int q = 0; q < (count + 1) / 2; q++)
+                _mm512_storeu_si512(dst + (ptrdiff_t) (c / 2 + q) * ldd + j0, r[q]);
         }
     }
-    for (int q = 0; q < kp; q++)
-        for (ptrdiff_t j = rows; j < ldd; j++)
-            dst[q * ldd + j] = 0;
 }
 
 /* One register tile: rows [0, MR) x NV zmm columns of C from A (kp pairs) and the

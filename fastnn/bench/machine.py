@@ -142,12 +142,26 @@ def measure_sgemm(size, repeats, threads):
         result[name] = flop / statistics.median(seconds) / 1e9
         result[name + "_best"] = flop / min(seconds) / 1e9
     result["roofline"] = max(result["scipy"], result["numpy"])
-    if bf16_supported():  # the bf16 GEMM's ceiling, printed beside the sgemm one
+    if bf16_supported():  # the bf16 GEMM's ceiling and its rate at the reference shapes
         from fastnn.kernels import _cython
 
         result["bf16_peak"] = statistics.median(
             _cython.bf16_peak_flops() for _ in range(repeats)) / 1e9
+        result["bf16_gemm"] = {name: _cython.bf16_gemm_flops(*shape) / 1e9
+                               for name, shape in BF16_GEMM_SHAPES.items()}
     return result
+
+
+#: The bf16 products timed against the vdpbf16ps peak: the largest layer of each
+#: reference net at its bench batch, named m x k x n: (m, n, k, A pair-interleaved as
+#: in dW).
+BF16_GEMM_SHAPES = {
+    "mnist x@W 128x784x256": (128, 256, 784, False),
+    "mnist dW 784x128x256": (784, 256, 128, True),
+    "mnist dx 128x128x256": (128, 256, 128, False),
+    "cifar x@W 256x3072x1024": (256, 1024, 3072, False),
+    "cifar dW 3072x256x1024": (3072, 1024, 256, True),
+}
 
 
 

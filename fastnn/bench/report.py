@@ -55,6 +55,8 @@ def format_report(result):
                                           f"({b['architecture']})" for b in m["blas"]))
     lines += [_roofline_line(int(threads), roof)
               for threads, roof in result["roofline"].items()]
+    lines += [_bf16_gemm_line(int(threads), roof)
+              for threads, roof in result["roofline"].items() if roof.get("bf16_gemm")]
     ratios = speedups(result)
     for threads in result["settings"]["threads"]:
         records = [r for r in result["training"] if r["threads"] == threads]
@@ -85,6 +87,12 @@ def _roofline_line(threads, roof):
             f"tile, L1-resident)" if roof.get("bf16_peak") else "")
     return (f"{what}: {roof['roofline']:.1f} GFLOP/s (scipy sgemm {roof['scipy']:.1f}, "
             f"numpy matmul {roof['numpy']:.1f}; {roof['size']}^3, median){bf16}")
+
+
+def _bf16_gemm_line(threads, roof):
+    shapes = ", ".join(f"{name} {rate:.0f} ({100 * rate / roof['bf16_peak']:.0f} %)"
+                       for name, rate in roof["bf16_gemm"].items())
+    return f"bf16 GEMM, {threads_label(threads)}, GFLOP/s (of the vdpbf16ps peak): {shapes}"
 
 
 def _table(header, rows, align):
