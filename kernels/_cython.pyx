@@ -2394,11 +2394,11 @@ cdef Py_ssize_t _bf16_epoch_words(Py_ssize_t rows, const int64_t[::1] widths) no
 
 def bf16_peak_flops(Py_ssize_t repeats=20000):
     """The vdpbf16ps peak of one core, in flop/s: the GEMM's 6 x 64 register tile over
-    256 pairs with A and B in L1, ``repeats`` times (a micro-benchmark; 2 flops per
-    bf16 product-add, as a float32 FMA counts 2)."""
+    96 pairs with A and B in L1 (26 KB), ``repeats`` times (a micro-benchmark; 2 flops
+    per bf16 product-add, as a float32 FMA counts 2)."""
     _require_bf16()
     cdef:
-        int kp = 256
+        int kp = 96
         Py_ssize_t r
         uint32_t *a = <uint32_t *> calloc(kp * 6 + kp * 64, sizeof(uint32_t))
         float *c = <float *> malloc(6 * 64 * sizeof(float))
@@ -2419,8 +2419,8 @@ def bf16_peak_flops(Py_ssize_t repeats=20000):
 def bf16_gemm_flops(int m, int n, int k, bint pair_a=False, Py_ssize_t repeats=10):
     """The bf16 GEMM's rate at one shape, in flop/s: ``C (m, n) = A (m, k) B (k, n)``
     on packed operands (packing not timed), A row-major (the forward and dx layout) or,
-    with ``pair_a``, pair-interleaved down its columns (the dW layout); the median of
-    ``repeats`` calls (a micro-benchmark, beside ``bf16_peak_flops``)."""
+    with ``pair_a``, pair-interleaved down its columns (the dW layout); the best of
+    ``repeats`` calls after a warm-up (a micro-benchmark, beside ``bf16_peak_flops``)."""
     _require_bf16()
     cdef:
         Py_ssize_t kp = _pairs(k), a_words = m * kp, r
@@ -2439,7 +2439,7 @@ def bf16_gemm_flops(int m, int n, int k, bint pair_a=False, Py_ssize_t repeats=1
         seconds.append(time.perf_counter() - start)
     free(a)
     free(c)
-    return 2.0 * m * n * k / sorted(seconds[1:])[repeats // 2]
+    return 2.0 * m * n * k / min(seconds[1:])
 
 
 def _bf16_epoch(spec):
