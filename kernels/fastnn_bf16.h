@@ -11,12 +11,16 @@
    exact in float32, so a bf16 GEMM matches a float32 GEMM of the rounded inputs to
    float32 accumulation order. Every operand here is a matrix of such 32-bit pair
    words, the pairs running along the reduction index k:
-   - A (m rows, kp pairs): word (i, q) at a[i sai + q saq]; a row-major bf16 matrix
-     (rows padded to even length) has sai = row words, saq = 1 (fastnn_bf16_pack_rows);
-     the pair-interleaved layout below read down its columns has sai = 1, saq = ld;
-   - B (kp pairs, n columns), pair-interleaved: word (q, j) at b[q ldb + j], holding
-     (B[2q][j], B[2q+1][j]); ldb a multiple of 16 (fastnn_bf16_pack_pairs from a
-     row-major (k, n) matrix, fastnn_bf16_pack_pairs_t from its transpose).
+   - A (m rows, kp pairs), either row-major: word (i, q) at a[i lda + q], a bf16 matrix
+     with rows padded to even length (fastnn_bf16_pack_rows), the forward's x and
+     dx's dz; or (lda = 0) packed like B below, as the transpose of a B: dW's x^T, made
+     by fastnn_bf16_pack_pairs from x itself;
+   - B (kp pairs, n columns), pair-interleaved, in panels of 64 columns: word (q, j),
+     holding (B[2q][j], B[2q+1][j]), at b[(j / 64) 64 kp + 64 q + j % 64]
+     (fastnn_bf16_b_words(kp, n) words; fastnn_bf16_pack_pairs from a row-major (k, n)
+     matrix, fastnn_bf16_pack_pairs_t from its transpose). A panel is one contiguous
+     stream: no page change from one pair to the next (a row of B for k = 3072 and
+     n = 1024 would be a 4 KB stride), which the TLB and the prefetchers need.
    Missing halves (odd k, padding columns) are zeros.
 
    C = alpha A B + beta C (+ bias) (relu) in float32 (fastnn_bf16_gemm): register tiles
@@ -36,7 +40,22 @@
 
 #include <stddef.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include "fastnn_cpu.h"
+
+/* Scratch for packed operands on 64-byte lines (a 64-byte load that straddles two
+   lines costs two), freed by fastnn_bf16_free. */
+#ifdef _MSC_VER
+#include <malloc.h>
+static inline void *fastnn_bf16_alloc(size_t bytes) { return _aligned_malloc(bytes, 64); }
+static inline void fastnn_bf16_free(void *p) { _aligned_free(p); }
+#else
+static inline void *fastnn_bf16_alloc(size_t bytes)
+{
+    return aligned_alloc(64, (bytes + 63) / 64 * 64);
+}
+static inline void fastnn_bf16_free(void *p) { free(p); }
+#endif
 
 #if FASTNN_X86 && (defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 10))
 #define FASTNN_BF16 1
@@ -96,24 +115,27 @@ FASTNN_BF16_INLINE __m512i fastnn_bf16_pair16(const float *r0, const float *r1, 
     return _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16));
 }
 
-/* dst (ceil(rows / 2), ldd) pair words = src (rows, cols) pair-interleaved down its
-   rows: word (q, j) = (src[2q][j], src[2q+1][j]); a missing row 2q+1 and columns
-   cols..ldd-1 are zeros. */
-FASTNN_BF16_TARGET static void fastnn_bf16_pack_pairs(
-    const float *src, ptrdiff_t ld, int rows, int cols, uint32_t *dst, ptrdiff_t ldd)
+/* Words of a packed B of kp pairs and n columns (whole 64-column panels). */
+static inline ptrdiff_t fastnn_bf16_b_words(ptrdiff_t kp, ptrdiff_t n)
 {
-    for (int q = 0; q < (rows + 1) / 2; q++) {
+    return kp * ((n + 63) / 64 * 64);
+}
+
+/* dst, packed B (kp = ceil(rows / 2) pairs, cols columns) = src (rows, cols) pair-
+   interleaved down its rows: word (q, j) = (src[2q][j], src[2q+1][j]); a missing row
+   2q+1 and the columns up to the next multiple of 16 are zeros. */
+FASTNN_BF16_TARGET static void fastnn_bf16_pack_pairs(
+    const float *src, ptrdiff_t ld, int rows, int cols, uint32_t *dst)
+{
+    ptrdiff_t kp = (rows + 1) / 2;
+    for (ptrdiff_t q = 0; q < kp; q++) {
         const float *r0 = src + 2 * q * ld;
         const float *r1 = 2 * q + 1 < rows ? r0 + ld : NULL;
-        uint32_t *d = dst + q * ldd;
-        int j = 0;
-        for (; j + 16 <= cols; j += 16)
-            _mm512_storeu_si512(d + j, fastnn_bf16_pair16(r0 + j, r1 ? r1 + j : NULL, 16));
-        if (j < cols)
-            _mm512_mask_storeu_epi32(d + j, (__mmask16) ((1u << (cols - j)) - 1u),
-                                     fastnn_bf16_pair16(r0 + j, r1 ? r1 + j : NULL, cols - j));
-        for (j = cols; j < ldd; j++)
-            d[j] = 0;
+        for (int j = 0; j < cols; j += 16) {
+            int count = cols - j >= 16 ? 16 : cols - j;
+            _mm512_storeu_si512(dst + (j / 64) * 64 * kp + 64 * q + j % 64,
+                                fastnn_bf16_pair16(r0 + j, r1 ? r1 + j : NULL, count));
+        }
     }
 }
 
@@ -143,15 +165,16 @@ FASTNN_BF16_INLINE void fastnn_bf16_transpose16(__m512i r[16])
     }
 }
 
-/* dst (ceil(cols / 2), ldd) pair words = the pair-interleaved layout of src^T, for
-   src (rows, cols) and ldd a multiple of 16 >= rows: word (q, j) = (src[j][2q],
-   src[j][2q+1]), the words of src's row j rounded to bf16 (row-major bf16 already
-   pairs along a row); columns rows..ldd-1 are zeros. Blocks of 16 rows x 16 words go
-   through a register transpose, so every store is a whole 64-byte row segment. */
+/* dst, packed B (kp = ceil(cols / 2) pairs, rows columns) = src^T pair-interleaved,
+   for src (rows, cols): word (q, j) = (src[j][2q], src[j][2q+1]), the words of src's
+   row j rounded to bf16 (row-major bf16 already pairs along a row); the columns up to
+   the next multiple of 16 are zeros. Blocks of 16 rows x 16 words go through a
+   register transpose, so every store is a whole 64-byte segment. */
 FASTNN_BF16_TARGET static void fastnn_bf16_pack_pairs_t(
-    const float *src, ptrdiff_t ld, int rows, int cols, uint32_t *dst, ptrdiff_t ldd)
+    const float *src, ptrdiff_t ld, int rows, int cols, uint32_t *dst)
 {
-    for (ptrdiff_t j0 = 0; j0 < ldd; j0 += 16) {
+    ptrdiff_t kp = (cols + 1) / 2;
+    for (ptrdiff_t j0 = 0; j0 < rows; j0 += 16) {
         for (int c = 0; c < cols; c += 32) {
             int count = cols - c >= 32 ? 32 : cols - c;
             __m512i r[16];
@@ -166,13 +189,14 @@ FASTNN_BF16_TARGET static void fastnn_bf16_pack_pairs_t(
             }
             fastnn_bf16_transpose16(r);
             for (int q = 0; q < (count + 1) / 2; q++)
-                _mm512_storeu_si512(dst + (ptrdiff_t) (c / 2 + q) * ldd + j0, r[q]);
+                _mm512_storeu_si512(dst + (j0 / 64) * 64 * kp + 64 * (c / 2 + q) + j0 % 64,
+                                    r[q]);
         }
     }
 }
 
-/* One register tile: rows [0, MR) x NV zmm columns of C from A (kp pairs) and the
-   64-byte-aligned-width B panel, then the epilogue. `ncols` valid columns in the last
+/* One register tile: rows [0, MR) x NV zmm columns of C from A (kp pairs) and a B
+   panel (pair rows ldb words apart), then the epilogue. `ncols` valid columns in the last
    zmm (1..16). */
 FASTNN_BF16_INLINE void fastnn_bf16_tile(
     int MR, int NV, int kp, const uint32_t *a, ptrdiff_t sai, ptrdiff_t saq,
@@ -248,11 +272,11 @@ static const fastnn_bf16_tile_fn fastnn_bf16_tiles[6][4] = {
 #define FASTNN_BF16_KC 256
 
 /* C (m, n) = alpha A B + beta C + bias (row vector, or NULL), then max(0, .) when
-   relu; A and B as described at the top, kp pairs deep. beta = 0 never reads C. */
+   relu; A (row-major with lda > 0, packed in panels with lda = 0) and B (packed) as
+   described at the top, kp pairs deep. beta = 0 never reads C. */
 FASTNN_BF16_TARGET static void fastnn_bf16_gemm(
-    int m, int n, int kp, const uint32_t *a, ptrdiff_t sai, ptrdiff_t saq,
-    const uint32_t *b, ptrdiff_t ldb, float *c, ptrdiff_t ldc, float alpha, float beta,
-    const float *bias, int relu)
+    int m, int n, int kp, const uint32_t *a, ptrdiff_t lda, const uint32_t *b,
+    float *c, ptrdiff_t ldc, float alpha, float beta, const float *bias, int relu)
 {
     /* Partial sums go to C only for a plain product (its epilogue needs no old C). */
     int kc = alpha == 1.0f && beta == 0.0f && kp > 3 * FASTNN_BF16_KC / 2
@@ -265,10 +289,16 @@ FASTNN_BF16_TARGET static void fastnn_bf16_gemm(
             int width = n - j >= 64 ? 64 : n - j;
             int nv = (width + 15) / 16;
             int ncols = width - 16 * (nv - 1);
-            for (int i = 0; i < m; i += 6) {
-                int mr = m - i >= 6 ? 6 : m - i;
+            for (int i = 0, mr; i < m; i += mr) {
+                mr = m - i >= 6 ? 6 : m - i;
+                const uint32_t *tile_a = a + i * lda + k0;
+                if (lda == 0) {  /* a tile stays inside its 64-row panel */
+                    mr = mr < 64 - i % 64 ? mr : 64 - i % 64;
+                    tile_a = a + (ptrdiff_t) (i / 64) * 64 * kp + i % 64 + 64 * (ptrdiff_t) k0;
+                }
                 fastnn_bf16_tiles[mr - 1][nv - 1](
-                    depth, a + i * sai + k0 * saq, sai, saq, b + k0 * ldb + j, ldb,
+                    depth, tile_a, lda ? lda : 1, lda ? 1 : 64,
+                    b + (ptrdiff_t) j * kp + 64 * (ptrdiff_t) k0, 64,
                     c + i * ldc + j, ldc, ncols, alpha, block_beta,
                     last && bias ? bias + j : NULL, last && relu);
             }
