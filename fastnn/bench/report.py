@@ -140,12 +140,12 @@ def _detail_table(records):
 def _bf16_table(result, threads):
     """Speedups of fastnn[cython] bf16 over fastnn[cython] (float32) and over torch
     autocast-bf16, per workload (empty without bf16 rows)."""
-    seconds = {(r["net"], r["batch"], r["optimizer"], r["impl"]): r["seconds_per_epoch"]
-               for r in result["training"]
-               if r["threads"] == threads and r.get("error") is None
-               and r["impl"] in ("fastnn-bf16", "torch-bf16")
-               or r["threads"] == threads and r.get("error") is None
-               and (r["impl"], r["backend"]) == ("fastnn", "cython")}
+    seconds = {}
+    for r in result["training"]:
+        if (r["threads"] == threads and r.get("error") is None
+                and (r.get("impl") in ("fastnn-bf16", "torch-bf16")
+                     or (r.get("impl"), r.get("backend")) == ("fastnn", "cython"))):
+            seconds[(r["net"], r["batch"], r["optimizer"], r["impl"])] = r["seconds_per_epoch"]
     rows = []
     for (net, batch, optimizer, impl), t in seconds.items():
         if impl == "fastnn-bf16":
@@ -206,7 +206,7 @@ def _notes(result):
     else:
         notes.append("- torch: not included (not installed, or --no-torch): "
                      "pip install torch adds its rows and speedups.")
-    if any(r["impl"] in ("fastnn-bf16", "torch-bf16") for r in result["training"]):
+    if any(r.get("impl") in ("fastnn-bf16", "torch-bf16") for r in result["training"]):
         notes.append("- bf16 rows (where the CPU has AVX512_BF16): fastnn compiled with "
                      "precision='bf16' (every Dense product in bfloat16, float32 "
                      "accumulation, float32 master weights); torch with its forward and "
