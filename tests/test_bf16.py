@@ -187,8 +187,11 @@ def test_bf16_kernels_refuse_float64(backend_name):
 
 
 @needs_bf16
-def test_bf16_peak_micro_benchmark_reports_a_rate():
-    assert kernels.load("cython").bf16_peak_flops(200) > 1e9
+def test_bf16_micro_benchmarks_report_a_rate():
+    module = kernels.load("cython")
+    assert module.bf16_peak_flops(200) > 1e9
+    assert module.bf16_gemm_flops(7, 33, 17, repeats=1) > 0
+    assert module.bf16_gemm_flops(129, 70, 31, pair_a=True, repeats=1) > 0
 
 
 # ------------------------------------------------------------------------- training
