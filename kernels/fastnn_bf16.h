@@ -57,6 +57,12 @@ static inline void *fastnn_bf16_alloc(size_t bytes)
 static inline void fastnn_bf16_free(void *p) { free(p); }
 #endif
 
+/* Words of a packed B of kp pairs and n columns (whole 64-column panels). */
+static inline ptrdiff_t fastnn_bf16_b_words(ptrdiff_t kp, ptrdiff_t n)
+{
+    return kp * ((n + 63) / 64 * 64);
+}
+
 #if FASTNN_X86 && (defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 10))
 #define FASTNN_BF16 1
 #include <immintrin.h>
@@ -113,12 +119,6 @@ FASTNN_BF16_INLINE __m512i fastnn_bf16_pair16(const float *r0, const float *r1, 
         return lo;
     __m512i hi = _mm512_cvtepu16_epi32(fastnn_bf16_load16(r1, count));
     return _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16));
-}
-
-/* Words of a packed B of kp pairs and n columns (whole 64-column panels). */
-static inline ptrdiff_t fastnn_bf16_b_words(ptrdiff_t kp, ptrdiff_t n)
-{
-    return kp * ((n + 63) / 64 * 64);
 }
 
 /* dst, packed B (kp = ceil(rows / 2) pairs, cols columns) = src (rows, cols) pair-
@@ -316,6 +316,14 @@ FASTNN_BF16_TARGET static void fastnn_bf16_peak_tile(int kp, const uint32_t *a,
 
 #else
 #define FASTNN_BF16 0
+/* No kernels without the instructions: _cython.pyx refuses every bf16 call first
+   (bf16_available() is False), so these names only have to compile. */
+#define fastnn_bf16_round_f32(src, dst, n) ((void) 0)
+#define fastnn_bf16_pack_rows(src, ld, rows, cols, dst, ldd) ((void) 0)
+#define fastnn_bf16_pack_pairs(src, ld, rows, cols, dst) ((void) 0)
+#define fastnn_bf16_pack_pairs_t(src, ld, rows, cols, dst) ((void) 0)
+#define fastnn_bf16_gemm(m, n, kp, a, lda, b, c, ldc, alpha, beta, bias, relu) ((void) 0)
+#define fastnn_bf16_peak_tile(kp, a, b, c) ((void) 0)
 #endif
 
 #endif /* FASTNN_BF16_H */
