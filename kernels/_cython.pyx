@@ -2096,11 +2096,8 @@ def bf16_round(x, out):
     """``out = x`` rounded to bfloat16 (nearest even; NaN, inf kept; subnormals to
     signed zero), as float32. x and out float32 of one shape; out may be x."""
     _require_bf16()
-    try:
-        _bf16_round_array(x.reshape(-1), out.reshape(-1))
-    except _REFUSED:
-        _checks.bf16_round(x, out)
-        raise
+    _checks.bf16_round(x, out)  # first: reshape would copy a non-contiguous out
+    _bf16_round_array(x.reshape(-1), out.reshape(-1))
 
 
 def _dense_forward_bf16(

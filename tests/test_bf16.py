@@ -86,6 +86,13 @@ def test_rounding_matches_the_hardware_on_a_sweep_of_all_float32():
     np.testing.assert_array_equal(bits(got), bits(want))
 
 
+@pytest.mark.parametrize("backend_name", BACKENDS)
+def test_rounding_refuses_a_non_contiguous_output(backend_name):
+    x = np.ones((4, 4), np.float32)
+    with pytest.raises(ValueError, match="C-contiguous"):
+        kernels.load(backend_name).bf16_round(x[:, :2], np.empty((4, 4), np.float32)[:, :2])
+
+
 def test_rounding_is_idempotent_and_in_place():
     x = rng().standard_normal((5, 7)).astype(np.float32)
     once = _numpy._bf16(x)
