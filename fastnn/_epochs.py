@@ -113,7 +113,7 @@ def fused_epoch_runner(model, X, target, weights, batch, n_batches, callbacks):
     fixed = kernels.TrainEpochSpec(
         X, labels, targets, in_order, batch, widths, acts, alphas, use_bias, model.params,
         model.grads, workspace, loss_code, loss_param, optimizer=optimizer_spec, lrs=None,
-        step=0, stats=stats)
+        step=0, stats=stats, bf16=model.precision == "bf16")
 
     def run(order):
         order = in_order if order is None else order

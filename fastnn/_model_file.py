@@ -45,7 +45,7 @@ _NONNEGATIVE_STATE = frozenset({"sum", "square_avg", "exp_avg_sq", "max_exp_avg_
 _TEMP_PREFIX, _TEMP_SUFFIX = ".fastnn-", ".tmp"
 _TEMP_NAME = re.compile(r"\.fastnn-(\d+)-[A-Za-z0-9_]+\.tmp\Z")
 _TOP_LEVEL_FIELDS = frozenset({"format", "version", "config", "loss", "metrics",
-                               "optimizer", "solver", "classes"})
+                               "optimizer", "solver", "classes", "precision"})
 _OPTIMIZER_FIELDS = frozenset({"config", "iterations", "lr_scale", "state"})
 
 
@@ -62,6 +62,7 @@ def write_model(model, path):
     if model.loss is not None:
         meta["loss"] = model.loss.get_config()
         meta["metrics"] = list(model.metrics)
+        meta["precision"] = model.precision
     if isinstance(model.optimizer, optimizers_module.Optimizer):
         meta["optimizer"] = {"config": model.optimizer.get_config(),
                              "iterations": model.optimizer.iterations,
@@ -335,7 +336,7 @@ def _build(meta, arrays, model_class):
         raise _Damaged(f"config.layers: {exc}") from None
     model.params[...] = params
     if "loss" not in meta:
-        for field in ("metrics", "optimizer", "solver"):
+        for field in ("metrics", "optimizer", "solver", "precision"):
             if field in meta:
                 raise _Damaged(f"field {field!r} without a 'loss' (an uncompiled model has "
                                "neither)")
@@ -357,8 +358,9 @@ def _build(meta, arrays, model_class):
                              require_dict=True)
     else:
         optimizer = "adam"
+    precision = meta.get("precision", "fp32")
     try:
-        model.compile(loss, optimizer, metrics or None)
+        model.compile(loss, optimizer, metrics or None, precision)
     except (TypeError, ValueError) as exc:
         raise _Damaged(f"compile settings: {exc}") from None
     if "classes" in meta:

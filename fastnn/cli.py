@@ -126,6 +126,10 @@ def build_parser():
                        help="thread budget, 1 to the number of usable CPUs; by default all")
     train.add_argument("--dtype", default="float32", choices=("float32", "float64"),
                        help="floating-point type of the model")
+    train.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
+                       help="bf16: every Dense product in bfloat16 with float32 "
+                            "accumulation (float32 model; AVX512_BF16 on the compiled "
+                            "backends; first-order optimizers only)")
     train.add_argument("--seed", type=_int_option(0), default=0,
                        help="seed of the split, the initial weights and the shuffling")
     train.add_argument("--test-size", type=_float_option(low=0.0, high=1.0, low_open=True,
@@ -282,9 +286,10 @@ def _run(fn, args):
     epochs = defaults["epochs"] if args.epochs is None else args.epochs
     batch_size = defaults["batch_size"] if args.batch_size is None else args.batch_size
     metrics = ["r2"] if regression else ["accuracy"]
-    model.compile(loss=loss, optimizer=optimizer, metrics=metrics)
+    model.compile(loss=loss, optimizer=optimizer, metrics=metrics, precision=args.precision)
     print(f"fastnn {fn.__version__} | backend {fn.get_backend()} | threads "
-          f"{fn.get_num_threads()} | {args.dtype}")
+          f"{fn.get_num_threads()} | {args.dtype}"
+          + (" | bf16 products" if args.precision == "bf16" else ""))
     print(f"data {args.dataset[0]}: {X_train.shape[0]} train / {X_test.shape[0]} test samples, "
           f"{X.shape[1]} features")
     print(f"model {'-'.join(map(str, sizes))} ({args.activation}), {model.n_params:,} "

@@ -472,16 +472,24 @@ class Dense(Layer):
         bufs = self._buffers.get(n, {"out": (self.out_features,), "dz": (self.out_features,),
                                      "dx": (self.in_features,)}, self.dtype)
         out = bufs["out"]
-        backend_module().dense_forward(x, self.W, self.b, self.act_code, out, self.alpha)
+        module = backend_module()
+        forward = module.dense_forward_bf16 if self._bf16() else module.dense_forward
+        forward(x, self.W, self.b, self.act_code, out, self.alpha)
         self._x, self._out, self._bufs = x, out, bufs
         return out
 
     def _backward(self, dout, need_dx=True):
         bufs = self._bufs
         dx = bufs["dx"] if need_dx else None
-        backend_module().dense_backward(self._x, self.W, self._out, dout, self.act_code,
-                                        bufs["dz"], dx, self.dW, self.db, self.alpha)
+        module = backend_module()
+        backward = module.dense_backward_bf16 if self._bf16() else module.dense_backward
+        backward(self._x, self.W, self._out, dout, self.act_code, bufs["dz"], dx, self.dW,
+                 self.db, self.alpha)
         return dx
+
+    def _bf16(self):
+        """Whether the model holding this layer is compiled with precision='bf16'."""
+        return getattr(self._model, "precision", "fp32") == "bf16"
 
     def get_config(self):
         """The constructor arguments as JSON-able data (``layer_from_config`` rebuilds)."""

@@ -11,7 +11,7 @@ SGD into its backward and may never write it); ``compute_gradients`` gives gradi
 import numpy as np
 
 from . import _model_file, _training, kernels
-from ._backend import backend_module
+from ._backend import backend_module, get_backend
 from ._labels import ClassLabels
 from . import losses as losses_module
 from . import metrics as metrics_module
@@ -59,6 +59,8 @@ class Sequential:
         The compiled optimizer or full-batch solver.
     metrics : tuple of str
         The compiled metric names.
+    precision : {"fp32", "bf16"}
+        The compiled precision of the Dense products (see ``compile``).
     params : ndarray, shape (n_params,)
         The flat parameter buffer (None until the input size is known).
     grads : ndarray, shape (n_params,)
@@ -116,6 +118,7 @@ class Sequential:
         #: made by the first labels the model sees; None for numeric labels.
         self.class_labels = None
         self.metrics = ()
+        self.precision = "fp32"
         self.stop_training = False
         self.stop_reason = None
         #: Run each epoch in one fused kernel call when the model allows (see fit).
@@ -228,7 +231,7 @@ class Sequential:
         return [p for layer in self.layers for p in layer.parameters()]
 
     # ------------------------------------------------------------------ compile
-    def compile(self, loss, optimizer="adam", metrics=None):
+    def compile(self, loss, optimizer="adam", metrics=None, precision="fp32"):
         """Set the loss, the optimizer (or full-batch solver) and the metrics.
 
         Compiling again keeps the weights; an optimizer object keeps its state when the
@@ -247,6 +250,15 @@ class Sequential:
         metrics : str or list of str, optional
             "accuracy" (classification losses), "mae", "mse", "r2" (regression losses),
             or their Keras names (``fastnn.metrics.KERAS_ALIASES``).
+        precision : {"fp32", "bf16"}, default "fp32"
+            "bf16" runs every Dense product (forward ``x @ W``, ``dW = x.T @ dz``,
+            ``dx = dz @ W.T``) in bfloat16 with float32 accumulation, in training and
+            inference: inputs rounded to bf16 once per batch, weights once per step.
+            Master weights, optimizer state, biases, activation derivatives, loss,
+            softmax and metrics stay float32. Needs a float32 model and, on the
+            compiled backends, a CPU with AVX512_BF16 (no silent fp32 fallback: the
+            numpy backend emulates bf16 exactly anywhere, slowly). First-order
+            optimizers only: the full-batch solvers refuse it.
 
         Returns
         -------
@@ -256,11 +268,13 @@ class Sequential:
         Raises
         ------
         ValueError, TypeError
-            An unknown or unsuitable loss, optimizer or metric (e.g. cross_entropy with
-            one output, accuracy with a regression loss, a class instead of an
-            instance). The model is then left as it was.
+            An unknown or unsuitable loss, optimizer, metric or precision (e.g.
+            cross_entropy with one output, accuracy with a regression loss, a class
+            instead of an instance, bf16 with a solver, a float64 model or a CPU
+            without AVX512_BF16). The model is then left as it was.
         """
         self._require_layers("compile")
+        precision = _check_precision(precision, self.dtype)
         loss = losses_module.get(loss)
         loss.check_outputs(self.n_outputs)
         last = [layer for layer in self.layers if isinstance(layer, Dense)][-1]
@@ -271,11 +285,13 @@ class Sequential:
         metrics = metrics_module.check_metrics(metrics, loss)
         optimizer = optimizers_module.get(optimizer)
         if isinstance(optimizer, Solver):
+            optimizer.check_precision(precision)
             optimizer.check_model(self, loss)
         if isinstance(optimizer, optimizers_module.Optimizer) and self.params is not None:
             optimizer.build(self.params.size, self.dtype, owner=self)
         # everything checked: a compile that raises leaves the model as it was
         self.loss, self.metrics, self.optimizer = loss, metrics, optimizer
+        self.precision = precision
         return self
 
     def _require_layers(self, what):
@@ -377,13 +393,14 @@ class Sequential:
         the parameter buffer stays the same), or None when a layer is neither Dense nor
         Dropout (identity at inference, so skipped)."""
         stack = self.__dict__.get("_inference_stack")
-        if stack is not None and stack.params is self.params:
+        bf16 = self.precision == "bf16"
+        if stack is not None and stack.params is self.params and stack.bf16 == bf16:
             return stack
         if self.params is None or not all(isinstance(layer, (Dense, Dropout))
                                           for layer in self.layers):
             return None
         self._inference_stack = _DenseStack(
-            self.params, [layer for layer in self.layers if isinstance(layer, Dense)])
+            self.params, [layer for layer in self.layers if isinstance(layer, Dense)], bf16)
         return self._inference_stack
 
     def _inference_output(self, X, batch_size):
@@ -786,6 +803,40 @@ def _require_compiled_model(model, what):
                                "model.compile(loss=..., optimizer=...) first")
 
 
+#: The precisions ``compile`` takes.
+PRECISIONS = ("fp32", "bf16")
+
+
+def _check_precision(precision, dtype):
+    """``precision`` checked against the model's ``dtype`` and, for "bf16" on a
+    compiled backend, the CPU (AVX512_BF16)."""
+    if not isinstance(precision, str) or precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
+    if precision == "fp32":
+        return precision
+    if dtype != np.float32:
+        raise ValueError(f"precision='bf16' needs a float32 model (its products round "
+                         f"float32 to bf16 and accumulate in float32), got dtype "
+                         f"{dtype.name}; build the layers with dtype='float32'")
+    backend = get_backend()
+    if backend != "numpy" and not bf16_supported():
+        raise ValueError(f"precision='bf16' on the {backend} backend needs a CPU with "
+                         "AVX512_BF16 (vdpbf16ps: AMD Zen 4, Intel Cooper Lake, Sapphire "
+                         "Rapids and later) and the Cython kernels built for it; this "
+                         "machine has none. Use precision='fp32', or the numpy backend "
+                         "(fastnn.set_backend('numpy')), which emulates bf16 exactly")
+    return precision
+
+
+def bf16_supported():
+    """Whether the compiled backends can run precision='bf16' here (bool): the CPU has
+    AVX512_BF16 and the Cython kernels (which numba's bf16 calls run too) are built."""
+    try:
+        return bool(kernels.load("cython").bf16_available())
+    except ImportError:
+        return False
+
+
 def _chunk_rows(batch_size):
     """Rows per forward pass: ``batch_size`` checked, or _CHUNK_ROWS for None."""
     return _CHUNK_ROWS if batch_size is None else check_int(batch_size, "batch_size", low=1)
@@ -808,10 +859,13 @@ class _DenseStack:
         (the other layers have no parameters).
     dense : list of Dense
         The model's Dense layers, in order.
+    bf16 : bool, default False
+        Run the products in bfloat16 (``dense_stack_forward_bf16``).
     """
 
-    def __init__(self, params, dense):
+    def __init__(self, params, dense, bf16=False):
         self.params = params
+        self.bf16 = bf16
         self.widths = np.array([dense[0].in_features] + [d.out_features for d in dense],
                                np.int64)
         self.acts = np.array([d.act_code for d in dense], np.int64)
@@ -831,9 +885,10 @@ class _DenseStack:
             self._rows = n
         if out is None:
             out = np.empty((n, self.n_outputs), self.params.dtype)
-        backend_module().dense_stack_forward(x, self.params, self.widths, self.acts,
-                                             self.alphas, self.use_bias, self._workspace,
-                                             out)
+        module = backend_module()
+        forward = module.dense_stack_forward_bf16 if self.bf16 else module.dense_stack_forward
+        forward(x, self.params, self.widths, self.acts, self.alphas, self.use_bias,
+                self._workspace, out)
         return out
 
 

@@ -233,6 +233,16 @@ class Solver:
         self.ftol = check_float(ftol, "ftol", low=0.0)
         self.iterations = 0
 
+    def check_precision(self, precision):
+        """Raise ValueError unless ``precision`` is "fp32": a solver's line searches,
+        curvature pairs and Hessian products need float32 / float64 gradients, not
+        products rounded to bf16."""
+        if precision != "fp32":
+            raise ValueError(f"{type(self).__name__} needs precision='fp32' (second-order "
+                             f"and line-search solvers need exact float32 / float64 "
+                             f"gradients), got precision={precision!r}; use a first-order "
+                             f"optimizer (e.g. 'sgd', 'adam') for bf16")
+
     def check_model(self, model, loss):
         """Raise ValueError if this solver cannot train ``model`` with ``loss``."""
         if self.losses is not None and loss.name not in self.losses:

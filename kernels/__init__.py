@@ -99,7 +99,8 @@ class TrainEpochSpec(NamedTuple):
     LOSS_CODES with loss_param (huber delta, hinge margin, else 0.0); optimizer an
     OptimizerSpec; lrs float64 (number of batches,) the rate of each update; step the
     updates made before this epoch (update b is number step + b + 1); stats float64 (4,)
-    the output (see ``train_epoch``).
+    the output (see ``train_epoch``); bf16 True runs every Dense product in bfloat16
+    with float32 accumulation (float32 arrays only; see ``dense_forward_bf16``).
     """
 
     X: object
@@ -120,6 +121,7 @@ class TrainEpochSpec(NamedTuple):
     lrs: object
     step: int
     stats: object
+    bf16: bool = False
 
 
 def train_epoch_workspace_size(batch_size, widths):

@@ -295,6 +295,22 @@ def train_epoch(spec):
                          f"{spec.lrs.shape[0]}")
     _array(kernel, "stats", spec.stats, 1, _FLOAT64, writable=True)
     _shape(kernel, "stats", spec.stats, (4,))
+    if spec.bf16:
+        float32_only(kernel + " (bf16)", spec.X)
+
+
+def float32_only(kernel, x):
+    """The bf16 kernels take float32 (their products round float32 to bf16)."""
+    if x.dtype != np.float32:
+        raise ValueError(f"{kernel}: the bf16 products take float32 arrays, got {x.dtype}")
+
+
+def bf16_round(x, out):
+    """x and out float32 arrays of one shape (out may be x)."""
+    kernel = "bf16_round"
+    _array(kernel, "x", x, dtype=np.dtype(np.float32))
+    _array(kernel, "out", out, dtype=np.dtype(np.float32), writable=True)
+    _shape(kernel, "out", out, x.shape)
 
 
 def train_epoch_indices(spec):

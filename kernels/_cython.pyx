@@ -36,10 +36,12 @@ from cython.parallel cimport prange
 from libc.math cimport (
     exp, expm1, fabs, isfinite, log, log1p, sqrt, sqrtf, tanh,
 )
-from libc.stdint cimport int64_t
-from libc.stdlib cimport free, malloc
+from libc.stdint cimport int64_t, uint16_t, uint32_t
+from libc.stdlib cimport calloc, free, malloc
 from libc.string cimport memcpy, memset
 from scipy.linalg.cython_blas cimport dgemm, sgemm
+
+import time
 
 from . import _checks
 from . import ACTIVATIONS as _ACTIVATIONS
@@ -1806,6 +1808,7 @@ def _train_epoch(
     floating[::1] state2,
     long step,
     double[::1] stats,               # OUT (4,)
+    bint bf16,                       # the products in bf16 (float32 only)
 ):
     cdef:
         int n_layers = widths.shape[0] - 1, layer, status
@@ -1822,6 +1825,7 @@ def _train_epoch(
         floating *s0 = _data_or_null(state0)
         floating *s1 = _data_or_null(state1)
         floating *s2 = _data_or_null(state2)
+        uint32_t *bf16_scratch = NULL
         bint ok = (n_layers >= 1 and batch_size >= 1 and acts.shape[0] == n_layers
                    and alphas.shape[0] == n_layers and use_bias.shape[0] == n_layers)
     # The O(L) checks of every size against widths (sample indices and labels are
@@ -1867,6 +1871,24 @@ def _train_epoch(
         lab = &labels[0]
     if targets is not None and targets.shape[0] > 0:
         tgt = &targets[0, 0]
+    if bf16:
+        if floating is float:
+            bf16_scratch = _bf16_scratch(_bf16_epoch_words(rows, widths))
+            with nogil:
+                status = _bf16_train_epoch_ptr(
+                    &X[0, 0] if n > 0 else NULL, lab, tgt, &order[0] if m > 0 else NULL,
+                    n, m, batch_size, n_layers, &widths[0], &acts[0], &alphas[0], w_off,
+                    b_off, a_off, &params[0], &grads[0], &workspace[0], scratch,
+                    scratch + rows, params.shape[0], widest, loss_code, loss_param,
+                    opt_code, &hyper[0], lrs_, s0, s1, s2, step, &stats[0], bf16_scratch)
+            _bf16_free(bf16_scratch)
+        else:
+            status = 1
+        free(offsets)
+        free(scratch)
+        if status:
+            _refuse()
+        return
     with nogil:
         status = _train_epoch_ptr(
             &X[0, 0] if n > 0 else NULL, lab, tgt, &order[0] if m > 0 else NULL, n, m,
@@ -1903,8 +1925,539 @@ def train_epoch(spec):
                      spec.widths, spec.acts, spec.alphas, spec.use_bias, spec.params,
                      spec.grads, spec.workspace, spec.loss_code, spec.loss_param,
                      optimizer.code, optimizer.hyper, spec.lrs, *optimizer.states,
-                     spec.step, spec.stats)
+                     spec.step, spec.stats, _bf16_epoch(spec))
     except _REFUSED:
         _checks.train_epoch(spec)
         _checks.train_epoch_indices(spec)
         raise
+
+
+# ----------------------------------------------------------------------------------
+# bfloat16 products with float32 accumulation (kernels/fastnn_bf16.h, AVX512_BF16)
+#
+# The same layers as above with every Dense product (x @ w, x.T @ dz, dz @ w.T) in
+# bf16 on vdpbf16ps; biases, activations and their derivatives, losses and optimizer
+# steps stay float32 (the helpers above). Operands are rounded and packed into the
+# header's pair layouts in scratch: x once per call (once per batch in train_epoch),
+# w once per call (once per step: every layer's packs at the start of the batch).
+# float32 only. A CPU without AVX512_BF16 gets RuntimeError naming it: there is no
+# silent fp32 fallback (the numpy backend emulates bf16 exactly, anywhere).
+# ----------------------------------------------------------------------------------
+
+cdef extern from "fastnn_bf16.h":
+    int FASTNN_BF16
+    int fastnn_cpu_has_avx512_bf16() noexcept nogil
+    void *_bf16_alloc "fastnn_bf16_alloc"(size_t nbytes) noexcept nogil
+    void _bf16_free "fastnn_bf16_free"(void *p) noexcept nogil
+    void _bf16_round "fastnn_bf16_round_f32"(
+        const float *src, float *dst, Py_ssize_t n) noexcept nogil
+    void _bf16_pack_rows "fastnn_bf16_pack_rows"(
+        const float *src, Py_ssize_t ld, int rows, int cols, uint16_t *dst,
+        Py_ssize_t ldd) noexcept nogil
+    Py_ssize_t _b_words "fastnn_bf16_b_words"(Py_ssize_t kp, Py_ssize_t n) noexcept nogil
+    void _bf16_pack_pairs "fastnn_bf16_pack_pairs"(
+        const float *src, Py_ssize_t ld, int rows, int cols, uint32_t *dst) noexcept nogil
+    void _bf16_pack_pairs_t "fastnn_bf16_pack_pairs_t"(
+        const float *src, Py_ssize_t ld, int rows, int cols, uint32_t *dst) noexcept nogil
+    void _bf16_gemm "fastnn_bf16_gemm"(
+        int m, int n, int kp, const uint32_t *a, Py_ssize_t lda, const uint32_t *b,
+        float *c, Py_ssize_t ldc, float alpha, float beta, const float *bias,
+        int relu) noexcept nogil
+    void _bf16_peak_tile "fastnn_bf16_peak_tile"(
+        int kp, const uint32_t *a, const uint32_t *b, float *c) noexcept nogil
+
+#: Whether this build has the bf16 kernels and this CPU runs them.
+_BF16 = bool(FASTNN_BF16) and bool(fastnn_cpu_has_avx512_bf16())
+
+
+def bf16_available():
+    """True when this CPU has AVX512_BF16 (vdpbf16ps) and the build has its kernels."""
+    return _BF16
+
+
+cdef int _require_bf16() except -1:
+    if not _BF16:
+        raise RuntimeError("the bf16 kernels need a CPU with AVX512_BF16 (vdpbf16ps: AMD "
+                           "Zen 4, Intel Cooper Lake / Sapphire Rapids and later) and an "
+                           "x86-64 GCC >= 10 or clang build; this one has none. Use "
+                           "precision='fp32', or the numpy backend, which emulates bf16")
+
+
+cdef inline Py_ssize_t _pairs(Py_ssize_t k) noexcept nogil:
+    """Pair words along a reduction of length k."""
+    return (k + 1) // 2
+
+
+cdef inline Py_ssize_t _wp_words(Py_ssize_t d, Py_ssize_t k) noexcept nogil:
+    """Words of w (d, k) packed for the forward (``_bf16_pack_weights``)."""
+    return _b_words(_pairs(d), k)
+
+
+cdef inline Py_ssize_t _wtp_words(Py_ssize_t d, Py_ssize_t k) noexcept nogil:
+    """Words of w^T packed for dx (``_bf16_pack_weights``)."""
+    return _b_words(_pairs(k), d)
+
+
+cdef Py_ssize_t _bf16_forward_words(Py_ssize_t n, Py_ssize_t d, Py_ssize_t k) noexcept:
+    """Scratch words of one bf16 dense forward: x rounded, then w packed."""
+    return _whole_lines(n * _pairs(d)) + _wp_words(d, k)
+
+
+cdef inline Py_ssize_t _whole_lines(Py_ssize_t words) noexcept nogil:
+    """``words`` rounded up to whole 64-byte cache lines: the next buffer in a scratch
+    block starts on a line, so no 64-byte load of a packed operand splits two."""
+    return (words + 15) // 16 * 16
+
+
+cdef void _bf16_dense_forward_ptr(
+    const float *x,      # IN  (n, d)
+    const uint32_t *wp,  # IN  w (d, k) packed by _bf16_pack_pairs
+    const float *b,      # IN  (k,), or NULL: no bias
+    int act, float alpha,
+    float *out,          # OUT (n, k)
+    uint32_t *xb,        # scratch (n * _pairs(d),)
+    int n, int d, int k,
+) noexcept nogil:
+    """``out = act(bf16(x) @ bf16(w) + b)``: bias and relu in the gemm's epilogue, the
+    other activations in one pass after it."""
+    cdef Py_ssize_t kp = _pairs(d)
+    _bf16_pack_rows(x, d, n, d, <uint16_t *> xb, 2 * kp)
+    _bf16_gemm(n, k, <int> kp, xb, kp, wp, out, k, 1, 0, b, act == RELU)
+    if act != IDENTITY and act != RELU:
+        _activation_forward_range(act, alpha, out, out, <Py_ssize_t> n * k)
+
+
+cdef void _bf16_dense_backward_ptr(
+    const float *x,       # IN  (n, d)
+    const uint32_t *wtp,  # IN  w^T packed by _bf16_pack_pairs_t, or NULL when dx is NULL
+    const float *a,       # IN  (n, k) forward output
+    const float *dout,    # IN  (n, k)
+    int act, float alpha,
+    float *dz,            # OUT (n, k), may alias dout
+    float *dx,            # OUT (n, d), or NULL: skipped
+    float *dw,            # OUT (d, k): dw = dw_alpha bf16(x).T @ bf16(dz) + dw_beta dw
+    float dw_alpha, float dw_beta,
+    double *db,           # OUT (k,) accumulated, or NULL: no column sums
+    uint32_t *scratch,    # (_bf16_backward_words(n, d, k),)
+    int n, int d, int k,
+) noexcept nogil:
+    """``dz = dout * act'(a)`` and ``db += dz.sum(0)`` in float32 (one pass, as
+    ``_dz_rows``); ``dx = bf16(dz) @ bf16(w).T``; then the dW product into ``dw`` with
+    the given scale, so the SGD step is its epilogue (dw = w, alpha = -lr,
+    beta = 1 - lr wd)."""
+    cdef:
+        Py_ssize_t kz = _pairs(k), np_ = _pairs(n)
+        uint32_t *xp = scratch                   # x^T as a packed A
+        uint32_t *dzp = xp + _b_words(np_, d)    # dz as a packed B
+        uint32_t *dzb = dzp + _b_words(np_, k)   # dz rounded, row-major
+    _dz_rows(act, alpha, a, dout, dz, db, n, k)
+    if dx != NULL:
+        _bf16_pack_rows(dz, k, n, k, <uint16_t *> dzb, 2 * kz)
+        _bf16_gemm(n, d, <int> kz, dzb, kz, wtp, dx, d, 1, 0, NULL, 0)
+    _bf16_pack_pairs(x, d, n, d, xp)
+    _bf16_pack_pairs(dz, k, n, k, dzp)
+    _bf16_gemm(d, k, <int> np_, xp, 0, dzp, dw, k, dw_alpha, dw_beta, NULL, 0)
+
+
+cdef Py_ssize_t _bf16_backward_words(Py_ssize_t n, Py_ssize_t d, Py_ssize_t k) noexcept:
+    """Scratch words of ``_bf16_dense_backward_ptr``."""
+    return _b_words(_pairs(n), d) + _b_words(_pairs(n), k) + n * _pairs(k)
+
+
+cdef void _bf16_pack_weights(
+    const float *w,  # IN  (d, k)
+    uint32_t *wp,    # OUT (_wp_words(d, k),) for the forward
+    uint32_t *wtp,   # OUT (_wtp_words(d, k),) for dx, or NULL: not needed
+    int d, int k,
+) noexcept nogil:
+    _bf16_pack_pairs(w, k, d, k, wp)
+    if wtp != NULL:
+        _bf16_pack_pairs_t(w, k, d, k, wtp)
+
+
+cdef uint32_t *_bf16_scratch(Py_ssize_t words) except NULL:
+    """``words`` of scratch on 64-byte lines (free with ``_bf16_free``)."""
+    cdef uint32_t *p = <uint32_t *> _bf16_alloc(<size_t> max(words, 1) * sizeof(uint32_t))
+    if p == NULL:
+        raise MemoryError()
+    return p
+
+
+def _bf16_round_array(const float[::1] x, float[::1] out):
+    if out.shape[0] != x.shape[0]:
+        _refuse()
+    if x.shape[0] == 0:
+        return
+    with nogil:
+        _bf16_round(&x[0], &out[0], x.shape[0])
+
+
+def bf16_round(x, out):
+    """``out = x`` rounded to bfloat16 (nearest even; NaN, inf kept; subnormals to
+    signed zero), as float32. x and out float32 of one shape; out may be x."""
+    _require_bf16()
+    _checks.bf16_round(x, out)  # first: reshape would copy a non-contiguous out
+    _bf16_round_array(x.reshape(-1), out.reshape(-1))
+
+
+def _dense_forward_bf16(
+    const float[:, ::1] x,  # IN  (n, d)
+    const float[:, ::1] w,  # IN  (d, k)
+    const float[::1] b,     # IN  (k,)
+    int act,
+    float[:, ::1] out,      # OUT (n, k)
+    alpha,
+):
+    cdef:
+        int n = x.shape[0], d = x.shape[1], k = w.shape[1]
+        float alpha_ = _resolve_alpha(act, alpha)
+        uint32_t *scratch
+    if (w.shape[0] != d or b.shape[0] != k or out.shape[0] != n or out.shape[1] != k
+            or not IDENTITY <= act <= ELU):
+        _refuse()
+    if n == 0 or k == 0:
+        return
+    if d == 0:
+        raise ValueError(f"dense_forward_bf16: x and w must have at least one column, "
+                         f"got x {tuple(x.shape)[:2]}")
+    scratch = _bf16_scratch(_bf16_forward_words(n, d, k))
+    with nogil:
+        _bf16_pack_weights(&w[0, 0], scratch + _whole_lines(n * _pairs(d)), NULL, d, k)
+        _bf16_dense_forward_ptr(&x[0, 0], scratch + _whole_lines(n * _pairs(d)), &b[0],
+                                act, alpha_,
+                                &out[0, 0], scratch, n, d, k)
+    _bf16_free(scratch)
+
+
+def dense_forward_bf16(x, w, b, act, out, alpha=None):
+    """``out = act(bf16(x) @ bf16(w) + b)``, the product on vdpbf16ps with float32
+    accumulation, bias and activation in float32. float32 x (n, d), w (d, k), b (k,),
+    out (n, k)."""
+    _require_bf16()
+    try:
+        _dense_forward_bf16(x, w, b, act, out, alpha)
+    except _REFUSED:
+        _checks.dense_forward(x, w, b, act, out)
+        _checks.float32_only("dense_forward_bf16", x)
+        raise
+
+
+def _dense_backward_bf16(
+    const float[:, ::1] x,     # IN  (n, d)
+    const float[:, ::1] w,     # IN  (d, k)
+    const float[:, ::1] a,     # IN  (n, k) forward output
+    const float[:, ::1] dout,  # IN  (n, k)
+    int act,
+    float[:, ::1] dz,          # OUT (n, k), may alias dout
+    float[:, ::1] dx,          # OUT (n, d), None: skipped
+    float[:, ::1] dw,          # OUT (d, k)
+    float[::1] db,             # OUT (k,)
+    alpha,
+):
+    cdef:
+        int n = x.shape[0], d = x.shape[1], k = w.shape[1], j
+        float alpha_ = _resolve_alpha(act, alpha)
+        float *dx_ = NULL
+        uint32_t *scratch
+        uint32_t *wtp = NULL
+        double *sums
+    if (w.shape[0] != d or a.shape[0] != n or a.shape[1] != k or dout.shape[0] != n
+            or dout.shape[1] != k or dz.shape[0] != n or dz.shape[1] != k
+            or dw.shape[0] != d or dw.shape[1] != k or db.shape[0] != k
+            or (dx is not None and (dx.shape[0] != n or dx.shape[1] != d))
+            or not IDENTITY <= act <= ELU):
+        _refuse()
+    if n == 0:  # no rows: zero gradients, as numpy's sums over nothing
+        dw[:, :] = 0
+        db[:] = 0
+        return
+    if d == 0 or k == 0:
+        raise ValueError(f"dense_backward_bf16: x and w must have at least one column, "
+                         f"got x {tuple(x.shape)[:2]}, w {tuple(w.shape)[:2]}")
+    scratch = _bf16_scratch(_bf16_backward_words(n, d, k) + _wtp_words(d, k))
+    sums = <double *> calloc(k, sizeof(double))
+    if sums == NULL:
+        _bf16_free(scratch)
+        raise MemoryError()
+    if dx is not None:
+        dx_ = &dx[0, 0]
+        wtp = scratch + _bf16_backward_words(n, d, k)
+    with nogil:
+        if wtp != NULL:
+            _bf16_pack_pairs_t(&w[0, 0], k, d, k, wtp)
+        _bf16_dense_backward_ptr(&x[0, 0], wtp, &a[0, 0], &dout[0, 0], act, alpha_,
+                                 &dz[0, 0], dx_, &dw[0, 0], 1, 0, sums, scratch, n, d, k)
+        for j in range(k):
+            db[j] = <float> sums[j]
+    free(sums)
+    _bf16_free(scratch)
+
+
+def dense_backward_bf16(x, w, a, dout, act, dz, dx, dw, db, alpha=None):
+    """``dz = dout * act'(a)`` and ``db = dz.sum(0)`` in float32; ``dw = bf16(x).T @
+    bf16(dz)`` and ``dx = bf16(dz) @ bf16(w).T`` (skipped when dx is None) on
+    vdpbf16ps with float32 accumulation. float32, shapes as ``dense_backward``."""
+    _require_bf16()
+    try:
+        _dense_backward_bf16(x, w, a, dout, act, dz, dx, dw, db, alpha)
+    except _REFUSED:
+        _checks.dense_backward(x, w, a, dout, act, dz, dx, dw, db)
+        _checks.float32_only("dense_backward_bf16", x)
+        raise
+
+
+def _dense_stack_forward_bf16(
+    const float[:, ::1] x,         # IN  (n, widths[0])
+    const float[::1] params,       # IN  (P,)
+    const int64_t[::1] widths,     # IN  (L+1,)
+    const int64_t[::1] acts,       # IN  (L,)
+    const double[::1] alphas,      # IN  (L,)
+    const int64_t[::1] use_bias,   # IN  (L,)
+    float[::1] workspace,          # scratch
+    float[:, ::1] out,             # OUT (n, widths[L])
+):
+    cdef:
+        int n_layers = widths.shape[0] - 1, layer, d, k
+        Py_ssize_t n = x.shape[0], hidden = 0, p = 0, words = 0, half
+        bint ok = (n_layers >= 1 and acts.shape[0] == n_layers
+                   and alphas.shape[0] == n_layers and use_bias.shape[0] == n_layers)
+        uint32_t *scratch
+        const float *src
+        float *dst
+    for layer in range(n_layers + 1 if ok else 0):
+        ok = ok and widths[layer] >= 1
+        if 0 < layer < n_layers:
+            hidden = max(hidden, <Py_ssize_t> widths[layer])
+    for layer in range(n_layers if ok else 0):
+        ok = ok and IDENTITY <= acts[layer] <= ELU
+        p += widths[layer] * widths[layer + 1] + (widths[layer + 1] if use_bias[layer] else 0)
+        words = max(words, _bf16_forward_words(n, widths[layer], widths[layer + 1]))
+    if not (ok and x.shape[1] == widths[0] and params.shape[0] == p
+            and workspace.shape[0] >= 2 * n * hidden and out.shape[0] == n
+            and out.shape[1] == widths[n_layers]):
+        _refuse()
+    if n == 0:
+        return
+    scratch = _bf16_scratch(words)
+    half = n * hidden
+    with nogil:
+        p = 0
+        src = &x[0, 0]
+        for layer in range(n_layers):
+            d = <int> widths[layer]
+            k = <int> widths[layer + 1]
+            dst = &out[0, 0] if layer == n_layers - 1 else &workspace[0] + (layer % 2) * half
+            _bf16_pack_weights(&params[p], scratch + _whole_lines(n * _pairs(d)), NULL, d,
+                               k)
+            _bf16_dense_forward_ptr(src, scratch + _whole_lines(n * _pairs(d)),
+                                    &params[p + d * k] if use_bias[layer] else NULL,
+                                    <int> acts[layer], <float> alphas[layer], dst, scratch,
+                                    <int> n, d, k)
+            p += <Py_ssize_t> d * k + (k if use_bias[layer] else 0)
+            src = dst
+    _bf16_free(scratch)
+
+
+def dense_stack_forward_bf16(x, params, widths, acts, alphas, use_bias, workspace, out):
+    """The inference pass of ``dense_stack_forward`` with every product in bf16
+    (``dense_forward_bf16`` per layer), GIL released. float32; shapes and layout as
+    ``_numpy.dense_stack_forward``."""
+    _require_bf16()
+    try:
+        _dense_stack_forward_bf16(x, params, widths, acts, alphas, use_bias, workspace,
+                                  out)
+    except _REFUSED:
+        _checks.dense_stack_forward(x, params, widths, acts, alphas, use_bias, workspace,
+                                    out)
+        _checks.float32_only("dense_stack_forward_bf16", x)
+        raise
+
+
+cdef int _bf16_train_epoch_ptr(
+    const float *X, const int64_t *labels, const float *targets, const int64_t *order,
+    Py_ssize_t n_samples, Py_ssize_t m, Py_ssize_t batch_size, int n_layers,
+    const int64_t *widths, const int64_t *acts, const double *alphas,
+    const Py_ssize_t *w_off, const Py_ssize_t *b_off, const Py_ssize_t *a_off,
+    float *params, float *grads, float *workspace, double *row_loss, double *db_parts,
+    Py_ssize_t n_params, Py_ssize_t widest, int loss_code, double loss_param,
+    int opt_code, const double *hyper, const double *lrs,
+    float *state0, float *state1, float *state2, long step, double *stats,
+    uint32_t *scratch,  # (_bf16_epoch_words(batch_size, widths),)
+) noexcept nogil:
+    """``_train_epoch_ptr`` with the Dense products in bf16: per batch, every layer's
+    weights packed once (``_bf16_pack_weights``), then forward, loss, and per layer
+    (last first) the bf16 backward with its update right after (plain SGD in the dW
+    epilogue). Arguments, workspace and return value as ``_train_epoch_ptr``; scratch
+    holds per layer the packed w and w^T (none for the first: it has no dx), then the
+    rounded activations and the backward's pair buffers, shared by the layers."""
+    cdef:
+        Py_ssize_t start = 0, size, next_size, i, j, b = 0, n_layer, n_bad = 0, pos = 0
+        Py_ssize_t d0 = widths[0], k_out = widths[n_layers], d, k
+        int layer
+        double loss, lr
+        const int64_t *rows
+        float *out
+        float *dout
+        float *dprev
+        float *swap
+        float *bias
+        uint32_t *shared
+        bint fold_sgd = opt_code == SGD and hyper[0] == 0
+    for layer in range(n_layers):
+        pos += _wp_words(widths[layer], widths[layer + 1])
+        if layer > 0:
+            pos += _wtp_words(widths[layer], widths[layer + 1])
+    shared = scratch + pos
+    stats[0] = stats[1] = stats[2] = stats[3] = 0
+    while start < m:
+        size = min(batch_size, m - start)
+        rows = order + start
+        for i in range(size):
+            if rows[i] < 0 or rows[i] >= n_samples:
+                return 1
+            memcpy(workspace + i * d0, X + rows[i] * d0, d0 * sizeof(float))
+        next_size = min(batch_size, m - start - size)
+        if (0 < next_size and next_size * (d0 + k_out) * <Py_ssize_t> sizeof(float)
+                <= _PREFETCH_BYTES):
+            if labels != NULL:
+                _prefetch_rows(labels, sizeof(int64_t), rows + size, next_size)
+            if targets != NULL:
+                _prefetch_rows(targets, k_out * sizeof(float), rows + size, next_size)
+            _prefetch_rows(X, d0 * sizeof(float), rows + size, next_size)
+        pos = 0
+        for layer in range(n_layers):
+            d = widths[layer]
+            k = widths[layer + 1]
+            _bf16_pack_weights(params + w_off[layer], scratch + pos,
+                               scratch + pos + _wp_words(d, k) if layer > 0 else NULL,
+                               <int> d, <int> k)
+            _bf16_dense_forward_ptr(
+                workspace + size * a_off[layer], scratch + pos,
+                params + b_off[layer] if b_off[layer] >= 0 else NULL, <int> acts[layer],
+                <float> alphas[layer], workspace + size * a_off[layer + 1], shared,
+                <int> size, <int> d, <int> k)
+            pos += _wp_words(d, k) + (_wtp_words(d, k) if layer > 0 else 0)
+        out = workspace + size * a_off[n_layers]
+        dout = workspace + size * a_off[n_layers + 1]
+        dprev = dout + size * widest
+        loss = _loss_ptr(loss_code, loss_param, out, targets, labels, rows, NULL, dout,
+                         row_loss, size, k_out, 1, &n_bad)
+        if n_bad:
+            return 1
+        stats[3] = loss
+        if not isfinite(loss):
+            return 0
+        stats[1] += _batch_hits(loss_code, out, labels, targets, rows, size, k_out)
+        lr = lrs[b]
+        for layer in range(n_layers - 1, -1, -1):
+            d = widths[layer]
+            k = widths[layer + 1]
+            pos -= _wp_words(d, k) + (_wtp_words(d, k) if layer > 0 else 0)
+            bias = params + b_off[layer] if b_off[layer] >= 0 else NULL
+            if bias != NULL:
+                memset(db_parts, 0, k * sizeof(double))
+            _bf16_dense_backward_ptr(
+                workspace + size * a_off[layer],
+                scratch + pos + _wp_words(d, k) if layer > 0 else NULL,
+                workspace + size * a_off[layer + 1], dout, <int> acts[layer],
+                <float> alphas[layer], dout, dprev if layer > 0 else NULL,
+                params + w_off[layer] if fold_sgd else grads + w_off[layer],
+                <float> -lr if fold_sgd else 1, <float> (1 - lr * hyper[2]) if fold_sgd
+                else 0, db_parts if bias != NULL else NULL, shared, <int> size, <int> d,
+                <int> k)
+            if fold_sgd:
+                for j in range(k if bias != NULL else 0):
+                    bias[j] -= <float> (lr * (db_parts[j] + hyper[2] * bias[j]))
+            else:
+                for j in range(k if bias != NULL else 0):
+                    grads[b_off[layer] + j] = <float> db_parts[j]
+                n_layer = (w_off[layer + 1] if layer + 1 < n_layers
+                           else n_params) - w_off[layer]
+                _optimizer_step(opt_code, hyper, params + w_off[layer],
+                                grads + w_off[layer], _shifted(state0, w_off[layer]),
+                                _shifted(state1, w_off[layer]),
+                                _shifted(state2, w_off[layer]), n_layer, lr,
+                                step + b + 1)
+            swap = dout
+            dout = dprev
+            dprev = swap
+        stats[0] += loss * size
+        stats[2] += 1
+        start += size
+        b += 1
+    return 0
+
+
+cdef Py_ssize_t _bf16_epoch_words(Py_ssize_t rows, const int64_t[::1] widths) noexcept:
+    """Scratch words of ``_bf16_train_epoch_ptr`` for batches of ``rows``: the packed
+    weights, then the largest forward or backward buffer of any layer."""
+    cdef:
+        Py_ssize_t total = 0, shared = 0, d, k
+        int layer
+    for layer in range(widths.shape[0] - 1):
+        d = widths[layer]
+        k = widths[layer + 1]
+        total += _wp_words(d, k) + (_wtp_words(d, k) if layer > 0 else 0)
+        shared = max(shared, rows * _pairs(d), _bf16_backward_words(rows, d, k))
+    return total + shared
+
+
+def bf16_peak_flops(Py_ssize_t repeats=20000):
+    """The vdpbf16ps peak of one core, in flop/s: the GEMM's 6 x 64 register tile over
+    96 pairs with A and B in L1 (26 KB), ``repeats`` times (a micro-benchmark; 2 flops
+    per bf16 product-add, as a float32 FMA counts 2)."""
+    _require_bf16()
+    cdef:
+        int kp = 96
+        Py_ssize_t r
+        uint32_t *a = <uint32_t *> _bf16_alloc((kp * 6 + kp * 64) * sizeof(uint32_t))
+        float *c = <float *> malloc(6 * 64 * sizeof(float))
+    if a == NULL or c == NULL:
+        _bf16_free(a)
+        free(c)
+        raise MemoryError()
+    memset(a, 0, (kp * 6 + kp * 64) * sizeof(uint32_t))
+    start = time.perf_counter()
+    with nogil:
+        for r in range(repeats):
+            _bf16_peak_tile(kp, a, a + kp * 6, c)
+    seconds = time.perf_counter() - start
+    _bf16_free(a)
+    free(c)
+    return 2.0 * 6 * 64 * 2 * kp * repeats / seconds
+
+
+def bf16_gemm_flops(int m, int n, int k, bint pair_a=False, Py_ssize_t repeats=10):
+    """The bf16 GEMM's rate at one shape, in flop/s: ``C (m, n) = A (m, k) B (k, n)``
+    on packed operands (packing not timed), A row-major (the forward and dx layout) or,
+    with ``pair_a``, packed in panels (the dW layout); the best of
+    ``repeats`` calls after two warm-up calls (the first ones on fresh pages run up to
+    twice slower on TLB misses; a micro-benchmark, beside ``bf16_peak_flops``)."""
+    _require_bf16()
+    cdef:
+        Py_ssize_t kp = _pairs(k), a_words = _b_words(kp, m), r
+        Py_ssize_t words = a_words + _b_words(kp, n)
+        uint32_t *a = <uint32_t *> _bf16_alloc(words * sizeof(uint32_t))
+        float *c = <float *> malloc(<size_t> max(m * n, 1) * sizeof(float))
+    if a == NULL or c == NULL:
+        _bf16_free(a)
+        free(c)
+        raise MemoryError()
+    memset(a, 0, words * sizeof(uint32_t))  # touched: real pages, not the zero page
+    seconds = []
+    for r in range(repeats + 2):
+        start = time.perf_counter()
+        with nogil:
+            _bf16_gemm(m, n, <int> kp, a, 0 if pair_a else kp, a + a_words, c, n, 1, 0,
+                       NULL, 0)
+        seconds.append(time.perf_counter() - start)
+    _bf16_free(a)
+    free(c)
+    return 2.0 * m * n * k / min(seconds[2:])
+
+
+def _bf16_epoch(spec):
+    """Whether ``train_epoch`` runs ``spec`` in bf16 (raising where the CPU cannot)."""
+    if spec.bf16:
+        _require_bf16()
+    return bool(spec.bf16)

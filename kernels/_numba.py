@@ -1559,8 +1559,11 @@ def train_epoch(spec):
     flat buffers (each layer's gradient goes to ``grads``, then its update; see
     ``_numpy.train_epoch`` for what ``grads`` holds afterwards). The result is
     bit-identical to calling those single kernels in sequence. Nothing is allocated
-    per batch. Compiled per dtype, on the first call with that dtype.
+    per batch. Compiled per dtype, on the first call with that dtype. A ``bf16`` spec
+    runs the Cython kernel (see ``_bf16_kernels``).
     """
+    if spec.bf16:
+        return _bf16_kernels().train_epoch(spec)
     try:
         optimizer = spec.optimizer
         state0, state1, state2 = optimizer.states
@@ -1574,3 +1577,44 @@ def train_epoch(spec):
         _checks.train_epoch(spec)
         _checks.train_epoch_indices(spec)
         raise
+
+
+# ----------------------------------------------------------------------------------
+# bfloat16 products: the Cython kernels
+#
+# Numba has no bfloat16 type, and @njit code cannot emit vdpbf16ps (llvmlite exposes
+# no target intrinsics), so a numba bf16 GEMM would be the float32 one plus two
+# rounding passes: slower than float32, the opposite of the point. This backend
+# therefore runs the Cython backend's bf16 kernels (kernels/fastnn_bf16.h, GIL
+# released there too); where the Cython extension is not built it raises ImportError.
+# ----------------------------------------------------------------------------------
+
+def _bf16_kernels():
+    """The Cython backend, which holds the bf16 kernels of every compiled backend."""
+    try:
+        from . import _cython
+    except ImportError as exc:
+        raise ImportError(f"the numba backend's bf16 kernels are the Cython backend's, "
+                          f"which cannot be loaded: {exc}") from exc
+    return _cython
+
+
+def bf16_round(x, out):
+    """``_cython.bf16_round``: ``out = x`` rounded to bfloat16, as float32."""
+    _bf16_kernels().bf16_round(x, out)
+
+
+def dense_forward_bf16(x, w, b, act, out, alpha=None):
+    """``_cython.dense_forward_bf16``: ``out = act(bf16(x) @ bf16(w) + b)``."""
+    _bf16_kernels().dense_forward_bf16(x, w, b, act, out, alpha)
+
+
+def dense_backward_bf16(x, w, a, dout, act, dz, dx, dw, db, alpha=None):
+    """``_cython.dense_backward_bf16``: the backward of ``dense_forward_bf16``."""
+    _bf16_kernels().dense_backward_bf16(x, w, a, dout, act, dz, dx, dw, db, alpha)
+
+
+def dense_stack_forward_bf16(x, params, widths, acts, alphas, use_bias, workspace, out):
+    """``_cython.dense_stack_forward_bf16``: the inference pass in bf16."""
+    _bf16_kernels().dense_stack_forward_bf16(x, params, widths, acts, alphas, use_bias,
+                                             workspace, out)

@@ -191,6 +191,11 @@ def dense_stack_forward(x, params, widths, acts, alphas, use_bias, workspace, ou
     ``dense_stack_workspace_size(n, widths)`` elements: hidden layer l writes the
     (n, widths[l+1]) block at the start of its half ``l % 2``; out (n, widths[L]).
     """
+    _dense_stack(x, params, widths, acts, alphas, use_bias, workspace, out, dense_forward)
+
+
+def _dense_stack(x, params, widths, acts, alphas, use_bias, workspace, out, layer_forward):
+    """``dense_stack_forward`` with ``layer_forward`` (a ``dense_forward``) per layer."""
     _checks.dense_stack_forward(x, params, widths, acts, alphas, use_bias, workspace, out)
     n_layers = widths.shape[0] - 1
     n = x.shape[0]
@@ -210,8 +215,77 @@ def dense_stack_forward(x, params, widths, acts, alphas, use_bias, workspace, ou
         else:
             start = (layer % 2) * half
             dst = workspace[start:start + n * k].reshape(n, k)
-        dense_forward(a, w, bias, int(acts[layer]), dst, float(alphas[layer]))
+        layer_forward(a, w, bias, int(acts[layer]), dst, float(alphas[layer]))
         a = dst
+
+
+# ----------------------------------------------------------------------------------
+# bfloat16 products with float32 accumulation: the exact emulation of the hardware
+# ----------------------------------------------------------------------------------
+
+def _bf16(x):
+    """float32 ``x`` rounded to bfloat16, returned as a new float32 array.
+
+    bf16 is the upper 16 bits of a float32. The rounding is AVX512_BF16's
+    (vcvtneps2bf16), on the float32 bits: to nearest, ties to even (add 0x7fff plus
+    the lowest kept bit, drop the low half; finite values past the largest bf16 go to
+    inf); NaN stays NaN, quieted (bit 22 set); inf stays inf; subnormal inputs become
+    signed zero (the instruction treats them as zero). A product of two bf16 values is
+    exact in float32, so a float32 matmul of rounded operands is the bf16 product with
+    float32 accumulation, up to the order of the sums.
+    """
+    u = np.ascontiguousarray(x, np.float32).view(np.uint32)
+    rounded = (u + np.uint32(0x7FFF) + ((u >> 16) & 1)) & np.uint32(0xFFFF0000)
+    rounded = np.where((u & 0x7F800000) == 0, u & np.uint32(0x80000000), rounded)
+    rounded = np.where((u & 0x7FFFFFFF) > 0x7F800000,
+                       (u | np.uint32(0x00400000)) & np.uint32(0xFFFF0000), rounded)
+    return rounded.astype(np.uint32).view(np.float32)
+
+
+def bf16_round(x, out):
+    """``out = x`` rounded to bfloat16 (``_bf16``), as float32. x and out float32 of one
+    shape; out may be x."""
+    _checks.bf16_round(x, out)
+    out[...] = _bf16(x)
+
+
+def dense_forward_bf16(x, w, b, act, out, alpha=None):
+    """``out = act(bf16(x) @ bf16(w) + b)``: the product of the rounded operands with
+    float32 accumulation; bias and activation in float32. float32 x (n, d), w (d, k),
+    b (k,), out (n, k)."""
+    _checks.dense_forward(x, w, b, act, out)
+    _checks.float32_only("dense_forward_bf16", x)
+    _dense_forward_bf16(x, w, b, act, out, alpha)
+
+
+def _dense_forward_bf16(x, w, b, act, out, alpha=None):
+    _dense_forward(_bf16(x), _bf16(w), b, act, out, alpha)
+
+
+def dense_backward_bf16(x, w, a, dout, act, dz, dx, dw, db, alpha=None):
+    """Backward of ``dense_forward_bf16``: ``dz = dout * act'(a)`` and ``db = dz.sum(0)``
+    in float32; ``dw = bf16(x).T @ bf16(dz)``; ``dx = bf16(dz) @ bf16(w).T`` (skipped when
+    dx is None). float32, shapes as ``dense_backward``."""
+    _checks.dense_backward(x, w, a, dout, act, dz, dx, dw, db)
+    _checks.float32_only("dense_backward_bf16", x)
+    _dense_backward_bf16(x, w, a, dout, act, dz, dx, dw, db, alpha)
+
+
+def _dense_backward_bf16(x, w, a, dout, act, dz, dx, dw, db, alpha=None):
+    _activation_backward(act, a, dout, dz, alpha)
+    np.sum(dz, axis=0, out=db)
+    dz_rounded = _bf16(dz)
+    np.matmul(_bf16(x).T, dz_rounded, out=dw)
+    if dx is not None:
+        np.matmul(dz_rounded, _bf16(w).T, out=dx)
+
+
+def dense_stack_forward_bf16(x, params, widths, acts, alphas, use_bias, workspace, out):
+    """``dense_stack_forward`` with every layer's product in bf16
+    (``dense_forward_bf16``). float32; shapes and layout as ``dense_stack_forward``."""
+    _checks.float32_only("dense_stack_forward_bf16", x)
+    _dense_stack(x, params, widths, acts, alphas, use_bias, workspace, out,
+                 dense_forward_bf16)
 
 
 # ----------------------------------------------------------------------------------
@@ -540,6 +614,9 @@ def train_epoch(spec):
     a separate update pass is what folding would save. Unused optimizer state buffers
     are untouched.
 
+    With ``bf16`` the dense products are ``dense_forward_bf16`` / ``dense_backward_bf16``'s
+    (the weights rounded once per step: the update follows the whole backward).
+
     ``stats`` float64 (4,) receives [sum of batch loss * batch rows, correct predictions
     (see _batch_hits), batches completed, the last batch's loss]. A batch whose loss is
     not finite ends the epoch before its update, so ``stats[2]`` tells how many updates
@@ -552,7 +629,9 @@ def train_epoch(spec):
     _checks.train_epoch(spec)
     _checks.train_epoch_indices(spec)
     (X, labels, targets, order, batch_size, widths, acts, alphas, use_bias, params, grads,
-     workspace, loss_code, loss_param, optimizer, lrs, step, stats) = spec
+     workspace, loss_code, loss_param, optimizer, lrs, step, stats, bf16) = spec
+    forward, backward = ((_dense_forward_bf16, _dense_backward_bf16) if bf16
+                         else (_dense_forward, _dense_backward))
     n_layers = widths.shape[0] - 1
     m = order.shape[0]
     widest = int(widths.max())
@@ -582,7 +661,7 @@ def train_epoch(spec):
             else:
                 bias, db = np.zeros(k, params.dtype), np.empty(k, params.dtype)
             layer_params.append((w, bias, dw, db))
-            _dense_forward(outs[layer], w, bias, acts[layer], outs[layer + 1], alphas[layer])
+            forward(outs[layer], w, bias, acts[layer], outs[layer + 1], alphas[layer])
         out = outs[n_layers]
         dout = delta[:out.size].reshape(out.shape)
         loss = _batch_loss(loss_code, loss_param, out, labels, targets, rows, dout)
@@ -594,8 +673,8 @@ def train_epoch(spec):
             w, bias, dw, db = layer_params[layer]
             d, k = widths[layer], widths[layer + 1]
             dx = dprev[:size * d].reshape(size, d) if layer > 0 else None
-            _dense_backward(outs[layer], w, outs[layer + 1], dout, acts[layer], dout, dx, dw,
-                            db, alphas[layer])
+            backward(outs[layer], w, outs[layer + 1], dout, acts[layer], dout, dx, dw, db,
+                     alphas[layer])
             if layer > 0:
                 dout = dx
                 delta, dprev = dprev, delta

@@ -8,6 +8,7 @@ the initial weights and optimizer state, ``epoch(X, y)`` trains one epoch and re
 its loss. All start from ``initial_weights`` and visit the batches in the order
 ``numpy.random.default_rng(SEED).permutation(n)``, as ``fit`` does.
 """
+import contextlib
 import math
 
 import numpy as np
@@ -169,8 +170,10 @@ class NumpyMLP:
 def impl_label(impl, backend=None):
     """The name of an implementation in tables: "fastnn[cython]", "numpy MLP" (the
     hand-written baseline, not fastnn's numpy backend), "torch", "matmuls"."""
-    if impl == "fastnn":
-        return f"fastnn[{backend}]"
+    if impl in ("fastnn", "fastnn-bf16"):
+        return f"fastnn[{backend}]" + (" bf16" if impl == "fastnn-bf16" else "")
+    if impl == "torch-bf16":
+        return "torch autocast-bf16"
     return "numpy MLP" if impl == "numpy" else impl
 
 
@@ -190,7 +193,8 @@ def _fastnn_runner(cfg, weights, threads):
         lr = LEARNING_RATES[cfg["optimizer"]]
         optimizer = (fn.optimizers.SGD(lr=lr) if cfg["optimizer"] == "sgd" else
                      fn.optimizers.Adam(lr=lr, betas=ADAM_BETAS, eps=ADAM_EPS))
-        model.compile(loss="cross_entropy", optimizer=optimizer)
+        model.compile(loss="cross_entropy", optimizer=optimizer,
+                      precision="bf16" if cfg["impl"] == "fastnn-bf16" else "fp32")
 
     def epoch(X, y):
         history = model.fit(X, y, epochs=1, batch_size=cfg["batch"], shuffle=True,
@@ -224,6 +228,10 @@ def _torch_runner(cfg, weights, threads):
     fn.set_num_threads(threads)
     dtype = torch.float64 if weights[0].dtype == np.float64 else torch.float32
     state = {}
+    # torch-bf16: the forward and loss under CPU autocast (Linear in bf16, fp32 master
+    # weights, optimizer and loss), the usual mixed-precision recipe.
+    autocast = (torch.autocast("cpu", dtype=torch.bfloat16) if cfg["impl"] == "torch-bf16"
+                else contextlib.nullcontext())
 
     def reset():
         layers = []
@@ -253,7 +261,8 @@ def _torch_runner(cfg, weights, threads):
             idx = order[start:start + batch]
             xb, yb = Xt.index_select(0, idx), yt.index_select(0, idx)
             optimizer.zero_grad(set_to_none=True)
-            loss = criterion(model(xb), yb)
+            with autocast:
+                loss = criterion(model(xb), yb)
             loss.backward()
             optimizer.step()
             total += loss.item() * idx.numel()
@@ -311,4 +320,5 @@ def _matmuls_runner(cfg, weights, threads):
 
 #: impl name -> runner(cfg, weights, threads) -> (reset, epoch)
 RUNNERS = {"fastnn": _fastnn_runner, "numpy": _numpy_runner, "torch": _torch_runner,
-           "matmuls": _matmuls_runner}
+           "matmuls": _matmuls_runner, "fastnn-bf16": _fastnn_runner,
+           "torch-bf16": _torch_runner}

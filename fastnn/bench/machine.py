@@ -19,6 +19,7 @@ import time
 import numpy as np
 
 from .._backend import usable_cpus
+from ..model import bf16_supported
 from .baselines import SEED
 
 
@@ -141,7 +142,33 @@ def measure_sgemm(size, repeats, threads):
         result[name] = flop / statistics.median(seconds) / 1e9
         result[name + "_best"] = flop / min(seconds) / 1e9
     result["roofline"] = max(result["scipy"], result["numpy"])
+    if bf16_supported():  # the bf16 GEMM's ceiling and its rate at the reference shapes
+        from fastnn.kernels import _cython
+
+        # Capability, not load: a co-tenant on the core's other hyperthread slows both
+        # the peak and the shapes by the moment, so each is its best of several runs,
+        # interleaved.
+        peaks, rates = [], {name: [] for name in BF16_GEMM_SHAPES}
+        for _ in range(repeats):
+            for name, shape in BF16_GEMM_SHAPES.items():
+                peaks.append(_cython.bf16_peak_flops(5000))
+                rates[name].append(_cython.bf16_gemm_flops(*shape, repeats=3))
+        result["bf16_peak"] = max(peaks) / 1e9
+        result["bf16_gemm"] = {name: max(r) / 1e9 for name, r in rates.items()}
     return result
+
+
+#: The bf16 products timed against the vdpbf16ps peak: the largest layer of each
+#: reference net at its bench batch, named m x k x n: (m, n, k, A pair-interleaved as
+#: in dW).
+BF16_GEMM_SHAPES = {
+    "mnist x@W 128x784x256": (128, 256, 784, False),
+    "mnist dW 784x128x256": (784, 256, 128, True),
+    "mnist dx 128x128x256": (128, 256, 128, False),
+    "cifar x@W 256x3072x1024": (256, 1024, 3072, False),
+    "cifar dW 3072x256x1024": (3072, 1024, 256, True),
+}
+
 
 
 _STARTUP_SCRIPT = """

@@ -55,6 +55,8 @@ def format_report(result):
                                           f"({b['architecture']})" for b in m["blas"]))
     lines += [_roofline_line(int(threads), roof)
               for threads, roof in result["roofline"].items()]
+    lines += [_bf16_gemm_line(int(threads), roof)
+              for threads, roof in result["roofline"].items() if roof.get("bf16_gemm")]
     ratios = speedups(result)
     for threads in result["settings"]["threads"]:
         records = [r for r in result["training"] if r["threads"] == threads]
@@ -69,6 +71,7 @@ def format_report(result):
                               f"{threads_label(threads)}: t_baseline / t_fastnn "
                               "(> 1 = fastnn faster) =="]
                 lines += _ratio_table(rows, result["settings"]["backends"])
+        lines += _bf16_table(result, threads)
     if result["startup"]:
         lines += ["", "== Startup: import fastnn + load backend + first training step "
                       "(fresh interpreter, 1 CPU) =="]
@@ -81,8 +84,17 @@ def _roofline_line(threads, roof):
     what = f"sgemm roofline, {threads_label(threads)}"
     if roof.get("error"):
         return f"{what}: error"
+    bf16 = (f"; vdpbf16ps peak {roof['bf16_peak']:.1f} GFLOP/s (fastnn's bf16 register "
+            f"tile, L1-resident, best of the runs)" if roof.get("bf16_peak") else "")
     return (f"{what}: {roof['roofline']:.1f} GFLOP/s (scipy sgemm {roof['scipy']:.1f}, "
-            f"numpy matmul {roof['numpy']:.1f}; {roof['size']}^3, median)")
+            f"numpy matmul {roof['numpy']:.1f}; {roof['size']}^3, median){bf16}")
+
+
+def _bf16_gemm_line(threads, roof):
+    shapes = ", ".join(f"{name} {rate:.0f} ({100 * rate / roof['bf16_peak']:.0f} %)"
+                       for name, rate in roof["bf16_gemm"].items())
+    return (f"bf16 GEMM, {threads_label(threads)}, GFLOP/s and % of the vdpbf16ps peak "
+            f"(best of the runs, interleaved with the peak's): {shapes}")
 
 
 def _table(header, rows, align):
@@ -99,7 +111,8 @@ def _detail_table(records):
               "%matmuls", "RSS MB", "loss")
     workloads = list(dict.fromkeys((r["net"], r["batch"], r["optimizer"]) for r in records))
     impls = [impl_label("fastnn", b) for b in BACKENDS] + \
-        [impl_label(impl) for impl in ("numpy", "torch", "matmuls")]
+        [impl_label("fastnn-bf16", "cython")] + \
+        [impl_label(impl) for impl in ("numpy", "torch", "torch-bf16", "matmuls")]
     records = sorted(records, key=lambda r: (
         workloads.index((r["net"], r["batch"], r["optimizer"])), impls.index(r["label"])))
     matmuls = {(r["net"], r["batch"], r["optimizer"]): r["seconds_per_epoch"]
@@ -122,6 +135,29 @@ def _detail_table(records):
                      "-" if math.isnan(r["loss"]) else f"{r['loss']:.4f}")
         rows.append(lead + (r["label"],) + cells)
     return _table(header, rows, "<><<>>>>>>>")
+
+
+def _bf16_table(result, threads):
+    """Speedups of fastnn[cython] bf16 over fastnn[cython] (float32) and over torch
+    autocast-bf16, per workload (empty without bf16 rows)."""
+    seconds = {}
+    for r in result["training"]:
+        if (r["threads"] == threads and r.get("error") is None
+                and (r.get("impl") in ("fastnn-bf16", "torch-bf16")
+                     or (r.get("impl"), r.get("backend")) == ("fastnn", "cython"))):
+            seconds[(r["net"], r["batch"], r["optimizer"], r["impl"])] = r["seconds_per_epoch"]
+    rows = []
+    for (net, batch, optimizer, impl), t in seconds.items():
+        if impl == "fastnn-bf16":
+            rows.append((net, batch, optimizer) + tuple(
+                f"{seconds[(net, batch, optimizer, base)] / t:.2f}x"
+                if (net, batch, optimizer, base) in seconds else "-"
+                for base in ("fastnn", "torch-bf16")))
+    if not rows:
+        return []
+    return ["", f"== Speedup of fastnn[cython] bf16, {threads_label(threads)}: t_baseline "
+                "/ t_bf16 =="] + _table(("net", "batch", "opt", "vs fastnn[cython] fp32",
+                                        "vs torch autocast-bf16"), rows, "<><>>")
 
 
 def _ratio_table(rows, backends):
@@ -170,6 +206,12 @@ def _notes(result):
     else:
         notes.append("- torch: not included (not installed, or --no-torch): "
                      "pip install torch adds its rows and speedups.")
+    if any(r.get("impl") in ("fastnn-bf16", "torch-bf16") for r in result["training"]):
+        notes.append("- bf16 rows (where the CPU has AVX512_BF16): fastnn compiled with "
+                     "precision='bf16' (every Dense product in bfloat16, float32 "
+                     "accumulation, float32 master weights); torch with its forward and "
+                     "loss under torch.autocast('cpu', dtype=torch.bfloat16). GFLOP/s and "
+                     "%sgemm count the same matmuls against the float32 roofline.")
     if s["quick"]:
         notes.append("- --quick: fewer samples, nets and repeats, 1 thread unless --threads; "
                      "startup of the default backend, warm only. `fastnn bench` runs the "

@@ -143,7 +143,9 @@ def _log(message):
 
 
 def plan(nets, backends, optimizers, with_torch, quick, samples=None, repeats=None):
-    """The training configurations, implementations side by side for each workload."""
+    """The training configurations, implementations side by side for each workload
+    (the bf16 rows where this CPU has AVX512_BF16)."""
+    bf16 = machine.bf16_supported()
     configs = []
     for net in nets:
         spec = NETS[net]
@@ -154,10 +156,14 @@ def plan(nets, backends, optimizers, with_torch, quick, samples=None, repeats=No
                         "optimizer": optimizer, "samples": n, "dtype": "float32",
                         "repeats": repeats or (QUICK_REPEATS if quick else REPEATS)}
                 impls = [dict(base, impl="fastnn", backend=b) for b in backends]
+                if bf16 and "cython" in backends:
+                    impls.append(dict(base, impl="fastnn-bf16", backend="cython"))
                 impls.append(dict(base, impl="numpy", backend=None))
                 impls.append(dict(base, impl="matmuls", backend=None))
                 if with_torch:
                     impls.append(dict(base, impl="torch", backend=None))
+                if with_torch and bf16:
+                    impls.append(dict(base, impl="torch-bf16", backend=None))
                 configs += impls
     return configs
 
