@@ -55,6 +55,11 @@ def format_report(result):
                                           f"({b['architecture']})" for b in m["blas"]))
     lines += [_roofline_line(int(threads), roof)
               for threads, roof in result["roofline"].items()]
+    if result.get("gemm"):
+        lines += ["", "== GEMM crossover, float32, 1 thread pinned: GFLOP/s of one product "
+                      "(own kernel forced, OpenBLAS forced, numpy.matmul) and the path "
+                      "'auto' picks =="]
+        lines += _gemm_table(result["gemm"])
     ratios = speedups(result)
     for threads in result["settings"]["threads"]:
         records = [r for r in result["training"] if r["threads"] == threads]
@@ -122,6 +127,18 @@ def _detail_table(records):
                      "-" if math.isnan(r["loss"]) else f"{r['loss']:.4f}")
         rows.append(lead + (r["label"],) + cells)
     return _table(header, rows, "<><<>>>>>>>")
+
+
+def _gemm_table(records):
+    """The GEMM crossover table (own / BLAS > 1: the own kernel is faster)."""
+    own = records[0]["own_path"]
+    header = ("product", "m", "n", "k", f"own ({own})", "OpenBLAS", "numpy", "own/BLAS",
+              "auto picks")
+    rows = [(r["shape"], r["m"], r["n"], r["k"],
+             "-" if r["own"] is None else f"{r['own']:.1f}", f"{r['blas']:.1f}",
+             f"{r['numpy']:.1f}", "-" if r["own"] is None else f"{r['own'] / r['blas']:.2f}x",
+             r["chosen"]) for r in records]
+    return _table(header, rows, "<>>>>>>><")
 
 
 def _ratio_table(rows, backends):
