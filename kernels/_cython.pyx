@@ -13,21 +13,25 @@
 #    hoisted out of the inner loops; a dense layer, a loss or an optimizer step is one
 #    helper taking its chunk count (1: serial). The def functions only resolve
 #    defaults and scalar hyper-parameters (in double) and run the helpers `with nogil`.
-# c) Matmuls call scipy.linalg.cython_blas sgemm / dgemm on row-major data by
-#    swapping the operands (as sklearn/utils/_cython_blas.pyx); transposes go
-#    through the gemm flags, never copies. The bias and activation are the gemm's
-#    epilogue: `out` is prefilled with b and gemm runs with beta=1.
+# c) Matmuls go through `_gemm`: fastnn's own micro-kernels (kernels/fastnn_gemm.h,
+#    AVX-512 / AVX2+FMA, picked at run time) where they beat BLAS for the shape, else
+#    scipy.linalg.cython_blas sgemm / dgemm on row-major data by swapping the
+#    operands (as sklearn/utils/_cython_blas.pyx); transposes go through the flags,
+#    never copies. The bias and ReLU / leaky ReLU are the own kernel's store epilogue;
+#    on BLAS `out` is prefilled with b and gemm runs with beta=1.
 # d) Threads: work of at least _PARALLEL_MIN elements is split into one static chunk
-#    per thread (prange); smaller work runs serially. BLAS is never called inside
-#    a prange. Losses store one double per row and sum the rows serially, so the
-#    loss does not depend on the thread count; db accumulates per-chunk double rows.
+#    per thread (prange); smaller work runs serially. The own GEMM splits C by columns
+#    (rows when narrow), never k, so results do not depend on the thread count. BLAS
+#    is never called inside a prange. Losses store one double per row and sum the
+#    rows serially, so the loss does not depend on the thread count; db accumulates
+#    per-chunk double rows.
 # e) Elementwise math runs in the arrays' precision, as numpy does: float32 exp,
 #    expm1, log1p and tanh inline (see the C block below), float64 libm; every
 #    reduction (losses, db) accumulates in double.
 # f) train_epoch composes those same helpers over a whole epoch in one nogil loop, on
 #    pointer offsets into params / grads / workspace (no allocation per batch),
-#    serially: its nets are small, and BLAS keeps its own threads. Plain SGD is folded
-#    into the weight-gradient gemm (beta = 1 - lr wd, alpha = -lr): dW is never stored.
+#    serially but for the matmuls, which thread as in d). Plain SGD is folded into
+#    the weight-gradient gemm (beta = 1 - lr wd, alpha = -lr): dW is never stored.
 #    dense_stack_forward (inference) runs the same dense forward helper per layer in
 #    one nogil call, the hidden outputs alternating between two workspace halves.
 
@@ -502,8 +506,10 @@ cdef inline void _gemm(
 
 
 def _gemm_product(str ta, str tb, double alpha, const floating[:, ::1] a,
-                  const floating[:, ::1] b, double beta, floating[:, ::1] c):
+                  const floating[:, ::1] b, double beta, floating[:, ::1] c,
+                  int repeat):
     cdef:
+        int r
         char ta_ = ord(ta), tb_ = ord(tb)
         int m = c.shape[0], n = c.shape[1]
         int k = a.shape[0] if ta == "T" else a.shape[1]
@@ -518,15 +524,19 @@ def _gemm_product(str ta, str tb, double alpha, const floating[:, ::1] a,
     if m == 0 or n == 0:
         return
     with nogil:
-        _gemm(ta_, tb_, m, n, k, <floating> alpha, &a[0, 0] if a.shape[0] * a.shape[1] else &zero,
-              lda, &b[0, 0] if b.shape[0] * b.shape[1] else &zero, ldb, <floating> beta, &c[0, 0],
-              ldc)
+        for r in range(repeat):
+            _gemm(ta_, tb_, m, n, k, <floating> alpha,
+                  &a[0, 0] if a.shape[0] * a.shape[1] else &zero, lda,
+                  &b[0, 0] if b.shape[0] * b.shape[1] else &zero, ldb, <floating> beta,
+                  &c[0, 0], ldc)
 
 
-def gemm(ta, tb, alpha, a, b, beta, c):
+def gemm(ta, tb, alpha, a, b, beta, c, repeat=1):
     """One matmul on the current path (``set_gemm_path``), for tests and benchmarks:
     ``c = alpha op(a) op(b) + beta c`` with op = transpose for "T", identity for "N";
-    c (m, n) float32 / float64 C-contiguous, written in place; a, b the same dtype."""
+    c (m, n) float32 / float64 C-contiguous, written in place; a, b the same dtype.
+    ``repeat`` > 1 runs it that many times in one call (benchmarks: no per-call
+    overhead in the timing)."""
     if ta not in ("N", "T") or tb not in ("N", "T"):
         raise ValueError(f"gemm: ta and tb must be 'N' or 'T', got {ta!r}, {tb!r}")
     if not (isinstance(c, np.ndarray) and c.dtype in (np.float32, np.float64)
@@ -534,7 +544,9 @@ def gemm(ta, tb, alpha, a, b, beta, c):
         raise TypeError(f"gemm: a, b and c must be float32 or float64 arrays of one "
                         f"dtype, got {getattr(a, 'dtype', type(a))}, "
                         f"{getattr(b, 'dtype', type(b))}, {getattr(c, 'dtype', type(c))}")
-    _gemm_product(ta, tb, alpha, a, b, beta, c)
+    if isinstance(repeat, bool) or not isinstance(repeat, int) or repeat < 1:
+        raise ValueError(f"gemm: repeat must be a positive int, got {repeat!r}")
+    _gemm_product(ta, tb, alpha, a, b, beta, c, repeat)
 
 
 # ----------------------------------------------------------------------------------
@@ -1816,7 +1828,7 @@ def adam_update(params, grads, exp_avg, exp_avg_sq, max_exp_avg_sq, lr, beta1, b
 # A whole training epoch of a stack of dense layers in one call: the helpers above on
 # pointer offsets into params / grads / workspace, serial elementwise code (the nets
 # this is for are small: thread teams per batch would cost more than they save) and
-# BLAS for the matmuls. No allocation inside the loop, no GIL, no exceptions.
+# _gemm for the matmuls (threaded by columns when big). No allocation inside the loop, no GIL, no exceptions.
 # ----------------------------------------------------------------------------------
 
 cdef void _optimizer_step(

@@ -114,6 +114,20 @@ def test_gemm_rejects_bad_arguments():
     with pytest.raises(TypeError, match="one dtype"):
         cython.gemm("N", "N", 1.0, a, a.T.astype(np.float64), 0.0,
                     np.zeros((3, 3), np.float32))
+    with pytest.raises(ValueError, match="repeat must be a positive int, got 0"):
+        cython.gemm("N", "T", 1.0, a, a, 0.0, np.zeros((3, 3), np.float32), repeat=0)
+
+
+def test_gemm_repeat_runs_the_same_product(gemm_path):
+    gen = np.random.default_rng(4)
+    a, b = operands("T", "N", 40, 70, 30, np.float32, gen)
+    once, thrice = np.zeros((40, 70), np.float32), np.zeros((40, 70), np.float32)
+    cython.gemm("T", "N", 1.0, a, b, 0.0, once)
+    cython.gemm("T", "N", 1.0, a, b, 0.0, thrice, repeat=3)
+    np.testing.assert_array_equal(thrice, once)
+    cython.gemm("T", "N", 1.0, a, b, 1.0, thrice, repeat=2)
+    check(thrice, 3 * reference("T", "N", 1.0, a, b, 0.0, once), 30, np.dtype(np.float32),
+          "beta = 1, repeat = 2")
 
 
 def test_set_gemm_path_names_the_choices():

@@ -8,7 +8,10 @@ path this CPU runs (forced), of BLAS (forced), of ``numpy.matmul`` on the transp
 views, and the path "auto" chooses (the shape rule ``fastnn_gemm_own_wins`` in
 kernels/fastnn_gemm.h, which this table is the measurement behind). Each figure is
 the median of ``repeats`` timings of a loop of calls lasting ``min_seconds``, the
-three side by side per row, in one process pinned to one CPU.
+three side by side per row, in one process pinned to one CPU. The own kernel and
+BLAS loop inside one call (``gemm(..., repeat=)``), so the small products measure the
+kernels, not Python's call overhead; numpy.matmul pays that overhead (a few
+microseconds), as its users do.
 """
 import statistics
 import time
@@ -47,27 +50,38 @@ def _operands(trans, m, n, k, dtype, rng):
 
 
 def _gflops(call, flop, repeats, min_seconds):
-    call()
+    """Median GFLOP/s of ``call(loops)``, which runs the product ``loops`` times, over
+    ``repeats`` timings of about ``min_seconds`` each."""
+    call(1)
     start = time.perf_counter()
-    call()
+    call(1)
     once = max(time.perf_counter() - start, 1e-7)
     loops = max(1, int(min_seconds / once))
     rates = []
     for _ in range(repeats):
         start = time.perf_counter()
-        for _ in range(loops):
-            call()
+        call(loops)
         rates.append(flop * loops / (time.perf_counter() - start) / 1e9)
     return statistics.median(rates)
 
 
+def _numpy_loop(opa, opb, c):
+    def call(loops):
+        for _ in range(loops):
+            np.matmul(opa, opb, out=c)
+    return call
+
+
 def measure_gemm_table(nets, quick, dtype="float32"):
-    """The crossover table as a list of records (see the module docstring)."""
+    """The crossover table as a list of records (see the module docstring), at one
+    thread."""
+    from .. import set_num_threads
     from ..kernels import load
 
+    set_num_threads(1)  # numpy's BLAS too: spinning idle threads on one CPU cost 100x
     cython = load("cython")
     own = cython.gemm_paths_available()[0]
-    repeats, min_seconds = (3, 0.002) if quick else (5, 0.02)
+    repeats, min_seconds = (5, 0.004) if quick else (7, 0.02)
     shapes = reference_products(nets) + [
         (f"odd {m}x{n}x{k} {PRODUCT_NAMES[t]}", t, m, n, k)
         for t, m, n, k in (QUICK_ODD_SHAPES if quick else ODD_SHAPES)]
@@ -88,10 +102,9 @@ def measure_gemm_table(nets, quick, dtype="float32"):
                 if column == "blas" or path != "blas":  # no own path: BLAS only
                     cython.set_gemm_path(path)
                     record[column] = _gflops(
-                        lambda: cython.gemm(trans[0], trans[1], 1.0, a, b, 0.0, c),
-                        flop, repeats, min_seconds)
-            record["numpy"] = _gflops(lambda: np.matmul(opa, opb, out=c), flop, repeats,
-                                      min_seconds)
+                        lambda loops: cython.gemm(trans[0], trans[1], 1.0, a, b, 0.0, c,
+                                                  loops), flop, repeats, min_seconds)
+            record["numpy"] = _gflops(_numpy_loop(opa, opb, c), flop, repeats, min_seconds)
             records.append(record)
     finally:
         cython.set_gemm_path("auto")
