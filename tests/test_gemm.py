@@ -214,3 +214,25 @@ def test_training_is_bit_identical_at_one_and_two_threads(optimizer):
     two = digits_fit(True, OPTIMIZERS[optimizer](), mnist, threads=2, samples=300,
                      batch_size=128)
     np.testing.assert_array_equal(one, two)
+
+
+def test_crossover_table_times_every_product_of_the_nets():
+    from fastnn.bench import gemm as bench_gemm
+    from fastnn.bench import report
+
+    nets = {"tiny": {"sizes": (8, 5, 3), "batches": (4,)}}
+    records = bench_gemm.measure_gemm_table(nets, quick=True)
+    products = [(r["shape"], r["m"], r["n"], r["k"]) for r in records]
+    assert products[:5] == [("tiny b4 8x5 forward", 4, 5, 8), ("tiny b4 8x5 dW", 8, 5, 4),
+                            ("tiny b4 5x3 forward", 4, 3, 5), ("tiny b4 5x3 dW", 5, 3, 4),
+                            ("tiny b4 5x3 dx", 4, 5, 3)]
+    assert len(records) == 5 + len(bench_gemm.QUICK_ODD_SHAPES)
+    own = cython.gemm_paths_available()[0]
+    for r in records:
+        assert r["blas"] > 0 and r["numpy"] > 0
+        assert (r["own"] is None) == (own == "blas") and r["own_path"] == own
+        assert r["chosen"] in cython.gemm_paths_available()
+    lines = report._gemm_table(records)
+    assert lines[0].split()[:4] == ["product", "m", "n", "k"]
+    assert len(lines) == 2 + len(records)
+    assert cython.gemm_path() == "auto"

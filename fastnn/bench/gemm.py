@@ -73,12 +73,10 @@ def _numpy_loop(opa, opb, c):
 
 
 def measure_gemm_table(nets, quick, dtype="float32"):
-    """The crossover table as a list of records (see the module docstring), at one
-    thread."""
-    from .. import set_num_threads
+    """The crossover table as a list of records (see the module docstring), at the
+    current thread count (``fastnn bench`` runs it at one)."""
     from ..kernels import load
 
-    set_num_threads(1)  # numpy's BLAS too: spinning idle threads on one CPU cost 100x
     cython = load("cython")
     own = cython.gemm_paths_available()[0]
     repeats, min_seconds = (5, 0.004) if quick else (7, 0.02)

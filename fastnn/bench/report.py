@@ -86,8 +86,9 @@ def _roofline_line(threads, roof):
     what = f"sgemm roofline, {threads_label(threads)}"
     if roof.get("error"):
         return f"{what}: error"
+    own = "" if roof.get("fastnn") is None else f", fastnn's own {roof['fastnn']:.1f}"
     return (f"{what}: {roof['roofline']:.1f} GFLOP/s (scipy sgemm {roof['scipy']:.1f}, "
-            f"numpy matmul {roof['numpy']:.1f}; {roof['size']}^3, median)")
+            f"numpy matmul {roof['numpy']:.1f}{own}; {roof['size']}^3, median)")
 
 
 def _table(header, rows, align):

@@ -18,9 +18,9 @@ import time
 import numpy as np
 
 from . import machine
-from .gemm import measure_gemm_table
 from .baselines import LEARNING_RATES, OPTIMIZERS, RUNNERS, SEED, WARMUP_BATCHES, \
     impl_label, initial_weights
+from .gemm import measure_gemm_table
 from .report import threads_label
 
 #: The reference nets: layer sizes, batch sizes, samples per full / --quick epoch.
@@ -100,6 +100,10 @@ def worker(spec):
     if spec["kind"] == "roofline":
         return dict(machine.measure_sgemm(spec["size"], spec["repeats"], threads), cpus=cpus)
     if spec["kind"] == "gemm":
+        from .. import set_num_threads
+
+        # numpy's BLAS too: idle threads spinning on the one pinned CPU cost up to 100x.
+        set_num_threads(threads)
         return {"records": measure_gemm_table(spec["nets"], spec["quick"]), "cpus": cpus}
     records, data = [], {}
     for cfg in spec["configs"]:
