@@ -7,10 +7,12 @@
    - One register-blocked micro-kernel per ISA and precision: an MR x (NV vectors) tile
      of C in registers; per step p of the reduction it loads NV vectors of row p of
      op(B) and broadcasts MR elements of column p of op(A) (MR x NV FMAs). op(A) is read
-     where it lies through two strides (NN: rows, TN: columns), so the forward and dW
-     never copy anything. op(B) must have contiguous rows: NN and TN read B in place;
-     NT packs the caller's columns of W^T once per call (a transposed copy in a
-     per-thread buffer that stays in that core's L2).
+     where it lies through two strides (NN: rows, TN: columns): A is never copied.
+     op(B) is read in place by NN / TN products unless they are big with rows of B a
+     page apart (FASTNN_GEMM_PACK_MIN_STRIDE); then, and always for NT products (their
+     op(B) = W^T has strided columns), each KC x NC block of op(B) is first copied
+     into NR-column panels, kc x NR contiguous, in a per-thread buffer that stays in
+     that core's L2.
    - Loops around it: columns in blocks of NC (the B block KC x NC stays in L2), the
      reduction in blocks of KC, then MR-row strips of C (their A micro-panel, MR x KC,
      stays in L1) sweeping the NR-column tiles of the block. The last vector of a tile
@@ -90,10 +92,16 @@ static inline int fastnn_gemm_own_wins(int path, size_t elem, char ta, char tb,
 #include <immintrin.h>
 
 #define FASTNN_GEMM_INLINE static inline __attribute__((always_inline))
+/* NN and TN products copy each block of op(B) into panels first (NT products always
+   do) when C has this many rows to pay for the copy and B's rows are a page or more
+   apart (4 KiB strides alias in L1 and miss the TLB: CIFAR's n = 1024, +10-15%);
+   at the MNIST shapes reading B in place was as fast or faster (A/B, best of 5). */
+#define FASTNN_GEMM_PACK_MIN_ROWS 48
+#define FASTNN_GEMM_PACK_MIN_STRIDE 4096
 #define FASTNN_GEMM_TARGET_AVX512 "avx512f,avx512vl,avx512bw,avx512dq,avx2,fma"
 #define FASTNN_GEMM_TARGET_AVX2 "avx2,fma"
 
-/* A per-thread buffer for the packed op(B) of NT products, grown on demand and kept
+/* A per-thread buffer for the packed panels of op(B), grown on demand and kept
    (one per OpenMP worker: the pool's threads live as long as the process). */
 static __thread void *fastnn_gemm_pack_buf = NULL;
 static __thread size_t fastnn_gemm_pack_bytes = 0;
@@ -384,31 +392,34 @@ G_NAME(tile_any)(int mr, int nv, int a_t, int kc, const G_T *a, ptrdiff_t lda,
     }
 }
 
-/* The full tile, inlined into the strip loop (the common case, no switch). */
+/* One strip of mr rows of C across `width` columns: its NR-column tiles, the tile at
+   column j reading op(B) at b + (j / NR) * bstep with row stride ldb (in place:
+   bstep = NR, ldb = the matrix's; packed panels: bstep = kc * NR, ldb = NR). Full
+   tiles are inlined here (the common case, no switch). */
 static __attribute__((target(G_TARGET), noinline)) void
 G_NAME(strip)(int a_t, int kc, const G_T *a, ptrdiff_t lda, const G_T *b, ptrdiff_t ldb,
-              G_T *c, ptrdiff_t ldc, int mr, int width, G_T alpha, G_T beta, int first,
-              const G_T *bias, int final, int act, G_T slope)
+              ptrdiff_t bstep, G_T *c, ptrdiff_t ldc, int mr, int width, G_T alpha,
+              G_T beta, int first, const G_T *bias, int final, int act, G_T slope)
 {
     const int nr = G_NV * G_VL;
     int j = 0;
     G_MASK full = G_MASK_N(G_VL);
     if (mr == G_MR) {
         if (a_t)
-            for (; j + nr <= width; j += nr)
-                G_NAME(tile)(G_MR, G_NV, 1, kc, a, lda, b + j, ldb, c + j, ldc, full,
+            for (; j + nr <= width; j += nr, b += bstep)
+                G_NAME(tile)(G_MR, G_NV, 1, kc, a, lda, b, ldb, c + j, ldc, full,
                              alpha, beta, first, bias != NULL ? bias + j : NULL, final,
                              act, slope);
         else
-            for (; j + nr <= width; j += nr)
-                G_NAME(tile)(G_MR, G_NV, 0, kc, a, lda, b + j, ldb, c + j, ldc, full,
+            for (; j + nr <= width; j += nr, b += bstep)
+                G_NAME(tile)(G_MR, G_NV, 0, kc, a, lda, b, ldb, c + j, ldc, full,
                              alpha, beta, first, bias != NULL ? bias + j : NULL, final,
                              act, slope);
     }
-    for (; j < width; j += nr) {
+    for (; j < width; j += nr, b += bstep) {
         int w = width - j < nr ? width - j : nr;
         int nv = (w + G_VL - 1) / G_VL;
-        G_NAME(tile_any)(mr, nv, a_t, kc, a, lda, b + j, ldb, c + j, ldc,
+        G_NAME(tile_any)(mr, nv, a_t, kc, a, lda, b, ldb, c + j, ldc,
                          G_MASK_N(w - (nv - 1) * G_VL), alpha, beta, first,
                          bias != NULL ? bias + j : NULL, final, act, slope);
     }
@@ -434,33 +445,46 @@ G_NAME(scale)(G_T *c, int ldc, G_T beta, const G_T *bias, int act, G_T slope,
     }
 }
 
-/* Transposes op(B)[:, j0:j1] of an NT product (B stored (n, k), row-major) into
-   dst (k, j1 - j0), row-major, in 8 x 8 blocks (both sides touch whole lines). */
+/* Copies the block op(B)[pc : pc + kc, jc : jc + width] into NR-column panels, each
+   kc x NR contiguous (the last one's unused columns are never read: masked loads).
+   B is (k, n) row-major, or (n, k) when b_t (NT: op(B) = B^T). Streaming one panel
+   from L2 beats rows a page apart (4 KiB strides alias in L1 and miss the TLB). */
 static __attribute__((target(G_TARGET))) void
-G_NAME(pack_bt)(const G_T *b, int ldb, int k, int j0, int j1, G_T *dst)
+G_NAME(pack_b)(const G_T *b, ptrdiff_t ldb, int b_t, int pc, int kc, int jc, int width,
+               G_T *dst)
 {
-    const int w = j1 - j0;
-    int jb, pb, j, p;
-    for (jb = 0; jb < w; jb += 8)
-        for (pb = 0; pb < k; pb += 8) {
-            int je = jb + 8 < w ? jb + 8 : w, pe = pb + 8 < k ? pb + 8 : k;
-            for (j = jb; j < je; ++j) {
-                const G_T *src = b + (ptrdiff_t) (j0 + j) * ldb;
-                for (p = pb; p < pe; ++p)
-                    dst[(ptrdiff_t) p * w + j] = src[p];
+    const int nr = G_NV * G_VL;
+    int j, p, jj;
+    for (j = 0; j < width; j += nr) {
+        int w = width - j < nr ? width - j : nr;
+        G_T *panel = dst + (ptrdiff_t) (j / nr) * kc * nr;
+        if (b_t) {
+            for (jj = 0; jj < w; ++jj) {
+                const G_T *src = b + (ptrdiff_t) (jc + j + jj) * ldb + pc;
+                for (p = 0; p < kc; ++p)
+                    panel[(ptrdiff_t) p * nr + jj] = src[p];
             }
+        } else {
+            for (p = 0; p < kc; ++p)
+                memcpy(panel + (ptrdiff_t) p * nr, b + (ptrdiff_t) (pc + p) * ldb + jc + j,
+                       (size_t) w * sizeof(G_T));
         }
+    }
 }
 
+/* C[i0:i1, j0:j1]: columns in blocks of NC, k in blocks of KC, op(B)'s block packed
+   into panels when NT (its columns are strided) or when enough rows reuse it. */
 static __attribute__((target(G_TARGET))) int
 G_NAME(range)(char ta, char tb, int k, G_T alpha, const G_T *a, int lda, const G_T *b,
               int ldb, G_T beta, G_T *c, int ldc, const void *bias_, int act, G_T slope,
               int i0, int i1, int j0, int j1)
 {
     const G_T *bias = (const G_T *) bias_;
-    const int a_t = ta == 'T' || ta == 't';
-    ptrdiff_t ldbp = ldb;
-    const G_T *bp = b;
+    const int a_t = ta == 'T' || ta == 't', b_t = tb == 'T' || tb == 't';
+    const int nr = G_NV * G_VL;
+    const int pack = b_t || (i1 - i0 >= FASTNN_GEMM_PACK_MIN_ROWS
+                             && (size_t) ldb * sizeof(G_T) >= FASTNN_GEMM_PACK_MIN_STRIDE);
+    G_T *panels = NULL;
     int jc, pc, i;
     if (i1 <= i0 || j1 <= j0)
         return 0;
@@ -468,26 +492,32 @@ G_NAME(range)(char ta, char tb, int k, G_T alpha, const G_T *a, int lda, const G
         G_NAME(scale)(c, ldc, beta, bias, act, slope, i0, i1, j0, j1);
         return 0;
     }
-    if (tb == 'T' || tb == 't') {
-        G_T *packed = (G_T *) fastnn_gemm_pack_buffer(
-            (size_t) k * (size_t) (j1 - j0) * sizeof(G_T));
-        if (packed == NULL)
+    if (pack) {
+        int kcmax = k < G_KC ? k : G_KC;
+        int ncmax = j1 - j0 < G_NC ? j1 - j0 : G_NC;
+        panels = (G_T *) fastnn_gemm_pack_buffer(
+            (size_t) kcmax * (size_t) ((ncmax + nr - 1) / nr * nr) * sizeof(G_T));
+        if (panels == NULL)
             return -1;
-        G_NAME(pack_bt)(b, ldb, k, j0, j1, packed);
-        bp = packed - j0;  /* column j of op(B) at bp[p * ldbp + j] */
-        ldbp = j1 - j0;
     }
     for (jc = j0; jc < j1; jc += G_NC) {
         int width = j1 - jc < G_NC ? j1 - jc : G_NC;
         for (pc = 0; pc < k; pc += G_KC) {
             int kc = k - pc < G_KC ? k - pc : G_KC;
             int first = pc == 0, final = pc + kc == k;
-            const G_T *bblock = bp + (ptrdiff_t) pc * ldbp + jc;
+            const G_T *bblock = b + (ptrdiff_t) pc * ldb + jc;
+            ptrdiff_t ldbb = ldb, bstep = nr;
+            if (pack) {
+                G_NAME(pack_b)(b, ldb, b_t, pc, kc, jc, width, panels);
+                bblock = panels;
+                ldbb = nr;
+                bstep = (ptrdiff_t) kc * nr;
+            }
             for (i = i0; i < i1; i += G_MR) {
                 int mr = i1 - i < G_MR ? i1 - i : G_MR;
                 const G_T *astrip = a_t ? a + (ptrdiff_t) pc * lda + i
                                         : a + (ptrdiff_t) i * lda + pc;
-                G_NAME(strip)(a_t, kc, astrip, lda, bblock, ldbp,
+                G_NAME(strip)(a_t, kc, astrip, lda, bblock, ldbb, bstep,
                               c + (ptrdiff_t) i * ldc + jc, ldc, mr, width, alpha, beta,
                               first, bias != NULL ? bias + jc : NULL, final, act, slope);
             }

@@ -77,7 +77,8 @@ def test_gemm_matches_numpy_on_edge_shapes(gemm_path, dtype, ta, tb):
 def test_gemm_alpha_beta(gemm_path, dtype, alpha, beta):
     gen = np.random.default_rng(1)
     for ta, tb in PRODUCTS:
-        for m, n, k in ((33, 129, 300), (7, 17, 1)):
+        # Blocks of k and n; B rows a page apart (packed into panels); a single term.
+        for m, n, k in ((33, 129, 300), (60, 1030, 270), (7, 17, 1)):
             a, b = operands(ta, tb, m, n, k, dtype, gen)
             c = gen.standard_normal((m, n)).astype(dtype)
             expected = reference(ta, tb, alpha, a, b, beta, c)
