@@ -69,12 +69,12 @@ static inline int fastnn_gemm_best_path(void)
 }
 
 /* Whether the own kernel beats OpenBLAS 0.3.30 (1 thread) on this product, from the
-   crossover table of `fastnn bench --gemm` on an AMD EPYC Zen 5 (OpenBLAS runs its
-   Haswell kernels there). AVX-512: at every measured shape, reference and odd, up to
-   4096 x 1024 x 3072 (1.4-3x). AVX2: while op(B), k x n, fits in a 1 MiB L2 (on
-   par at the MNIST shapes, 1.3x at the digits ones); beyond, BLAS's packed kernels
-   win (CIFAR's 3072 x 1024: 0.5-0.7x). The choice does not depend on the thread
-   count, so neither do the results. */
+   crossover table of `fastnn bench` on an AMD EPYC Zen 5 (OpenBLAS runs its Haswell
+   kernels there). AVX-512: at every measured shape, reference and odd, up to
+   4096 x 1024 x 3072 (1.1-6x). AVX2: while op(B), k x n, is smaller than a 1 MiB L2
+   (1.3-2x at the digits and batch-32 shapes, 0.85-1.05x at the larger MNIST ones);
+   beyond, BLAS's packed kernels win (CIFAR: 0.7-0.85x). The choice does not depend
+   on the thread count, so neither do the results. */
 static inline int fastnn_gemm_own_wins(int path, size_t elem, char ta, char tb,
                                        long m, long n, long k)
 {
@@ -84,7 +84,7 @@ static inline int fastnn_gemm_own_wins(int path, size_t elem, char ta, char tb,
     if (path == FASTNN_GEMM_AVX512)
         return 1;
     if (path == FASTNN_GEMM_AVX2)
-        return (double) k * (double) n * (double) elem <= 1024.0 * 1024.0;
+        return (double) k * (double) n * (double) elem < 1024.0 * 1024.0;
     return 0;
 }
 
@@ -131,6 +131,7 @@ static inline void *fastnn_gemm_pack_buffer(size_t bytes)
 #define G_NC 256
 #define G_MASK __mmask16
 #define G_MASK_N(r) ((__mmask16) ((1u << (r)) - 1u))
+#define G_MASK_FULL(k) ((k) == (__mmask16) 0xFFFF)
 #define G_ZERO() _mm512_setzero_ps()
 #define G_SET1(x) _mm512_set1_ps(x)
 #define G_LOAD(p) _mm512_loadu_ps(p)
@@ -157,6 +158,7 @@ static inline void *fastnn_gemm_pack_buffer(size_t bytes)
 #define G_NC 128
 #define G_MASK __mmask8
 #define G_MASK_N(r) ((__mmask8) ((1u << (r)) - 1u))
+#define G_MASK_FULL(k) ((k) == (__mmask8) 0xFF)
 #define G_ZERO() _mm512_setzero_pd()
 #define G_SET1(x) _mm512_set1_pd(x)
 #define G_LOAD(p) _mm512_loadu_pd(p)
@@ -187,6 +189,7 @@ static const int fastnn_gemm_mask_src[16] = {-1, -1, -1, -1, -1, -1, -1, -1,
 #define G_NC 256
 #define G_MASK __m256i
 #define G_MASK_N(r) _mm256_loadu_si256((const __m256i *) (fastnn_gemm_mask_src + 8 - (r)))
+#define G_MASK_FULL(k) (_mm256_movemask_ps(_mm256_castsi256_ps(k)) == 0xFF)
 #define G_ZERO() _mm256_setzero_ps()
 #define G_SET1(x) _mm256_set1_ps(x)
 #define G_LOAD(p) _mm256_loadu_ps(p)
@@ -213,6 +216,7 @@ static const int fastnn_gemm_mask_src[16] = {-1, -1, -1, -1, -1, -1, -1, -1,
 #define G_NC 128
 #define G_MASK __m256i
 #define G_MASK_N(r) _mm256_cvtepi32_epi64(_mm_loadu_si128((const __m128i *) (fastnn_gemm_mask_src + 8 - (r))))
+#define G_MASK_FULL(k) (_mm256_movemask_pd(_mm256_castsi256_pd(k)) == 0xF)
 #define G_ZERO() _mm256_setzero_pd()
 #define G_SET1(x) _mm256_set1_pd(x)
 #define G_LOAD(p) _mm256_loadu_pd(p)
@@ -335,12 +339,14 @@ G_NAME(tile)(const int MR_, const int NV_, const int A_T, int kc,
                 bias_v[v] = G_LOAD(bias + v * G_VL);
             bias_v[NV_ - 1] = G_LOADM(bias + (NV_ - 1) * G_VL, last);
         }
+        /* A full last vector is stored plainly: AVX2's masked store is slow on AMD. */
+        const int partial = !G_MASK_FULL(last);
 #pragma GCC unroll 8
         for (r = 0; r < MR_; ++r) {
             G_T *cr = c + r * ldc;
 #pragma GCC unroll 8
             for (v = 0; v < NV_; ++v) {
-                const int tail = v == NV_ - 1;
+                const int tail = v == NV_ - 1 && partial;
                 G_V x = G_MUL(acc[r][v], va);
                 if (!first)
                     x = G_ADD(tail ? G_LOADM(cr + v * G_VL, last) : G_LOAD(cr + v * G_VL), x);
@@ -538,6 +544,7 @@ G_NAME(range)(char ta, char tb, int k, G_T alpha, const G_T *a, int lda, const G
 #undef G_NC
 #undef G_MASK
 #undef G_MASK_N
+#undef G_MASK_FULL
 #undef G_ZERO
 #undef G_SET1
 #undef G_LOAD
