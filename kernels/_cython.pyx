@@ -13,21 +13,25 @@
 #    hoisted out of the inner loops; a dense layer, a loss or an optimizer step is one
 #    helper taking its chunk count (1: serial). The def functions only resolve
 #    defaults and scalar hyper-parameters (in double) and run the helpers `with nogil`.
-# c) Matmuls call scipy.linalg.cython_blas sgemm / dgemm on row-major data by
-#    swapping the operands (as sklearn/utils/_cython_blas.pyx); transposes go
-#    through the gemm flags, never copies. The bias and activation are the gemm's
-#    epilogue: `out` is prefilled with b and gemm runs with beta=1.
+# c) Matmuls go through `_gemm`: fastnn's own micro-kernels (kernels/fastnn_gemm.h,
+#    AVX-512 / AVX2+FMA, picked at run time) where they beat BLAS for the shape, else
+#    scipy.linalg.cython_blas sgemm / dgemm on row-major data by swapping the
+#    operands (as sklearn/utils/_cython_blas.pyx); transposes go through the flags,
+#    never copies. The bias and ReLU / leaky ReLU are the own kernel's store epilogue;
+#    on BLAS `out` is prefilled with b and gemm runs with beta=1.
 # d) Threads: work of at least _PARALLEL_MIN elements is split into one static chunk
-#    per thread (prange); smaller work runs serially. BLAS is never called inside
-#    a prange. Losses store one double per row and sum the rows serially, so the
-#    loss does not depend on the thread count; db accumulates per-chunk double rows.
+#    per thread (prange); smaller work runs serially. The own GEMM splits C by columns
+#    (rows when narrow), never k, so results do not depend on the thread count. BLAS
+#    is never called inside a prange. Losses store one double per row and sum the
+#    rows serially, so the loss does not depend on the thread count; db accumulates
+#    per-chunk double rows.
 # e) Elementwise math runs in the arrays' precision, as numpy does: float32 exp,
 #    expm1, log1p and tanh inline (see the C block below), float64 libm; every
 #    reduction (losses, db) accumulates in double.
 # f) train_epoch composes those same helpers over a whole epoch in one nogil loop, on
 #    pointer offsets into params / grads / workspace (no allocation per batch),
-#    serially: its nets are small, and BLAS keeps its own threads. Plain SGD is folded
-#    into the weight-gradient gemm (beta = 1 - lr wd, alpha = -lr): dW is never stored.
+#    serially but for the matmuls, which thread as in d). Plain SGD is folded into
+#    the weight-gradient gemm (beta = 1 - lr wd, alpha = -lr): dW is never stored.
 #    dense_stack_forward (inference) runs the same dense forward helper per layer in
 #    one nogil call, the hidden outputs alternating between two workspace halves.
 
@@ -42,6 +46,8 @@ from libc.string cimport memcpy, memset
 from scipy.linalg.cython_blas cimport dgemm, sgemm
 
 import time
+
+import numpy as np
 
 from . import _checks
 from . import ACTIVATIONS as _ACTIVATIONS
@@ -286,17 +292,111 @@ cdef inline floating _softplus(floating z) noexcept nogil:
 
 
 # ----------------------------------------------------------------------------------
-# BLAS
+# GEMM: fastnn's own kernels (kernels/fastnn_gemm.h) or BLAS
 # ----------------------------------------------------------------------------------
 
-cdef inline void _gemm(
+cdef extern from "fastnn_gemm.h" nogil:
+    enum:
+        FASTNN_GEMM_BLAS
+        FASTNN_GEMM_AVX2
+        FASTNN_GEMM_AVX512
+        FASTNN_EPI_NONE
+        FASTNN_EPI_RELU
+        FASTNN_EPI_LEAKY
+    ctypedef struct fastnn_gemm_epilogue:
+        const void *bias
+        int act
+        double slope
+    int fastnn_gemm_path_available(int path)
+    int fastnn_gemm_best_path()
+    int fastnn_gemm_own_wins(int path, size_t elem, char ta, char tb, long m, long n,
+                             long k)
+    int fastnn_sgemm_range(int path, char ta, char tb, int m, int n, int k, float alpha,
+                           const float *a, int lda, const float *b, int ldb, float beta,
+                           float *c, int ldc, const fastnn_gemm_epilogue *epi, int i0,
+                           int i1, int j0, int j1)
+    int fastnn_dgemm_range(int path, char ta, char tb, int m, int n, int k, double alpha,
+                           const double *a, int lda, const double *b, int ldb,
+                           double beta, double *c, int ldc,
+                           const fastnn_gemm_epilogue *epi, int i0, int i1, int j0,
+                           int j1)
+
+#: The GEMM paths by name (set_gemm_path / gemm_path).
+_GEMM_PATHS = {"blas": FASTNN_GEMM_BLAS, "avx2": FASTNN_GEMM_AVX2,
+               "avx512": FASTNN_GEMM_AVX512}
+
+# The own path every product may take (BLAS: none), and whether the shape rule
+# (fastnn_gemm_own_wins) still sends the products it loses on to BLAS ("auto").
+cdef int _gemm_own_path = fastnn_gemm_best_path()
+cdef bint _gemm_by_shape = True
+
+# Below this many multiply-adds a product runs on one thread: a thread team costs
+# more than it saves.
+cdef double _GEMM_PARALLEL_MIN = 1 << 18
+
+# Column splits between threads fall on multiples of this many columns (whole
+# vectors: no masked tile inside a row).
+cdef int _GEMM_SPLIT_ALIGN = 16
+
+
+def set_gemm_path(str path):
+    """Route every matmul through ``path``: "auto" (the fastest own kernel where it beats
+    BLAS for the shape, BLAS elsewhere; the default), "avx512" or "avx2" (that own kernel
+    for every shape) or "blas" (scipy's BLAS for every shape)."""
+    global _gemm_own_path, _gemm_by_shape
+    if path == "auto":
+        _gemm_own_path, _gemm_by_shape = fastnn_gemm_best_path(), True
+        return
+    if path not in _GEMM_PATHS:
+        raise ValueError(f"set_gemm_path: path must be one of 'auto', "
+                         f"{', '.join(repr(p) for p in _GEMM_PATHS)}, got {path!r}")
+    if not fastnn_gemm_path_available(_GEMM_PATHS[path]):
+        raise ValueError(f"set_gemm_path: path {path!r} needs an instruction set this "
+                         f"CPU (or this build) lacks; available: "
+                         f"{', '.join(gemm_paths_available())}")
+    _gemm_own_path, _gemm_by_shape = _GEMM_PATHS[path], False
+
+
+def gemm_path():
+    """The routing set by ``set_gemm_path``: "auto", "avx512", "avx2" or "blas"."""
+    if _gemm_by_shape:
+        return "auto"
+    return next(name for name, code in _GEMM_PATHS.items() if code == _gemm_own_path)
+
+
+def gemm_paths_available():
+    """The GEMM paths this CPU and build run, fastest first (always ending in "blas")."""
+    return [name for name in ("avx512", "avx2", "blas")
+            if fastnn_gemm_path_available(_GEMM_PATHS[name])]
+
+
+def gemm_choice(ta, tb, int m, int n, int k, dtype):
+    """The path ("avx512", "avx2" or "blas") the current routing takes for the product
+    ``op(A) (m, k) op(B) (k, n)`` in ``dtype`` (float32 / float64)."""
+    cdef size_t elem = np.dtype(dtype).itemsize
+    cdef int path = _gemm_choice(elem, ord(ta), ord(tb), m, n, k)
+    return next(name for name, code in _GEMM_PATHS.items() if code == path)
+
+
+cdef inline int _gemm_choice(
+    size_t elem, char ta, char tb, int m, int n, int k,
+) noexcept nogil:
+    """The path of one product: the own kernel (forced, or winning by shape) or BLAS."""
+    if _gemm_own_path == FASTNN_GEMM_BLAS:
+        return FASTNN_GEMM_BLAS
+    if _gemm_by_shape and not fastnn_gemm_own_wins(_gemm_own_path, elem, ta, tb, m, n, k):
+        return FASTNN_GEMM_BLAS
+    return _gemm_own_path
+
+
+cdef inline void _gemm_blas(
     char ta, char tb, int m, int n, int k, floating alpha,
     const floating *a, int lda,  # IN  op(A) (m, k), row-major
     const floating *b, int ldb,  # IN  op(B) (k, n), row-major
     floating beta,
     floating *c, int ldc,        # OUT C (m, n), row-major
 ) noexcept nogil:
-    """Row-major ``C = alpha op(A) op(B) + beta C``.
+    """Row-major ``C = alpha op(A) op(B) + beta C`` by BLAS.
 
     A row-major matrix is its transpose in column-major order, so BLAS computes
     ``C.T = op(B).T op(A).T``: operands and their flags swap, shapes (n, m, k).
@@ -307,6 +407,148 @@ cdef inline void _gemm(
     else:
         dgemm(&tb, &ta, &n, &m, &k, &alpha, <double *> b, &ldb, <double *> a, &lda,
               &beta, c, &ldc)
+
+
+cdef inline int _gemm_own_range(
+    int path, char ta, char tb, int m, int n, int k, floating alpha,
+    const floating *a, int lda, const floating *b, int ldb, floating beta,
+    floating *c, int ldc, const fastnn_gemm_epilogue *epi,
+    int i0, int i1, int j0, int j1,
+) noexcept nogil:
+    """``C[i0:i1, j0:j1]`` by the own kernel ``path``; 0, or -1 (no scratch memory)."""
+    if floating is float:
+        return fastnn_sgemm_range(path, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c,
+                                  ldc, epi, i0, i1, j0, j1)
+    else:
+        return fastnn_dgemm_range(path, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c,
+                                  ldc, epi, i0, i1, j0, j1)
+
+
+cdef void _gemm_own_block_by_blas(
+    char ta, char tb, int k, floating alpha,
+    const floating *a, int lda, const floating *b, int ldb, floating beta,
+    floating *c, int ldc, int i0, int i1, int j0, int j1,
+) noexcept nogil:
+    """``C[i0:i1, j0:j1]`` by BLAS (operands offset to the block): the fallback of a
+    part whose own kernel found no scratch memory. Products with an epilogue never
+    pack, so never land here."""
+    _gemm_blas(ta, tb, i1 - i0, j1 - j0, k, alpha,
+               a + (i0 if ta == c"T" else <Py_ssize_t> i0 * lda), lda,
+               b + (<Py_ssize_t> j0 * ldb if tb == c"T" else j0), ldb, beta,
+               c + <Py_ssize_t> i0 * ldc + j0, ldc)
+
+
+cdef void _gemm_own(
+    int path, char ta, char tb, int m, int n, int k, floating alpha,
+    const floating *a, int lda, const floating *b, int ldb, floating beta,
+    floating *c, int ldc, const fastnn_gemm_epilogue *epi,
+) noexcept nogil:
+    """The whole product on the own kernel ``path``, split over threads by columns
+    (rows when C is narrow), never over k: each element is reduced in the same order
+    at any thread count, so results are bit-identical. Each thread's columns of op(B)
+    (the weights, in the forward and dx) stay in its core's L2."""
+    cdef:
+        int parts = 1, part, lo, hi
+        bint by_columns = n >= 2 * _GEMM_SPLIT_ALIGN
+        int status[64]
+    if _num_threads > 1 and <double> m * n * k >= _GEMM_PARALLEL_MIN:
+        parts = min(_num_threads, 64,
+                    n // _GEMM_SPLIT_ALIGN if by_columns else max(m // 8, 1))
+    if parts <= 1:
+        if _gemm_own_range(path, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc,
+                           epi, 0, m, 0, n) != 0:
+            _gemm_own_block_by_blas(ta, tb, k, alpha, a, lda, b, ldb, beta, c, ldc, 0,
+                                    m, 0, n)
+        return
+    for part in prange(parts, schedule="static", num_threads=parts):
+        if by_columns:
+            lo = (n // _GEMM_SPLIT_ALIGN) * part // parts * _GEMM_SPLIT_ALIGN
+            hi = (n if part == parts - 1 else
+                  (n // _GEMM_SPLIT_ALIGN) * (part + 1) // parts * _GEMM_SPLIT_ALIGN)
+            status[part] = _gemm_own_range(path, ta, tb, m, n, k, alpha, a, lda, b, ldb,
+                                           beta, c, ldc, epi, 0, m, lo, hi)
+        else:
+            lo = m * part // parts
+            hi = m * (part + 1) // parts
+            status[part] = _gemm_own_range(path, ta, tb, m, n, k, alpha, a, lda, b, ldb,
+                                           beta, c, ldc, epi, lo, hi, 0, n)
+    # BLAS is never called inside the prange: failed parts are redone here.
+    for part in range(parts):
+        if status[part] == 0:
+            continue
+        if by_columns:
+            lo = (n // _GEMM_SPLIT_ALIGN) * part // parts * _GEMM_SPLIT_ALIGN
+            hi = (n if part == parts - 1 else
+                  (n // _GEMM_SPLIT_ALIGN) * (part + 1) // parts * _GEMM_SPLIT_ALIGN)
+            _gemm_own_block_by_blas(ta, tb, k, alpha, a, lda, b, ldb, beta, c, ldc, 0,
+                                    m, lo, hi)
+        else:
+            _gemm_own_block_by_blas(ta, tb, k, alpha, a, lda, b, ldb, beta, c, ldc,
+                                    m * part // parts, m * (part + 1) // parts, 0, n)
+
+
+cdef inline void _gemm(
+    char ta, char tb, int m, int n, int k, floating alpha,
+    const floating *a, int lda,  # IN  op(A) (m, k), row-major
+    const floating *b, int ldb,  # IN  op(B) (k, n), row-major
+    floating beta,
+    floating *c, int ldc,        # OUT C (m, n), row-major
+) noexcept nogil:
+    """Row-major ``C = alpha op(A) op(B) + beta C`` on the path ``_gemm_choice`` picks
+    (beta = 0: C is not read, as BLAS)."""
+    cdef fastnn_gemm_epilogue epi
+    cdef int path = _gemm_choice(sizeof(floating), ta, tb, m, n, k)
+    if path == FASTNN_GEMM_BLAS:
+        _gemm_blas(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc)
+        return
+    epi.bias = NULL
+    epi.act = FASTNN_EPI_NONE
+    epi.slope = 0
+    _gemm_own(path, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc, &epi)
+
+
+def _gemm_product(str ta, str tb, double alpha, const floating[:, ::1] a,
+                  const floating[:, ::1] b, double beta, floating[:, ::1] c,
+                  int repeat):
+    cdef:
+        int r
+        char ta_ = ord(ta), tb_ = ord(tb)
+        int m = c.shape[0], n = c.shape[1]
+        int k = a.shape[0] if ta == "T" else a.shape[1]
+        int lda = max(a.shape[1], 1), ldb = max(b.shape[1], 1), ldc = max(n, 1)
+        floating zero = 0
+    if ((a.shape[1] if ta == "T" else a.shape[0]) != m
+            or (b.shape[1] if tb == "T" else b.shape[0]) != k
+            or (b.shape[0] if tb == "T" else b.shape[1]) != n):
+        raise ValueError(f"gemm: op(a) {tuple(a.shape)[:2]} (ta={ta!r}), op(b) "
+                         f"{tuple(b.shape)[:2]} (tb={tb!r}) and c {tuple(c.shape)[:2]} "
+                         f"do not chain as c (m, n) = op(a) (m, k) op(b) (k, n)")
+    if m == 0 or n == 0:
+        return
+    with nogil:
+        for r in range(repeat):
+            _gemm(ta_, tb_, m, n, k, <floating> alpha,
+                  &a[0, 0] if a.shape[0] * a.shape[1] else &zero, lda,
+                  &b[0, 0] if b.shape[0] * b.shape[1] else &zero, ldb, <floating> beta,
+                  &c[0, 0], ldc)
+
+
+def gemm(ta, tb, alpha, a, b, beta, c, repeat=1):
+    """One matmul on the current path (``set_gemm_path``), for tests and benchmarks:
+    ``c = alpha op(a) op(b) + beta c`` with op = transpose for "T", identity for "N";
+    c (m, n) float32 / float64 C-contiguous, written in place; a, b the same dtype.
+    ``repeat`` > 1 runs it that many times in one call (benchmarks: no per-call
+    overhead in the timing)."""
+    if ta not in ("N", "T") or tb not in ("N", "T"):
+        raise ValueError(f"gemm: ta and tb must be 'N' or 'T', got {ta!r}, {tb!r}")
+    if not (isinstance(c, np.ndarray) and c.dtype in (np.float32, np.float64)
+            and a.dtype == c.dtype and b.dtype == c.dtype):
+        raise TypeError(f"gemm: a, b and c must be float32 or float64 arrays of one "
+                        f"dtype, got {getattr(a, 'dtype', type(a))}, "
+                        f"{getattr(b, 'dtype', type(b))}, {getattr(c, 'dtype', type(c))}")
+    if isinstance(repeat, bool) or not isinstance(repeat, int) or repeat < 1:
+        raise ValueError(f"gemm: repeat must be a positive int, got {repeat!r}")
+    _gemm_product(ta, tb, alpha, a, b, beta, c, repeat)
 
 
 # ----------------------------------------------------------------------------------
@@ -520,13 +762,27 @@ cdef void _dense_forward_ptr(
     floating *out,      # OUT (n, k)
     int n, int d, int k, bint threaded,
 ) noexcept nogil:
-    """``out = act(x @ w + b)``: bias rows, then gemm with beta=1 (beta=0 without a
-    bias), then one activation pass, threaded when big unless ``threaded`` is False."""
-    cdef Py_ssize_t i
-    if b != NULL:
-        for i in range(n):
-            memcpy(out + i * k, b, k * sizeof(floating))
-    _gemm(c"N", c"N", n, k, d, 1, x, d, w, k, 1 if b != NULL else 0, out, k)
+    """``out = act(x @ w + b)``. The own GEMM adds the bias and applies ReLU / leaky
+    ReLU in its store (one pass over ``out``); BLAS runs on bias rows with beta=1
+    (beta=0 without a bias). Other activations: one pass after, threaded when big
+    unless ``threaded`` is False."""
+    cdef:
+        Py_ssize_t i
+        int path = _gemm_choice(sizeof(floating), c"N", c"N", n, k, d)
+        fastnn_gemm_epilogue epi
+    if path != FASTNN_GEMM_BLAS:
+        epi.bias = b
+        epi.act = (FASTNN_EPI_RELU if act == RELU else
+                   FASTNN_EPI_LEAKY if act == LEAKY_RELU else FASTNN_EPI_NONE)
+        epi.slope = alpha
+        _gemm_own(path, c"N", c"N", n, k, d, 1, x, d, w, k, 0, out, k, &epi)
+        if epi.act != FASTNN_EPI_NONE:
+            return
+    else:
+        if b != NULL:
+            for i in range(n):
+                memcpy(out + i * k, b, k * sizeof(floating))
+        _gemm_blas(c"N", c"N", n, k, d, 1, x, d, w, k, 1 if b != NULL else 0, out, k)
     if act == IDENTITY:
         return
     if threaded:
@@ -1574,7 +1830,7 @@ def adam_update(params, grads, exp_avg, exp_avg_sq, max_exp_avg_sq, lr, beta1, b
 # A whole training epoch of a stack of dense layers in one call: the helpers above on
 # pointer offsets into params / grads / workspace, serial elementwise code (the nets
 # this is for are small: thread teams per batch would cost more than they save) and
-# BLAS for the matmuls. No allocation inside the loop, no GIL, no exceptions.
+# _gemm for the matmuls (threaded by columns when big). No allocation inside the loop, no GIL, no exceptions.
 # ----------------------------------------------------------------------------------
 
 cdef void _optimizer_step(

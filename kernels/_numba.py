@@ -18,6 +18,14 @@ Design:
   views, not copies), never inside a ``prange``. Their epilogues are fused: bias plus
   activation, and activation derivative plus bias gradient, row by row while the row
   is in cache.
+* Why BLAS and not the Cython backend's own GEMM (kernels/fastnn_gemm.h), decided on
+  measurements (1 thread, noisy shared Zen 5 VM, quick suite): this backend is the one
+  that works where the extension was not compiled, so it cannot depend on it; numba's
+  disk cache would freeze a C function's address, which changes with every process,
+  so the kernels would have to take it as an argument (a first-class function type in
+  every signature and a second, BLAS path for when the extension is absent). The gain
+  is there for whoever wants it in the default backend: MNIST b128 SGD epoch, numba
+  ~50 GFLOP/s, cython on BLAS ~47, cython on its own kernels ~100.
 * ``train_epoch`` is one serial core running a whole epoch: it calls the row and span
   helpers and serial builds of the optimizer cores (``_nested``), so its arithmetic is
   that of the single kernels in sequence. It is compiled per dtype on first use.

@@ -4,7 +4,8 @@ One epoch of SGD and of Adam on synthetic data shaped like three reference nets,
 for fastnn with each kernel backend, for a plain-numpy MLP written the way a careful
 numpy user would (``NumpyMLP``, the hand-written baseline), and for PyTorch eager on the
 CPU when ``torch`` is importable (never a dependency). Also measured in the same run:
-this machine's sgemm rate (the roofline the GFLOP/s are compared with) and the startup
+this machine's sgemm rate (the roofline the GFLOP/s are compared with), the GEMM
+crossover table (fastnn's own kernel vs OpenBLAS vs numpy at each product) and the startup
 time (``import fastnn`` plus the first training step, with a cold and a warm numba cache).
 
 Design:
@@ -20,7 +21,7 @@ Design:
   faster. The benchmark measures and reports; it never fails because the machine is slow.
 
 Modules: ``baselines`` (the implementations timed: fastnn, the numpy MLP, PyTorch, the
-matmuls alone), ``machine`` (CPUs, pinning, peak RSS, versions, sgemm roofline,
+matmuls alone), ``gemm`` (the crossover table), ``machine`` (CPUs, pinning, peak RSS, versions, sgemm roofline,
 startup), ``suite`` (planning, the worker processes), ``report`` (tables, notes, plot).
 This module is the command line, also ``python -m fastnn.bench``.
 """
@@ -85,6 +86,9 @@ def add_arguments(parser):
                         help=f"timed epochs per configuration; the median is reported "
                              f"(default {REPEATS}; --quick {QUICK_REPEATS})")
     parser.add_argument("--no-startup", action="store_true", help="skip the startup timing")
+    parser.add_argument("--no-gemm", action="store_true",
+                        help="skip the GEMM crossover table (own kernel vs OpenBLAS vs "
+                             "numpy at each product of the nets)")
     parser.add_argument("--mpi", action="store_true",
                         help="instead: data-parallel training over MPI (pip install "
                              "'fastnn[mpi]'): Allreduce latency and bandwidth, scaling from "
@@ -142,7 +146,8 @@ def run(args):
     nets = args.nets or list(QUICK_NETS if args.quick else NETS)
     result = run_suite(nets, backends, threads_list, with_torch, quick=args.quick,
                        samples=args.samples, repeats=args.repeats,
-                       startup=not args.no_startup, optimizers=args.optimizers)
+                       startup=not args.no_startup, optimizers=args.optimizers,
+                       gemm=not args.no_gemm)
     print(format_report(result), flush=True)
     if args.json:
         with open(args.json, "w") as f:

@@ -116,8 +116,11 @@ def torch_available():
 
 def measure_sgemm(size, repeats, threads):
     """GFLOP/s of a (size x size) @ (size x size) float32 matmul through scipy's BLAS
-    (scipy.linalg.blas.sgemm, the BLAS the compiled backends call) and numpy.matmul,
-    at ``threads`` threads: {"scipy": ..., "numpy": ..., "roofline": max of the two}."""
+    (scipy.linalg.blas.sgemm, the BLAS the compiled backends call), numpy.matmul and,
+    where the Cython backend loads, fastnn's own GEMM (its fastest path), at ``threads``
+    threads: {"scipy": ..., "numpy": ..., "fastnn": ... or None, "roofline": the
+    fastest of them}. OpenBLAS may not use the CPU's widest vectors (0.3.30 runs its
+    Haswell kernels on Zen 5), so the best of the three is the honest roofline."""
     import fastnn as fn
     from scipy.linalg.blas import sgemm
 
@@ -130,8 +133,14 @@ def measure_sgemm(size, repeats, threads):
     out = np.empty((size, size), dtype=np.float32)
     calls = {"scipy": lambda: sgemm(1.0, fa, fb, beta=0.0, c=fc, overwrite_c=1),
              "numpy": lambda: np.matmul(a, b, out=out)}
+    try:
+        cython = fn.kernels.load("cython")
+    except ImportError:
+        cython = None
+    if cython is not None and cython.gemm_paths_available()[0] != "blas":
+        calls["fastnn"] = lambda: cython.gemm("N", "N", 1.0, a, b, 0.0, out)
     flop = 2.0 * size ** 3
-    result = {"size": size, "threads": threads}
+    result = {"size": size, "threads": threads, "fastnn": None}
     for name, call in calls.items():
         call()
         seconds = []
@@ -141,7 +150,7 @@ def measure_sgemm(size, repeats, threads):
             seconds.append(time.perf_counter() - start)
         result[name] = flop / statistics.median(seconds) / 1e9
         result[name + "_best"] = flop / min(seconds) / 1e9
-    result["roofline"] = max(result["scipy"], result["numpy"])
+    result["roofline"] = max(result[name] for name in calls)
     if bf16_supported():  # the bf16 GEMM's ceiling and its rate at the reference shapes
         from fastnn.kernels import _cython
 

@@ -57,6 +57,11 @@ def format_report(result):
               for threads, roof in result["roofline"].items()]
     lines += [_bf16_gemm_line(int(threads), roof)
               for threads, roof in result["roofline"].items() if roof.get("bf16_gemm")]
+    if result.get("gemm"):
+        lines += ["", "== GEMM crossover, float32, 1 thread pinned: GFLOP/s of one product "
+                      "(own kernel forced, OpenBLAS forced, numpy.matmul) and the path "
+                      "'auto' picks =="]
+        lines += _gemm_table(result["gemm"])
     ratios = speedups(result)
     for threads in result["settings"]["threads"]:
         records = [r for r in result["training"] if r["threads"] == threads]
@@ -86,8 +91,9 @@ def _roofline_line(threads, roof):
         return f"{what}: error"
     bf16 = (f"; vdpbf16ps peak {roof['bf16_peak']:.1f} GFLOP/s (fastnn's bf16 register "
             f"tile, L1-resident, best of the runs)" if roof.get("bf16_peak") else "")
+    own = "" if roof.get("fastnn") is None else f", fastnn's own {roof['fastnn']:.1f}"
     return (f"{what}: {roof['roofline']:.1f} GFLOP/s (scipy sgemm {roof['scipy']:.1f}, "
-            f"numpy matmul {roof['numpy']:.1f}; {roof['size']}^3, median){bf16}")
+            f"numpy matmul {roof['numpy']:.1f}{own}; {roof['size']}^3, median){bf16}")
 
 
 def _bf16_gemm_line(threads, roof):
@@ -158,6 +164,18 @@ def _bf16_table(result, threads):
     return ["", f"== Speedup of fastnn[cython] bf16, {threads_label(threads)}: t_baseline "
                 "/ t_bf16 =="] + _table(("net", "batch", "opt", "vs fastnn[cython] fp32",
                                         "vs torch autocast-bf16"), rows, "<><>>")
+
+
+def _gemm_table(records):
+    """The GEMM crossover table (own / BLAS > 1: the own kernel is faster)."""
+    own = records[0]["own_path"]
+    header = ("product", "m", "n", "k", f"own ({own})", "OpenBLAS", "numpy", "own/BLAS",
+              "auto picks")
+    rows = [(r["shape"], r["m"], r["n"], r["k"],
+             "-" if r["own"] is None else f"{r['own']:.1f}", f"{r['blas']:.1f}",
+             f"{r['numpy']:.1f}", "-" if r["own"] is None else f"{r['own'] / r['blas']:.2f}x",
+             r["chosen"]) for r in records]
+    return _table(header, rows, "<>>>>>>><")
 
 
 def _ratio_table(rows, backends):

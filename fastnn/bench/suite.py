@@ -20,6 +20,7 @@ import numpy as np
 from . import machine
 from .baselines import LEARNING_RATES, OPTIMIZERS, RUNNERS, SEED, WARMUP_BATCHES, \
     impl_label, initial_weights
+from .gemm import measure_gemm_table
 from .report import threads_label
 
 #: The reference nets: layer sizes, batch sizes, samples per full / --quick epoch.
@@ -98,6 +99,12 @@ def worker(spec):
     cpus = machine.pin_to_cpus(threads)
     if spec["kind"] == "roofline":
         return dict(machine.measure_sgemm(spec["size"], spec["repeats"], threads), cpus=cpus)
+    if spec["kind"] == "gemm":
+        from .. import set_num_threads
+
+        # numpy's BLAS too: idle threads spinning on the one pinned CPU cost up to 100x.
+        set_num_threads(threads)
+        return {"records": measure_gemm_table(spec["nets"], spec["quick"]), "cpus": cpus}
     records, data = [], {}
     for cfg in spec["configs"]:
         key = (tuple(cfg["sizes"]), cfg["samples"], cfg.get("dtype", "float32"))
@@ -169,14 +176,24 @@ def plan(nets, backends, optimizers, with_torch, quick, samples=None, repeats=No
 
 
 def run_suite(nets, backends, threads_list, with_torch, quick=False, samples=None,
-              repeats=None, startup=True, optimizers=OPTIMIZERS):
-    """Run the whole suite (roofline, training, startup); returns the result dict."""
+              repeats=None, startup=True, optimizers=OPTIMIZERS, gemm=True):
+    """Run the whole suite (roofline, GEMM crossover table, training, startup); returns
+    the result dict."""
     configs = plan(nets, backends, optimizers, with_torch, quick, samples, repeats)
     result = {"machine": machine.machine_info(), "settings": {
         "quick": quick, "nets": {n: NETS[n] for n in nets}, "backends": list(backends),
         "threads": threads_list, "torch": with_torch, "optimizers": list(optimizers),
         "warmup_batches": WARMUP_BATCHES, "seed": SEED, "learning_rates": LEARNING_RATES},
-        "roofline": {}, "training": [], "startup": [], "skipped": [], "errors": []}
+        "roofline": {}, "gemm": [], "training": [], "startup": [], "skipped": [],
+        "errors": []}
+    if gemm and "cython" in backends:
+        _log("GEMM crossover table: own kernel, OpenBLAS, numpy; 1 thread")
+        table = _spawn({"kind": "gemm", "threads": 1, "quick": quick,
+                        "nets": {n: {"sizes": NETS[n]["sizes"], "batches": NETS[n][
+                            "quick_batches" if quick else "batches"]} for n in nets}})
+        if table.get("error"):
+            result["errors"].append(f"GEMM table: {table['error']}")
+        result["gemm"] = table.get("records", [])
     for threads in threads_list:
         size = QUICK_ROOFLINE_SIZE if quick else ROOFLINE_SIZE
         _log(f"roofline: sgemm {size}^3, {threads_label(threads)}")
