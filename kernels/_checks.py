@@ -295,6 +295,9 @@ def train_epoch(spec):
                          f"{spec.lrs.shape[0]}")
     _array(kernel, "stats", spec.stats, 1, _FLOAT64, writable=True)
     _shape(kernel, "stats", spec.stats, (4,))
+    if spec.reduce is not None and not callable(spec.reduce):
+        raise TypeError(f"{kernel}: reduce must be None or a callable, got "
+                        f"{type(spec.reduce).__name__}")
 
 
 def train_epoch_indices(spec):
