@@ -303,25 +303,29 @@ class Communicator:
 
 #: How a fused distributed epoch reduces the gradient (GradientReduction): one
 #: Iallreduce per layer, started as soon as that layer's backward is done (True), or
-#: one Iallreduce of the whole gradient after the last backward (False).
+#: one blocking Allreduce of the whole gradient once every rank's backward is done
+#: (False).
 REDUCE_PER_LAYER = True
 
 
 class GradientReduction:
     """The ``reduce`` hook (``fastnn.kernels.REDUCE_LOSS``) of a fused distributed
-    epoch: the global mean gradient of every step, one layer at a time.
+    epoch: the global mean gradient of every step.
 
     Each rank's loss gradient is scaled by its share rows / global rows of the step, so
-    the sum over the ranks (an in-place Iallreduce of each layer's slice of ``grads``,
-    started when its backward is done) is the mean over the global batch; a second,
-    scalar Iallreduce of rows x loss gives the global loss, waited for before the first
-    update so that every rank stops together on a non-finite one. ``grads`` is the
-    model's flat gradient, ``bounds`` each layer's (start, stop) in it (W then b),
-    first layer first.
+    the sum of the ranks' gradients is the mean over the global batch. A scalar
+    Iallreduce of rows x loss gives the global loss, waited for before the first update
+    so that every rank stops together on a non-finite one. The gradient is summed in
+    place, per layer (``per_layer``: an Iallreduce of each layer's slice of ``grads``,
+    started when its backward is done) or once per step: the loss Iallreduce is then
+    started after the last backward and, waited for with sleeps, is the barrier after
+    which a blocking Allreduce of the whole gradient finds every rank ready (no rank
+    spins while waiting for a slower one). ``grads`` is the model's flat gradient,
+    ``bounds`` each layer's (start, stop) in it (W then b), first layer first.
     """
 
     def __init__(self, comm, grads, bounds, per_layer=None):
-        self.comm, self.whole = comm, grads
+        self.comm, self.MPI, self.whole = comm, comm.MPI, grads
         self.layers = [grads[start:stop] for start, stop in bounds]
         self.per_layer = REDUCE_PER_LAYER if per_layer is None else per_layer
         self.loss_sum = np.zeros(1)
@@ -335,19 +339,20 @@ class GradientReduction:
         self.global_rows, self.step = global_rows, 0
 
     def _start(self, buf):
-        return self.comm.comm.Iallreduce(self.comm.MPI.IN_PLACE, buf, op=self.comm.MPI.SUM)
+        return self.comm.comm.Iallreduce(self.MPI.IN_PLACE, buf, op=self.MPI.SUM)
 
     def __call__(self, phase, layer, value, rows):
         if phase == kernels.REDUCE_LOSS:
             self.local_loss, self.rows = value, rows
             self.loss_sum[0] = value * rows if rows else 0.0
-            self.loss_request = self._start(self.loss_sum)
+            if self.per_layer:
+                self.loss_request = self._start(self.loss_sum)
             return rows / self.global_rows[self.step]
         if phase == kernels.REDUCE_START:
             if self.per_layer:
                 self.requests[layer] = self._start(self.layers[layer])
             elif layer == 0:
-                self.requests[0] = self._start(self.whole)
+                self.loss_request = self._start(self.loss_sum)
             return 0.0
         if layer == len(self.layers) - 1:
             self.comm._wait(self.loss_request)
@@ -355,10 +360,11 @@ class GradientReduction:
             if not np.isfinite(self.global_loss):
                 self._stop_on_nonfinite()
                 return self.global_loss
-        request = self.requests[layer if self.per_layer else 0]
-        if request is not None:
-            self.comm._wait(request)
-            self.requests[layer if self.per_layer else 0] = None
+            if not self.per_layer:
+                self.comm.comm.Allreduce(self.MPI.IN_PLACE, self.whole, op=self.MPI.SUM)
+        if self.per_layer:
+            self.comm._wait(self.requests[layer])
+            self.requests[layer] = None
         if layer == 0:
             self.step += 1
         return self.global_loss
