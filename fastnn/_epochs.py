@@ -100,9 +100,10 @@ def fused_epoch_runner(model, X, target, weights, plan, callbacks, comm=None):
     epoch). Returns ``run(order)`` like ``_python_epoch_runner``, or None.
 
     Distributed (``comm``), each rank's call visits its rows of every global step
-    (``plan.positions``) and the kernel averages each layer's gradient over the ranks
-    as soon as its backward is done (``distributed.GradientReduction``); the epoch's
-    loss and hits are summed over the ranks.
+    (``plan.positions``) and the kernel averages the gradient over the ranks in every
+    step, each layer's reduction started as soon as its backward is done
+    (``distributed.GradientReduction``); the epoch's loss and hits are summed over the
+    ranks.
     """
     dense = [layer for layer in model.layers if isinstance(layer, Dense)]
     optimizer_spec = (model.optimizer.kernel_spec()

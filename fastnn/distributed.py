@@ -303,8 +303,7 @@ class Communicator:
 
 #: How a fused distributed epoch reduces the gradient (GradientReduction): one
 #: Iallreduce per layer, started as soon as that layer's backward is done (True), or
-#: one blocking Allreduce of the whole gradient once every rank's backward is done
-#: (False).
+#: one Iallreduce of the whole gradient after the last backward (False).
 REDUCE_PER_LAYER = True
 
 
@@ -313,15 +312,14 @@ class GradientReduction:
     epoch: the global mean gradient of every step.
 
     Each rank's loss gradient is scaled by its share rows / global rows of the step, so
-    the sum of the ranks' gradients is the mean over the global batch. A scalar
-    Iallreduce of rows x loss gives the global loss, waited for before the first update
-    so that every rank stops together on a non-finite one. The gradient is summed in
-    place, per layer (``per_layer``: an Iallreduce of each layer's slice of ``grads``,
-    started when its backward is done) or once per step: the loss Iallreduce is then
-    started after the last backward and, waited for with sleeps, is the barrier after
-    which a blocking Allreduce of the whole gradient finds every rank ready (no rank
-    spins while waiting for a slower one). ``grads`` is the model's flat gradient,
-    ``bounds`` each layer's (start, stop) in it (W then b), first layer first.
+    the sum of the ranks' gradients is the mean over the global batch: an in-place
+    Iallreduce of each layer's slice of ``grads``, started when its backward is done
+    (``per_layer``), or of the whole of it after the last backward. A scalar Iallreduce
+    of rows x loss, started after the loss, gives the global loss, waited for before
+    the first update so that every rank stops together on a non-finite one. Waits
+    sleep between polls (``Communicator._wait``). ``grads`` is the model's flat
+    gradient, ``bounds`` each layer's (start, stop) in it (W then b), first layer
+    first.
     """
 
     def __init__(self, comm, grads, bounds, per_layer=None):
@@ -345,14 +343,13 @@ class GradientReduction:
         if phase == kernels.REDUCE_LOSS:
             self.local_loss, self.rows = value, rows
             self.loss_sum[0] = value * rows if rows else 0.0
-            if self.per_layer:
-                self.loss_request = self._start(self.loss_sum)
+            self.loss_request = self._start(self.loss_sum)
             return rows / self.global_rows[self.step]
         if phase == kernels.REDUCE_START:
             if self.per_layer:
                 self.requests[layer] = self._start(self.layers[layer])
             elif layer == 0:
-                self.loss_request = self._start(self.loss_sum)
+                self.requests[0] = self._start(self.whole)
             return 0.0
         if layer == len(self.layers) - 1:
             self.comm._wait(self.loss_request)
@@ -360,11 +357,10 @@ class GradientReduction:
             if not np.isfinite(self.global_loss):
                 self._stop_on_nonfinite()
                 return self.global_loss
-            if not self.per_layer:
-                self.comm.comm.Allreduce(self.MPI.IN_PLACE, self.whole, op=self.MPI.SUM)
-        if self.per_layer:
-            self.comm._wait(self.requests[layer])
-            self.requests[layer] = None
+        slot = layer if self.per_layer else 0
+        if self.requests[slot] is not None:
+            self.comm._wait(self.requests[slot])
+            self.requests[slot] = None
         if layer == 0:
             self.step += 1
         return self.global_loss
