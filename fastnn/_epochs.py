@@ -8,7 +8,7 @@ import numpy as np
 from . import distributed as distributed_module
 from . import kernels
 from . import optimizers as optimizers_module
-from ._backend import backend_module
+from ._backend import backend_module, get_backend
 from .callbacks import Callback, TerminateOnNaN
 from .layers import Dense
 
@@ -93,7 +93,9 @@ def fused_epoch_runner(model, X, target, weights, plan, callbacks, comm=None):
     and optimizer have a kernel spec (``Loss.kernel_spec``, ``Optimizer.kernel_spec``:
     no gradient clipping, targets in a form the kernel reads), there are no sample
     weights, the only metric is accuracy and no callback needs per-batch calls
-    (TerminateOnNaN is honoured). It computes what the general path computes; set
+    (TerminateOnNaN is honoured), and, distributed, the backend reduces in its own
+    loop (numba runs a hooked epoch in the numpy reference, 0.67x of numba's per-step
+    path on the MNIST net). It computes what the general path computes; set
     ``model.use_fused_epoch = False`` to force the general path. The optimizer's kernel
     spec is read once per fit: hyper-parameters changed by a callback in the middle of
     a fit take effect at the next fit (the learning rate and its scale are read every
@@ -112,6 +114,7 @@ def fused_epoch_runner(model, X, target, weights, plan, callbacks, comm=None):
     eligible = (
         model.use_fused_epoch and optimizer_spec is not None and loss_spec is not None
         and weights is None
+        and (comm is None or get_backend() != "numba")
         and len(dense) == len(model.layers) and not any(d.l1 or d.l2 for d in dense)
         and set(model.metrics) <= {"accuracy"}
         and all(isinstance(cb, TerminateOnNaN)

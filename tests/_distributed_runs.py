@@ -112,6 +112,8 @@ def build_special(name, rank, size, out):
     fit.pop("validation_split")
     if name == "stop_on_one_rank":
         fit.update(epochs=5, callbacks=[_StopOnRank(size - 1, 1)])
+    elif name == "numba_momentum":  # numba steps in Python when distributed
+        model, X, y, fit = build("fused_momentum", rank, size)
     elif "shards" in name:  # own parts of 20 + 7 r samples, uneven
         X, y = X[:20 + 7 * rank], y[:20 + 7 * rank]
         fit.update(distributed="shards", batch_size=25)
@@ -165,7 +167,8 @@ def _run(name, rank, size, out):
     else:
         model, X, y, fit = build_special(name, rank, size, out)
     try:
-        history, fused = fit_and_trace(model, X, y, fit)
+        with fn.use_backend("numba" if name.startswith("numba") else fn.get_backend()):
+            history, fused = fit_and_trace(model, X, y, fit)
     except Exception as exc:
         return {"params": model.params, "error": json.dumps([type(exc).__name__, str(exc)])}
     return {"params": model.params, "fused": json.dumps(fused),

@@ -26,8 +26,8 @@ from conftest import ATOL, RTOL  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 EQUIVALENT = runs.EQUIVALENT
-SPECIAL = ("stop_on_one_rank", "shards", "fused_shards", "stepwise_shards", "bad_data",
-           "nan_on_one_rank", "callback_fails", "other_model", "other_data")
+SPECIAL = ("stop_on_one_rank", "shards", "fused_shards", "stepwise_shards", "numba_momentum",
+           "bad_data", "nan_on_one_rank", "callback_fails", "other_model", "other_data")
 TIMEOUT = 120
 
 
@@ -117,6 +117,14 @@ def test_own_uneven_shards_keep_ranks_identical(ranks, name):
     assert results[0]["fused"] == (name == "fused_shards")
     assert results[0]["history"]["epoch"] == [0, 1, 2]
     assert np.isfinite(results[0]["history"]["history"]["loss"]).all()
+
+
+def test_numba_steps_in_python_and_equals_the_fused_epoch(ranks):
+    size, out = ranks
+    numba, fused = (_results(size, out, name) for name in ("numba_momentum", "fused_momentum"))
+    _same_on_every_rank(numba)
+    assert fused[0]["fused"] and not numba[0]["fused"]
+    np.testing.assert_allclose(numba[0]["params"], fused[0]["params"], rtol=1e-10, atol=1e-12)
 
 
 def test_fused_shards_equal_the_steps_in_python(ranks):
