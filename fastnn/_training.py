@@ -151,9 +151,10 @@ def _distribute(model, comm, setup):
         for name in sorted(model.optimizer.state):
             comm.broadcast(model.optimizer.state[name])
     if comm.mode == "shards":  # every rank takes the same number of steps
-        largest = comm.max_value(setup.X.shape[0])
-        batch = setup.batch_size or largest
-        setup.plan = BatchPlan(setup.X.shape[0], batch, n_batches=math.ceil(largest / batch))
+        sizes = comm.gather_values(setup.X.shape[0])
+        batch = setup.batch_size or max(sizes)
+        setup.plan = BatchPlan(setup.X.shape[0], batch, n_batches=math.ceil(max(sizes) / batch),
+                               shard_sizes=sizes)
         return setup
     if setup.val is not None:
         part = distributed_module.split(setup.val[0].shape[0], comm.size, comm.rank)
@@ -335,14 +336,12 @@ class _FitLoop:
     # ------------------------------------------------------------ mini-batch training
     def fit_minibatch(self, setup):
         """The first-order loop: one optimizer step per mini-batch, each epoch either in
-        one fused kernel call or batch by batch in Python (always in a distributed fit:
-        the fused kernel cannot average gradients between ranks in mid-epoch). Returns
-        the number of gradient evaluations."""
+        one fused kernel call (which, distributed, averages each layer's gradient over
+        the ranks in mid-epoch) or batch by batch in Python. Returns the number of
+        gradient evaluations."""
         model, plan = self.model, setup.plan
-        run_fused = None
-        if self.comm is None:
-            run_fused = fused_epoch_runner(model, setup.X, setup.target, setup.weights,
-                                            plan.batch, plan.n_batches, self.callbacks)
+        run_fused = fused_epoch_runner(model, setup.X, setup.target, setup.weights, plan,
+                                       self.callbacks, self.comm)
         run_epoch = run_fused or self._python_epoch_runner(setup.X, setup.target,
                                                            setup.weights, plan)
         steps = 0

@@ -7,10 +7,14 @@ puts ``mpiexec`` in the environment)::
 
 and train with ``model.fit(X, y, batch_size=64, distributed=True)``. Every rank keeps
 a full copy of the model; each step every rank computes the gradient of its part of
-the global batch, and one in-place allreduce over the flat gradient vector makes the
-global average, so the parameters stay bit-identical on every rank. The allreduce is
-non-blocking (``Iallreduce``) and waited for with sleeps between polls, so a rank
-waiting for a slower one does not spin on a CPU that other work needs.
+the global batch, and an in-place allreduce makes the global average, so the
+parameters stay bit-identical on every rank. When the model allows the fused epoch
+kernel, the whole epoch stays in that kernel and each layer's allreduce starts as
+soon as its backward is done (``GradientReduction``); otherwise steps run in Python
+with one allreduce over the flat gradient vector (``Communicator.average_gradient``).
+Allreduces are non-blocking (``Iallreduce``) and waited for with sleeps between
+polls, so a rank waiting for a slower one does not spin on a CPU that other work
+needs.
 
 ``mpi4py`` is imported only when a launcher started this process or distributed
 training is asked for: ``import fastnn`` never initialises MPI.
@@ -29,6 +33,8 @@ import zlib
 from contextlib import contextmanager
 
 import numpy as np
+
+from . import kernels
 
 #: Environment variables an MPI launcher sets in the processes it starts
 #: (Open MPI / PMIx, MPICH / Intel MPI hydra, Slurm's PMI).
@@ -206,10 +212,10 @@ class Communicator:
         """An empty collective: raises on every rank if any rank has failed."""
         self.allreduce_flagged(self._flagged(0, np.float64))
 
-    def max_value(self, value):
-        """The largest ``value`` (a number) over the ranks."""
+    def gather_values(self, value):
+        """Every rank's ``value`` (a picklable object), as a list in rank order."""
         self.sync()
-        return self.comm.allreduce(value, op=self.MPI.MAX)
+        return self.comm.allgather(value)
 
     def agree_stop(self, stop, reason):
         """(stop, reason) the same on every rank: stop if any rank stops, with the
@@ -293,6 +299,81 @@ class Communicator:
         summed = self.sum(values).reshape(values.shape)
         for row, (m, k) in zip(summed, fields):
             setattr(m, k, float(row[0]) if np.all(row == row[0]) else row.copy())
+
+
+#: How a fused distributed epoch reduces the gradient (GradientReduction): one
+#: Iallreduce per layer, started as soon as that layer's backward is done (True), or
+#: one Iallreduce of the whole gradient after the last backward (False).
+REDUCE_PER_LAYER = True
+
+
+class GradientReduction:
+    """The ``reduce`` hook (``fastnn.kernels.REDUCE_LOSS``) of a fused distributed
+    epoch: the global mean gradient of every step.
+
+    Each rank's loss gradient is scaled by its share rows / global rows of the step, so
+    the sum of the ranks' gradients is the mean over the global batch: an in-place
+    Iallreduce of each layer's slice of ``grads``, started when its backward is done
+    (``per_layer``), or of the whole of it after the last backward. A scalar Iallreduce
+    of rows x loss, started after the loss, gives the global loss, waited for before
+    the first update so that every rank stops together on a non-finite one. Waits
+    sleep between polls (``Communicator._wait``). ``grads`` is the model's flat
+    gradient, ``bounds`` each layer's (start, stop) in it (W then b), first layer
+    first.
+    """
+
+    def __init__(self, comm, grads, bounds, per_layer=None):
+        self.comm, self.MPI, self.whole = comm, comm.MPI, grads
+        self.layers = [grads[start:stop] for start, stop in bounds]
+        self.per_layer = REDUCE_PER_LAYER if per_layer is None else per_layer
+        self.loss_sum = np.zeros(1)
+        self.requests = [None] * len(bounds)
+        self.loss_request = None
+        self.global_rows, self.step = None, 0
+        self.local_loss, self.rows, self.global_loss = 0.0, 0, 0.0
+
+    def begin_epoch(self, global_rows):
+        """Rows of each step of the coming epoch over every rank (float64)."""
+        self.global_rows, self.step = global_rows, 0
+
+    def _start(self, buf):
+        return self.comm.comm.Iallreduce(self.MPI.IN_PLACE, buf, op=self.MPI.SUM)
+
+    def __call__(self, phase, layer, value, rows):
+        if phase == kernels.REDUCE_LOSS:
+            self.local_loss, self.rows = value, rows
+            self.loss_sum[0] = value * rows if rows else 0.0
+            self.loss_request = self._start(self.loss_sum)
+            return rows / self.global_rows[self.step]
+        if phase == kernels.REDUCE_START:
+            if self.per_layer:
+                self.requests[layer] = self._start(self.layers[layer])
+            elif layer == 0:
+                self.requests[0] = self._start(self.whole)
+            return 0.0
+        if layer == len(self.layers) - 1:
+            self.comm._wait(self.loss_request)
+            self.global_loss = float(self.loss_sum[0]) / self.global_rows[self.step]
+            if not np.isfinite(self.global_loss):
+                self._stop_on_nonfinite()
+                return self.global_loss
+        slot = layer if self.per_layer else 0
+        if self.requests[slot] is not None:
+            self.comm._wait(self.requests[slot])
+            self.requests[slot] = None
+        if layer == 0:
+            self.step += 1
+        return self.global_loss
+
+    def _stop_on_nonfinite(self):
+        """Every rank at a non-finite global loss: finish the reductions under way and
+        name the ranks whose own loss was not finite (``Communicator.nonfinite_ranks``)."""
+        for i, request in enumerate(self.requests):
+            if request is not None:
+                self.comm._wait(request)
+                self.requests[i] = None
+        flags = self.comm.comm.allgather(self.rows == 0 or bool(np.isfinite(self.local_loss)))
+        self.comm.nonfinite_ranks = tuple(r for r, ok in enumerate(flags) if not ok)
 
 
 def split(n, parts, index):

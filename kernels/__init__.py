@@ -100,7 +100,9 @@ class TrainEpochSpec(NamedTuple):
     OptimizerSpec; lrs float64 (number of batches,) the rate of each update; step the
     updates made before this epoch (update b is number step + b + 1); stats float64 (4,)
     the output (see ``train_epoch``); bf16 True runs every Dense product in bfloat16
-    with float32 accumulation (float32 arrays only; see ``dense_forward_bf16``).
+    with float32 accumulation (float32 arrays only; see ``dense_forward_bf16``); reduce
+    None or the gradient reduction of a data-parallel epoch (``REDUCE_*`` below; not
+    with bf16).
     """
 
     X: object
@@ -122,6 +124,26 @@ class TrainEpochSpec(NamedTuple):
     step: int
     stats: object
     bf16: bool = False
+    reduce: object = None
+
+
+# The calls ``train_epoch`` makes to ``TrainEpochSpec.reduce``, a callable
+# ``reduce(phase, layer, value, rows) -> float`` that makes the gradient of each batch
+# the mean over the global batch of every process (one rank's part of it is the batch
+# here). With it, the epoch has ``len(lrs)`` steps: the batches of ``order``, then
+# empty ones (a rank whose part ran out still takes part in every reduction), and
+# plain SGD is not folded into the backward (the gradient must reach ``grads``).
+# Per step: REDUCE_LOSS after the loss, with the local mean loss as ``value`` (0.0
+# for no rows) and the local ``rows``; it returns the factor (this part's share of
+# the global mass) the loss gradient is scaled by, so the sum of the ranks' gradients
+# is the global mean. REDUCE_START with each ``layer`` (last first) once its W and b
+# gradient in ``grads`` is complete: start its reduction. REDUCE_WAIT with each layer
+# (last first) before its update: the reduced gradient must be in ``grads`` on
+# return; the value returned is the global loss of the step, the same on every rank,
+# and a non-finite one at the first wait ends the epoch before any update (``stats[3]``
+# holds it; ``reduce`` completes the reductions it started). An exception in
+# ``reduce`` ends the epoch and is raised by train_epoch.
+REDUCE_LOSS, REDUCE_START, REDUCE_WAIT = range(3)
 
 
 def train_epoch_workspace_size(batch_size, widths):

@@ -295,6 +295,12 @@ def train_epoch(spec):
                          f"{spec.lrs.shape[0]}")
     _array(kernel, "stats", spec.stats, 1, _FLOAT64, writable=True)
     _shape(kernel, "stats", spec.stats, (4,))
+    if spec.reduce is not None and not callable(spec.reduce):
+        raise TypeError(f"{kernel}: reduce must be None or a callable, got "
+                        f"{type(spec.reduce).__name__}")
+    if spec.bf16 and spec.reduce is not None:
+        raise ValueError(f"{kernel}: a bf16 epoch takes no reduce hook (reduce must be None "
+                         f"when bf16 is True)")
     if spec.bf16:
         float32_only(kernel + " (bf16)", spec.X)
 

@@ -31,7 +31,8 @@
 # f) train_epoch composes those same helpers over a whole epoch in one nogil loop, on
 #    pointer offsets into params / grads / workspace (no allocation per batch),
 #    serially but for the matmuls, which thread as in d). Plain SGD is folded into
-#    the weight-gradient gemm (beta = 1 - lr wd, alpha = -lr): dW is never stored.
+#    the weight-gradient gemm (beta = 1 - lr wd, alpha = -lr): dW is never stored
+#    (except in a data-parallel epoch, whose `reduce` hook needs it).
 #    dense_stack_forward (inference) runs the same dense forward helper per layer in
 #    one nogil call, the hidden outputs alternating between two workspace halves.
 
@@ -55,6 +56,9 @@ from . import DEFAULT_ALPHA as _DEFAULT_ALPHA
 from . import LOSS_CODES as _LOSS_CODES
 from . import OPTIMIZER_CODES as _OPTIMIZER_CODES
 from . import OPTIMIZER_HYPER as _OPTIMIZER_HYPER
+from . import REDUCE_LOSS as _REDUCE_LOSS
+from . import REDUCE_START as _REDUCE_START
+from . import REDUCE_WAIT as _REDUCE_WAIT
 
 # OpenMP when the compiler has it (setup.py passes -fopenmp / /openmp); otherwise
 # serial stand-ins, so the module still builds where OpenMP is unavailable (macOS).
@@ -184,6 +188,9 @@ cdef int SGD = _OPTIMIZER_CODES["sgd"]
 cdef int ADAGRAD = _OPTIMIZER_CODES["adagrad"]
 cdef int RMSPROP = _OPTIMIZER_CODES["rmsprop"]
 cdef int ADAM = _OPTIMIZER_CODES["adam"]
+cdef int REDUCE_LOSS = _REDUCE_LOSS
+cdef int REDUCE_START = _REDUCE_START
+cdef int REDUCE_WAIT = _REDUCE_WAIT
 
 # Below this many elements a loop runs serially: a thread team costs more than it saves.
 cdef Py_ssize_t _PARALLEL_MIN = 1 << 17
@@ -1919,6 +1926,35 @@ cdef inline floating *_shifted(floating *p, Py_ssize_t offset) noexcept nogil:
     return p + offset if p != NULL else NULL
 
 
+cdef double _reduce_call(void *hook, int phase, int layer, double value, Py_ssize_t rows,
+                         int *status) noexcept with gil:
+    """``reduce(phase, layer, value, rows)`` of ``hook`` = [reduce, None] as a double
+    (``fastnn.kernels.REDUCE_LOSS``); an exception goes to hook[1], status becomes 2."""
+    cdef list box = <list> hook
+    if status[0]:
+        return 0.0
+    try:
+        return float(box[0](phase, layer, value, rows))
+    except BaseException as exc:  # re-raised by train_epoch once the loop has ended
+        box[1] = exc
+        status[0] = 2
+        return 0.0
+
+
+cdef inline void _layer_step(
+    int opt_code, const double *hyper, floating *params, const floating *grads,
+    floating *state0, floating *state1, floating *state2,
+    const Py_ssize_t *w_off, int layer, int n_layers, Py_ssize_t n_params, double lr,
+    long t,
+) noexcept nogil:
+    """The optimizer update of layer ``layer``'s slice (W then b) of the flat buffers."""
+    cdef Py_ssize_t start = w_off[layer]
+    cdef Py_ssize_t stop = w_off[layer + 1] if layer + 1 < n_layers else n_params
+    _optimizer_step(opt_code, hyper, params + start, grads + start,
+                    _shifted(state0, start), _shifted(state1, start),
+                    _shifted(state2, start), stop - start, lr, t)
+
+
 cdef int _train_epoch_ptr(
     const floating *X,        # IN  (n_samples, widths[0]) all samples
     const int64_t *labels,    # IN  (.,) class labels, or NULL (non-label losses)
@@ -1943,19 +1979,23 @@ cdef int _train_epoch_ptr(
     floating *state0, floating *state1, floating *state2,  # IN/OUT optimizer state
     long step,
     double *stats,            # OUT (4,)
+    void *reduce,             # [reduce, None] (TrainEpochSpec.reduce), or NULL
+    Py_ssize_t n_steps,       # steps of an epoch with reduce (len(lrs))
 ) noexcept nogil:
     """The body of ``train_epoch``: per batch gather, forward, loss, then per layer
     (last first) backward and update. Returns 0, or 1 when a batch holds a sample index
     outside [0, n_samples) or a label outside [0, widths[L]) (the epoch then ends before
-    that batch's update).
+    that batch's update), or 2 when ``reduce`` raised. With ``reduce``, each layer's
+    reduction starts after its backward, and the updates wait for them (REDUCE_LOSS).
 
     Workspace of a batch of ``rows``: a_0 .. a_L (rows, widths[l]) packed, then two
     (rows, widest) gradient buffers that swap roles from layer to layer."""
     cdef:
-        Py_ssize_t start = 0, size, next_size, i, b = 0, n_layer, n_bad = 0
+        Py_ssize_t start = 0, size, next_size, i, b = 0, n_bad = 0
         Py_ssize_t d0 = widths[0], k_out = widths[n_layers]
         int layer
-        double loss
+        double loss, share, global_loss
+        int status = 0
         const int64_t *rows
         floating *out
         floating *dout
@@ -1963,9 +2003,9 @@ cdef int _train_epoch_ptr(
         floating *swap
         # Plain SGD (no momentum) updates each layer inside its backward: the dW gemm
         # writes straight into W (_dense_backward_sgd_ptr), and grads stay untouched.
-        bint fold_sgd = opt_code == SGD and hyper[0] == 0
+        bint fold_sgd = opt_code == SGD and hyper[0] == 0 and reduce == NULL
     stats[0] = stats[1] = stats[2] = stats[3] = 0
-    while start < m:
+    while start < m or (reduce != NULL and b < n_steps):
         size = min(batch_size, m - start)
         rows = order + start
         for i in range(size):
@@ -1993,11 +2033,17 @@ cdef int _train_epoch_ptr(
         dout = workspace + size * a_off[n_layers + 1]
         dprev = dout + size * widest
         loss = _loss_ptr(loss_code, loss_param, out, targets, labels, rows, NULL, dout,
-                         row_loss, size, k_out, 1, &n_bad)
+                         row_loss, size, k_out, 1, &n_bad) if size > 0 else 0
         if n_bad:
             return 1
         stats[3] = loss
-        if not isfinite(loss):
+        if reduce != NULL:
+            share = _reduce_call(reduce, REDUCE_LOSS, -1, loss, size, &status)
+            if status:
+                return status
+            for i in range(size * k_out):
+                dout[i] *= <floating> share
+        elif not isfinite(loss):
             return 0
         stats[1] += _batch_hits(loss_code, out, labels, targets, rows, size, k_out)
         for layer in range(n_layers - 1, -1, -1):
@@ -2013,8 +2059,6 @@ cdef int _train_epoch_ptr(
                 # Each layer's update follows its backward at once, while its gradient
                 # is still in cache (dx has used the old W; the layers below need
                 # only dx). The same arithmetic as one update of the whole buffer.
-                n_layer = (w_off[layer + 1] if layer + 1 < n_layers
-                           else n_params) - w_off[layer]
                 _dense_backward_ptr(
                     workspace + size * a_off[layer], params + w_off[layer],
                     workspace + size * a_off[layer + 1], dout, <int> acts[layer],
@@ -2022,15 +2066,23 @@ cdef int _train_epoch_ptr(
                     grads + w_off[layer],
                     grads + b_off[layer] if b_off[layer] >= 0 else NULL, db_parts, 1,
                     <int> size, <int> widths[layer], <int> widths[layer + 1])
-                _optimizer_step(opt_code, hyper, params + w_off[layer],
-                                grads + w_off[layer],
-                                _shifted(state0, w_off[layer]),
-                                _shifted(state1, w_off[layer]),
-                                _shifted(state2, w_off[layer]), n_layer, lrs[b],
-                                step + b + 1)
+                if reduce == NULL:
+                    _layer_step(opt_code, hyper, params, grads, state0, state1, state2,
+                                w_off, layer, n_layers, n_params, lrs[b], step + b + 1)
+                else:
+                    _reduce_call(reduce, REDUCE_START, layer, 0, size, &status)
             swap = dout
             dout = dprev
             dprev = swap
+        for layer in range(n_layers - 1 if reduce != NULL else -1, -1, -1):
+            global_loss = _reduce_call(reduce, REDUCE_WAIT, layer, 0, size, &status)
+            if status:
+                return status
+            if not isfinite(global_loss):
+                stats[3] = global_loss
+                return 0
+            _layer_step(opt_code, hyper, params, grads, state0, state1, state2, w_off,
+                        layer, n_layers, n_params, lrs[b], step + b + 1)
         stats[0] += loss * size
         stats[2] += 1
         start += size
@@ -2065,6 +2117,7 @@ def _train_epoch(
     long step,
     double[::1] stats,               # OUT (4,)
     bint bf16,                       # the products in bf16 (float32 only)
+    object reduce,                   # TrainEpochSpec.reduce, or None
 ):
     cdef:
         int n_layers = widths.shape[0] - 1, layer, status
@@ -2082,6 +2135,7 @@ def _train_epoch(
         floating *s1 = _data_or_null(state1)
         floating *s2 = _data_or_null(state2)
         uint32_t *bf16_scratch = NULL
+        list hook = [reduce, None]
         bint ok = (n_layers >= 1 and batch_size >= 1 and acts.shape[0] == n_layers
                    and alphas.shape[0] == n_layers and use_bias.shape[0] == n_layers)
     # The O(L) checks of every size against widths (sample indices and labels are
@@ -2128,7 +2182,7 @@ def _train_epoch(
     if targets is not None and targets.shape[0] > 0:
         tgt = &targets[0, 0]
     if bf16:
-        if floating is float:
+        if floating is float and reduce is None:
             bf16_scratch = _bf16_scratch(_bf16_epoch_words(rows, widths))
             with nogil:
                 status = _bf16_train_epoch_ptr(
@@ -2151,9 +2205,12 @@ def _train_epoch(
             batch_size, n_layers, &widths[0], &acts[0], &alphas[0], w_off, b_off, a_off,
             &params[0], &grads[0], &workspace[0], scratch, scratch + rows,
             params.shape[0], widest, loss_code, loss_param, opt_code, &hyper[0], lrs_, s0,
-            s1, s2, step, &stats[0])
+            s1, s2, step, &stats[0], <void *> hook if reduce is not None else NULL,
+            lrs.shape[0])
     free(offsets)
     free(scratch)
+    if status == 2:
+        raise hook[1]
     if status:
         _refuse()
 
@@ -2171,7 +2228,8 @@ def train_epoch(spec):
     ``W = (1 - lr wd) W - lr a.T @ dz`` is the dW gemm itself, and ``grads`` (scratch)
     is left untouched (``_numpy.train_epoch`` says what each backend leaves there). ``stats`` float64 (4,) receives [sum of batch loss * batch rows,
     correct predictions, batches completed, the last batch's loss]; a non-finite batch
-    loss ends the epoch before its update.
+    loss ends the epoch before its update. ``reduce`` as in ``_numpy.train_epoch``: the
+    nogil loop takes the GIL only for its calls.
     """
     try:
         optimizer = spec.optimizer
@@ -2181,7 +2239,7 @@ def train_epoch(spec):
                      spec.widths, spec.acts, spec.alphas, spec.use_bias, spec.params,
                      spec.grads, spec.workspace, spec.loss_code, spec.loss_param,
                      optimizer.code, optimizer.hyper, spec.lrs, *optimizer.states,
-                     spec.step, spec.stats, _bf16_epoch(spec))
+                     spec.step, spec.stats, _bf16_epoch(spec), spec.reduce)
     except _REFUSED:
         _checks.train_epoch(spec)
         _checks.train_epoch_indices(spec)

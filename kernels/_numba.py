@@ -52,7 +52,7 @@ from . import (
     IDENTITY, LEAKY_RELU, MAE, MSE, OPTIMIZER_CODES, OPTIMIZER_HYPER, RELU, RMSPROP, SGD,
     SIGMOID, SOFTPLUS, STEP, TANH,
 )
-from . import _checks
+from . import _checks, _numpy
 
 #: Length of each optimizer code's ``hyper`` array (kernels.OPTIMIZER_HYPER).
 _HYPER_SIZES = tuple(len(OPTIMIZER_HYPER[name]) for name in
@@ -1569,9 +1569,16 @@ def train_epoch(spec):
     bit-identical to calling those single kernels in sequence. Nothing is allocated
     per batch. Compiled per dtype, on the first call with that dtype. A ``bf16`` spec
     runs the Cython kernel (see ``_bf16_kernels``).
+
+    An epoch with ``reduce`` runs the numpy reference (``_numpy.train_epoch``): compiled
+    code reaches a Python callable only through ``numba.objmode``, whose callee must be
+    a global, and ``cache=True`` freezes globals.
     """
     if spec.bf16:
         return _bf16_kernels().train_epoch(spec)
+    if spec.reduce is not None:
+        _numpy.train_epoch(spec)
+        return
     try:
         optimizer = spec.optimizer
         state0, state1, state2 = optimizer.states

@@ -32,8 +32,9 @@ import numpy as np
 from . import _checks
 from . import (
     ADAGRAD, BINARY_CROSS_ENTROPY, CROSS_ENTROPY, DEFAULT_ALPHA, ELU, HINGE, HUBER,
-    IDENTITY, LABEL_LOSS_CODES, LEAKY_RELU, MAE, MSE, RELU, RMSPROP, SGD, SIGMOID,
-    SOFTPLUS, STEP, TANH, dense_stack_workspace_size,
+    IDENTITY, LABEL_LOSS_CODES, LEAKY_RELU, MAE, MSE, REDUCE_LOSS, REDUCE_START,
+    REDUCE_WAIT, RELU, RMSPROP, SGD, SIGMOID, SOFTPLUS, STEP, TANH,
+    dense_stack_workspace_size,
 )
 
 
@@ -625,19 +626,26 @@ def train_epoch(spec):
     A sample index in ``order`` outside [0, n) or a class label outside [0, widths[L])
     raises ValueError: here before any update; the compiled backends check each batch
     as they gather it, so the batches before the bad one have been applied.
+
+    With ``reduce`` (a data-parallel epoch, see ``fastnn.kernels.REDUCE_LOSS``) the
+    epoch has ``len(lrs)`` steps, the loss gradient is scaled by the share REDUCE_LOSS
+    returns, each layer's reduction starts after its backward, and the update waits
+    for every layer's; ``stats`` keeps this process's sums (the loss and hits of its
+    rows), ``stats[3]`` the global loss that stopped the epoch.
     """
     _checks.train_epoch(spec)
     _checks.train_epoch_indices(spec)
     (X, labels, targets, order, batch_size, widths, acts, alphas, use_bias, params, grads,
-     workspace, loss_code, loss_param, optimizer, lrs, step, stats, bf16) = spec
+     workspace, loss_code, loss_param, optimizer, lrs, step, stats, bf16, reduce) = spec
     forward, backward = ((_dense_forward_bf16, _dense_backward_bf16) if bf16
                          else (_dense_forward, _dense_backward))
     n_layers = widths.shape[0] - 1
     m = order.shape[0]
     widest = int(widths.max())
+    n_steps = -(-m // batch_size) if reduce is None else lrs.shape[0]
     stats[:] = 0
-    for b, start in enumerate(range(0, m, batch_size)):
-        rows = order[start:start + batch_size]
+    for b in range(n_steps):
+        rows = order[b * batch_size:(b + 1) * batch_size]
         size = rows.shape[0]
         offset = 0
         outs = []
@@ -664,9 +672,12 @@ def train_epoch(spec):
             forward(outs[layer], w, bias, acts[layer], outs[layer + 1], alphas[layer])
         out = outs[n_layers]
         dout = delta[:out.size].reshape(out.shape)
-        loss = _batch_loss(loss_code, loss_param, out, labels, targets, rows, dout)
+        loss = _batch_loss(loss_code, loss_param, out, labels, targets, rows, dout) if size \
+            else 0.0
         stats[3] = loss
-        if not np.isfinite(loss):
+        if reduce is not None:
+            dout *= reduce(REDUCE_LOSS, -1, loss, size)
+        elif not np.isfinite(loss):
             return
         stats[1] += _batch_hits(loss_code, out, labels, targets, rows)
         for layer in range(n_layers - 1, -1, -1):
@@ -678,6 +689,13 @@ def train_epoch(spec):
             if layer > 0:
                 dout = dx
                 delta, dprev = dprev, delta
+            if reduce is not None:
+                reduce(REDUCE_START, layer, 0.0, size)
+        for layer in range(n_layers - 1 if reduce is not None else -1, -1, -1):
+            global_loss = reduce(REDUCE_WAIT, layer, 0.0, size)
+            if not np.isfinite(global_loss):
+                stats[3] = global_loss
+                return
         _optimizer_step(optimizer, params, grads, lrs[b], step + b + 1)
         stats[0] += loss * size
         stats[2] += 1

@@ -2,7 +2,7 @@
 
 ``python _distributed_runs.py OUTDIR NAME [NAME ...]`` runs each named run on every
 rank and writes ``OUTDIR/NAME-rank{r}.npz`` (final parameters, the History as JSON,
-or the exception raised). ``build(name, rank, size)`` is also what the tests call in
+or the exception raised, and whether fit took the fused epoch path). ``build(name, rank, size)`` is also what the tests call in
 one process to make the single-process reference with batch ``size * batch_size``.
 Every rank starts from its own random weights: fit must broadcast rank 0's.
 """
@@ -13,10 +13,14 @@ import sys
 import numpy as np
 
 import fastnn as fn
+from fastnn import _training
 from fastnn import callbacks as cbs
 from fastnn import optimizers, solvers
 
 BATCH = 8
+#: The runs ``build`` makes, each compared with one process by the tests.
+EQUIVALENT = ("sgd_l2", "adam", "adam32", "fused_momentum", "fused_sgd32", "fused_adam",
+              "callbacks", "lbfgs", "lm", "lm_free", "conjugate_gradient", "newton_cg")
 
 
 def _data(n, d, dtype, seed=3):
@@ -51,6 +55,18 @@ def build(name, rank, size):
         model.compile("mse", optimizers.Adam(lr=0.02), ["mae", "r2"])
         val = (X[:13] * 0.5, y_reg[:13], weights[:13])
         return model, X, y_reg, {**fit, "sample_weight": weights, "validation_data": val}
+    if name == "fused_momentum":  # the fused epoch: uneven last batches, validation
+        model = _model((5, 7, 3), dtype, seed)
+        model.compile("cross_entropy", optimizers.SGD(lr=0.2, momentum=0.9), ["accuracy"])
+        return model, X, y_class, {**fit, "validation_split": 0.25}
+    if name == "fused_sgd32":  # plain SGD, folded into the backward in one process only
+        model = _model((5, 6, 2), dtype, seed, activation="relu")
+        model.compile("mse", optimizers.SGD(lr=0.05))
+        return model, X, y_reg, fit
+    if name == "fused_adam":
+        model = _model((5, 8, 6, 2), dtype, seed)
+        model.compile("huber", optimizers.Adam(lr=0.02))
+        return model, X, y_reg, {**fit, "batch_size": 5}
     if name == "callbacks":  # early stopping with restored weights, lr plateaus, files
         model = _model((5, 7, 3), dtype, seed)
         model.compile("cross_entropy", optimizers.SGD(lr=0.5), ["accuracy"])
@@ -96,9 +112,15 @@ def build_special(name, rank, size, out):
     fit.pop("validation_split")
     if name == "stop_on_one_rank":
         fit.update(epochs=5, callbacks=[_StopOnRank(size - 1, 1)])
-    elif name == "shards":  # uneven own parts of 20 + 7 r samples, some below a batch
+    elif name == "numba_momentum":  # numba steps in Python when distributed
+        model, X, y, fit = build("fused_momentum", rank, size)
+    elif "shards" in name:  # own parts of 20 + 7 r samples, uneven
         X, y = X[:20 + 7 * rank], y[:20 + 7 * rank]
         fit.update(distributed="shards", batch_size=25)
+        if name != "shards":  # no l2: the fused epoch, with empty steps on rank 0
+            model = _model((5, 7, 3), "float64", 0)
+            model.compile("cross_entropy", optimizers.SGD(lr=0.2, momentum=0.9))
+            model.use_fused_epoch = name == "fused_shards"
     elif name == "bad_data":
         if rank == size - 1:
             X = X.copy()
@@ -124,17 +146,32 @@ def build_special(name, rank, size, out):
     return model, X, y, fit
 
 
+def fit_and_trace(model, X, y, fit):
+    """``model.fit(X, y, **fit)`` and whether it ran the fused epoch: (History, bool)."""
+    runner, fused = _training.fused_epoch_runner, []
+
+    def traced(*args, **kwargs):
+        run = runner(*args, **kwargs)
+        fused.append(run is not None)
+        return run
+    _training.fused_epoch_runner = traced
+    try:
+        return model.fit(X, y, **fit), any(fused)
+    finally:
+        _training.fused_epoch_runner = runner
+
+
 def _run(name, rank, size, out):
-    if name in ("sgd_l2", "adam", "adam32", "callbacks", "lbfgs", "lm", "lm_free",
-                "conjugate_gradient", "newton_cg"):
+    if name in EQUIVALENT:
         model, X, y, fit = build(name, rank, size)
     else:
         model, X, y, fit = build_special(name, rank, size, out)
     try:
-        history = model.fit(X, y, **fit)
+        with fn.use_backend("numba" if name.startswith("numba") else fn.get_backend()):
+            history, fused = fit_and_trace(model, X, y, fit)
     except Exception as exc:
         return {"params": model.params, "error": json.dumps([type(exc).__name__, str(exc)])}
-    return {"params": model.params,
+    return {"params": model.params, "fused": json.dumps(fused),
             "history": json.dumps({"history": history.history, "epoch": history.epoch,
                                    "stop_reason": history.stop_reason})}
 

@@ -254,6 +254,20 @@ def test_train_epoch_bf16_refuses_float64():
 
 
 @pytest.mark.parametrize("backend_name", BACKENDS)
+def test_train_epoch_bf16_refuses_a_reduce_hook(backend_name):
+    """A data-parallel epoch reduces in the float32 loop only: the bf16 epoch has no
+    hook, so a distributed bf16 fit runs step by step (fastnn/_epochs.py)."""
+    calls = []
+    spec = epoch_spec(np.float32, fn.optimizers.SGD(lr=0.1))._replace(
+        reduce=lambda *args: calls.append(args) or 1.0)
+    before = spec.params.copy()
+    with pytest.raises(ValueError, match="bf16 epoch takes no reduce hook"):
+        kernels.load(backend_name).train_epoch(spec)
+    assert not calls
+    np.testing.assert_array_equal(spec.params, before)
+
+
+@pytest.mark.parametrize("backend_name", BACKENDS)
 def test_fused_and_general_paths_train_alike(backend_name):
     X = rng(6).standard_normal((96, 20)).astype(np.float32)
     y = rng(7).integers(0, 4, 96)

@@ -17,17 +17,17 @@ import numpy as np
 import pytest
 
 import fastnn as fn
-from fastnn import distributed
+from fastnn import distributed, kernels
 from fastnn._epochs import BatchPlan
 
 pytest.importorskip("mpi4py")
 import _distributed_runs as runs  # noqa: E402
+from conftest import ATOL, RTOL  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
-EQUIVALENT = ("sgd_l2", "adam", "adam32", "callbacks", "lbfgs", "lm", "lm_free",
-              "conjugate_gradient", "newton_cg")
-SPECIAL = ("stop_on_one_rank", "shards", "bad_data", "nan_on_one_rank", "callback_fails",
-           "other_model", "other_data")
+EQUIVALENT = runs.EQUIVALENT
+SPECIAL = ("stop_on_one_rank", "shards", "fused_shards", "stepwise_shards", "numba_momentum",
+           "bad_data", "nan_on_one_rank", "callback_fails", "other_model", "other_data")
 TIMEOUT = 120
 
 
@@ -76,7 +76,11 @@ def test_equals_one_process_with_the_global_batch(ranks, name, tmp_path, monkeyp
     _same_on_every_rank(results)
     monkeypatch.setenv("FASTNN_TEST_OUT", str(tmp_path))
     model, X, y, fit = runs.build(name, 0, 1)
-    history = model.fit(X, y, **{**fit, "batch_size": size * runs.BATCH, "distributed": False})
+    history, fused = runs.fit_and_trace(
+        model, X, y, {**fit, "batch_size": size * fit["batch_size"], "distributed": False})
+    assert results[0]["fused"] == fused  # both fused or both step by step
+    if name.startswith("fused_"):
+        assert fused
     rtol = 1e-5 if model.dtype == np.float32 else 1e-10
     if name == "newton_cg":  # its finite-difference Hessian products (step h ~ 1e-8)
         rtol = 1e-6          # amplify the ~1e-16 roundoff of a gradient summed by rank
@@ -105,12 +109,32 @@ def test_a_stop_on_one_rank_stops_every_rank(ranks):
     assert "_StopOnRank" in results[0]["history"]["stop_reason"]
 
 
-def test_own_uneven_shards_keep_ranks_identical(ranks):
+@pytest.mark.parametrize("name", ["shards", "fused_shards"])
+def test_own_uneven_shards_keep_ranks_identical(ranks, name):
     size, out = ranks
-    results = _results(size, out, "shards")
+    results = _results(size, out, name)
     _same_on_every_rank(results)
+    assert results[0]["fused"] == (name == "fused_shards")
     assert results[0]["history"]["epoch"] == [0, 1, 2]
     assert np.isfinite(results[0]["history"]["history"]["loss"]).all()
+
+
+def test_numba_steps_in_python_and_equals_the_fused_epoch(ranks):
+    size, out = ranks
+    numba, fused = (_results(size, out, name) for name in ("numba_momentum", "fused_momentum"))
+    _same_on_every_rank(numba)
+    assert fused[0]["fused"] and not numba[0]["fused"]
+    np.testing.assert_allclose(numba[0]["params"], fused[0]["params"], rtol=1e-10, atol=1e-12)
+
+
+def test_fused_shards_equal_the_steps_in_python(ranks):
+    size, out = ranks
+    fused, stepwise = (_results(size, out, name)[0] for name in ("fused_shards",
+                                                                 "stepwise_shards"))
+    assert fused["fused"] and not stepwise["fused"]
+    np.testing.assert_allclose(fused["params"], stepwise["params"], rtol=1e-10, atol=1e-12)
+    for key, values in stepwise["history"]["history"].items():
+        np.testing.assert_allclose(fused["history"]["history"][key], values, rtol=1e-10)
 
 
 @pytest.mark.parametrize("name, own_error, cause", [
@@ -254,6 +278,84 @@ def test_bench_mpi_workers_measure_on_two_ranks():
     spec = {"kind": "fastnn", "sizes": [8, 6, 3], "samples": 256, "batch": 64, "repeats": 1,
             "distributed": True, "fused": False}
     two = mpi._launch(spec, 2)
+    fused = mpi._launch(dict(spec, fused=True, per_layer=False), 2)
     one = mpi._launch(dict(spec, distributed=False), None)
     assert len(two["epoch_seconds"]) == 1
     np.testing.assert_allclose(two["loss"], one["loss"], rtol=1e-5)
+    np.testing.assert_allclose(fused["loss"], one["loss"], rtol=1e-5)
+
+
+# ------------------------------------------------------------------ the reduce hook
+class _RecordingReduce:
+    """A one-rank ``TrainEpochSpec.reduce``: records its calls, scales the loss
+    gradient by ``share`` and returns the loss of step ``nonfinite_step`` as NaN."""
+
+    def __init__(self, share=1.0, nonfinite_step=None):
+        self.calls, self.share, self.nonfinite_step = [], share, nonfinite_step
+
+    def __call__(self, phase, layer, value, rows):
+        self.calls.append((phase, layer, rows))
+        if phase == kernels.REDUCE_LOSS:
+            self.loss = value
+            return self.share
+        steps = sum(call[0] == kernels.REDUCE_LOSS for call in self.calls)
+        return float("nan") if steps == self.nonfinite_step else self.loss
+
+
+def _epoch_with_reduce(module, dtype, reduce, extra_steps=0, visit=23):
+    """One train_epoch (momentum SGD: the same arithmetic folded or not) of a 3-layer
+    net over the first ``visit`` of 23 samples in batches of 7; (params, stats)."""
+    rng = np.random.default_rng(5)
+    widths = np.array([6, 8, 5, 3], np.int64)
+    n, batch = 23, 7
+    X = rng.standard_normal((n, 6)).astype(dtype)
+    labels = rng.integers(0, 3, n).astype(np.int64)
+    size = int(sum(d * k + k for d, k in zip(widths[:-1], widths[1:])))
+    params = (0.3 * rng.standard_normal(size)).astype(dtype)
+    states = tuple(np.zeros(size, dtype) for _ in range(3))
+    stats = np.zeros(4)
+    module.train_epoch(kernels.TrainEpochSpec(
+        X, labels, np.empty((0, 3), dtype), np.arange(visit, dtype=np.int64), batch, widths,
+        np.array([kernels.RELU, kernels.TANH, kernels.IDENTITY], np.int64), np.zeros(3),
+        np.ones(3, np.int64), params, np.zeros(size, dtype),
+        np.empty(kernels.train_epoch_workspace_size(batch, widths), dtype),
+        kernels.CROSS_ENTROPY, 0.0,
+        kernels.OptimizerSpec(kernels.OPTIMIZER_CODES["sgd"], np.array([0.9, 0, 0, 0.0]),
+                              states),
+        np.full(-(-visit // batch) + extra_steps, 0.1), 0, stats, reduce))
+    return params, stats
+
+
+def test_reduce_hook_calls_and_result_are_the_same_on_every_backend(backend, dtype, oracle):
+    plain, plain_stats = _epoch_with_reduce(backend, dtype, None)
+    hooked, hooked_stats = _epoch_with_reduce(backend, dtype, _RecordingReduce())
+    np.testing.assert_allclose(hooked, plain, rtol=RTOL[dtype], atol=ATOL[dtype])
+    np.testing.assert_allclose(hooked_stats, plain_stats, rtol=RTOL[dtype])
+    # two empty steps after the 4 batches (7, 7, 7, 2 rows), the gradient halved
+    reduce, expected = _RecordingReduce(share=0.5), _RecordingReduce(share=0.5)
+    got, _ = _epoch_with_reduce(backend, dtype, reduce, extra_steps=2)
+    want, _ = _epoch_with_reduce(oracle, dtype, expected, extra_steps=2)
+    np.testing.assert_allclose(got, want, rtol=RTOL[dtype], atol=ATOL[dtype])
+    assert reduce.calls == expected.calls
+    step = [(kernels.REDUCE_LOSS, -1)] + [(kernels.REDUCE_START, layer) for layer in (2, 1, 0)] \
+        + [(kernels.REDUCE_WAIT, layer) for layer in (2, 1, 0)]
+    rows = [7, 7, 7, 2, 0, 0]
+    assert reduce.calls == [(phase, layer, r) for r in rows for phase, layer in step]
+
+
+def test_a_nonfinite_global_loss_stops_the_epoch_before_the_update(backend):
+    reduce = _RecordingReduce(nonfinite_step=2)
+    params, stats = _epoch_with_reduce(backend, np.float64, reduce)
+    assert stats[2] == 1 and np.isnan(stats[3])
+    assert reduce.calls[-1] == (kernels.REDUCE_WAIT, 2, 7)  # the first wait of step 2
+    one_step, _ = _epoch_with_reduce(backend, np.float64, _RecordingReduce(), visit=7)
+    np.testing.assert_array_equal(params, one_step)
+
+
+def test_an_exception_in_reduce_is_raised_by_train_epoch(backend):
+    def failing(phase, layer, value, rows):
+        raise RuntimeError("reduction failed on purpose")
+    with pytest.raises(RuntimeError, match="reduction failed on purpose"):
+        _epoch_with_reduce(backend, np.float64, failing)
+    with pytest.raises(TypeError, match="reduce must be None or a callable, got int"):
+        _epoch_with_reduce(backend, np.float64, 3)

@@ -7,9 +7,11 @@ fastnn.bench --mpi-worker SPEC``), every rank pinned to its own CPU with one thr
   bandwidth (16 MiB; algorithm bandwidth bytes / t and ring bus bandwidth
   2 (K-1)/K bytes / t);
 * scaling: the MNIST-shaped net at a global batch of 256, K ranks x 1 thread against
-  1 process x 1 thread (fused epoch, and the per-step path each rank runs), and K
-  independent processes training at once with 1/K of the batch and samples each, no
-  communication: the ceiling this machine's CPUs put on K ranks;
+  1 process x 1 thread, the fused epoch (one Iallreduce per layer started as soon as
+  its backward is done, or one per step over the whole gradient) and the per-step
+  Python path, and K independent processes (fused) training at once with 1/K of the
+  batch and samples each, no communication: the ceiling this machine's CPUs put on K
+  ranks;
 * torch DistributedDataParallel (gloo) on the same net, data and batches, when torch
   is importable;
 * each reference net's per-step time at two batch sizes (1 thread, per-step path),
@@ -47,6 +49,8 @@ TARGET_EFFICIENCY = 0.8
 SCALING_NET = "mnist"
 LR = 0.01
 TIMEOUT = 900
+#: The label of fastnn's distributed training as fit runs it (ratios use it).
+_FUSED = "{} ranks, fused, Iallreduce/layer"
 
 
 # ------------------------------------------------------------------ worker side
@@ -115,6 +119,7 @@ def _fastnn_worker(spec):
     model.set_weights(initial_weights(sizes))
     model.compile("cross_entropy", fn.optimizers.SGD(lr=LR))
     model.use_fused_epoch = spec["fused"]
+    fn.distributed.REDUCE_PER_LAYER = spec.get("per_layer", True)
     timer = _EpochTimer()
     history = model.fit(X, y, epochs=spec["repeats"] + 1, batch_size=spec["batch"] // size,
                         verbose=0, seed=SEED, callbacks=[timer.callback],
@@ -238,8 +243,11 @@ def run_mpi_bench(ranks, quick, with_torch, log):
     configs = {"1 process, fused epoch": (dict(base, distributed=False, fused=True), None),
                "1 process, per-step": (dict(base, distributed=False, fused=False), None),
                f"{ranks} independent processes (ceiling)": (
-                   dict(base, distributed=False, fused=False, independent=True), ranks),
-               f"{ranks} ranks (fastnn)": (dict(base, distributed=True, fused=False), ranks)}
+                   dict(base, distributed=False, fused=True, independent=True), ranks),
+               _FUSED.format(ranks): (dict(base, distributed=True, fused=True), ranks),
+               f"{ranks} ranks, fused, 1 Iallreduce/step": (
+                   dict(base, distributed=True, fused=True, per_layer=False), ranks),
+               f"{ranks} ranks, per-step": (dict(base, distributed=True, fused=False), ranks)}
     if with_torch:
         port = 29500 + os.getpid() % 1000
         configs[f"{ranks} ranks (torch DDP, gloo)"] = (
@@ -335,7 +343,7 @@ def format_mpi_report(result):
         ratio = f"{rate / baseline:5.2f}x" if baseline else ""
         lines.append(f"  {label:34s} {rate:10.0f} samples/s  {ratio}  (final loss "
                      f"{record['loss']:.4f})")
-    fastnn = training.get(f"{result['ranks']} ranks (fastnn)", {}).get("samples_per_s")
+    fastnn = training.get(_FUSED.format(result["ranks"]), {}).get("samples_per_s")
     ddp = training.get(f"{result['ranks']} ranks (torch DDP, gloo)", {}).get("samples_per_s")
     if fastnn and ddp:
         lines.append(f"  fastnn / torch DDP: {fastnn / ddp:.2f}x")
