@@ -322,7 +322,7 @@ def _epoch_with_reduce(module, dtype, reduce, extra_steps=0, visit=23):
         kernels.CROSS_ENTROPY, 0.0,
         kernels.OptimizerSpec(kernels.OPTIMIZER_CODES["sgd"], np.array([0.9, 0, 0, 0.0]),
                               states),
-        np.full(-(-visit // batch) + extra_steps, 0.1), 0, stats, reduce))
+        np.full(-(-visit // batch) + extra_steps, 0.1), 0, stats, reduce=reduce))
     return params, stats
 
 
