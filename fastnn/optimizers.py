@@ -132,8 +132,11 @@ class Optimizer:
 
     def upcoming_lrs(self, n):
         """The rates of the next ``n`` updates, a float64 (n,) array (for fused kernels)."""
+        if not isinstance(self.lr, schedules.Schedule):  # one rate: no call per update
+            return np.full(n, self.lr * self.lr_scale, dtype=np.float64)
         t0 = self.iterations
-        return np.array([self.current_lr(t) for t in range(t0 + 1, t0 + n + 1)])
+        return np.array([self.current_lr(t) for t in range(t0 + 1, t0 + n + 1)],
+                        dtype=np.float64)
 
     def kernel_spec(self):
         """The ``kernels.OptimizerSpec`` (code, hyper, states) of ``train_epoch``, or None
