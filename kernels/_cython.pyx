@@ -1955,6 +1955,34 @@ cdef inline void _layer_step(
                     _shifted(state2, start), stop - start, lr, t)
 
 
+cdef int _gather_batch(
+    const floating *X,        # IN  (n_samples, d0) all samples
+    const int64_t *labels,    # IN  class labels, or NULL
+    const floating *targets,  # IN  (., k_out) targets, or NULL
+    const int64_t *rows,      # IN  (size + next_size,) this batch's, then the next's
+    Py_ssize_t size, Py_ssize_t next_size, Py_ssize_t n_samples, Py_ssize_t d0,
+    Py_ssize_t k_out,
+    floating *batch,          # OUT (size, d0)
+) noexcept nogil:
+    """Copy the batch's rows of X into ``batch``; returns 1 (nothing more done) when a
+    sample index is outside [0, n_samples), else 0. Random batches miss the cache, so
+    the next batch's samples are asked for meanwhile (labels first: the loss waits on
+    them one by one)."""
+    cdef Py_ssize_t i
+    for i in range(size):
+        if rows[i] < 0 or rows[i] >= n_samples:
+            return 1
+        memcpy(batch + i * d0, X + rows[i] * d0, d0 * sizeof(floating))
+    if (0 < next_size and next_size * (d0 + k_out) * <Py_ssize_t> sizeof(floating)
+            <= _PREFETCH_BYTES):
+        if labels != NULL:
+            _prefetch_rows(labels, sizeof(int64_t), rows + size, next_size)
+        if targets != NULL:
+            _prefetch_rows(targets, k_out * sizeof(floating), rows + size, next_size)
+        _prefetch_rows(X, d0 * sizeof(floating), rows + size, next_size)
+    return 0
+
+
 cdef int _train_epoch_ptr(
     const floating *X,        # IN  (n_samples, widths[0]) all samples
     const int64_t *labels,    # IN  (.,) class labels, or NULL (non-label losses)
@@ -1991,7 +2019,7 @@ cdef int _train_epoch_ptr(
     Workspace of a batch of ``rows``: a_0 .. a_L (rows, widths[l]) packed, then two
     (rows, widest) gradient buffers that swap roles from layer to layer."""
     cdef:
-        Py_ssize_t start = 0, size, next_size, i, b = 0, n_bad = 0
+        Py_ssize_t start = 0, size, i, b = 0, n_bad = 0
         Py_ssize_t d0 = widths[0], k_out = widths[n_layers]
         int layer
         double loss, share, global_loss
@@ -2008,21 +2036,9 @@ cdef int _train_epoch_ptr(
     while start < m or (reduce != NULL and b < n_steps):
         size = min(batch_size, m - start)
         rows = order + start
-        for i in range(size):
-            if rows[i] < 0 or rows[i] >= n_samples:
-                return 1
-            memcpy(workspace + i * d0, X + rows[i] * d0, d0 * sizeof(floating))
-        # Random batches miss the cache: ask for the next batch's samples meanwhile
-        # (labels first: the loss waits on them one by one).
-        next_size = min(batch_size, m - start - size)
-        if (0 < next_size and next_size * (d0 + k_out) * <Py_ssize_t> sizeof(floating)
-                <= _PREFETCH_BYTES):
-            if labels != NULL:
-                _prefetch_rows(labels, sizeof(int64_t), rows + size, next_size)
-            if targets != NULL:
-                _prefetch_rows(targets, k_out * sizeof(floating), rows + size,
-                               next_size)
-            _prefetch_rows(X, d0 * sizeof(floating), rows + size, next_size)
+        if _gather_batch(X, labels, targets, rows, size, min(batch_size, m - start - size),
+                         n_samples, d0, k_out, workspace):
+            return 1
         for layer in range(n_layers):
             _dense_forward_ptr(
                 workspace + size * a_off[layer], params + w_off[layer],
@@ -2605,7 +2621,7 @@ cdef int _bf16_train_epoch_ptr(
     holds per layer the packed w and w^T (none for the first: it has no dx), then the
     rounded activations and the backward's pair buffers, shared by the layers."""
     cdef:
-        Py_ssize_t start = 0, size, next_size, i, j, b = 0, n_layer, n_bad = 0, pos = 0
+        Py_ssize_t start = 0, size, i, j, b = 0, n_layer, n_bad = 0, pos = 0
         Py_ssize_t d0 = widths[0], k_out = widths[n_layers], d, k
         int layer
         double loss, lr
@@ -2626,18 +2642,9 @@ cdef int _bf16_train_epoch_ptr(
     while start < m:
         size = min(batch_size, m - start)
         rows = order + start
-        for i in range(size):
-            if rows[i] < 0 or rows[i] >= n_samples:
-                return 1
-            memcpy(workspace + i * d0, X + rows[i] * d0, d0 * sizeof(float))
-        next_size = min(batch_size, m - start - size)
-        if (0 < next_size and next_size * (d0 + k_out) * <Py_ssize_t> sizeof(float)
-                <= _PREFETCH_BYTES):
-            if labels != NULL:
-                _prefetch_rows(labels, sizeof(int64_t), rows + size, next_size)
-            if targets != NULL:
-                _prefetch_rows(targets, k_out * sizeof(float), rows + size, next_size)
-            _prefetch_rows(X, d0 * sizeof(float), rows + size, next_size)
+        if _gather_batch(X, labels, targets, rows, size, min(batch_size, m - start - size),
+                         n_samples, d0, k_out, workspace):
+            return 1
         pos = 0
         for layer in range(n_layers):
             d = widths[layer]
