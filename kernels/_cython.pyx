@@ -917,6 +917,21 @@ cdef void _dense_backward_sgd_ptr(
             b[j] -= <floating> (lr * (db[j] + weight_decay * b[j]))
 
 
+cdef bint _dense_backward_shapes_ok(
+    const Py_ssize_t *x, const Py_ssize_t *w, const Py_ssize_t *a, const Py_ssize_t *dout,
+    const Py_ssize_t *dz, const Py_ssize_t *dw, Py_ssize_t db, const Py_ssize_t *dx,
+    int act,
+) noexcept:
+    """dense_backward's O(1) check (float32 / float64 and bf16 alike): with x (n, d) and
+    w (d, k), a, dout and dz are (n, k), dw (d, k), db (k,), dx (n, d) or NULL
+    (skipped), and act a known activation code."""
+    cdef Py_ssize_t n = x[0], d = x[1], k = w[1]
+    return (w[0] == d and a[0] == n and a[1] == k and dout[0] == n and dout[1] == k
+            and dz[0] == n and dz[1] == k and dw[0] == d and dw[1] == k and db == k
+            and (dx == NULL or (dx[0] == n and dx[1] == d))
+            and IDENTITY <= act <= ELU)
+
+
 def _dense_backward(
     const floating[:, ::1] x,     # IN  (n, d)
     const floating[:, ::1] w,     # IN  (d, k)
@@ -935,11 +950,9 @@ def _dense_backward(
         int nchunks = _n_chunks(<Py_ssize_t> n * k, n)
         floating *dx_ = NULL
         double *db_parts
-    if (w.shape[0] != d or a.shape[0] != n or a.shape[1] != k or dout.shape[0] != n
-            or dout.shape[1] != k or dz.shape[0] != n or dz.shape[1] != k
-            or dw.shape[0] != d or dw.shape[1] != k or db.shape[0] != k
-            or (dx is not None and (dx.shape[0] != n or dx.shape[1] != d))
-            or not IDENTITY <= act <= ELU):
+    if not _dense_backward_shapes_ok(x.shape, w.shape, a.shape, dout.shape, dz.shape,
+                                     dw.shape, db.shape[0],
+                                     dx.shape if dx is not None else NULL, act):
         _refuse()
     if n == 0:  # no rows: zero gradients, as numpy's sums over nothing
         dw[:, :] = 0
@@ -2502,11 +2515,9 @@ def _dense_backward_bf16(
         uint32_t *scratch
         uint32_t *wtp = NULL
         double *sums
-    if (w.shape[0] != d or a.shape[0] != n or a.shape[1] != k or dout.shape[0] != n
-            or dout.shape[1] != k or dz.shape[0] != n or dz.shape[1] != k
-            or dw.shape[0] != d or dw.shape[1] != k or db.shape[0] != k
-            or (dx is not None and (dx.shape[0] != n or dx.shape[1] != d))
-            or not IDENTITY <= act <= ELU):
+    if not _dense_backward_shapes_ok(x.shape, w.shape, a.shape, dout.shape, dz.shape,
+                                     dw.shape, db.shape[0],
+                                     dx.shape if dx is not None else NULL, act):
         _refuse()
     if n == 0:  # no rows: zero gradients, as numpy's sums over nothing
         dw[:, :] = 0
