@@ -104,9 +104,11 @@ def fused_epoch_runner(model, X, target, weights, plan, callbacks, comm=None):
 
     Distributed (``comm``), each rank's call visits its rows of every global step
     (``plan.positions``) and the kernel averages the gradient over the ranks in every
-    step, each layer's reduction started as soon as its backward is done
-    (``distributed.GradientReduction``); the epoch's loss and hits are summed over the
-    ranks.
+    step through its ``reduce`` hook: in MPI shared memory when every rank is on this
+    node (``distributed.SharedMemoryReduction``, whose window is then the kernel's
+    gradient buffer), else by an Iallreduce per layer started as soon as its backward
+    is done (``distributed.GradientReduction``); the epoch's loss and hits are summed
+    over the ranks.
     """
     dense = [layer for layer in model.layers if isinstance(layer, Dense)]
     optimizer_spec = (model.optimizer.kernel_spec()
@@ -138,15 +140,18 @@ def fused_epoch_runner(model, X, target, weights, plan, callbacks, comm=None):
     optimizer = model.optimizer
     reduction, positions, n_total = None, None, X.shape[0]
     if comm is not None:
-        reduction = distributed_module.GradientReduction(comm, model.grads, [
-            (start, start + sum(p.size for p in d.parameters()))
-            for d, start in zip(dense, model.layer_offsets)])
+        bounds = [(start, start + sum(p.size for p in d.parameters()))
+                  for d, start in zip(dense, model.layer_offsets)]
+        if comm.one_node and distributed_module.SHARED_MEMORY:
+            reduction = distributed_module.SharedMemoryReduction(comm, model.grads, bounds)
+        else:
+            reduction = distributed_module.GradientReduction(comm, model.grads, bounds)
         positions, global_rows = plan.positions(), plan.global_rows()
         n_total = global_rows.sum()
     # The arguments that stay fixed over the fit; run() sets the per-epoch ones.
     fixed = kernels.TrainEpochSpec(
         X, labels, targets, in_order, batch, widths, acts, alphas, use_bias, model.params,
-        model.grads, workspace, loss_code, loss_param, optimizer=optimizer_spec, lrs=None,
+        model.grads if reduction is None else reduction.grads, workspace, loss_code, loss_param, optimizer=optimizer_spec, lrs=None,
         step=0, stats=stats, bf16=model.precision == "bf16", reduce=reduction)
 
     def run(order):

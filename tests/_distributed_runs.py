@@ -112,7 +112,9 @@ def build_special(name, rank, size, out):
     fit.pop("validation_split")
     if name == "stop_on_one_rank":
         fit.update(epochs=5, callbacks=[_StopOnRank(size - 1, 1)])
-    elif name == "numba_momentum":  # numba steps in Python when distributed
+    elif name in ("numba_momentum", "numpy_momentum", "iallreduce_momentum"):
+        # numba steps in Python when distributed; the numpy reference runs the fused
+        # epoch with the hook; Iallreduce instead of the node's shared memory
         model, X, y, fit = build("fused_momentum", rank, size)
     elif "shards" in name:  # own parts of 20 + 7 r samples, uneven
         X, y = X[:20 + 7 * rank], y[:20 + 7 * rank]
@@ -146,6 +148,25 @@ def build_special(name, rank, size, out):
     return model, X, y, fit
 
 
+class _CountSharedMemorySteps:
+    """Counts the steps SharedMemoryReduction reduces (its REDUCE_LOSS calls)."""
+
+    def __init__(self):
+        self.steps, self.call = 0, fn.distributed.SharedMemoryReduction.__call__
+
+    def __enter__(self):
+        call = self.call
+
+        def counted(reduction, phase, *args):
+            self.steps += phase == fn.kernels.REDUCE_LOSS
+            return call(reduction, phase, *args)
+        fn.distributed.SharedMemoryReduction.__call__ = counted
+        return self
+
+    def __exit__(self, *exc):
+        fn.distributed.SharedMemoryReduction.__call__ = self.call
+
+
 def fit_and_trace(model, X, y, fit):
     """``model.fit(X, y, **fit)`` and whether it ran the fused epoch: (History, bool)."""
     runner, fused = _training.fused_epoch_runner, []
@@ -166,12 +187,17 @@ def _run(name, rank, size, out):
         model, X, y, fit = build(name, rank, size)
     else:
         model, X, y, fit = build_special(name, rank, size, out)
+    backend = name.split("_")[0] if name.startswith(("numba_", "numpy_")) else fn.get_backend()
+    fn.distributed.SHARED_MEMORY = not name.startswith("iallreduce")
     try:
-        with fn.use_backend("numba" if name.startswith("numba") else fn.get_backend()):
+        with fn.use_backend(backend), _CountSharedMemorySteps() as shared:
             history, fused = fit_and_trace(model, X, y, fit)
     except Exception as exc:
         return {"params": model.params, "error": json.dumps([type(exc).__name__, str(exc)])}
+    finally:
+        fn.distributed.SHARED_MEMORY = True
     return {"params": model.params, "fused": json.dumps(fused),
+            "shared_memory_steps": json.dumps(shared.steps),
             "history": json.dumps({"history": history.history, "epoch": history.epoch,
                                    "stop_reason": history.stop_reason})}
 

@@ -7,11 +7,12 @@ fastnn.bench --mpi-worker SPEC``), every rank pinned to its own CPU with one thr
   bandwidth (16 MiB; algorithm bandwidth bytes / t and ring bus bandwidth
   2 (K-1)/K bytes / t);
 * scaling: the MNIST-shaped net at a global batch of 256, K ranks x 1 thread against
-  1 process x 1 thread, the fused epoch (one Iallreduce per layer started as soon as
-  its backward is done, or one per step over the whole gradient) and the per-step
-  Python path, and K independent processes (fused) training at once with 1/K of the
-  batch and samples each, no communication: the ceiling this machine's CPUs put on K
-  ranks;
+  1 process x 1 thread: the fused epoch as fit runs it on one node (the gradient
+  summed in MPI shared memory, ``distributed.SharedMemoryReduction``) and as it runs
+  across nodes (one Iallreduce per layer, started as soon as its backward is done),
+  the per-step Python path, and K independent processes (fused) training at once with
+  1/K of the batch and samples each, no communication: the ceiling this machine's CPUs
+  put on K ranks;
 * torch DistributedDataParallel (gloo) on the same net, data and batches, when torch
   is importable;
 * each reference net's per-step time at two batch sizes (1 thread, per-step path),
@@ -50,7 +51,7 @@ SCALING_NET = "mnist"
 LR = 0.01
 TIMEOUT = 900
 #: The label of fastnn's distributed training as fit runs it (ratios use it).
-_FUSED = "{} ranks, fused, Iallreduce/layer"
+_FUSED = "{} ranks, fused, shared memory"
 
 
 # ------------------------------------------------------------------ worker side
@@ -120,6 +121,7 @@ def _fastnn_worker(spec):
     model.compile("cross_entropy", fn.optimizers.SGD(lr=LR))
     model.use_fused_epoch = spec["fused"]
     fn.distributed.REDUCE_PER_LAYER = spec.get("per_layer", True)
+    fn.distributed.SHARED_MEMORY = spec.get("shared_memory", True)
     timer = _EpochTimer()
     history = model.fit(X, y, epochs=spec["repeats"] + 1, batch_size=spec["batch"] // size,
                         verbose=0, seed=SEED, callbacks=[timer.callback],
@@ -245,8 +247,8 @@ def run_mpi_bench(ranks, quick, with_torch, log):
                f"{ranks} independent processes (ceiling)": (
                    dict(base, distributed=False, fused=True, independent=True), ranks),
                _FUSED.format(ranks): (dict(base, distributed=True, fused=True), ranks),
-               f"{ranks} ranks, fused, 1 Iallreduce/step": (
-                   dict(base, distributed=True, fused=True, per_layer=False), ranks),
+               f"{ranks} ranks, fused, Iallreduce/layer": (
+                   dict(base, distributed=True, fused=True, shared_memory=False), ranks),
                f"{ranks} ranks, per-step": (dict(base, distributed=True, fused=False), ranks)}
     if with_torch:
         port = 29500 + os.getpid() % 1000
