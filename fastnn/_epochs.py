@@ -140,12 +140,12 @@ def fused_epoch_runner(model, X, target, weights, plan, callbacks, comm=None):
     optimizer = model.optimizer
     reduction, positions, n_total = None, None, X.shape[0]
     if comm is not None:
-        bounds = [(start, start + sum(p.size for p in d.parameters()))
-                  for d, start in zip(dense, model.layer_offsets)]
         if comm.one_node and distributed_module.SHARED_MEMORY:
-            reduction = distributed_module.SharedMemoryReduction(comm, model.grads, bounds)
+            reduction = distributed_module.SharedMemoryReduction(comm, model.grads, len(dense))
         else:
-            reduction = distributed_module.GradientReduction(comm, model.grads, bounds)
+            reduction = distributed_module.GradientReduction(comm, model.grads, [
+                (start, start + sum(p.size for p in d.parameters()))
+                for d, start in zip(dense, model.layer_offsets)])
         positions, global_rows = plan.positions(), plan.global_rows()
         n_total = global_rows.sum()
     # The arguments that stay fixed over the fit; run() sets the per-epoch ones.

@@ -410,21 +410,24 @@ class GradientReduction:
 
 class _NodeWindow:
     """MPI-3 shared memory on this node (``MPI_Win_allocate_shared``), one window:
-    every rank's segment holds its control block (``n_flags`` int64 flags, then 2
-    float64 loss slots) and ``capacity`` bytes of data, each readable by every rank.
-    Made collectively, kept for the fits that follow, and replaced (freed and made
-    again, both collective) when a fit needs more. ``counter`` numbers the reduction
-    steps since it was made; it moves in step on every rank."""
+    every rank's segment holds its control block (N_FLAGS int64 flags, then a float64
+    loss slot) and ``capacity`` bytes of data, each readable by every rank. Made
+    collectively, kept for the fits that follow, and replaced (freed and made again,
+    both collective) when a fit needs more. ``counter`` numbers the reduction steps
+    since it was made; it moves in step on every rank."""
 
-    def __init__(self, comm, capacity, n_flags):
+    READY, REDUCED, COPIED = range(3)
+    N_FLAGS = 3
+
+    def __init__(self, comm, capacity):
         MPI = comm.MPI
-        self.capacity, self.n_flags, self.counter = capacity, n_flags, 0
-        data_start = -(-8 * (n_flags + 2) // 64) * 64   # the data on its own cache lines
+        self.capacity, self.counter = capacity, 0
+        data_start = 64                      # the data on its own cache lines
         self.win = MPI.Win.Allocate_shared(data_start + capacity, 1, comm=comm.node)
-        self.win.Lock_all(MPI.MODE_NOCHECK)   # a passive access epoch: Win.Sync may run
+        self.win.Lock_all(MPI.MODE_NOCHECK)  # a passive access epoch: Win.Sync may run
         segments = [self.win.Shared_query(r)[0] for r in range(comm.size)]
-        self.flags = [np.frombuffer(seg, np.int64, n_flags) for seg in segments]
-        self.losses = [np.frombuffer(seg, np.float64, 2, 8 * n_flags) for seg in segments]
+        self.flags = [np.frombuffer(seg, np.int64, self.N_FLAGS) for seg in segments]
+        self.losses = [np.frombuffer(seg, np.float64, 1, 8 * self.N_FLAGS) for seg in segments]
         self.data = [np.frombuffer(seg, np.uint8, capacity, data_start) for seg in segments]
         self.flags[comm.rank][:] = 0
         comm.node.Barrier()
@@ -441,54 +444,41 @@ class SharedMemoryReduction:
     """The ``reduce`` hook of a fused distributed epoch whose ranks all run on one node:
     the gradient is summed in an MPI shared-memory window (a reduce-scatter, then an
     allgather, both plain loads and stores) instead of by Iallreduce, whose copies
-    through Open MPI's shared-memory transport cost ~0.27 ms per MiB here and progress
-    only inside MPI calls.
+    through Open MPI's shared-memory transport cost 0.1-0.3 ms per MiB here.
 
-    The kernel's gradient buffer (``grads``) is this rank's segment of the window. Each
-    step, per layer (last first), with ``c`` the step number:
+    The kernel's gradient buffer (``grads``) is this rank's segment of the window, and
+    rank r owns chunk r of it (np.array_split's sizes). Each step, ``c`` its number:
 
     * REDUCE_LOSS: wait until every rank has finished reading this segment in step
-      c - 1 (flag ``copied``), publish rows x loss in a loss slot (two alternate), and
-      scale the loss gradient by this rank's share rows / global rows of the step;
-    * REDUCE_START(l), when layer l's gradient is in the segment: raise ``ready[l]``;
-    * REDUCE_WAIT(l), before layer l's update: once every rank is ready, sum chunk r of
-      the layer over the ranks' segments in rank order (rank r owns chunk r of every
-      layer; np.array_split's sizes) into this segment, raise ``reduced[l]``; once every
-      rank has reduced, copy the other chunks from their owners. Every element is summed
-      once, by its owner, so every rank updates with the same bits. Layer 0 done, raise
-      ``copied``. The first wait of a step also sums the loss slots: the global loss,
-      non-finite on every rank alike.
+      c - 1 (flag ``copied``), put rows x loss in the loss slot, and scale the loss
+      gradient by this rank's share rows / global rows of the step;
+    * REDUCE_START(0), the whole gradient in the segment: raise ``ready``;
+    * REDUCE_WAIT of the last layer (the first update): once every rank is ready, sum
+      the loss slots (the global loss, non-finite on every rank alike), add the other
+      ranks' chunk r (in rank order) to this rank's chunk r, raise ``reduced``; once
+      every rank has reduced, copy the other chunks from their owners and raise
+      ``copied``. Every element is summed once, by its owner, so every rank updates with
+      the same bits.
 
-    A flag holds the step number that last raised it; a waiting rank polls the flags
-    (spin, then sleep, as ``Communicator._wait``). ``Win.Sync`` orders the stores
-    before a raise and the loads after a wait (a no-op on x86).
+    Two waits per step: on two CPUs shared memory leaves nothing to overlap (the CPUs
+    do the copying), and on a busy machine every wait may cost a time slice. A flag
+    holds the step number that last raised it; a waiting rank polls the flags (spin,
+    then sleep, as ``Communicator._wait``). ``Win.Sync`` orders the stores before a
+    raise and the loads after a wait (a no-op on x86).
     """
 
-    def __init__(self, comm, grads, bounds):
+    def __init__(self, comm, grads, n_layers):
         global _node_window
-        self.comm = comm
-        k, me = comm.size, comm.rank
-        n_layers = len(bounds)
-        n_flags = 2 * n_layers + 2
         window = _node_window
-        if window is None or window.capacity < grads.nbytes or window.n_flags < n_flags:
+        if window is None or window.capacity < grads.nbytes:
             if window is not None:
                 window.free()
             capacity = -(-grads.nbytes // 64) * 64   # every segment on a cache-line start
-            window = _node_window = _NodeWindow(comm, capacity, n_flags)
-        self.window, self.rank = window, me
+            window = _node_window = _NodeWindow(comm, capacity)
+        self.comm, self.window, self.rank = comm, window, comm.rank
         self.segments = [data[:grads.nbytes].view(grads.dtype) for data in window.data]
-        self.grads = self.segments[me]
-        self.flags, self.losses = window.flags, window.losses
-        self.mine = window.flags[me]
-        self.READY, self.REDUCED = 0, n_layers
-        self.COPIED, self.LOSS = 2 * n_layers, 2 * n_layers + 1
-        # chunks[l][r]: the slice of layer l that rank r sums
-        self.chunks = []
-        for start, stop in bounds:
-            base, extra = divmod(stop - start, k)
-            edges = [start + r * base + min(r, extra) for r in range(k + 1)]
-            self.chunks.append([slice(a, b) for a, b in zip(edges[:-1], edges[1:])])
+        self.grads = self.segments[comm.rank]
+        self.chunks = [split(grads.size, comm.size, r) for r in range(comm.size)]
         self.n_layers = n_layers
         self.global_rows, self.step = None, 0
         self.local_loss, self.rows, self.global_loss = 0.0, 0, 0.0
@@ -497,16 +487,16 @@ class SharedMemoryReduction:
         """Rows of each step of the coming epoch over every rank (float64)."""
         self.global_rows, self.step = global_rows, 0
 
-    def _raise(self, slot, value):
+    def _raise(self, flag):
         self.window.win.Sync()   # what this rank stored, before the flag
-        self.mine[slot] = value
+        self.window.flags[self.rank][flag] = self.window.counter
 
-    def _wait_for(self, slot, value):
-        """Until every rank's flag ``slot`` is at least ``value``."""
-        flags = self.flags
-        if not all(f[slot] >= value for f in flags):
+    def _wait_for(self, flag, value):
+        """Until every rank's ``flag`` is at least ``value``."""
+        flags = self.window.flags
+        if not all(f[flag] >= value for f in flags):
             deadline = time.perf_counter() + SPIN_SECONDS
-            while not all(f[slot] >= value for f in flags):
+            while not all(f[flag] >= value for f in flags):
                 if time.perf_counter() > deadline:
                     time.sleep(POLL_SECONDS)
         self.window.win.Sync()   # the loads that follow see what the ranks stored
@@ -514,49 +504,48 @@ class SharedMemoryReduction:
     def __call__(self, phase, layer, value, rows):
         window = self.window
         if phase == kernels.REDUCE_LOSS:
-            self._wait_for(self.COPIED, window.counter)
+            self._wait_for(window.COPIED, window.counter)
             window.counter += 1
             self.local_loss, self.rows = value, rows
-            self.losses[self.rank][window.counter & 1] = value * rows if rows else 0.0
-            self._raise(self.LOSS, window.counter)
+            window.losses[self.rank][0] = value * rows if rows else 0.0
             return rows / self.global_rows[self.step]
-        counter = window.counter
         if phase == kernels.REDUCE_START:
-            self._raise(self.READY + layer, counter)
+            if layer == 0:
+                self._raise(window.READY)
             return 0.0
-        if layer == self.n_layers - 1:
-            self._wait_for(self.LOSS, counter)
-            total = 0.0
-            for losses in self.losses:
-                total += losses[counter & 1]
-            self.global_loss = total / self.global_rows[self.step]
-            if not np.isfinite(self.global_loss):
-                self._stop_on_nonfinite()
-                return self.global_loss
-        chunks, segments, me = self.chunks[layer], self.segments, self.rank
-        self._wait_for(self.READY + layer, counter)
-        own = chunks[me]
-        if len(segments) > 1:
-            out = segments[me][own]
-            for r, seg in enumerate(segments):
-                if r != me:
-                    np.add(out, seg[own], out=out)
-            self._raise(self.REDUCED + layer, counter)
-            self._wait_for(self.REDUCED + layer, counter)
-            for r, chunk in enumerate(chunks):
-                if r != me:
-                    segments[me][chunk] = segments[r][chunk]
+        if layer == self.n_layers - 1:   # before the first update
+            self._reduce()
         if layer == 0:
-            self._raise(self.COPIED, counter)
             self.step += 1
         return self.global_loss
 
+    def _reduce(self):
+        window, me = self.window, self.rank
+        self._wait_for(window.READY, window.counter)
+        total = 0.0
+        for slot in window.losses:
+            total += slot[0]
+        self.global_loss = total / self.global_rows[self.step]
+        if not np.isfinite(self.global_loss):
+            self._stop_on_nonfinite()
+            return
+        segments, chunks = self.segments, self.chunks
+        own = segments[me][chunks[me]]
+        for r, segment in enumerate(segments):
+            if r != me:
+                np.add(own, segment[chunks[me]], out=own)
+        self._raise(window.REDUCED)
+        self._wait_for(window.REDUCED, window.counter)
+        for r, segment in enumerate(segments):
+            if r != me:
+                segments[me][chunks[r]] = segment[chunks[r]]
+        self._raise(window.COPIED)
+
     def _stop_on_nonfinite(self):
         """Every rank at a non-finite global loss (the same step): name the ranks whose
-        own loss was not finite (``Communicator.nonfinite_ranks``). The step's flags
-        stay as they are: the next reduction step waits only for ``copied``, which this
-        step never raises, so it is raised here."""
-        self._raise(self.COPIED, self.window.counter)
+        own loss was not finite (``Communicator.nonfinite_ranks``). Nobody reads the
+        segments in this step: ``copied`` is raised at once."""
+        self._raise(self.window.COPIED)
         flags = self.comm.comm.allgather(self.rows == 0 or bool(np.isfinite(self.local_loss)))
         self.comm.nonfinite_ranks = tuple(r for r, ok in enumerate(flags) if not ok)
 
