@@ -47,6 +47,9 @@ from . import kernels
 #: (Open MPI / PMIx, MPICH / Intel MPI hydra, Slurm's PMI).
 _LAUNCHER_VARIABLES = ("OMPI_COMM_WORLD_SIZE", "PMIX_RANK", "PMI_SIZE", "PMI_RANK")
 
+#: Whether ranks that all run on one node sum gradients, losses and flags through an
+#: MPI shared-memory window (``_NodeWindow``) rather than Iallreduce.
+SHARED_MEMORY = True
 #: Waiting for a collective: poll this long, then sleep this long between polls (the
 #: OS rounds the sleep up to ~50-60 us).
 SPIN_SECONDS, POLL_SECONDS = 1e-4, 2e-5
@@ -209,10 +212,19 @@ class Communicator:
         return buf
 
     def allreduce_flagged(self, buf):
-        """Sum ``buf`` (values, then a flag slot) over the ranks, in place, with one
-        Iallreduce; raise on every rank if any rank has a pending failure."""
+        """Sum ``buf`` (values, then a flag slot) over the ranks, in place: through the
+        node's shared memory when every rank is on this node (``SHARED_MEMORY``), else
+        with one Iallreduce; raise on every rank if any rank has a pending failure."""
         buf[-1] = 0 if self.pending is None else 1
-        self._wait(self.comm.Iallreduce(self.MPI.IN_PLACE, buf, op=self.MPI.SUM))
+        if self.one_node and SHARED_MEMORY:
+            window = node_window(self, buf.nbytes)
+            segments = window.segments(buf.dtype, buf.size)
+            window.begin()
+            window.losses[self.rank][0] = 0.0
+            segments[self.rank][:] = buf
+            window.finish(segments, buf)
+        else:
+            self._wait(self.comm.Iallreduce(self.MPI.IN_PLACE, buf, op=self.MPI.SUM))
         if buf[-1] != 0:
             self._raise_failures()
         return buf
@@ -333,9 +345,6 @@ class Communicator:
 #: Iallreduce per layer, started as soon as that layer's backward is done (True), or
 #: one Iallreduce of the whole gradient after the last backward (False).
 REDUCE_PER_LAYER = True
-#: Whether a fused distributed epoch whose ranks all run on one node sums through an
-#: MPI shared-memory window (SharedMemoryReduction) rather than Iallreduce.
-SHARED_MEMORY = True
 
 
 class GradientReduction:
@@ -409,77 +418,126 @@ class GradientReduction:
 
 
 class _NodeWindow:
-    """MPI-3 shared memory on this node (``MPI_Win_allocate_shared``), one window:
-    every rank's segment holds its control block (N_FLAGS int64 flags, then a float64
-    loss slot) and ``capacity`` bytes of data, each readable by every rank. Made
-    collectively, kept for the fits that follow, and replaced (freed and made again,
-    both collective) when a fit needs more. ``counter`` numbers the reduction steps
-    since it was made; it moves in step on every rank."""
+    """MPI-3 shared memory on this node (``MPI_Win_allocate_shared``) and an allreduce
+    over it: every rank's segment holds three int64 flags, a float64 loss slot and
+    ``capacity`` bytes of data, each readable by every rank. Made collectively, kept for
+    the fits that follow (``node_window``).
+
+    A sum is one step (``counter`` numbers them, in step on every rank):
+
+    * ``begin()`` waits until every rank has finished reading this rank's segment in
+      the last step (flag ``copied``); the rank then writes its values there
+      (``segment``), or the kernel does;
+    * ``finish(out)`` raises ``ready``; once every rank is ready, rank r adds the other
+      ranks' chunk r of the values (in rank order) to its own chunk r (np.array_split's
+      sizes) and raises ``reduced``; once every rank has reduced, it copies every chunk
+      from its owner into ``out`` and raises ``copied``. Every element is summed once,
+      by its owner, so every rank gets the same bits.
+
+    A flag holds the number of the step that last raised it. A waiting rank polls the
+    flags (spin, then sleep, as ``Communicator._wait``); ``Win.Sync`` orders the stores
+    before a raise and the loads after a wait (a no-op on x86). Plain loads and stores:
+    Open MPI's Allreduce copies through its shared-memory transport at 0.1-0.3 ms per
+    MiB here, and its nonblocking collectives progress only inside MPI calls.
+    """
 
     READY, REDUCED, COPIED = range(3)
-    N_FLAGS = 3
 
     def __init__(self, comm, capacity):
         MPI = comm.MPI
+        self.rank, self.size = comm.rank, comm.size
         self.capacity, self.counter = capacity, 0
         data_start = 64                      # the data on its own cache lines
         self.win = MPI.Win.Allocate_shared(data_start + capacity, 1, comm=comm.node)
         self.win.Lock_all(MPI.MODE_NOCHECK)  # a passive access epoch: Win.Sync may run
         segments = [self.win.Shared_query(r)[0] for r in range(comm.size)]
-        self.flags = [np.frombuffer(seg, np.int64, self.N_FLAGS) for seg in segments]
-        self.losses = [np.frombuffer(seg, np.float64, 1, 8 * self.N_FLAGS) for seg in segments]
+        self.flags = [np.frombuffer(seg, np.int64, 3) for seg in segments]
+        self.losses = [np.frombuffer(seg, np.float64, 1, 24) for seg in segments]
         self.data = [np.frombuffer(seg, np.uint8, capacity, data_start) for seg in segments]
         self.flags[comm.rank][:] = 0
         comm.node.Barrier()
 
-    def free(self):
-        self.win.Unlock_all()
-        self.win.Free()
+    def segments(self, dtype, n):
+        """Every rank's first n values of ``dtype`` in the window, by rank."""
+        nbytes = n * np.dtype(dtype).itemsize
+        return [data[:nbytes].view(dtype) for data in self.data]
+
+    def _raise(self, flag):
+        self.win.Sync()   # what this rank stored, before the flag
+        self.flags[self.rank][flag] = self.counter
+
+    def _wait_for(self, flag):
+        """Until every rank's ``flag`` has reached this step."""
+        flags, value = self.flags, self.counter
+        if not all(f[flag] >= value for f in flags):
+            deadline = time.perf_counter() + SPIN_SECONDS
+            while not all(f[flag] >= value for f in flags):
+                if time.perf_counter() > deadline:
+                    time.sleep(POLL_SECONDS)
+        self.win.Sync()   # the loads that follow see what the ranks stored
+
+    def begin(self):
+        """Start a step: this rank's segment (and loss slot) may be written."""
+        self._wait_for(self.COPIED)
+        self.counter += 1
+
+    def finish(self, segments, out):
+        """Sum ``segments`` (this step's values of every rank, from ``segments``) into
+        ``out`` (this rank's segment, or any array of that size); returns the sum of
+        the loss slots."""
+        me = self.rank
+        self._raise(self.READY)
+        self._wait_for(self.READY)
+        loss = 0.0
+        for slot in self.losses:
+            loss += slot[0]
+        chunks = [split(out.size, self.size, r) for r in range(self.size)]
+        own = segments[me][chunks[me]]
+        for r, segment in enumerate(segments):
+            if r != me:
+                np.add(own, segment[chunks[me]], out=own)
+        self._raise(self.REDUCED)
+        self._wait_for(self.REDUCED)
+        for r, segment in enumerate(segments):
+            if r != me or out is not segments[me]:
+                out[chunks[r]] = segment[chunks[r]]
+        self._raise(self.COPIED)
+        return loss
 
 
 _node_window = None
 
 
+def node_window(comm, nbytes):
+    """The node's shared-memory window, with room for ``nbytes`` per rank (collective:
+    every rank calls it at the same point). A larger one replaces it when needed, at
+    least doubling; the old one is never freed, as a fit may still hold it (a fused
+    epoch's gradient buffer), and each window keeps its own steps."""
+    global _node_window
+    if _node_window is None or _node_window.capacity < nbytes:
+        least = 1 << 16 if _node_window is None else 2 * _node_window.capacity
+        capacity = max(-(-nbytes // 64) * 64, least)   # a segment starts a cache line
+        _node_window = _NodeWindow(comm, capacity)
+    return _node_window
+
+
 class SharedMemoryReduction:
     """The ``reduce`` hook of a fused distributed epoch whose ranks all run on one node:
-    the gradient is summed in an MPI shared-memory window (a reduce-scatter, then an
-    allgather, both plain loads and stores) instead of by Iallreduce, whose copies
-    through Open MPI's shared-memory transport cost 0.1-0.3 ms per MiB here.
-
-    The kernel's gradient buffer (``grads``) is this rank's segment of the window, and
-    rank r owns chunk r of it (np.array_split's sizes). Each step, ``c`` its number:
-
-    * REDUCE_LOSS: wait until every rank has finished reading this segment in step
-      c - 1 (flag ``copied``), put rows x loss in the loss slot, and scale the loss
-      gradient by this rank's share rows / global rows of the step;
-    * REDUCE_START(0), the whole gradient in the segment: raise ``ready``;
-    * REDUCE_WAIT of the last layer (the first update): once every rank is ready, sum
-      the loss slots (the global loss, non-finite on every rank alike), add the other
-      ranks' chunk r (in rank order) to this rank's chunk r, raise ``reduced``; once
-      every rank has reduced, copy the other chunks from their owners and raise
-      ``copied``. Every element is summed once, by its owner, so every rank updates with
-      the same bits.
-
-    Two waits per step: on two CPUs shared memory leaves nothing to overlap (the CPUs
-    do the copying), and on a busy machine every wait may cost a time slice. A flag
-    holds the step number that last raised it; a waiting rank polls the flags (spin,
-    then sleep, as ``Communicator._wait``). ``Win.Sync`` orders the stores before a
-    raise and the loads after a wait (a no-op on x86).
+    the gradient is summed in the node's shared-memory window (``_NodeWindow``), which
+    is the kernel's gradient buffer (``grads``): nothing is copied in. Each step:
+    REDUCE_LOSS begins a window step, puts rows x loss in the loss slot and scales the
+    loss gradient by this rank's share rows / global rows of the step; the last layer's
+    REDUCE_WAIT (before the first update, the whole gradient written) sums the
+    gradients and the loss slots (the global loss, non-finite on every rank alike).
+    One sum per step, not one per layer: on one machine the CPUs do the copying, so
+    there is nothing to overlap, and every wait may cost a time slice on a busy one.
     """
 
     def __init__(self, comm, grads, n_layers):
-        global _node_window
-        window = _node_window
-        if window is None or window.capacity < grads.nbytes:
-            if window is not None:
-                window.free()
-            capacity = -(-grads.nbytes // 64) * 64   # every segment on a cache-line start
-            window = _node_window = _NodeWindow(comm, capacity)
-        self.comm, self.window, self.rank = comm, window, comm.rank
-        self.segments = [data[:grads.nbytes].view(grads.dtype) for data in window.data]
+        self.comm, self.n_layers = comm, n_layers
+        self.window = node_window(comm, grads.nbytes)
+        self.segments = self.window.segments(grads.dtype, grads.size)
         self.grads = self.segments[comm.rank]
-        self.chunks = [split(grads.size, comm.size, r) for r in range(comm.size)]
-        self.n_layers = n_layers
         self.global_rows, self.step = None, 0
         self.local_loss, self.rows, self.global_loss = 0.0, 0, 0.0
 
@@ -487,67 +545,26 @@ class SharedMemoryReduction:
         """Rows of each step of the coming epoch over every rank (float64)."""
         self.global_rows, self.step = global_rows, 0
 
-    def _raise(self, flag):
-        self.window.win.Sync()   # what this rank stored, before the flag
-        self.window.flags[self.rank][flag] = self.window.counter
-
-    def _wait_for(self, flag, value):
-        """Until every rank's ``flag`` is at least ``value``."""
-        flags = self.window.flags
-        if not all(f[flag] >= value for f in flags):
-            deadline = time.perf_counter() + SPIN_SECONDS
-            while not all(f[flag] >= value for f in flags):
-                if time.perf_counter() > deadline:
-                    time.sleep(POLL_SECONDS)
-        self.window.win.Sync()   # the loads that follow see what the ranks stored
-
     def __call__(self, phase, layer, value, rows):
         window = self.window
         if phase == kernels.REDUCE_LOSS:
-            self._wait_for(window.COPIED, window.counter)
-            window.counter += 1
+            window.begin()
             self.local_loss, self.rows = value, rows
-            window.losses[self.rank][0] = value * rows if rows else 0.0
+            window.losses[window.rank][0] = value * rows if rows else 0.0
             return rows / self.global_rows[self.step]
         if phase == kernels.REDUCE_START:
-            if layer == 0:
-                self._raise(window.READY)
             return 0.0
         if layer == self.n_layers - 1:   # before the first update
-            self._reduce()
+            loss = window.finish(self.segments, self.grads)
+            self.global_loss = loss / self.global_rows[self.step]
+            if not np.isfinite(self.global_loss):
+                flags = self.comm.comm.allgather(self.rows == 0
+                                                 or bool(np.isfinite(self.local_loss)))
+                self.comm.nonfinite_ranks = tuple(r for r, ok in enumerate(flags) if not ok)
+                return self.global_loss
         if layer == 0:
             self.step += 1
         return self.global_loss
-
-    def _reduce(self):
-        window, me = self.window, self.rank
-        self._wait_for(window.READY, window.counter)
-        total = 0.0
-        for slot in window.losses:
-            total += slot[0]
-        self.global_loss = total / self.global_rows[self.step]
-        if not np.isfinite(self.global_loss):
-            self._stop_on_nonfinite()
-            return
-        segments, chunks = self.segments, self.chunks
-        own = segments[me][chunks[me]]
-        for r, segment in enumerate(segments):
-            if r != me:
-                np.add(own, segment[chunks[me]], out=own)
-        self._raise(window.REDUCED)
-        self._wait_for(window.REDUCED, window.counter)
-        for r, segment in enumerate(segments):
-            if r != me:
-                segments[me][chunks[r]] = segment[chunks[r]]
-        self._raise(window.COPIED)
-
-    def _stop_on_nonfinite(self):
-        """Every rank at a non-finite global loss (the same step): name the ranks whose
-        own loss was not finite (``Communicator.nonfinite_ranks``). Nobody reads the
-        segments in this step: ``copied`` is raised at once."""
-        self._raise(self.window.COPIED)
-        flags = self.comm.comm.allgather(self.rows == 0 or bool(np.isfinite(self.local_loss)))
-        self.comm.nonfinite_ranks = tuple(r for r, ok in enumerate(flags) if not ok)
 
 
 def split(n, parts, index):

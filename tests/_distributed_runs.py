@@ -112,10 +112,12 @@ def build_special(name, rank, size, out):
     fit.pop("validation_split")
     if name == "stop_on_one_rank":
         fit.update(epochs=5, callbacks=[_StopOnRank(size - 1, 1)])
-    elif name in ("numba_momentum", "numpy_momentum", "iallreduce_momentum"):
+    elif name in ("numba_momentum", "numpy_momentum"):
         # numba steps in Python when distributed; the numpy reference runs the fused
-        # epoch with the hook; Iallreduce instead of the node's shared memory
+        # epoch with the hook
         model, X, y, fit = build("fused_momentum", rank, size)
+    elif name.startswith("iallreduce_"):  # Iallreduce instead of the node's shared memory
+        model, X, y, fit = build(name[len("iallreduce_"):], rank, size)
     elif "shards" in name:  # own parts of 20 + 7 r samples, uneven
         X, y = X[:20 + 7 * rank], y[:20 + 7 * rank]
         fit.update(distributed="shards", batch_size=25)

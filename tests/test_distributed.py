@@ -27,7 +27,8 @@ from conftest import ATOL, RTOL  # noqa: E402
 HERE = Path(__file__).resolve().parent
 EQUIVALENT = runs.EQUIVALENT
 SPECIAL = ("stop_on_one_rank", "shards", "fused_shards", "stepwise_shards", "numba_momentum",
-           "numpy_momentum", "iallreduce_momentum",
+           "numpy_momentum", "iallreduce_fused_momentum", "iallreduce_adam",
+           "iallreduce_lbfgs",
            "bad_data", "nan_on_one_rank", "callback_fails", "other_model", "other_data")
 TIMEOUT = 120
 
@@ -134,24 +135,27 @@ def test_fused_epochs_on_one_node_sum_in_shared_memory(ranks):
     size, out = ranks
     steps = {name: _results(size, out, name)[0]["shared_memory_steps"]
              for name in ("fused_momentum", "fused_adam", "fused_shards", "numpy_momentum",
-                          "iallreduce_momentum", "sgd_l2", "numba_momentum")}
+                          "iallreduce_fused_momentum", "sgd_l2", "numba_momentum")}
     assert steps["fused_momentum"] == steps["numpy_momentum"] > 0
     assert steps["fused_adam"] == 3 * -(-61 // (size * 5))
     assert steps["fused_shards"] > 0
-    assert steps["iallreduce_momentum"] == steps["sgd_l2"] == steps["numba_momentum"] == 0
+    assert steps["iallreduce_fused_momentum"] == steps["sgd_l2"] == steps["numba_momentum"] == 0
 
 
-@pytest.mark.parametrize("name", ["numpy_momentum", "iallreduce_momentum"])
-def test_shared_memory_sum_equals_iallreduce_and_the_numpy_reference(ranks, name):
-    """The same run reduced by Iallreduce, or run by the numpy reference kernels
-    (hooked, into the same window), gives the same parameters and History."""
+@pytest.mark.parametrize("name, same_as", [
+    ("numpy_momentum", "fused_momentum"), ("iallreduce_fused_momentum", "fused_momentum"),
+    ("iallreduce_adam", "adam"), ("iallreduce_lbfgs", "lbfgs")])
+def test_shared_memory_sums_equal_iallreduce_and_the_numpy_reference(ranks, name, same_as):
+    """The same run summed by Iallreduce instead of the node's shared memory (the fused
+    epoch, the per-step path, a solver), or run by the numpy reference kernels (hooked,
+    into the same window), gives the same parameters and History."""
     size, out = ranks
-    other, fused = (_results(size, out, n) for n in (name, "fused_momentum"))
+    other, base = (_results(size, out, n) for n in (name, same_as))
     _same_on_every_rank(other)
-    assert other[0]["fused"] and fused[0]["fused"]
-    np.testing.assert_allclose(other[0]["params"], fused[0]["params"], rtol=1e-10, atol=1e-12)
+    assert other[0]["fused"] == base[0]["fused"]
+    np.testing.assert_allclose(other[0]["params"], base[0]["params"], rtol=1e-10, atol=1e-12)
     for key, values in other[0]["history"]["history"].items():
-        np.testing.assert_allclose(fused[0]["history"]["history"][key], values, rtol=1e-10)
+        np.testing.assert_allclose(base[0]["history"]["history"][key], values, rtol=1e-10)
 
 
 def test_fused_shards_equal_the_steps_in_python(ranks):
