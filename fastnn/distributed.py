@@ -341,12 +341,6 @@ class Communicator:
             setattr(m, k, float(row[0]) if np.all(row == row[0]) else row.copy())
 
 
-#: How a fused distributed epoch reduces the gradient (GradientReduction): one
-#: Iallreduce per layer, started as soon as that layer's backward is done (True), or
-#: one Iallreduce of the whole gradient after the last backward (False).
-REDUCE_PER_LAYER = True
-
-
 class GradientReduction:
     """The ``reduce`` hook (``fastnn.kernels.REDUCE_LOSS``) of a fused distributed
     epoch: the global mean gradient of every step.
@@ -354,7 +348,7 @@ class GradientReduction:
     Each rank's loss gradient is scaled by its share rows / global rows of the step, so
     the sum of the ranks' gradients is the mean over the global batch: an in-place
     Iallreduce of each layer's slice of ``grads``, started when its backward is done
-    (``per_layer``), or of the whole of it after the last backward. A scalar Iallreduce
+    (ranks on several nodes; on one, ``SharedMemoryReduction``). A scalar Iallreduce
     of rows x loss, started after the loss, gives the global loss, waited for before
     the first update so that every rank stops together on a non-finite one. Waits
     sleep between polls (``Communicator._wait``). ``grads`` is the model's flat
@@ -362,11 +356,10 @@ class GradientReduction:
     first.
     """
 
-    def __init__(self, comm, grads, bounds, per_layer=None):
-        self.comm, self.MPI, self.whole = comm, comm.MPI, grads
+    def __init__(self, comm, grads, bounds):
+        self.comm, self.MPI = comm, comm.MPI
         self.grads = grads   # the kernel's gradient buffer
         self.layers = [grads[start:stop] for start, stop in bounds]
-        self.per_layer = REDUCE_PER_LAYER if per_layer is None else per_layer
         self.loss_sum = np.zeros(1)
         self.requests = [None] * len(bounds)
         self.loss_request = None
@@ -387,10 +380,7 @@ class GradientReduction:
             self.loss_request = self._start(self.loss_sum)
             return rows / self.global_rows[self.step]
         if phase == kernels.REDUCE_START:
-            if self.per_layer:
-                self.requests[layer] = self._start(self.layers[layer])
-            elif layer == 0:
-                self.requests[0] = self._start(self.whole)
+            self.requests[layer] = self._start(self.layers[layer])
             return 0.0
         if layer == len(self.layers) - 1:
             self.comm._wait(self.loss_request)
@@ -398,10 +388,9 @@ class GradientReduction:
             if not np.isfinite(self.global_loss):
                 self._stop_on_nonfinite()
                 return self.global_loss
-        slot = layer if self.per_layer else 0
-        if self.requests[slot] is not None:
-            self.comm._wait(self.requests[slot])
-            self.requests[slot] = None
+        if self.requests[layer] is not None:
+            self.comm._wait(self.requests[layer])
+            self.requests[layer] = None
         if layer == 0:
             self.step += 1
         return self.global_loss

@@ -309,11 +309,12 @@ def test_bench_mpi_workers_measure_on_two_ranks():
     spec = {"kind": "fastnn", "sizes": [8, 6, 3], "samples": 256, "batch": 64, "repeats": 1,
             "distributed": True, "fused": False}
     two = mpi._launch(spec, 2)
-    fused = mpi._launch(dict(spec, fused=True, per_layer=False), 2)
+    fused = mpi._launch(dict(spec, fused=True), 2)
+    iallreduce = mpi._launch(dict(spec, fused=True, shared_memory=False), 2)
     one = mpi._launch(dict(spec, distributed=False), None)
     assert len(two["epoch_seconds"]) == 1
-    np.testing.assert_allclose(two["loss"], one["loss"], rtol=1e-5)
-    np.testing.assert_allclose(fused["loss"], one["loss"], rtol=1e-5)
+    for run in (two, fused, iallreduce):
+        np.testing.assert_allclose(run["loss"], one["loss"], rtol=1e-5)
 
 
 # ------------------------------------------------------------------ the reduce hook

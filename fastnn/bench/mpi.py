@@ -120,7 +120,6 @@ def _fastnn_worker(spec):
     model.set_weights(initial_weights(sizes))
     model.compile("cross_entropy", fn.optimizers.SGD(lr=LR))
     model.use_fused_epoch = spec["fused"]
-    fn.distributed.REDUCE_PER_LAYER = spec.get("per_layer", True)
     fn.distributed.SHARED_MEMORY = spec.get("shared_memory", True)
     timer = _EpochTimer()
     history = model.fit(X, y, epochs=spec["repeats"] + 1, batch_size=spec["batch"] // size,
