@@ -167,6 +167,32 @@ def test_dense_layer_on_each_path_matches_the_oracle(gemm_path, dtype, act):
             check(got, want, max(n, k), dtype, f"{name} {act} {n}x{d}x{k}")
 
 
+@pytest.mark.parametrize("k_out", [1, 10, 300])
+def test_a_row_of_the_forward_product_does_not_depend_on_the_batch(dtype, k_out):
+    """On the own paths, x W computes each row with the same arithmetic whatever the
+    other rows: a sample's prediction is bit for bit the same alone, in a small batch
+    and in a big one (sklearn's check_methods_subset_invariance), one output or many."""
+    paths = [p for p in ("avx512", "avx2") if p in cython.gemm_paths_available()]
+    if not paths:
+        pytest.skip("no own GEMM path on this CPU / build")
+    gen = np.random.default_rng(5)
+    x = gen.standard_normal((300, 129)).astype(dtype)
+    w = gen.standard_normal((129, k_out)).astype(dtype)
+    b = gen.standard_normal(k_out).astype(dtype)
+    relu = kernels.ACTIVATIONS["relu"]
+    try:
+        for path in paths + ["auto"]:
+            cython.set_gemm_path(path)
+            whole = np.empty((300, k_out), dtype)
+            cython.dense_forward(x, w, b, relu, whole)
+            for rows in (slice(7, 8), slice(0, 5), slice(100, 160)):
+                part = np.empty((rows.stop - rows.start, k_out), dtype)
+                cython.dense_forward(np.ascontiguousarray(x[rows]), w, b, relu, part)
+                assert np.array_equal(part, whole[rows]), (path, rows)
+    finally:
+        cython.set_gemm_path("auto")
+
+
 def digits_fit(fused, optimizer, sizes=(64, 32, 10), threads=None, samples=256,
                batch_size=32, epochs=2):
     """Parameters after ``fit`` of a ReLU MLP on the digits (cython backend)."""
