@@ -403,6 +403,57 @@ G_NAME(tile_any)(int mr, int nv, int a_t, int kc, const G_T *a, ptrdiff_t lda,
     }
 }
 
+/* The single row of C of a product with m = 1 (a one-sample forward pass), read in
+   place, in chunks of 4 NR columns: the same arithmetic per element as the tiles (an
+   FMA chain over p, then the store), with 4x as many columns per walk down op(B),
+   whose rows are often a page apart, and each row's chunk asked for 8 rows ahead.
+   Returns the columns done (whole chunks); the strip does the rest. */
+static __attribute__((target(G_TARGET), noinline)) int
+G_NAME(row)(int a_t, int kc, const G_T *a, ptrdiff_t lda, const G_T *b, ptrdiff_t ldb,
+            G_T *c, int width, G_T alpha, G_T beta, int first, const G_T *bias,
+            int final, int act, G_T slope)
+{
+    enum { NW = 4 * G_NV };
+    const int chunk = NW * G_VL;
+    const ptrdiff_t astep = a_t ? lda : 1;
+    G_V va = G_SET1(alpha), vb = G_SET1(beta), vs = G_SET1(slope);
+    int j, p, v;
+    for (j = 0; j + chunk <= width; j += chunk) {
+        G_V acc[NW];
+        const G_T *ap = a, *bp = b + j;
+#pragma GCC unroll 16
+        for (v = 0; v < NW; ++v)
+            acc[v] = G_ZERO();
+        for (p = 0; p < kc; ++p, ap += astep, bp += ldb) {
+            G_V av = G_SET1(*ap);
+            if (p + 8 < kc) {
+                __builtin_prefetch(bp + 8 * ldb);
+                __builtin_prefetch(bp + 8 * ldb + chunk / 2);
+            }
+#pragma GCC unroll 16
+            for (v = 0; v < NW; ++v)
+                acc[v] = G_FMA(av, G_LOAD(bp + v * G_VL), acc[v]);
+        }
+#pragma GCC unroll 16
+        for (v = 0; v < NW; ++v) {
+            G_T *cv = c + j + v * G_VL;
+            G_V x = G_MUL(acc[v], va);
+            if (!first)
+                x = G_ADD(G_LOAD(cv), x);
+            else if (bias != NULL)
+                x = G_ADD(x, G_LOAD(bias + j + v * G_VL));
+            else if (beta != 0)
+                x = G_FMA(vb, G_LOAD(cv), x);
+            if (final && act == FASTNN_EPI_RELU)
+                x = G_MAX(x, G_ZERO());
+            else if (final && act == FASTNN_EPI_LEAKY)
+                x = G_LEAKY(x, vs);
+            G_STORE(cv, x);
+        }
+    }
+    return j;
+}
+
 /* One strip of mr rows of C across `width` columns: its NR-column tiles, the tile at
    column j reading op(B) at b + (j / NR) * bstep with row stride ldb (in place:
    bstep = NR, ldb = the matrix's; packed panels: bstep = kc * NR, ldb = NR). Full
@@ -415,6 +466,11 @@ G_NAME(strip)(int a_t, int kc, const G_T *a, ptrdiff_t lda, const G_T *b, ptrdif
     const int nr = G_NV * G_VL;
     int j = 0;
     G_MASK full = G_MASK_N(G_VL);
+    if (mr == 1 && bstep == nr) {  /* one row, op(B) in place */
+        j = G_NAME(row)(a_t, kc, a, lda, b, ldb, c, width, alpha, beta, first, bias,
+                        final, act, slope);
+        b += (j / nr) * bstep;
+    }
     if (mr == G_MR) {
         if (a_t)
             for (; j + nr <= width; j += nr, b += bstep)
