@@ -98,6 +98,25 @@ def test_same_initial_weights_and_attributes_as_sklearn(cancer):
     np.testing.assert_allclose(ours.predict_proba(X), theirs.predict_proba(X), rtol=1e-9)
 
 
+@pytest.mark.parametrize("activation, factor", [("relu", 6.0), ("logistic", 2.0)])
+def test_initial_parameters_are_sklearns_draws_exactly(activation, factor):
+    """One random_sample scaled per layer gives the values of sklearn's per-array
+    uniform draws, bit for bit, and leaves the generator where those leave it."""
+    widths = [13, 9, 5, 3]
+    ours = MLPClassifier(activation=activation)._initial_params(widths,
+                                                                np.random.RandomState(7))
+    rng = np.random.RandomState(7)
+    expected = []
+    for n_in, n_out in zip(widths[:-1], widths[1:]):
+        bound = np.sqrt(factor / (n_in + n_out))
+        expected += [rng.uniform(-bound, bound, (n_in, n_out)).ravel(),
+                     rng.uniform(-bound, bound, n_out)]
+    np.testing.assert_array_equal(ours, np.concatenate(expected))
+    rng_ours = np.random.RandomState(7)
+    MLPClassifier(activation=activation)._initial_params(widths, rng_ours)
+    assert rng_ours.randint(2**31 - 1) == rng.randint(2**31 - 1)
+
+
 @pytest.mark.parametrize("dataset", ["cancer", "iris"])
 def test_early_stopping_draws_the_same_validation_split_as_sklearn(dataset, request):
     X, y = request.getfixturevalue(dataset)

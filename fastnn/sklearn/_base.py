@@ -145,8 +145,10 @@ class _BaseMLP(BaseEstimator):
         l2 = s * self.alpha / (2 * weight_sum) if full_batch else 0.0
         widths = [n_features] + sizes + [n_outputs]
         act = ACTIVATIONS[self.activation]
+        # init="zeros": the caller copies the weights in (a random start would be drawn
+        # only to be overwritten)
         layers = [Dense(n_in, n_out, activation=act if i < len(sizes) else None, l2=l2,
-                        dtype=dtype)
+                        dtype=dtype, init="zeros")
                   for i, (n_in, n_out) in enumerate(zip(widths[:-1], widths[1:]))]
         model = Sequential(layers)
         if full_batch:
@@ -180,23 +182,35 @@ class _BaseMLP(BaseEstimator):
                           "going to be clipped")
         return min(self.batch_size, n_train)
 
-    def _initial_weights(self, widths, rng):
-        """sklearn's Glorot-uniform start, drawn as sklearn's MLP draws it (so the same
-        random_state gives the same initial weights): per layer W, then b."""
-        factor = 2.0 if self.activation == "logistic" else 6.0
-        weights = []
-        for n_in, n_out in zip(widths[:-1], widths[1:]):
-            bound = np.sqrt(factor / (n_in + n_out))
-            weights.append(rng.uniform(-bound, bound, (n_in, n_out)))
-            weights.append(rng.uniform(-bound, bound, n_out))
-        return weights
+    def _initial_params(self, widths, rng):
+        """sklearn's Glorot-uniform start as one float64 vector in the layout of the
+        network's flat ``params`` (per layer W (n_in, n_out) row-major, then b), with
+        the values sklearn's MLP draws from ``rng`` (so the same random_state gives the
+        same initial weights): per layer ``rng.uniform(-bound, bound)`` for W, then b.
 
-    def _initialize(self, sizes, weights, n_train, weight_sum):
-        """First fit: the network from the initial ``weights`` and the fitted
-        attributes."""
-        n_features, n_outputs = weights[0].shape[0], weights[-1].shape[0]
+        ``RandomState.uniform(low, high, size)`` is ``low + (high - low) *
+        random_sample(size)``, so one ``random_sample`` of every value, each layer's
+        part scaled in place, gives the same numbers and leaves ``rng`` where sklearn's
+        draws leave it, for a third of their cost (~6 us a draw).
+        """
+        factor = 2.0 if self.activation == "logistic" else 6.0
+        pairs = list(zip(widths[:-1], widths[1:]))
+        params = rng.random_sample(sum((n_in + 1) * n_out for n_in, n_out in pairs))
+        start = 0
+        for n_in, n_out in pairs:
+            bound = np.sqrt(factor / (n_in + n_out))
+            low, high = -bound, bound
+            part = params[start:start + (n_in + 1) * n_out]
+            part *= high - low
+            part += low
+            start += part.size
+        return params
+
+    def _initialize(self, sizes, initial, n_features, n_outputs, n_train, weight_sum):
+        """First fit: the network, its parameters set to ``initial`` (float64, the
+        layout of ``params``), and the fitted attributes."""
         model = self._build_network(sizes, n_features, n_outputs, n_train, weight_sum)
-        model.set_weights(weights)
+        model.params[...] = initial
         self._attach(model)
         self.n_iter_ = 0
         self.t_ = 0
@@ -279,7 +293,7 @@ class _BaseMLP(BaseEstimator):
             raise ValueError("partial_fit does not support early_stopping=True")
         n_outputs = len(self.classes_) if self._uses_codes() else target.shape[1]
         if first_pass:  # drawn before the validation split, in sklearn's order
-            initial = self._initial_weights([X.shape[1]] + sizes + [n_outputs], rng)
+            initial = self._initial_params([X.shape[1]] + sizes + [n_outputs], rng)
         validation = None
         if early_stopping:
             X, target, sample_weight, validation = self._split_validation(
@@ -288,7 +302,8 @@ class _BaseMLP(BaseEstimator):
             if first_pass:
                 weight_sum = X.shape[0] if sample_weight is None else float(sample_weight.sum())
                 self._n_train = (X.shape[0], weight_sum)
-                self._initialize(sizes, initial, X.shape[0], weight_sum)
+                self._initialize(sizes, initial, X.shape[1], n_outputs, X.shape[0],
+                                 weight_sum)
             model = self._network()
             try:
                 if self.solver in STOCHASTIC_SOLVERS:
