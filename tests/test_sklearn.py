@@ -415,6 +415,52 @@ def test_predict_of_an_ndarray_is_checked_as_sklearn_checks_it(iris):
         model.predict(X[:0])
 
 
+@pytest.mark.parametrize("estimator", [MLPClassifier, MLPRegressor])
+def test_fit_on_ndarrays_is_checked_as_sklearn_checks_it(estimator, iris):
+    """fit's short path for ndarrays (no validate_data) trains what the checked path
+    trains, records what sklearn records, and every input it cannot vouch for gets
+    sklearn's error."""
+    X, y = iris
+    kwargs = dict(hidden_layer_sizes=(8,), max_iter=3, random_state=0)
+    expected = quiet(estimator(**kwargs), X.tolist(), y.tolist())  # lists: sklearn's checks
+    for X_variant, y_variant in ((X, y), (np.asfortranarray(X), y), (X.astype(np.float32), y),
+                                 (X, y.astype(np.float64)), (X, y.astype(np.uint8))):
+        model = quiet(estimator(**kwargs), X_variant, y_variant)
+        assert model.n_features_in_ == 4
+        for a, b in zip(model.coefs_ + model.intercepts_,
+                        expected.coefs_ + expected.intercepts_):
+            np.testing.assert_array_equal(a, b)
+        assert model.loss_curve_ == expected.loss_curve_
+    for value, match in ((np.nan, "Input X contains NaN"), (1e39, "Input X contains infinity")):
+        bad = X.copy()
+        bad[3, 1] = value  # 1e39 is finite in float64, infinite in the model's float32
+        with pytest.raises(ValueError, match=match):
+            estimator(**kwargs).fit(bad, y)
+    bad_y = y.astype(np.float64)
+    bad_y[5] = np.nan
+    with pytest.raises(ValueError, match="Input y contains NaN"):
+        estimator(**kwargs).fit(X, bad_y)
+    with pytest.raises(ValueError, match="inconsistent numbers of samples"):
+        estimator(**kwargs).fit(X, y[:-1])
+    with pytest.raises(ValueError, match="0 sample"):
+        estimator(**kwargs).fit(X[:0], y[:0])
+    warm = quiet(estimator(**kwargs, warm_start=True), X, y)
+    with pytest.raises(ValueError, match="X has 3 features, but .* is expecting 4"):
+        warm.fit(X[:, :3], y)
+
+
+def test_refit_on_an_ndarray_forgets_the_feature_names():
+    pytest.importorskip("pandas")
+    X, y = load_iris(return_X_y=True, as_frame=True)
+    model = quiet(MLPClassifier(max_iter=2, random_state=0), X, y)
+    assert hasattr(model, "feature_names_in_")
+    quiet(model, X.to_numpy(), y.to_numpy())
+    assert not hasattr(model, "feature_names_in_") and model.n_features_in_ == 4
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no feature-name warning for an ndarray now
+        model.predict(X.to_numpy())
+
+
 def test_sparse_input_is_refused_with_a_clear_error(iris):
     sparse = pytest.importorskip("scipy.sparse")
     X, y = iris

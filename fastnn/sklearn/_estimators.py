@@ -7,8 +7,8 @@ from sklearn.utils.multiclass import check_classification_targets, type_of_targe
 from sklearn.utils.validation import column_or_1d
 
 from .._labels import ClassLabels
-from .._validation import check_choice, check_dtype
-from ._base import REGRESSION_LOSSES, _BaseMLP, validate_data
+from .._validation import check_choice
+from ._base import REGRESSION_LOSSES, _BaseMLP
 
 
 class MLPClassifier(ClassifierMixin, _BaseMLP):
@@ -81,8 +81,7 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
     def _validate_input(self, X, y, incremental, reset):
         """(X, fastnn target, original y): codes (n,) for more than two classes, a 0/1
         column (n, 1) for one or two classes, the 0/1 matrix (n, K) for multilabel."""
-        X, y = validate_data(self, X, y, multi_output=True, dtype=check_dtype(self.dtype),
-                             reset=reset)
+        X, y = self._validate_fit_data(X, y, reset)
         if y.ndim == 2 and y.shape[1] == 1:
             y = column_or_1d(y, warn=True)
         if y.ndim == 1 and y.dtype.kind in "biuUS":
@@ -227,8 +226,7 @@ class MLPRegressor(RegressorMixin, _BaseMLP):
 
     def _validate_input(self, X, y, incremental, reset):
         check_choice(self.loss, "loss", REGRESSION_LOSSES)
-        X, y = validate_data(self, X, y, multi_output=True, y_numeric=True,
-                             dtype=check_dtype(self.dtype), reset=reset)
+        X, y = self._validate_fit_data(X, y, reset, y_numeric=True)
         if y.ndim == 2 and y.shape[1] == 1:
             y = column_or_1d(y, warn=True)
         self.out_activation_ = "identity"
