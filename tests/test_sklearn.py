@@ -117,6 +117,37 @@ def test_initial_parameters_are_sklearns_draws_exactly(activation, factor):
     assert rng_ours.randint(2**31 - 1) == rng.randint(2**31 - 1)
 
 
+def test_an_integer_random_state_draws_as_a_new_random_state_would(iris):
+    """Fits reseed one RandomState per thread instead of building one per fit: the same
+    draws as sklearn's check_random_state, whatever the previous fit left in it, and
+    another thread's fits never share it."""
+    import threading
+
+    from fastnn.sklearn._base import _random_state
+
+    first = _random_state(11)
+    first.random_sample(1000)  # a fit's draws
+    again = _random_state(np.int64(11))
+    assert again is first
+    np.testing.assert_array_equal(again.random_sample(50),
+                                  np.random.RandomState(11).random_sample(50))
+    other = []
+    thread = threading.Thread(target=lambda: other.append(_random_state(11)))
+    thread.start()
+    thread.join()
+    assert other[0] is not first
+    shared = np.random.RandomState(11)
+    assert _random_state(shared) is shared and _random_state(None) is np.random.mtrand._rand
+    with pytest.raises(ValueError, match="Seed must be between"):
+        _random_state(-1)
+    X, y = iris
+    kwargs = dict(hidden_layer_sizes=(8,), max_iter=3)
+    by_int = quiet(MLPClassifier(random_state=11, **kwargs), X, y)
+    by_state = quiet(MLPClassifier(random_state=np.random.RandomState(11), **kwargs), X, y)
+    for a, b in zip(by_int.coefs_ + by_int.intercepts_, by_state.coefs_ + by_state.intercepts_):
+        np.testing.assert_array_equal(a, b)
+
+
 @pytest.mark.parametrize("dataset", ["cancer", "iris"])
 def test_early_stopping_draws_the_same_validation_split_as_sklearn(dataset, request):
     X, y = request.getfixturevalue(dataset)
