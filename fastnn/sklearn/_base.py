@@ -437,8 +437,7 @@ class _BaseMLP(BaseEstimator):
                 and y.shape[0] == X.shape[0]
                 and (reset or ("feature_names_in_" not in self.__dict__
                                and X.shape[1] == self.__dict__.get("n_features_in_")))):
-            with np.errstate(over="ignore"):  # an overflow goes to sklearn's checks
-                converted = np.ascontiguousarray(X, dtype=dtype)
+            converted = np.ascontiguousarray(X, dtype=dtype)
             if all_finite(converted) and all_finite(y):
                 if reset:
                     self.n_features_in_ = X.shape[1]

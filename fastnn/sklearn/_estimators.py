@@ -91,9 +91,12 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
         else:
             check_classification_targets(y)
             multilabel = type_of_target(y).startswith("multilabel")
+        codes = None
         if not hasattr(self, "classes_") or (not self.warm_start and not incremental):
             self._multilabel = multilabel
-            self._labels = None if multilabel else ClassLabels.fit(y)
+            self._labels = None
+            if not multilabel:
+                self._labels, codes = ClassLabels.fit_encode(y)
             self.classes_ = np.arange(y.shape[1]) if multilabel else self._labels.classes
             self.out_activation_ = "softmax" if self._uses_codes() else "logistic"
         elif multilabel != self._multilabel:
@@ -110,7 +113,8 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
                                  f"has {self.classes_}. 'y' has {classes}.")
         if self._multilabel:
             return X, np.ascontiguousarray(y, dtype=X.dtype), y
-        codes = self._labels.encode(y)
+        if codes is None:
+            codes = self._labels.encode(y)
         if self._uses_codes():
             return X, codes, y
         return X, codes.astype(X.dtype).reshape(-1, 1), y
