@@ -4,6 +4,7 @@ Each check raises ValueError or TypeError naming the argument, what was expected
 what was received, and returns a C-contiguous array of the requested dtype (converting
 non-contiguous or other-float input rather than rejecting it).
 """
+import functools
 import math
 import numbers
 
@@ -50,12 +51,20 @@ def dot_finite(arr):
     overflow it. ``arr``: C-contiguous float32 or float64. The dot product runs in
     scipy's BLAS, the one the compiled kernels call: a second BLAS (numpy's) woken
     between their calls leaves its threads spinning against theirs."""
-    from scipy.linalg.blas import ddot, sdot
-
     flat = arr.reshape(-1)
     if not 0 < flat.size < 2**31:  # BLAS's int length; nothing to add up
         return flat.size == 0
+    sdot, ddot = _scipy_dots()
     return math.isfinite((sdot if arr.dtype == np.float32 else ddot)(flat, flat))
+
+
+@functools.cache
+def _scipy_dots():
+    """scipy's BLAS (sdot, ddot), imported at the first call: ``import fastnn`` does not
+    import scipy.linalg, and an import statement in dot_finite cost a third of it."""
+    from scipy.linalg.blas import ddot, sdot
+
+    return sdot, ddot
 
 
 def _as_numeric(a, name):
