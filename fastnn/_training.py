@@ -124,10 +124,14 @@ def _train(model, setup, comm):
     return loop.history
 
 
+#: What _guarded gives a fit on one process (nullcontext is stateless, so reusable).
+_UNGUARDED = contextlib.nullcontext()
+
+
 def _guarded(comm):
     """Around rank-local work in a distributed fit: an exception is shared with every
     rank at the next collective instead of leaving them waiting in it."""
-    return contextlib.nullcontext() if comm is None else comm.guard()
+    return _UNGUARDED if comm is None else comm.guard()
 
 
 def _distribute(model, comm, setup):

@@ -51,6 +51,7 @@ class _EpochControl(Callback):
         est = self.estimator
         self._penalty_factor = 0.5 * est.alpha * self.n_batches / self.n_train
         self._flat_coefs = [c.reshape(-1) for c in est.coefs_]
+        self._loss_scale = est._loss_scale
 
     def on_epoch_end(self, epoch, logs=None):
         est, model = self.estimator, self.model
@@ -58,9 +59,11 @@ class _EpochControl(Callback):
         est.t_ += self.n_train
         penalty = 0.0
         if est.alpha:
-            penalty = self._penalty_factor * sum(float(np.dot(c, c))
-                                                 for c in self._flat_coefs)
-        est.loss_ = logs["loss"] / est._loss_scale + penalty
+            squares = 0.0  # summed as sum() did, layer after layer
+            for c in self._flat_coefs:
+                squares += float(np.dot(c, c))
+            penalty = self._penalty_factor * squares
+        est.loss_ = logs["loss"] / self._loss_scale + penalty
         est.loss_curve_.append(est.loss_)
         if est.verbose:
             print(f"Iteration {est.n_iter_}, loss = {est.loss_:.8f}")
