@@ -455,7 +455,8 @@ def test_fit_on_ndarrays_is_checked_as_sklearn_checks_it(estimator, iris):
     kwargs = dict(hidden_layer_sizes=(8,), max_iter=3, random_state=0)
     expected = quiet(estimator(**kwargs), X.tolist(), y.tolist())  # lists: sklearn's checks
     for X_variant, y_variant in ((X, y), (np.asfortranarray(X), y), (X.astype(np.float32), y),
-                                 (X, y.astype(np.float64)), (X, y.astype(np.uint8))):
+                                 (X, y.astype(np.float64)), (X, y.astype(np.uint8)),
+                                 (np.asfortranarray(X), y.tolist())):  # sklearn's, F order
         model = quiet(estimator(**kwargs), X_variant, y_variant)
         assert model.n_features_in_ == 4
         for a, b in zip(model.coefs_ + model.intercepts_,

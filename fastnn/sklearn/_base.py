@@ -12,7 +12,7 @@ from sklearn.model_selection import train_test_split
 from sklearn.utils import check_random_state
 from sklearn.utils.validation import check_is_fitted
 
-from .. import optimizers
+from .. import _training, optimizers
 from .._backend import get_num_threads, set_num_threads, use_backend
 from .._validation import (
     all_finite,
@@ -365,9 +365,13 @@ class _BaseMLP(BaseEstimator):
         if validation is not None:
             self._best_weights = model.get_weights()
         epochs = 1 if incremental else self.max_iter
-        model.fit(X, target, epochs=epochs, batch_size=batch, shuffle=bool(self.shuffle),
-                  sample_weight=sample_weight, callbacks=[control], verbose=0,
-                  seed=int(rng.randint(np.iinfo(np.int32).max)))
+        # X passed sklearn's checks and the class codes (or 0/1 column) are this
+        # estimator's own: fit need not check them again (~50 us of a small fit)
+        prepared = sample_weight is None and self._target_from_labels()
+        _training.fit(model, np.ascontiguousarray(X) if prepared else X, target,
+                      epochs=epochs, batch_size=batch, shuffle=bool(self.shuffle),
+                      sample_weight=sample_weight, callbacks=[control], verbose=0,
+                      seed=int(rng.randint(np.iinfo(np.int32).max)), prepared=prepared)
         if validation is not None:
             model.set_weights(self._best_weights)
             del self._best_weights

@@ -78,6 +78,11 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
     def _fastnn_loss(self):
         return "cross_entropy" if self._uses_codes() else "binary_cross_entropy"
 
+    def _target_from_labels(self):
+        """Whether fit's target is made here from the class labels (int64 codes in
+        range, or a 0/1 column), rather than the user's multilabel matrix."""
+        return not self._multilabel
+
     def _validate_input(self, X, y, incremental, reset):
         """(X, fastnn target, original y): codes (n,) for more than two classes, a 0/1
         column (n, 1) for one or two classes, the 0/1 matrix (n, K) for multilabel."""
@@ -227,6 +232,9 @@ class MLPRegressor(RegressorMixin, _BaseMLP):
 
     def _fastnn_loss(self):
         return REGRESSION_LOSSES[self.loss][0]
+
+    def _target_from_labels(self):
+        return False  # the user's values: fit checks them (range, overflow in float32)
 
     def _validate_input(self, X, y, incremental, reset):
         check_choice(self.loss, "loss", REGRESSION_LOSSES)
