@@ -136,6 +136,7 @@ def fused_epoch_runner(model, X, target, weights, plan, callbacks, comm=None):
     else:
         labels, targets = np.empty(0, np.int64), target
     in_order = np.arange(X.shape[0], dtype=np.int64)
+    lrs = np.empty(n_batches)
     stats = np.zeros(4)
     optimizer = model.optimizer
     reduction, positions, n_total = None, None, X.shape[0]
@@ -160,7 +161,7 @@ def fused_epoch_runner(model, X, target, weights, plan, callbacks, comm=None):
             order = order[positions]
             reduction.begin_epoch(global_rows)
         backend_module().train_epoch(fixed._replace(
-            order=order, lrs=optimizer.upcoming_lrs(n_batches), step=optimizer.iterations))
+            order=order, lrs=optimizer.upcoming_lrs(n_batches, lrs), step=optimizer.iterations))
         done = int(stats[2])
         optimizer.iterations += done
         if done < n_batches:

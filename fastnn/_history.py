@@ -124,6 +124,8 @@ class _Progress:
             self.bar.update(count)
 
     def epoch_done(self, epoch, logs):
+        if not self.verbose:
+            return
         metrics = " ".join(f"{k}={v:.4g}" for k, v in logs.items())
         text = f"{self.unit} {epoch + 1}/{self.epochs} - {metrics}"
         if self.tqdm is None:

@@ -89,6 +89,13 @@ class ClassLabels:
         """The ClassLabels of the distinct labels in ``y`` (validated as class labels)."""
         return cls(np.unique(as_label_vector(y, name, n_samples)))
 
+    @classmethod
+    def fit_encode(cls, y, name="y", n_samples=None):
+        """``(ClassLabels.fit(y), its encode(y))`` from one sort of ``y``: the codes are
+        the positions of the labels among the sorted distinct ones."""
+        classes, codes = np.unique(as_label_vector(y, name, n_samples), return_inverse=True)
+        return cls(classes), codes.astype(np.int64, copy=False)
+
     def __len__(self):
         return len(self.classes)
 

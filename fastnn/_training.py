@@ -40,12 +40,20 @@ _WRITERS = (ModelCheckpoint, CSVLogger)
 
 def fit(model, X, y, epochs=1, batch_size=32, shuffle=True, replacement=False,
         validation_data=None, validation_split=0.0, sample_weight=None,
-        class_weight=None, callbacks=(), verbose=1, seed=None, distributed=False):
-    """Train ``model`` (compiled) and return a History; see ``Sequential.fit``."""
+        class_weight=None, callbacks=(), verbose=1, seed=None, distributed=False, *,
+        prepared=False):
+    """Train ``model`` (compiled) and return a History; see ``Sequential.fit``.
+
+    ``prepared=True`` says X, y and sample_weight already are what ``model._prepare``
+    returns (X C-contiguous in the model's dtype, finite, n_features wide; y the
+    kernel-ready target; the weights checked), so they are not checked again: for a
+    caller that has validated them itself (the sklearn estimators, through sklearn's
+    checks, for the targets they build)."""
     model._require_compiled("fit")
     comm = distributed_module.communicator(distributed)
     arguments = (X, y, epochs, batch_size, shuffle, replacement, validation_data,
-                 validation_split, sample_weight, class_weight, callbacks, verbose, seed)
+                 validation_split, sample_weight, class_weight, callbacks, verbose, seed,
+                 prepared)
     if comm is None:
         return _train(model, _setup(model, *arguments), None)
     with comm.abort_on_disagreement():
@@ -63,14 +71,18 @@ class _Setup:
 
 
 def _setup(model, X, y, epochs, batch_size, shuffle, replacement, validation_data,
-           validation_split, sample_weight, class_weight, callbacks, verbose, seed):
+           validation_split, sample_weight, class_weight, callbacks, verbose, seed,
+           prepared=False):
     """Validate fit's arguments (raising before any training) into a _Setup."""
     epochs = check_int(epochs, "epochs", low=0)
     if isinstance(verbose, (bool, np.bool_)):
         verbose = int(verbose)
     verbose = check_int(verbose, "verbose", low=0, high=2)
     seed = check_seed(seed)
-    X, target, weights = model._prepare(X, y, sample_weight)
+    if prepared:
+        target, weights = y, sample_weight
+    else:
+        X, target, weights = model._prepare(X, y, sample_weight)
     weights = _apply_class_weight(model, class_weight, target, weights)
     X, target, weights, val = _split_validation(model, X, target, weights,
                                                 validation_data, validation_split)
@@ -124,10 +136,14 @@ def _train(model, setup, comm):
     return loop.history
 
 
+#: What _guarded gives a fit on one process (nullcontext is stateless, so reusable).
+_UNGUARDED = contextlib.nullcontext()
+
+
 def _guarded(comm):
     """Around rank-local work in a distributed fit: an exception is shared with every
     rank at the next collective instead of leaving them waiting in it."""
-    return contextlib.nullcontext() if comm is None else comm.guard()
+    return _UNGUARDED if comm is None else comm.guard()
 
 
 def _distribute(model, comm, setup):

@@ -4,6 +4,7 @@ Each check raises ValueError or TypeError naming the argument, what was expected
 what was received, and returns a C-contiguous array of the requested dtype (converting
 non-contiguous or other-float input rather than rejecting it).
 """
+import functools
 import math
 import numbers
 
@@ -50,12 +51,20 @@ def dot_finite(arr):
     overflow it. ``arr``: C-contiguous float32 or float64. The dot product runs in
     scipy's BLAS, the one the compiled kernels call: a second BLAS (numpy's) woken
     between their calls leaves its threads spinning against theirs."""
-    from scipy.linalg.blas import ddot, sdot
-
     flat = arr.reshape(-1)
     if not 0 < flat.size < 2**31:  # BLAS's int length; nothing to add up
         return flat.size == 0
+    sdot, ddot = _scipy_dots()
     return math.isfinite((sdot if arr.dtype == np.float32 else ddot)(flat, flat))
+
+
+@functools.cache
+def _scipy_dots():
+    """scipy's BLAS (sdot, ddot), imported at the first call: ``import fastnn`` does not
+    import scipy.linalg, and an import statement in dot_finite cost a third of it."""
+    from scipy.linalg.blas import ddot, sdot
+
+    return sdot, ddot
 
 
 def _as_numeric(a, name):
@@ -110,6 +119,9 @@ def check_array(a, name, dtype, ndim=2, allow_1d=False):
 
     With ``allow_1d`` a 1-D input of length n becomes an (n, 1) column.
     """
+    if (type(a) is np.ndarray and a.dtype == dtype and a.ndim == ndim and a.size
+            and a.flags.c_contiguous and all_finite(a)):
+        return a  # already what the checks below return (the checks cost ~4 us)
     arr = _as_numeric(a, name)
     if allow_1d and arr.ndim == 1 and ndim == 2:
         arr = arr.reshape(-1, 1)
@@ -207,7 +219,9 @@ def check_int(value, name, low=None, high=None, allow_none=False):
     """An int (not bool) in [low, high]."""
     if value is None and allow_none:
         return None
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+    # an exact int skips the numbers.Integral check (an ABC check, ~10x slower)
+    if type(value) is not int and (isinstance(value, bool)
+                                   or not isinstance(value, numbers.Integral)):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     value = int(value)
     if (low is not None and value < low) or (high is not None and value > high):
@@ -218,10 +232,12 @@ def check_int(value, name, low=None, high=None, allow_none=False):
 
 def check_float(value, name, low=None, high=None, low_open=False, high_open=False):
     """A finite real number in the given (closed unless *_open) range."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    # an exact float skips the numbers.Real check (an ABC check, ~10x slower)
+    if type(value) is not float and (isinstance(value, bool)
+                                     or not isinstance(value, numbers.Real)):
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")
     value = float(value)
-    if not np.isfinite(value):
+    if not math.isfinite(value):
         raise ValueError(f"{name} must be finite, got {value}")
     too_low = low is not None and (value <= low if low_open else value < low)
     too_high = high is not None and (value >= high if high_open else value > high)

@@ -130,13 +130,17 @@ class Optimizer:
         them (get_config and repr read this one table)."""
         return {}
 
-    def upcoming_lrs(self, n):
-        """The rates of the next ``n`` updates, a float64 (n,) array (for fused kernels)."""
+    def upcoming_lrs(self, n, out=None):
+        """The rates of the next ``n`` updates, a float64 (n,) array (for fused kernels):
+        written into ``out`` (float64 (n,)) when given, which is returned."""
+        if out is None:
+            out = np.empty(n, dtype=np.float64)
         if not isinstance(self.lr, schedules.Schedule):  # one rate: no call per update
-            return np.full(n, self.lr * self.lr_scale, dtype=np.float64)
+            out.fill(self.lr * self.lr_scale)
+            return out
         t0 = self.iterations
-        return np.array([self.current_lr(t) for t in range(t0 + 1, t0 + n + 1)],
-                        dtype=np.float64)
+        out[...] = [self.current_lr(t) for t in range(t0 + 1, t0 + n + 1)]
+        return out
 
     def kernel_spec(self):
         """The ``kernels.OptimizerSpec`` (code, hyper, states) of ``train_epoch``, or None

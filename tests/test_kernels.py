@@ -1504,7 +1504,17 @@ EPOCH_CASES = {
     "acts": (lambda s: dict(acts=np.array([4, 42], np.int64)), "act must be an activation"),
     "targets": (lambda s: dict(loss_code=kernels.MSE, targets=np.zeros((8, 3), s.X.dtype)),
                 "targets must have shape (8, 2)"),
+    # the compiled kernels pick their dtype's code from X: a mismatch elsewhere is refused
+    "params_dtype": (lambda s: dict(params=s.params.astype(_other_float(s.X.dtype))),
+                     "params must have dtype"),
+    "X_dtype": (lambda s: dict(X=s.X.astype(_other_float(s.X.dtype))),
+                "params must have dtype"),
+    "X_int": (lambda s: dict(X=s.X.astype(np.int64)), "X must be float32 or float64"),
 }
+
+
+def _other_float(dtype):
+    return np.float64 if dtype == np.float32 else np.float32
 
 
 @pytest.mark.parametrize("case", sorted(EPOCH_CASES))

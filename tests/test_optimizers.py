@@ -228,6 +228,18 @@ def test_lr_scale_multiplies_the_rate():
     assert params[0] == pytest.approx(-0.5)
 
 
+@pytest.mark.parametrize("lr", [0.3, schedules.StepDecay(0.5, step_size=2, gamma=0.1)],
+                         ids=["constant", "schedule"])
+def test_upcoming_lrs_are_the_next_updates_rates_into_out_when_given(lr):
+    optimizer = opt.SGD(lr=lr)
+    optimizer.iterations, optimizer.lr_scale = 3, 0.5
+    expected = [optimizer.current_lr(t) for t in range(4, 9)]
+    fresh = optimizer.upcoming_lrs(5)
+    assert fresh.dtype == np.float64 and fresh.tolist() == expected
+    out = np.full(5, np.nan)
+    assert optimizer.upcoming_lrs(5, out) is out and out.tolist() == expected
+
+
 # ---------------------------------------------------------------------------- schedules
 @pytest.mark.parametrize("schedule, formula", [
     (schedules.Constant(0.3), lambda t: 0.3),

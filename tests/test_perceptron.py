@@ -399,6 +399,9 @@ def test_class_labels_round_trip(labels, classes):
     np.testing.assert_array_equal(mapping.decode(codes), np.asarray(labels).reshape(-1))
     rebuilt = ClassLabels(mapping.classes)  # what a saved model keeps
     np.testing.assert_array_equal(rebuilt.encode(labels), codes)
+    fitted, fit_codes = ClassLabels.fit_encode(labels)  # one sort for both
+    np.testing.assert_array_equal(fitted.classes, mapping.classes)
+    assert fit_codes.dtype == np.int64 and fit_codes.tolist() == codes.tolist()
 
 
 def test_class_labels_refuse_what_is_not_a_label():

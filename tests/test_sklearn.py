@@ -98,6 +98,56 @@ def test_same_initial_weights_and_attributes_as_sklearn(cancer):
     np.testing.assert_allclose(ours.predict_proba(X), theirs.predict_proba(X), rtol=1e-9)
 
 
+@pytest.mark.parametrize("activation, factor", [("relu", 6.0), ("logistic", 2.0)])
+def test_initial_parameters_are_sklearns_draws_exactly(activation, factor):
+    """One random_sample scaled per layer gives the values of sklearn's per-array
+    uniform draws, bit for bit, and leaves the generator where those leave it."""
+    widths = [13, 9, 5, 3]
+    ours = MLPClassifier(activation=activation)._initial_params(widths,
+                                                                np.random.RandomState(7))
+    rng = np.random.RandomState(7)
+    expected = []
+    for n_in, n_out in zip(widths[:-1], widths[1:]):
+        bound = np.sqrt(factor / (n_in + n_out))
+        expected += [rng.uniform(-bound, bound, (n_in, n_out)).ravel(),
+                     rng.uniform(-bound, bound, n_out)]
+    np.testing.assert_array_equal(ours, np.concatenate(expected))
+    rng_ours = np.random.RandomState(7)
+    MLPClassifier(activation=activation)._initial_params(widths, rng_ours)
+    assert rng_ours.randint(2**31 - 1) == rng.randint(2**31 - 1)
+
+
+def test_an_integer_random_state_draws_as_a_new_random_state_would(iris):
+    """Fits reseed one RandomState per thread instead of building one per fit: the same
+    draws as sklearn's check_random_state, whatever the previous fit left in it, and
+    another thread's fits never share it."""
+    import threading
+
+    from fastnn.sklearn._base import _random_state
+
+    first = _random_state(11)
+    first.random_sample(1000)  # a fit's draws
+    again = _random_state(np.int64(11))
+    assert again is first
+    np.testing.assert_array_equal(again.random_sample(50),
+                                  np.random.RandomState(11).random_sample(50))
+    other = []
+    thread = threading.Thread(target=lambda: other.append(_random_state(11)))
+    thread.start()
+    thread.join()
+    assert other[0] is not first
+    shared = np.random.RandomState(11)
+    assert _random_state(shared) is shared and _random_state(None) is np.random.mtrand._rand
+    with pytest.raises(ValueError, match="Seed must be between"):
+        _random_state(-1)
+    X, y = iris
+    kwargs = dict(hidden_layer_sizes=(8,), max_iter=3)
+    by_int = quiet(MLPClassifier(random_state=11, **kwargs), X, y)
+    by_state = quiet(MLPClassifier(random_state=np.random.RandomState(11), **kwargs), X, y)
+    for a, b in zip(by_int.coefs_ + by_int.intercepts_, by_state.coefs_ + by_state.intercepts_):
+        np.testing.assert_array_equal(a, b)
+
+
 @pytest.mark.parametrize("dataset", ["cancer", "iris"])
 def test_early_stopping_draws_the_same_validation_split_as_sklearn(dataset, request):
     X, y = request.getfixturevalue(dataset)
@@ -394,6 +444,53 @@ def test_predict_of_an_ndarray_is_checked_as_sklearn_checks_it(iris):
             model.predict(bad)
     with pytest.raises(ValueError, match="0 sample"):
         model.predict(X[:0])
+
+
+@pytest.mark.parametrize("estimator", [MLPClassifier, MLPRegressor])
+def test_fit_on_ndarrays_is_checked_as_sklearn_checks_it(estimator, iris):
+    """fit's short path for ndarrays (no validate_data) trains what the checked path
+    trains, records what sklearn records, and every input it cannot vouch for gets
+    sklearn's error."""
+    X, y = iris
+    kwargs = dict(hidden_layer_sizes=(8,), max_iter=3, random_state=0)
+    expected = quiet(estimator(**kwargs), X.tolist(), y.tolist())  # lists: sklearn's checks
+    for X_variant, y_variant in ((X, y), (np.asfortranarray(X), y), (X.astype(np.float32), y),
+                                 (X, y.astype(np.float64)), (X, y.astype(np.uint8)),
+                                 (np.asfortranarray(X), y.tolist())):  # sklearn's, F order
+        model = quiet(estimator(**kwargs), X_variant, y_variant)
+        assert model.n_features_in_ == 4
+        for a, b in zip(model.coefs_ + model.intercepts_,
+                        expected.coefs_ + expected.intercepts_):
+            np.testing.assert_array_equal(a, b)
+        assert model.loss_curve_ == expected.loss_curve_
+    for value, match in ((np.nan, "Input X contains NaN"), (1e39, "Input X contains infinity")):
+        bad = X.copy()
+        bad[3, 1] = value  # 1e39 is finite in float64, infinite in the model's float32
+        with pytest.raises(ValueError, match=match):
+            estimator(**kwargs).fit(bad, y)
+    bad_y = y.astype(np.float64)
+    bad_y[5] = np.nan
+    with pytest.raises(ValueError, match="Input y contains NaN"):
+        estimator(**kwargs).fit(X, bad_y)
+    with pytest.raises(ValueError, match="inconsistent numbers of samples"):
+        estimator(**kwargs).fit(X, y[:-1])
+    with pytest.raises(ValueError, match="0 sample"):
+        estimator(**kwargs).fit(X[:0], y[:0])
+    warm = quiet(estimator(**kwargs, warm_start=True), X, y)
+    with pytest.raises(ValueError, match="X has 3 features, but .* is expecting 4"):
+        warm.fit(X[:, :3], y)
+
+
+def test_refit_on_an_ndarray_forgets_the_feature_names():
+    pytest.importorskip("pandas")
+    X, y = load_iris(return_X_y=True, as_frame=True)
+    model = quiet(MLPClassifier(max_iter=2, random_state=0), X, y)
+    assert hasattr(model, "feature_names_in_")
+    quiet(model, X.to_numpy(), y.to_numpy())
+    assert not hasattr(model, "feature_names_in_") and model.n_features_in_ == 4
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no feature-name warning for an ndarray now
+        model.predict(X.to_numpy())
 
 
 def test_sparse_input_is_refused_with_a_clear_error(iris):

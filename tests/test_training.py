@@ -391,3 +391,21 @@ def test_a_failed_compile_leaves_the_model_as_it_was():
         fresh.compile("cross_entropy", fn.solvers.LevenbergMarquardt())
     assert fresh.loss is None and fresh.optimizer is None
     model.fit(X, y, epochs=1, verbose=0)
+
+
+def test_prepared_data_trains_as_checked_data():
+    """fit(prepared=True), for callers that checked X and the target themselves (the
+    sklearn estimators), trains exactly as the checked path on the same data."""
+    from fastnn import _training
+
+    X, y = blobs(30, rng(2))
+    histories, weights = [], []
+    for prepared in (False, True):
+        model = mlp([X.shape[1], 8, 3], seed=0).compile(
+            "cross_entropy", fn.optimizers.Adam(lr=0.01), metrics=["accuracy"])
+        data, target = model._prepare(X, y, None)[:2]
+        histories.append(_training.fit(model, data, target, epochs=3, batch_size=16,
+                                       verbose=0, seed=5, prepared=prepared).history)
+        weights.append(model.params.copy())
+    assert histories[0] == histories[1]
+    np.testing.assert_array_equal(weights[0], weights[1])

@@ -1,6 +1,8 @@
 """What MLPClassifier and MLPRegressor share: parameters, validation, the network and
 the fit loop."""
 import contextlib
+import numbers
+import threading
 import warnings
 
 import numpy as np
@@ -10,7 +12,7 @@ from sklearn.model_selection import train_test_split
 from sklearn.utils import check_random_state
 from sklearn.utils.validation import check_is_fitted
 
-from .. import optimizers
+from .. import _training, optimizers
 from .._backend import get_num_threads, set_num_threads, use_backend
 from .._validation import (
     all_finite,
@@ -41,6 +43,28 @@ FULL_BATCH_SOLVERS = ("lbfgs", "bfgs", "cg", "lm", "newton", "newton-cg", "gd")
 #: MLPRegressor's loss names -> (fastnn loss, s = fastnn's loss / sklearn's loss).
 REGRESSION_LOSSES = {"squared_error": ("mse", 2.0), "absolute_error": ("mae", 1.0),
                      "huber": ("huber", 1.0)}
+
+
+#: Per thread, the RandomState that fits with an integer random_state reseed.
+_REUSED = threading.local()
+
+
+def _random_state(seed):
+    """``check_random_state(seed)``: a RandomState in the same state, so the same draws.
+
+    For an integer seed sklearn builds a new RandomState, ~75 us (numpy first seeds
+    the new MT19937 from OS entropy, a state sklearn's legacy seeding then overwrites):
+    more than 2% of a small fit. Reseeding one costs ~1.5 us and gives the same state,
+    so each thread keeps one and reseeds it; a fit uses its generator only while it
+    runs and keeps no reference to it.
+    """
+    if isinstance(seed, numbers.Integral):
+        rng = getattr(_REUSED, "rng", None)
+        if rng is None:
+            rng = _REUSED.rng = np.random.RandomState()
+        rng.seed(seed)
+        return rng
+    return check_random_state(seed)
 
 
 class _BaseMLP(BaseEstimator):
@@ -145,8 +169,10 @@ class _BaseMLP(BaseEstimator):
         l2 = s * self.alpha / (2 * weight_sum) if full_batch else 0.0
         widths = [n_features] + sizes + [n_outputs]
         act = ACTIVATIONS[self.activation]
+        # init="zeros": the caller copies the weights in (a random start would be drawn
+        # only to be overwritten)
         layers = [Dense(n_in, n_out, activation=act if i < len(sizes) else None, l2=l2,
-                        dtype=dtype)
+                        dtype=dtype, init="zeros")
                   for i, (n_in, n_out) in enumerate(zip(widths[:-1], widths[1:]))]
         model = Sequential(layers)
         if full_batch:
@@ -180,23 +206,35 @@ class _BaseMLP(BaseEstimator):
                           "going to be clipped")
         return min(self.batch_size, n_train)
 
-    def _initial_weights(self, widths, rng):
-        """sklearn's Glorot-uniform start, drawn as sklearn's MLP draws it (so the same
-        random_state gives the same initial weights): per layer W, then b."""
-        factor = 2.0 if self.activation == "logistic" else 6.0
-        weights = []
-        for n_in, n_out in zip(widths[:-1], widths[1:]):
-            bound = np.sqrt(factor / (n_in + n_out))
-            weights.append(rng.uniform(-bound, bound, (n_in, n_out)))
-            weights.append(rng.uniform(-bound, bound, n_out))
-        return weights
+    def _initial_params(self, widths, rng):
+        """sklearn's Glorot-uniform start as one float64 vector in the layout of the
+        network's flat ``params`` (per layer W (n_in, n_out) row-major, then b), with
+        the values sklearn's MLP draws from ``rng`` (so the same random_state gives the
+        same initial weights): per layer ``rng.uniform(-bound, bound)`` for W, then b.
 
-    def _initialize(self, sizes, weights, n_train, weight_sum):
-        """First fit: the network from the initial ``weights`` and the fitted
-        attributes."""
-        n_features, n_outputs = weights[0].shape[0], weights[-1].shape[0]
+        ``RandomState.uniform(low, high, size)`` is ``low + (high - low) *
+        random_sample(size)``, so one ``random_sample`` of every value, each layer's
+        part scaled in place, gives the same numbers and leaves ``rng`` where sklearn's
+        draws leave it, with one call's overhead instead of two per layer.
+        """
+        factor = 2.0 if self.activation == "logistic" else 6.0
+        pairs = list(zip(widths[:-1], widths[1:]))
+        params = rng.random_sample(sum((n_in + 1) * n_out for n_in, n_out in pairs))
+        start = 0
+        for n_in, n_out in pairs:
+            bound = np.sqrt(factor / (n_in + n_out))
+            low, high = -bound, bound
+            part = params[start:start + (n_in + 1) * n_out]
+            part *= high - low
+            part += low
+            start += part.size
+        return params
+
+    def _initialize(self, sizes, initial, n_features, n_outputs, n_train, weight_sum):
+        """First fit: the network, its parameters set to ``initial`` (float64, the
+        layout of ``params``), and the fitted attributes."""
         model = self._build_network(sizes, n_features, n_outputs, n_train, weight_sum)
-        model.set_weights(weights)
+        model.params[...] = initial
         self._attach(model)
         self.n_iter_ = 0
         self.t_ = 0
@@ -273,13 +311,13 @@ class _BaseMLP(BaseEstimator):
         X, target, y_original = self._validate_input(X, y, incremental, reset=first_pass)
         dtype = check_dtype(self.dtype)
         sample_weight = check_sample_weight(sample_weight, X.shape[0], dtype)
-        rng = check_random_state(self.random_state)
+        rng = _random_state(self.random_state)
         early_stopping = self.early_stopping and self.solver in STOCHASTIC_SOLVERS
         if early_stopping and incremental:
             raise ValueError("partial_fit does not support early_stopping=True")
         n_outputs = len(self.classes_) if self._uses_codes() else target.shape[1]
         if first_pass:  # drawn before the validation split, in sklearn's order
-            initial = self._initial_weights([X.shape[1]] + sizes + [n_outputs], rng)
+            initial = self._initial_params([X.shape[1]] + sizes + [n_outputs], rng)
         validation = None
         if early_stopping:
             X, target, sample_weight, validation = self._split_validation(
@@ -288,7 +326,8 @@ class _BaseMLP(BaseEstimator):
             if first_pass:
                 weight_sum = X.shape[0] if sample_weight is None else float(sample_weight.sum())
                 self._n_train = (X.shape[0], weight_sum)
-                self._initialize(sizes, initial, X.shape[0], weight_sum)
+                self._initialize(sizes, initial, X.shape[1], n_outputs, X.shape[0],
+                                 weight_sum)
             model = self._network()
             try:
                 if self.solver in STOCHASTIC_SOLVERS:
@@ -326,9 +365,13 @@ class _BaseMLP(BaseEstimator):
         if validation is not None:
             self._best_weights = model.get_weights()
         epochs = 1 if incremental else self.max_iter
-        model.fit(X, target, epochs=epochs, batch_size=batch, shuffle=bool(self.shuffle),
-                  sample_weight=sample_weight, callbacks=[control], verbose=0,
-                  seed=int(rng.randint(np.iinfo(np.int32).max)))
+        # X passed sklearn's checks and the class codes (or 0/1 column) are this
+        # estimator's own: fit need not check them again (~50 us of a small fit)
+        prepared = sample_weight is None and self._target_from_labels()
+        _training.fit(model, np.ascontiguousarray(X) if prepared else X, target,
+                      epochs=epochs, batch_size=batch, shuffle=bool(self.shuffle),
+                      sample_weight=sample_weight, callbacks=[control], verbose=0,
+                      seed=int(rng.randint(np.iinfo(np.int32).max)), prepared=prepared)
         if validation is not None:
             model.set_weights(self._best_weights)
             del self._best_weights
@@ -377,6 +420,35 @@ class _BaseMLP(BaseEstimator):
             raise AttributeError(f"partial_fit is only available for stochastic optimizers. "
                                  f"{self.solver} is not stochastic.")
         return True
+
+    def _validate_fit_data(self, X, y, reset, **checks):
+        """(X, y) for training, checked as ``validate_data(X, y, multi_output=True,
+        reset=reset, **checks)`` checks them, X in the estimator's dtype.
+
+        sklearn's checks cost ~100 us, a few percent of a small fit, so ndarrays that
+        certainly pass them skip them (as ``_validate_X`` does for inference): X 2-D
+        float, non-empty, finite in the estimator's dtype; y 1-D bool, integer or finite
+        float, one per row of X; and, when not resetting, X of ``n_features_in_``
+        columns and no feature names seen before (sklearn would warn). With ``reset``
+        the shortcut records what sklearn records for an ndarray: ``n_features_in_``,
+        and no ``feature_names_in_``. Any other input takes sklearn's checks and gets
+        their conversions, errors and warnings.
+        """
+        dtype = check_dtype(self.dtype)
+        if (type(X) is np.ndarray and X.ndim == 2 and X.dtype.kind == "f"
+                and X.shape[0] > 0 and X.shape[1] > 0
+                and type(y) is np.ndarray and y.ndim == 1 and y.dtype.kind in "biuf"
+                and y.shape[0] == X.shape[0]
+                and (reset or ("feature_names_in_" not in self.__dict__
+                               and X.shape[1] == self.__dict__.get("n_features_in_")))):
+            converted = np.ascontiguousarray(X, dtype=dtype)
+            if all_finite(converted) and all_finite(y):
+                if reset:
+                    self.n_features_in_ = X.shape[1]
+                    self.__dict__.pop("feature_names_in_", None)
+                return converted, y
+        return validate_data(self, X, y, multi_output=True, dtype=dtype, reset=reset,
+                             **checks)
 
     # ------------------------------------------------------------------ inference
     def _validate_X(self, X):

@@ -44,15 +44,26 @@ class _EpochControl(Callback):
         self.incremental = incremental
         self.stopped = False
 
+    def on_train_begin(self, logs=None):
+        # The penalty's parts that stay fixed over the fit: its factor (sklearn's
+        # 0.5 * alpha * n_batches / n_train, in that order of operations) and each
+        # layer's weights as a flat view (coefs_ are views into the model's parameters).
+        est = self.estimator
+        self._penalty_factor = 0.5 * est.alpha * self.n_batches / self.n_train
+        self._flat_coefs = [c.reshape(-1) for c in est.coefs_]
+        self._loss_scale = est._loss_scale
+
     def on_epoch_end(self, epoch, logs=None):
         est, model = self.estimator, self.model
         est.n_iter_ += 1
         est.t_ += self.n_train
         penalty = 0.0
         if est.alpha:
-            penalty = 0.5 * est.alpha * self.n_batches / self.n_train * sum(
-                float(np.dot(c.ravel(), c.ravel())) for c in est.coefs_)
-        est.loss_ = logs["loss"] / est._loss_scale + penalty
+            squares = 0.0  # summed as sum() did, layer after layer
+            for c in self._flat_coefs:
+                squares += float(np.dot(c, c))
+            penalty = self._penalty_factor * squares
+        est.loss_ = logs["loss"] / self._loss_scale + penalty
         est.loss_curve_.append(est.loss_)
         if est.verbose:
             print(f"Iteration {est.n_iter_}, loss = {est.loss_:.8f}")

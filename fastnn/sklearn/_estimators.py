@@ -7,8 +7,8 @@ from sklearn.utils.multiclass import check_classification_targets, type_of_targe
 from sklearn.utils.validation import column_or_1d
 
 from .._labels import ClassLabels
-from .._validation import check_choice, check_dtype
-from ._base import REGRESSION_LOSSES, _BaseMLP, validate_data
+from .._validation import check_choice
+from ._base import REGRESSION_LOSSES, _BaseMLP
 
 
 class MLPClassifier(ClassifierMixin, _BaseMLP):
@@ -78,11 +78,15 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
     def _fastnn_loss(self):
         return "cross_entropy" if self._uses_codes() else "binary_cross_entropy"
 
+    def _target_from_labels(self):
+        """Whether fit's target is made here from the class labels (int64 codes in
+        range, or a 0/1 column), rather than the user's multilabel matrix."""
+        return not self._multilabel
+
     def _validate_input(self, X, y, incremental, reset):
         """(X, fastnn target, original y): codes (n,) for more than two classes, a 0/1
         column (n, 1) for one or two classes, the 0/1 matrix (n, K) for multilabel."""
-        X, y = validate_data(self, X, y, multi_output=True, dtype=check_dtype(self.dtype),
-                             reset=reset)
+        X, y = self._validate_fit_data(X, y, reset)
         if y.ndim == 2 and y.shape[1] == 1:
             y = column_or_1d(y, warn=True)
         if y.ndim == 1 and y.dtype.kind in "biuUS":
@@ -92,9 +96,12 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
         else:
             check_classification_targets(y)
             multilabel = type_of_target(y).startswith("multilabel")
+        codes = None
         if not hasattr(self, "classes_") or (not self.warm_start and not incremental):
             self._multilabel = multilabel
-            self._labels = None if multilabel else ClassLabels.fit(y)
+            self._labels = None
+            if not multilabel:
+                self._labels, codes = ClassLabels.fit_encode(y)
             self.classes_ = np.arange(y.shape[1]) if multilabel else self._labels.classes
             self.out_activation_ = "softmax" if self._uses_codes() else "logistic"
         elif multilabel != self._multilabel:
@@ -111,7 +118,8 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
                                  f"has {self.classes_}. 'y' has {classes}.")
         if self._multilabel:
             return X, np.ascontiguousarray(y, dtype=X.dtype), y
-        codes = self._labels.encode(y)
+        if codes is None:
+            codes = self._labels.encode(y)
         if self._uses_codes():
             return X, codes, y
         return X, codes.astype(X.dtype).reshape(-1, 1), y
@@ -225,10 +233,12 @@ class MLPRegressor(RegressorMixin, _BaseMLP):
     def _fastnn_loss(self):
         return REGRESSION_LOSSES[self.loss][0]
 
+    def _target_from_labels(self):
+        return False  # the user's values: fit checks them (range, overflow in float32)
+
     def _validate_input(self, X, y, incremental, reset):
         check_choice(self.loss, "loss", REGRESSION_LOSSES)
-        X, y = validate_data(self, X, y, multi_output=True, y_numeric=True,
-                             dtype=check_dtype(self.dtype), reset=reset)
+        X, y = self._validate_fit_data(X, y, reset, y_numeric=True)
         if y.ndim == 2 and y.shape[1] == 1:
             y = column_or_1d(y, warn=True)
         self.out_activation_ = "identity"
