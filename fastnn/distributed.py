@@ -42,6 +42,7 @@ from contextlib import contextmanager
 import numpy as np
 
 from . import kernels
+from ._backend import get_num_threads
 
 #: Environment variables an MPI launcher sets in the processes it starts
 #: (Open MPI / PMIx, MPICH / Intel MPI hydra, Slurm's PMI).
@@ -59,6 +60,11 @@ SHARED_MEMORY_BYTES = 16 << 10
 #: Waiting for a collective: poll this long, then sleep this long between polls (the
 #: OS rounds the sleep up to ~50-60 us).
 SPIN_SECONDS, POLL_SECONDS = 1e-4, 2e-5
+#: ... and how long the ranks poll the shared-memory window's flags when each has CPUs
+#: of its own (ranks x threads on this node <= its CPUs): the rank waited for is
+#: computing the same step, and a sleep's wake-up costs more than the wait (MNIST net,
+#: 2 ranks: 1e-4 -> 1e-3 s gave 3-5% more samples/s).
+DEDICATED_SPIN_SECONDS = 1e-3
 
 _INSTALL_HINT = ("install the MPI extra: pip install 'fastnn[mpi]' (mpi4py and an "
                  "Open MPI runtime with its mpiexec)")
@@ -121,15 +127,15 @@ def communicator(distributed):
     return Communicator(_mpi().COMM_WORLD, "full" if distributed is True else "shards")
 
 
-def _poll(done):
-    """Until ``done()``: call it for SPIN_SECONDS, then sleep POLL_SECONDS between
+def _poll(done, spin=SPIN_SECONDS):
+    """Until ``done()``: call it for ``spin`` seconds, then sleep POLL_SECONDS between
     calls. A blocking MPI call spins until every rank has arrived; on a machine shared
     with other work that spinning takes the CPU from the processes (or the other
     ranks) the collective is waiting for. Measured here with other jobs running:
     2-rank training ran ~1.5x faster than with a blocking Allreduce."""
     if done():
         return
-    deadline = time.perf_counter() + SPIN_SECONDS
+    deadline = time.perf_counter() + spin
     while not done():
         if time.perf_counter() > deadline:
             time.sleep(POLL_SECONDS)
@@ -441,7 +447,8 @@ class _NodeWindow:
       by its owner, so every rank gets the same bits.
 
     A flag holds the number of the step that last raised it. A waiting rank polls the
-    flags (``_poll``); ``Win.Sync`` orders the stores
+    flags (``_poll``; for DEDICATED_SPIN_SECONDS before it sleeps when every rank has
+    CPUs of its own, ``spin``, set by ``node_window``); ``Win.Sync`` orders the stores
     before a raise and the loads after a wait (a no-op on x86). Plain loads and stores:
     Open MPI's Allreduce copies through its shared-memory transport at 0.1-0.3 ms per
     MiB here, and its nonblocking collectives progress only inside MPI calls.
@@ -452,7 +459,7 @@ class _NodeWindow:
     def __init__(self, comm, capacity):
         MPI = comm.MPI
         self.rank, self.size = comm.rank, comm.size
-        self.capacity, self.counter = capacity, 0
+        self.capacity, self.counter, self.spin = capacity, 0, SPIN_SECONDS
         data_start = 64                      # the data on its own cache lines
         self.win = MPI.Win.Allocate_shared(data_start + capacity, 1, comm=comm.node)
         self.win.Lock_all(MPI.MODE_NOCHECK)  # a passive access epoch: Win.Sync may run
@@ -475,7 +482,7 @@ class _NodeWindow:
     def _wait_for(self, flag):
         """Until every rank's ``flag`` has reached this step (``_poll``)."""
         flags, value = self.flags, self.counter
-        _poll(lambda: all(f[flag] >= value for f in flags))
+        _poll(lambda: all(f[flag] >= value for f in flags), self.spin)
         self.win.Sync()   # the loads that follow see what the ranks stored
 
     def begin(self):
@@ -520,6 +527,8 @@ def node_window(comm, nbytes):
         least = 1 << 16 if _node_window is None else 2 * _node_window.capacity
         capacity = max(-(-nbytes // 64) * 64, least)   # a segment starts a cache line
         _node_window = _NodeWindow(comm, capacity)
+    dedicated = comm.node.Get_size() * get_num_threads() <= (os.cpu_count() or 1)
+    _node_window.spin = DEDICATED_SPIN_SECONDS if dedicated else SPIN_SECONDS
     return _node_window
 
 
