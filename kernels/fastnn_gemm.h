@@ -302,6 +302,30 @@ static inline int fastnn_dgemm_range(int path, char ta, char tb, int m, int n, i
 
 #else /* FASTNN_GEMM_BODY: one ISA x precision, named by the G_* macros above */
 
+/* The store of one vector of C from its accumulator: alpha acc, then (first KC block)
+   + bias, or + beta C (C not read when beta = 0), or (later blocks) + C; on the final
+   block the activation. tail: only the lanes of `last`. */
+FASTNN_GEMM_INLINE __attribute__((target(G_TARGET))) void
+G_NAME(store)(G_T *cv, G_V acc, G_V bias_v, int has_bias, int tail, G_MASK last,
+              G_V va, G_V vb, G_V vs, G_T beta, int first, int final, int act)
+{
+    G_V x = G_MUL(acc, va);
+    if (!first)
+        x = G_ADD(tail ? G_LOADM(cv, last) : G_LOAD(cv), x);
+    else if (has_bias)
+        x = G_ADD(x, bias_v);
+    else if (beta != 0)
+        x = G_FMA(vb, tail ? G_LOADM(cv, last) : G_LOAD(cv), x);
+    if (final && act == FASTNN_EPI_RELU)
+        x = G_MAX(x, G_ZERO());
+    else if (final && act == FASTNN_EPI_LEAKY)
+        x = G_LEAKY(x, vs);
+    if (tail)
+        G_STOREM(cv, x, last);
+    else
+        G_STORE(cv, x);
+}
+
 /* One MR_ x NV_ tile of C: acc = sum_p op(A)[r, p] op(B)[p, :], p < kc, then the store.
    A_T: op(A)[r, p] = a[p * lda + r] (TN), else a[r * lda + p]. The last vector is
    masked with `last`. first: this is the first KC block (C = beta C + alpha acc, or
@@ -337,7 +361,7 @@ G_NAME(tile)(const int MR_, const int NV_, const int A_T, int kc,
     }
     {
         G_V va = G_SET1(alpha), vb = G_SET1(beta), vs = G_SET1(slope);
-        G_V bias_v[G_NV];
+        G_V bias_v[G_NV] = {G_ZERO()};
         if (bias != NULL && first) {
 #pragma GCC unroll 8
             for (v = 0; v < NV_ - 1; ++v)
@@ -347,28 +371,12 @@ G_NAME(tile)(const int MR_, const int NV_, const int A_T, int kc,
         /* A full last vector is stored plainly: AVX2's masked store is slow on AMD. */
         const int partial = !G_MASK_FULL(last);
 #pragma GCC unroll 8
-        for (r = 0; r < MR_; ++r) {
-            G_T *cr = c + r * ldc;
+        for (r = 0; r < MR_; ++r)
 #pragma GCC unroll 8
-            for (v = 0; v < NV_; ++v) {
-                const int tail = v == NV_ - 1 && partial;
-                G_V x = G_MUL(acc[r][v], va);
-                if (!first)
-                    x = G_ADD(tail ? G_LOADM(cr + v * G_VL, last) : G_LOAD(cr + v * G_VL), x);
-                else if (bias != NULL)
-                    x = G_ADD(x, bias_v[v]);
-                else if (beta != 0)
-                    x = G_FMA(vb, tail ? G_LOADM(cr + v * G_VL, last) : G_LOAD(cr + v * G_VL), x);
-                if (final && act == FASTNN_EPI_RELU)
-                    x = G_MAX(x, G_ZERO());
-                else if (final && act == FASTNN_EPI_LEAKY)
-                    x = G_LEAKY(x, vs);
-                if (tail)
-                    G_STOREM(cr + v * G_VL, x, last);
-                else
-                    G_STORE(cr + v * G_VL, x);
-            }
-        }
+            for (v = 0; v < NV_; ++v)
+                G_NAME(store)(c + r * ldc + v * G_VL, acc[r][v], bias_v[v], bias != NULL,
+                              v == NV_ - 1 && partial, last, va, vb, vs, beta, first,
+                              final, act);
     }
 }
 
@@ -435,21 +443,11 @@ G_NAME(row)(int a_t, int kc, const G_T *a, ptrdiff_t lda, const G_T *b, ptrdiff_
                 acc[v] = G_FMA(av, G_LOAD(bp + v * G_VL), acc[v]);
         }
 #pragma GCC unroll 16
-        for (v = 0; v < NW; ++v) {
-            G_T *cv = c + j + v * G_VL;
-            G_V x = G_MUL(acc[v], va);
-            if (!first)
-                x = G_ADD(G_LOAD(cv), x);
-            else if (bias != NULL)
-                x = G_ADD(x, G_LOAD(bias + j + v * G_VL));
-            else if (beta != 0)
-                x = G_FMA(vb, G_LOAD(cv), x);
-            if (final && act == FASTNN_EPI_RELU)
-                x = G_MAX(x, G_ZERO());
-            else if (final && act == FASTNN_EPI_LEAKY)
-                x = G_LEAKY(x, vs);
-            G_STORE(cv, x);
-        }
+        for (v = 0; v < NW; ++v)
+            G_NAME(store)(c + j + v * G_VL, acc[v],
+                          bias != NULL && first ? G_LOAD(bias + j + v * G_VL) : G_ZERO(),
+                          bias != NULL, 0, G_MASK_N(G_VL), va, vb, vs, beta, first, final,
+                          act);
     }
     return j;
 }
