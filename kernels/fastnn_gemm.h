@@ -524,10 +524,16 @@ G_NAME(pack_b)(const G_T *b, ptrdiff_t ldb, int b_t, int pc, int kc, int jc, int
         int w = width - j < nr ? width - j : nr;
         G_T *panel = dst + (ptrdiff_t) (j / nr) * kc * nr;
         if (b_t) {
-            for (jj = 0; jj < w; ++jj) {
-                const G_T *src = b + (ptrdiff_t) (jc + j + jj) * ldb + pc;
-                for (p = 0; p < kc; ++p)
-                    panel[(ptrdiff_t) p * nr + jj] = src[p];
+            /* 16 rows of the panel at a time: they (16 x NR) stay in L1 while each
+               row of B gives them a cache line */
+            int p0, p1;
+            for (p0 = 0; p0 < kc; p0 = p1) {
+                p1 = kc - p0 < 16 ? kc : p0 + 16;
+                for (jj = 0; jj < w; ++jj) {
+                    const G_T *src = b + (ptrdiff_t) (jc + j + jj) * ldb + pc;
+                    for (p = p0; p < p1; ++p)
+                        panel[(ptrdiff_t) p * nr + jj] = src[p];
+                }
             }
         } else {
             for (p = 0; p < kc; ++p)
