@@ -411,32 +411,30 @@ cdef inline void _gemm_blas(
     streams the matrix; gemm with m = 1 took 7x as long at CIFAR's 1 x 3072 x 1024).
     """
     cdef:
-        int one = 1, rows, cols, inc
+        int rows, cols, ld, inc, incy
         char trans
+        const floating *mat
+        const floating *vec
     if (m == 1 or n == 1) and k > 0:
         # C's row (m = 1): c = op(B).T a; C's column (n = 1): c = op(A) b. The matrix
-        # M (row-major, its leading dimension ld) is the column-major (cols, rows) with
-        # trans 'T' for a product with M itself, 'N' for one with its transpose.
+        # (row-major, leading dimension ld) is the column-major (cols, rows), with
+        # trans 'T' for a product with the matrix itself, 'N' for one with its transpose.
         if m == 1:
+            mat, ld, vec, incy = b, ldb, a, 1
             trans = c"N" if tb == c"N" else c"T"
             rows, cols = (k, n) if tb == c"N" else (n, k)
             inc = 1 if ta == c"N" else lda
-            if floating is float:
-                sgemv(&trans, &cols, &rows, &alpha, <float *> b, &ldb, <float *> a, &inc,
-                      &beta, c, &one)
-            else:
-                dgemv(&trans, &cols, &rows, &alpha, <double *> b, &ldb, <double *> a,
-                      &inc, &beta, c, &one)
         else:
+            mat, ld, vec, incy = a, lda, b, ldc
             trans = c"T" if ta == c"N" else c"N"
             rows, cols = (m, k) if ta == c"N" else (k, m)
             inc = ldb if tb == c"N" else 1
-            if floating is float:
-                sgemv(&trans, &cols, &rows, &alpha, <float *> a, &lda, <float *> b, &inc,
-                      &beta, c, &ldc)
-            else:
-                dgemv(&trans, &cols, &rows, &alpha, <double *> a, &lda, <double *> b,
-                      &inc, &beta, c, &ldc)
+        if floating is float:
+            sgemv(&trans, &cols, &rows, &alpha, <float *> mat, &ld, <float *> vec, &inc,
+                  &beta, c, &incy)
+        else:
+            dgemv(&trans, &cols, &rows, &alpha, <double *> mat, &ld, <double *> vec, &inc,
+                  &beta, c, &incy)
         return
     if floating is float:
         sgemm(&tb, &ta, &n, &m, &k, &alpha, <float *> b, &ldb, <float *> a, &lda,
