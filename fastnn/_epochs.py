@@ -104,11 +104,12 @@ def fused_epoch_runner(model, X, target, weights, plan, callbacks, comm=None):
 
     Distributed (``comm``), each rank's call visits its rows of every global step
     (``plan.positions``) and the kernel averages the gradient over the ranks in every
-    step through its ``reduce`` hook: in MPI shared memory when every rank is on this
-    node (``distributed.SharedMemoryReduction``, whose window is then the kernel's
-    gradient buffer), else by an Iallreduce per layer started as soon as its backward
-    is done (``distributed.GradientReduction``); the epoch's loss and hits are summed
-    over the ranks.
+    step: in MPI shared memory when every rank is on this node (the kernel sums and
+    updates in the window itself, ``distributed.SharedMemoryReduction``, whose window
+    is then the kernel's gradient buffer), else through its ``reduce`` hook, by an
+    Iallreduce per layer started as soon as its backward is done
+    (``distributed.GradientReduction``); the epoch's loss and hits are summed over the
+    ranks.
     """
     dense = [layer for layer in model.layers if isinstance(layer, Dense)]
     optimizer_spec = (model.optimizer.kernel_spec()
@@ -142,7 +143,7 @@ def fused_epoch_runner(model, X, target, weights, plan, callbacks, comm=None):
     reduction, positions, n_total = None, None, X.shape[0]
     if comm is not None:
         if comm.one_node and distributed_module.SHARED_MEMORY:
-            reduction = distributed_module.SharedMemoryReduction(comm, model.grads, len(dense))
+            reduction = distributed_module.SharedMemoryReduction(comm, model.grads)
         else:
             reduction = distributed_module.GradientReduction(comm, model.grads, [
                 (start, start + sum(p.size for p in d.parameters()))
@@ -152,19 +153,24 @@ def fused_epoch_runner(model, X, target, weights, plan, callbacks, comm=None):
     # The arguments that stay fixed over the fit; run() sets the per-epoch ones.
     fixed = kernels.TrainEpochSpec(
         X, labels, targets, in_order, batch, widths, acts, alphas, use_bias, model.params,
-        model.grads if reduction is None else reduction.grads, workspace, loss_code, loss_param, optimizer=optimizer_spec, lrs=None,
-        step=0, stats=stats, bf16=model.precision == "bf16", reduce=reduction)
+        model.grads if reduction is None else reduction.grads, workspace, loss_code,
+        loss_param, optimizer=optimizer_spec, lrs=None, step=0, stats=stats,
+        bf16=model.precision == "bf16")
 
     def run(order):
         order = in_order if order is None else order
+        reduce = None
         if reduction is not None:
             order = order[positions]
-            reduction.begin_epoch(global_rows)
+            reduce = reduction.epoch(global_rows)
         backend_module().train_epoch(fixed._replace(
-            order=order, lrs=optimizer.upcoming_lrs(n_batches, lrs), step=optimizer.iterations))
+            order=order, lrs=optimizer.upcoming_lrs(n_batches, lrs), step=optimizer.iterations,
+            reduce=reduce))
         done = int(stats[2])
         optimizer.iterations += done
         if done < n_batches:
+            if reduction is not None:
+                reduction.stopped()
             return None, done, float(stats[3])
         loss_sum, hits = stats[:2] if comm is None else comm.sum(stats[:2])
         logs = {"loss": loss_sum / n_total}

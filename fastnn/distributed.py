@@ -390,9 +390,11 @@ class GradientReduction:
         self.global_rows, self.step = None, 0
         self.local_loss, self.rows, self.global_loss = 0.0, 0, 0.0
 
-    def begin_epoch(self, global_rows):
-        """Rows of each step of the coming epoch over every rank (float64)."""
+    def epoch(self, global_rows):
+        """The ``reduce`` of the coming epoch, whose steps have ``global_rows`` rows over
+        every rank (float64): this hook."""
         self.global_rows, self.step = global_rows, 0
+        return self
 
     def _start(self, buf):
         return self.comm.comm.Iallreduce(self.MPI.IN_PLACE, buf, op=self.MPI.SUM)
@@ -410,7 +412,6 @@ class GradientReduction:
             self.comm._wait(self.loss_request)
             self.global_loss = float(self.loss_sum[0]) / self.global_rows[self.step]
             if not np.isfinite(self.global_loss):
-                self._stop_on_nonfinite()
                 return self.global_loss
         if self.requests[layer] is not None:
             self.comm._wait(self.requests[layer])
@@ -419,9 +420,10 @@ class GradientReduction:
             self.step += 1
         return self.global_loss
 
-    def _stop_on_nonfinite(self):
-        """Every rank at a non-finite global loss: finish the reductions under way and
-        name the ranks whose own loss was not finite (``Communicator.nonfinite_ranks``)."""
+    def stopped(self):
+        """After an epoch that stopped at a non-finite global loss (on every rank):
+        finish the reductions under way and name the ranks whose own loss was not
+        finite (``Communicator.nonfinite_ranks``)."""
         for i, request in enumerate(self.requests):
             if request is not None:
                 self.comm._wait(request)
@@ -431,20 +433,20 @@ class GradientReduction:
 
 class _NodeWindow:
     """MPI-3 shared memory on this node (``MPI_Win_allocate_shared``) and an allreduce
-    over it: every rank's segment holds three int64 flags, a float64 loss slot and
-    ``capacity`` bytes of data, each readable by every rank. Made collectively, kept for
-    the fits that follow (``node_window``).
-
-    A sum is one step (``counter`` numbers them, in step on every rank):
+    over it. Every rank's segment is laid out as ``fastnn.kernels.NodeSum`` says: three
+    int64 flags, a float64 loss slot and, from byte NODE_DATA, ``capacity`` bytes of
+    data, each readable by every rank. Made collectively, kept for the fits that follow
+    (``node_window``). A fused epoch's kernel runs its steps on the window itself
+    (``SharedMemoryReduction``); the sums in Python follow the same steps:
 
     * ``begin()`` waits until every rank has finished reading this rank's segment in
-      the last step (flag ``copied``); the rank then writes its values there
-      (``segments``), or the kernel does, and its loss slot;
-    * ``finish(out)`` raises ``ready``; once every rank is ready, rank r adds the other
-      ranks' chunk r of the values (in rank order) to its own chunk r (np.array_split's
-      sizes) and raises ``reduced``; once every rank has reduced, it copies every chunk
-      from its owner into ``out`` and raises ``copied``. Every element is summed once,
-      by its owner, so every rank gets the same bits.
+      the last step (flag DONE), and numbers the step (this rank's DONE + 1); the rank
+      then writes its values there (``segments``) and its loss slot;
+    * ``finish(out)`` raises READY; once every rank is ready, rank r adds the other
+      ranks' chunk r of the values (in rank order) to its own chunk r
+      (``kernels.chunk``) and raises REDUCED; once every rank has reduced, it copies
+      every chunk from its owner into ``out`` and raises DONE. Every element is summed
+      once, by its owner, so every rank gets the same bits.
 
     A flag holds the number of the step that last raised it. A waiting rank polls the
     flags (``_poll``; for DEDICATED_SPIN_SECONDS before it sleeps when every rank has
@@ -454,19 +456,22 @@ class _NodeWindow:
     MiB here, and its nonblocking collectives progress only inside MPI calls.
     """
 
-    READY, REDUCED, COPIED = range(3)
+    READY, REDUCED, DONE = kernels.NODE_READY, kernels.NODE_REDUCED, kernels.NODE_DONE
 
     def __init__(self, comm, capacity):
         MPI = comm.MPI
         self.rank, self.size = comm.rank, comm.size
-        self.capacity, self.counter, self.spin = capacity, 0, SPIN_SECONDS
-        data_start = 64                      # the data on its own cache lines
-        self.win = MPI.Win.Allocate_shared(data_start + capacity, 1, comm=comm.node)
+        self.capacity, self.step, self.spin = capacity, 0, SPIN_SECONDS
+        nbytes = kernels.NODE_DATA + capacity
+        self.win = MPI.Win.Allocate_shared(nbytes, 1, comm=comm.node)
         self.win.Lock_all(MPI.MODE_NOCHECK)  # a passive access epoch: Win.Sync may run
-        segments = [self.win.Shared_query(r)[0] for r in range(comm.size)]
-        self.flags = [np.frombuffer(seg, np.int64, 3) for seg in segments]
-        self.losses = [np.frombuffer(seg, np.float64, 1, 24) for seg in segments]
-        self.data = [np.frombuffer(seg, np.uint8, capacity, data_start) for seg in segments]
+        #: every rank's whole segment, by rank (kernels.NodeSum.segments)
+        self.raw = tuple(np.frombuffer(self.win.Shared_query(r)[0], np.uint8, nbytes)
+                         for r in range(comm.size))
+        self.flags = [seg[:24].view(np.int64) for seg in self.raw]
+        self.losses = [seg[kernels.NODE_LOSS:kernels.NODE_LOSS + 8].view(np.float64)
+                       for seg in self.raw]
+        self.data = [seg[kernels.NODE_DATA:] for seg in self.raw]
         self.flags[comm.rank][:] = 0
         comm.node.Barrier()
 
@@ -477,18 +482,19 @@ class _NodeWindow:
 
     def _raise(self, flag):
         self.win.Sync()   # what this rank stored, before the flag
-        self.flags[self.rank][flag] = self.counter
+        self.flags[self.rank][flag] = self.step
 
-    def _wait_for(self, flag):
-        """Until every rank's ``flag`` has reached this step (``_poll``)."""
-        flags, value = self.flags, self.counter
-        _poll(lambda: all(f[flag] >= value for f in flags), self.spin)
+    def _wait_for(self, flag, step):
+        """Until every rank's ``flag`` has reached ``step`` (``_poll``)."""
+        flags = self.flags
+        _poll(lambda: all(f[flag] >= step for f in flags), self.spin)
         self.win.Sync()   # the loads that follow see what the ranks stored
 
     def begin(self):
         """Start a step: this rank's segment (and loss slot) may be written."""
-        self._wait_for(self.COPIED)
-        self.counter += 1
+        done = int(self.flags[self.rank][self.DONE])
+        self._wait_for(self.DONE, done)
+        self.step = done + 1
 
     def finish(self, segments, out):
         """End the step: ``out`` = the sum of ``segments`` (every rank's values, as
@@ -496,21 +502,21 @@ class _NodeWindow:
         array of its size; returns the sum of the loss slots."""
         me = self.rank
         self._raise(self.READY)
-        self._wait_for(self.READY)
+        self._wait_for(self.READY, self.step)
         loss = 0.0
         for slot in self.losses:
             loss += slot[0]
-        chunks = [split(out.size, self.size, r) for r in range(self.size)]
+        chunks = [slice(*kernels.chunk(out.size, self.size, r)) for r in range(self.size)]
         own = segments[me][chunks[me]]
         for r, segment in enumerate(segments):
             if r != me:
                 np.add(own, segment[chunks[me]], out=own)
         self._raise(self.REDUCED)
-        self._wait_for(self.REDUCED)
+        self._wait_for(self.REDUCED, self.step)
         for r, segment in enumerate(segments):
             if r != me or out is not segments[me]:
                 out[chunks[r]] = segment[chunks[r]]
-        self._raise(self.COPIED)
+        self._raise(self.DONE)
         return loss
 
 
@@ -533,52 +539,36 @@ def node_window(comm, nbytes):
 
 
 class SharedMemoryReduction:
-    """The ``reduce`` hook of a fused distributed epoch whose ranks all run on one node:
-    the gradient is summed in the node's shared-memory window (``_NodeWindow``), which
-    is the kernel's gradient buffer (``grads``): nothing is copied in. Each step:
-    REDUCE_LOSS begins a window step, puts rows x loss in the loss slot and scales the
-    loss gradient by this rank's share rows / global rows of the step; the last layer's
-    REDUCE_WAIT (before the first update, the whole gradient written) sums the
-    gradients and the loss slots (the global loss, non-finite on every rank alike).
-    One sum per step, not one per layer: on one machine the CPUs do the copying, so
-    there is nothing to overlap, and every wait may cost a time slice on a busy one.
+    """The reduction of a fused distributed epoch whose ranks all run on one node: the
+    kernel itself sums the gradient in the node's shared-memory window and updates
+    from the sum (``fastnn.kernels.NodeSum``), with no Python between steps. Its
+    gradient buffer ``grads`` is this rank's segment of the window: nothing is copied
+    in. Each step is one sum, not one per layer: on one machine the CPUs do the
+    copying, so there is nothing to overlap, and every wait may cost a time slice on a
+    busy one. The update is fused into the sum: each rank updates every chunk of the
+    parameters straight from the chunk's owner's segment, so the summed gradient is
+    never copied.
     """
 
-    def __init__(self, comm, grads, n_layers):
-        self.comm, self.n_layers = comm, n_layers
+    def __init__(self, comm, grads):
+        self.comm = comm
         self.window = node_window(comm, grads.nbytes)
-        self.segments = self.window.segments(grads.dtype, grads.size)
-        self.grads = self.segments[comm.rank]
-        self.global_rows, self.step = None, 0
-        self.local_loss, self.rows, self.global_loss = 0.0, 0, 0.0
+        self.grads = self.window.segments(grads.dtype, grads.size)[comm.rank]
 
-    def begin_epoch(self, global_rows):
-        """Rows of each step of the coming epoch over every rank (float64)."""
-        self.global_rows, self.step = global_rows, 0
-
-    def __call__(self, phase, layer, value, rows):
+    def epoch(self, global_rows):
+        """The ``reduce`` of the coming epoch, whose steps have ``global_rows`` rows over
+        every rank (float64)."""
         window = self.window
-        if phase == kernels.REDUCE_LOSS:
-            window.begin()
-            self.local_loss, self.rows = value, rows
-            window.losses[window.rank][0] = value * rows if rows else 0.0
-            return rows / self.global_rows[self.step]
-        if phase == kernels.REDUCE_START:
-            return 0.0
-        if layer == self.n_layers - 1:   # before the first update
-            loss = window.finish(self.segments, self.grads)
-            self.global_loss = loss / self.global_rows[self.step]
-            if not np.isfinite(self.global_loss):
-                self.comm.name_nonfinite(self.rows == 0 or np.isfinite(self.local_loss))
-                return self.global_loss
-        if layer == 0:
-            self.step += 1
-        return self.global_loss
+        return kernels.NodeSum(window.raw, window.rank, global_rows, window.spin,
+                               window.win.Sync)
+
+    def stopped(self):
+        """After an epoch that stopped at a non-finite global loss (on every rank): name
+        the ranks whose own loss was not finite (``Communicator.nonfinite_ranks``)."""
+        self.comm.name_nonfinite(np.isfinite(self.window.losses[self.comm.rank][0]))
 
 
 def split(n, parts, index):
     """The slice of ``range(n)`` that part ``index`` of ``parts`` gets: contiguous,
     sizes differing by at most one, the larger parts first (np.array_split's rule)."""
-    base, extra = divmod(n, parts)
-    start = index * base + min(index, extra)
-    return slice(start, start + base + (1 if index < extra else 0))
+    return slice(*kernels.chunk(n, parts, index))

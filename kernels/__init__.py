@@ -101,8 +101,8 @@ class TrainEpochSpec(NamedTuple):
     updates made before this epoch (update b is number step + b + 1); stats float64 (4,)
     the output (see ``train_epoch``); bf16 True runs every Dense product in bfloat16
     with float32 accumulation (float32 arrays only; see ``dense_forward_bf16``); reduce
-    None or the gradient reduction of a data-parallel epoch (``REDUCE_*`` below; not
-    with bf16).
+    None or the gradient reduction of a data-parallel epoch, not with bf16: a callable
+    (the ``REDUCE_*`` protocol below) or a ``NodeSum``.
     """
 
     X: object
@@ -144,6 +144,57 @@ class TrainEpochSpec(NamedTuple):
 # holds it; ``reduce`` completes the reductions it started). An exception in
 # ``reduce`` ends the epoch and is raised by train_epoch.
 REDUCE_LOSS, REDUCE_START, REDUCE_WAIT = range(3)
+
+
+# The flags of a NodeSum segment (int64 at byte 8 * flag): the number of the last step
+# in which its rank had written its gradient (READY), summed its own chunk (REDUCED),
+# and finished reading the other segments (DONE). The loss slot (float64) follows at
+# byte NODE_LOSS, the gradient at byte NODE_DATA, on cache lines of its own.
+NODE_READY, NODE_REDUCED, NODE_DONE = range(3)
+NODE_LOSS, NODE_DATA = 24, 64
+
+
+class NodeSum(NamedTuple):
+    """``TrainEpochSpec.reduce`` of a data-parallel epoch whose K ranks share memory
+    (one node): the kernel sums the gradient itself, in the ranks' segments, and
+    fuses the update into the sum. No Python runs between steps.
+
+    segments: K writable uint8 arrays, rank r's segment (readable by every rank): three
+    int64 flags (NODE_READY, NODE_REDUCED, NODE_DONE), the loss slot at byte
+    NODE_LOSS, and from byte NODE_DATA the gradient, which is ``grads`` on this rank
+    (``TrainEpochSpec.grads`` must be that very memory). rank: this rank. global_rows:
+    float64 (len(lrs),) the rows of each step over every rank. spin: seconds a wait
+    polls the flags before it sleeps between polls. sync: a callable that orders this
+    process's loads and stores against the other ranks' (MPI ``Win.Sync``), called by
+    the numpy reference around every flag; the compiled kernels use atomics instead.
+
+    Step s (= this rank's DONE flag + 1), after the loss: wait until every DONE flag
+    is >= s - 1 (nobody still reads this segment), put rows x loss in the loss slot,
+    scale the loss gradient by rows / global_rows[b]; backward into the segment; raise
+    READY and wait for every READY; the global loss is the sum of the loss slots in
+    rank order / global_rows[b]; add the other segments' chunk ``split(P, K, rank)`` to
+    this segment's, in rank order, and raise REDUCED; then, unless the global loss is
+    not finite (the epoch ends there, ``stats[3]`` holding it), run the optimizer step
+    on each chunk of the parameters with its owner's summed chunk as the gradient (this
+    rank's at once, the others' once their REDUCED is raised); raise DONE. Every chunk
+    is summed once, by its owner, and every rank updates from the same bits, so the
+    parameters stay bit-identical on every rank.
+    """
+
+    segments: tuple
+    rank: int
+    global_rows: object
+    spin: float
+    sync: object
+
+
+def chunk(n, parts, index):
+    """The (start, stop) of ``range(n)`` that part ``index`` of ``parts`` gets:
+    contiguous, sizes differing by at most one, the larger parts first (np.array_split's
+    rule)."""
+    base, extra = divmod(n, parts)
+    start = index * base + min(index, extra)
+    return start, start + base + (1 if index < extra else 0)
 
 
 def train_epoch_workspace_size(batch_size, widths):

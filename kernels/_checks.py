@@ -10,13 +10,14 @@ scans): the API validates them once, at its boundary.
 import numpy as np
 
 from . import (
-    DEFAULT_ALPHA, LABEL_LOSS_CODES, OPTIMIZER_HYPER, dense_stack_workspace_size,
-    train_epoch_workspace_size,
+    DEFAULT_ALPHA, LABEL_LOSS_CODES, NODE_DATA, OPTIMIZER_HYPER, NodeSum,
+    dense_stack_workspace_size, train_epoch_workspace_size,
 )
 
 _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
 _INT64 = np.dtype(np.int64)
 _FLOAT64 = np.dtype(np.float64)
+_UINT8 = np.dtype(np.uint8)
 
 
 def _array(kernel, name, a, ndim=None, dtype=None, writable=False):
@@ -295,8 +296,10 @@ def train_epoch(spec):
                          f"{spec.lrs.shape[0]}")
     _array(kernel, "stats", spec.stats, 1, _FLOAT64, writable=True)
     _shape(kernel, "stats", spec.stats, (4,))
-    if spec.reduce is not None and not callable(spec.reduce):
-        raise TypeError(f"{kernel}: reduce must be None or a callable, got "
+    if isinstance(spec.reduce, NodeSum):
+        _node_sum(kernel, spec.reduce, spec.grads, spec.lrs.shape[0])
+    elif spec.reduce is not None and not callable(spec.reduce):
+        raise TypeError(f"{kernel}: reduce must be None, a callable or a NodeSum, got "
                         f"{type(spec.reduce).__name__}")
     if spec.bf16 and spec.reduce is not None:
         raise ValueError(f"{kernel}: a bf16 epoch takes no reduce hook (reduce must be None "
@@ -317,6 +320,34 @@ def bf16_round(x, out):
     _array(kernel, "x", x, dtype=np.dtype(np.float32))
     _array(kernel, "out", out, dtype=np.dtype(np.float32), writable=True)
     _shape(kernel, "out", out, x.shape)
+
+
+def _node_sum(kernel, node, grads, n_steps):
+    """A NodeSum's segments hold this rank's ``grads`` and room for every rank's."""
+    segments = node.segments
+    if not isinstance(segments, tuple) or not segments:
+        raise TypeError(f"{kernel}: reduce.segments must be a non-empty tuple of arrays")
+    if not 0 <= node.rank < len(segments):
+        raise ValueError(f"{kernel}: reduce.rank must be in [0, {len(segments)}), got "
+                         f"{node.rank}")
+    needed = NODE_DATA + grads.nbytes
+    for r, segment in enumerate(segments):
+        _array(kernel, f"reduce.segments[{r}]", segment, 1, _UINT8, writable=True)
+        if segment.shape[0] < needed:
+            raise ValueError(f"{kernel}: reduce.segments[{r}] must hold at least {needed} "
+                             f"bytes (flags, loss slot, gradient), got {segment.shape[0]}")
+        if segment.ctypes.data % 8:
+            raise ValueError(f"{kernel}: reduce.segments[{r}] must start on an 8-byte "
+                             f"boundary (its int64 flags)")
+    if grads.ctypes.data != segments[node.rank].ctypes.data + NODE_DATA:
+        raise ValueError(f"{kernel}: with a NodeSum, grads must be the gradient in this "
+                         f"rank's segment (reduce.segments[rank] from byte {NODE_DATA})")
+    _array(kernel, "reduce.global_rows", node.global_rows, 1, _FLOAT64)
+    if node.global_rows.shape[0] < n_steps:
+        raise ValueError(f"{kernel}: reduce.global_rows must hold the rows of every step "
+                         f"({n_steps}), got {node.global_rows.shape[0]}")
+    if not callable(node.sync):
+        raise TypeError(f"{kernel}: reduce.sync must be callable")
 
 
 def train_epoch_indices(spec):

@@ -41,7 +41,7 @@ from cython.parallel cimport prange
 from libc.math cimport (
     exp, expm1, fabs, isfinite, log, log1p, sqrt, sqrtf, tanh,
 )
-from libc.stdint cimport int64_t, uint16_t, uint32_t
+from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t
 from libc.stdlib cimport calloc, free, malloc
 from libc.string cimport memcpy, memset
 from scipy.linalg.cython_blas cimport dgemm, dgemv, sgemm, sgemv
@@ -59,6 +59,12 @@ from . import OPTIMIZER_HYPER as _OPTIMIZER_HYPER
 from . import REDUCE_LOSS as _REDUCE_LOSS
 from . import REDUCE_START as _REDUCE_START
 from . import REDUCE_WAIT as _REDUCE_WAIT
+from . import NODE_DATA as _NODE_DATA
+from . import NODE_DONE as _NODE_DONE
+from . import NODE_LOSS as _NODE_LOSS
+from . import NODE_READY as _NODE_READY
+from . import NODE_REDUCED as _NODE_REDUCED
+from . import NodeSum as _NodeSum
 
 # OpenMP when the compiler has it (setup.py passes -fopenmp / /openmp); otherwise
 # serial stand-ins, so the module still builds where OpenMP is unavailable (macOS).
@@ -191,6 +197,11 @@ cdef int ADAM = _OPTIMIZER_CODES["adam"]
 cdef int REDUCE_LOSS = _REDUCE_LOSS
 cdef int REDUCE_START = _REDUCE_START
 cdef int REDUCE_WAIT = _REDUCE_WAIT
+cdef int NODE_READY = _NODE_READY
+cdef int NODE_REDUCED = _NODE_REDUCED
+cdef int NODE_DONE = _NODE_DONE
+cdef Py_ssize_t NODE_LOSS = _NODE_LOSS
+cdef Py_ssize_t NODE_DATA = _NODE_DATA
 
 # Below this many elements a loop runs serially: a thread team costs more than it saves.
 cdef Py_ssize_t _PARALLEL_MIN = 1 << 17
@@ -1993,6 +2004,108 @@ cdef double _reduce_call(void *hook, int phase, int layer, double value, Py_ssiz
         return 0.0
 
 
+cdef extern from "fastnn_node.h" nogil:
+    int64_t fastnn_flag_load(const int64_t *p)
+    void fastnn_flag_store(int64_t *p, int64_t v)
+    double fastnn_seconds()
+    void fastnn_nap(double seconds)
+
+
+# A NodeSum (fastnn.kernels.NodeSum) as the nogil loop reads it.
+cdef struct _Node:
+    char **segments            # (size,) every rank's segment: flags, loss slot, data
+    int rank, size
+    const double *global_rows  # (steps,) rows of each step over every rank
+    double spin                # seconds a wait polls before it sleeps between polls
+
+#: A waiting rank's sleep between polls once it has polled for _Node.spin (the OS
+#: rounds it up to ~50-60 us).
+cdef double NODE_POLL_SECONDS = 2e-5
+
+
+cdef inline int64_t *_node_flags(const _Node *node, int r) noexcept nogil:
+    return <int64_t *> node.segments[r]
+
+
+cdef inline double *_node_loss(const _Node *node, int r) noexcept nogil:
+    return <double *> (node.segments[r] + NODE_LOSS)
+
+
+cdef inline void _node_chunk(Py_ssize_t n, int parts, int index, Py_ssize_t *start,
+                             Py_ssize_t *stop) noexcept nogil:
+    """``fastnn.kernels.chunk``: part ``index`` of ``parts`` of range(n)."""
+    cdef Py_ssize_t base = n // parts, extra = n % parts
+    start[0] = index * base + min(<Py_ssize_t> index, extra)
+    stop[0] = start[0] + base + (1 if index < extra else 0)
+
+
+cdef void _node_wait(const _Node *node, int flag, int64_t step) noexcept nogil:
+    """Until every rank's ``flag`` is >= ``step`` (flags only grow): poll for
+    ``node.spin`` seconds, then sleep NODE_POLL_SECONDS between polls."""
+    cdef int r = 0
+    cdef double deadline = -1.0
+    while r < node.size:
+        if fastnn_flag_load(_node_flags(node, r) + flag) >= step:
+            r += 1
+        elif deadline < 0:
+            deadline = fastnn_seconds() + node.spin
+        elif fastnn_seconds() > deadline:
+            fastnn_nap(NODE_POLL_SECONDS)
+
+
+cdef int64_t _node_begin(const _Node *node, double loss_rows) noexcept nogil:
+    """Start a NodeSum step: once no rank still reads this rank's segment, put
+    ``loss_rows`` in its loss slot; returns the step's number."""
+    cdef int64_t done = _node_flags(node, node.rank)[NODE_DONE]  # only this rank writes it
+    _node_wait(node, NODE_DONE, done)
+    _node_loss(node, node.rank)[0] = loss_rows
+    return done + 1
+
+
+cdef double _node_step(
+    const _Node *node, int64_t s, Py_ssize_t b, Py_ssize_t n_params, int opt_code,
+    const double *hyper, floating *params, floating *state0, floating *state1,
+    floating *state2, double lr, long t,
+) noexcept nogil:
+    """End NodeSum step ``s`` (batch ``b``), the gradient written into this rank's
+    segment: the global loss, every rank's gradient summed chunk by chunk, each chunk's
+    update from its owner's sum (``fastnn.kernels.NodeSum``). Returns the global loss;
+    a non-finite one updates nothing."""
+    cdef:
+        int me = node.rank, r
+        Py_ssize_t start, stop, i
+        int64_t *flags = _node_flags(node, me)
+        floating *own = <floating *> (node.segments[me] + NODE_DATA)
+        const floating *other
+        double loss = 0.0
+    fastnn_flag_store(flags + NODE_READY, s)
+    _node_wait(node, NODE_READY, s)
+    for r in range(node.size):
+        loss += _node_loss(node, r)[0]
+    loss /= node.global_rows[b]
+    _node_chunk(n_params, node.size, me, &start, &stop)
+    for r in range(node.size):
+        if r != me:
+            other = <const floating *> (node.segments[r] + NODE_DATA)
+            for i in range(start, stop):
+                own[i] += other[i]
+    fastnn_flag_store(flags + NODE_REDUCED, s)
+    if isfinite(loss):
+        _optimizer_step(opt_code, hyper, params + start, own + start,
+                        _shifted(state0, start), _shifted(state1, start),
+                        _shifted(state2, start), stop - start, lr, t)
+        _node_wait(node, NODE_REDUCED, s)
+        for r in range(node.size):
+            if r != me:
+                _node_chunk(n_params, node.size, r, &start, &stop)
+                other = <const floating *> (node.segments[r] + NODE_DATA)
+                _optimizer_step(opt_code, hyper, params + start, other + start,
+                                _shifted(state0, start), _shifted(state1, start),
+                                _shifted(state2, start), stop - start, lr, t)
+    fastnn_flag_store(flags + NODE_DONE, s)
+    return loss
+
+
 cdef inline void _layer_step(
     int opt_code, const double *hyper, floating *params, const floating *grads,
     floating *state0, floating *state1, floating *state2,
@@ -2059,14 +2172,17 @@ cdef int _train_epoch_ptr(
     floating *state0, floating *state1, floating *state2,  # IN/OUT optimizer state
     long step,
     double *stats,            # OUT (4,)
-    void *reduce,             # [reduce, None] (TrainEpochSpec.reduce), or NULL
+    void *reduce,             # [reduce, None] (a callable TrainEpochSpec.reduce), or NULL
+    const _Node *node,        # a NodeSum TrainEpochSpec.reduce, or NULL
     Py_ssize_t n_steps,       # steps of an epoch with reduce (len(lrs))
 ) noexcept nogil:
     """The body of ``train_epoch``: per batch gather, forward, loss, then per layer
     (last first) backward and update. Returns 0, or 1 when a batch holds a sample index
     outside [0, n_samples) or a label outside [0, widths[L]) (the epoch then ends before
     that batch's update), or 2 when ``reduce`` raised. With ``reduce``, each layer's
-    reduction starts after its backward, and the updates wait for them (REDUCE_LOSS).
+    reduction starts after its backward, and the updates wait for them (REDUCE_LOSS);
+    with ``node``, the whole gradient is summed and applied in shared memory
+    (``_node_step``).
 
     Workspace of a batch of ``rows``: a_0 .. a_L (rows, widths[l]) packed, then two
     (rows, widest) gradient buffers that swap roles from layer to layer."""
@@ -2076,6 +2192,7 @@ cdef int _train_epoch_ptr(
         int layer
         double loss, share, global_loss
         int status = 0
+        int64_t node_step = 0
         const int64_t *rows
         floating *out
         floating *dout
@@ -2083,9 +2200,9 @@ cdef int _train_epoch_ptr(
         floating *swap
         # Plain SGD (no momentum) updates each layer inside its backward: the dW gemm
         # writes straight into W (_dense_backward_sgd_ptr), and grads stay untouched.
-        bint fold_sgd = opt_code == SGD and hyper[0] == 0 and reduce == NULL
+        bint fold_sgd = opt_code == SGD and hyper[0] == 0 and reduce == NULL and node == NULL
     stats[0] = stats[1] = stats[2] = stats[3] = 0
-    while start < m or (reduce != NULL and b < n_steps):
+    while start < m or ((reduce != NULL or node != NULL) and b < n_steps):
         size = min(batch_size, m - start)
         rows = order + start
         if _gather_batch(X, labels, targets, rows, size, min(batch_size, m - start - size),
@@ -2105,10 +2222,14 @@ cdef int _train_epoch_ptr(
         if n_bad:
             return 1
         stats[3] = loss
-        if reduce != NULL:
-            share = _reduce_call(reduce, REDUCE_LOSS, -1, loss, size, &status)
-            if status:
-                return status
+        if reduce != NULL or node != NULL:
+            if node != NULL:
+                node_step = _node_begin(node, loss * size)
+                share = size / node.global_rows[b] if node.global_rows[b] > 0 else 0.0
+            else:
+                share = _reduce_call(reduce, REDUCE_LOSS, -1, loss, size, &status)
+                if status:
+                    return status
             for i in range(size * k_out):
                 dout[i] *= <floating> share
         elif not isfinite(loss):
@@ -2134,11 +2255,11 @@ cdef int _train_epoch_ptr(
                     grads + w_off[layer],
                     grads + b_off[layer] if b_off[layer] >= 0 else NULL, db_parts, 1,
                     <int> size, <int> widths[layer], <int> widths[layer + 1])
-                if reduce == NULL:
+                if reduce != NULL:
+                    _reduce_call(reduce, REDUCE_START, layer, 0, size, &status)
+                elif node == NULL:
                     _layer_step(opt_code, hyper, params, grads, state0, state1, state2,
                                 w_off, layer, n_layers, n_params, lrs[b], step + b + 1)
-                else:
-                    _reduce_call(reduce, REDUCE_START, layer, 0, size, &status)
             swap = dout
             dout = dprev
             dprev = swap
@@ -2151,6 +2272,12 @@ cdef int _train_epoch_ptr(
                 return 0
             _layer_step(opt_code, hyper, params, grads, state0, state1, state2, w_off,
                         layer, n_layers, n_params, lrs[b], step + b + 1)
+        if node != NULL:
+            global_loss = _node_step(node, node_step, b, n_params, opt_code, hyper, params,
+                                     state0, state1, state2, lrs[b], step + b + 1)
+            if not isfinite(global_loss):
+                stats[3] = global_loss
+                return 0
         stats[0] += loss * size
         stats[2] += 1
         start += size
@@ -2204,6 +2331,10 @@ def _train_epoch(
         floating *s2 = _data_or_null(state2)
         uint32_t *bf16_scratch = NULL
         list hook = [reduce, None]
+        _Node node
+        bint node_sum = isinstance(reduce, _NodeSum)
+        const double[::1] global_rows
+        uint8_t[::1] segment
         bint ok = (n_layers >= 1 and batch_size >= 1 and acts.shape[0] == n_layers
                    and alphas.shape[0] == n_layers and use_bias.shape[0] == n_layers)
     # The O(L) checks of every size against widths (sample indices and labels are
@@ -2226,6 +2357,27 @@ def _train_epoch(
             and (labels.shape[0] == n if labels is not None else targets is not None
                  and targets.shape[0] == n and targets.shape[1] == widths[n_layers])):
         _refuse()
+    if node_sum:
+        global_rows = reduce.global_rows
+        node.size = len(reduce.segments)
+        node.rank = reduce.rank
+        node.spin = reduce.spin
+        node.global_rows = &global_rows[0] if global_rows.shape[0] > 0 else NULL
+        if not (bf16 == False and 0 <= node.rank < node.size
+                and global_rows.shape[0] >= lrs.shape[0]):
+            _refuse()
+        node.segments = <char **> malloc(node.size * sizeof(char *))
+        if node.segments == NULL:
+            raise MemoryError()
+        for layer in range(node.size):
+            segment = reduce.segments[layer]
+            node.segments[layer] = <char *> &segment[0]
+            if (segment.shape[0] < NODE_DATA + p * <Py_ssize_t> sizeof(floating)
+                    or (<size_t> node.segments[layer]) % 8 != 0
+                    or (layer == node.rank
+                        and <char *> &grads[0] != node.segments[layer] + NODE_DATA)):
+                free(node.segments)
+                _refuse()
     p = 0
     offsets = <Py_ssize_t *> malloc((3 * n_layers + 2) * sizeof(Py_ssize_t))
     w_off = offsets
@@ -2235,6 +2387,8 @@ def _train_epoch(
     if offsets == NULL or scratch == NULL:
         free(offsets)
         free(scratch)
+        if node_sum:
+            free(node.segments)
         raise MemoryError()
     a_off[0] = 0
     for layer in range(n_layers):
@@ -2273,10 +2427,13 @@ def _train_epoch(
             batch_size, n_layers, &widths[0], &acts[0], &alphas[0], w_off, b_off, a_off,
             &params[0], &grads[0], &workspace[0], scratch, scratch + rows,
             params.shape[0], widest, loss_code, loss_param, opt_code, &hyper[0], lrs_, s0,
-            s1, s2, step, &stats[0], <void *> hook if reduce is not None else NULL,
-            lrs.shape[0])
+            s1, s2, step, &stats[0],
+            <void *> hook if reduce is not None and not node_sum else NULL,
+            &node if node_sum else NULL, lrs.shape[0])
     free(offsets)
     free(scratch)
+    if node_sum:
+        free(node.segments)
     if status == 2:
         raise hook[1]
     if status:

@@ -26,15 +26,16 @@ Conventions shared by every backend:
   boxes of torch.optim. ``step`` is the 1-based number of this update.
 """
 import math
+import time
 
 import numpy as np
 
 from . import _checks
 from . import (
     ADAGRAD, BINARY_CROSS_ENTROPY, CROSS_ENTROPY, DEFAULT_ALPHA, ELU, HINGE, HUBER,
-    IDENTITY, LABEL_LOSS_CODES, LEAKY_RELU, MAE, MSE, REDUCE_LOSS, REDUCE_START,
-    REDUCE_WAIT, RELU, RMSPROP, SGD, SIGMOID, SOFTPLUS, STEP, TANH,
-    dense_stack_workspace_size,
+    IDENTITY, LABEL_LOSS_CODES, LEAKY_RELU, MAE, MSE, NODE_DATA, NODE_DONE, NODE_LOSS,
+    NODE_READY, NODE_REDUCED, REDUCE_LOSS, REDUCE_START, REDUCE_WAIT, RELU, RMSPROP, SGD,
+    SIGMOID, SOFTPLUS, STEP, TANH, NodeSum, chunk, dense_stack_workspace_size,
 )
 
 
@@ -593,6 +594,66 @@ def _optimizer_step(optimizer, params, grads, lr, t):
                      hyper[2], hyper[3], bool(hyper[4]), bool(hyper[5]), t)
 
 
+class _NodeSteps:
+    """The steps of a NodeSum epoch (``fastnn.kernels.NodeSum``), as the compiled
+    kernels take them, with ``node.sync()`` around every flag."""
+
+    #: A waiting rank's sleep between polls once it has polled for ``node.spin``.
+    POLL_SECONDS = 2e-5
+
+    def __init__(self, node, dtype, n_params):
+        self.node, self.rank = node, node.rank
+        self.flags = [seg[:3 * 8].view(np.int64) for seg in node.segments]
+        self.losses = [seg[NODE_LOSS:NODE_LOSS + 8].view(np.float64) for seg in node.segments]
+        nbytes = n_params * np.dtype(dtype).itemsize
+        self.data = [seg[NODE_DATA:NODE_DATA + nbytes].view(dtype) for seg in node.segments]
+        self.chunks = [slice(*chunk(n_params, len(self.data), r)) for r in range(len(self.data))]
+
+    def _wait(self, flag, step):
+        deadline = None
+        while not all(f[flag] >= step for f in self.flags):
+            if deadline is None:
+                deadline = time.perf_counter() + self.node.spin
+            elif time.perf_counter() > deadline:
+                time.sleep(self.POLL_SECONDS)
+        self.node.sync()  # the loads that follow see what the ranks stored
+
+    def _raise(self, flag, step):
+        self.node.sync()  # what this rank stored, before the flag
+        self.flags[self.rank][flag] = step
+
+    def begin(self, loss_rows):
+        """Once no rank still reads this rank's segment, put ``loss_rows`` in its loss
+        slot; the step's number."""
+        done = int(self.flags[self.rank][NODE_DONE])
+        self._wait(NODE_DONE, done)
+        self.losses[self.rank][0] = loss_rows
+        return done + 1
+
+    def finish(self, step, global_rows, optimizer, params, lr, t):
+        """The global loss; the gradient summed and every chunk updated from it."""
+        me = self.rank
+        self._raise(NODE_READY, step)
+        self._wait(NODE_READY, step)
+        loss = 0.0
+        for slot in self.losses:
+            loss += float(slot[0])
+        loss /= global_rows
+        own = self.data[me][self.chunks[me]]
+        for r, data in enumerate(self.data):
+            if r != me:
+                np.add(own, data[self.chunks[me]], out=own)
+        self._raise(NODE_REDUCED, step)
+        if np.isfinite(loss):
+            self._wait(NODE_REDUCED, step)
+            for data, part in zip(self.data, self.chunks):
+                states = tuple(state[part] for state in optimizer.states)
+                _optimizer_step(optimizer._replace(states=states), params[part], data[part],
+                                lr, t)
+        self._raise(NODE_DONE, step)
+        return loss
+
+
 def train_epoch(spec):
     """One epoch of mini-batch training of ``L`` dense layers, all in one call.
 
@@ -631,7 +692,9 @@ def train_epoch(spec):
     epoch has ``len(lrs)`` steps, the loss gradient is scaled by the share REDUCE_LOSS
     returns, each layer's reduction starts after its backward, and the update waits
     for every layer's; ``stats`` keeps this process's sums (the loss and hits of its
-    rows), ``stats[3]`` the global loss that stopped the epoch.
+    rows), ``stats[3]`` the global loss that stopped the epoch. A ``NodeSum`` ``reduce``
+    sums the gradient in the ranks' shared memory and updates from the sum
+    (``_NodeSteps``).
     """
     _checks.train_epoch(spec)
     _checks.train_epoch_indices(spec)
@@ -643,6 +706,10 @@ def train_epoch(spec):
     m = order.shape[0]
     widest = int(widths.max())
     n_steps = -(-m // batch_size) if reduce is None else lrs.shape[0]
+    node = None
+    if isinstance(reduce, NodeSum):
+        node, reduce = _NodeSteps(reduce, params.dtype, params.shape[0]), None
+        global_rows = spec.reduce.global_rows
     stats[:] = 0
     for b in range(n_steps):
         rows = order[b * batch_size:(b + 1) * batch_size]
@@ -675,7 +742,10 @@ def train_epoch(spec):
         loss = _batch_loss(loss_code, loss_param, out, labels, targets, rows, dout) if size \
             else 0.0
         stats[3] = loss
-        if reduce is not None:
+        if node is not None:
+            node_step = node.begin(loss * size)
+            dout *= size / global_rows[b] if global_rows[b] > 0 else 0.0
+        elif reduce is not None:
             dout *= reduce(REDUCE_LOSS, -1, loss, size)
         elif not np.isfinite(loss):
             return
@@ -696,6 +766,13 @@ def train_epoch(spec):
             if not np.isfinite(global_loss):
                 stats[3] = global_loss
                 return
-        _optimizer_step(optimizer, params, grads, lrs[b], step + b + 1)
+        if node is not None:
+            global_loss = node.finish(node_step, global_rows[b], optimizer, params, lrs[b],
+                                      step + b + 1)
+            if not np.isfinite(global_loss):
+                stats[3] = global_loss
+                return
+        else:
+            _optimizer_step(optimizer, params, grads, lrs[b], step + b + 1)
         stats[0] += loss * size
         stats[2] += 1

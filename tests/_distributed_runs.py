@@ -151,22 +151,33 @@ def build_special(name, rank, size, out):
 
 
 class _CountSharedMemorySteps:
-    """Counts the steps SharedMemoryReduction reduces (its REDUCE_LOSS calls)."""
+    """Counts the steps that train_epoch runs on the node's shared memory (a NodeSum
+    reduce): how far each call moves this rank's DONE flag."""
 
     def __init__(self):
-        self.steps, self.call = 0, fn.distributed.SharedMemoryReduction.__call__
+        self.steps = 0
+        self.modules = [fn.kernels.load(name) for name in fn.kernels.available_backends()]
+        self.calls = [module.train_epoch for module in self.modules]
 
     def __enter__(self):
-        call = self.call
-
-        def counted(reduction, phase, *args):
-            self.steps += phase == fn.kernels.REDUCE_LOSS
-            return call(reduction, phase, *args)
-        fn.distributed.SharedMemoryReduction.__call__ = counted
+        def counting(call):
+            def train_epoch(spec):
+                if not isinstance(spec.reduce, fn.kernels.NodeSum):
+                    return call(spec)
+                done = spec.reduce.segments[spec.reduce.rank][:24].view(np.int64)
+                before = int(done[fn.kernels.NODE_DONE])
+                try:
+                    return call(spec)
+                finally:
+                    self.steps += int(done[fn.kernels.NODE_DONE]) - before
+            return train_epoch
+        for module, call in zip(self.modules, self.calls):
+            module.train_epoch = counting(call)
         return self
 
     def __exit__(self, *exc):
-        fn.distributed.SharedMemoryReduction.__call__ = self.call
+        for module, call in zip(self.modules, self.calls):
+            module.train_epoch = call
 
 
 def fit_and_trace(model, X, y, fit):

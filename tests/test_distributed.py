@@ -389,5 +389,5 @@ def test_an_exception_in_reduce_is_raised_by_train_epoch(backend):
         raise RuntimeError("reduction failed on purpose")
     with pytest.raises(RuntimeError, match="reduction failed on purpose"):
         _epoch_with_reduce(backend, np.float64, failing)
-    with pytest.raises(TypeError, match="reduce must be None or a callable, got int"):
+    with pytest.raises(TypeError, match="reduce must be None, a callable or a NodeSum, got int"):
         _epoch_with_reduce(backend, np.float64, 3)

@@ -3,6 +3,8 @@
 Every backend's train_epoch is compared with the numpy reference, and fit's fused path
 with its general (batch-by-batch Python) path: same weights, same history.
 """
+import threading
+
 import numpy as np
 import pytest
 
@@ -113,6 +115,135 @@ def test_train_epoch_stops_before_a_non_finite_loss(backend):
     assert stats[2] == expected_stats[2]
     assert np.isfinite(got).all()
     np.testing.assert_allclose(got, expected, rtol=1e-9)
+
+
+# ------------------------------------------------------------------ NodeSum: ranks as threads
+def node_segments(ranks, n_bytes):
+    """``ranks`` NodeSum segments of one zeroed buffer, each on its own cache lines."""
+    stride = -(-(kernels.NODE_DATA + n_bytes) // 64) * 64
+    memory = np.zeros(ranks * stride + 64, np.uint8)
+    offset = -memory.ctypes.data % 64
+    return tuple(memory[offset + r * stride:offset + (r + 1) * stride] for r in range(ranks))
+
+
+def run_node_sum(module, ranks, X, labels, targets, batch, widths, acts, use_bias, params,
+                 loss, opt, lr, segments=None, step=3):
+    """One epoch on ``ranks`` threads that share memory through a NodeSum, each taking
+    its part of every global batch of ``ranks * batch`` rows (``BatchPlan``), with
+    run_kernel's arguments: every rank's (params, states, stats)."""
+    from fastnn._epochs import BatchPlan
+
+    name, values = OPTIMIZER_CASES[opt]
+    n = X.shape[0]
+    segments = segments or node_segments(ranks, params.nbytes)
+    results, errors = [None] * ranks, []
+
+    def rank_epoch(rank):
+        plan = BatchPlan(n, batch, ranks, rank)
+        mine = params.copy()
+        states = [np.full_like(params, 0.01) for _ in range(3)]
+        stats = np.zeros(4)
+        grads = segments[rank][kernels.NODE_DATA:kernels.NODE_DATA + params.nbytes].view(
+            params.dtype)
+        try:
+            module.train_epoch(kernels.TrainEpochSpec(
+                X=X, labels=labels, targets=targets, order=plan.positions(), batch_size=batch,
+                widths=np.array(widths, np.int64), acts=np.array(acts, np.int64),
+                alphas=np.array([kernels.DEFAULT_ALPHA[a] for a in acts], np.float64),
+                use_bias=np.array(use_bias, np.int64), params=mine, grads=grads,
+                workspace=np.empty(kernels.train_epoch_workspace_size(batch, widths),
+                                   params.dtype),
+                loss_code=kernels.LOSS_CODES[loss], loss_param=LOSS_PARAMS.get(loss, 0.0),
+                optimizer=kernels.OptimizerSpec(kernels.OPTIMIZER_CODES[name],
+                                                np.array(values), tuple(states)),
+                lrs=lr * (1.0 + 0.1 * np.arange(plan.n_batches)), step=step, stats=stats,
+                reduce=kernels.NodeSum(segments, rank, plan.global_rows(), 0.0, lambda: None)))
+        except Exception as exc:  # reported by the test, not lost in the thread
+            errors.append(exc)
+        results[rank] = (mine, states, stats)
+
+    threads = [threading.Thread(target=rank_epoch, args=(r,), daemon=True)
+               for r in range(ranks)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert not any(thread.is_alive() for thread in threads), "a rank is still waiting"
+    if errors:
+        raise errors[0]
+    return results
+
+
+@pytest.mark.parametrize("ranks", [1, 2, 3])
+@pytest.mark.parametrize("loss, opt", [("cross_entropy", "sgd"), ("mse", "sgd_momentum_wd"),
+                                       ("binary_cross_entropy", "adamw_amsgrad")])
+def test_node_sum_ranks_equal_one_process_with_the_global_batch(backend, dtype, ranks, loss,
+                                                                 opt):
+    """K ranks (threads) summing through a NodeSum: every rank ends with the same bits,
+    and they equal one process training with the global batch (rows split unevenly in
+    the last step, and a rank with no rows in it)."""
+    widths, acts, use_bias = (6, 8, 5, 3), (kernels.RELU, kernels.TANH, kernels.IDENTITY), \
+        (1, 0, 1)
+    rng = np.random.default_rng(ranks)
+    n, batch = 25, 4
+    X, labels, targets = make_problem(rng, dtype, widths, loss, n)
+    params0 = (0.4 * rng.standard_normal(n_params(widths, use_bias))).astype(dtype)
+    args = (X, labels, targets)
+    net = (widths, acts, use_bias, params0, loss, opt, 0.05)
+    ranked = run_node_sum(backend, ranks, *args, batch, *net)
+    expected, expected_states, expected_stats = run_kernel(REF, *args, np.arange(n),
+                                                           ranks * batch, *net)
+    for params, states, stats in ranked[1:]:
+        np.testing.assert_array_equal(params, ranked[0][0])
+        for s, s0 in zip(states, ranked[0][1]):
+            np.testing.assert_array_equal(s, s0)
+    tol = dict(rtol=2e-4, atol=2e-5) if dtype == np.float32 else dict(rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(ranked[0][0], expected, **tol)
+    for s, e in zip(ranked[0][1], expected_states):
+        np.testing.assert_allclose(s, e, **tol)
+    stats = np.array([stats for _, _, stats in ranked])
+    assert (stats[:, 2] == expected_stats[2]).all()
+    np.testing.assert_allclose(stats[:, :2].sum(axis=0), expected_stats[:2], rtol=1e-4)
+
+
+def test_node_sum_stops_every_rank_before_a_non_finite_global_loss(backend):
+    """The loss overflows: every rank stops at the same step, before its update, with
+    the global loss in stats[3], and the parameters of the steps before it."""
+    rng = np.random.default_rng(0)
+    widths, acts, use_bias = (4, 16, 3), [kernels.RELU, kernels.IDENTITY], (1, 1)
+    X, labels, targets = make_problem(rng, np.float64, widths, "mse", 64)
+    X *= 1e3
+    params0 = rng.standard_normal(n_params(widths, use_bias))
+    net = (widths, acts, use_bias, params0, "mse", "sgd", 1e6)
+    ranked = run_node_sum(backend, 2, X, labels, targets, 4, *net)
+    expected, _, expected_stats = run_kernel(REF, X, labels, targets, np.arange(64), 8, *net)
+    assert expected_stats[2] < 8 and not np.isfinite(expected_stats[3])
+    for params, _, stats in ranked:
+        assert stats[2] == expected_stats[2] and not np.isfinite(stats[3])
+        np.testing.assert_allclose(params, expected, rtol=1e-9)
+
+
+def test_node_sum_refuses_a_gradient_outside_its_segment(backend):
+    rng = np.random.default_rng(0)
+    widths, acts, use_bias = (4, 5, 3), [kernels.RELU, kernels.IDENTITY], (1, 1)
+    X, labels, targets = make_problem(rng, np.float64, widths, "cross_entropy", 8)
+    params0 = rng.standard_normal(n_params(widths, use_bias))
+    segments = node_segments(1, params0.nbytes)
+    node = kernels.NodeSum(segments, 0, np.full(2, 4.0), 0.0, lambda: None)
+    spec = kernels.TrainEpochSpec(
+        X, labels, targets, np.arange(8), 4, np.array(widths), np.array(acts), np.zeros(2),
+        np.array(use_bias), params0.copy(), np.zeros_like(params0),
+        np.empty(kernels.train_epoch_workspace_size(4, widths)), kernels.CROSS_ENTROPY, 0.0,
+        kernels.OptimizerSpec(kernels.OPTIMIZER_CODES["sgd"], np.zeros(4),
+                              (np.zeros_like(params0),) * 3),
+        np.full(2, 0.1), 0, np.zeros(4), reduce=node)
+    with pytest.raises(ValueError, match="grads must be the gradient in this rank's segment"):
+        backend.train_epoch(spec)
+    short = (segments[0][:kernels.NODE_DATA + 8],)
+    with pytest.raises(ValueError, match=r"segments\[0\] must hold at least"):
+        backend.train_epoch(spec._replace(reduce=node._replace(segments=short)))
+    with pytest.raises(ValueError, match="rank must be in"):
+        backend.train_epoch(spec._replace(reduce=node._replace(rank=1)))
 
 
 # ------------------------------------------------------------------ fit: fused vs general
