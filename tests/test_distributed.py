@@ -278,16 +278,18 @@ def test_cost_model_efficiency_falls_with_ranks_and_the_batch_keeps_the_target()
     model = mpi.cost_model(allreduce, steps)
     for entry in model.values():
         for gbps in mpi.NETWORKS_GBPS:
-            efficiency = [row[gbps]["efficiency"] for row in entry["rows"]]
+            efficiency = [row[str(gbps)]["efficiency"] for row in entry["rows"]]
             assert all(0 < e <= 1 for e in efficiency) and efficiency == sorted(efficiency)[::-1]
             for row in entry["rows"]:
-                k, batch = row["ranks"], row[gbps]["batch_for_target"]
+                k, batch = row["ranks"], row[str(gbps)]["batch_for_target"]
                 assert batch % k == 0
                 comm = (2 * (k - 1) * (1e-6 + mpi.NETWORK_LATENCY)
                         + 2 * (k - 1) / k * entry["grad_bytes"] / (gbps * 1e9 / 8))
                 compute = entry["c0"] + entry["c1"] * batch / k
                 assert compute / (compute + comm) >= mpi.TARGET_EFFICIENCY - 1e-12
-    assert "NOT a measurement" in mpi.model_table(model)
+    table = mpi.model_table(model)
+    assert "NOT a measurement" in table
+    assert mpi.model_table(json.loads(json.dumps(model))) == table  # from `--json` too
 
 
 def test_cli_trains_on_two_ranks_and_rank_0_alone_prints_and_saves(tmp_path):

@@ -284,8 +284,9 @@ def link_figures(allreduce):
 
 
 def cost_model(allreduce, steps):
-    """{net: [{"ranks", per network: efficiency at GLOBAL_BATCH and the smallest
-    global batch (a multiple of K) that keeps TARGET_EFFICIENCY}]}."""
+    """{net: [{"ranks", per network (keyed by its Gb/s as a string, as JSON keeps it):
+    efficiency at GLOBAL_BATCH and the smallest global batch (a multiple of K) that
+    keeps TARGET_EFFICIENCY}]}."""
     latency = link_figures(allreduce)[0]
     table = {}
     for net, spec in NETS.items():
@@ -304,7 +305,7 @@ def cost_model(allreduce, steps):
                 compute = c0 + c1 * GLOBAL_BATCH / k
                 needed = k * max((TARGET_EFFICIENCY / (1 - TARGET_EFFICIENCY) * comm - c0) / c1,
                                  1.0)
-                row[gbps] = {"efficiency": compute / (compute + comm),
+                row[str(gbps)] = {"efficiency": compute / (compute + comm),
                              "batch_for_target": int(k * np.ceil(needed / k))}
             rows.append(row)
         table[net] = {"grad_bytes": grad_bytes, "c0": c0, "c1": c1, "rows": rows}
@@ -368,7 +369,7 @@ def model_table(model, nets=None):
                                         f"{TARGET_EFFICIENCY:.0%}" for g in NETWORKS_GBPS) + " |",
                   "|---:|" + "---:|---:|" * len(NETWORKS_GBPS)]
         for row in entry["rows"]:
-            cells = [f"{row[g]['efficiency']:.0%} | {row[g]['batch_for_target']:,}"
+            cells = [f"{row[str(g)]['efficiency']:.0%} | {row[str(g)]['batch_for_target']:,}"
                      for g in NETWORKS_GBPS]
             lines.append(f"| {row['ranks']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
