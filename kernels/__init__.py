@@ -172,7 +172,7 @@ class NodeSum(NamedTuple):
     is >= s - 1 (nobody still reads this segment), put rows x loss in the loss slot,
     scale the loss gradient by rows / global_rows[b]; backward into the segment; raise
     READY and wait for every READY; the global loss is the sum of the loss slots in
-    rank order / global_rows[b]; add the other segments' chunk ``split(P, K, rank)`` to
+    rank order / global_rows[b]; add the other segments' chunk ``chunk(P, K, rank)`` to
     this segment's, in rank order, and raise REDUCED; then, unless the global loss is
     not finite (the epoch ends there, ``stats[3]`` holding it), run the optimizer step
     on each chunk of the parameters with its owner's summed chunk as the gradient (this

@@ -2363,7 +2363,7 @@ def _train_epoch(
         node.rank = reduce.rank
         node.spin = reduce.spin
         node.global_rows = &global_rows[0] if global_rows.shape[0] > 0 else NULL
-        if not (bf16 == False and 0 <= node.rank < node.size
+        if not (not bf16 and 0 <= node.rank < node.size
                 and global_rows.shape[0] >= lrs.shape[0]):
             _refuse()
         node.segments = <char **> malloc(node.size * sizeof(char *))

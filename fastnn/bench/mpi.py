@@ -306,7 +306,7 @@ def cost_model(allreduce, steps):
                 needed = k * max((TARGET_EFFICIENCY / (1 - TARGET_EFFICIENCY) * comm - c0) / c1,
                                  1.0)
                 row[str(gbps)] = {"efficiency": compute / (compute + comm),
-                             "batch_for_target": int(k * np.ceil(needed / k))}
+                                  "batch_for_target": int(k * np.ceil(needed / k))}
             rows.append(row)
         table[net] = {"grad_bytes": grad_bytes, "c0": c0, "c1": c1, "rows": rows}
     return table
