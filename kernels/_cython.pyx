@@ -2332,6 +2332,7 @@ def _train_epoch(
         uint32_t *bf16_scratch = NULL
         list hook = [reduce, None]
         _Node node
+        int rank
         bint node_sum = isinstance(reduce, _NodeSum)
         const double[::1] global_rows
         uint8_t[::1] segment
@@ -2369,13 +2370,13 @@ def _train_epoch(
         node.segments = <char **> malloc(node.size * sizeof(char *))
         if node.segments == NULL:
             raise MemoryError()
-        for layer in range(node.size):
-            segment = reduce.segments[layer]
-            node.segments[layer] = <char *> &segment[0]
+        for rank in range(node.size):
+            segment = reduce.segments[rank]
+            node.segments[rank] = <char *> &segment[0]
             if (segment.shape[0] < NODE_DATA + p * <Py_ssize_t> sizeof(floating)
-                    or (<size_t> node.segments[layer]) % 8 != 0
-                    or (layer == node.rank
-                        and <char *> &grads[0] != node.segments[layer] + NODE_DATA)):
+                    or (<size_t> node.segments[rank]) % 8 != 0
+                    or (rank == node.rank
+                        and <char *> &grads[0] != node.segments[rank] + NODE_DATA)):
                 free(node.segments)
                 _refuse()
     p = 0
