@@ -292,6 +292,28 @@ def test_cost_model_efficiency_falls_with_ranks_and_the_batch_keeps_the_target()
     assert mpi.model_table(json.loads(json.dumps(model))) == table  # from `--json` too
 
 
+def test_bench_mpi_ratios_pair_each_round_with_its_own_baseline():
+    from fastnn.bench import mpi
+
+    def rounds(*seconds):
+        return [{"epoch_seconds": [t, t], "loss": 0.5} for t in seconds]
+
+    # the host slows down between the rounds: 1 process 100 then 50 samples/s
+    results = {mpi.BASELINE: rounds(1.0, 2.0), mpi._FUSED.format(2): rounds(0.5, 1.25),
+               "2 ranks (torch DDP, gloo)": rounds(2.0, 2.5)}
+    training = {label: dict(mpi._merge_rounds(rs, results[mpi.BASELINE], 100),
+                            samples_per_s=mpi._rate(mpi._merge_rounds(rs, [], 100), 100))
+                for label, rs in results.items()}
+    assert training[mpi._FUSED.format(2)]["round_ratios"] == [2.0, 1.6]
+    report = mpi.format_mpi_report({
+        "allreduce": {"error": "skipped"}, "net": "mnist", "sizes": [784, 256, 128, 10],
+        "global_batch": 256, "samples": 100, "rounds": 2, "load_average": [0.5, None],
+        "ranks": 2, "training": training})
+    fused = next(line for line in report.splitlines() if "shared memory" in line)
+    assert "1.80x [1.60-2.00]" in fused   # not 1.71x, the ratio of the medians
+    assert "fastnn / torch DDP: 3.00x" in report   # the rounds' 4.00x and 2.00x
+
+
 def test_cli_trains_on_two_ranks_and_rank_0_alone_prints_and_saves(tmp_path):
     env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
     done = subprocess.run([_mpiexec(), "--oversubscribe", "-n", "2", sys.executable, "-m",

@@ -52,6 +52,8 @@ LR = 0.01
 TIMEOUT = 900
 #: The label of fastnn's distributed training as fit runs it (ratios use it).
 _FUSED = "{} ranks, fused, shared memory"
+#: The configuration every ratio is to.
+BASELINE = "1 process, fused epoch"
 
 
 # ------------------------------------------------------------------ worker side
@@ -219,13 +221,17 @@ def _rate(result, samples):
     return samples / statistics.median(result["epoch_seconds"])
 
 
-def _merge_rounds(results):
-    """One record from a configuration's rounds: every timed epoch, or the first error."""
+def _merge_rounds(results, baseline, samples):
+    """One record from a configuration's rounds: every timed epoch, and its rate over
+    the baseline's in each round (``round_ratios``: the two ran minutes apart at most,
+    so a change in the host's load hits both); or the first error."""
     errors = [r for r in results if r.get("error")]
     if errors:
         return errors[0]
     return {"epoch_seconds": [t for r in results for t in r["epoch_seconds"]],
-            "loss": results[-1]["loss"], "rounds": len(results)}
+            "loss": results[-1]["loss"], "rounds": len(results),
+            "round_ratios": [_rate(r, samples) / _rate(b, samples)
+                             for r, b in zip(results, baseline) if not b.get("error")]}
 
 
 def run_mpi_bench(ranks, quick, with_torch, log):
@@ -233,15 +239,16 @@ def run_mpi_bench(ranks, quick, with_torch, log):
 
     The training configurations run in alternating rounds (each in fresh processes), so
     a change in the machine's background load hits them alike; the rate is the median
-    over every timed epoch of every round."""
-    repeats, samples, rounds = (2, 8192, 1) if quick else (3, 16384, 3)
+    over every timed epoch of every round, the ratio to one process the median of the
+    rounds' ratios."""
+    repeats, samples, rounds = (2, 8192, 1) if quick else (3, 16384, 5)
     sizes = list(NETS[SCALING_NET]["sizes"])
     log(f"allreduce latency and bandwidth, {ranks} ranks")
     allreduce = _launch({"kind": "allreduce", "bytes": list(MESSAGE_BYTES),
                          "trials": 3 if quick else 5}, ranks)
     base = {"kind": "fastnn", "sizes": sizes, "samples": samples, "batch": GLOBAL_BATCH,
             "repeats": repeats}
-    configs = {"1 process, fused epoch": (dict(base, distributed=False, fused=True), None),
+    configs = {BASELINE: (dict(base, distributed=False, fused=True), None),
                "1 process, per-step": (dict(base, distributed=False, fused=False), None),
                f"{ranks} independent processes (ceiling)": (
                    dict(base, distributed=False, fused=True, independent=True), ranks),
@@ -259,7 +266,8 @@ def run_mpi_bench(ranks, quick, with_torch, log):
         for label, (spec, n) in configs.items():
             log(f"round {i + 1}/{rounds}: {SCALING_NET} at global batch {GLOBAL_BATCH}, {label}")
             results[label].append(_launch(spec, n))
-    runs = {label: _merge_rounds(rs) for label, rs in results.items()}
+    runs = {label: _merge_rounds(rs, results[BASELINE], samples)
+            for label, rs in results.items()}
     log("per-step times of the reference nets for the cost model")
     steps = _launch({"kind": "steps", "nets": list(NETS), "batches": [16, 256],
                      "steps": 16 if quick else 48}, None)
@@ -333,22 +341,28 @@ def format_mpi_report(result):
     lines += ["", f"Scaling: {result['net']} net {tuple(result['sizes'])}, float32, SGD, "
                   f"global batch {result['global_batch']}, {result['samples']} samples/epoch, "
                   "1 thread per process, each pinned to its own CPU; median epoch of "
-                  f"{result['rounds']} alternating rounds; 1-min load average before each "
-                  f"round: {', '.join(f'{v:.1f}' for v in result['load_average'] if v is not None)}"]
+                  f"{result['rounds']} alternating rounds, and the median of the rounds' "
+                  "ratios to 1 process (their range in brackets); 1-min load average before "
+                  f"each round: "
+                  f"{', '.join(f'{v:.1f}' for v in result['load_average'] if v is not None)}"]
     training = result["training"]
-    baseline = training.get("1 process, fused epoch", {}).get("samples_per_s")
     for label, record in training.items():
         rate = record.get("samples_per_s")
         if rate is None:
             lines.append(f"  {label:34s} error: {record.get('error')}")
             continue
-        ratio = f"{rate / baseline:5.2f}x" if baseline else ""
-        lines.append(f"  {label:34s} {rate:10.0f} samples/s  {ratio}  (final loss "
+        ratios, ratio = record.get("round_ratios"), ""
+        if ratios:
+            ratio = f"{statistics.median(ratios):5.2f}x"
+            if len(ratios) > 1 and label != BASELINE:
+                ratio += f" [{min(ratios):.2f}-{max(ratios):.2f}]"
+        lines.append(f"  {label:34s} {rate:10.0f} samples/s  {ratio:18s} (final loss "
                      f"{record['loss']:.4f})")
-    fastnn = training.get(_FUSED.format(result["ranks"]), {}).get("samples_per_s")
-    ddp = training.get(f"{result['ranks']} ranks (torch DDP, gloo)", {}).get("samples_per_s")
-    if fastnn and ddp:
-        lines.append(f"  fastnn / torch DDP: {fastnn / ddp:.2f}x")
+    fastnn = training.get(_FUSED.format(result["ranks"]), {}).get("round_ratios")
+    ddp = training.get(f"{result['ranks']} ranks (torch DDP, gloo)", {}).get("round_ratios")
+    if fastnn and ddp and len(fastnn) == len(ddp):
+        lines.append("  fastnn / torch DDP: "
+                     f"{statistics.median(f / d for f, d in zip(fastnn, ddp)):.2f}x")
     if result.get("model"):
         lines += ["", model_table(result["model"])]
     return "\n".join(lines)
