@@ -9,10 +9,10 @@
      op(B) and broadcasts MR elements of column p of op(A) (MR x NV FMAs). op(A) is read
      where it lies through two strides (NN: rows, TN: columns): A is never copied.
      op(B) is read in place by NN / TN products unless they are big with rows of B a
-     page apart (FASTNN_GEMM_PACK_MIN_STRIDE); then, and always for NT products (their
-     op(B) = W^T has strided columns), each KC x NC block of op(B) is first copied
-     into NR-column panels, kc x NR contiguous, in a per-thread buffer that stays in
-     that core's L2.
+     page apart (FASTNN_GEMM_PACK_MIN_STRIDE; on AVX2, beyond L1 is enough); then, and
+     always for NT products (their op(B) = W^T has strided columns), each KC x NC
+     block of op(B) is first copied into NR-column panels, kc x NR contiguous, in a
+     per-thread buffer that stays in that core's L2.
    - Loops around it: columns in blocks of NC (the B block KC x NC stays in L2), the
      reduction in blocks of KC, then MR-row strips of C (their A micro-panel, MR x KC,
      stays in L1) sweeping the NR-column tiles of the block. The last vector of a tile
@@ -100,9 +100,17 @@ static inline int fastnn_gemm_own_wins(int path, size_t elem, char ta, char tb,
 /* NN and TN products copy each block of op(B) into panels first (NT products always
    do) when C has this many rows to pay for the copy and B's rows are a page or more
    apart (4 KiB strides alias in L1 and miss the TLB: CIFAR's n = 1024, +10-15%);
-   at the MNIST shapes reading B in place was as fast or faster (A/B, best of 5). */
+   with AVX-512 on Zen 5 (48 KiB L1) at the MNIST shapes reading B in place was as
+   fast or faster (A/B, best of 5). The AVX2 path packs once op(B) outgrows a 32 KiB
+   L1 and its rows are not already nearly contiguous (over 128 bytes apart): on an
+   AVX2-only Zen 3 the in-place 16-column panel of MNIST's 784 x 256 weights (rows
+   1 KiB apart, 4 L1 sets) misses L1 on every row, and packing took that forward
+   product from 54 to 76 GFLOP/s at 128 rows; the digits net's products, which fit in
+   L1, would lose to the copy. */
 #define FASTNN_GEMM_PACK_MIN_ROWS 48
 #define FASTNN_GEMM_PACK_MIN_STRIDE 4096
+#define FASTNN_GEMM_PACK_MIN_STRIDE_AVX2 129
+#define FASTNN_GEMM_PACK_MIN_BYTES_AVX2 (32 * 1024)
 #define FASTNN_GEMM_TARGET_AVX512 "avx512f,avx512vl,avx512bw,avx512dq,avx2,fma"
 #define FASTNN_GEMM_TARGET_AVX2 "avx2,fma"
 
@@ -134,6 +142,8 @@ static inline void *fastnn_gemm_pack_buffer(size_t bytes)
 #define G_NV 4
 #define G_KC 256
 #define G_NC 256
+#define G_PACK_MIN_STRIDE FASTNN_GEMM_PACK_MIN_STRIDE
+#define G_PACK_MIN_BYTES 0
 #define G_MASK __mmask16
 #define G_MASK_N(r) ((__mmask16) ((1u << (r)) - 1u))
 #define G_MASK_FULL(k) ((k) == (__mmask16) 0xFFFF)
@@ -161,6 +171,8 @@ static inline void *fastnn_gemm_pack_buffer(size_t bytes)
 #define G_NV 4
 #define G_KC 256
 #define G_NC 128
+#define G_PACK_MIN_STRIDE FASTNN_GEMM_PACK_MIN_STRIDE
+#define G_PACK_MIN_BYTES 0
 #define G_MASK __mmask8
 #define G_MASK_N(r) ((__mmask8) ((1u << (r)) - 1u))
 #define G_MASK_FULL(k) ((k) == (__mmask8) 0xFF)
@@ -192,6 +204,8 @@ static const int fastnn_gemm_mask_src[16] = {-1, -1, -1, -1, -1, -1, -1, -1,
 #define G_NV 2
 #define G_KC 256
 #define G_NC 256
+#define G_PACK_MIN_STRIDE FASTNN_GEMM_PACK_MIN_STRIDE_AVX2
+#define G_PACK_MIN_BYTES FASTNN_GEMM_PACK_MIN_BYTES_AVX2
 #define G_MASK __m256i
 #define G_MASK_N(r) _mm256_loadu_si256((const __m256i *) (fastnn_gemm_mask_src + 8 - (r)))
 #define G_MASK_FULL(k) (_mm256_movemask_ps(_mm256_castsi256_ps(k)) == 0xFF)
@@ -219,6 +233,8 @@ static const int fastnn_gemm_mask_src[16] = {-1, -1, -1, -1, -1, -1, -1, -1,
 #define G_NV 2
 #define G_KC 256
 #define G_NC 128
+#define G_PACK_MIN_STRIDE FASTNN_GEMM_PACK_MIN_STRIDE_AVX2
+#define G_PACK_MIN_BYTES FASTNN_GEMM_PACK_MIN_BYTES_AVX2
 #define G_MASK __m256i
 #define G_MASK_N(r) _mm256_cvtepi32_epi64(_mm_loadu_si128((const __m128i *) (fastnn_gemm_mask_src + 8 - (r))))
 #define G_MASK_FULL(k) (_mm256_movemask_pd(_mm256_castsi256_pd(k)) == 0xF)
@@ -554,7 +570,9 @@ G_NAME(range)(char ta, char tb, int k, G_T alpha, const G_T *a, int lda, const G
     const int a_t = ta == 'T' || ta == 't', b_t = tb == 'T' || tb == 't';
     const int nr = G_NV * G_VL;
     const int pack = b_t || (i1 - i0 >= FASTNN_GEMM_PACK_MIN_ROWS
-                             && (size_t) ldb * sizeof(G_T) >= FASTNN_GEMM_PACK_MIN_STRIDE);
+                             && (size_t) ldb * sizeof(G_T) >= G_PACK_MIN_STRIDE
+                             && (size_t) k * (size_t) (j1 - j0) * sizeof(G_T)
+                                >= G_PACK_MIN_BYTES);
     G_T *panels = NULL;
     int jc, pc, i;
     if (i1 <= i0 || j1 <= j0)
@@ -607,6 +625,8 @@ G_NAME(range)(char ta, char tb, int k, G_T alpha, const G_T *a, int lda, const G
 #undef G_NV
 #undef G_KC
 #undef G_NC
+#undef G_PACK_MIN_STRIDE
+#undef G_PACK_MIN_BYTES
 #undef G_MASK
 #undef G_MASK_N
 #undef G_MASK_FULL
