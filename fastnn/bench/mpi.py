@@ -223,7 +223,7 @@ def _rate(result, samples):
 
 def _merge_rounds(results, baseline, samples):
     """One record from a configuration's rounds: every timed epoch, and its rate over
-    the baseline's in each round (``round_ratios``: the two ran minutes apart at most,
+    the baseline's in each round (``round_ratios``: the two ran a minute apart at most,
     so a change in the host's load hits both); or the first error."""
     errors = [r for r in results if r.get("error")]
     if errors:
