@@ -9,10 +9,10 @@
      op(B) and broadcasts MR elements of column p of op(A) (MR x NV FMAs). op(A) is read
      where it lies through two strides (NN: rows, TN: columns): A is never copied.
      op(B) is read in place by NN / TN products unless they are big with rows of B a
-     page apart (FASTNN_GEMM_PACK_MIN_STRIDE; on AVX2, beyond L1 is enough); then, and
-     always for NT products (their op(B) = W^T has strided columns), each KC x NC
-     block of op(B) is first copied into NR-column panels, kc x NR contiguous, in a
-     per-thread buffer that stays in that core's L2.
+     page apart (FASTNN_GEMM_PACK_MIN_STRIDE; on AVX2, beyond L1 with rows over 128
+     bytes apart); then, and always for NT products (their op(B) = W^T has strided
+     columns), each KC x NC block of op(B) is first copied into NR-column panels,
+     kc x NR contiguous, in a per-thread buffer that stays in that core's L2.
    - Loops around it: columns in blocks of NC (the B block KC x NC stays in L2), the
      reduction in blocks of KC, then MR-row strips of C (their A micro-panel, MR x KC,
      stays in L1) sweeping the NR-column tiles of the block. The last vector of a tile
