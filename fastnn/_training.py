@@ -83,9 +83,14 @@ def _setup(model, X, y, epochs, batch_size, shuffle, replacement, validation_dat
         target, weights = y, sample_weight
     else:
         X, target, weights = model._prepare(X, y, sample_weight)
-    weights = _apply_class_weight(model, class_weight, target, weights)
+    raw_weights, n_all = weights, X.shape[0]
+    weights, labels = _apply_class_weight(model, class_weight, target, weights)
     X, target, weights, val = _split_validation(model, X, target, weights,
                                                 validation_data, validation_split)
+    # "balanced" in a distributed fit on own shards counts every shard's samples:
+    # _distribute re-weighs from these (the labels and weights before the split).
+    balanced = (labels, raw_weights, X.shape[0] < n_all) \
+        if isinstance(class_weight, str) else None
     shuffle = check_bool(shuffle, "shuffle")
     replacement = check_bool(replacement, "replacement")
     n = X.shape[0]
@@ -101,7 +106,8 @@ def _setup(model, X, y, epochs, batch_size, shuffle, replacement, validation_dat
     return _Setup(epochs=epochs, verbose=verbose, rng=np.random.default_rng(seed), seed=seed,
                   X=X, target=target, weights=weights, val=val, shuffle=shuffle,
                   replacement=replacement, batch=batch, batch_size=batch_size,
-                  callbacks=callbacks, solver=solver, plan=BatchPlan(n, batch))
+                  callbacks=callbacks, solver=solver, plan=BatchPlan(n, batch),
+                  balanced=balanced)
 
 
 def _train(model, setup, comm):
@@ -167,6 +173,8 @@ def _distribute(model, comm, setup):
         for name in sorted(model.optimizer.state):
             comm.broadcast(model.optimizer.state[name])
     if comm.mode == "shards":  # every rank takes the same number of steps
+        if setup.balanced is not None:
+            _balance_over_shards(model, comm, setup)
         sizes = comm.gather_values(setup.X.shape[0])
         batch = setup.batch_size or max(sizes)
         setup.plan = BatchPlan(setup.X.shape[0], batch, n_batches=math.ceil(max(sizes) / batch),
@@ -185,6 +193,21 @@ def _distribute(model, comm, setup):
         setup.weights = None if setup.weights is None else setup.weights[part]
     setup.plan = BatchPlan(n, setup.batch, parts=comm.size, part=comm.rank)
     return setup
+
+
+def _balance_over_shards(model, comm, setup):
+    """class_weight="balanced" on own shards: weigh the classes by their counts over
+    every rank's shard, as one process would over the concatenated shards."""
+    labels, raw_weights, split = setup.balanced
+    n_classes = max(model.n_outputs, 2)
+    counts = comm.sum(class_counts(labels, n_classes))
+    # The same classes and labels as the local "balanced" of _setup, which passed; only
+    # the factors change (positive for every class present), so no check can fail here.
+    weights, _ = _apply_class_weight(model, "balanced", labels, raw_weights, counts)
+    n = setup.X.shape[0]
+    setup.weights = weights[:n]
+    if split:
+        setup.val = setup.val[:2] + (weights[n:],)
 
 
 def _description(model, comm, setup):
@@ -238,10 +261,13 @@ def _split_validation(model, X, target, weights, validation_data, validation_spl
     return X[:cut], target[:cut], weights, val
 
 
-def _apply_class_weight(model, class_weight, target, weights):
-    """Per-sample weights scaled by ``class_weight[label]`` (a new contiguous array)."""
+def _apply_class_weight(model, class_weight, target, weights, counts=None):
+    """(per-sample weights scaled by ``class_weight[label]``, a new contiguous array;
+    the labels), or (``weights``, None) without class_weight. "balanced" weighs class c
+    by n / (n_classes * count_c) from ``counts`` (float64 (max(n_outputs, 2),)),
+    by default this data's."""
     if class_weight is None:
-        return weights
+        return weights, None
     balanced = isinstance(class_weight, str) and class_weight == "balanced"
     if isinstance(class_weight, str) and not balanced:
         raise ValueError(f"class_weight must be a dict {{class: weight}} or 'balanced', "
@@ -263,9 +289,10 @@ def _apply_class_weight(model, class_weight, target, weights):
                          + ("" if target.shape[1] != 1 else " with values other than 0 and 1"))
     factors = np.ones(max(model.n_outputs, 2), dtype=np.float64)
     if balanced:  # scikit-learn's n_samples / (n_classes * count)
-        counts = np.bincount(labels, minlength=factors.size)
+        if counts is None:
+            counts = class_counts(labels, factors.size)
         present = counts > 0
-        factors[present] = labels.size / (np.count_nonzero(present) * counts[present])
+        factors[present] = counts.sum() / (np.count_nonzero(present) * counts[present])
         class_weight = {}
     for cls, w in class_weight.items():
         if isinstance(cls, bool) or not isinstance(cls, (int, np.integer)) or \
@@ -278,7 +305,12 @@ def _apply_class_weight(model, class_weight, target, weights):
         combined *= weights
     if combined.sum() <= 0:
         raise ValueError("class_weight and sample_weight give every sample zero weight")
-    return np.ascontiguousarray(combined)
+    return np.ascontiguousarray(combined), labels
+
+
+def class_counts(labels, n_classes):
+    """How many of ``labels`` each class in [0, n_classes) has, as float64."""
+    return np.bincount(labels, minlength=n_classes).astype(np.float64)
 
 
 class _FitLoop:

@@ -677,8 +677,10 @@ class Sequential:
             (``mpiexec -n K python -m mpi4py train.py``; ``pip install 'fastnn[mpi]'``).
             True: every rank passes the same full data set and takes its part of each
             global batch of K * batch_size, so training equals one process with that
-            batch size. "shards": every rank passes its own part. The fused epoch
-            kernel runs here too when the model allows it; see ``fastnn.distributed``.
+            batch size. "shards": every rank passes its own part (and holds out
+            ``validation_split`` of it; class_weight="balanced" counts the classes over
+            every rank's part). The fused epoch kernel runs here too when the model
+            allows it; see ``fastnn.distributed``.
 
         Returns
         -------

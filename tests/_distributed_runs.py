@@ -118,6 +118,8 @@ def build_special(name, rank, size, out):
         model, X, y, fit = build("fused_momentum", rank, size)
     elif name.startswith("iallreduce_"):  # Iallreduce instead of the node's shared memory
         model, X, y, fit = build(name[len("iallreduce_"):], rank, size)
+    elif name == "balanced_shards":
+        model, X, y, fit = balanced_shards(rank, size)
     elif "shards" in name:  # own parts of 20 + 7 r samples, uneven
         X, y = X[:20 + 7 * rank], y[:20 + 7 * rank]
         fit.update(distributed="shards", batch_size=25)
@@ -148,6 +150,36 @@ def build_special(name, rank, size, out):
             raise MemoryError("optimizer step failed on purpose")
         model.optimizer.step = broken_step
     return model, X, y, fit
+
+
+def _shard(rank):
+    """Rank ``rank``'s own part of the 61 samples: 20 + 7 rank of them, from 5 rank on."""
+    return slice(5 * rank, 25 + 12 * rank)
+
+
+def balanced_shards(rank, size):
+    """Own shards with their own class mixes, class_weight="balanced", a validation
+    split of each shard, full-batch steps; rank 0 of 1 is the single-process reference:
+    the concatenated training parts with the classes weighted by their counts over every
+    shard, and the concatenated validation parts weighted alike."""
+    X, y, _, _ = _data(61, 5, "float64")
+    model = _model((5, 7, 3), "float64", 0 if rank == 0 else 100 + rank)
+    model.compile("cross_entropy", optimizers.SGD(lr=0.3, momentum=0.9), ["accuracy"])
+    fit = {"epochs": 3, "batch_size": None, "verbose": 0, "seed": 7}
+    if size > 1:
+        part = _shard(rank)
+        return model, X[part], y[part], {**fit, "distributed": "shards",
+                                         "class_weight": "balanced", "validation_split": 0.25}
+    shards = [y[_shard(r)] for r in range(int(os.environ["FASTNN_TEST_RANKS"]))]
+    counts = np.bincount(np.concatenate(shards), minlength=3).astype(np.float64)
+    factors = counts.sum() / (np.count_nonzero(counts) * counts)
+    cuts = [len(part) - int(round(len(part) * 0.25)) for part in shards]
+    train, val = ([np.arange(61)[_shard(r)][:c] for r, c in enumerate(cuts)],
+                  [np.arange(61)[_shard(r)][c:] for r, c in enumerate(cuts)])
+    train, val = np.concatenate(train), np.concatenate(val)
+    return model, X[train], y[train], {
+        **fit, "class_weight": dict(enumerate(factors)),
+        "validation_data": (X[val], y[val], factors[y[val]])}
 
 
 class _CountSharedMemorySteps:

@@ -26,7 +26,8 @@ from conftest import ATOL, RTOL  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 EQUIVALENT = runs.EQUIVALENT
-SPECIAL = ("stop_on_one_rank", "shards", "fused_shards", "stepwise_shards", "numba_momentum",
+SPECIAL = ("stop_on_one_rank", "shards", "fused_shards", "stepwise_shards", "balanced_shards",
+           "numba_momentum",
            "numpy_momentum", "iallreduce_fused_momentum", "iallreduce_adam",
            "iallreduce_lbfgs",
            "bad_data", "nan_on_one_rank", "callback_fails", "other_model", "other_data")
@@ -119,6 +120,24 @@ def test_own_uneven_shards_keep_ranks_identical(ranks, name):
     assert results[0]["fused"] == (name == "fused_shards")
     assert results[0]["history"]["epoch"] == [0, 1, 2]
     assert np.isfinite(results[0]["history"]["history"]["loss"]).all()
+
+
+def test_balanced_class_weight_counts_every_shard(ranks, monkeypatch):
+    """class_weight="balanced" on own shards (each with its own class mix) weighs the
+    classes by their counts over all the shards, training and validation alike: the
+    full-batch run equals one process on the concatenated parts."""
+    size, out = ranks
+    results = _results(size, out, "balanced_shards")
+    assert "error" not in results[0], results[0].get("error")
+    _same_on_every_rank(results)
+    monkeypatch.setenv("FASTNN_TEST_RANKS", str(size))
+    model, X, y, fit = runs.balanced_shards(0, 1)
+    history = model.fit(X, y, **fit)
+    np.testing.assert_allclose(results[0]["params"], model.params, rtol=1e-10, atol=1e-12)
+    assert sorted(results[0]["history"]["history"]) == sorted(history.history)
+    for key, values in history.history.items():
+        np.testing.assert_allclose(results[0]["history"]["history"][key], values,
+                                   rtol=1e-10, err_msg=key)
 
 
 def test_numba_steps_in_python_and_equals_the_fused_epoch(ranks):
