@@ -91,6 +91,8 @@ def _setup(model, X, y, epochs, batch_size, shuffle, replacement, validation_dat
     # _distribute re-weighs from these (the labels and weights before the split).
     balanced = (labels, raw_weights, X.shape[0] < n_all) \
         if isinstance(class_weight, str) else None
+    if isinstance(class_weight, dict):  # validated: int keys, float values
+        class_weight = {int(k): float(v) for k, v in class_weight.items()}
     shuffle = check_bool(shuffle, "shuffle")
     replacement = check_bool(replacement, "replacement")
     n = X.shape[0]
@@ -107,7 +109,7 @@ def _setup(model, X, y, epochs, batch_size, shuffle, replacement, validation_dat
                   X=X, target=target, weights=weights, val=val, shuffle=shuffle,
                   replacement=replacement, batch=batch, batch_size=batch_size,
                   callbacks=callbacks, solver=solver, plan=BatchPlan(n, batch),
-                  balanced=balanced)
+                  class_weight=class_weight, balanced=balanced)
 
 
 def _train(model, setup, comm):
@@ -224,7 +226,7 @@ def _description(model, comm, setup):
         "optimizer_iterations": optimizer.iterations, "backend": get_backend(),
         "epochs": setup.epochs, "batch_size": setup.batch_size, "shuffle": setup.shuffle,
         "replacement": setup.replacement, "seed": setup.seed,
-        "validation": setup.val is not None,
+        "class_weight": setup.class_weight, "validation": setup.val is not None,
         "TerminateOnNaN": any(isinstance(cb, TerminateOnNaN) for cb in setup.callbacks)}
     if comm.mode == "full":
         description["n_samples"] = setup.X.shape[0]

@@ -120,6 +120,10 @@ def build_special(name, rank, size, out):
         model, X, y, fit = build(name[len("iallreduce_"):], rank, size)
     elif name == "balanced_shards":
         model, X, y, fit = balanced_shards(rank, size)
+    elif name == "other_class_weight":  # one rank weighs its shard's classes, the others not
+        model, X, y, fit = balanced_shards(rank, size)
+        if rank != size - 1:
+            del fit["class_weight"]
     elif "shards" in name:  # own parts of 20 + 7 r samples, uneven
         X, y = X[:20 + 7 * rank], y[:20 + 7 * rank]
         fit.update(distributed="shards", batch_size=25)

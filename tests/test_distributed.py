@@ -30,7 +30,8 @@ SPECIAL = ("stop_on_one_rank", "shards", "fused_shards", "stepwise_shards", "bal
            "numba_momentum",
            "numpy_momentum", "iallreduce_fused_momentum", "iallreduce_adam",
            "iallreduce_lbfgs",
-           "bad_data", "nan_on_one_rank", "callback_fails", "other_model", "other_data")
+           "bad_data", "nan_on_one_rank", "callback_fails", "other_model", "other_data",
+           "other_class_weight")
 TIMEOUT = 120
 
 
@@ -222,6 +223,14 @@ def test_ranks_that_disagree_fail_before_training(ranks, name, difference):
         kind, message = result["error"]
         assert kind == "ValueError" and difference in message
         assert "distributed='shards'" in message
+
+
+def test_ranks_that_weigh_classes_differently_fail_before_training(ranks):
+    size, out = ranks
+    for result in _results(size, out, "other_class_weight"):
+        kind, message = result["error"]
+        assert kind == "ValueError"
+        assert f"rank {size - 1} has class_weight='balanced' where rank 0 has None" in message
 
 
 def test_an_error_outside_the_agreements_aborts_the_job(tmp_path):
