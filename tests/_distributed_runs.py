@@ -157,32 +157,42 @@ def build_special(name, rank, size, out):
 
 
 def _shard(rank):
-    """Rank ``rank``'s own part of the 61 samples: 20 + 7 rank of them, from 5 rank on."""
-    return slice(5 * rank, 25 + 12 * rank)
+    """Rank ``rank``'s own part of the 61 samples: 25 + 7 rank of them, from 5 rank on."""
+    return np.arange(61)[5 * rank:25 + 12 * rank]
+
+
+def _balanced_model(rank):
+    model = _model((5, 7, 3), "float64", 0 if rank == 0 else 100 + rank)
+    model.compile("cross_entropy", optimizers.SGD(lr=0.3, momentum=0.9), ["accuracy"])
+    return model
+
+
+BALANCED_FIT = {"epochs": 3, "batch_size": None, "verbose": 0, "seed": 7}
 
 
 def balanced_shards(rank, size):
     """Own shards with their own class mixes, class_weight="balanced", a validation
-    split of each shard, full-batch steps; rank 0 of 1 is the single-process reference:
-    the concatenated training parts with the classes weighted by their counts over every
-    shard, and the concatenated validation parts weighted alike."""
+    split of each shard, full-batch steps."""
     X, y, _, _ = _data(61, 5, "float64")
-    model = _model((5, 7, 3), "float64", 0 if rank == 0 else 100 + rank)
-    model.compile("cross_entropy", optimizers.SGD(lr=0.3, momentum=0.9), ["accuracy"])
-    fit = {"epochs": 3, "batch_size": None, "verbose": 0, "seed": 7}
-    if size > 1:
-        part = _shard(rank)
-        return model, X[part], y[part], {**fit, "distributed": "shards",
-                                         "class_weight": "balanced", "validation_split": 0.25}
-    shards = [y[_shard(r)] for r in range(int(os.environ["FASTNN_TEST_RANKS"]))]
-    counts = np.bincount(np.concatenate(shards), minlength=3).astype(np.float64)
+    part = _shard(rank)
+    return _balanced_model(rank), X[part], y[part], {
+        **BALANCED_FIT, "distributed": "shards", "class_weight": "balanced",
+        "validation_split": 0.25}
+
+
+def balanced_shards_reference(size):
+    """``balanced_shards`` of ``size`` ranks in one process: the concatenated training
+    parts with each class weighted by its count over every shard, and the concatenated
+    validation parts weighted alike."""
+    X, y, _, _ = _data(61, 5, "float64")
+    parts = [_shard(r) for r in range(size)]
+    counts = np.bincount(y[np.concatenate(parts)], minlength=3).astype(np.float64)
     factors = counts.sum() / (np.count_nonzero(counts) * counts)
-    cuts = [len(part) - int(round(len(part) * 0.25)) for part in shards]
-    train, val = ([np.arange(61)[_shard(r)][:c] for r, c in enumerate(cuts)],
-                  [np.arange(61)[_shard(r)][c:] for r, c in enumerate(cuts)])
-    train, val = np.concatenate(train), np.concatenate(val)
-    return model, X[train], y[train], {
-        **fit, "class_weight": dict(enumerate(factors)),
+    cuts = [len(part) - int(round(len(part) * 0.25)) for part in parts]
+    train = np.concatenate([part[:cut] for part, cut in zip(parts, cuts)])
+    val = np.concatenate([part[cut:] for part, cut in zip(parts, cuts)])
+    return _balanced_model(0), X[train], y[train], {
+        **BALANCED_FIT, "class_weight": dict(enumerate(factors)),
         "validation_data": (X[val], y[val], factors[y[val]])}
 
 

@@ -123,7 +123,7 @@ def test_own_uneven_shards_keep_ranks_identical(ranks, name):
     assert np.isfinite(results[0]["history"]["history"]["loss"]).all()
 
 
-def test_balanced_class_weight_counts_every_shard(ranks, monkeypatch):
+def test_balanced_class_weight_counts_every_shard(ranks):
     """class_weight="balanced" on own shards (each with its own class mix) weighs the
     classes by their counts over all the shards, training and validation alike: the
     full-batch run equals one process on the concatenated parts."""
@@ -131,8 +131,7 @@ def test_balanced_class_weight_counts_every_shard(ranks, monkeypatch):
     results = _results(size, out, "balanced_shards")
     assert "error" not in results[0], results[0].get("error")
     _same_on_every_rank(results)
-    monkeypatch.setenv("FASTNN_TEST_RANKS", str(size))
-    model, X, y, fit = runs.balanced_shards(0, 1)
+    model, X, y, fit = runs.balanced_shards_reference(size)
     history = model.fit(X, y, **fit)
     np.testing.assert_allclose(results[0]["params"], model.params, rtol=1e-10, atol=1e-12)
     assert sorted(results[0]["history"]["history"]) == sorted(history.history)
