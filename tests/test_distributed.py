@@ -319,6 +319,13 @@ def test_cost_model_efficiency_falls_with_ranks_and_the_batch_keeps_the_target()
     assert mpi.model_table(json.loads(json.dumps(model))) == table  # from `--json` too
 
 
+def test_independent_processes_add_up_their_rates():
+    from fastnn.bench import mpi
+
+    # half the samples each in 1 s and in 3 s: 1/2 + 1/6 = 2/3 of them per s, 1.5 s in all
+    assert mpi.together([[1.0, 2.0], [3.0, 2.0]]) == pytest.approx([1.5, 2.0])
+
+
 def test_bench_mpi_ratios_pair_each_round_with_its_own_baseline():
     from fastnn.bench import mpi
 
@@ -362,7 +369,11 @@ def test_bench_mpi_workers_measure_on_two_ranks():
     fused = mpi._launch(dict(spec, fused=True), 2)
     iallreduce = mpi._launch(dict(spec, fused=True, shared_memory=False), 2)
     one = mpi._launch(dict(spec, distributed=False), None)
+    apart = mpi._launch(dict(spec, distributed=False, fused=True, independent=True), 2)
     assert len(two["epoch_seconds"]) == 1
+    # the independent processes' rate is both processes' together, not 2 x rank 0's
+    assert np.array(apart["process_seconds"]).shape == (2, 1)
+    assert apart["epoch_seconds"] == mpi.together(apart["process_seconds"])
     for run in (two, fused, iallreduce):
         np.testing.assert_allclose(run["loss"], one["loss"], rtol=1e-5)
 

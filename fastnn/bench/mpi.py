@@ -11,8 +11,8 @@ fastnn.bench --mpi-worker SPEC``), every rank pinned to its own CPU with one thr
   summed in MPI shared memory, ``distributed.SharedMemoryReduction``) and as it runs
   across nodes (one Iallreduce per layer, started as soon as its backward is done),
   the per-step Python path, and K independent processes (fused) training at once with
-  1/K of the batch and samples each, no communication: the ceiling this machine's CPUs
-  put on K ranks;
+  1/K of the batch and samples each, no communication, their rates added up
+  (``together``): the ceiling this machine's CPUs put on K ranks;
 * torch DistributedDataParallel (gloo) on the same net, data and batches, when torch
   is importable;
 * each reference net's per-step time at two batch sizes (1 thread, per-step path),
@@ -127,7 +127,22 @@ def _fastnn_worker(spec):
     history = model.fit(X, y, epochs=spec["repeats"] + 1, batch_size=spec["batch"] // size,
                         verbose=0, seed=SEED, callbacks=[timer.callback],
                         distributed=distributed)
-    return {"epoch_seconds": timer.seconds[1:], "loss": history.history["loss"][-1]}
+    result = {"epoch_seconds": timer.seconds[1:], "loss": history.history["loss"][-1]}
+    if independent:  # the K processes' throughput together, not K x rank 0's
+        from mpi4py import MPI  # after the timing: the processes shared nothing till now
+
+        result["process_seconds"] = MPI.COMM_WORLD.allgather(result["epoch_seconds"])
+        result["epoch_seconds"] = together(result["process_seconds"])
+    return result
+
+
+def together(process_seconds):
+    """Epoch seconds of K processes that each trained 1/K of the samples at once, from
+    each one's (K lists of epoch seconds): per epoch, the time in which they all train
+    every sample at their own rates, K / sum of 1/t (the harmonic mean), so the rate
+    counts the slower CPUs as they are."""
+    every = np.asarray(process_seconds, dtype=np.float64)  # (K, epochs)
+    return (every.shape[0] / (1.0 / every).sum(axis=0)).tolist()
 
 
 def _ddp_worker(spec):
