@@ -4,7 +4,8 @@ One mpiexec run per rank count does every training run of ``_distributed_runs.py
 (starting MPI costs about a second); each test then checks one of them: parameters
 bit-identical on every rank, History identical on every rank and equal to one process
 with the same global batch (rtol 1e-10 in float64, 1e-5 in float32), faults stopping
-every rank with an error that names the failing rank. Every subprocess has a timeout.
+every rank with an error that names the failing rank; ranks on two hosts (network
+namespaces, as root) equal one process too. Every subprocess has a timeout.
 """
 import json
 import os
@@ -75,10 +76,16 @@ def _same_on_every_rank(results):
 @pytest.mark.parametrize("name", EQUIVALENT)
 def test_equals_one_process_with_the_global_batch(ranks, name, tmp_path, monkeypatch):
     size, out = ranks
-    results = _results(size, out, name)
+    monkeypatch.setenv("FASTNN_TEST_OUT", str(tmp_path))
+    _check_equals_one_process(_results(size, out, name), name)
+
+
+def _check_equals_one_process(results, name):
+    """``results`` (every rank's run ``name``) are the same on every rank and equal one
+    process with the global batch: rtol 1e-10 in float64, 1e-5 in float32."""
+    size = len(results)
     assert "error" not in results[0], results[0].get("error")
     _same_on_every_rank(results)
-    monkeypatch.setenv("FASTNN_TEST_OUT", str(tmp_path))
     model, X, y, fit = runs.build(name, 0, 1)
     history, fused = runs.fit_and_trace(
         model, X, y, {**fit, "batch_size": size * fit["batch_size"], "distributed": False})
@@ -232,6 +239,87 @@ def test_an_error_outside_the_agreements_aborts_the_job(tmp_path):
     output = done.stdout + done.stderr
     assert "rank 1 of 2 failed outside a collective" in output
     assert "MemoryError: optimizer step failed on purpose" in output
+
+
+# ------------------------------------------------------------------ two hosts
+#: Runs across two hosts: the fused epoch (an Iallreduce per layer), the per-step path
+#: with sample weights, float32, a quasi-Newton and a matrix-free LM solver.
+ACROSS_HOSTS = ("fused_momentum", "adam", "fused_sgd32", "lbfgs", "lm_free")
+HOST_ADDRESSES = ("10.231.0.1", "10.231.0.2")
+#: Open MPI's ssh agent for the test's hosts: ``agent [options] HOST COMMAND`` runs
+#: COMMAND in HOST's network namespace, under a hostname of its own.
+AGENT = """#!/bin/sh
+while [ "${1#-}" != "$1" ]; do shift; done
+host=$1; shift
+case $host in
+%s
+  *) echo "no such test host: $host" >&2; exit 1;;
+esac
+exec "%s" netns exec "$ns" "%s" --uts /bin/sh -c "hostname $ns && $*"
+"""
+
+
+@pytest.fixture(scope="module")
+def two_hosts(tmp_path_factory):
+    """The start of a command that runs ``mpiexec -n 2`` with one rank on each of two
+    hosts: two Linux network namespaces, each with its own hostname, joined by a veth
+    pair, Open MPI reaching the second through ``AGENT`` instead of ssh. The ranks are
+    on different nodes to MPI (no shared memory between them) and talk TCP. Needs root,
+    iproute2's ``ip`` and util-linux's ``unshare``; skipped where namespaces cannot be
+    made."""
+    tools = [shutil.which(tool) for tool in ("ip", "unshare", "hostname")]
+    if not sys.platform.startswith("linux") or os.geteuid() != 0 or None in tools:
+        pytest.skip("two hosts on one machine need Linux, root, ip, unshare and hostname")
+    ip, unshare, _ = tools
+    names = [f"fnn{os.getpid() % 100000}{host}" for host in "ab"]
+
+    def remove():
+        for name in names:
+            subprocess.run([ip, "netns", "del", name], capture_output=True, timeout=30)
+
+    remove()
+    steps = [["netns", "add", name] for name in names]
+    steps.append(["link", "add", names[0] + "v", "type", "veth", "peer", "name", names[1] + "v"])
+    for name, address in zip(names, HOST_ADDRESSES):
+        steps += [["link", "set", name + "v", "netns", name],
+                  ["-n", name, "addr", "add", address + "/24", "dev", name + "v"],
+                  ["-n", name, "link", "set", name + "v", "up"],
+                  ["-n", name, "link", "set", "lo", "up"]]
+    for step in steps:
+        done = subprocess.run([ip, *step], capture_output=True, text=True, timeout=30)
+        if done.returncode != 0:
+            remove()
+            pytest.skip(f"cannot make network namespaces here: ip {' '.join(step)}: "
+                        f"{done.stderr.strip()}")
+    home = tmp_path_factory.mktemp("hosts")
+    (home / "hosts").write_text("".join(f"{a} slots=1\n" for a in HOST_ADDRESSES))
+    agent = home / "agent.sh"
+    agent.write_text(AGENT % ("\n".join(f"  {a}) ns={n};;" for a, n in zip(HOST_ADDRESSES, names)),
+                              ip, unshare))
+    agent.chmod(0o755)
+    yield [ip, "netns", "exec", names[0], unshare, "--uts", "/bin/sh", "-c",
+           'hostname "$0" && exec "$@"', names[0], _mpiexec(), "--hostfile",
+           str(home / "hosts"), "-n", "2", "--prtemca", "plm_ssh_agent", str(agent),
+           "-x", "PATH"]
+    remove()
+
+
+def test_two_hosts_over_tcp_equal_one_process(two_hosts, tmp_path, monkeypatch):
+    """Ranks on two hosts (``two_hosts``) sum without shared memory, by Iallreduce over
+    TCP, and still equal one process with the global batch."""
+    out = tmp_path / "out"
+    out.mkdir()
+    env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
+               PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]]))
+    done = subprocess.run(two_hosts + [sys.executable, str(HERE / "_distributed_runs.py"),
+                                       str(out), *ACROSS_HOSTS],
+                          env=env, capture_output=True, text=True, timeout=TIMEOUT)
+    assert done.returncode == 0, done.stdout + done.stderr
+    monkeypatch.setenv("FASTNN_TEST_OUT", str(tmp_path))
+    for name in ACROSS_HOSTS:
+        results = _results(2, out, name)
+        assert [r.get("shared_memory_steps") for r in results] == [0, 0], name
+        _check_equals_one_process(results, name)
 
 
 # ------------------------------------------------------------------ one process
