@@ -236,6 +236,40 @@ def test_vs_torch_without_torch_is_a_clear_error(monkeypatch, capsys):
     assert "--vs-torch needs PyTorch" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["--mpi", "--nets", "mnist"], "--mpi does not use --nets"),
+    (["--mpi", "--threads", "1", "--no-gemm"], "--mpi does not use --threads, --no-gemm"),
+    (["--mpi", "--optimizers", "adam"], "--mpi does not use --optimizers"),
+    (["--mpi", "--samples", "100"], "at least the global batch, 256; got 100"),
+    (["--quick", "--rounds", "3"], "--rounds applies to --mpi only"),
+    (["--quick", "--ranks", "4"], "--ranks applies to --mpi only"),
+])
+def test_bench_options_that_do_not_apply_are_errors(argv, message, capsys):
+    """An option the chosen benchmark would ignore stops it before anything runs."""
+    assert bench.main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_bench_mpi_takes_rounds_repeats_and_samples(monkeypatch):
+    from fastnn.bench import mpi
+
+    asked = []
+
+    def run_mpi_bench(ranks, quick, with_torch, log, **options):
+        asked.append((ranks, quick, options))
+        raise KeyboardInterrupt  # stop before the report: only the arguments matter here
+
+    monkeypatch.setattr(mpi, "mpiexec", lambda: "mpiexec")
+    monkeypatch.setattr(mpi, "run_mpi_bench", run_mpi_bench)
+    for argv in (["--mpi", "--no-torch"],
+                 ["--mpi", "--no-torch", "--ranks", "3", "--rounds", "9", "--repeats", "4",
+                  "--samples", "4096"]):
+        with pytest.raises(KeyboardInterrupt):
+            bench.main(argv)
+    assert asked == [(2, False, {"rounds": None, "repeats": None, "samples": None}),
+                     (3, False, {"rounds": 9, "repeats": 4, "samples": 4096})]
+
+
 def test_bench_subcommand_wiring():
     parser = argparse.ArgumentParser(prog="fastnn")
     sub = parser.add_subparsers(dest="command", required=True)

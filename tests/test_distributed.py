@@ -429,6 +429,32 @@ def test_bench_mpi_ratios_pair_each_round_with_its_own_baseline():
     assert "fastnn / torch DDP: 3.00x" in report   # the rounds' 4.00x and 2.00x
 
 
+def test_bench_mpi_runs_every_configuration_once_per_round(monkeypatch):
+    from fastnn.bench import mpi
+
+    launched = []
+
+    def launch(spec, ranks):
+        launched.append(spec)
+        if spec["kind"] == "allreduce":
+            return {"ranks": ranks, "seconds": {str(b): 1e-6 + b / 2e9 for b in spec["bytes"]}}
+        if spec["kind"] == "steps":
+            return {f"{net}/{b}": 1e-4 + 5e-6 * b for net in spec["nets"] for b in spec["batches"]}
+        return {"epoch_seconds": [0.1] * spec["repeats"], "loss": 0.5}
+
+    monkeypatch.setattr(mpi, "_launch", launch)
+    for options, (rounds, repeats, samples) in (({}, (1, 2, 8192)),
+                                                 ({"rounds": 3, "repeats": 4, "samples": 1024},
+                                                  (3, 4, 1024))):
+        launched.clear()
+        result = mpi.run_mpi_bench(2, True, False, lambda message: None, **options)
+        training = [spec for spec in launched if spec["kind"] == "fastnn"]
+        assert len(training) == rounds * len(result["training"]) == rounds * 6
+        assert {(s["repeats"], s["samples"]) for s in training} == {(repeats, samples)}
+        assert result["rounds"] == rounds and not result["errors"]
+        assert all(len(r["round_ratios"]) == rounds for r in result["training"].values())
+
+
 def test_cli_trains_on_two_ranks_and_rank_0_alone_prints_and_saves(tmp_path):
     env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
     done = subprocess.run([_mpiexec(), "--oversubscribe", "-n", "2", sys.executable, "-m",

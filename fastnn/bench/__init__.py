@@ -81,10 +81,12 @@ def add_arguments(parser):
     parser.add_argument("--optimizers", type=_csv(OPTIMIZERS), metavar="LIST",
                         default=list(OPTIMIZERS), help="sgd,adam (default: both)")
     parser.add_argument("--samples", type=_positive_int, metavar="N",
-                        help="samples per epoch for every net (default: per net)")
+                        help="samples per epoch for every net (default: per net; --mpi: "
+                             "16384, --quick 8192)")
     parser.add_argument("--repeats", type=_positive_int, metavar="N",
                         help=f"timed epochs per configuration; the median is reported "
-                             f"(default {REPEATS}; --quick {QUICK_REPEATS})")
+                             f"(default {REPEATS}; --quick {QUICK_REPEATS}; --mpi: 3 per "
+                             f"round, --quick 2)")
     parser.add_argument("--no-startup", action="store_true", help="skip the startup timing")
     parser.add_argument("--no-gemm", action="store_true",
                         help="skip the GEMM crossover table (own kernel vs OpenBLAS vs "
@@ -94,8 +96,11 @@ def add_arguments(parser):
                              "'fastnn[mpi]'): Allreduce latency and bandwidth, scaling from "
                              "1 process to --ranks ranks, torch DDP when installed, and a "
                              "cost model of larger clusters")
-    parser.add_argument("--ranks", type=_positive_int, default=2, metavar="K",
+    parser.add_argument("--ranks", type=_positive_int, metavar="K",
                         help="ranks for --mpi (default 2)")
+    parser.add_argument("--rounds", type=_positive_int, metavar="N",
+                        help="alternating rounds of every configuration for --mpi; the "
+                             "ratios are the medians of the rounds' (default 5; --quick 1)")
     return parser
 
 
@@ -114,6 +119,10 @@ def run(args):
     """Run ``fastnn bench`` from parsed arguments; returns the exit code."""
     if args.mpi:
         return _run_mpi(args)
+    for flag, value in (("--ranks", args.ranks), ("--rounds", args.rounds)):
+        if value is not None:
+            print(f"fastnn bench: {flag} applies to --mpi only", file=sys.stderr)
+            return 2
     with_torch = machine.torch_available()
     if args.vs_torch and not with_torch:
         print("fastnn bench: --vs-torch needs PyTorch, which is not installed "
@@ -163,6 +172,18 @@ def _run_mpi(args):
     """``fastnn bench --mpi``; returns the exit code."""
     from . import mpi
 
+    unused = [flag for flag, given in (
+        ("--plot", args.plot), ("--threads", args.threads), ("--nets", args.nets),
+        ("--backends", args.backends), ("--optimizers", args.optimizers != list(OPTIMIZERS)),
+        ("--no-startup", args.no_startup), ("--no-gemm", args.no_gemm)) if given]
+    if unused:
+        print(f"fastnn bench: --mpi does not use {', '.join(unused)} (it trains the "
+              f"{mpi.SCALING_NET} net with SGD, 1 thread per process)", file=sys.stderr)
+        return 2
+    if args.samples is not None and args.samples < mpi.GLOBAL_BATCH:
+        print(f"fastnn bench: --samples with --mpi must be at least the global batch, "
+              f"{mpi.GLOBAL_BATCH}; got {args.samples}", file=sys.stderr)
+        return 2
     if importlib.util.find_spec("mpi4py") is None or mpi.mpiexec() is None:
         print("fastnn bench: --mpi needs mpi4py and mpiexec: pip install 'fastnn[mpi]'",
               file=sys.stderr)
@@ -171,7 +192,8 @@ def _run_mpi(args):
     if args.vs_torch and not with_torch:
         print("fastnn bench: --vs-torch needs PyTorch, which is not installed", file=sys.stderr)
         return 2
-    result = mpi.run_mpi_bench(args.ranks, args.quick, with_torch, _log)
+    result = mpi.run_mpi_bench(args.ranks or 2, args.quick, with_torch, _log,
+                               rounds=args.rounds, repeats=args.repeats, samples=args.samples)
     print(mpi.format_mpi_report(result), flush=True)
     if args.json:
         with open(args.json, "w") as f:

@@ -249,14 +249,17 @@ def _merge_rounds(results, baseline, samples):
                              for r, b in zip(results, baseline) if not b.get("error")]}
 
 
-def run_mpi_bench(ranks, quick, with_torch, log):
+def run_mpi_bench(ranks, quick, with_torch, log, rounds=None, repeats=None, samples=None):
     """Every measurement of ``fastnn bench --mpi`` and the cost model; a result dict.
 
-    The training configurations run in alternating rounds (each in fresh processes), so
-    a change in the machine's background load hits them alike; the rate is the median
-    over every timed epoch of every round, the ratio to one process the median of the
-    rounds' ratios."""
-    repeats, samples, rounds = (2, 8192, 1) if quick else (3, 16384, 5)
+    The training configurations run in ``rounds`` alternating rounds (each in fresh
+    processes; default 5, ``quick`` 1), so a change in the machine's background load
+    hits them alike; each times ``repeats`` epochs of ``samples`` samples (default 3 of
+    16,384; ``quick`` 2 of 8,192). The rate is the median over every timed epoch of
+    every round, the ratio to one process the median of the rounds' ratios."""
+    defaults = (1, 2, 8192) if quick else (5, 3, 16384)
+    rounds, repeats, samples = (given or default for given, default
+                                in zip((rounds, repeats, samples), defaults))
     sizes = list(NETS[SCALING_NET]["sizes"])
     log(f"allreduce latency and bandwidth, {ranks} ranks")
     allreduce = _launch({"kind": "allreduce", "bytes": list(MESSAGE_BYTES),
