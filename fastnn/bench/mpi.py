@@ -257,9 +257,9 @@ def run_mpi_bench(ranks, quick, with_torch, log, rounds=None, repeats=None, samp
     hits them alike; each times ``repeats`` epochs of ``samples`` samples (default 3 of
     16,384; ``quick`` 2 of 8,192). The rate is the median over every timed epoch of
     every round, the ratio to one process the median of the rounds' ratios."""
-    defaults = (1, 2, 8192) if quick else (5, 3, 16384)
-    rounds, repeats, samples = (given or default for given, default
-                                in zip((rounds, repeats, samples), defaults))
+    rounds = rounds or (1 if quick else 5)
+    repeats = repeats or (2 if quick else 3)
+    samples = samples or (8192 if quick else 16384)
     sizes = list(NETS[SCALING_NET]["sizes"])
     log(f"allreduce latency and bandwidth, {ranks} ranks")
     allreduce = _launch({"kind": "allreduce", "bytes": list(MESSAGE_BYTES),
