@@ -102,7 +102,9 @@ def fused_epoch_runner(model, X, target, weights, plan, callbacks, comm=None):
     a fit take effect at the next fit (the learning rate and its scale are read every
     epoch). Returns ``run(order)`` like ``_python_epoch_runner``, or None.
 
-    Distributed (``comm``), each rank's call visits its rows of every global step
+    Distributed (``comm``), every rank takes the fused path or none does (a rank with
+    sample weights or a batch-level callback sends every rank step by step, since the
+    ranks meet in every step's sum). Each rank's call visits its rows of every global step
     (``plan.positions``) and the kernel averages the gradient over the ranks in every
     step: in MPI shared memory when every rank is on this node (the kernel sums and
     updates in the window itself, ``distributed.SharedMemoryReduction``, whose window
@@ -123,6 +125,8 @@ def fused_epoch_runner(model, X, target, weights, plan, callbacks, comm=None):
         and set(model.metrics) <= {"accuracy"}
         and all(isinstance(cb, TerminateOnNaN)
                 or type(cb).on_batch_end is Callback.on_batch_end for cb in callbacks))
+    if comm is not None:  # one path for all: a rank's batch callback or weights hold all back
+        eligible = comm.sum([0.0 if eligible else 1.0])[0] == 0
     if not eligible:
         return None
     loss_code, loss_param, hits_per_sample = loss_spec

@@ -24,6 +24,7 @@ from . import optimizers as optimizers_module
 from ._backend import get_backend
 from ._epochs import BatchGather, BatchPlan, epoch_order, fused_epoch_runner
 from ._history import History, _Progress
+from ._labels import ClassLabels
 from ._validation import all_finite, check_bool, check_float, check_int, check_seed
 from .callbacks import (
     CSVLogger,
@@ -32,6 +33,7 @@ from .callbacks import (
     check_callbacks,
     check_training_setup,
 )
+from .schedules import Schedule
 from .solvers import Objective, Solver
 
 #: Callbacks that only write files: a distributed fit runs them on rank 0 alone.
@@ -57,10 +59,26 @@ def fit(model, X, y, epochs=1, batch_size=32, shuffle=True, replacement=False,
     if comm is None:
         return _train(model, _setup(model, *arguments), None)
     with comm.abort_on_disagreement():
+        if not prepared:
+            _agree_class_labels(model, comm, y)
         setup = None
         with comm.guard():
             setup = _setup(model, *arguments)
         return _train(model, _distribute(model, comm, setup), comm)
+
+
+def _agree_class_labels(model, comm, y):
+    """Non-numeric class labels get one mapping on every rank: the sorted union of the
+    ranks' labels (a rank's own part, with distributed="shards", may lack a class, and
+    its codes would then mean other classes than on the other ranks)."""
+    labels = None
+    with comm.guard():
+        labels = model._new_class_labels(y)
+    gathered = [c for c in comm.gather_values(None if labels is None else labels.classes)
+                if c is not None]
+    if gathered and model.class_labels is None:
+        with comm.guard():
+            model._set_class_labels(ClassLabels(np.unique(np.concatenate(gathered))), "y")
 
 
 class _Setup:
@@ -115,7 +133,9 @@ def _setup(model, X, y, epochs, batch_size, shuffle, replacement, validation_dat
 def _train(model, setup, comm):
     """Run the validated fit on this process (one rank of it when ``comm`` is set)."""
     loop = _FitLoop(model, setup.callbacks, setup.val, comm,
-                    "iteration" if setup.solver else "epoch")
+                    "iteration" if setup.solver else "epoch",
+                    share_state=(comm is not None and setup.callbacks_anywhere
+                                 and not setup.solver))  # a solver keeps its own point
     verbose = setup.verbose if comm is None or comm.rank == 0 else 0
     with _guarded(comm):
         for cb in loop.callbacks:
@@ -141,7 +161,27 @@ def _train(model, setup, comm):
             cb.on_train_end({})
     if comm is not None:
         comm.sync()
+        if setup.callbacks_anywhere:
+            _take_rank0_state(model, comm)
     return loop.history
+
+
+def _take_rank0_state(model, comm):
+    """Every rank takes rank 0's weights, optimizer state, learning-rate scale and (a
+    number) learning rate. Callbacks may differ between the ranks and change these
+    (EarlyStopping(restore_best_weights=True) or ReduceLROnPlateau on rank 0 alone): a
+    fit with callbacks on any rank calls this after every epoch and at its end, so the
+    ranks never drift apart and every rank ends with rank 0's model."""
+    comm.broadcast(model.params)
+    optimizer = model.optimizer
+    if isinstance(optimizer, optimizers_module.Optimizer):
+        for name in sorted(optimizer.state):
+            comm.broadcast(optimizer.state[name])
+        rate = None if isinstance(optimizer.lr, Schedule) else optimizer.lr
+        rate, optimizer.lr_scale = comm.broadcast_object(
+            (rate, optimizer.lr_scale) if comm.rank == 0 else None)
+        if rate is not None:
+            optimizer.lr = rate
 
 
 #: What _guarded gives a fit on one process (nullcontext is stateless, so reusable).
@@ -165,6 +205,7 @@ def _distribute(model, comm, setup):
     shared seed and its rank) and an epoch has as many steps as the largest part needs.
     """
     comm.check_same({} if setup is None else _description(model, comm, setup))
+    setup.callbacks_anywhere = any(comm.gather_values(bool(setup.callbacks)))
     seed = setup.seed
     if seed is None:
         seed = comm.broadcast_object(int(np.random.SeedSequence().entropy % 2 ** 63)
@@ -227,6 +268,7 @@ def _description(model, comm, setup):
         "epochs": setup.epochs, "batch_size": setup.batch_size, "shuffle": setup.shuffle,
         "replacement": setup.replacement, "seed": setup.seed,
         "class_weight": setup.class_weight, "validation": setup.val is not None,
+        "classes": None if model.class_labels is None else model.class_labels.classes.tolist(),
         "TerminateOnNaN": any(isinstance(cb, TerminateOnNaN) for cb in setup.callbacks)}
     if comm.mode == "full":
         description["n_samples"] = setup.X.shape[0]
@@ -319,8 +361,9 @@ class _FitLoop:
     """The state one ``fit`` call shares between its epochs: model, callbacks, progress
     display, History, validation set and, in a distributed fit, the communicator."""
 
-    def __init__(self, model, callbacks, val, comm, unit):
+    def __init__(self, model, callbacks, val, comm, unit, share_state=False):
         self.model, self.val, self.comm = model, val, comm
+        self.share_state = share_state  # _take_rank0_state after every epoch
         if comm is not None and comm.rank != 0:  # rank 0 alone writes files
             callbacks = [cb for cb in callbacks if not isinstance(cb, _WRITERS)]
         self.callbacks = callbacks
@@ -348,6 +391,8 @@ class _FitLoop:
         if comm is not None:
             model.stop_training, model.stop_reason = comm.agree_stop(model.stop_training,
                                                                      model.stop_reason)
+            if self.share_state:
+                _take_rank0_state(model, comm)
 
     def begin_epoch(self, epoch):
         with _guarded(self.comm):
@@ -427,16 +472,25 @@ class _FitLoop:
         def run(order):
             metrics = metrics_module.build(model.metrics, model.loss)
             total = mass = 0.0
+            steps = 0
             for b in range(plan.n_batches):
                 xb, yb, wb = gather(order, *plan.bounds(b))
                 if comm is None:
-                    loss, out = model._loss_and_grad(xb, yb, wb, training=True)
                     batch_mass = float(xb.shape[0] if wb is None else wb.sum(dtype=np.float64))
+                    if batch_mass == 0:  # every weight zero: no loss, no gradient, no step
+                        progress.batch_done()
+                        continue
+                    loss, out = model._loss_and_grad(xb, yb, wb, training=True)
                 else:
                     loss, out, batch_mass = _distributed_step(model, comm, xb, yb, wb)
+                    if batch_mass == 0:  # the same on every rank: the global mass
+                        with _guarded(comm):
+                            progress.batch_done()
+                        continue
                 if not math.isfinite(loss):
                     return None, b, loss
                 model.optimizer.step(model.params, model.grads)
+                steps += 1
                 total += loss * batch_mass
                 mass += batch_mass
                 with _guarded(comm):
@@ -449,7 +503,7 @@ class _FitLoop:
                 comm.reduce_metrics(metrics, model.n_outputs)
             logs = {"loss": total / mass if mass else float("nan")}
             logs.update({m.name: m.result() for m in metrics if m.count})
-            return logs, plan.n_batches, None
+            return logs, steps, None
         return run
 
     # ------------------------------------------------------------ full-batch solvers

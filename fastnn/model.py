@@ -357,8 +357,7 @@ class Sequential:
         ``class_labels`` and saved with the model: classes in sorted order, code k for
         ``class_labels.classes[k]``. Numeric labels pass through as class indices.
         """
-        multi_label = self.loss.name == "binary_cross_entropy" and self.n_outputs != 1
-        if not self.loss.classification or multi_label:
+        if not self._takes_class_labels():
             return y
         if np.asarray(y).dtype.kind not in "USO":
             if self.class_labels is not None:
@@ -367,13 +366,30 @@ class Sequential:
                                 f"numbers")
             return y
         if self.class_labels is None:
-            labels = ClassLabels.fit(y, name)
-            capacity = max(self.n_outputs, 2)
-            if len(labels) > capacity:
-                raise ValueError(f"{name} has {len(labels)} classes, but the model has "
-                                 f"{self.n_outputs} output(s), so at most {capacity}")
-            self.class_labels = labels
+            self._set_class_labels(ClassLabels.fit(y, name), name)
         return self.class_labels.encode(y, name)
+
+    def _takes_class_labels(self):
+        """True when targets are class labels (a classification loss, not multi-label)."""
+        multi_label = self.loss.name == "binary_cross_entropy" and self.n_outputs != 1
+        return self.loss.classification and not multi_label
+
+    def _new_class_labels(self, y, name="y"):
+        """The ClassLabels ``_encode_labels(y)`` would fix, or None when it fixes none
+        (numeric labels, targets that are not class labels, or a mapping already fixed).
+        A distributed fit fixes the union of every rank's."""
+        if (self.class_labels is not None or not self._takes_class_labels()
+                or np.asarray(y).dtype.kind not in "USO"):
+            return None
+        return ClassLabels.fit(y, name)
+
+    def _set_class_labels(self, labels, name):
+        """Fix the label mapping (``class_labels``) if the model has outputs for it."""
+        capacity = max(self.n_outputs, 2)
+        if len(labels) > capacity:
+            raise ValueError(f"{name} has {len(labels)} classes, but the model has "
+                             f"{self.n_outputs} output(s), so at most {capacity}")
+        self.class_labels = labels
 
     # ------------------------------------------------------------------ inference
     def _check_inference_X(self, X):
@@ -661,7 +677,8 @@ class Sequential:
             Hold out this fraction of the last samples (before shuffling) as
             validation data instead.
         sample_weight : array-like, shape (n_samples,), optional
-            Non-negative per-sample weights; the loss is sum(w_i l_i) / sum(w_i).
+            Non-negative per-sample weights; the loss is sum(w_i l_i) / sum(w_i). A
+            mini-batch whose weights are all zero carries no data: it makes no step.
         class_weight : dict or "balanced", optional
             Classification losses only: {class: weight} multiplies each sample's
             weight by its class's; "balanced" uses n_samples / (n_classes * count).
@@ -679,8 +696,10 @@ class Sequential:
             global batch of K * batch_size, so training equals one process with that
             batch size. "shards": every rank passes its own part (and holds out
             ``validation_split`` of it; class_weight="balanced" counts the classes over
-            every rank's part). The fused epoch kernel runs here too when the model
-            allows it; see ``fastnn.distributed``.
+            every rank's part). String class labels are coded over every rank's labels.
+            Callbacks may differ between ranks: after each epoch and at the end every
+            rank takes rank 0's weights and learning rate. The fused epoch kernel runs
+            here too when the model allows it; see ``fastnn.distributed``.
 
         Returns
         -------

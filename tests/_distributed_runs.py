@@ -20,7 +20,9 @@ from fastnn import optimizers, solvers
 BATCH = 8
 #: The runs ``build`` makes, each compared with one process by the tests.
 EQUIVALENT = ("sgd_l2", "adam", "adam32", "fused_momentum", "fused_sgd32", "fused_adam",
-              "callbacks", "lbfgs", "lm", "lm_free", "conjugate_gradient", "newton_cg")
+              "callbacks", "callbacks_on_rank0", "batch_callback_on_rank0",
+              "zero_weight_batch", "lbfgs", "lm", "lm_free", "conjugate_gradient",
+              "newton_cg")
 
 
 def _data(n, d, dtype, seed=3):
@@ -77,6 +79,23 @@ def build(name, rank, size):
                      cbs.ModelCheckpoint(os.path.join(out, f"ckpt-rank{rank}.npz"), "loss")]
         return model, X, y_class, {**fit, "epochs": 8, "validation_split": 0.3,
                                    "callbacks": callbacks}
+    if name == "callbacks_on_rank0":  # restored weights and lr plateaus on rank 0 alone
+        model = _model((5, 7, 3), dtype, seed)
+        model.compile("cross_entropy", optimizers.SGD(lr=0.5, momentum=0.5), ["accuracy"])
+        callbacks = [cbs.ReduceLROnPlateau("loss", patience=0, factor=0.5),
+                     cbs.EarlyStopping("val_accuracy", patience=1,
+                                       restore_best_weights=True)] if rank == 0 else []
+        return model, X, y_class, {**fit, "epochs": 8, "validation_split": 0.3,
+                                   "callbacks": callbacks}
+    if name == "batch_callback_on_rank0":  # sends every rank step by step, not rank 0 alone
+        model, X, y, fit = build("fused_momentum", rank, size)
+        return model, X, y, {**fit, "callbacks": [_CountBatches()] if rank == 0 else []}
+    if name == "zero_weight_batch":  # the first global batch (2 or 3 ranks) weighs nothing
+        model = _model((5, 7, 3), dtype, seed)
+        model.compile("cross_entropy", optimizers.SGD(lr=0.2, momentum=0.9), ["accuracy"])
+        weights = weights.copy()
+        weights[:24] = 0.0
+        return model, X, y_class, {**fit, "sample_weight": weights, "shuffle": False}
     model = _model((5, 4, 2), dtype, seed, l2=1e-4 if name == "lm" else 0.0)
     solver = {"lbfgs": solvers.LBFGS(), "lm": solvers.LevenbergMarquardt(matrix_free=False),
               "lm_free": solvers.LevenbergMarquardt(matrix_free=True),
@@ -85,6 +104,16 @@ def build(name, rank, size):
     model.compile("mse", solver, ["r2"])
     return model, X, y_reg, {**fit, "epochs": 4, "sample_weight": weights,
                              "validation_split": 0.2 if name == "lbfgs" else 0.0}
+
+
+class _CountBatches(cbs.Callback):
+    """A batch-level callback: the fit cannot run whole epochs in one kernel call."""
+
+    def __init__(self):
+        self.batches = 0
+
+    def on_batch_end(self, batch, logs=None):
+        self.batches += 1
 
 
 class _StopOnRank(cbs.Callback):
@@ -120,6 +149,8 @@ def build_special(name, rank, size, out):
         model, X, y, fit = build(name[len("iallreduce_"):], rank, size)
     elif name == "balanced_shards":
         model, X, y, fit = balanced_shards(rank, size)
+    elif name in ("weights_on_one_shard", "string_label_shards"):
+        model, X, y, fit = own_shards(name, rank, size)
     elif name == "other_class_weight":  # one rank weighs its shard's classes, the others not
         model, X, y, fit = balanced_shards(rank, size)
         if rank != size - 1:
@@ -196,6 +227,52 @@ def balanced_shards_reference(size):
         "validation_data": (X[val], y[val], factors[y[val]])}
 
 
+#: The class names of ``own_shards``: rank 0's part lacks "ant" (code 0 of the union).
+NAMES = np.array(["ant", "bee", "cat"])
+
+
+def own_shards(name, rank, size):
+    """Own shards, full-batch steps, a model the fused epoch would take:
+    "weights_on_one_shard": rank 0 alone passes sample weights (every rank then steps in
+    Python, the others with weight 1); "string_label_shards": string labels, and rank
+    0's part lacks one class (the codes must be those of every rank's labels)."""
+    X, y, _, weights = _data(61, 5, "float64")
+    model = _balanced_model(rank)
+    fit = {**BALANCED_FIT, "distributed": "shards"}
+    if name == "weights_on_one_shard":
+        part = _shard(rank)
+        if rank == 0:
+            fit["sample_weight"] = weights[part]
+        return model, X[part], y[part], fit
+    part = _label_shard(y, rank, size)
+    return model, X[part], NAMES[y[part]], fit
+
+
+def _label_shard(y, rank, size):
+    """Rank 0: the samples of classes 1 and 2 among the first 30; the other ranks split
+    the rest."""
+    if rank == 0:
+        return np.flatnonzero(y[:30] != 0)
+    return 30 + np.array_split(np.arange(31), size - 1)[rank - 1]
+
+
+def own_shards_reference(name, size):
+    """``own_shards`` of ``size`` ranks in one process: the concatenated parts (weight 1
+    for the parts passed without weights)."""
+    X, y, _, weights = _data(61, 5, "float64")
+    fit = dict(BALANCED_FIT)
+    if name == "weights_on_one_shard":
+        parts = [_shard(r) for r in range(size)]
+        fit["sample_weight"] = np.concatenate(
+            [weights[parts[0]]] + [np.ones(len(part)) for part in parts[1:]])
+        labels = y
+    else:
+        parts = [_label_shard(y, r, size) for r in range(size)]
+        labels = NAMES[y]
+    rows = np.concatenate(parts)
+    return _balanced_model(0), X[rows], labels[rows], fit
+
+
 class _CountSharedMemorySteps:
     """Counts the steps that train_epoch runs on the node's shared memory (a NodeSum
     reduce): how far each call moves this rank's DONE flag."""
@@ -255,7 +332,8 @@ def _run(name, rank, size, out):
         return {"params": model.params, "error": json.dumps([type(exc).__name__, str(exc)])}
     finally:
         fn.distributed.SHARED_MEMORY = True
-    return {"params": model.params, "fused": json.dumps(fused),
+    classes = None if model.class_labels is None else model.class_labels.classes.tolist()
+    return {"params": model.params, "fused": json.dumps(fused), "classes": json.dumps(classes),
             "shared_memory_steps": json.dumps(shared.steps),
             "history": json.dumps({"history": history.history, "epoch": history.epoch,
                                    "stop_reason": history.stop_reason})}

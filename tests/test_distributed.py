@@ -28,6 +28,7 @@ from conftest import ATOL, RTOL  # noqa: E402
 HERE = Path(__file__).resolve().parent
 EQUIVALENT = runs.EQUIVALENT
 SPECIAL = ("stop_on_one_rank", "shards", "fused_shards", "stepwise_shards", "balanced_shards",
+           "weights_on_one_shard", "string_label_shards",
            "numba_momentum",
            "numpy_momentum", "iallreduce_fused_momentum", "iallreduce_adam",
            "iallreduce_lbfgs",
@@ -67,10 +68,16 @@ def _results(size, out, name):
             for f in files]
 
 
-def _same_on_every_rank(results):
+def _same_on_every_rank(results, rank0_logs=()):
+    """Parameters and History bit-identical on every rank (but for the ``rank0_logs``
+    that callbacks on rank 0 alone add to its History)."""
+    first = results[0].get("history")
+    if rank0_logs:
+        first = {**first, "history": {k: v for k, v in first["history"].items()
+                                      if k not in rank0_logs}}
     for r, result in enumerate(results[1:], start=1):
         assert np.array_equal(result["params"], results[0]["params"]), f"rank {r} params"
-        assert result.get("history") == results[0].get("history"), f"rank {r} History"
+        assert result.get("history") == first, f"rank {r} History"
 
 
 @pytest.mark.parametrize("name", EQUIVALENT)
@@ -85,7 +92,7 @@ def _check_equals_one_process(results, name):
     process with the global batch: rtol 1e-10 in float64, 1e-5 in float32."""
     size = len(results)
     assert "error" not in results[0], results[0].get("error")
-    _same_on_every_rank(results)
+    _same_on_every_rank(results, ("lr",) if name == "callbacks_on_rank0" else ())
     model, X, y, fit = runs.build(name, 0, 1)
     history, fused = runs.fit_and_trace(
         model, X, y, {**fit, "batch_size": size * fit["batch_size"], "distributed": False})
@@ -142,6 +149,28 @@ def test_balanced_class_weight_counts_every_shard(ranks):
     history = model.fit(X, y, **fit)
     np.testing.assert_allclose(results[0]["params"], model.params, rtol=1e-10, atol=1e-12)
     assert sorted(results[0]["history"]["history"]) == sorted(history.history)
+    for key, values in history.history.items():
+        np.testing.assert_allclose(results[0]["history"]["history"][key], values,
+                                   rtol=1e-10, err_msg=key)
+
+
+@pytest.mark.parametrize("name", ["weights_on_one_shard", "string_label_shards"])
+def test_own_shards_that_differ_in_kind_equal_one_process(ranks, name):
+    """Sample weights on one rank's shard send every rank step by step (not the fused
+    epoch on the others: the ranks would wait in different sums); string labels get
+    the codes of every rank's labels, though rank 0's shard lacks the first class."""
+    size, out = ranks
+    results = _results(size, out, name)
+    assert "error" not in results[0], results[0].get("error")
+    _same_on_every_rank(results)
+    assert len({result["fused"] for result in results}) == 1  # one path for all ranks
+    if name == "weights_on_one_shard":
+        assert not results[0]["fused"]
+    else:
+        assert all(result["classes"] == ["ant", "bee", "cat"] for result in results)
+    model, X, y, fit = runs.own_shards_reference(name, size)
+    history = model.fit(X, y, **fit)
+    np.testing.assert_allclose(results[0]["params"], model.params, rtol=1e-10, atol=1e-12)
     for key, values in history.history.items():
         np.testing.assert_allclose(results[0]["history"]["history"][key], values,
                                    rtol=1e-10, err_msg=key)

@@ -227,6 +227,36 @@ def test_zero_epochs_leave_the_weights_untouched(optimizer):
         np.testing.assert_array_equal(w, w0)
 
 
+# ---------------------------------------------------------------------------- zero weights
+@pytest.mark.parametrize("optimizer", ["sgd_momentum", "adam"])
+def test_a_batch_whose_weights_are_all_zero_makes_no_step(optimizer):
+    """A mini-batch of zero weight mass carries no data: no loss (not 0/0 = NaN), no
+    update, momentum and update count untouched; the fit equals one without it."""
+    gen = rng(43)
+    X, y = gen.normal(size=(48, 3)), gen.integers(0, 3, 48)
+    w = gen.uniform(0.5, 2.0, 48)
+    w[16:32] = 0.0  # the second batch of 16
+
+    def fitted(X, y, w):
+        opt = (fn.optimizers.SGD(lr=0.1, momentum=0.9) if optimizer == "sgd_momentum"
+               else fn.optimizers.Adam(lr=0.01))
+        model = mlp([3, 5, 3], dtype="float64").compile("cross_entropy", opt, ["accuracy"])
+        history = model.fit(X, y, epochs=3, batch_size=16, shuffle=False,
+                            sample_weight=w, verbose=0)
+        return model, history
+
+    model, history = fitted(X, y, w)
+    keep = np.r_[0:16, 32:48]
+    alone, history_alone = fitted(X[keep], y[keep], w[keep])
+    assert model.optimizer.iterations == alone.optimizer.iterations == 6
+    assert history.n_evaluations == 6
+    np.testing.assert_allclose(model.params, alone.params, rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(history.history["loss"], history_alone.history["loss"],
+                               rtol=1e-12)
+    # accuracy counts the samples of the steps made
+    np.testing.assert_allclose(history.history["accuracy"], history_alone.history["accuracy"])
+
+
 # ---------------------------------------------------------------------------- class_weight
 @pytest.mark.parametrize("loss", ["mse", "mae", "huber"])
 def test_class_weight_is_refused_for_regression_losses(loss):
