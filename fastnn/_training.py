@@ -299,9 +299,11 @@ def _split_validation(model, X, target, weights, validation_data, validation_spl
     cut = X.shape[0] - n_val
     val = (X[cut:], target[cut:], None if weights is None else weights[cut:])
     if weights is not None:
+        for part, what in ((weights[:cut], "training part"),
+                           (weights[cut:], f"validation part (the last {n_val} samples)")):
+            if part.sum() <= 0:
+                raise ValueError(f"sample_weight is all zero on the {what}")
         weights = weights[:cut]
-        if weights.sum() <= 0:
-            raise ValueError("sample_weight is all zero on the training part")
     return X[:cut], target[:cut], weights, val
 
 

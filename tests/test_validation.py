@@ -208,6 +208,17 @@ def test_validation_split_with_all_training_weight_zero(model, data):
         model.fit(X, y, sample_weight=w, validation_split=0.25, verbose=0)
 
 
+def test_validation_split_with_all_validation_weight_zero(model, data):
+    """Refused before training (it was a ZeroDivisionError after the first epoch)."""
+    X, y = data
+    w = np.r_[np.ones(N - 3), np.zeros(3)]
+    before = model.params.copy()
+    with pytest.raises(ValueError, match=r"sample_weight is all zero on the validation "
+                                         r"part \(the last 3 samples\)"):
+        model.fit(X, y, sample_weight=w, validation_split=0.25, verbose=0)
+    np.testing.assert_array_equal(model.params, before)
+
+
 # ---------------------------------------------------------------------------- not compiled
 @pytest.mark.parametrize("method", ["fit", "evaluate", "compute_gradients", "predict",
                                     "gradcheck"])
