@@ -5,6 +5,7 @@ import importlib.util
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -293,3 +294,42 @@ def test_importing_fastnn_leaves_the_bench_unloaded(tmp_path):
                           cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == ["[]", "True"]
+
+
+LAUNCHER = """
+import os, signal, subprocess, sys, time
+# like Open MPI's ranks: a child in a process group of its own, here deaf to SIGTERM
+child = subprocess.Popen([sys.executable, "-c",
+                          "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN);"
+                          " open(%r, 'w').write('ready'); time.sleep(600)"],
+                         process_group=0)
+with open(%r, "w") as f:
+    f.write(str(child.pid))
+time.sleep(600)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or sys.version_info < (3, 11),
+                    reason="session cleanup reads /proc; Popen(process_group=) needs 3.11")
+def test_a_launcher_timeout_leaves_no_process_behind(tmp_path):
+    """run_launcher (every mpiexec of the bench and the tests): on a timeout, mpiexec and
+    every process of its session stop, even one in its own process group that ignores
+    SIGTERM (before, a rank waiting for a dead peer polled for ever)."""
+    from fastnn.bench.mpi import run_launcher
+
+    pid_file, ready = tmp_path / "pid", tmp_path / "ready"
+    script = LAUNCHER % (str(ready), str(pid_file))
+    with pytest.raises(subprocess.TimeoutExpired):
+        run_launcher([sys.executable, "-c", script], timeout=3, grace=0.5)
+    assert ready.exists() and pid_file.exists(), "the child did not start within 3 s"
+    pid = int(pid_file.read_text())
+    for _ in range(100):  # SIGKILL is delivered at once; reaping may take a moment
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]
+        except FileNotFoundError:
+            break
+        if state == "Z":
+            break
+        time.sleep(0.05)
+    else:
+        raise AssertionError(f"process {pid} still runs after the launcher timed out")

@@ -20,6 +20,7 @@ import pytest
 import fastnn as fn
 from fastnn import distributed, kernels
 from fastnn._epochs import BatchPlan
+from fastnn.bench.mpi import run_launcher
 
 pytest.importorskip("mpi4py")
 import _distributed_runs as runs  # noqa: E402
@@ -50,7 +51,7 @@ def _launch(size, out, names):
     env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
     command = [_mpiexec(), "--oversubscribe", "-n", str(size), sys.executable,
                str(HERE / "_distributed_runs.py"), str(out), *names]
-    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=TIMEOUT)
+    return run_launcher(command, TIMEOUT, env=env)
 
 
 @pytest.fixture(scope="module", params=[2, 3], ids=["2-ranks", "3-ranks"])
@@ -340,9 +341,8 @@ def test_two_hosts_over_tcp_equal_one_process(two_hosts, tmp_path, monkeypatch):
     out.mkdir()
     env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
                PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]]))
-    done = subprocess.run(two_hosts + [sys.executable, str(HERE / "_distributed_runs.py"),
-                                       str(out), *ACROSS_HOSTS],
-                          env=env, capture_output=True, text=True, timeout=TIMEOUT)
+    done = run_launcher(two_hosts + [sys.executable, str(HERE / "_distributed_runs.py"),
+                                     str(out), *ACROSS_HOSTS], TIMEOUT, env=env)
     assert done.returncode == 0, done.stdout + done.stderr
     monkeypatch.setenv("FASTNN_TEST_OUT", str(tmp_path))
     for name in ACROSS_HOSTS:
@@ -401,9 +401,8 @@ def test_readme_example_prints_the_same_on_two_ranks(tmp_path):
                            cwd=tmp_path, timeout=TIMEOUT)
     assert alone.returncode == 0, alone.stderr
     env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
-    two = subprocess.run([_mpiexec(), "--oversubscribe", "-n", "2", sys.executable, "-m",
-                          "mpi4py", str(script)], capture_output=True, text=True, cwd=tmp_path,
-                         env=env, timeout=TIMEOUT)
+    two = run_launcher([_mpiexec(), "--oversubscribe", "-n", "2", sys.executable, "-m",
+                        "mpi4py", str(script)], TIMEOUT, cwd=tmp_path, env=env)
     assert two.returncode == 0, two.stdout + two.stderr
     assert two.stdout == alone.stdout and alone.stdout.startswith("val_accuracy 0.")
 
@@ -486,10 +485,9 @@ def test_bench_mpi_runs_every_configuration_once_per_round(monkeypatch):
 
 def test_cli_trains_on_two_ranks_and_rank_0_alone_prints_and_saves(tmp_path):
     env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
-    done = subprocess.run([_mpiexec(), "--oversubscribe", "-n", "2", sys.executable, "-m",
-                           "fastnn", "train", "--epochs", "2", "--threads", "1", "--quiet",
-                           "--save", "m.npz"], capture_output=True, text=True, cwd=tmp_path,
-                          env=env, timeout=TIMEOUT)
+    done = run_launcher([_mpiexec(), "--oversubscribe", "-n", "2", sys.executable, "-m",
+                         "fastnn", "train", "--epochs", "2", "--threads", "1", "--quiet",
+                         "--save", "m.npz"], TIMEOUT, cwd=tmp_path, env=env)
     assert done.returncode == 0, done.stdout + done.stderr
     assert done.stdout.count("trained 2 epochs") == 1 and "saved model to m.npz" in done.stdout
     assert fn.load_model(tmp_path / "m.npz").n_features == 64

@@ -213,6 +213,46 @@ def mpiexec():
     return beside if os.path.exists(beside) else shutil.which("mpiexec")
 
 
+def run_launcher(command, timeout, grace=5.0, **kwargs):
+    """``subprocess.run(command, capture_output=True, text=True, timeout=timeout)`` for
+    an MPI launcher, whose ranks do not outlive a timeout.
+
+    ``subprocess.run`` kills only mpiexec on a timeout; Open MPI starts each rank in a
+    process group of its own, so a rank waiting in a sum for a peer that will never come
+    would go on polling for ever. Here mpiexec gets SIGTERM (it stops its ranks), and
+    ``grace`` seconds later whatever is left of its session gets SIGKILL; then
+    TimeoutExpired is raised as usual."""
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True, **kwargs)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired as exc:
+        proc.terminate()
+        try:
+            out, err = proc.communicate(timeout=grace)
+        except subprocess.TimeoutExpired:
+            out, err = None, None
+        _kill_session(proc.pid)
+        proc.kill()
+        if out is None:
+            out, err = proc.communicate()
+        raise subprocess.TimeoutExpired(command, timeout, out, err) from exc
+    return subprocess.CompletedProcess(command, proc.returncode, out, err)
+
+
+def _kill_session(sid):
+    """SIGKILL every process of session ``sid`` (Linux /proc; elsewhere nothing)."""
+    if not os.path.isdir("/proc"):
+        return
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                if os.getsid(int(name)) == sid:
+                    os.kill(int(name), 9)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+
 def _launch(spec, ranks):
     """Run a worker on ``ranks`` MPI ranks (None: a plain process); its result."""
     command = [sys.executable, "-m", "fastnn.bench", "--mpi-worker", json.dumps(spec)]
@@ -221,8 +261,10 @@ def _launch(spec, ranks):
         command = [mpiexec(), "--bind-to", "none", "--oversubscribe", "-n", str(ranks)] + command
         if hasattr(os, "geteuid") and os.geteuid() == 0:  # containers: Open MPI refuses root
             env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
-    proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=TIMEOUT,
-                          cwd=tempfile.gettempdir())
+    try:
+        proc = run_launcher(command, TIMEOUT, env=env, cwd=tempfile.gettempdir())
+    except subprocess.TimeoutExpired:
+        return {"error": f"worker timed out after {TIMEOUT} s (its processes were stopped)"}
     for line in proc.stdout.splitlines():
         if line.startswith(RESULT_TAG):
             return json.loads(line[len(RESULT_TAG):])
