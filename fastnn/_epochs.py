@@ -9,7 +9,7 @@ from . import distributed as distributed_module
 from . import kernels
 from . import optimizers as optimizers_module
 from ._backend import backend_module, get_backend
-from .callbacks import Callback, TerminateOnNaN
+from .callbacks import acts_per_batch
 from .layers import Dense
 
 
@@ -123,8 +123,7 @@ def fused_epoch_runner(model, X, target, weights, plan, callbacks, comm=None):
         and (comm is None or (get_backend() != "numba" and model.precision != "bf16"))
         and len(dense) == len(model.layers) and not any(d.l1 or d.l2 for d in dense)
         and set(model.metrics) <= {"accuracy"}
-        and all(isinstance(cb, TerminateOnNaN)
-                or type(cb).on_batch_end is Callback.on_batch_end for cb in callbacks))
+        and not acts_per_batch(callbacks))
     if comm is not None:  # one path for all: a rank's batch callback or weights hold all back
         eligible = comm.sum([0.0 if eligible else 1.0])[0] == 0
     if not eligible:
@@ -175,7 +174,7 @@ def fused_epoch_runner(model, X, target, weights, plan, callbacks, comm=None):
         if done < n_batches:
             if reduction is not None:
                 reduction.stopped()
-            return None, done, float(stats[3])
+            return None, done, (float(stats[3]), done)
         loss_sum, hits = stats[:2] if comm is None else comm.sum(stats[:2])
         logs = {"loss": loss_sum / n_total}
         if model.metrics:

@@ -30,6 +30,7 @@ from .callbacks import (
     CSVLogger,
     ModelCheckpoint,
     TerminateOnNaN,
+    acts_per_batch,
     check_callbacks,
     check_training_setup,
 )
@@ -57,14 +58,31 @@ def fit(model, X, y, epochs=1, batch_size=32, shuffle=True, replacement=False,
                  validation_split, sample_weight, class_weight, callbacks, verbose, seed,
                  prepared)
     if comm is None:
-        return _train(model, _setup(model, *arguments), None)
-    with comm.abort_on_disagreement():
-        if not prepared:
-            _agree_class_labels(model, comm, y)
-        setup = None
-        with comm.guard():
+        with _labels_kept_if_refused(model):
             setup = _setup(model, *arguments)
-        return _train(model, _distribute(model, comm, setup), comm)
+        return _train(model, setup, None)
+    with comm.abort_on_disagreement():
+        with _labels_kept_if_refused(model):
+            if not prepared:
+                _agree_class_labels(model, comm, y)
+            setup = None
+            with comm.guard():
+                setup = _setup(model, *arguments, own_part=comm.mode == "shards")
+            setup = _distribute(model, comm, setup)
+        return _train(model, setup, comm)
+
+
+@contextlib.contextmanager
+def _labels_kept_if_refused(model):
+    """A fit refused before training (bad arguments or data, ranks that disagree)
+    leaves ``model.class_labels`` as it found them: the labels it would have fixed
+    must not constrain the next fit."""
+    before = model.class_labels
+    try:
+        yield
+    except BaseException:
+        model.class_labels = before
+        raise
 
 
 def _agree_class_labels(model, comm, y):
@@ -90,8 +108,11 @@ class _Setup:
 
 def _setup(model, X, y, epochs, batch_size, shuffle, replacement, validation_data,
            validation_split, sample_weight, class_weight, callbacks, verbose, seed,
-           prepared=False):
-    """Validate fit's arguments (raising before any training) into a _Setup."""
+           prepared=False, own_part=False):
+    """Validate fit's arguments (raising before any training) into a _Setup.
+
+    ``own_part``: X is this rank's own part of a distributed fit ("shards"), whose
+    weight sums _distribute checks over every rank's part."""
     epochs = check_int(epochs, "epochs", low=0)
     if isinstance(verbose, (bool, np.bool_)):
         verbose = int(verbose)
@@ -104,7 +125,8 @@ def _setup(model, X, y, epochs, batch_size, shuffle, replacement, validation_dat
     raw_weights, n_all = weights, X.shape[0]
     weights, labels = _apply_class_weight(model, class_weight, target, weights)
     X, target, weights, val = _split_validation(model, X, target, weights,
-                                                validation_data, validation_split)
+                                                validation_data, validation_split,
+                                                check_mass=not own_part)
     # "balanced" in a distributed fit on own shards counts every shard's samples:
     # _distribute re-weighs from these (the labels and weights before the split).
     balanced = (labels, raw_weights, X.shape[0] < n_all) \
@@ -127,15 +149,17 @@ def _setup(model, X, y, epochs, batch_size, shuffle, replacement, validation_dat
                   X=X, target=target, weights=weights, val=val, shuffle=shuffle,
                   replacement=replacement, batch=batch, batch_size=batch_size,
                   callbacks=callbacks, solver=solver, plan=BatchPlan(n, batch),
-                  class_weight=class_weight, balanced=balanced)
+                  class_weight=class_weight, balanced=balanced,
+                  split=val is not None and validation_data is None)
 
 
 def _train(model, setup, comm):
     """Run the validated fit on this process (one rank of it when ``comm`` is set)."""
     loop = _FitLoop(model, setup.callbacks, setup.val, comm,
-                    "iteration" if setup.solver else "epoch",
-                    share_state=(comm is not None and setup.callbacks_anywhere
-                                 and not setup.solver))  # a solver keeps its own point
+                    "iteration" if setup.solver else "epoch")
+    if comm is not None and not setup.solver:  # a solver keeps its own point
+        loop.share_state = setup.callbacks_anywhere
+        loop.share_rate = setup.batch_callbacks_anywhere
     verbose = setup.verbose if comm is None or comm.rank == 0 else 0
     with _guarded(comm):
         for cb in loop.callbacks:
@@ -173,15 +197,20 @@ def _take_rank0_state(model, comm):
     fit with callbacks on any rank calls this after every epoch and at its end, so the
     ranks never drift apart and every rank ends with rank 0's model."""
     comm.broadcast(model.params)
-    optimizer = model.optimizer
-    if isinstance(optimizer, optimizers_module.Optimizer):
-        for name in sorted(optimizer.state):
-            comm.broadcast(optimizer.state[name])
-        rate = None if isinstance(optimizer.lr, Schedule) else optimizer.lr
-        rate, optimizer.lr_scale = comm.broadcast_object(
-            (rate, optimizer.lr_scale) if comm.rank == 0 else None)
-        if rate is not None:
-            optimizer.lr = rate
+    if isinstance(model.optimizer, optimizers_module.Optimizer):
+        for name in sorted(model.optimizer.state):
+            comm.broadcast(model.optimizer.state[name])
+        _take_rank0_rate(model.optimizer, comm)
+
+
+def _take_rank0_rate(optimizer, comm):
+    """Every rank takes rank 0's learning-rate scale and (a number) learning rate: after
+    every step when a rank has a callback acting per batch (a warm-up, say)."""
+    rate = None if isinstance(optimizer.lr, Schedule) else optimizer.lr
+    rate, optimizer.lr_scale = comm.broadcast_object(
+        (rate, optimizer.lr_scale) if comm.rank == 0 else None)
+    if rate is not None:
+        optimizer.lr = rate
 
 
 #: What _guarded gives a fit on one process (nullcontext is stateless, so reusable).
@@ -205,7 +234,10 @@ def _distribute(model, comm, setup):
     shared seed and its rank) and an epoch has as many steps as the largest part needs.
     """
     comm.check_same({} if setup is None else _description(model, comm, setup))
-    setup.callbacks_anywhere = any(comm.gather_values(bool(setup.callbacks)))
+    # callbacks may differ between ranks: _take_rank0_state keeps the ranks together
+    callbacks = comm.gather_values((bool(setup.callbacks), acts_per_batch(setup.callbacks)))
+    setup.callbacks_anywhere = any(some for some, _ in callbacks)
+    setup.batch_callbacks_anywhere = any(per_batch for _, per_batch in callbacks)
     seed = setup.seed
     if seed is None:
         seed = comm.broadcast_object(int(np.random.SeedSequence().entropy % 2 ** 63)
@@ -218,6 +250,7 @@ def _distribute(model, comm, setup):
     if comm.mode == "shards":  # every rank takes the same number of steps
         if setup.balanced is not None:
             _balance_over_shards(model, comm, setup)
+        _check_shard_masses(comm, setup)
         sizes = comm.gather_values(setup.X.shape[0])
         batch = setup.batch_size or max(sizes)
         setup.plan = BatchPlan(setup.X.shape[0], batch, n_batches=math.ceil(max(sizes) / batch),
@@ -236,6 +269,21 @@ def _distribute(model, comm, setup):
         setup.weights = None if setup.weights is None else setup.weights[part]
     setup.plan = BatchPlan(n, setup.batch, parts=comm.size, part=comm.rank)
     return setup
+
+
+def _check_shard_masses(comm, setup):
+    """Own parts: the training parts, and the validation parts split off them, must
+    weigh something over all the ranks together (one rank's part may weigh nothing)."""
+    val_weights = setup.val[2] if setup.split else None
+    masses = [setup.X.shape[0] if setup.weights is None else setup.weights.sum(),
+              1.0 if not setup.split else
+              setup.val[0].shape[0] if val_weights is None else val_weights.sum()]
+    train_mass, val_mass = comm.sum(masses)
+    try:
+        _check_split_mass(train_mass, val_mass, "validation parts (the last samples of "
+                                                "every rank's part)")
+    except ValueError as exc:
+        comm.raise_agreed(exc)
 
 
 def _balance_over_shards(model, comm, setup):
@@ -277,8 +325,10 @@ def _description(model, comm, setup):
     return description
 
 
-def _split_validation(model, X, target, weights, validation_data, validation_split):
-    """(X, target, weights, val) with val = (X_val, target_val, weights_val) or None."""
+def _split_validation(model, X, target, weights, validation_data, validation_split,
+                      check_mass=True):
+    """(X, target, weights, val) with val = (X_val, target_val, weights_val) or None;
+    with ``check_mass``, ValueError if the weights of either part are all zero."""
     validation_split = check_float(validation_split, "validation_split", low=0.0,
                                    high=1.0, high_open=True)
     if validation_data is not None and validation_split:
@@ -299,12 +349,19 @@ def _split_validation(model, X, target, weights, validation_data, validation_spl
     cut = X.shape[0] - n_val
     val = (X[cut:], target[cut:], None if weights is None else weights[cut:])
     if weights is not None:
-        for part, what in ((weights[:cut], "training part"),
-                           (weights[cut:], f"validation part (the last {n_val} samples)")):
-            if part.sum() <= 0:
-                raise ValueError(f"sample_weight is all zero on the {what}")
+        if check_mass:
+            _check_split_mass(weights[:cut].sum(), weights[cut:].sum(),
+                              f"validation part (the last {n_val} samples)")
         weights = weights[:cut]
     return X[:cut], target[:cut], weights, val
+
+
+def _check_split_mass(train_mass, val_mass, validation):
+    """ValueError if the training part or the ``validation`` part weighs nothing."""
+    for mass, what in ((train_mass, "training part"), (val_mass, validation)):
+        if mass <= 0:
+            raise ValueError(f"the sample weights (sample_weight times class_weight) are "
+                             f"all zero on the {what}")
 
 
 def _apply_class_weight(model, class_weight, target, weights, counts=None):
@@ -363,9 +420,10 @@ class _FitLoop:
     """The state one ``fit`` call shares between its epochs: model, callbacks, progress
     display, History, validation set and, in a distributed fit, the communicator."""
 
-    def __init__(self, model, callbacks, val, comm, unit, share_state=False):
+    def __init__(self, model, callbacks, val, comm, unit):
         self.model, self.val, self.comm = model, val, comm
-        self.share_state = share_state  # _take_rank0_state after every epoch
+        self.share_state = False  # _take_rank0_state after every epoch
+        self.share_rate = False   # _take_rank0_rate after every step
         if comm is not None and comm.rank != 0:  # rank 0 alone writes files
             callbacks = [cb for cb in callbacks if not isinstance(cb, _WRITERS)]
         self.callbacks = callbacks
@@ -402,7 +460,7 @@ class _FitLoop:
                 cb.on_epoch_begin(epoch, {})
             self.progress.epoch_begin(epoch)
 
-    def handle_divergence(self, loss, epoch, batch, epoch_start_params):
+    def handle_divergence(self, loss, batch, epoch, epoch_start_params):
         """Put back the weights of the last completed epoch; stop cleanly (TerminateOnNaN)
         or raise FloatingPointError.
 
@@ -420,9 +478,7 @@ class _FitLoop:
                    "the last finite weights (from the end of the last completed epoch) were "
                    "kept (try a lower learning rate, gradient clipping or input scaling)")
         if not self.terminate_on_nan:
-            if comm is not None:
-                comm.raise_agreed(FloatingPointError(message))
-            raise FloatingPointError(message)
+            _raise_agreed(comm, FloatingPointError(message))
         model.stop_training = True
         model.stop_reason = message
         if loss is not None:
@@ -446,16 +502,16 @@ class _FitLoop:
             self.begin_epoch(epoch)
             epoch_start_params = model.params.copy()
             order = epoch_order(setup.rng, plan.n, setup.shuffle, setup.replacement)
-            logs, done, bad_loss = run_epoch(order)
+            logs, done, bad = run_epoch(order)
             steps += done
-            if bad_loss is not None:
-                self.handle_divergence(bad_loss, epoch, done, epoch_start_params)
+            if bad is not None:
+                self.handle_divergence(*bad, epoch, epoch_start_params)
                 return steps
             if run_fused is not None:
                 self.progress.batch_done(plan.n_batches)
             if not all_finite(model.params):
                 # a finite loss can still come with an update that overflows the weights
-                self.handle_divergence(None, epoch, plan.n_batches - 1, epoch_start_params)
+                self.handle_divergence(None, plan.n_batches - 1, epoch, epoch_start_params)
                 return steps
             self.end_epoch(epoch, logs)
             if model.stop_training:
@@ -463,11 +519,14 @@ class _FitLoop:
         return steps
 
     def _python_epoch_runner(self, X, target, weights, plan):
-        """The general path: ``run(order) -> (logs, updates made, bad loss or None)``.
+        """The general path: ``run(order) -> (logs, updates made, None or (the
+        non-finite loss, its batch))``.
 
-        Distributed, each rank computes the gradient of its part of the global batch
-        and ``Communicator.average_gradient`` makes the global one; metrics are summed
-        over the ranks at the end of the epoch."""
+        A batch whose sample weights are all zero makes no step; an epoch whose every
+        batch weighs nothing (possible only when drawing with replacement) raises
+        ValueError. Distributed, each rank computes the gradient of its part of the
+        global batch and ``Communicator.average_gradient`` makes the global one (and the
+        global weight); metrics are summed over the ranks at the end of the epoch."""
         model, callbacks, progress, comm = self.model, self.callbacks, self.progress, self.comm
         gather = BatchGather(X, target, weights)
 
@@ -490,7 +549,7 @@ class _FitLoop:
                             progress.batch_done()
                         continue
                 if not math.isfinite(loss):
-                    return None, b, loss
+                    return None, steps, (loss, b)
                 model.optimizer.step(model.params, model.grads)
                 steps += 1
                 total += loss * batch_mass
@@ -501,9 +560,16 @@ class _FitLoop:
                     for cb in callbacks:
                         cb.on_batch_end(b, {"loss": loss})
                     progress.batch_done()
+                if self.share_rate:  # (a failed callback stops every rank at the next sum)
+                    _take_rank0_rate(model.optimizer, comm)
+            if not steps:  # mass is global: every rank raises
+                _raise_agreed(comm, ValueError(
+                    "every sample drawn in this epoch has sample weight 0 (sample_weight "
+                    "times class_weight), so no step was made; draw without replacement "
+                    "(replacement=False visits every sample) or weigh fewer samples 0"))
             if comm is not None:
                 comm.reduce_metrics(metrics, model.n_outputs)
-            logs = {"loss": total / mass if mass else float("nan")}
+            logs = {"loss": total / mass}
             logs.update({m.name: m.result() for m in metrics if m.count})
             return logs, steps, None
         return run
@@ -522,7 +588,7 @@ class _FitLoop:
             self.begin_epoch(epoch)
             model.params[...] = x
             if not math.isfinite(loss):
-                self.handle_divergence(loss, epoch, 0, last_good)
+                self.handle_divergence(loss, 0, epoch, last_good)
                 return True
             last_good[...] = model.params
             logs = {"loss": loss}
@@ -540,6 +606,13 @@ class _FitLoop:
         if reason is not None and model.stop_reason is None:
             model.stop_reason = reason
         return objective.n_evals
+
+
+def _raise_agreed(comm, exc):
+    """Raise ``exc``, which (in a distributed fit) every rank raises at this point."""
+    if comm is not None:
+        comm.raise_agreed(exc)
+    raise exc
 
 
 def _distributed_step(model, comm, xb, yb, wb):

@@ -152,6 +152,13 @@ def check_callbacks(callbacks):
     return callbacks
 
 
+def acts_per_batch(callbacks):
+    """True when a callback overrides ``on_batch_end`` (fit then calls it after every
+    step), TerminateOnNaN aside: fit checks every batch's loss itself."""
+    return any(not isinstance(cb, TerminateOnNaN)
+               and type(cb).on_batch_end is not Callback.on_batch_end for cb in callbacks)
+
+
 def check_training_setup(callbacks, log_keys, solver):
     """Call ``check_training`` on each callback in order.
 

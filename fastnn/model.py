@@ -678,7 +678,9 @@ class Sequential:
             validation data instead.
         sample_weight : array-like, shape (n_samples,), optional
             Non-negative per-sample weights; the loss is sum(w_i l_i) / sum(w_i). A
-            mini-batch whose weights are all zero carries no data: it makes no step.
+            mini-batch whose weights are all zero carries no data: it makes no step
+            (an epoch drawn with replacement whose every weight is zero raises
+            ValueError).
         class_weight : dict or "balanced", optional
             Classification losses only: {class: weight} multiplies each sample's
             weight by its class's; "balanced" uses n_samples / (n_classes * count).
@@ -697,8 +699,8 @@ class Sequential:
             batch size. "shards": every rank passes its own part (and holds out
             ``validation_split`` of it; class_weight="balanced" counts the classes over
             every rank's part). String class labels are coded over every rank's labels.
-            Callbacks may differ between ranks: after each epoch and at the end every
-            rank takes rank 0's weights and learning rate. The fused epoch kernel runs
+            Callbacks may differ between ranks (TerminateOnNaN aside): after each epoch
+            and at the end every rank takes rank 0's weights and learning rate. The fused epoch kernel runs
             here too when the model allows it; see ``fastnn.distributed``.
 
         Returns

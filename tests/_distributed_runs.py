@@ -20,7 +20,7 @@ from fastnn import optimizers, solvers
 BATCH = 8
 #: The runs ``build`` makes, each compared with one process by the tests.
 EQUIVALENT = ("sgd_l2", "adam", "adam32", "fused_momentum", "fused_sgd32", "fused_adam",
-              "callbacks", "callbacks_on_rank0", "batch_callback_on_rank0",
+              "callbacks", "callbacks_on_rank0", "batch_callback_on_rank0", "warmup_on_rank0",
               "zero_weight_batch", "lbfgs", "lm", "lm_free", "conjugate_gradient",
               "newton_cg")
 
@@ -90,6 +90,9 @@ def build(name, rank, size):
     if name == "batch_callback_on_rank0":  # sends every rank step by step, not rank 0 alone
         model, X, y, fit = build("fused_momentum", rank, size)
         return model, X, y, {**fit, "callbacks": [_CountBatches()] if rank == 0 else []}
+    if name == "warmup_on_rank0":  # the rate set per batch on rank 0 holds on every rank
+        model, X, y, fit = build("fused_momentum", rank, size)
+        return model, X, y, {**fit, "callbacks": [_WarmUp()] if rank == 0 else []}
     if name == "zero_weight_batch":  # the first global batch (2 or 3 ranks) weighs nothing
         model = _model((5, 7, 3), dtype, seed)
         model.compile("cross_entropy", optimizers.SGD(lr=0.2, momentum=0.9), ["accuracy"])
@@ -114,6 +117,13 @@ class _CountBatches(cbs.Callback):
 
     def on_batch_end(self, batch, logs=None):
         self.batches += 1
+
+
+class _WarmUp(cbs.Callback):
+    """Raises the learning rate step by step (lr = 0.02 (t + 1) up to 0.2)."""
+
+    def on_batch_end(self, batch, logs=None):
+        self.model.optimizer.lr = min(0.2, 0.02 * (self.model.optimizer.iterations + 1))
 
 
 class _StopOnRank(cbs.Callback):
@@ -149,8 +159,18 @@ def build_special(name, rank, size, out):
         model, X, y, fit = build(name[len("iallreduce_"):], rank, size)
     elif name == "balanced_shards":
         model, X, y, fit = balanced_shards(rank, size)
-    elif name in ("weights_on_one_shard", "string_label_shards"):
+    elif name in ("weights_on_one_shard", "string_label_shards", "zero_val_on_one_shard"):
         model, X, y, fit = own_shards(name, rank, size)
+    elif name == "refused_then_refit":  # a refused fit fixes no labels on any rank
+        model, X, y, fit = own_shards("string_label_shards", rank, size)
+        try:
+            model.fit(X[:10], y[:10], **{**fit, "epochs": -1})
+        except ValueError:
+            pass
+        else:
+            raise AssertionError("epochs=-1 was accepted")
+        if model.class_labels is not None:
+            raise AssertionError(f"a refused fit fixed {model.class_labels}")
     elif name == "other_class_weight":  # one rank weighs its shard's classes, the others not
         model, X, y, fit = balanced_shards(rank, size)
         if rank != size - 1:
@@ -244,8 +264,21 @@ def own_shards(name, rank, size):
         if rank == 0:
             fit["sample_weight"] = weights[part]
         return model, X[part], y[part], fit
+    if name == "zero_val_on_one_shard":  # the last rank's validation part weighs nothing
+        part = _shard(rank)
+        fit.update(validation_split=0.25, sample_weight=_zero_val_weights(weights, part, rank,
+                                                                          size))
+        return model, X[part], y[part], fit
     part = _label_shard(y, rank, size)
     return model, X[part], NAMES[y[part]], fit
+
+
+def _zero_val_weights(weights, part, rank, size):
+    """``weights`` of ``part``, zero on the validation quarter of the last rank's."""
+    w = weights[part].copy()
+    if rank == size - 1:
+        w[len(part) - int(round(len(part) * 0.25)):] = 0.0
+    return w
 
 
 def _label_shard(y, rank, size):
@@ -261,6 +294,16 @@ def own_shards_reference(name, size):
     for the parts passed without weights)."""
     X, y, _, weights = _data(61, 5, "float64")
     fit = dict(BALANCED_FIT)
+    if name == "zero_val_on_one_shard":
+        parts = [_shard(r) for r in range(size)]
+        w = [_zero_val_weights(weights, part, r, size) for r, part in enumerate(parts)]
+        cuts = [len(part) - int(round(len(part) * 0.25)) for part in parts]
+        train = np.concatenate([part[:cut] for part, cut in zip(parts, cuts)])
+        val = np.concatenate([part[cut:] for part, cut in zip(parts, cuts)])
+        fit["sample_weight"] = np.concatenate([wr[:cut] for wr, cut in zip(w, cuts)])
+        fit["validation_data"] = (X[val], y[val],
+                                  np.concatenate([wr[cut:] for wr, cut in zip(w, cuts)]))
+        return _balanced_model(0), X[train], y[train], fit
     if name == "weights_on_one_shard":
         parts = [_shard(r) for r in range(size)]
         fit["sample_weight"] = np.concatenate(

@@ -29,7 +29,8 @@ from conftest import ATOL, RTOL  # noqa: E402
 HERE = Path(__file__).resolve().parent
 EQUIVALENT = runs.EQUIVALENT
 SPECIAL = ("stop_on_one_rank", "shards", "fused_shards", "stepwise_shards", "balanced_shards",
-           "weights_on_one_shard", "string_label_shards",
+           "weights_on_one_shard", "string_label_shards", "zero_val_on_one_shard",
+           "refused_then_refit",
            "numba_momentum",
            "numpy_momentum", "iallreduce_fused_momentum", "iallreduce_adam",
            "iallreduce_lbfgs",
@@ -155,21 +156,25 @@ def test_balanced_class_weight_counts_every_shard(ranks):
                                    rtol=1e-10, err_msg=key)
 
 
-@pytest.mark.parametrize("name", ["weights_on_one_shard", "string_label_shards"])
+@pytest.mark.parametrize("name", ["weights_on_one_shard", "string_label_shards",
+                                  "zero_val_on_one_shard", "refused_then_refit"])
 def test_own_shards_that_differ_in_kind_equal_one_process(ranks, name):
     """Sample weights on one rank's shard send every rank step by step (not the fused
     epoch on the others: the ranks would wait in different sums); string labels get
-    the codes of every rank's labels, though rank 0's shard lacks the first class."""
+    the codes of every rank's labels, though rank 0's shard lacks the first class (also
+    after a refused fit, which fixes no labels); a rank's validation part may weigh
+    nothing when the others' weigh something."""
     size, out = ranks
     results = _results(size, out, name)
     assert "error" not in results[0], results[0].get("error")
     _same_on_every_rank(results)
     assert len({result["fused"] for result in results}) == 1  # one path for all ranks
-    if name == "weights_on_one_shard":
+    if name in ("weights_on_one_shard", "zero_val_on_one_shard"):
         assert not results[0]["fused"]
     else:
         assert all(result["classes"] == ["ant", "bee", "cat"] for result in results)
-    model, X, y, fit = runs.own_shards_reference(name, size)
+    model, X, y, fit = runs.own_shards_reference(
+        "string_label_shards" if name == "refused_then_refit" else name, size)
     history = model.fit(X, y, **fit)
     np.testing.assert_allclose(results[0]["params"], model.params, rtol=1e-10, atol=1e-12)
     for key, values in history.history.items():

@@ -257,6 +257,51 @@ def test_a_batch_whose_weights_are_all_zero_makes_no_step(optimizer):
     np.testing.assert_allclose(history.history["accuracy"], history_alone.history["accuracy"])
 
 
+def test_an_epoch_that_draws_only_zero_weights_stops_with_a_clear_error():
+    """With replacement an epoch may draw no sample that weighs anything: no step, no
+    loss (0/0); fit says so instead of logging NaN."""
+    gen = rng(44)
+    X, y = gen.normal(size=(40, 3)), gen.integers(0, 3, 40)
+    w = np.zeros(40)
+    w[7] = 1.0  # an epoch of 40 draws misses sample 7 with probability 0.36
+    model = mlp([3, 5, 3], dtype="float64").compile("cross_entropy", "sgd", ["accuracy"])
+    with pytest.raises(ValueError, match="every sample drawn in this epoch has sample "
+                                         "weight 0.*replacement=False"):
+        model.fit(X, y, epochs=50, batch_size=40, replacement=True, sample_weight=w,
+                  verbose=0, seed=3)
+    assert model.optimizer.iterations == 5  # epochs 1-5 drew sample 7, epoch 6 did not
+    assert len(model.history.history["loss"]) == 5
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
+def test_steps_counted_after_a_divergence_leave_out_zero_weight_batches():
+    """History.n_evaluations counts the steps made; the message names the batch."""
+    gen = rng(45)
+    X, y = gen.normal(size=(16, 3)), gen.normal(size=(16, 2))
+    y[12:] = 1e200  # batch 4 of 4 overflows the squared error
+    w = np.ones(16)
+    w[4:8] = 0.0    # batch 2 weighs nothing
+    model = mlp([3, 4, 2], dtype="float64").compile("mse", "sgd")
+    history = model.fit(X, y, epochs=2, batch_size=4, shuffle=False, sample_weight=w,
+                        verbose=0, callbacks=[fn.callbacks.TerminateOnNaN()])
+    assert "at epoch 1, batch 4" in history.stop_reason
+    assert history.n_evaluations == model.optimizer.iterations == 2
+
+
+def test_a_refused_fit_fixes_no_class_labels():
+    """The labels a refused fit would have coded do not constrain the next fit."""
+    gen = rng(46)
+    X = gen.normal(size=(30, 3))
+    names = np.array(["ant", "bee", "cat"])[gen.integers(0, 3, 30)]
+    model = mlp([3, 5, 3], dtype="float64").compile("cross_entropy", "sgd")
+    with pytest.raises(ValueError, match="validation_split"):
+        model.fit(X[:20], np.where(names[:20] == "cat", "bee", names[:20]),
+                  validation_split=1.5, verbose=0)
+    assert model.class_labels is None
+    model.fit(X, names, epochs=1, verbose=0)
+    assert model.class_labels.classes.tolist() == ["ant", "bee", "cat"]
+
+
 # ---------------------------------------------------------------------------- class_weight
 @pytest.mark.parametrize("loss", ["mse", "mae", "huber"])
 def test_class_weight_is_refused_for_regression_losses(loss):

@@ -204,7 +204,7 @@ def test_fit_argument_problems(model, data):
 def test_validation_split_with_all_training_weight_zero(model, data):
     X, y = data
     w = np.r_[np.zeros(N - 3), np.ones(3)]
-    with pytest.raises(ValueError, match=r"sample_weight is all zero on the training part"):
+    with pytest.raises(ValueError, match=r"sample weights .* are all zero on the training part"):
         model.fit(X, y, sample_weight=w, validation_split=0.25, verbose=0)
 
 
@@ -213,8 +213,8 @@ def test_validation_split_with_all_validation_weight_zero(model, data):
     X, y = data
     w = np.r_[np.ones(N - 3), np.zeros(3)]
     before = model.params.copy()
-    with pytest.raises(ValueError, match=r"sample_weight is all zero on the validation "
-                                         r"part \(the last 3 samples\)"):
+    with pytest.raises(ValueError, match=r"sample weights .* are all zero on the "
+                                         r"validation part \(the last 3 samples\)"):
         model.fit(X, y, sample_weight=w, validation_split=0.25, verbose=0)
     np.testing.assert_array_equal(model.params, before)
 
