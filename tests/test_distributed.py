@@ -462,6 +462,27 @@ def test_bench_mpi_ratios_pair_each_round_with_its_own_baseline():
     assert "fastnn / torch DDP: 3.00x" in report   # the rounds' 4.00x and 2.00x
 
 
+@pytest.mark.parametrize("slower, warned", [(1.05, False), (1.4, True)])
+def test_bench_mpi_flags_independent_processes_that_ran_at_different_speeds(slower, warned):
+    """A process that runs much slower than its twin means something else used a CPU
+    (a stray rank of a killed job once did): the report says so."""
+    from fastnn.bench import mpi
+
+    base = [{"epoch_seconds": [1.0, 1.0], "loss": 0.5}] * 2
+    ceiling = [{"epoch_seconds": [0.6, 0.6], "loss": 0.5,
+                "process_seconds": [[1.0, 1.1, 1.0], [slower, slower, slower]]}] * 2
+    training = {label: dict(mpi._merge_rounds(rs, base, 100), samples_per_s=75.0)
+                for label, rs in {mpi.BASELINE: base, "2 independent processes (ceiling)":
+                                  ceiling}.items()}
+    assert training["2 independent processes (ceiling)"]["process_spread"] == [slower] * 2
+    report = mpi.format_mpi_report({
+        "allreduce": {"error": "skipped"}, "net": "mnist", "sizes": [784, 256, 128, 10],
+        "global_batch": 256, "samples": 100, "rounds": 2, "load_average": [0.5, 0.5],
+        "ranks": 2, "training": training})
+    assert ("warning: the independent processes ran at different speeds "
+            f"(slowest / fastest up to {slower:.2f}x)" in report) == warned
+
+
 def test_bench_mpi_runs_every_configuration_once_per_round(monkeypatch):
     from fastnn.bench import mpi
 

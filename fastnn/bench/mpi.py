@@ -285,10 +285,24 @@ def _merge_rounds(results, baseline, samples):
     errors = [r for r in results if r.get("error")]
     if errors:
         return errors[0]
-    return {"epoch_seconds": [t for r in results for t in r["epoch_seconds"]],
-            "loss": results[-1]["loss"], "rounds": len(results),
-            "round_ratios": [_rate(r, samples) / _rate(b, samples)
-                             for r, b in zip(results, baseline) if not b.get("error")]}
+    merged = {"epoch_seconds": [t for r in results for t in r["epoch_seconds"]],
+              "loss": results[-1]["loss"], "rounds": len(results),
+              "round_ratios": [_rate(r, samples) / _rate(b, samples)
+                               for r, b in zip(results, baseline) if not b.get("error")]}
+    if all("process_seconds" in r for r in results):
+        merged["process_spread"] = [speed_spread(r["process_seconds"]) for r in results]
+    return merged
+
+
+#: Independent processes whose speeds differ more than this are reported: on an idle
+#: machine they run alike (1.00-1.10 here), so something else is using a CPU.
+SPREAD_WARNING = 1.15
+
+
+def speed_spread(process_seconds):
+    """The slowest process's median epoch over the fastest one's (>= 1)."""
+    medians = [statistics.median(seconds) for seconds in process_seconds]
+    return max(medians) / min(medians)
 
 
 def run_mpi_bench(ranks, quick, with_torch, log, rounds=None, repeats=None, samples=None):
@@ -418,6 +432,11 @@ def format_mpi_report(result):
                 ratio += f" [{min(ratios):.2f}-{max(ratios):.2f}]"
         lines.append(f"  {label:34s} {rate:10.0f} samples/s  {ratio:18s} (final loss "
                      f"{record['loss']:.4f})")
+        spread = record.get("process_spread")
+        if spread and max(spread) > SPREAD_WARNING:
+            lines.append(f"    warning: the independent processes ran at different speeds "
+                         f"(slowest / fastest up to {max(spread):.2f}x): something else may "
+                         "be using a CPU, and every figure here may suffer from it")
     fastnn = training.get(_FUSED.format(result["ranks"]), {}).get("round_ratios")
     ddp = training.get(f"{result['ranks']} ranks (torch DDP, gloo)", {}).get("round_ratios")
     if fastnn and ddp and len(fastnn) == len(ddp):
