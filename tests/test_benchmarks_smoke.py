@@ -309,8 +309,24 @@ time.sleep(600)
 """
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux") or sys.version_info < (3, 11),
-                    reason="session cleanup reads /proc; Popen(process_group=) needs 3.11")
+LINUX_311 = pytest.mark.skipif(
+    not sys.platform.startswith("linux") or sys.version_info < (3, 11),
+    reason="session cleanup reads /proc; Popen(process_group=) needs 3.11")
+
+
+def _assert_gone(pid):
+    for _ in range(100):  # SIGKILL is delivered at once; reaping may take a moment
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]
+        except FileNotFoundError:
+            return
+        if state == "Z":
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"process {pid} still runs after the launcher was stopped")
+
+
+@LINUX_311
 def test_a_launcher_timeout_leaves_no_process_behind(tmp_path):
     """run_launcher (every mpiexec of the bench and the tests): on a timeout, mpiexec and
     every process of its session stop, even one in its own process group that ignores
@@ -322,14 +338,27 @@ def test_a_launcher_timeout_leaves_no_process_behind(tmp_path):
     with pytest.raises(subprocess.TimeoutExpired):
         run_launcher([sys.executable, "-c", script], timeout=3, grace=0.5)
     assert ready.exists() and pid_file.exists(), "the child did not start within 3 s"
-    pid = int(pid_file.read_text())
-    for _ in range(100):  # SIGKILL is delivered at once; reaping may take a moment
-        try:
-            state = Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]
-        except FileNotFoundError:
-            break
-        if state == "Z":
-            break
-        time.sleep(0.05)
-    else:
-        raise AssertionError(f"process {pid} still runs after the launcher timed out")
+    _assert_gone(int(pid_file.read_text()))
+
+
+@LINUX_311
+def test_ctrl_c_while_a_launcher_runs_leaves_no_process_behind(tmp_path):
+    """The launcher has a session of its own, so the terminal's Ctrl-C does not reach
+    it: the KeyboardInterrupt in the waiting process stops it and its children."""
+    pid_file, ready = tmp_path / "pid", tmp_path / "ready"
+    script = LAUNCHER % (str(ready), str(pid_file))
+    waiter = (
+        "import signal, sys\n"
+        "from fastnn.bench.mpi import run_launcher\n"
+        "def interrupt(*_): raise KeyboardInterrupt\n"
+        "signal.signal(signal.SIGALRM, interrupt)\n"
+        "signal.alarm(3)\n"
+        "try:\n"
+        "    run_launcher([sys.executable, '-c', sys.argv[1]], timeout=60, grace=0.5)\n"
+        "except KeyboardInterrupt:\n"
+        "    print('interrupted')\n")
+    done = subprocess.run([sys.executable, "-c", waiter, script], capture_output=True,
+                          text=True, timeout=60)
+    assert done.stdout.strip() == "interrupted", done.stderr
+    assert ready.exists() and pid_file.exists(), "the child did not start within 3 s"
+    _assert_gone(int(pid_file.read_text()))

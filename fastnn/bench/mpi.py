@@ -221,23 +221,34 @@ def run_launcher(command, timeout, grace=5.0, **kwargs):
     process group of its own, so a rank waiting in a sum for a peer that will never come
     would go on polling for ever. Here mpiexec gets SIGTERM (it stops its ranks), and
     ``grace`` seconds later whatever is left of its session gets SIGKILL; then
-    TimeoutExpired is raised as usual."""
+    TimeoutExpired is raised as usual. The launcher runs in a session of its own (so
+    that it can be found), out of reach of the terminal's Ctrl-C: a KeyboardInterrupt
+    (or any exception) while waiting stops it the same way before it propagates."""
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, start_new_session=True, **kwargs)
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired as exc:
-        proc.terminate()
-        try:
-            out, err = proc.communicate(timeout=grace)
-        except subprocess.TimeoutExpired:
-            out, err = None, None
-        _kill_session(proc.pid)
-        proc.kill()
-        if out is None:
-            out, err = proc.communicate()
+        out, err = _stop_launcher(proc, grace)
         raise subprocess.TimeoutExpired(command, timeout, out, err) from exc
+    except BaseException:
+        _stop_launcher(proc, grace)
+        raise
     return subprocess.CompletedProcess(command, proc.returncode, out, err)
+
+
+def _stop_launcher(proc, grace):
+    """SIGTERM to the launcher, SIGKILL to its session ``grace`` s later; its output."""
+    proc.terminate()
+    try:
+        out, err = proc.communicate(timeout=grace)
+    except subprocess.TimeoutExpired:
+        out, err = None, None
+    _kill_session(proc.pid)
+    proc.kill()
+    if out is None:
+        out, err = proc.communicate()
+    return out, err
 
 
 def _kill_session(sid):
