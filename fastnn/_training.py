@@ -274,11 +274,12 @@ def _distribute(model, comm, setup):
 def _check_shard_masses(comm, setup):
     """Own parts: the training parts, and the validation parts split off them, must
     weigh something over all the ranks together (one rank's part may weigh nothing)."""
-    val_weights = setup.val[2] if setup.split else None
-    masses = [setup.X.shape[0] if setup.weights is None else setup.weights.sum(),
-              1.0 if not setup.split else
-              setup.val[0].shape[0] if val_weights is None else val_weights.sum()]
-    train_mass, val_mass = comm.sum(masses)
+    train_mass = setup.X.shape[0] if setup.weights is None else setup.weights.sum()
+    val_mass = 1.0  # validation_data: its weights were checked on their own
+    if setup.split:
+        X_val, _, w_val = setup.val
+        val_mass = X_val.shape[0] if w_val is None else w_val.sum()
+    train_mass, val_mass = comm.sum([train_mass, val_mass])
     try:
         _check_split_mass(train_mass, val_mass, "validation parts (the last samples of "
                                                 "every rank's part)")
@@ -538,16 +539,14 @@ class _FitLoop:
                 xb, yb, wb = gather(order, *plan.bounds(b))
                 if comm is None:
                     batch_mass = float(xb.shape[0] if wb is None else wb.sum(dtype=np.float64))
-                    if batch_mass == 0:  # every weight zero: no loss, no gradient, no step
-                        progress.batch_done()
-                        continue
-                    loss, out = model._loss_and_grad(xb, yb, wb, training=True)
-                else:
+                    loss, out = (model._loss_and_grad(xb, yb, wb, training=True)
+                                 if batch_mass else (0.0, None))
+                else:  # the global mass: the same on every rank
                     loss, out, batch_mass = _distributed_step(model, comm, xb, yb, wb)
-                    if batch_mass == 0:  # the same on every rank: the global mass
-                        with _guarded(comm):
-                            progress.batch_done()
-                        continue
+                if batch_mass == 0:  # every weight zero: no loss, no gradient, no step
+                    with _guarded(comm):
+                        progress.batch_done()
+                    continue
                 if not math.isfinite(loss):
                     return None, steps, (loss, b)
                 model.optimizer.step(model.params, model.grads)

@@ -28,9 +28,9 @@ then also whether they pass sample weights; string class labels get the codes of
 union of every rank's labels), their initial weights (rank 0's are broadcast) and their
 callbacks but TerminateOnNaN (when any rank has some, every rank takes rank 0's weights,
 optimizer state and learning rate after each epoch and at the end, and its learning
-rate after every step when a rank has one acting per batch). Whatever sends one rank step by
-step (sample weights, a batch-level callback) sends every rank, as they meet in every
-step's sum. Model, compile settings and the other fit arguments must agree
+rate after every step when a rank has one acting per batch). Whatever sends one rank
+step by step (sample weights, a batch-level callback) sends every rank, as they meet in
+every step's sum. Model, compile settings and the other fit arguments must agree
 (``ValueError`` otherwise, before the first step).
 
 ``mpi4py`` is imported only when a launcher started this process or distributed

@@ -700,8 +700,9 @@ class Sequential:
             ``validation_split`` of it; class_weight="balanced" counts the classes over
             every rank's part). String class labels are coded over every rank's labels.
             Callbacks may differ between ranks (TerminateOnNaN aside): after each epoch
-            and at the end every rank takes rank 0's weights and learning rate. The fused epoch kernel runs
-            here too when the model allows it; see ``fastnn.distributed``.
+            and at the end every rank takes rank 0's weights and learning rate. The
+            fused epoch kernel runs here too when the model allows it; see
+            ``fastnn.distributed``.
 
         Returns
         -------

@@ -27,6 +27,7 @@ Ethernet/TCP hop); B is the network's line rate.
 import json
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -259,7 +260,7 @@ def _kill_session(sid):
         if name.isdigit():
             try:
                 if os.getsid(int(name)) == sid:
-                    os.kill(int(name), 9)
+                    os.kill(int(name), signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
                 pass
 
