@@ -22,7 +22,8 @@ class BatchPlan:
     batch), so the steps are those of one process with batch ``parts * batch``.
     ``n_batches`` may exceed what n needs (a rank's own shard shorter than another's):
     the extra steps are empty on this rank. ``shard_sizes`` are every rank's n when
-    each rank steps through its own shard (``parts`` is 1 then).
+    each rank steps through its own shard (``parts`` is 1 then, and ``part`` this
+    rank: its rows of a step follow those of the ranks before it, ``row_starts``).
     """
 
     def __init__(self, n, batch, parts=1, part=0, n_batches=None, shard_sizes=None):
@@ -44,6 +45,17 @@ class BatchPlan:
         step after step: int64 (rows of this process in the epoch,)."""
         return np.concatenate([np.arange(*self.bounds(b), dtype=np.int64)
                                for b in range(self.n_batches)] or [np.empty(0, np.int64)])
+
+    def row_starts(self):
+        """Where this process's rows of each step start in the step's global batch (the
+        ranks' rows in rank order): int64 (n_batches,)."""
+        steps = np.arange(self.n_batches, dtype=np.int64)
+        if self.shard_sizes is None:
+            starts = np.array([self.bounds(b)[0] for b in steps], np.int64)
+            return starts - np.minimum(steps * self.global_batch, self.n)
+        before = np.asarray(self.shard_sizes[:self.part], np.int64)
+        return np.clip(before[None, :] - steps[:, None] * self.batch, 0,
+                       self.batch).sum(axis=1, dtype=np.int64)
 
     def global_rows(self):
         """Rows of each step over every process: float64 (n_batches,)."""
@@ -146,13 +158,15 @@ def fused_epoch_runner(model, X, target, weights, plan, callbacks, comm=None):
     reduction, positions, n_total = None, None, X.shape[0]
     if comm is not None:
         if comm.one_node and distributed_module.SHARED_MEMORY:
-            reduction = distributed_module.SharedMemoryReduction(comm, model.grads)
+            plain_sgd = (optimizer_spec.code == kernels.OPTIMIZER_CODES["sgd"]
+                         and optimizer_spec.hyper[0] == 0)   # its first layer split
+            reduction = distributed_module.SharedMemoryReduction(
+                comm, model.grads, plan, widths if plain_sgd else None)
         else:
             reduction = distributed_module.GradientReduction(comm, model.grads, [
                 (start, start + sum(p.size for p in d.parameters()))
-                for d, start in zip(dense, model.layer_offsets)])
-        positions, global_rows = plan.positions(), plan.global_rows()
-        n_total = global_rows.sum()
+                for d, start in zip(dense, model.layer_offsets)], plan)
+        positions, n_total = plan.positions(), plan.global_rows().sum()
     # The arguments that stay fixed over the fit; run() sets the per-epoch ones.
     fixed = kernels.TrainEpochSpec(
         X, labels, targets, in_order, batch, widths, acts, alphas, use_bias, model.params,
@@ -165,7 +179,7 @@ def fused_epoch_runner(model, X, target, weights, plan, callbacks, comm=None):
         reduce = None
         if reduction is not None:
             order = order[positions]
-            reduce = reduction.epoch(global_rows)
+            reduce = reduction.epoch()
         backend_module().train_epoch(fixed._replace(
             order=order, lrs=optimizer.upcoming_lrs(n_batches, lrs), step=optimizer.iterations,
             reduce=reduce))

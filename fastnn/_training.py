@@ -253,8 +253,8 @@ def _distribute(model, comm, setup):
         _check_shard_masses(comm, setup)
         sizes = comm.gather_values(setup.X.shape[0])
         batch = setup.batch_size or max(sizes)
-        setup.plan = BatchPlan(setup.X.shape[0], batch, n_batches=math.ceil(max(sizes) / batch),
-                               shard_sizes=sizes)
+        setup.plan = BatchPlan(setup.X.shape[0], batch, part=comm.rank,
+                               n_batches=math.ceil(max(sizes) / batch), shard_sizes=sizes)
         return setup
     if setup.val is not None:
         part = distributed_module.split(setup.val[0].shape[0], comm.size, comm.rank)

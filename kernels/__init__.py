@@ -148,10 +148,13 @@ REDUCE_LOSS, REDUCE_START, REDUCE_WAIT = range(3)
 
 # The flags of a NodeSum segment (int64 at byte 8 * flag): the number of the last step
 # in which its rank had written its gradient (READY), summed its own chunk (REDUCED),
-# and finished reading the other segments (DONE). The loss slot (float64) follows at
-# byte NODE_LOSS, the gradient at byte NODE_DATA, on cache lines of its own.
-NODE_READY, NODE_REDUCED, NODE_DONE = range(3)
-NODE_LOSS, NODE_DATA = 24, 64
+# and finished reading the other segments (DONE); the first step of its last epoch with
+# a split first layer (INIT: its chunk of the shared first layer written), and how many
+# such epochs it has ended (RELEASED: the shared first layer copied out). The loss slot
+# (float64) follows at byte NODE_LOSS, the gradient at byte NODE_DATA, on cache lines
+# of its own.
+NODE_READY, NODE_REDUCED, NODE_DONE, NODE_INIT, NODE_RELEASED = range(5)
+NODE_LOSS, NODE_DATA = 40, 64
 
 
 class NodeSum(NamedTuple):
@@ -167,6 +170,7 @@ class NodeSum(NamedTuple):
     polls the flags before it sleeps between polls. sync: a callable that orders this
     process's loads and stores against the other ranks' (MPI ``Win.Sync``), called by
     the numpy reference around every flag; the compiled kernels use atomics instead.
+    split_rows, shared, row_starts: the first layer split by columns (below), or 0.
 
     Step s (= this rank's DONE flag + 1), after the loss: wait until every DONE flag
     is >= s - 1 (nobody still reads this segment), put rows x loss in the loss slot,
@@ -179,6 +183,28 @@ class NodeSum(NamedTuple):
     rank's at once, the others' once their REDUCED is raised); raise DONE. Every chunk
     is summed once, by its owner, and every rank updates from the same bits, so the
     parameters stay bit-identical on every rank.
+
+    Split first layer (``split_rows`` > 0; plain SGD only, momentum 0): the first
+    layer (W1 (d, k) then b1, P1 values) is not summed but computed over the whole
+    global batch, each rank its columns ``chunk(k, K, rank)``, in ``shared``: one
+    region of ``node_split_bytes(widths, split_rows, itemsize)`` bytes that every rank
+    sees (the same memory), holding W1 and b1, the global batch's inputs (two
+    (split_rows, d) slots, step s in slot s % 2) and its dz (split_rows, k). Rank r's
+    rows of step b are rows ``row_starts[b]`` on of the global batch (int64,
+    (len(lrs),)); the ranks' rows tile rows [0, global_rows[b]), global_rows[b] <=
+    split_rows. The epoch starts, once every RELEASED flag has reached this rank's
+    (every rank has copied out the epochs before), with each rank copying its
+    ``chunk(P1, K, rank)`` of the first layer into ``shared`` and raising INIT to its
+    first step; every rank waits for every INIT. Each step gathers its inputs into the slot, waits until
+    every DONE is >= s - 1 (the first layer of the step before is written), runs the
+    forward with the shared first layer, puts ``dz = dout * act'(a1)`` of its rows
+    into the shared dz, and then takes the steps above over the parameters after P1;
+    once the global loss is known to be finite and this rank's chunk is updated, it
+    updates its columns, ``W1[:, c] = (1 - lr wd) W1[:, c] - lr x.T @ dz[:, c]`` and
+    ``b1[c] -= lr (dz[:, c].sum(0) + wd b1[c])`` over the global batch, before DONE.
+    At the end every rank waits for every DONE, copies the shared first layer into
+    ``params`` and raises RELEASED by one. dW1 (most of the gradient of a wide input layer) is never summed, and
+    the update is folded into its gemm as one process folds it.
     """
 
     segments: tuple
@@ -186,6 +212,28 @@ class NodeSum(NamedTuple):
     global_rows: object
     spin: float
     sync: object
+    split_rows: int = 0
+    shared: object = None
+    row_starts: object = None
+
+
+def node_split_layout(widths, split_rows, itemsize):
+    """The byte offsets in a NodeSum's ``shared`` region of the first layer (W1 then
+    b1), the two input slots and dz, and the region's size: each part on whole cache
+    lines (b1 follows W1 whether or not the layer has a bias)."""
+    d, k = int(widths[0]), int(widths[1])
+
+    def lines(n):
+        return -(-n * itemsize // 64) * 64
+
+    inputs = lines(d * k + k)
+    dz = inputs + lines(2 * split_rows * d)
+    return 0, inputs, dz, dz + lines(split_rows * k)
+
+
+def node_split_bytes(widths, split_rows, itemsize):
+    """Bytes of a NodeSum's ``shared`` region (``node_split_layout``)."""
+    return node_split_layout(widths, split_rows, itemsize)[3]
 
 
 def chunk(n, parts, index):

@@ -10,8 +10,8 @@ scans): the API validates them once, at its boundary.
 import numpy as np
 
 from . import (
-    DEFAULT_ALPHA, LABEL_LOSS_CODES, NODE_DATA, OPTIMIZER_HYPER, NodeSum,
-    dense_stack_workspace_size, train_epoch_workspace_size,
+    DEFAULT_ALPHA, LABEL_LOSS_CODES, NODE_DATA, OPTIMIZER_CODES, OPTIMIZER_HYPER, NodeSum,
+    dense_stack_workspace_size, node_split_bytes, train_epoch_workspace_size,
 )
 
 _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
@@ -298,6 +298,8 @@ def train_epoch(spec):
     _shape(kernel, "stats", spec.stats, (4,))
     if isinstance(spec.reduce, NodeSum):
         _node_sum(kernel, spec.reduce, spec.grads, spec.lrs.shape[0])
+        if spec.reduce.split_rows:
+            _node_split(kernel, spec, widths)
     elif spec.reduce is not None and not callable(spec.reduce):
         raise TypeError(f"{kernel}: reduce must be None, a callable or a NodeSum, got "
                         f"{type(spec.reduce).__name__}")
@@ -348,6 +350,41 @@ def _node_sum(kernel, node, grads, n_steps):
                          f"({n_steps}), got {node.global_rows.shape[0]}")
     if not callable(node.sync):
         raise TypeError(f"{kernel}: reduce.sync must be callable")
+
+
+def _node_split(kernel, spec, widths):
+    """A NodeSum's split first layer: plain SGD, a shared region big enough on a cache
+    line, and every step's rows of this rank inside its global batch (O(steps))."""
+    node, opt = spec.reduce, spec.optimizer
+    if not isinstance(node.split_rows, (int, np.integer)) or node.split_rows < 0:
+        raise ValueError(f"{kernel}: reduce.split_rows must be an int >= 0, got "
+                         f"{node.split_rows!r}")
+    if opt.code != OPTIMIZER_CODES["sgd"] or opt.hyper[0] != 0:
+        raise ValueError(f"{kernel}: a split first layer (reduce.split_rows > 0) takes "
+                         f"plain SGD (momentum 0)")
+    _array(kernel, "reduce.shared", node.shared, 1, _UINT8, writable=True)
+    needed = node_split_bytes(widths, node.split_rows, spec.X.dtype.itemsize)
+    if node.shared.shape[0] < needed:
+        raise ValueError(f"{kernel}: reduce.shared must hold at least {needed} bytes "
+                         f"(node_split_bytes), got {node.shared.shape[0]}")
+    if node.shared.ctypes.data % 64:
+        raise ValueError(f"{kernel}: reduce.shared must start on a 64-byte boundary")
+    n_steps = spec.lrs.shape[0]
+    _array(kernel, "reduce.row_starts", node.row_starts, 1, _INT64)
+    if node.row_starts.shape[0] < n_steps:
+        raise ValueError(f"{kernel}: reduce.row_starts must hold every step's first row "
+                         f"({n_steps}), got {node.row_starts.shape[0]}")
+    steps = np.arange(n_steps)
+    rows = np.clip(spec.order.shape[0] - steps * spec.batch_size, 0, spec.batch_size)
+    starts, global_rows = node.row_starts[:n_steps], node.global_rows[:n_steps]
+    bad = np.flatnonzero((starts < 0) | (starts + rows > global_rows)
+                         | (global_rows > node.split_rows))
+    if bad.size:
+        b = int(bad[0])
+        raise ValueError(f"{kernel}: step {b}'s rows [{starts[b]}, {starts[b] + rows[b]}) "
+                         f"of this rank must lie in its global batch of "
+                         f"{global_rows[b]:g} rows, at most reduce.split_rows "
+                         f"({node.split_rows})")
 
 
 def train_epoch_indices(spec):

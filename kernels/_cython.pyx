@@ -61,6 +61,8 @@ from . import REDUCE_START as _REDUCE_START
 from . import REDUCE_WAIT as _REDUCE_WAIT
 from . import NODE_DATA as _NODE_DATA
 from . import NODE_DONE as _NODE_DONE
+from . import NODE_INIT as _NODE_INIT
+from . import NODE_RELEASED as _NODE_RELEASED
 from . import NODE_LOSS as _NODE_LOSS
 from . import NODE_READY as _NODE_READY
 from . import NODE_REDUCED as _NODE_REDUCED
@@ -200,6 +202,8 @@ cdef int REDUCE_WAIT = _REDUCE_WAIT
 cdef int NODE_READY = _NODE_READY
 cdef int NODE_REDUCED = _NODE_REDUCED
 cdef int NODE_DONE = _NODE_DONE
+cdef int NODE_INIT = _NODE_INIT
+cdef int NODE_RELEASED = _NODE_RELEASED
 cdef Py_ssize_t NODE_LOSS = _NODE_LOSS
 cdef Py_ssize_t NODE_DATA = _NODE_DATA
 
@@ -2017,6 +2021,9 @@ cdef struct _Node:
     int rank, size
     const double *global_rows  # (steps,) rows of each step over every rank
     double spin                # seconds a wait polls before it sleeps between polls
+    char *shared               # the first layer's shared region, or NULL: summed
+    const int64_t *row_starts  # (steps,) this rank's first row in each global batch
+    Py_ssize_t split_rows      # rows of the largest global batch
 
 #: A waiting rank's sleep between polls once it has polled for _Node.spin (the OS
 #: rounds it up to ~50-60 us).
@@ -2062,10 +2069,52 @@ cdef int64_t _node_begin(const _Node *node, double loss_rows) noexcept nogil:
     return done + 1
 
 
+cdef struct _Split:
+    # The first layer of a plain-SGD NodeSum epoch, split by columns (_split_update).
+    void *w               # (d, k) W then (k,) b: shared by every rank
+    void *x               # (2, split_rows, d) the global batch's inputs, by step parity
+    void *dz              # (split_rows, k) the global batch's dz
+    Py_ssize_t d, k, cols_start, cols_stop  # W (d, k); this rank's columns
+    bint bias
+    double *db            # scratch (k,)
+
+
+cdef inline Py_ssize_t _line_bytes(Py_ssize_t n) noexcept nogil:
+    """``n`` bytes rounded up to whole 64-byte cache lines (``node_split_layout``)."""
+    return (n + 63) // 64 * 64
+
+
+cdef void _split_update(const _Node *node, _Split *split, floating *w, Py_ssize_t rows,
+                        int64_t s, double lr, double weight_decay) noexcept nogil:
+    """This rank's columns of the first layer, over the whole global batch:
+    ``W[:, c] = (1 - lr wd) W[:, c] - lr x.T @ dz[:, c]`` as one gemm and
+    ``b[c] -= lr (dz[:, c].sum(0) + wd b[c])``."""
+    cdef:
+        Py_ssize_t d = split.d, k = split.k, c0 = split.cols_start
+        Py_ssize_t nc = split.cols_stop - c0, i, j
+        const floating *x = <const floating *> split.x + (s % 2) * node.split_rows * d
+        const floating *dz = <const floating *> split.dz
+        floating *bias = w + d * k
+        double *db = split.db
+    if nc <= 0 or rows <= 0:
+        return
+    if split.bias:
+        for j in range(nc):
+            db[j] = 0
+        for i in range(rows):
+            for j in range(nc):
+                db[j] += dz[i * k + c0 + j]
+    _gemm(c"T", c"N", <int> d, <int> nc, <int> rows, <floating> -lr, x, <int> d,
+          dz + c0, <int> k, <floating> (1 - lr * weight_decay), w + c0, <int> k)
+    if split.bias:
+        for j in range(nc):
+            bias[c0 + j] -= <floating> (lr * (db[j] + weight_decay * bias[c0 + j]))
+
+
 cdef double _node_step(
-    const _Node *node, int64_t s, Py_ssize_t b, Py_ssize_t n_params, int opt_code,
-    const double *hyper, floating *params, floating *state0, floating *state1,
-    floating *state2, double lr, long t,
+    const _Node *node, int64_t s, Py_ssize_t b, Py_ssize_t first, Py_ssize_t n_params,
+    int opt_code, const double *hyper, floating *params, floating *state0,
+    floating *state1, floating *state2, double lr, long t, _Split *split,
 ) noexcept nogil:
     """End NodeSum step ``s`` (batch ``b``), the gradient written into this rank's
     segment: the global loss, every rank's gradient summed chunk by chunk, each chunk's
@@ -2083,7 +2132,9 @@ cdef double _node_step(
     for r in range(node.size):
         loss += _node_loss(node, r)[0]
     loss /= node.global_rows[b]
-    _node_chunk(n_params, node.size, me, &start, &stop)
+    _node_chunk(n_params - first, node.size, me, &start, &stop)
+    start += first
+    stop += first
     for r in range(node.size):
         if r != me:
             other = <const floating *> (node.segments[r] + NODE_DATA)
@@ -2094,10 +2145,15 @@ cdef double _node_step(
         _optimizer_step(opt_code, hyper, params + start, own + start,
                         _shifted(state0, start), _shifted(state1, start),
                         _shifted(state2, start), stop - start, lr, t)
+        if split != NULL:
+            _split_update(node, split, <floating *> split.w,
+                          <Py_ssize_t> node.global_rows[b], s, lr, hyper[2])
         _node_wait(node, NODE_REDUCED, s)
         for r in range(node.size):
             if r != me:
-                _node_chunk(n_params, node.size, r, &start, &stop)
+                _node_chunk(n_params - first, node.size, r, &start, &stop)
+                start += first
+                stop += first
                 other = <const floating *> (node.segments[r] + NODE_DATA)
                 _optimizer_step(opt_code, hyper, params + start, other + start,
                                 _shifted(state0, start), _shifted(state1, start),
@@ -2175,6 +2231,7 @@ cdef int _train_epoch_ptr(
     void *reduce,             # [reduce, None] (a callable TrainEpochSpec.reduce), or NULL
     const _Node *node,        # a NodeSum TrainEpochSpec.reduce, or NULL
     Py_ssize_t n_steps,       # steps of an epoch with reduce (len(lrs))
+    _Split *split,            # the first layer split by columns (node only), or NULL
 ) noexcept nogil:
     """The body of ``train_epoch``: per batch gather, forward, loss, then per layer
     (last first) backward and update. Returns 0, or 1 when a batch holds a sample index
@@ -2182,7 +2239,9 @@ cdef int _train_epoch_ptr(
     that batch's update), or 2 when ``reduce`` raised. With ``reduce``, each layer's
     reduction starts after its backward, and the updates wait for them (REDUCE_LOSS);
     with ``node``, the whole gradient is summed and applied in shared memory
-    (``_node_step``).
+    (``_node_step``), but for the first layer with ``split``: its inputs and dz go into
+    the shared global batch, and each rank updates its columns over all of it
+    (``_split_update``, ``kernels.NodeSum``).
 
     Workspace of a batch of ``rows``: a_0 .. a_L (rows, widths[l]) packed, then two
     (rows, widest) gradient buffers that swap roles from layer to layer."""
@@ -2201,16 +2260,44 @@ cdef int _train_epoch_ptr(
         # Plain SGD (no momentum) updates each layer inside its backward: the dW gemm
         # writes straight into W (_dense_backward_sgd_ptr), and grads stay untouched.
         bint fold_sgd = opt_code == SGD and hyper[0] == 0 and reduce == NULL and node == NULL
+        # The first layer's input, weights and bias: in shared memory when split.
+        floating *x0 = workspace
+        floating *w0 = params + w_off[0]
+        floating *b0 = params + b_off[0] if b_off[0] >= 0 else NULL
+        Py_ssize_t first = 0, p0 = (w_off[1] if n_layers > 1 else n_params) - w_off[0]
+        Py_ssize_t lo, hi
+        int64_t s = 0
     stats[0] = stats[1] = stats[2] = stats[3] = 0
+    if split != NULL:
+        w0 = <floating *> split.w
+        b0 = w0 + d0 * widths[1] if b_off[0] >= 0 else NULL
+        first = p0
+        # Once every rank has copied out the epochs before, each rank puts its chunk of
+        # the first layer in the shared copy; every rank waits for all chunks before
+        # its first forward.
+        _node_wait(node, NODE_RELEASED, _node_flags(node, node.rank)[NODE_RELEASED])
+        s = _node_flags(node, node.rank)[NODE_DONE] + 1
+        _node_chunk(p0, node.size, node.rank, &lo, &hi)
+        memcpy(w0 + lo, params + w_off[0] + lo, (hi - lo) * sizeof(floating))
+        fastnn_flag_store(_node_flags(node, node.rank) + NODE_INIT, s)
+        _node_wait(node, NODE_INIT, s)
     while start < m or ((reduce != NULL or node != NULL) and b < n_steps):
         size = min(batch_size, m - start)
         rows = order + start
+        if split != NULL:
+            s = _node_flags(node, node.rank)[NODE_DONE] + 1
+            x0 = (<floating *> split.x + ((s % 2) * node.split_rows
+                                          + node.row_starts[b]) * d0)
         if _gather_batch(X, labels, targets, rows, size, min(batch_size, m - start - size),
-                         n_samples, d0, k_out, workspace):
+                         n_samples, d0, k_out, x0):
             return 1
+        if split != NULL:  # every rank's first layer of the last step is written
+            _node_wait(node, NODE_DONE, s - 1)
         for layer in range(n_layers):
             _dense_forward_ptr(
-                workspace + size * a_off[layer], params + w_off[layer],
+                x0 if layer == 0 else workspace + size * a_off[layer],
+                w0 if layer == 0 else params + w_off[layer],
+                b0 if layer == 0 else
                 params + b_off[layer] if b_off[layer] >= 0 else NULL, <int> acts[layer],
                 <floating> alphas[layer], workspace + size * a_off[layer + 1],
                 <int> size, <int> widths[layer], <int> widths[layer + 1], False)
@@ -2236,7 +2323,12 @@ cdef int _train_epoch_ptr(
             return 0
         stats[1] += _batch_hits(loss_code, out, labels, targets, rows, size, k_out)
         for layer in range(n_layers - 1, -1, -1):
-            if fold_sgd:
+            if layer == 0 and split != NULL:
+                _dz_rows(<int> acts[0], <floating> alphas[0],
+                         workspace + size * a_off[1], dout,
+                         <floating *> split.dz + node.row_starts[b] * widths[1], NULL,
+                         size, widths[1])
+            elif fold_sgd:
                 _dense_backward_sgd_ptr(
                     workspace + size * a_off[layer], params + w_off[layer],
                     params + b_off[layer] if b_off[layer] >= 0 else NULL,
@@ -2273,15 +2365,21 @@ cdef int _train_epoch_ptr(
             _layer_step(opt_code, hyper, params, grads, state0, state1, state2, w_off,
                         layer, n_layers, n_params, lrs[b], step + b + 1)
         if node != NULL:
-            global_loss = _node_step(node, node_step, b, n_params, opt_code, hyper, params,
-                                     state0, state1, state2, lrs[b], step + b + 1)
+            global_loss = _node_step(node, node_step, b, first, n_params, opt_code, hyper,
+                                     params, state0, state1, state2, lrs[b], step + b + 1,
+                                     split)
             if not isfinite(global_loss):
                 stats[3] = global_loss
-                return 0
+                break
         stats[0] += loss * size
         stats[2] += 1
         start += size
         b += 1
+    if split != NULL:  # every rank's last update written: the first layer's new values
+        _node_wait(node, NODE_DONE, _node_flags(node, node.rank)[NODE_DONE])
+        memcpy(params + w_off[0], w0, p0 * sizeof(floating))
+        fastnn_flag_store(_node_flags(node, node.rank) + NODE_RELEASED,
+                          _node_flags(node, node.rank)[NODE_RELEASED] + 1)
     return 0
 
 
@@ -2332,9 +2430,14 @@ def _train_epoch(
         uint32_t *bf16_scratch = NULL
         list hook = [reduce, None]
         _Node node
+        _Split split
+        _Split *split_ptr = NULL
+        uint8_t[::1] shared
+        Py_ssize_t lo, hi, x_at = 0, dz_at = 0, item = sizeof(floating)
         int rank
         bint node_sum = isinstance(reduce, _NodeSum)
         const double[::1] global_rows
+        const int64_t[::1] row_starts_
         uint8_t[::1] segment
         bint ok = (n_layers >= 1 and batch_size >= 1 and acts.shape[0] == n_layers
                    and alphas.shape[0] == n_layers and use_bias.shape[0] == n_layers)
@@ -2367,6 +2470,27 @@ def _train_epoch(
         if not (not bf16 and 0 <= node.rank < node.size
                 and global_rows.shape[0] >= lrs.shape[0]):
             _refuse()
+        node.split_rows = reduce.split_rows
+        node.shared = NULL
+        node.row_starts = NULL
+        if node.split_rows:
+            # the layout of kernels.node_split_layout; O(steps): every step's rows of
+            # this rank inside the shared global batch
+            shared = reduce.shared
+            row_starts_ = reduce.row_starts
+            x_at = _line_bytes((widths[0] * widths[1] + widths[1]) * item)
+            dz_at = x_at + _line_bytes(2 * node.split_rows * widths[0] * item)
+            ok = (node.split_rows > 0 and opt_code == SGD and hyper[0] == 0
+                  and row_starts_.shape[0] >= lrs.shape[0]
+                  and shared.shape[0] >= dz_at + _line_bytes(
+                      node.split_rows * widths[1] * item)
+                  and (<size_t> &shared[0]) % 64 == 0)
+            for lo in range(lrs.shape[0] if ok else 0):
+                hi = min(batch_size, max(m - lo * batch_size, 0))
+                ok = (ok and row_starts_[lo] >= 0
+                      and row_starts_[lo] + hi <= global_rows[lo] <= node.split_rows)
+            if not ok:
+                _refuse()
         node.segments = <char **> malloc(node.size * sizeof(char *))
         if node.segments == NULL:
             raise MemoryError()
@@ -2379,6 +2503,17 @@ def _train_epoch(
                         and <char *> &grads[0] != node.segments[rank] + NODE_DATA)):
                 free(node.segments)
                 _refuse()
+        if node.split_rows:
+            node.shared = <char *> &shared[0]
+            node.row_starts = &row_starts_[0]
+            split.d, split.k = widths[0], widths[1]
+            split.w = node.shared
+            split.x = node.shared + x_at
+            split.dz = node.shared + dz_at
+            _node_chunk(split.k, node.size, node.rank, &lo, &hi)
+            split.cols_start, split.cols_stop = lo, hi
+            split.bias = use_bias[0] != 0
+            split_ptr = &split
     p = 0
     offsets = <Py_ssize_t *> malloc((3 * n_layers + 2) * sizeof(Py_ssize_t))
     w_off = offsets
@@ -2391,6 +2526,7 @@ def _train_epoch(
         if node_sum:
             free(node.segments)
         raise MemoryError()
+    split.db = scratch + rows   # the layers' db_parts: free once the backward is done
     a_off[0] = 0
     for layer in range(n_layers):
         w_off[layer] = p
@@ -2430,7 +2566,7 @@ def _train_epoch(
             params.shape[0], widest, loss_code, loss_param, opt_code, &hyper[0], lrs_, s0,
             s1, s2, step, &stats[0],
             <void *> hook if reduce is not None and not node_sum else NULL,
-            &node if node_sum else NULL, lrs.shape[0])
+            &node if node_sum else NULL, lrs.shape[0], split_ptr)
     free(offsets)
     free(scratch)
     if node_sum:
@@ -2463,7 +2599,9 @@ def train_epoch(spec):
     is left untouched (``_numpy.train_epoch`` says what each backend leaves there). ``stats`` float64 (4,) receives [sum of batch loss * batch rows,
     correct predictions, batches completed, the last batch's loss]; a non-finite batch
     loss ends the epoch before its update. ``reduce`` as in ``_numpy.train_epoch``: the
-    nogil loop takes the GIL only for its calls.
+    nogil loop takes the GIL only for its calls; a ``NodeSum`` runs with no GIL at all,
+    its split first layer (plain SGD) folding each rank's columns' update into their
+    gemm over the global batch.
     """
     try:
         optimizer = spec.optimizer

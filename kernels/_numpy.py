@@ -34,8 +34,9 @@ from . import _checks
 from . import (
     ADAGRAD, BINARY_CROSS_ENTROPY, CROSS_ENTROPY, DEFAULT_ALPHA, ELU, HINGE, HUBER,
     IDENTITY, LABEL_LOSS_CODES, LEAKY_RELU, MAE, MSE, NODE_DATA, NODE_DONE, NODE_LOSS,
-    NODE_READY, NODE_REDUCED, REDUCE_LOSS, REDUCE_START, REDUCE_WAIT, RELU, RMSPROP, SGD,
-    SIGMOID, SOFTPLUS, STEP, TANH, NodeSum, chunk, dense_stack_workspace_size,
+    NODE_INIT, NODE_READY, NODE_REDUCED, NODE_RELEASED, REDUCE_LOSS, REDUCE_START, REDUCE_WAIT, RELU,
+    RMSPROP, SGD, SIGMOID, SOFTPLUS, STEP, TANH, NodeSum, chunk,
+    dense_stack_workspace_size, node_split_layout,
 )
 
 
@@ -601,13 +602,21 @@ class _NodeSteps:
     #: A waiting rank's sleep between polls once it has polled for ``node.spin``.
     POLL_SECONDS = 2e-5
 
-    def __init__(self, node, dtype, n_params):
+    def __init__(self, node, dtype, n_params, first=0):
         self.node, self.rank = node, node.rank
-        self.flags = [seg[:3 * 8].view(np.int64) for seg in node.segments]
+        self.flags = [seg[:5 * 8].view(np.int64) for seg in node.segments]
         self.losses = [seg[NODE_LOSS:NODE_LOSS + 8].view(np.float64) for seg in node.segments]
         nbytes = n_params * np.dtype(dtype).itemsize
         self.data = [seg[NODE_DATA:NODE_DATA + nbytes].view(dtype) for seg in node.segments]
-        self.chunks = [slice(*chunk(n_params, len(self.data), r)) for r in range(len(self.data))]
+        parts = len(self.data)
+        #: every rank's chunk of the summed parameters, those after the first ``first``
+        self.chunks = [slice(first + a, first + b)
+                       for a, b in (chunk(n_params - first, parts, r) for r in range(parts))]
+        self.split = None
+
+    def next_step(self):
+        """The number of this rank's next step (its DONE + 1)."""
+        return int(self.flags[self.rank][NODE_DONE]) + 1
 
     def _wait(self, flag, step):
         deadline = None
@@ -645,6 +654,8 @@ class _NodeSteps:
                 np.add(own, data[self.chunks[me]], out=own)
         self._raise(NODE_REDUCED, step)
         if np.isfinite(loss):
+            if self.split is not None:
+                self.split.update(step, int(global_rows), lr, optimizer.hyper[2])
             self._wait(NODE_REDUCED, step)
             for data, part in zip(self.data, self.chunks):
                 states = tuple(state[part] for state in optimizer.states)
@@ -652,6 +663,39 @@ class _NodeSteps:
                                 lr, t)
         self._raise(NODE_DONE, step)
         return loss
+
+
+class _NodeSplit:
+    """The first layer of a NodeSum epoch split by columns (``NodeSum``: W1, b1, the
+    global batch's inputs and dz in ``shared``)."""
+
+    def __init__(self, node, widths, use_bias, dtype):
+        dtype = np.dtype(dtype)
+        d, k, rows = int(widths[0]), int(widths[1]), node.split_rows
+        _, x_at, dz_at, _ = node_split_layout(widths, rows, dtype.itemsize)
+        shared = node.shared
+        self.n_first = d * k + (k if use_bias[0] else 0)
+        #: W1 then b1 (P1 values), as they lie in params
+        self.first = shared[:self.n_first * dtype.itemsize].view(dtype)
+        self.w = self.first[:d * k].reshape(d, k)
+        self.b = self.first[d * k:] if use_bias[0] else np.zeros(k, dtype)
+        self.x = shared[x_at:x_at + 2 * rows * d * dtype.itemsize].view(dtype).reshape(
+            2, rows, d)
+        self.dz = shared[dz_at:dz_at + rows * k * dtype.itemsize].view(dtype).reshape(rows, k)
+        self.cols = slice(*chunk(k, len(node.segments), node.rank))
+        self.has_bias = bool(use_bias[0])
+
+    def update(self, step, rows, lr, weight_decay):
+        """This rank's columns over the global batch of ``rows`` rows:
+        ``W1[:, c] = (1 - lr wd) W1[:, c] - lr x.T @ dz[:, c]``,
+        ``b1[c] -= lr (dz[:, c].sum(0) + wd b1[c])``."""
+        c, dtype = self.cols, self.w.dtype
+        x, dz = self.x[step % 2, :rows], self.dz[:rows, c]
+        if self.has_bias:
+            db = dz.sum(axis=0, dtype=np.float64)
+            self.b[c] -= (lr * (db + weight_decay * self.b[c])).astype(dtype)
+        self.w[:, c] = (dtype.type(1 - lr * weight_decay) * self.w[:, c]
+                        + dtype.type(-lr) * (x.T @ dz))
 
 
 def train_epoch(spec):
@@ -694,7 +738,8 @@ def train_epoch(spec):
     for every layer's; ``stats`` keeps this process's sums (the loss and hits of its
     rows), ``stats[3]`` the global loss that stopped the epoch. A ``NodeSum`` ``reduce``
     sums the gradient in the ranks' shared memory and updates from the sum
-    (``_NodeSteps``).
+    (``_NodeSteps``); with ``split_rows`` it splits the first layer by columns instead
+    (``_NodeSplit``).
     """
     _checks.train_epoch(spec)
     _checks.train_epoch_indices(spec)
@@ -706,11 +751,23 @@ def train_epoch(spec):
     m = order.shape[0]
     widest = int(widths.max())
     n_steps = -(-m // batch_size) if reduce is None else lrs.shape[0]
-    node = None
+    node = split = None
     if isinstance(reduce, NodeSum):
-        node, reduce = _NodeSteps(reduce, params.dtype, params.shape[0]), None
-        global_rows = spec.reduce.global_rows
+        if reduce.split_rows:
+            split = _NodeSplit(reduce, widths, use_bias, params.dtype)
+            row_starts = reduce.row_starts
+        node = _NodeSteps(reduce, params.dtype, params.shape[0],
+                          split.n_first if split is not None else 0)
+        node.split = split
+        reduce, global_rows = None, spec.reduce.global_rows
     stats[:] = 0
+    if split is not None:  # every rank's chunk of the first layer, before any forward
+        node._wait(NODE_RELEASED, int(node.flags[node.rank][NODE_RELEASED]))
+        s = node.next_step()
+        mine = slice(*chunk(split.n_first, len(node.data), node.rank))
+        split.first[mine] = params[mine]
+        node._raise(NODE_INIT, s)
+        node._wait(NODE_INIT, s)
     for b in range(n_steps):
         rows = order[b * batch_size:(b + 1) * batch_size]
         size = rows.shape[0]
@@ -722,7 +779,13 @@ def train_epoch(spec):
         delta = workspace[offset:offset + size * widest]
         dprev = workspace[offset + batch_size * widest:offset + batch_size * widest
                           + size * widest]
-        np.take(X, rows, axis=0, out=outs[0])
+        if split is not None:  # the inputs into the shared global batch
+            s = node.next_step()
+            outs[0] = split.x[s % 2, row_starts[b]:row_starts[b] + size]
+            np.take(X, rows, axis=0, out=outs[0])
+            node._wait(NODE_DONE, s - 1)   # every rank's first layer of step s - 1
+        else:
+            np.take(X, rows, axis=0, out=outs[0])
         layer_params = []
         p = 0
         for layer in range(n_layers):
@@ -735,6 +798,8 @@ def train_epoch(spec):
                 p += k
             else:
                 bias, db = np.zeros(k, params.dtype), np.empty(k, params.dtype)
+            if layer == 0 and split is not None:
+                w, bias = split.w, split.b
             layer_params.append((w, bias, dw, db))
             forward(outs[layer], w, bias, acts[layer], outs[layer + 1], alphas[layer])
         out = outs[n_layers]
@@ -754,6 +819,10 @@ def train_epoch(spec):
             w, bias, dw, db = layer_params[layer]
             d, k = widths[layer], widths[layer + 1]
             dx = dprev[:size * d].reshape(size, d) if layer > 0 else None
+            if layer == 0 and split is not None:  # dz into the shared global batch
+                _activation_backward(acts[0], outs[1], dout, split.dz[
+                    row_starts[b]:row_starts[b] + size], alphas[0])
+                continue
             backward(outs[layer], w, outs[layer + 1], dout, acts[layer], dout, dx, dw, db,
                      alphas[layer])
             if layer > 0:
@@ -771,8 +840,12 @@ def train_epoch(spec):
                                       step + b + 1)
             if not np.isfinite(global_loss):
                 stats[3] = global_loss
-                return
+                break
         else:
             _optimizer_step(optimizer, params, grads, lrs[b], step + b + 1)
         stats[0] += loss * size
         stats[2] += 1
+    if split is not None:  # every rank's last update written: the first layer's values
+        node._wait(NODE_DONE, node.next_step() - 1)
+        params[:split.n_first] = split.first
+        node._raise(NODE_RELEASED, int(node.flags[node.rank][NODE_RELEASED]) + 1)

@@ -19,7 +19,8 @@ from fastnn import optimizers, solvers
 
 BATCH = 8
 #: The runs ``build`` makes, each compared with one process by the tests.
-EQUIVALENT = ("sgd_l2", "adam", "adam32", "fused_momentum", "fused_sgd32", "fused_adam",
+EQUIVALENT = ("sgd_l2", "adam", "adam32", "fused_momentum", "fused_sgd", "fused_sgd32",
+              "fused_adam",
               "callbacks", "callbacks_on_rank0", "batch_callback_on_rank0", "warmup_on_rank0",
               "zero_weight_batch", "lbfgs", "lm", "lm_free", "conjugate_gradient",
               "newton_cg")
@@ -61,6 +62,11 @@ def build(name, rank, size):
         model = _model((5, 7, 3), dtype, seed)
         model.compile("cross_entropy", optimizers.SGD(lr=0.2, momentum=0.9), ["accuracy"])
         return model, X, y_class, {**fit, "validation_split": 0.25}
+    if name == "fused_sgd":  # plain SGD: the first layer split by columns on the node
+        model = _model((5, 7, 3), dtype, seed, activation="relu")
+        model.compile("cross_entropy", optimizers.SGD(lr=0.2, weight_decay=1e-3),
+                      ["accuracy"])
+        return model, X, y_class, {**fit, "validation_split": 0.25, "epochs": 4}
     if name == "fused_sgd32":  # plain SGD, folded into the backward in one process only
         model = _model((5, 6, 2), dtype, seed, activation="relu")
         model.compile("mse", optimizers.SGD(lr=0.05))
@@ -155,6 +161,8 @@ def build_special(name, rank, size, out):
         # numba steps in Python when distributed; the numpy reference runs the fused
         # epoch with the hook
         model, X, y, fit = build("fused_momentum", rank, size)
+    elif name == "numpy_sgd":  # the numpy reference's split first layer
+        model, X, y, fit = build("fused_sgd", rank, size)
     elif name.startswith("iallreduce_"):  # Iallreduce instead of the node's shared memory
         model, X, y, fit = build(name[len("iallreduce_"):], rank, size)
     elif name == "balanced_shards":
@@ -180,8 +188,9 @@ def build_special(name, rank, size, out):
         fit.update(distributed="shards", batch_size=25)
         if name != "shards":  # no l2: the fused epoch, with empty steps on rank 0
             model = _model((5, 7, 3), "float64", 0)
-            model.compile("cross_entropy", optimizers.SGD(lr=0.2, momentum=0.9))
-            model.use_fused_epoch = name == "fused_shards"
+            model.compile("cross_entropy", optimizers.SGD(
+                lr=0.2, **({"weight_decay": 1e-3} if "sgd" in name else {"momentum": 0.9})))
+            model.use_fused_epoch = name.startswith("fused")
     elif name == "bad_data":
         if rank == size - 1:
             X = X.copy()

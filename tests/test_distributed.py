@@ -29,6 +29,7 @@ from conftest import ATOL, RTOL  # noqa: E402
 HERE = Path(__file__).resolve().parent
 EQUIVALENT = runs.EQUIVALENT
 SPECIAL = ("stop_on_one_rank", "shards", "fused_shards", "stepwise_shards", "balanced_shards",
+           "fused_sgd_shards", "stepwise_sgd_shards", "numpy_sgd",
            "weights_on_one_shard", "string_label_shards", "zero_val_on_one_shard",
            "refused_then_refit",
            "numba_momentum",
@@ -196,15 +197,18 @@ def test_fused_epochs_on_one_node_sum_in_shared_memory(ranks):
     size, out = ranks
     steps = {name: _results(size, out, name)[0]["shared_memory_steps"]
              for name in ("fused_momentum", "fused_adam", "fused_shards", "numpy_momentum",
-                          "iallreduce_fused_momentum", "sgd_l2", "numba_momentum")}
+                          "iallreduce_fused_momentum", "sgd_l2", "numba_momentum",
+                          "fused_sgd", "numpy_sgd", "fused_sgd_shards")}
     assert steps["fused_momentum"] == steps["numpy_momentum"] > 0
     assert steps["fused_adam"] == 3 * -(-61 // (size * 5))
-    assert steps["fused_shards"] > 0
+    assert steps["fused_shards"] > 0 and steps["fused_sgd_shards"] > 0
+    assert steps["fused_sgd"] == steps["numpy_sgd"] > 0
     assert steps["iallreduce_fused_momentum"] == steps["sgd_l2"] == steps["numba_momentum"] == 0
 
 
 @pytest.mark.parametrize("name, same_as", [
     ("numpy_momentum", "fused_momentum"), ("iallreduce_fused_momentum", "fused_momentum"),
+    ("numpy_sgd", "fused_sgd"),
     ("iallreduce_adam", "adam"), ("iallreduce_lbfgs", "lbfgs")])
 def test_shared_memory_sums_equal_iallreduce_and_the_numpy_reference(ranks, name, same_as):
     """The same run summed by Iallreduce instead of the node's shared memory (the fused
@@ -219,10 +223,14 @@ def test_shared_memory_sums_equal_iallreduce_and_the_numpy_reference(ranks, name
         np.testing.assert_allclose(base[0]["history"]["history"][key], values, rtol=1e-10)
 
 
-def test_fused_shards_equal_the_steps_in_python(ranks):
+@pytest.mark.parametrize("fused_name, stepwise_name", [
+    ("fused_shards", "stepwise_shards"), ("fused_sgd_shards", "stepwise_sgd_shards")])
+def test_fused_shards_equal_the_steps_in_python(ranks, fused_name, stepwise_name):
+    """Own uneven shards (rank 0's empty in the last step): the fused epoch (summed,
+    or with plain SGD its first layer split) equals the steps in Python."""
     size, out = ranks
-    fused, stepwise = (_results(size, out, name)[0] for name in ("fused_shards",
-                                                                 "stepwise_shards"))
+    _same_on_every_rank(_results(size, out, fused_name))
+    fused, stepwise = (_results(size, out, name)[0] for name in (fused_name, stepwise_name))
     assert fused["fused"] and not stepwise["fused"]
     np.testing.assert_allclose(fused["params"], stepwise["params"], rtol=1e-10, atol=1e-12)
     for key, values in stepwise["history"]["history"].items():

@@ -126,38 +126,62 @@ def node_segments(ranks, n_bytes):
     return tuple(memory[offset + r * stride:offset + (r + 1) * stride] for r in range(ranks))
 
 
+def aligned_zeros(n_bytes):
+    """A zeroed uint8 array of ``n_bytes`` starting on a cache line."""
+    memory = np.zeros(n_bytes + 64, np.uint8)
+    offset = -memory.ctypes.data % 64
+    return memory[offset:offset + n_bytes]
+
+
 def run_node_sum(module, ranks, X, labels, targets, batch, widths, acts, use_bias, params,
-                 loss, opt, lr, segments=None, step=3):
-    """One epoch on ``ranks`` threads that share memory through a NodeSum, each taking
-    its part of every global batch of ``ranks * batch`` rows (``BatchPlan``), with
-    run_kernel's arguments: every rank's (params, states, stats)."""
+                 loss, opt, lr, segments=None, step=3, split=False, epochs=1, shards=None):
+    """``epochs`` epochs on ``ranks`` threads that share memory through a NodeSum, each
+    taking its part of every global batch of ``ranks * batch`` rows (``BatchPlan``), or
+    with ``shards`` (every rank's row count) stepping through its own shard (rank r's
+    the rows after the shards before it), with run_kernel's arguments; ``split``: the
+    first layer split by columns. Every rank's (params, states, stats of the last
+    epoch)."""
     from fastnn._epochs import BatchPlan
 
     name, values = OPTIMIZER_CASES[opt]
     n = X.shape[0]
     segments = segments or node_segments(ranks, params.nbytes)
+    shared = (aligned_zeros(kernels.node_split_bytes(widths, ranks * batch, params.itemsize))
+              if split else None)
     results, errors = [None] * ranks, []
 
     def rank_epoch(rank):
-        plan = BatchPlan(n, batch, ranks, rank)
+        if shards is None:
+            plan, rows = BatchPlan(n, batch, ranks, rank), None
+        else:
+            first = sum(shards[:rank])
+            rows = np.arange(first, first + shards[rank])
+            plan = BatchPlan(shards[rank], batch, part=rank,
+                             n_batches=-(-max(shards) // batch), shard_sizes=shards)
         mine = params.copy()
         states = [np.full_like(params, 0.01) for _ in range(3)]
         stats = np.zeros(4)
         grads = segments[rank][kernels.NODE_DATA:kernels.NODE_DATA + params.nbytes].view(
             params.dtype)
+        order = plan.positions() if rows is None else rows[plan.positions()]
         try:
-            module.train_epoch(kernels.TrainEpochSpec(
-                X=X, labels=labels, targets=targets, order=plan.positions(), batch_size=batch,
-                widths=np.array(widths, np.int64), acts=np.array(acts, np.int64),
-                alphas=np.array([kernels.DEFAULT_ALPHA[a] for a in acts], np.float64),
-                use_bias=np.array(use_bias, np.int64), params=mine, grads=grads,
-                workspace=np.empty(kernels.train_epoch_workspace_size(batch, widths),
-                                   params.dtype),
-                loss_code=kernels.LOSS_CODES[loss], loss_param=LOSS_PARAMS.get(loss, 0.0),
-                optimizer=kernels.OptimizerSpec(kernels.OPTIMIZER_CODES[name],
-                                                np.array(values), tuple(states)),
-                lrs=lr * (1.0 + 0.1 * np.arange(plan.n_batches)), step=step, stats=stats,
-                reduce=kernels.NodeSum(segments, rank, plan.global_rows(), 0.0, lambda: None)))
+            for epoch in range(epochs):
+                module.train_epoch(kernels.TrainEpochSpec(
+                    X=X, labels=labels, targets=targets, order=order, batch_size=batch,
+                    widths=np.array(widths, np.int64), acts=np.array(acts, np.int64),
+                    alphas=np.array([kernels.DEFAULT_ALPHA[a] for a in acts], np.float64),
+                    use_bias=np.array(use_bias, np.int64), params=mine, grads=grads,
+                    workspace=np.empty(kernels.train_epoch_workspace_size(batch, widths),
+                                       params.dtype),
+                    loss_code=kernels.LOSS_CODES[loss], loss_param=LOSS_PARAMS.get(loss, 0.0),
+                    optimizer=kernels.OptimizerSpec(kernels.OPTIMIZER_CODES[name],
+                                                    np.array(values), tuple(states)),
+                    lrs=lr * (1.0 + 0.1 * np.arange(plan.n_batches)),
+                    step=step + epoch * plan.n_batches, stats=stats,
+                    reduce=kernels.NodeSum(
+                        segments, rank, plan.global_rows(), 0.0, lambda: None,
+                        ranks * batch if split else 0, shared,
+                        plan.row_starts() if split else None)))
         except Exception as exc:  # reported by the test, not lost in the thread
             errors.append(exc)
         results[rank] = (mine, states, stats)
@@ -206,7 +230,115 @@ def test_node_sum_ranks_equal_one_process_with_the_global_batch(backend, dtype, 
     np.testing.assert_allclose(stats[:, :2].sum(axis=0), expected_stats[:2], rtol=1e-4)
 
 
-def test_node_sum_stops_every_rank_before_a_non_finite_global_loss(backend):
+@pytest.mark.parametrize("ranks", [1, 2, 3])
+@pytest.mark.parametrize("case", ["relu_tanh", "first_layer_without_bias", "one_layer"])
+def test_node_split_first_layer_equals_one_process_with_the_global_batch(backend, dtype,
+                                                                        ranks, case):
+    """Plain SGD with the first layer split by columns (NodeSum.split_rows): two epochs
+    on K ranks (threads) end with the same bits on every rank and equal one process
+    with the global batch (uneven last step, a rank with no rows in it; weight decay;
+    a layer without bias; a single layer, whose only layer is the split one)."""
+    widths, acts, use_bias, loss, opt = {
+        "relu_tanh": ((6, 8, 5, 3), (kernels.RELU, kernels.TANH, kernels.IDENTITY), (1, 0, 1),
+                      "cross_entropy", "sgd"),
+        "first_layer_without_bias": ((6, 7, 2), (kernels.SIGMOID, kernels.IDENTITY), (0, 1),
+                                     "mse", "sgd_weight_decay"),
+        "one_layer": ((6, 3), (kernels.IDENTITY,), (1,), "binary_cross_entropy", "sgd"),
+    }[case]
+    rng = np.random.default_rng(ranks)
+    n, batch = 25, 4
+    X, labels, targets = make_problem(rng, dtype, widths, loss, n)
+    params0 = (0.4 * rng.standard_normal(n_params(widths, use_bias))).astype(dtype)
+    net = (widths, acts, use_bias, params0, loss, opt, 0.05)
+    ranked = run_node_sum(backend, ranks, X, labels, targets, batch, *net, split=True,
+                          epochs=2)
+    steps = -(-n // (ranks * batch))
+    expected, _, expected_stats = run_kernel(REF, X, labels, targets, np.arange(n),
+                                             ranks * batch, *net)
+    expected, _, expected_stats = run_kernel(REF, X, labels, targets, np.arange(n),
+                                             ranks * batch, *net[:3], expected, *net[4:],
+                                             step=3 + steps)
+    for params, _, stats in ranked[1:]:
+        np.testing.assert_array_equal(params, ranked[0][0])
+    tol = dict(rtol=2e-4, atol=2e-5) if dtype == np.float32 else dict(rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(ranked[0][0], expected, **tol)
+    stats = np.array([stats for _, _, stats in ranked])
+    assert (stats[:, 2] == expected_stats[2]).all()
+    np.testing.assert_allclose(stats[:, :2].sum(axis=0), expected_stats[:2], rtol=1e-4)
+
+
+@pytest.mark.parametrize("ranks", [2, 3])
+def test_node_split_first_layer_on_own_shards(backend, ranks):
+    """Own uneven shards (10, 17, 24 rows; batch 8: rank 0 has no rows in the last
+    steps): each step's global batch is every rank's rows in rank order, so the split
+    epoch equals one process stepping through those rows."""
+    widths, acts, use_bias = (5, 6, 3), (kernels.RELU, kernels.IDENTITY), (1, 1)
+    rng = np.random.default_rng(ranks)
+    shards = [10 + 7 * r for r in range(ranks)]
+    X, labels, targets = make_problem(rng, np.float64, widths, "cross_entropy", sum(shards))
+    params0 = 0.4 * rng.standard_normal(n_params(widths, use_bias))
+    net = (widths, acts, use_bias, params0, "cross_entropy", "sgd", 0.05)
+    batch, steps = 8, -(-max(shards) // 8)
+    ranked = run_node_sum(backend, ranks, X, labels, targets, batch, *net, split=True,
+                          shards=shards)
+    starts = np.cumsum([0] + shards[:-1])
+    order = np.concatenate([np.arange(s + b * batch, s + min((b + 1) * batch, size))
+                            for b in range(steps) for s, size in zip(starts, shards)
+                            if b * batch < size])
+    global_rows = [sum(min(batch, max(size - b * batch, 0)) for size in shards)
+                   for b in range(steps)]
+    expected = params0.copy()
+    done = 0
+    for b, rows in enumerate(global_rows):  # one process, one step per global batch
+        expected, _, _ = run_kernel(REF, X, labels, targets, order[done:done + rows], rows,
+                                    *net[:3], expected, *net[4:6],
+                                    0.05 * (1.0 + 0.1 * b), step=3 + b)
+        done += rows
+    for params, _, _ in ranked[1:]:
+        np.testing.assert_array_equal(params, ranked[0][0])
+    np.testing.assert_allclose(ranked[0][0], expected, rtol=1e-9, atol=1e-12)
+
+
+def test_node_split_refuses_what_it_cannot_split(backend):
+    """A split first layer takes plain SGD, a shared region large enough on a cache
+    line, and every step's rows of this rank inside its global batch."""
+    rng = np.random.default_rng(0)
+    widths, acts, use_bias = (4, 5, 3), [kernels.RELU, kernels.IDENTITY], (1, 1)
+    X, labels, targets = make_problem(rng, np.float64, widths, "cross_entropy", 8)
+    params0 = rng.standard_normal(n_params(widths, use_bias))
+    segments = node_segments(1, params0.nbytes)
+    shared = aligned_zeros(kernels.node_split_bytes(widths, 4, 8) + 64)
+    node = kernels.NodeSum(segments, 0, np.full(2, 4.0), 0.0, lambda: None, 4,
+                           shared[:-64], np.zeros(2, np.int64))
+    sgd = kernels.OptimizerSpec(kernels.OPTIMIZER_CODES["sgd"], np.zeros(4),
+                                (np.zeros_like(params0),) * 3)
+    spec = kernels.TrainEpochSpec(
+        X, labels, targets, np.arange(8), 4, np.array(widths), np.array(acts), np.zeros(2),
+        np.array(use_bias), params0.copy(), segments[0][kernels.NODE_DATA:][
+            :params0.nbytes].view(np.float64),
+        np.empty(kernels.train_epoch_workspace_size(4, widths)), kernels.CROSS_ENTROPY, 0.0,
+        sgd, np.full(2, 0.1), 0, np.zeros(4), reduce=node)
+    backend.train_epoch(spec._replace(params=params0.copy()))  # accepted as it is
+    momentum = sgd._replace(hyper=np.array([0.9, 0.0, 0.0, 0.0]))
+    with pytest.raises(ValueError, match=r"takes plain SGD \(momentum 0\)"):
+        backend.train_epoch(spec._replace(optimizer=momentum))
+    with pytest.raises(ValueError, match="reduce.shared must hold at least"):
+        backend.train_epoch(spec._replace(reduce=node._replace(shared=shared[:-65])))
+    with pytest.raises(ValueError, match="reduce.shared must start on a 64-byte boundary"):
+        backend.train_epoch(spec._replace(reduce=node._replace(shared=shared[8:])))
+    with pytest.raises(ValueError, match=r"step 1's rows \[1, 5\) of this rank must lie"):
+        backend.train_epoch(spec._replace(reduce=node._replace(
+            row_starts=np.array([0, 1], np.int64))))
+    with pytest.raises(ValueError, match="at most reduce.split_rows"):
+        backend.train_epoch(spec._replace(reduce=node._replace(
+            global_rows=np.full(2, 5.0))))
+    with pytest.raises(ValueError, match="reduce.row_starts must hold every step's"):
+        backend.train_epoch(spec._replace(reduce=node._replace(
+            row_starts=np.zeros(1, np.int64))))
+
+
+@pytest.mark.parametrize("split", [False, True], ids=["summed", "split"])
+def test_node_sum_stops_every_rank_before_a_non_finite_global_loss(backend, split):
     """The loss overflows: every rank stops at the same step, before its update, with
     the global loss in stats[3], and the parameters of the steps before it."""
     rng = np.random.default_rng(0)
@@ -215,7 +347,7 @@ def test_node_sum_stops_every_rank_before_a_non_finite_global_loss(backend):
     X *= 1e3
     params0 = rng.standard_normal(n_params(widths, use_bias))
     net = (widths, acts, use_bias, params0, "mse", "sgd", 1e6)
-    ranked = run_node_sum(backend, 2, X, labels, targets, 4, *net)
+    ranked = run_node_sum(backend, 2, X, labels, targets, 4, *net, split=split)
     expected, _, expected_stats = run_kernel(REF, X, labels, targets, np.arange(64), 8, *net)
     assert expected_stats[2] < 8 and not np.isfinite(expected_stats[3])
     for params, _, stats in ranked:
