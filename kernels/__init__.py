@@ -171,6 +171,10 @@ class NodeSum(NamedTuple):
     process's loads and stores against the other ranks' (MPI ``Win.Sync``), called by
     the numpy reference around every flag; the compiled kernels use atomics instead.
     split_rows, shared, row_starts: the first layer split by columns (below), or 0.
+    parent: the pid of this rank's launcher, or 0: a wait that has polled for ``spin``
+    checks between its sleeps that it is still this process's parent, and once it is
+    not (the launcher was killed; the ranks waited for may never come) the epoch ends
+    and train_epoch raises RuntimeError (``LAUNCHER_GONE``).
 
     Step s (= this rank's DONE flag + 1), after the loss: wait until every DONE flag
     is >= s - 1 (nobody still reads this segment), put rows x loss in the loss slot,
@@ -215,6 +219,13 @@ class NodeSum(NamedTuple):
     split_rows: int = 0
     shared: object = None
     row_starts: object = None
+    parent: int = 0
+
+
+#: The error of a NodeSum wait that found its launcher gone (``NodeSum.parent``).
+LAUNCHER_GONE = ("train_epoch: this rank's launcher (process {}) is gone while it waited "
+                 "for the other ranks: the job was stopped from outside (mpiexec killed?), "
+                 "and this rank stops too")
 
 
 def node_split_layout(widths, split_rows, itemsize):

@@ -350,6 +350,9 @@ def _node_sum(kernel, node, grads, n_steps):
                          f"({n_steps}), got {node.global_rows.shape[0]}")
     if not callable(node.sync):
         raise TypeError(f"{kernel}: reduce.sync must be callable")
+    if not isinstance(node.parent, (int, np.integer)) or node.parent < 0:
+        raise ValueError(f"{kernel}: reduce.parent must be a process id >= 0 (0: none), "
+                         f"got {node.parent!r}")
 
 
 def _node_split(kernel, spec, widths):

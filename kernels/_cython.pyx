@@ -39,7 +39,7 @@
 from cython cimport floating
 from cython.parallel cimport prange
 from libc.math cimport (
-    exp, expm1, fabs, isfinite, log, log1p, sqrt, sqrtf, tanh,
+    NAN, exp, expm1, fabs, isfinite, log, log1p, sqrt, sqrtf, tanh,
 )
 from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t
 from libc.stdlib cimport calloc, free, malloc
@@ -59,6 +59,7 @@ from . import OPTIMIZER_HYPER as _OPTIMIZER_HYPER
 from . import REDUCE_LOSS as _REDUCE_LOSS
 from . import REDUCE_START as _REDUCE_START
 from . import REDUCE_WAIT as _REDUCE_WAIT
+from . import LAUNCHER_GONE as _LAUNCHER_GONE
 from . import NODE_DATA as _NODE_DATA
 from . import NODE_DONE as _NODE_DONE
 from . import NODE_INIT as _NODE_INIT
@@ -2013,6 +2014,7 @@ cdef extern from "fastnn_node.h" nogil:
     void fastnn_flag_store(int64_t *p, int64_t v)
     double fastnn_seconds()
     void fastnn_nap(double seconds)
+    long fastnn_parent()
 
 
 # A NodeSum (fastnn.kernels.NodeSum) as the nogil loop reads it.
@@ -2024,6 +2026,8 @@ cdef struct _Node:
     char *shared               # the first layer's shared region, or NULL: summed
     const int64_t *row_starts  # (steps,) this rank's first row in each global batch
     Py_ssize_t split_rows      # rows of the largest global batch
+    long parent                # the launcher's pid, or 0: not watched
+    int *gone                  # set by a wait that found the launcher gone
 
 #: A waiting rank's sleep between polls once it has polled for _Node.spin (the OS
 #: rounds it up to ~50-60 us).
@@ -2048,15 +2052,21 @@ cdef inline void _node_chunk(Py_ssize_t n, int parts, int index, Py_ssize_t *sta
 
 cdef void _node_wait(const _Node *node, int flag, int64_t step) noexcept nogil:
     """Until every rank's ``flag`` is >= ``step`` (flags only grow): poll for
-    ``node.spin`` seconds, then sleep NODE_POLL_SECONDS between polls."""
+    ``node.spin`` seconds, then sleep NODE_POLL_SECONDS between polls; give up, setting
+    ``node.gone``, once this process's parent is no longer ``node.parent`` (the
+    launcher was killed: the ranks waited for may never come). After that every wait
+    returns at once."""
     cdef int r = 0
     cdef double deadline = -1.0
-    while r < node.size:
+    while r < node.size and not node.gone[0]:
         if fastnn_flag_load(_node_flags(node, r) + flag) >= step:
             r += 1
         elif deadline < 0:
             deadline = fastnn_seconds() + node.spin
         elif fastnn_seconds() > deadline:
+            if node.parent != 0 and fastnn_parent() != node.parent:
+                node.gone[0] = 1
+                return
             fastnn_nap(NODE_POLL_SECONDS)
 
 
@@ -2129,6 +2139,8 @@ cdef double _node_step(
         double loss = 0.0
     fastnn_flag_store(flags + NODE_READY, s)
     _node_wait(node, NODE_READY, s)
+    if node.gone[0]:
+        return NAN
     for r in range(node.size):
         loss += _node_loss(node, r)[0]
     loss /= node.global_rows[b]
@@ -2377,10 +2389,11 @@ cdef int _train_epoch_ptr(
         b += 1
     if split != NULL:  # every rank's last update written: the first layer's new values
         _node_wait(node, NODE_DONE, _node_flags(node, node.rank)[NODE_DONE])
-        memcpy(params + w_off[0], w0, p0 * sizeof(floating))
-        fastnn_flag_store(_node_flags(node, node.rank) + NODE_RELEASED,
-                          _node_flags(node, node.rank)[NODE_RELEASED] + 1)
-    return 0
+        if not node.gone[0]:
+            memcpy(params + w_off[0], w0, p0 * sizeof(floating))
+            fastnn_flag_store(_node_flags(node, node.rank) + NODE_RELEASED,
+                              _node_flags(node, node.rank)[NODE_RELEASED] + 1)
+    return 3 if node != NULL and node.gone[0] else 0
 
 
 cdef inline floating *_data_or_null(floating[::1] a) noexcept:
@@ -2434,7 +2447,7 @@ def _train_epoch(
         _Split *split_ptr = NULL
         uint8_t[::1] shared
         Py_ssize_t lo, hi, x_at = 0, dz_at = 0, item = sizeof(floating)
-        int rank
+        int rank, gone = 0
         bint node_sum = isinstance(reduce, _NodeSum)
         const double[::1] global_rows
         const int64_t[::1] row_starts_
@@ -2469,6 +2482,10 @@ def _train_epoch(
         node.global_rows = &global_rows[0] if global_rows.shape[0] > 0 else NULL
         if not (not bf16 and 0 <= node.rank < node.size
                 and global_rows.shape[0] >= lrs.shape[0]):
+            _refuse()
+        node.parent = reduce.parent
+        node.gone = &gone
+        if node.parent < 0:
             _refuse()
         node.split_rows = reduce.split_rows
         node.shared = NULL
@@ -2573,6 +2590,8 @@ def _train_epoch(
         free(node.segments)
     if status == 2:
         raise hook[1]
+    if status == 3:
+        raise RuntimeError(_LAUNCHER_GONE.format(node.parent))
     if status:
         _refuse()
 

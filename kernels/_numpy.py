@@ -26,6 +26,7 @@ Conventions shared by every backend:
   boxes of torch.optim. ``step`` is the 1-based number of this update.
 """
 import math
+import os
 import time
 
 import numpy as np
@@ -33,7 +34,7 @@ import numpy as np
 from . import _checks
 from . import (
     ADAGRAD, BINARY_CROSS_ENTROPY, CROSS_ENTROPY, DEFAULT_ALPHA, ELU, HINGE, HUBER,
-    IDENTITY, LABEL_LOSS_CODES, LEAKY_RELU, MAE, MSE, NODE_DATA, NODE_DONE, NODE_LOSS,
+    IDENTITY, LABEL_LOSS_CODES, LAUNCHER_GONE, LEAKY_RELU, MAE, MSE, NODE_DATA, NODE_DONE, NODE_LOSS,
     NODE_INIT, NODE_READY, NODE_REDUCED, NODE_RELEASED, REDUCE_LOSS, REDUCE_START, REDUCE_WAIT, RELU,
     RMSPROP, SGD, SIGMOID, SOFTPLUS, STEP, TANH, NodeSum, chunk,
     dense_stack_workspace_size, node_split_layout,
@@ -619,11 +620,13 @@ class _NodeSteps:
         return int(self.flags[self.rank][NODE_DONE]) + 1
 
     def _wait(self, flag, step):
-        deadline = None
+        deadline, parent = None, self.node.parent
         while not all(f[flag] >= step for f in self.flags):
             if deadline is None:
                 deadline = time.perf_counter() + self.node.spin
             elif time.perf_counter() > deadline:
+                if parent and os.getppid() != parent:
+                    raise RuntimeError(LAUNCHER_GONE.format(parent))
                 time.sleep(self.POLL_SECONDS)
         self.node.sync()  # the loads that follow see what the ranks stored
 

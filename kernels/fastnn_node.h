@@ -1,6 +1,6 @@
 /* The flags a NodeSum epoch (fastnn.kernels.NodeSum) polls in memory shared between
- * processes: acquire loads and release stores of int64 flags, a monotonic clock and a
- * short sleep. A release store orders every store before it (the gradient, the loss
+ * processes: acquire loads and release stores of int64 flags, a monotonic clock, a
+ * short sleep and the parent process's id (0 where there is none to watch). A release store orders every store before it (the gradient, the loss
  * slot) before the flag; an acquire load orders every load after it after the flag.
  */
 #ifndef FASTNN_NODE_H
@@ -22,8 +22,11 @@ static inline double fastnn_seconds(void)
     return (double)t.QuadPart / (double)f.QuadPart;
 }
 static inline void fastnn_nap(double seconds) { (void)seconds; Sleep(0); }
+static inline long fastnn_parent(void) { return 0; }
 #else
 #include <time.h>
+#include <unistd.h>
+static inline long fastnn_parent(void) { return (long)getppid(); }
 static inline int64_t fastnn_flag_load(const int64_t *p)
 {
     return __atomic_load_n(p, __ATOMIC_ACQUIRE);

@@ -10,8 +10,10 @@ namespaces, as root) equal one process too. Every subprocess has a timeout.
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -403,6 +405,84 @@ def test_rank_parts_tile_the_single_process_batches(n, batch, parts):
         assert all(a[1] == c[0] for a, c in zip(bounds, bounds[1:]))
         sizes = [stop - start for start, stop in bounds]
         assert max(sizes) - min(sizes) <= 1
+
+
+LAUNCHER_KILLED = """
+import os, sys, time
+from pathlib import Path
+import numpy as np
+import fastnn as fn
+out = Path(sys.argv[1])
+rank = fn.distributed.rank()
+# the launcher that would show the ranks' output is killed: rank 0's stderr to a file
+os.dup2(os.open(str(out / f"stderr{rank}"), os.O_WRONLY | os.O_CREAT), 2)
+(out / f"pid{rank}").write_text(str(os.getpid()))
+
+
+class Stall(fn.callbacks.Callback):
+    def on_epoch_begin(self, epoch, logs=None):
+        if epoch == 1:
+            (out / "stalled").write_text("")
+            time.sleep(300)   # never comes back while the test runs
+
+
+model = fn.Sequential([fn.Dense(4, 8, activation="relu"), fn.Dense(8, 3)])
+model.compile("cross_entropy", fn.optimizers.SGD(lr=0.1))
+model.fit(np.ones((64, 4), np.float32), np.zeros(64, np.int64), epochs=2, verbose=0,
+          batch_size=8, distributed=True, callbacks=[Stall()] if rank == 1 else [])
+"""
+
+
+def _running(pid):
+    """True while process ``pid`` exists and is not a zombie."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc")
+def test_a_rank_whose_launcher_is_killed_stops_waiting(tmp_path):
+    """SIGKILL reaches mpiexec alone and its ranks live on, reparented. Rank 0, waiting
+    in the fused epoch's shared memory for rank 1 (asleep in a callback: no MPI call
+    on either, so Open MPI cannot stop them), raises within seconds naming the launcher
+    instead of polling for ever (``kernels.NodeSum.parent``)."""
+    (tmp_path / "killed.py").write_text(LAUNCHER_KILLED, encoding="utf-8")
+    env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+    launcher = subprocess.Popen(
+        [_mpiexec(), "--oversubscribe", "-n", "2", sys.executable,
+         str(tmp_path / "killed.py"), str(tmp_path)], env=env, start_new_session=True,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    pids = []
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while len(pids) < 2 and time.monotonic() < deadline:
+            pids = [int(p.read_text()) for p in sorted(tmp_path.glob("pid*"))
+                    if p.read_text()]
+            time.sleep(0.1)
+        while not (tmp_path / "stalled").exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert len(pids) == 2 and (tmp_path / "stalled").exists(), "rank 1 did not stall"
+        time.sleep(1)                       # rank 0 is waiting for rank 1 by now
+        assert _running(pids[0])
+        launcher.kill()
+        launcher.wait(timeout=10)
+        deadline = time.monotonic() + 30
+        while _running(pids[0]) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _running(pids[0]), "rank 0 still waits after its launcher was killed"
+        error = (tmp_path / "stderr0").read_text()
+        assert f"this rank's launcher (process {launcher.pid}) is gone while it waited" in error
+    finally:
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        if launcher.poll() is None:
+            launcher.kill()
+            launcher.wait(timeout=10)
 
 
 def test_readme_example_prints_the_same_on_two_ranks(tmp_path):

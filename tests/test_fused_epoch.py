@@ -3,6 +3,7 @@
 Every backend's train_epoch is compared with the numpy reference, and fit's fused path
 with its general (batch-by-batch Python) path: same weights, same history.
 """
+import os
 import threading
 
 import numpy as np
@@ -357,6 +358,46 @@ def test_node_sum_stops_every_rank_before_a_non_finite_global_loss(backend, spli
     for params, _, stats in ranked:
         assert stats[2] == expected_stats[2] and not np.isfinite(stats[3])
         np.testing.assert_allclose(params, expected, rtol=1e-9)
+
+
+@pytest.mark.parametrize("split", [False, True], ids=["summed", "split"])
+def test_node_sum_gives_up_waiting_once_its_launcher_is_gone(backend, split):
+    """Rank 0 of 2 runs alone (rank 1 never comes) with a ``parent`` that is not this
+    process's parent, as after its launcher was killed: its first wait that outlasts
+    the spin raises RuntimeError naming the launcher instead of polling for ever."""
+    rng = np.random.default_rng(0)
+    widths, acts, use_bias = (4, 5, 3), [kernels.RELU, kernels.IDENTITY], (1, 1)
+    X, labels, targets = make_problem(rng, np.float64, widths, "cross_entropy", 8)
+    params0 = rng.standard_normal(n_params(widths, use_bias))
+    segments = node_segments(2, params0.nbytes)
+    gone = os.getppid() + 1
+    node = kernels.NodeSum(
+        segments, 0, np.full(2, 8.0), 0.0, lambda: None, 8 if split else 0,
+        aligned_zeros(kernels.node_split_bytes(widths, 8, 8)) if split else None,
+        np.zeros(2, np.int64) if split else None, gone)
+    spec = kernels.TrainEpochSpec(
+        X, labels, targets, np.arange(8), 4, np.array(widths), np.array(acts), np.zeros(2),
+        np.array(use_bias), params0.copy(),
+        segments[0][kernels.NODE_DATA:][:params0.nbytes].view(np.float64),
+        np.empty(kernels.train_epoch_workspace_size(4, widths)), kernels.CROSS_ENTROPY, 0.0,
+        kernels.OptimizerSpec(kernels.OPTIMIZER_CODES["sgd"], np.zeros(4),
+                              (np.zeros_like(params0),) * 3),
+        np.full(2, 0.1), 0, np.zeros(4), reduce=node)
+    errors = []
+
+    def alone():
+        try:
+            backend.train_epoch(spec)
+        except RuntimeError as exc:
+            errors.append(str(exc))
+
+    thread = threading.Thread(target=alone, daemon=True)
+    thread.start()
+    thread.join(timeout=60)
+    assert not thread.is_alive(), "the wait did not notice that its launcher is gone"
+    assert errors == [kernels.LAUNCHER_GONE.format(gone)]
+    with pytest.raises(ValueError, match="reduce.parent must be a process id >= 0"):
+        backend.train_epoch(spec._replace(reduce=node._replace(parent=-1)))
 
 
 def test_node_sum_refuses_a_gradient_outside_its_segment(backend):
