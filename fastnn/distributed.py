@@ -67,6 +67,9 @@ SHARED_MEMORY = True
 #: the MNIST net's 0.9 MiB gradient. The fused epoch's sums take the window whatever
 #: their size: its gradient is written there directly.
 SHARED_MEMORY_BYTES = 16 << 10
+#: The largest first-layer region (``SharedMemoryReduction``) per rank's segment: 64 MiB,
+#: two global batches of 10,000 MNIST rows; a larger one sums the first layer instead.
+SPLIT_MAX_BYTES = 64 << 20
 #: Waiting for a collective: poll this long, then sleep this long between polls (the
 #: OS rounds the sleep up to ~50-60 us).
 SPIN_SECONDS, POLL_SECONDS = 1e-4, 2e-5
@@ -460,7 +463,7 @@ class GradientReduction:
 
 class _NodeWindow:
     """MPI-3 shared memory on this node (``MPI_Win_allocate_shared``) and an allreduce
-    over it. Every rank's segment is laid out as ``fastnn.kernels.NodeSum`` says: three
+    over it. Every rank's segment is laid out as ``fastnn.kernels.NodeSum`` says: five
     int64 flags, a float64 loss slot and, from byte NODE_DATA, ``capacity`` bytes of
     data, each readable by every rank. Made collectively, kept for the fits that follow
     (``node_window``). A fused epoch's kernel runs its steps on the window itself
@@ -582,17 +585,21 @@ class SharedMemoryReduction:
     the window, with the update folded into that gemm as one process folds it, on one
     copy of W1 and b1 in the window. On the MNIST net dW1 is 85 % of the gradient: the
     sum shrinks to the other layers, and the fold one process has comes back (1.66-1.73x
-    the samples/s of one process before, 1.78x after: README, Training on several
-    processes). The region sits after rank 0's gradient. ``plan`` holds the steps of
-    every epoch (``_epochs.BatchPlan``).
+    the samples/s of one process before, 1.67-1.92x after: README, Training on several
+    processes). The region, room for two global batches of inputs, sits after rank 0's
+    gradient (every rank's segment has its size); beyond SPLIT_MAX_BYTES (a large
+    global batch, where the sum costs little per row) the first layer is summed too.
+    ``plan`` holds the steps of every epoch (``_epochs.BatchPlan``).
     """
 
     def __init__(self, comm, grads, plan, split_widths=None):
         self.comm = comm
         start = -(-grads.nbytes // 64) * 64
-        split_rows = plan.batch * comm.size if split_widths is not None else 0
+        split_rows = int(plan.global_rows().max(initial=0)) if split_widths is not None else 0
         shared = (kernels.node_split_bytes(split_widths, split_rows, grads.itemsize)
                   if split_rows else 0)
+        if shared > SPLIT_MAX_BYTES:
+            split_rows = shared = 0
         self.window = node_window(comm, start + shared)
         self.grads = self.window.segments(grads.dtype, grads.size)[comm.rank]
         window = self.window

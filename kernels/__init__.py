@@ -162,10 +162,10 @@ class NodeSum(NamedTuple):
     (one node): the kernel sums the gradient itself, in the ranks' segments, and
     fuses the update into the sum. No Python runs between steps.
 
-    segments: K writable uint8 arrays, rank r's segment (readable by every rank): three
-    int64 flags (NODE_READY, NODE_REDUCED, NODE_DONE), the loss slot at byte
-    NODE_LOSS, and from byte NODE_DATA the gradient, which is ``grads`` on this rank
-    (``TrainEpochSpec.grads`` must be that very memory). rank: this rank. global_rows:
+    segments: K writable uint8 arrays, rank r's segment (readable by every rank): five
+    int64 flags (NODE_READY, NODE_REDUCED, NODE_DONE, NODE_INIT, NODE_RELEASED), the
+    loss slot at byte NODE_LOSS, and from byte NODE_DATA the gradient, which is
+    ``grads`` on this rank (``TrainEpochSpec.grads`` must be that very memory). rank: this rank. global_rows:
     float64 (len(lrs),) the rows of each step over every rank. spin: seconds a wait
     polls the flags before it sleeps between polls. sync: a callable that orders this
     process's loads and stores against the other ranks' (MPI ``Win.Sync``), called by

@@ -298,6 +298,10 @@ def train_epoch(spec):
     _shape(kernel, "stats", spec.stats, (4,))
     if isinstance(spec.reduce, NodeSum):
         _node_sum(kernel, spec.reduce, spec.grads, spec.lrs.shape[0])
+        if not isinstance(spec.reduce.split_rows, (int, np.integer)) or \
+                spec.reduce.split_rows < 0:
+            raise ValueError(f"{kernel}: reduce.split_rows must be an int >= 0, got "
+                             f"{spec.reduce.split_rows!r}")
         if spec.reduce.split_rows:
             _node_split(kernel, spec, widths)
     elif spec.reduce is not None and not callable(spec.reduce):
@@ -359,9 +363,6 @@ def _node_split(kernel, spec, widths):
     """A NodeSum's split first layer: plain SGD, a shared region big enough on a cache
     line, and every step's rows of this rank inside its global batch (O(steps))."""
     node, opt = spec.reduce, spec.optimizer
-    if not isinstance(node.split_rows, (int, np.integer)) or node.split_rows < 0:
-        raise ValueError(f"{kernel}: reduce.split_rows must be an int >= 0, got "
-                         f"{node.split_rows!r}")
     if opt.code != OPTIMIZER_CODES["sgd"] or opt.hyper[0] != 0:
         raise ValueError(f"{kernel}: a split first layer (reduce.split_rows > 0) takes "
                          f"plain SGD (momentum 0)")
@@ -380,8 +381,8 @@ def _node_split(kernel, spec, widths):
     steps = np.arange(n_steps)
     rows = np.clip(spec.order.shape[0] - steps * spec.batch_size, 0, spec.batch_size)
     starts, global_rows = node.row_starts[:n_steps], node.global_rows[:n_steps]
-    bad = np.flatnonzero((starts < 0) | (starts + rows > global_rows)
-                         | (global_rows > node.split_rows))
+    bad = np.flatnonzero(~((starts >= 0) & (starts + rows <= global_rows)
+                           & (global_rows <= node.split_rows)))   # NaN rows too
     if bad.size:
         b = int(bad[0])
         raise ValueError(f"{kernel}: step {b}'s rows [{starts[b]}, {starts[b] + rows[b]}) "

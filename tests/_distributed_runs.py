@@ -19,7 +19,8 @@ from fastnn import optimizers, solvers
 
 BATCH = 8
 #: The runs ``build`` makes, each compared with one process by the tests.
-EQUIVALENT = ("sgd_l2", "adam", "adam32", "fused_momentum", "fused_sgd", "fused_sgd32",
+EQUIVALENT = ("sgd_l2", "adam", "adam32", "fused_momentum", "fused_sgd", "full_batch_sgd",
+              "fused_sgd32",
               "fused_adam",
               "callbacks", "callbacks_on_rank0", "batch_callback_on_rank0", "warmup_on_rank0",
               "zero_weight_batch", "lbfgs", "lm", "lm_free", "conjugate_gradient",
@@ -67,6 +68,9 @@ def build(name, rank, size):
         model.compile("cross_entropy", optimizers.SGD(lr=0.2, weight_decay=1e-3),
                       ["accuracy"])
         return model, X, y_class, {**fit, "validation_split": 0.25, "epochs": 4}
+    if name == "full_batch_sgd":  # the split first layer's region: one global batch of n
+        model, X, y, fit = build("fused_sgd", rank, size)
+        return model, X, y, {**fit, "batch_size": None, "validation_split": 0.0}
     if name == "fused_sgd32":  # plain SGD, folded into the backward in one process only
         model = _model((5, 6, 2), dtype, seed, activation="relu")
         model.compile("mse", optimizers.SGD(lr=0.05))
@@ -327,10 +331,11 @@ def own_shards_reference(name, size):
 
 class _CountSharedMemorySteps:
     """Counts the steps that train_epoch runs on the node's shared memory (a NodeSum
-    reduce): how far each call moves this rank's DONE flag."""
+    reduce): how far each call moves this rank's DONE flag; ``split_rows`` the largest
+    NodeSum.split_rows seen."""
 
     def __init__(self):
-        self.steps = 0
+        self.steps = self.split_rows = 0
         self.modules = [fn.kernels.load(name) for name in fn.kernels.available_backends()]
         self.calls = [module.train_epoch for module in self.modules]
 
@@ -341,6 +346,7 @@ class _CountSharedMemorySteps:
                     return call(spec)
                 done = spec.reduce.segments[spec.reduce.rank][:24].view(np.int64)
                 before = int(done[fn.kernels.NODE_DONE])
+                self.split_rows = max(self.split_rows, spec.reduce.split_rows)
                 try:
                     return call(spec)
                 finally:
@@ -387,6 +393,7 @@ def _run(name, rank, size, out):
     classes = None if model.class_labels is None else model.class_labels.classes.tolist()
     return {"params": model.params, "fused": json.dumps(fused), "classes": json.dumps(classes),
             "shared_memory_steps": json.dumps(shared.steps),
+            "split_rows": json.dumps(shared.split_rows),
             "history": json.dumps({"history": history.history, "epoch": history.epoch,
                                    "stop_reason": history.stop_reason})}
 

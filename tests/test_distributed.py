@@ -100,7 +100,8 @@ def _check_equals_one_process(results, name):
     _same_on_every_rank(results, ("lr",) if name == "callbacks_on_rank0" else ())
     model, X, y, fit = runs.build(name, 0, 1)
     history, fused = runs.fit_and_trace(
-        model, X, y, {**fit, "batch_size": size * fit["batch_size"], "distributed": False})
+        model, X, y, {**fit, "batch_size": fit["batch_size"] and size * fit["batch_size"],
+                      "distributed": False})
     assert results[0]["fused"] == fused  # both fused or both step by step
     if name.startswith("fused_"):
         assert fused
@@ -205,6 +206,13 @@ def test_fused_epochs_on_one_node_sum_in_shared_memory(ranks):
     assert steps["fused_adam"] == 3 * -(-61 // (size * 5))
     assert steps["fused_shards"] > 0 and steps["fused_sgd_shards"] > 0
     assert steps["fused_sgd"] == steps["numpy_sgd"] > 0
+    # the split first layer's region holds the largest global batch, not size x n rows
+    split_rows = {name: _results(size, out, name)[0]["split_rows"]
+                  for name in ("fused_sgd", "full_batch_sgd", "fused_sgd_shards",
+                               "fused_momentum")}
+    assert split_rows == {"fused_sgd": size * runs.BATCH, "full_batch_sgd": 61,
+                          "fused_sgd_shards": 20 + 25 * (size - 1),  # batch 25 of 20 + 7 r
+                          "fused_momentum": 0}
     assert steps["iallreduce_fused_momentum"] == steps["sgd_l2"] == steps["numba_momentum"] == 0
 
 

@@ -337,6 +337,11 @@ def test_node_split_refuses_what_it_cannot_split(backend):
     with pytest.raises(ValueError, match="at most reduce.split_rows"):
         backend.train_epoch(spec._replace(reduce=node._replace(
             global_rows=np.full(2, 5.0))))
+    with pytest.raises(ValueError, match=r"step 0's rows \[0, 4\) of this rank must lie"):
+        backend.train_epoch(spec._replace(reduce=node._replace(
+            global_rows=np.array([np.nan, 4.0]))))
+    with pytest.raises(ValueError, match="reduce.split_rows must be an int >= 0, got None"):
+        backend.train_epoch(spec._replace(reduce=node._replace(split_rows=None)))
     with pytest.raises(ValueError, match="reduce.row_starts must hold every step's"):
         backend.train_epoch(spec._replace(reduce=node._replace(
             row_starts=np.zeros(1, np.int64))))
