@@ -2023,7 +2023,6 @@ cdef struct _Node:
     int rank, size
     const double *global_rows  # (steps,) rows of each step over every rank
     double spin                # seconds a wait polls before it sleeps between polls
-    char *shared               # the first layer's shared region, or NULL: summed
     const int64_t *row_starts  # (steps,) this rank's first row in each global batch
     Py_ssize_t split_rows      # rows of the largest global batch
     long parent                # the launcher's pid, or 0: not watched
@@ -2488,7 +2487,6 @@ def _train_epoch(
         if node.parent < 0:
             _refuse()
         node.split_rows = reduce.split_rows
-        node.shared = NULL
         node.row_starts = NULL
         if node.split_rows:
             # the layout of kernels.node_split_layout; O(steps): every step's rows of
@@ -2521,12 +2519,11 @@ def _train_epoch(
                 free(node.segments)
                 _refuse()
         if node.split_rows:
-            node.shared = <char *> &shared[0]
             node.row_starts = &row_starts_[0]
             split.d, split.k = widths[0], widths[1]
-            split.w = node.shared
-            split.x = node.shared + x_at
-            split.dz = node.shared + dz_at
+            split.w = &shared[0]
+            split.x = &shared[x_at]
+            split.dz = &shared[dz_at]
             _node_chunk(split.k, node.size, node.rank, &lo, &hi)
             split.cols_start, split.cols_stop = lo, hi
             split.bias = use_bias[0] != 0
