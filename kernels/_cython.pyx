@@ -2015,6 +2015,7 @@ cdef extern from "fastnn_node.h" nogil:
     double fastnn_seconds()
     void fastnn_nap(double seconds)
     long fastnn_parent()
+    double fastnn_cpu_round_trip(int cpu_a, int cpu_b, long rounds)
 
 
 # A NodeSum (fastnn.kernels.NodeSum) as the nogil loop reads it.
@@ -3145,6 +3146,22 @@ def bf16_gemm_flops(int m, int n, int k, bint pair_a=False, Py_ssize_t repeats=1
     _bf16_free(a)
     free(c)
     return 2.0 * m * n * k / min(seconds[2:])
+
+
+def cpu_round_trip_seconds(int cpu_a, int cpu_b, long rounds=20000):
+    """Seconds for a cache line to go from CPU ``cpu_a`` to CPU ``cpu_b`` and back: two
+    threads pinned to them hand a flag to each other ``rounds`` times (the caller's own
+    affinity is untouched). Each NodeSum step hands lines between the ranks' CPUs, so
+    where the CPUs sit (one core complex, or two) sets what a step costs; a VM's host
+    may move its vCPUs between the two (``fastnn bench --mpi`` measures it each round).
+    None where it cannot be measured (not Linux, or a CPU this process may not use)."""
+    cdef double seconds
+    if cpu_a == cpu_b or cpu_a < 0 or cpu_b < 0 or rounds < 1:
+        raise ValueError(f"cpu_round_trip_seconds needs two different CPUs and rounds >= 1,"
+                         f" got {cpu_a}, {cpu_b} and {rounds}")
+    with nogil:
+        seconds = fastnn_cpu_round_trip(cpu_a, cpu_b, rounds)
+    return None if seconds < 0 else seconds
 
 
 def _bf16_epoch(spec):

@@ -579,6 +579,50 @@ def test_bench_mpi_flags_independent_processes_that_ran_at_different_speeds(slow
             f"(slowest / fastest up to {slower:.2f}x)" in report) == warned
 
 
+def test_bench_mpi_groups_the_rounds_by_where_the_cpus_sat():
+    """The probes split at their largest jump (>= FAR_FACTOR); a round is near when both
+    its probes are below it, far when both are above, mixed when the host moved the
+    CPUs in between."""
+    from fastnn.bench import mpi
+
+    ns = 1e-9
+    # one probe at 52 ns (two vCPUs on one core) must not make the 110 ns ones "far"
+    trips = [(90 * ns, 100 * ns), (400 * ns, 420 * ns), (95 * ns, 410 * ns),
+             (52 * ns, 150 * ns), (390 * ns, 400 * ns)]
+    where = mpi.placement(trips, [1.96, 1.62, 1.8, 1.9, None])   # the last round failed
+    assert where["threshold"] == pytest.approx((150 * 390) ** 0.5 * ns)
+    assert (where["near"], where["far"], where["mixed"]) == ([1.96, 1.9], [1.62], [1.8])
+    assert mpi.placement(trips[:2] + [(None, 100 * ns)], [1.9, 1.6, 1.9]) is None
+    assert mpi.placement([], []) is None
+    lines = mpi._placement_lines(where, 2)
+    assert lines[0].endswith("90/100, 400/420, 95/410, 52/150, 390/400 ns")
+    assert ("2 rounds within 242 ns (near): 1.93x [1.90-1.96]; 1 round beyond it (far): "
+            "1.62x; 1 round that moved (mixed): 1.80x") in lines[1]
+    assert mpi._placement_lines(None, 2) == []
+    alike = mpi.placement([(90 * ns, 100 * ns), (120 * ns, 170 * ns)], [1.9, None])
+    assert alike["threshold"] is None and alike["near"] == [1.9]
+    assert "sat alike in every round" in mpi._placement_lines(alike, 2)[1]
+
+
+def test_cpu_round_trip_between_two_cpus():
+    pytest.importorskip("fastnn.kernels._cython")
+    from fastnn.bench import mpi
+    from fastnn.kernels import _cython
+
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    if len(cpus) < 2 or not sys.platform.startswith("linux"):
+        pytest.skip("needs Linux and two usable CPUs")
+    seconds = _cython.cpu_round_trip_seconds(cpus[0], cpus[1], 2000)
+    assert 0 < seconds < 1e-3           # tens to hundreds of ns; a busy CPU adds to it
+    assert os.sched_getaffinity(0) == set(cpus)   # the caller stays where it was
+    assert 0 < mpi.cpu_round_trip(2) < 1e-3
+    assert _cython.cpu_round_trip_seconds(cpus[0], 100_000, 10) is None  # no such CPU
+    with pytest.raises(ValueError, match="two different CPUs"):
+        _cython.cpu_round_trip_seconds(cpus[0], cpus[0])
+    with pytest.raises(ValueError, match="rounds >= 1"):
+        _cython.cpu_round_trip_seconds(cpus[0], cpus[1], 0)
+
+
 def test_bench_mpi_runs_every_configuration_once_per_round(monkeypatch):
     from fastnn.bench import mpi
 
@@ -603,6 +647,11 @@ def test_bench_mpi_runs_every_configuration_once_per_round(monkeypatch):
         assert {(s["repeats"], s["samples"]) for s in training} == {(repeats, samples)}
         assert result["rounds"] == rounds and not result["errors"]
         assert all(len(r["round_ratios"]) == rounds for r in result["training"].values())
+        # a placement probe before and after each round's fastnn run
+        probes = result["placement"]
+        if probes is not None:
+            assert len(probes["round_trips"]) == rounds
+            assert len(probes["near"] + probes["far"] + probes["mixed"]) == rounds
 
 
 def test_cli_trains_on_two_ranks_and_rank_0_alone_prints_and_saves(tmp_path):

@@ -16,7 +16,11 @@ fastnn.bench --mpi-worker SPEC``), every rank pinned to its own CPU with one thr
 * torch DistributedDataParallel (gloo) on the same net, data and batches, when torch
   is importable;
 * each reference net's per-step time at two batch sizes (1 thread, per-step path),
-  fitted as t(b) = c0 + c1 b.
+  fitted as t(b) = c0 + c1 b;
+* where the ranks' CPUs sit: before and after each round's fastnn run, the round trip
+  of a cache line between rank 0's CPU and each other rank's (``placement``). A VM's
+  host may move its vCPUs between one core complex and two, and every shared-memory
+  step hands cache lines between them, so the rounds are also reported by placement.
 
 Then a cost model, not a measurement: a step of K ranks at global batch G takes
 t(G/K) + 2 (K-1) a + 2 (K-1)/K S / B (a ring Allreduce of the S-byte gradient with
@@ -55,6 +59,12 @@ TIMEOUT = 900
 _FUSED = "{} ranks, fused, shared memory"
 #: The configuration every ratio is to.
 BASELINE = "1 process, fused epoch"
+#: Cache-line hand-offs timed per placement probe.
+PROBE_ROUNDS = 20000
+#: The probes of a run split in two places where one round trip is this many times
+#: the next smaller one (measured on a Zen 5 VM: 80-140 ns within a core complex,
+#: 350-460 ns when the host had put the two vCPUs on two; ~50 ns once, on one core).
+FAR_FACTOR = 2.0
 
 
 # ------------------------------------------------------------------ worker side
@@ -290,6 +300,47 @@ def _rate(result, samples):
     return samples / statistics.median(result["epoch_seconds"])
 
 
+def cpu_round_trip(ranks):
+    """The slowest cache-line round trip (s) between the CPU rank 0 is pinned to and
+    each other rank's (as ``_pin_rank`` pins them); None where it cannot be measured
+    (no Cython backend, not Linux, fewer than two usable CPUs)."""
+    from .._backend import usable_cpus
+
+    try:
+        from ..kernels import _cython
+    except ImportError:
+        return None
+    cpus = usable_cpus()
+    others = {cpus[r % len(cpus)] for r in range(1, ranks)} - {cpus[0]}
+    trips = [_cython.cpu_round_trip_seconds(cpus[0], cpu, PROBE_ROUNDS) for cpu in others]
+    return max(trips) if trips and None not in trips else None
+
+
+def placement(trips, ratios):
+    """Rounds by where the CPUs sat: ``trips`` [(before, after) round trip s] and the
+    rounds' ``ratios`` (None: the round failed). The probes split at the largest jump
+    between consecutive sorted round trips when it is at least FAR_FACTOR (threshold:
+    the geometric mean of its ends; no such jump: threshold None, every round near). A
+    round is near when both its probes are below the threshold, far when both are
+    above it, mixed (the host moved the CPUs during it) otherwise. None when a probe
+    failed."""
+    if not trips or any(t is None for pair in trips for t in pair):
+        return None
+    values = sorted(t for pair in trips for t in pair)
+    low, high = max(zip(values, values[1:]), key=lambda ends: ends[1] / ends[0])
+    threshold = (low * high) ** 0.5 if high >= FAR_FACTOR * low else None
+    groups = {"near": [], "far": [], "mixed": []}
+    if threshold is None:
+        groups["near"] = [ratio for ratio in ratios if ratio is not None]
+        return dict(groups, threshold=None, round_trips=[list(pair) for pair in trips])
+    for (before, after), ratio in zip(trips, ratios):
+        group = ("near" if max(before, after) <= threshold else
+                 "far" if min(before, after) > threshold else "mixed")
+        if ratio is not None:
+            groups[group].append(ratio)
+    return dict(groups, threshold=threshold, round_trips=[list(pair) for pair in trips])
+
+
 def _merge_rounds(results, baseline, samples):
     """One record from a configuration's rounds: every timed epoch, and its rate over
     the baseline's in each round (``round_ratios``: the two ran a minute apart at most,
@@ -346,20 +397,27 @@ def run_mpi_bench(ranks, quick, with_torch, log, rounds=None, repeats=None, samp
         port = 29500 + os.getpid() % 1000
         configs[f"{ranks} ranks (torch DDP, gloo)"] = (
             dict(base, kind="ddp", init=f"tcp://127.0.0.1:{port}"), ranks)
-    results, load = {label: [] for label in configs}, []
+    results, load, trips = {label: [] for label in configs}, [], []
     for i in range(rounds):
         load.append(os.getloadavg()[0] if hasattr(os, "getloadavg") else None)
         for label, (spec, n) in configs.items():
             log(f"round {i + 1}/{rounds}: {SCALING_NET} at global batch {GLOBAL_BATCH}, {label}")
+            probe = label == _FUSED.format(ranks)
+            before = cpu_round_trip(ranks) if probe else None
             results[label].append(_launch(spec, n))
+            if probe:
+                trips.append((before, cpu_round_trip(ranks)))
     runs = {label: _merge_rounds(rs, results[BASELINE], samples)
             for label, rs in results.items()}
+    fused = [None if r.get("error") or b.get("error") else _rate(r, samples) / _rate(b, samples)
+             for r, b in zip(results[_FUSED.format(ranks)], results[BASELINE])]
     log("per-step times of the reference nets for the cost model")
     steps = _launch({"kind": "steps", "nets": list(NETS), "batches": [16, 256],
                      "steps": 16 if quick else 48}, None)
     result = {"ranks": ranks, "samples": samples, "net": SCALING_NET, "sizes": sizes,
               "global_batch": GLOBAL_BATCH, "rounds": rounds, "load_average": load,
               "allreduce": allreduce, "step_seconds": steps,
+              "placement": placement(trips, fused),
               "training": {k: dict(v, samples_per_s=_rate(v, samples)) for k, v in runs.items()}}
     result["errors"] = [f"{k}: {v['error']}" for k, v in
                         [("allreduce", allreduce), ("step times", steps), *runs.items()]
@@ -454,9 +512,34 @@ def format_mpi_report(result):
     if fastnn and ddp and len(fastnn) == len(ddp):
         lines.append("  fastnn / torch DDP: "
                      f"{statistics.median(f / d for f, d in zip(fastnn, ddp)):.2f}x")
+    lines += _placement_lines(result.get("placement"), result["ranks"])
     if result.get("model"):
         lines += ["", model_table(result["model"])]
     return "\n".join(lines)
+
+
+def _placement_lines(where, ranks):
+    """The report's lines on where the ranks' CPUs sat (``placement``), or none."""
+    if not where:
+        return []
+    trips = ", ".join(f"{b * 1e9:.0f}/{a * 1e9:.0f}" for b, a in where["round_trips"])
+    lines = [f"  cache-line round trip between the ranks' CPUs before/after each round's "
+             f"{_FUSED.format(ranks)} run: {trips} ns"]
+    if where["threshold"] is None:
+        return lines + [f"    the CPUs sat alike in every round (no jump of {FAR_FACTOR:g}x "
+                        "between the round trips)"]
+    parts = []
+    for group, words in (("near", f"within {where['threshold'] * 1e9:.0f} ns (near)"),
+                         ("far", "beyond it (far)"), ("mixed", "that moved (mixed)")):
+        ratios = where[group]
+        if ratios:
+            ratio = f"{statistics.median(ratios):.2f}x"
+            if len(ratios) > 1:
+                ratio += f" [{min(ratios):.2f}-{max(ratios):.2f}]"
+            parts.append(f"{len(ratios)} round{'s' * (len(ratios) > 1)} {words}: {ratio}")
+    if parts:
+        lines.append(f"    {_FUSED.format(ranks)} by placement: " + "; ".join(parts))
+    return lines
 
 
 def model_table(model, nets=None):
