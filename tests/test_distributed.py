@@ -593,6 +593,7 @@ def test_bench_mpi_groups_the_rounds_by_where_the_cpus_sat():
     assert where["threshold"] == pytest.approx((150 * 390) ** 0.5 * ns)
     assert (where["near"], where["far"], where["mixed"]) == ([1.96, 1.9], [1.62], [1.8])
     assert mpi.placement(trips[:2] + [(None, 100 * ns)], [1.9, 1.6, 1.9]) is None
+    assert mpi.placement(trips[:2] + [(0.0, 100 * ns)], [1.9, 1.6, 1.9]) is None
     assert mpi.placement([], []) is None
     lines = mpi._placement_lines(where, 2)
     assert lines[0].endswith("90/100, 400/420, 95/410, 52/150, 390/400 ns")

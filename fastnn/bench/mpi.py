@@ -323,8 +323,8 @@ def placement(trips, ratios):
     the geometric mean of its ends; no such jump: threshold None, every round near). A
     round is near when both its probes are below the threshold, far when both are
     above it, mixed (the host moved the CPUs during it) otherwise. None when a probe
-    failed."""
-    if not trips or any(t is None for pair in trips for t in pair):
+    failed (None, or not a positive time)."""
+    if not trips or any(t is None or not t > 0 for pair in trips for t in pair):
         return None
     values = sorted(t for pair in trips for t in pair)
     low, high = max(zip(values, values[1:]), key=lambda ends: ends[1] / ends[0])
@@ -409,15 +409,16 @@ def run_mpi_bench(ranks, quick, with_torch, log, rounds=None, repeats=None, samp
                 trips.append((before, cpu_round_trip(ranks)))
     runs = {label: _merge_rounds(rs, results[BASELINE], samples)
             for label, rs in results.items()}
-    fused = [None if r.get("error") or b.get("error") else _rate(r, samples) / _rate(b, samples)
-             for r, b in zip(results[_FUSED.format(ranks)], results[BASELINE])]
+    fused_ratios = [None if r.get("error") or b.get("error")
+                    else _rate(r, samples) / _rate(b, samples)
+                    for r, b in zip(results[_FUSED.format(ranks)], results[BASELINE])]
     log("per-step times of the reference nets for the cost model")
     steps = _launch({"kind": "steps", "nets": list(NETS), "batches": [16, 256],
                      "steps": 16 if quick else 48}, None)
     result = {"ranks": ranks, "samples": samples, "net": SCALING_NET, "sizes": sizes,
               "global_batch": GLOBAL_BATCH, "rounds": rounds, "load_average": load,
               "allreduce": allreduce, "step_seconds": steps,
-              "placement": placement(trips, fused),
+              "placement": placement(trips, fused_ratios),
               "training": {k: dict(v, samples_per_s=_rate(v, samples)) for k, v in runs.items()}}
     result["errors"] = [f"{k}: {v['error']}" for k, v in
                         [("allreduce", allreduce), ("step times", steps), *runs.items()]
