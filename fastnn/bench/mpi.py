@@ -300,6 +300,13 @@ def _rate(result, samples):
     return samples / statistics.median(result["epoch_seconds"])
 
 
+def _round_ratio(result, baseline, samples):
+    """A round's rate over the baseline's in the same round; None if either failed."""
+    if result.get("error") or baseline.get("error"):
+        return None
+    return _rate(result, samples) / _rate(baseline, samples)
+
+
 def cpu_round_trip(ranks):
     """The slowest cache-line round trip (s) between the CPU rank 0 is pinned to and
     each other rank's (as ``_pin_rank`` pins them); None where it cannot be measured
@@ -350,7 +357,7 @@ def _merge_rounds(results, baseline, samples):
         return errors[0]
     merged = {"epoch_seconds": [t for r in results for t in r["epoch_seconds"]],
               "loss": results[-1]["loss"], "rounds": len(results),
-              "round_ratios": [_rate(r, samples) / _rate(b, samples)
+              "round_ratios": [_round_ratio(r, b, samples)
                                for r, b in zip(results, baseline) if not b.get("error")]}
     if all("process_seconds" in r for r in results):
         merged["process_spread"] = [speed_spread(r["process_seconds"]) for r in results]
@@ -409,8 +416,7 @@ def run_mpi_bench(ranks, quick, with_torch, log, rounds=None, repeats=None, samp
                 trips.append((before, cpu_round_trip(ranks)))
     runs = {label: _merge_rounds(rs, results[BASELINE], samples)
             for label, rs in results.items()}
-    fused_ratios = [None if r.get("error") or b.get("error")
-                    else _rate(r, samples) / _rate(b, samples)
+    fused_ratios = [_round_ratio(r, b, samples)
                     for r, b in zip(results[_FUSED.format(ranks)], results[BASELINE])]
     log("per-step times of the reference nets for the cost model")
     steps = _launch({"kind": "steps", "nets": list(NETS), "batches": [16, 256],
