@@ -149,7 +149,7 @@ REDUCE_LOSS, REDUCE_START, REDUCE_WAIT = range(3)
 # The flags of a NodeSum segment (int64 at byte 8 * flag): the number of the last step
 # in which its rank had written its gradient (READY), summed its own chunk (REDUCED),
 # and finished reading the other segments (DONE); the first step of its last epoch with
-# a split first layer (INIT: its chunk of the shared first layer written), and how many
+# a split first layer (INIT: its columns of the shared first layer written), and how many
 # such epochs it has ended (RELEASED: the shared first layer copied out). The loss slot
 # (float64) follows at byte NODE_LOSS, the gradient at byte NODE_DATA, on cache lines
 # of its own.
@@ -192,14 +192,15 @@ class NodeSum(NamedTuple):
     layer (W1 (d, k) then b1, P1 values) is not summed but computed over the whole
     global batch, each rank its columns ``chunk(k, K, rank)``, in ``shared``: one
     region of ``node_split_bytes(widths, split_rows, itemsize)`` bytes that every rank
-    sees (the same memory), holding W1 and b1, the global batch's inputs (two
-    (split_rows, d) slots, step s in slot s % 2) and its dz (split_rows, k). Rank r's
-    rows of step b are rows ``row_starts[b]`` on of the global batch (int64,
-    (len(lrs),)); the ranks' rows tile rows [0, global_rows[b]), global_rows[b] <=
-    split_rows. The epoch starts, once every RELEASED flag has reached this rank's
-    (every rank has copied out the epochs before), with each rank copying its
-    ``chunk(P1, K, rank)`` of the first layer into ``shared`` and raising INIT to its
-    first step; every rank waits for every INIT. Each step gathers its inputs into the slot, waits until
+    sees (the same memory), holding W1 by column blocks (rank r's columns [c0, c1) =
+    ``chunk(k, K, r)`` as a C-ordered (d, c1 - c0) block from element d * c0), b1, the
+    global batch's inputs (two (split_rows, d) slots, step s in slot s % 2) and its dz
+    (split_rows, k). Rank r's rows of step b are rows ``row_starts[b]`` on of the global
+    batch (int64, (len(lrs),)); the ranks' rows tile rows [0, global_rows[b]),
+    global_rows[b] <= split_rows. The epoch starts, once every RELEASED flag has reached this rank's
+    (every rank has copied out the epochs before), with each rank copying its columns
+    of W1 and b1 into ``shared`` and raising INIT to its first step; every rank waits
+    for every INIT. Each step gathers its inputs into the slot, waits until
     every DONE is >= s - 1 (the first layer of the step before is written), runs the
     forward with the shared first layer, puts ``dz = dout * act'(a1)`` of its rows
     into the shared dz, and then takes the steps above over the parameters after P1;
@@ -207,8 +208,12 @@ class NodeSum(NamedTuple):
     updates its columns, ``W1[:, c] = (1 - lr wd) W1[:, c] - lr x.T @ dz[:, c]`` and
     ``b1[c] -= lr (dz[:, c].sum(0) + wd b1[c])`` over the global batch, before DONE.
     At the end every rank waits for every DONE, copies the shared first layer into
-    ``params`` and raises RELEASED by one. dW1 (most of the gradient of a wide input layer) is never summed, and
-    the update is folded into its gemm as one process folds it.
+    ``params`` and raises RELEASED by one. dW1 (most of the gradient of a wide input
+    layer) is never summed, and the update is folded into its gemm as one process folds
+    it. (The Cython kernel keeps its block of W1, its dz and its gradient in private
+    memory and copies each into ``shared`` or its segment whole: a rank that writes
+    into cache lines another CPU has just read waits for each line, which costs ~5x as
+    much when the CPUs sit in different core complexes.)
     """
 
     segments: tuple
@@ -229,9 +234,10 @@ LAUNCHER_GONE = ("train_epoch: this rank's launcher (process {}) is gone while i
 
 
 def node_split_layout(widths, split_rows, itemsize):
-    """The byte offsets in a NodeSum's ``shared`` region of the first layer (W1 then
-    b1), the two input slots and dz, and the region's size: each part on whole cache
-    lines (b1 follows W1 whether or not the layer has a bias)."""
+    """The byte offsets in a NodeSum's ``shared`` region of the first layer (W1 by the
+    ranks' column blocks, then b1), the two input slots and dz, and the region's size:
+    each part on whole cache lines (b1 follows W1 whether or not the layer has a
+    bias)."""
     d, k = int(widths[0]), int(widths[1])
 
     def lines(n):

@@ -2016,6 +2016,7 @@ cdef extern from "fastnn_node.h" nogil:
     void fastnn_nap(double seconds)
     long fastnn_parent()
     double fastnn_cpu_round_trip(int cpu_a, int cpu_b, long rounds)
+    void _publish "fastnn_publish"(void *dst, const void *src, size_t n)
 
 
 # A NodeSum (fastnn.kernels.NodeSum) as the nogil loop reads it.
@@ -2081,7 +2082,14 @@ cdef int64_t _node_begin(const _Node *node, double loss_rows) noexcept nogil:
 
 cdef struct _Split:
     # The first layer of a plain-SGD NodeSum epoch, split by columns (_split_update).
-    void *w               # (d, k) W then (k,) b: shared by every rank
+    # In memory every rank sees: W by columns, rank r's chunk(k, K, r) = [c0, c1) as a
+    # (d, c1 - c0) block at element d * c0, then b (k,); and the global batch's x, dz.
+    void *w
+    # This rank's private memory, published to the shared copies with fastnn_publish
+    # (writes into lines the other CPUs have read are slow where they sit apart):
+    void *own             # (d, nc) its columns of W, the copy it updates
+    void *grad            # (P,) its gradient of the layers after the first
+    void *memory          # the allocation own and grad are in
     void *x               # (2, split_rows, d) the global batch's inputs, by step parity
     void *dz              # (split_rows, k) the global batch's dz
     Py_ssize_t d, k, cols_start, cols_stop  # W (d, k); this rank's columns
@@ -2097,8 +2105,9 @@ cdef inline Py_ssize_t _line_bytes(Py_ssize_t n) noexcept nogil:
 cdef void _split_update(const _Node *node, _Split *split, floating *w, Py_ssize_t rows,
                         int64_t s, double lr, double weight_decay) noexcept nogil:
     """This rank's columns of the first layer, over the whole global batch:
-    ``W[:, c] = (1 - lr wd) W[:, c] - lr x.T @ dz[:, c]`` as one gemm and
-    ``b[c] -= lr (dz[:, c].sum(0) + wd b[c])``."""
+    ``W[:, c] = (1 - lr wd) W[:, c] - lr x.T @ dz[:, c]`` as one gemm on its own copy,
+    then published as its block of ``w``, and ``b[c] -= lr (dz[:, c].sum(0) + wd
+    b[c])``."""
     cdef:
         Py_ssize_t d = split.d, k = split.k, c0 = split.cols_start
         Py_ssize_t nc = split.cols_stop - c0, i, j
@@ -2115,10 +2124,50 @@ cdef void _split_update(const _Node *node, _Split *split, floating *w, Py_ssize_
             for j in range(nc):
                 db[j] += dz[i * k + c0 + j]
     _gemm(c"T", c"N", <int> d, <int> nc, <int> rows, <floating> -lr, x, <int> d,
-          dz + c0, <int> k, <floating> (1 - lr * weight_decay), w + c0, <int> k)
+          dz + c0, <int> k, <floating> (1 - lr * weight_decay), <floating *> split.own,
+          <int> nc)
+    _publish(w + d * c0, split.own, d * nc * sizeof(floating))
     if split.bias:
         for j in range(nc):
             bias[c0 + j] -= <floating> (lr * (db[j] + weight_decay * bias[c0 + j]))
+
+
+cdef void _split_forward(const _Node *node, const _Split *split, const floating *x,
+                         const floating *b, int act, floating alpha, floating *out,
+                         int n) noexcept nogil:
+    """``out = act(x @ W + b)`` (x (n, d), out (n, k)) with W in column blocks: this
+    rank's from its own copy, the others' from ``split.w``; every block on the path the
+    whole product takes, so each element is computed as ``_dense_forward_ptr`` would."""
+    cdef:
+        Py_ssize_t d = split.d, k = split.k, c0, c1, i
+        int r, nc
+        const floating *w
+        fastnn_gemm_epilogue epi
+        int path = _gemm_choice(sizeof(floating), c"N", c"N", n, <int> k, <int> d)
+    epi.act = FASTNN_EPI_NONE
+    epi.slope = alpha
+    if path != FASTNN_GEMM_BLAS:
+        epi.act = (FASTNN_EPI_RELU if act == RELU else
+                   FASTNN_EPI_LEAKY if act == LEAKY_RELU else FASTNN_EPI_NONE)
+    for r in range(node.size):
+        _node_chunk(k, node.size, r, &c0, &c1)
+        nc = <int> (c1 - c0)
+        if nc == 0:
+            continue
+        w = (<const floating *> split.own if r == node.rank
+             else <const floating *> split.w + d * c0)
+        if path != FASTNN_GEMM_BLAS:
+            epi.bias = b + c0 if b != NULL else NULL
+            _gemm_own(path, c"N", c"N", n, nc, <int> d, 1, x, <int> d, w, nc, 0,
+                      out + c0, <int> k, &epi)
+        else:
+            if b != NULL:
+                for i in range(n):
+                    memcpy(out + i * k + c0, b + c0, nc * sizeof(floating))
+            _gemm_blas(c"N", c"N", n, nc, <int> d, 1, x, <int> d, w, nc,
+                       1 if b != NULL else 0, out + c0, <int> k)
+    if act != IDENTITY and epi.act == FASTNN_EPI_NONE:
+        _activation_forward_range(act, alpha, out, out, <Py_ssize_t> n * k)
 
 
 cdef double _node_step(
@@ -2253,7 +2302,9 @@ cdef int _train_epoch_ptr(
     with ``node``, the whole gradient is summed and applied in shared memory
     (``_node_step``), but for the first layer with ``split``: its inputs and dz go into
     the shared global batch, and each rank updates its columns over all of it
-    (``_split_update``, ``kernels.NodeSum``).
+    (``_split_update``, ``kernels.NodeSum``). There each rank writes what the others
+    read (its block of W, its dz, its gradient) in its private memory first and then
+    copies it over whole (fastnn_publish).
 
     Workspace of a batch of ``rows``: a_0 .. a_L (rows, widths[l]) packed, then two
     (rows, widest) gradient buffers that swap roles from layer to layer."""
@@ -2279,18 +2330,27 @@ cdef int _train_epoch_ptr(
         Py_ssize_t first = 0, p0 = (w_off[1] if n_layers > 1 else n_params) - w_off[0]
         Py_ssize_t lo, hi
         int64_t s = 0
+        int rank
+        # The gradient of the layers the ranks sum: private with a split first layer.
+        floating *gw = <floating *> split.grad if split != NULL else grads
     stats[0] = stats[1] = stats[2] = stats[3] = 0
     if split != NULL:
         w0 = <floating *> split.w
         b0 = w0 + d0 * widths[1] if b_off[0] >= 0 else NULL
         first = p0
-        # Once every rank has copied out the epochs before, each rank puts its chunk of
-        # the first layer in the shared copy; every rank waits for all chunks before
-        # its first forward.
+        # Once every rank has copied out the epochs before, each rank takes its columns
+        # of the first layer into its own copy and its block of the shared one (and
+        # its part of the bias); every rank waits for all of them before its first
+        # forward.
         _node_wait(node, NODE_RELEASED, _node_flags(node, node.rank)[NODE_RELEASED])
         s = _node_flags(node, node.rank)[NODE_DONE] + 1
-        _node_chunk(p0, node.size, node.rank, &lo, &hi)
-        memcpy(w0 + lo, params + w_off[0] + lo, (hi - lo) * sizeof(floating))
+        lo, hi = split.cols_start, split.cols_stop
+        for i in range(d0):
+            memcpy(<floating *> split.own + i * (hi - lo),
+                   params + w_off[0] + i * widths[1] + lo, (hi - lo) * sizeof(floating))
+        _publish(w0 + d0 * lo, split.own, d0 * (hi - lo) * sizeof(floating))
+        if b0 != NULL:
+            memcpy(b0 + lo, params + b_off[0] + lo, (hi - lo) * sizeof(floating))
         fastnn_flag_store(_node_flags(node, node.rank) + NODE_INIT, s)
         _node_wait(node, NODE_INIT, s)
     while start < m or ((reduce != NULL or node != NULL) and b < n_steps):
@@ -2306,6 +2366,10 @@ cdef int _train_epoch_ptr(
         if split != NULL:  # every rank's first layer of the last step is written
             _node_wait(node, NODE_DONE, s - 1)
         for layer in range(n_layers):
+            if layer == 0 and split != NULL:
+                _split_forward(node, split, x0, b0, <int> acts[0], <floating> alphas[0],
+                               workspace + size * a_off[1], <int> size)
+                continue
             _dense_forward_ptr(
                 x0 if layer == 0 else workspace + size * a_off[layer],
                 w0 if layer == 0 else params + w_off[layer],
@@ -2337,9 +2401,10 @@ cdef int _train_epoch_ptr(
         for layer in range(n_layers - 1, -1, -1):
             if layer == 0 and split != NULL:
                 _dz_rows(<int> acts[0], <floating> alphas[0],
-                         workspace + size * a_off[1], dout,
-                         <floating *> split.dz + node.row_starts[b] * widths[1], NULL,
+                         workspace + size * a_off[1], dout, dprev, NULL,
                          size, widths[1])
+                _publish(<floating *> split.dz + node.row_starts[b] * widths[1], dprev,
+                         size * widths[1] * sizeof(floating))
             elif fold_sgd:
                 _dense_backward_sgd_ptr(
                     workspace + size * a_off[layer], params + w_off[layer],
@@ -2356,8 +2421,8 @@ cdef int _train_epoch_ptr(
                     workspace + size * a_off[layer], params + w_off[layer],
                     workspace + size * a_off[layer + 1], dout, <int> acts[layer],
                     <floating> alphas[layer], dout, dprev if layer > 0 else NULL,
-                    grads + w_off[layer],
-                    grads + b_off[layer] if b_off[layer] >= 0 else NULL, db_parts, 1,
+                    gw + w_off[layer],
+                    gw + b_off[layer] if b_off[layer] >= 0 else NULL, db_parts, 1,
                     <int> size, <int> widths[layer], <int> widths[layer + 1])
                 if reduce != NULL:
                     _reduce_call(reduce, REDUCE_START, layer, 0, size, &status)
@@ -2377,6 +2442,8 @@ cdef int _train_epoch_ptr(
             _layer_step(opt_code, hyper, params, grads, state0, state1, state2, w_off,
                         layer, n_layers, n_params, lrs[b], step + b + 1)
         if node != NULL:
+            if split != NULL:
+                _publish(grads + first, gw + first, (n_params - first) * sizeof(floating))
             global_loss = _node_step(node, node_step, b, first, n_params, opt_code, hyper,
                                      params, state0, state1, state2, lrs[b], step + b + 1,
                                      split)
@@ -2387,10 +2454,17 @@ cdef int _train_epoch_ptr(
         stats[2] += 1
         start += size
         b += 1
-    if split != NULL:  # every rank's last update written: the first layer's new values
+    if split != NULL:  # every rank's last update written: the first layer's new values,
+        # W from the ranks' blocks
         _node_wait(node, NODE_DONE, _node_flags(node, node.rank)[NODE_DONE])
         if not node.gone[0]:
-            memcpy(params + w_off[0], w0, p0 * sizeof(floating))
+            for rank in range(node.size):
+                _node_chunk(widths[1], node.size, rank, &lo, &hi)
+                for i in range(d0):
+                    memcpy(params + w_off[0] + i * widths[1] + lo,
+                           w0 + d0 * lo + i * (hi - lo), (hi - lo) * sizeof(floating))
+            if b0 != NULL:
+                memcpy(params + b_off[0], b0, widths[1] * sizeof(floating))
             fastnn_flag_store(_node_flags(node, node.rank) + NODE_RELEASED,
                               _node_flags(node, node.rank)[NODE_RELEASED] + 1)
     return 3 if node != NULL and node.gone[0] else 0
@@ -2528,6 +2602,14 @@ def _train_epoch(
             _node_chunk(split.k, node.size, node.rank, &lo, &hi)
             split.cols_start, split.cols_stop = lo, hi
             split.bias = use_bias[0] != 0
+            # own, then grad, each on whole cache lines
+            split.memory = malloc(_line_bytes(widths[0] * (hi - lo) * item)
+                                  + _line_bytes(p * item) + 64)
+            if split.memory == NULL:
+                free(node.segments)
+                raise MemoryError()
+            split.own = <void *> ((<size_t> split.memory + 63) // 64 * 64)
+            split.grad = <char *> split.own + _line_bytes(widths[0] * (hi - lo) * item)
             split_ptr = &split
     p = 0
     offsets = <Py_ssize_t *> malloc((3 * n_layers + 2) * sizeof(Py_ssize_t))
@@ -2540,6 +2622,8 @@ def _train_epoch(
         free(scratch)
         if node_sum:
             free(node.segments)
+        if split_ptr != NULL:
+            free(split.memory)
         raise MemoryError()
     split.db = scratch + rows   # the layers' db_parts: free once the backward is done
     a_off[0] = 0
@@ -2586,6 +2670,8 @@ def _train_epoch(
     free(scratch)
     if node_sum:
         free(node.segments)
+        if split_ptr != NULL:
+            free(split.memory)
     if status == 2:
         raise hook[1]
     if status == 3:

@@ -669,8 +669,8 @@ class _NodeSteps:
 
 
 class _NodeSplit:
-    """The first layer of a NodeSum epoch split by columns (``NodeSum``: W1, b1, the
-    global batch's inputs and dz in ``shared``)."""
+    """The first layer of a NodeSum epoch split by columns (``NodeSum``: W1 by the
+    ranks' column blocks, b1, the global batch's inputs and dz in ``shared``)."""
 
     def __init__(self, node, widths, use_bias, dtype):
         dtype = np.dtype(dtype)
@@ -678,27 +678,48 @@ class _NodeSplit:
         _, x_at, dz_at, _ = node_split_layout(widths, rows, dtype.itemsize)
         shared = node.shared
         self.n_first = d * k + (k if use_bias[0] else 0)
-        #: W1 then b1 (P1 values), as they lie in params
-        self.first = shared[:self.n_first * dtype.itemsize].view(dtype)
-        self.w = self.first[:d * k].reshape(d, k)
-        self.b = self.first[d * k:] if use_bias[0] else np.zeros(k, dtype)
+        first = shared[:self.n_first * dtype.itemsize].view(dtype)
+        ranks = len(node.segments)
+        #: rank r's columns chunk(k, K, r) = [c0, c1) of W1, a (d, c1 - c0) block at d * c0
+        self.blocks = [first[d * c0:d * c1].reshape(d, c1 - c0)
+                       for c0, c1 in (chunk(k, ranks, r) for r in range(ranks))]
+        self.b = first[d * k:] if use_bias[0] else np.zeros(k, dtype)
         self.x = shared[x_at:x_at + 2 * rows * d * dtype.itemsize].view(dtype).reshape(
             2, rows, d)
         self.dz = shared[dz_at:dz_at + rows * k * dtype.itemsize].view(dtype).reshape(rows, k)
-        self.cols = slice(*chunk(k, len(node.segments), node.rank))
+        self.cols = slice(*chunk(k, ranks, node.rank))
+        self.rank = node.rank
         self.has_bias = bool(use_bias[0])
+
+    def weights(self):
+        """W1 (d, k), from the ranks' blocks."""
+        return np.concatenate(self.blocks, axis=1)
+
+    def take(self, params):
+        """This rank's columns of W1 and b1 from ``params`` into ``shared``."""
+        d, k = self.blocks[0].shape[0], self.b.shape[0]
+        self.blocks[self.rank][...] = params[:d * k].reshape(d, k)[:, self.cols]
+        if self.has_bias:
+            self.b[self.cols] = params[d * k:d * k + k][self.cols]
+
+    def give(self, params):
+        """W1 and b1 from ``shared`` into ``params``."""
+        d, k = self.blocks[0].shape[0], self.b.shape[0]
+        params[:d * k] = self.weights().ravel()
+        if self.has_bias:
+            params[d * k:d * k + k] = self.b
 
     def update(self, step, rows, lr, weight_decay):
         """This rank's columns over the global batch of ``rows`` rows:
         ``W1[:, c] = (1 - lr wd) W1[:, c] - lr x.T @ dz[:, c]``,
         ``b1[c] -= lr (dz[:, c].sum(0) + wd b1[c])``."""
-        c, dtype = self.cols, self.w.dtype
+        c, w = self.cols, self.blocks[self.rank]
+        dtype = w.dtype
         x, dz = self.x[step % 2, :rows], self.dz[:rows, c]
         if self.has_bias:
             db = dz.sum(axis=0, dtype=np.float64)
             self.b[c] -= (lr * (db + weight_decay * self.b[c])).astype(dtype)
-        self.w[:, c] = (dtype.type(1 - lr * weight_decay) * self.w[:, c]
-                        + dtype.type(-lr) * (x.T @ dz))
+        w[...] = dtype.type(1 - lr * weight_decay) * w + dtype.type(-lr) * (x.T @ dz)
 
 
 def train_epoch(spec):
@@ -767,8 +788,7 @@ def train_epoch(spec):
     if split is not None:  # every rank's chunk of the first layer, before any forward
         node._wait(NODE_RELEASED, int(node.flags[node.rank][NODE_RELEASED]))
         s = node.next_step()
-        mine = slice(*chunk(split.n_first, len(node.data), node.rank))
-        split.first[mine] = params[mine]
+        split.take(params)
         node._raise(NODE_INIT, s)
         node._wait(NODE_INIT, s)
     for b in range(n_steps):
@@ -802,7 +822,7 @@ def train_epoch(spec):
             else:
                 bias, db = np.zeros(k, params.dtype), np.empty(k, params.dtype)
             if layer == 0 and split is not None:
-                w, bias = split.w, split.b
+                w, bias = split.weights(), split.b
             layer_params.append((w, bias, dw, db))
             forward(outs[layer], w, bias, acts[layer], outs[layer + 1], alphas[layer])
         out = outs[n_layers]
@@ -850,5 +870,5 @@ def train_epoch(spec):
         stats[2] += 1
     if split is not None:  # every rank's last update written: the first layer's values
         node._wait(NODE_DONE, node.next_step() - 1)
-        params[:split.n_first] = split.first
+        split.give(params)
         node._raise(NODE_RELEASED, int(node.flags[node.rank][NODE_RELEASED]) + 1)

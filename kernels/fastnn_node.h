@@ -4,12 +4,14 @@
  * store orders every store before it (the gradient, the loss slot) before the flag; an
  * acquire load orders every load after it after the flag.
  *
- * And what every hand-off between two CPUs costs: fastnn_cpu_round_trip, a cache line
- * sent from one CPU to another and back (Linux; elsewhere -1).
+ * A copy for another CPU to read (fastnn_publish). And what every hand-off between two
+ * CPUs costs: fastnn_cpu_round_trip, a cache line sent from one CPU to another and
+ * back (Linux; elsewhere -1).
  */
 #ifndef FASTNN_NODE_H
 #define FASTNN_NODE_H
 #include <stdint.h>
+#include <string.h>
 
 #if defined(_MSC_VER)
 #define WIN32_LEAN_AND_MEAN
@@ -53,6 +55,20 @@ static inline void fastnn_nap(double seconds)
     nanosleep(&t, NULL);
 }
 #endif
+
+/* Copies n bytes that another CPU will read next, for a rank whose peers have read the
+ * previous values: x86's string move writes whole cache lines without first fetching
+ * each from the CPU that read it last (an ordinary store waits for that fetch, ~60 us
+ * per 400 KB when the two CPUs sit in different core complexes, against ~10 us this
+ * way; on one complex both take ~6-10 us). Elsewhere memcpy. */
+static inline void fastnn_publish(void *dst, const void *src, size_t n)
+{
+#if (defined(__GNUC__) || defined(__clang__)) && (defined(__x86_64__) || defined(__i386__))
+    __asm__ volatile("rep movsb" : "+D"(dst), "+S"(src), "+c"(n) : : "memory");
+#else
+    memcpy(dst, src, n);
+#endif
+}
 
 #if defined(__linux__)
 #include <pthread.h>
