@@ -212,7 +212,7 @@ class NodeSum(NamedTuple):
     layer) is never summed, and the update is folded into its gemm as one process folds
     it. (The Cython kernel keeps its block of W1, its dz and its gradient in private
     memory and copies each into ``shared`` or its segment whole: a rank that writes
-    into cache lines another CPU has just read waits for each line, which costs ~5x as
+    into cache lines another CPU has just read waits for each line, which costs 4-5x as
     much when the CPUs sit in different core complexes.)
     """
 
