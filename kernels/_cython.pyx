@@ -2088,7 +2088,7 @@ cdef struct _Split:
     # This rank's private memory, published to the shared copies with fastnn_publish
     # (writes into lines the other CPUs have read are slow where they sit apart):
     void *own             # (d, nc) its columns of W, the copy it updates
-    void *grad            # (P,) its gradient of the layers after the first
+    void *grad            # (P - P1,) its gradient of the layers after the first
     void *memory          # the allocation own and grad are in
     void *x               # (2, split_rows, d) the global batch's inputs, by step parity
     void *dz              # (split_rows, k) the global batch's dz
@@ -2137,7 +2137,9 @@ cdef void _split_forward(const _Node *node, const _Split *split, const floating 
                          int n) noexcept nogil:
     """``out = act(x @ W + b)`` (x (n, d), out (n, k)) with W in column blocks: this
     rank's from its own copy, the others' from ``split.w``; every block on the path the
-    whole product takes, so each element is computed as ``_dense_forward_ptr`` would."""
+    whole product takes, so on the own kernels each element is computed as
+    ``_dense_forward_ptr`` computes it (through BLAS, a block may round differently:
+    gemv for one column, a BLAS's own choices by shape)."""
     cdef:
         Py_ssize_t d = split.d, k = split.k, c0, c1, i
         int r, nc
@@ -2331,7 +2333,8 @@ cdef int _train_epoch_ptr(
         Py_ssize_t lo, hi
         int64_t s = 0
         int rank
-        # The gradient of the layers the ranks sum: private with a split first layer.
+        # The gradient of the layers the ranks sum, from element ``first`` of the
+        # parameters on: private with a split first layer, else grads.
         floating *gw = <floating *> split.grad if split != NULL else grads
     stats[0] = stats[1] = stats[2] = stats[3] = 0
     if split != NULL:
@@ -2421,8 +2424,8 @@ cdef int _train_epoch_ptr(
                     workspace + size * a_off[layer], params + w_off[layer],
                     workspace + size * a_off[layer + 1], dout, <int> acts[layer],
                     <floating> alphas[layer], dout, dprev if layer > 0 else NULL,
-                    gw + w_off[layer],
-                    gw + b_off[layer] if b_off[layer] >= 0 else NULL, db_parts, 1,
+                    gw + (w_off[layer] - first),
+                    gw + (b_off[layer] - first) if b_off[layer] >= 0 else NULL, db_parts, 1,
                     <int> size, <int> widths[layer], <int> widths[layer + 1])
                 if reduce != NULL:
                     _reduce_call(reduce, REDUCE_START, layer, 0, size, &status)
@@ -2443,7 +2446,7 @@ cdef int _train_epoch_ptr(
                         layer, n_layers, n_params, lrs[b], step + b + 1)
         if node != NULL:
             if split != NULL:
-                _publish(grads + first, gw + first, (n_params - first) * sizeof(floating))
+                _publish(grads + first, gw, (n_params - first) * sizeof(floating))
             global_loss = _node_step(node, node_step, b, first, n_params, opt_code, hyper,
                                      params, state0, state1, state2, lrs[b], step + b + 1,
                                      split)
@@ -2603,8 +2606,8 @@ def _train_epoch(
             split.cols_start, split.cols_stop = lo, hi
             split.bias = use_bias[0] != 0
             # own, then grad, each on whole cache lines
-            split.memory = malloc(_line_bytes(widths[0] * (hi - lo) * item)
-                                  + _line_bytes(p * item) + 64)
+            split.memory = malloc(_line_bytes(widths[0] * (hi - lo) * item) + _line_bytes(
+                (p - widths[0] * widths[1] - (widths[1] if use_bias[0] else 0)) * item) + 64)
             if split.memory == NULL:
                 free(node.segments)
                 raise MemoryError()

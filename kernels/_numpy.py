@@ -785,7 +785,7 @@ def train_epoch(spec):
         node.split = split
         reduce, global_rows = None, spec.reduce.global_rows
     stats[:] = 0
-    if split is not None:  # every rank's chunk of the first layer, before any forward
+    if split is not None:  # every rank's columns of the first layer, before any forward
         node._wait(NODE_RELEASED, int(node.flags[node.rank][NODE_RELEASED]))
         s = node.next_step()
         split.take(params)

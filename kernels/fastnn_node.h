@@ -60,7 +60,9 @@ static inline void fastnn_nap(double seconds)
  * previous values: x86's string move writes whole cache lines without first fetching
  * each from the CPU that read it last (an ordinary store waits for that fetch, ~60 us
  * per 400 KB when the two CPUs sit in different core complexes, against ~10 us this
- * way; on one complex both take ~6-10 us). Elsewhere memcpy. */
+ * way; on one complex both take ~6-10 us). Elsewhere memcpy. The stores of one string
+ * move may land in any order among themselves, but all before any later store: the
+ * release store of the flag the readers wait on orders them, as it orders memcpy's. */
 static inline void fastnn_publish(void *dst, const void *src, size_t n)
 {
 #if (defined(__GNUC__) || defined(__clang__)) && (defined(__x86_64__) || defined(__i386__))
