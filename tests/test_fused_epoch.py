@@ -233,14 +233,16 @@ def test_node_sum_ranks_equal_one_process_with_the_global_batch(backend, dtype, 
 
 @pytest.mark.parametrize("ranks", [1, 2, 3])
 @pytest.mark.parametrize("case", ["relu_tanh", "first_layer_without_bias", "one_layer",
-                                  "narrow_first_layer"])
+                                  "narrow_first_layer", "wide_first_layer"])
 def test_node_split_first_layer_equals_one_process_with_the_global_batch(backend, dtype,
                                                                         ranks, case):
     """Plain SGD with the first layer split by columns (NodeSum.split_rows): two epochs
     on K ranks (threads) end with the same bits on every rank and equal one process
     with the global batch (uneven last step, a rank with no rows in it; weight decay;
     a layer without bias; a single layer, whose only layer is the split one; a first
-    layer of 2 units, so that the third rank has no column)."""
+    layer of 2 units, so that the third rank has no column; a first layer of 1100 x 512,
+    whose rank blocks of over 1 MiB the Cython kernel updates in place in the shared
+    region instead of privately: SPLIT_PUBLISH_MAX_BYTES)."""
     widths, acts, use_bias, loss, opt = {
         "relu_tanh": ((6, 8, 5, 3), (kernels.RELU, kernels.TANH, kernels.IDENTITY), (1, 0, 1),
                       "cross_entropy", "sgd"),
@@ -249,6 +251,8 @@ def test_node_split_first_layer_equals_one_process_with_the_global_batch(backend
         "one_layer": ((6, 3), (kernels.IDENTITY,), (1,), "binary_cross_entropy", "sgd"),
         "narrow_first_layer": ((6, 2, 3), (kernels.LEAKY_RELU, kernels.IDENTITY), (1, 1),
                                "huber", "sgd_weight_decay"),
+        "wide_first_layer": ((1100, 512, 3), (kernels.RELU, kernels.IDENTITY), (1, 1),
+                             "cross_entropy", "sgd_weight_decay"),
     }[case]
     rng = np.random.default_rng(ranks)
     n, batch = 25, 4
