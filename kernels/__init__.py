@@ -210,10 +210,10 @@ class NodeSum(NamedTuple):
     At the end every rank waits for every DONE, copies the shared first layer into
     ``params`` and raises RELEASED by one. dW1 (most of the gradient of a wide input
     layer) is never summed, and the update is folded into its gemm as one process folds
-    it. (The Cython kernel keeps its block of W1, its dz and its gradient in private
-    memory and copies each into ``shared`` or its segment whole: a rank that writes
-    into cache lines another CPU has just read waits for each line, which costs 4-5x as
-    much when the CPUs sit in different core complexes.)
+    it. (The Cython kernel keeps its block of W1 (up to 1 MiB), its dz and its gradient
+    in private memory and copies each into ``shared`` or its segment whole: a rank that
+    writes into cache lines another CPU has just read waits for each line, which costs
+    4-5x as much when the CPUs sit in different core complexes.)
     """
 
     segments: tuple
