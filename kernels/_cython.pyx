@@ -2114,9 +2114,9 @@ cdef inline Py_ssize_t _line_bytes(Py_ssize_t n) noexcept nogil:
 cdef void _split_update(const _Node *node, _Split *split, floating *w, Py_ssize_t rows,
                         int64_t s, double lr, double weight_decay) noexcept nogil:
     """This rank's columns of the first layer, over the whole global batch:
-    ``W[:, c] = (1 - lr wd) W[:, c] - lr x.T @ dz[:, c]`` as one gemm on its own copy,
-    then published as its block of ``w``, and ``b[c] -= lr (dz[:, c].sum(0) + wd
-    b[c])``."""
+    ``W[:, c] = (1 - lr wd) W[:, c] - lr x.T @ dz[:, c]`` as one gemm on ``split.own``
+    (a private copy, then published as its block of ``w``, or that block itself), and
+    ``b[c] -= lr (dz[:, c].sum(0) + wd b[c])``."""
     cdef:
         Py_ssize_t d = split.d, k = split.k, c0 = split.cols_start
         Py_ssize_t nc = split.cols_stop - c0, i, j
@@ -2315,8 +2315,8 @@ cdef int _train_epoch_ptr(
     (``_node_step``), but for the first layer with ``split``: its inputs and dz go into
     the shared global batch, and each rank updates its columns over all of it
     (``_split_update``, ``kernels.NodeSum``). There each rank writes what the others
-    read (its block of W, its dz, its gradient) in its private memory first and then
-    copies it over whole (fastnn_publish).
+    read (its block of W up to SPLIT_PUBLISH_MAX_BYTES, its dz, its gradient) in its
+    private memory first and then copies it over whole (fastnn_publish).
 
     Workspace of a batch of ``rows``: a_0 .. a_L (rows, widths[l]) packed, then two
     (rows, widest) gradient buffers that swap roles from layer to layer."""
@@ -2436,7 +2436,8 @@ cdef int _train_epoch_ptr(
                     workspace + size * a_off[layer + 1], dout, <int> acts[layer],
                     <floating> alphas[layer], dout, dprev if layer > 0 else NULL,
                     gw + (w_off[layer] - first),
-                    gw + (b_off[layer] - first) if b_off[layer] >= 0 else NULL, db_parts, 1,
+                    gw + (b_off[layer] - first) if b_off[layer] >= 0 else NULL,
+                    db_parts, 1,
                     <int> size, <int> widths[layer], <int> widths[layer + 1])
                 if reduce != NULL:
                     _reduce_call(reduce, REDUCE_START, layer, 0, size, &status)
