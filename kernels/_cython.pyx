@@ -805,6 +805,35 @@ def softmax_forward(z, out):
 # Dense layer
 # ----------------------------------------------------------------------------------
 
+cdef inline bint _dense_product(
+    int path,           # IN  _gemm_choice of the whole product
+    const floating *x,  # IN  (n, d)
+    const floating *w,  # IN  (d, k)
+    const floating *b,  # IN  (k,), or NULL: no bias
+    int act, floating alpha,
+    floating *out,      # OUT (n, k), rows ldc apart
+    int n, int d, int k, int ldc,
+) noexcept nogil:
+    """``out = x @ w + b`` on ``path``, with ``act`` applied in the store when the own
+    GEMM can (ReLU, leaky ReLU): returns whether it was. BLAS runs on bias rows with
+    beta=1 (beta=0 without a bias)."""
+    cdef:
+        Py_ssize_t i
+        fastnn_gemm_epilogue epi
+    if path != FASTNN_GEMM_BLAS:
+        epi.bias = b
+        epi.act = (FASTNN_EPI_RELU if act == RELU else
+                   FASTNN_EPI_LEAKY if act == LEAKY_RELU else FASTNN_EPI_NONE)
+        epi.slope = alpha
+        _gemm_own(path, c"N", c"N", n, k, d, 1, x, d, w, k, 0, out, ldc, &epi)
+        return epi.act != FASTNN_EPI_NONE
+    if b != NULL:
+        for i in range(n):
+            memcpy(out + i * ldc, b, k * sizeof(floating))
+    _gemm_blas(c"N", c"N", n, k, d, 1, x, d, w, k, 1 if b != NULL else 0, out, ldc)
+    return False
+
+
 cdef void _dense_forward_ptr(
     const floating *x,  # IN  (n, d)
     const floating *w,  # IN  (d, k)
@@ -813,28 +842,11 @@ cdef void _dense_forward_ptr(
     floating *out,      # OUT (n, k)
     int n, int d, int k, bint threaded,
 ) noexcept nogil:
-    """``out = act(x @ w + b)``. The own GEMM adds the bias and applies ReLU / leaky
-    ReLU in its store (one pass over ``out``); BLAS runs on bias rows with beta=1
-    (beta=0 without a bias). Other activations: one pass after, threaded when big
-    unless ``threaded`` is False."""
-    cdef:
-        Py_ssize_t i
-        int path = _gemm_choice(sizeof(floating), c"N", c"N", n, k, d)
-        fastnn_gemm_epilogue epi
-    if path != FASTNN_GEMM_BLAS:
-        epi.bias = b
-        epi.act = (FASTNN_EPI_RELU if act == RELU else
-                   FASTNN_EPI_LEAKY if act == LEAKY_RELU else FASTNN_EPI_NONE)
-        epi.slope = alpha
-        _gemm_own(path, c"N", c"N", n, k, d, 1, x, d, w, k, 0, out, k, &epi)
-        if epi.act != FASTNN_EPI_NONE:
-            return
-    else:
-        if b != NULL:
-            for i in range(n):
-                memcpy(out + i * k, b, k * sizeof(floating))
-        _gemm_blas(c"N", c"N", n, k, d, 1, x, d, w, k, 1 if b != NULL else 0, out, k)
-    if act == IDENTITY:
+    """``out = act(x @ w + b)``: the product and, on the own GEMM, ReLU / leaky ReLU in
+    its store (``_dense_product``); other activations in one pass after, threaded when
+    big unless ``threaded`` is False."""
+    if _dense_product(_gemm_choice(sizeof(floating), c"N", c"N", n, k, d), x, w, b, act,
+                      alpha, out, n, d, k, k) or act == IDENTITY:
         return
     if threaded:
         _activation_forward_flat(act, alpha, out, out, <Py_ssize_t> n * k)
@@ -2151,34 +2163,18 @@ cdef void _split_forward(const _Node *node, const _Split *split, const floating 
     ``_dense_forward_ptr`` computes it (through BLAS, a block may round differently:
     gemv for one column, a BLAS's own choices by shape)."""
     cdef:
-        Py_ssize_t d = split.d, k = split.k, c0, c1, i
-        int r, nc
-        const floating *w
-        fastnn_gemm_epilogue epi
+        Py_ssize_t d = split.d, k = split.k, c0, c1
+        int r
+        bint fused = False
         int path = _gemm_choice(sizeof(floating), c"N", c"N", n, <int> k, <int> d)
-    epi.act = FASTNN_EPI_NONE
-    epi.slope = alpha
-    if path != FASTNN_GEMM_BLAS:
-        epi.act = (FASTNN_EPI_RELU if act == RELU else
-                   FASTNN_EPI_LEAKY if act == LEAKY_RELU else FASTNN_EPI_NONE)
     for r in range(node.size):
         _node_chunk(k, node.size, r, &c0, &c1)
-        nc = <int> (c1 - c0)
-        if nc == 0:
-            continue
-        w = (<const floating *> split.own if r == node.rank
-             else <const floating *> split.w + d * c0)
-        if path != FASTNN_GEMM_BLAS:
-            epi.bias = b + c0 if b != NULL else NULL
-            _gemm_own(path, c"N", c"N", n, nc, <int> d, 1, x, <int> d, w, nc, 0,
-                      out + c0, <int> k, &epi)
-        else:
-            if b != NULL:
-                for i in range(n):
-                    memcpy(out + i * k + c0, b + c0, nc * sizeof(floating))
-            _gemm_blas(c"N", c"N", n, nc, <int> d, 1, x, <int> d, w, nc,
-                       1 if b != NULL else 0, out + c0, <int> k)
-    if act != IDENTITY and epi.act == FASTNN_EPI_NONE:
+        if c1 > c0:
+            fused = _dense_product(
+                path, x, <const floating *> split.own if r == node.rank
+                else <const floating *> split.w + d * c0, b + c0 if b != NULL else NULL,
+                act, alpha, out + c0, n, <int> d, <int> (c1 - c0), <int> k)
+    if act != IDENTITY and not fused:
         _activation_forward_range(act, alpha, out, out, <Py_ssize_t> n * k)
 
 
