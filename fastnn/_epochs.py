@@ -158,10 +158,9 @@ def fused_epoch_runner(model, X, target, weights, plan, callbacks, comm=None):
     reduction, positions, n_total = None, None, X.shape[0]
     if comm is not None:
         if comm.one_node and distributed_module.SHARED_MEMORY:
-            plain_sgd = (optimizer_spec.code == kernels.OPTIMIZER_CODES["sgd"]
-                         and optimizer_spec.hyper[0] == 0)   # its first layer split
             reduction = distributed_module.SharedMemoryReduction(
-                comm, model.grads, plan, widths if plain_sgd else None)
+                comm, model.grads, plan, widths, len(kernels.optimizer_states_used(
+                    optimizer_spec.code, optimizer_spec.hyper)))
         else:
             reduction = distributed_module.GradientReduction(comm, model.grads, [
                 (start, start + sum(p.size for p in d.parameters()))

@@ -579,26 +579,29 @@ class SharedMemoryReduction:
     parameters straight from the chunk's owner's segment, so the summed gradient is
     never copied.
 
-    With plain SGD (``split_widths``, the layer widths, given) the first layer is split
-    by columns instead of summed (``NodeSum.split_rows``): each rank computes its
-    columns of dW1 over the whole global batch from the inputs and dz every rank puts in
-    the window, with the update folded into that gemm as one process folds it, on its
-    own copy of its columns, which it then copies into the window (W1 lies there by
-    the ranks' column blocks, then b1; a block over 1 MiB is updated in the window). On the MNIST net dW1 is 85 % of the gradient: the
-    sum shrinks to the other layers, and the fold one process has comes back (1.66-1.73x
-    the samples/s of one process before, 1.67-1.92x after: README, Training on several
-    processes). The region, room for two global batches of inputs, sits after rank 0's
-    gradient (every rank's segment has its size); beyond SPLIT_MAX_BYTES (a large
-    global batch, where the sum costs little per row) the first layer is summed too.
-    ``plan`` holds the steps of every epoch (``_epochs.BatchPlan``).
+    With ``split_widths`` (the layer widths) given, the first layer is split by columns
+    instead of summed (``NodeSum.split_rows``): each rank computes its columns of dW1
+    over the whole global batch from the inputs and dz every rank puts in the window
+    and updates them on its own copy, which it then copies into the window (W1 lies
+    there by the ranks' column blocks, then b1; a block over 1 MiB is updated in the
+    window). Plain SGD folds the update into that gemm as one process folds it; any
+    other optimizer keeps its ``split_states`` state arrays of the first layer
+    (``kernels.optimizer_states_used``) in the window the same way. On the MNIST net
+    dW1 is 85 % of the gradient: the sum shrinks to the other layers (plain SGD:
+    1.66-1.73x the samples/s of one process before, 1.67-1.92x after; momentum 1.70x
+    before, 1.92x after: README, Training on several processes). The region, room for
+    two global batches of inputs, sits after rank 0's gradient (every rank's segment
+    has its size); beyond SPLIT_MAX_BYTES (a large global batch, where the sum costs
+    little per row) the first layer is summed too. ``plan`` holds the steps of every
+    epoch (``_epochs.BatchPlan``).
     """
 
-    def __init__(self, comm, grads, plan, split_widths=None):
+    def __init__(self, comm, grads, plan, split_widths=None, split_states=0):
         self.comm = comm
         start = -(-grads.nbytes // 64) * 64
         split_rows = int(plan.global_rows().max(initial=0)) if split_widths is not None else 0
-        shared = (kernels.node_split_bytes(split_widths, split_rows, grads.itemsize)
-                  if split_rows else 0)
+        shared = (kernels.node_split_bytes(split_widths, split_rows, grads.itemsize,
+                                           split_states) if split_rows else 0)
         if shared > SPLIT_MAX_BYTES:
             split_rows = shared = 0
         self.window = node_window(comm, start + shared)

@@ -188,29 +188,32 @@ class NodeSum(NamedTuple):
     is summed once, by its owner, and every rank updates from the same bits, so the
     parameters stay bit-identical on every rank.
 
-    Split first layer (``split_rows`` > 0; plain SGD only, momentum 0): the first
-    layer (W1 (d, k) then b1, P1 values) is not summed but computed over the whole
-    global batch, each rank its columns ``chunk(k, K, rank)``, in ``shared``: one
-    region of ``node_split_bytes(widths, split_rows, itemsize)`` bytes that every rank
+    Split first layer (``split_rows`` > 0; any optimizer): the first layer (W1 (d, k)
+    then b1, P1 values) is not summed but computed over the whole global batch, each
+    rank its columns ``chunk(k, K, rank)``, in ``shared``: one region of
+    ``node_split_bytes(widths, split_rows, itemsize, n_states)`` bytes that every rank
     sees (the same memory), holding W1 by column blocks (rank r's columns [c0, c1) =
     ``chunk(k, K, r)`` as a C-ordered (d, c1 - c0) block from element d * c0), b1, the
-    global batch's inputs (two (split_rows, d) slots, step s in slot s % 2) and its dz
-    (split_rows, k). Rank r's rows of step b are rows ``row_starts[b]`` on of the global
+    optimizer's used states of them laid out alike (``optimizer_states_used``:
+    ``n_states`` of them), the global batch's inputs (two (split_rows, d) slots, step s
+    in slot s % 2) and its dz (split_rows, k). Rank r's rows of step b are rows ``row_starts[b]`` on of the global
     batch (int64, (len(lrs),)); the ranks' rows tile rows [0, global_rows[b]),
     global_rows[b] <= split_rows. The epoch starts, once every RELEASED flag has reached this rank's
     (every rank has copied out the epochs before), with each rank copying its columns
-    of W1 and b1 into ``shared`` and raising INIT to its first step; every rank waits
-    for every INIT. Each step gathers its inputs into the slot, waits until
+    of W1 and b1, and of the used states, into ``shared`` and raising INIT to its first
+    step; every rank waits for every INIT. Each step gathers its inputs into the slot, waits until
     every DONE is >= s - 1 (the first layer of the step before is written), runs the
     forward with the shared first layer, puts ``dz = dout * act'(a1)`` of its rows
     into the shared dz, and then takes the steps above over the parameters after P1;
     once the global loss is known to be finite and this rank's chunk is updated, it
-    updates its columns, ``W1[:, c] = (1 - lr wd) W1[:, c] - lr x.T @ dz[:, c]`` and
-    ``b1[c] -= lr (dz[:, c].sum(0) + wd b1[c])`` over the global batch, before DONE.
-    At the end every rank waits for every DONE, copies the shared first layer into
-    ``params`` and raises RELEASED by one. dW1 (most of the gradient of a wide input
-    layer) is never summed, and the update is folded into its gemm as one process folds
-    it. (The Cython kernel keeps its block of W1 (up to 1 MiB), its dz and its gradient
+    updates its columns over the global batch before DONE: plain SGD as ``W1[:, c] =
+    (1 - lr wd) W1[:, c] - lr x.T @ dz[:, c]`` and ``b1[c] -= lr (dz[:, c].sum(0) + wd
+    b1[c])`` (the update folded into the gemm, as one process folds it), any other
+    optimizer by its step from ``x.T @ dz[:, c]`` and ``dz[:, c].sum(0)`` on the
+    columns and their states in ``shared``. At the end every rank waits for every DONE,
+    copies the shared first layer into ``params`` and its states into the optimizer's,
+    and raises RELEASED by one. dW1 (most of the gradient of a wide input layer) is
+    never summed. (The Cython kernel keeps its block of W1 (up to 1 MiB), its dz and its gradient
     in private memory and copies each into ``shared`` or its segment whole: a rank that
     writes into cache lines another CPU has just read waits for each line, which costs
     4-5x as much when the CPUs sit in different core complexes.)
@@ -233,24 +236,41 @@ LAUNCHER_GONE = ("train_epoch: this rank's launcher (process {}) is gone while i
                  "and this rank stops too")
 
 
-def node_split_layout(widths, split_rows, itemsize):
+def optimizer_states_used(code, hyper):
+    """The slots of ``OptimizerSpec.states`` that optimizer ``code`` with ``hyper``
+    reads and writes, in order (the others are never touched): SGD's momentum buffer
+    (momentum != 0); AdaGrad's sum; RMSProp's square average, momentum buffer
+    (momentum > 0) and gradient average (centered); Adam's two moments and their
+    running maximum (amsgrad)."""
+    if code == OPTIMIZER_CODES["sgd"]:
+        return (0,) if hyper[0] != 0 else ()
+    if code == OPTIMIZER_CODES["adagrad"]:
+        return (0,)
+    if code == OPTIMIZER_CODES["rmsprop"]:
+        return (0,) + ((1,) if hyper[3] > 0 else ()) + ((2,) if hyper[4] != 0 else ())
+    return (0, 1) + ((2,) if hyper[5] != 0 else ())
+
+
+def node_split_layout(widths, split_rows, itemsize, n_states=0):
     """The byte offsets in a NodeSum's ``shared`` region of the first layer (W1 by the
-    ranks' column blocks, then b1), the two input slots and dz, and the region's size:
-    each part on whole cache lines (b1 follows W1 whether or not the layer has a
-    bias)."""
+    ranks' column blocks, then b1), of its ``n_states`` optimizer states laid out
+    alike (``optimizer_states_used``, in that order), of the two input slots and dz,
+    and the region's size: each part on whole cache lines (b1 follows W1 whether or
+    not the layer has a bias)."""
     d, k = int(widths[0]), int(widths[1])
 
     def lines(n):
         return -(-n * itemsize // 64) * 64
 
-    inputs = lines(d * k + k)
+    states = lines(d * k + k)
+    inputs = states + n_states * lines(d * k + k)
     dz = inputs + lines(2 * split_rows * d)
-    return 0, inputs, dz, dz + lines(split_rows * k)
+    return 0, states, inputs, dz, dz + lines(split_rows * k)
 
 
-def node_split_bytes(widths, split_rows, itemsize):
+def node_split_bytes(widths, split_rows, itemsize, n_states=0):
     """Bytes of a NodeSum's ``shared`` region (``node_split_layout``)."""
-    return node_split_layout(widths, split_rows, itemsize)[3]
+    return node_split_layout(widths, split_rows, itemsize, n_states)[-1]
 
 
 def chunk(n, parts, index):

@@ -11,7 +11,8 @@ import numpy as np
 
 from . import (
     DEFAULT_ALPHA, LABEL_LOSS_CODES, NODE_DATA, OPTIMIZER_CODES, OPTIMIZER_HYPER, NodeSum,
-    dense_stack_workspace_size, node_split_bytes, train_epoch_workspace_size,
+    dense_stack_workspace_size, node_split_bytes, optimizer_states_used,
+    train_epoch_workspace_size,
 )
 
 _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
@@ -360,17 +361,17 @@ def _node_sum(kernel, node, grads, n_steps):
 
 
 def _node_split(kernel, spec, widths):
-    """A NodeSum's split first layer: plain SGD, a shared region big enough on a cache
-    line, and every step's rows of this rank inside its global batch (O(steps))."""
+    """A NodeSum's split first layer: a shared region big enough (with room for the
+    optimizer's states) on a cache line, and every step's rows of this rank inside its
+    global batch (O(steps))."""
     node, opt = spec.reduce, spec.optimizer
-    if opt.code != OPTIMIZER_CODES["sgd"] or opt.hyper[0] != 0:
-        raise ValueError(f"{kernel}: a split first layer (reduce.split_rows > 0) takes "
-                         f"plain SGD (momentum 0)")
     _array(kernel, "reduce.shared", node.shared, 1, _UINT8, writable=True)
-    needed = node_split_bytes(widths, node.split_rows, spec.X.dtype.itemsize)
+    n_states = len(optimizer_states_used(opt.code, opt.hyper))
+    needed = node_split_bytes(widths, node.split_rows, spec.X.dtype.itemsize, n_states)
     if node.shared.shape[0] < needed:
         raise ValueError(f"{kernel}: reduce.shared must hold at least {needed} bytes "
-                         f"(node_split_bytes), got {node.shared.shape[0]}")
+                         f"(node_split_bytes with n_states={n_states}), got "
+                         f"{node.shared.shape[0]}")
     if node.shared.ctypes.data % 64:
         raise ValueError(f"{kernel}: reduce.shared must start on a 64-byte boundary")
     n_steps = spec.lrs.shape[0]

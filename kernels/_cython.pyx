@@ -68,6 +68,7 @@ from . import NODE_LOSS as _NODE_LOSS
 from . import NODE_READY as _NODE_READY
 from . import NODE_REDUCED as _NODE_REDUCED
 from . import NodeSum as _NodeSum
+from . import optimizer_states_used as _optimizer_states_used
 
 # OpenMP when the compiler has it (setup.py passes -fopenmp / /openmp); otherwise
 # serial stand-ins, so the module still builds where OpenMP is unavailable (macOS).
@@ -2101,15 +2102,20 @@ cdef int64_t _node_begin(const _Node *node, double loss_rows) noexcept nogil:
 
 
 cdef struct _Split:
-    # The first layer of a plain-SGD NodeSum epoch, split by columns (_split_update).
-    # In memory every rank sees: W by columns, rank r's chunk(k, K, r) = [c0, c1) as a
-    # (d, c1 - c0) block at element d * c0, then b (k,); and the global batch's x, dz.
+    # The first layer of a NodeSum epoch, split by columns (_split_update). In memory
+    # every rank sees: W by columns, rank r's chunk(k, K, r) = [c0, c1) as a
+    # (d, c1 - c0) block at element d * c0, then b (k,); the optimizer's states of
+    # them laid out alike; and the global batch's x, dz.
     void *w
+    void *states[3]       # the shared copy of each OptimizerSpec.states slot, or NULL:
+                          # unused (kernels.optimizer_states_used)
     # This rank's private memory, published to the shared copies with fastnn_publish
     # (writes into lines the other CPUs have read are slow where they sit apart):
     void *own             # (d, nc) its columns of W, the copy it updates: private, or
                           # its block in w itself (SPLIT_PUBLISH_MAX_BYTES)
     void *grad            # (P - P1,) its gradient of the layers after the first
+    void *dw              # (d * nc + nc,) its columns of dW then db, unless plain SGD
+                          # folds the update into the gemm
     void *memory          # the allocation own and grad are in
     void *x               # (2, split_rows, d) the global batch's inputs, by step parity
     void *dz              # (split_rows, k) the global batch's dz
@@ -2123,19 +2129,56 @@ cdef inline Py_ssize_t _line_bytes(Py_ssize_t n) noexcept nogil:
     return (n + 63) // 64 * 64
 
 
+cdef void _split_take(const _Split *split, floating *region, const floating *flat,
+                      Py_ssize_t w_at, Py_ssize_t b_at) noexcept nogil:
+    """This rank's columns of the first layer in ``flat`` (W (d, k) at element ``w_at``,
+    b at ``b_at``, or -1: none) into its block of ``region`` (laid out as split.w)."""
+    cdef:
+        Py_ssize_t d = split.d, k = split.k, lo = split.cols_start, i
+        Py_ssize_t nc = split.cols_stop - lo
+    for i in range(d):
+        memcpy(region + d * lo + i * nc, flat + w_at + i * k + lo, nc * sizeof(floating))
+    if b_at >= 0:
+        memcpy(region + d * k + lo, flat + b_at + lo, nc * sizeof(floating))
+
+
+cdef void _split_give(const _Node *node, const _Split *split, floating *flat,
+                      const floating *region, Py_ssize_t w_at,
+                      Py_ssize_t b_at) noexcept nogil:
+    """Every rank's block of ``region`` into the first layer of ``flat`` (as
+    _split_take)."""
+    cdef:
+        Py_ssize_t d = split.d, k = split.k, lo, hi, i
+        int r
+    for r in range(node.size):
+        _node_chunk(k, node.size, r, &lo, &hi)
+        for i in range(d):
+            memcpy(flat + w_at + i * k + lo, region + d * lo + i * (hi - lo),
+                   (hi - lo) * sizeof(floating))
+    if b_at >= 0:
+        memcpy(flat + b_at, region + d * k, k * sizeof(floating))
+
+
 cdef void _split_update(const _Node *node, _Split *split, floating *w, Py_ssize_t rows,
-                        int64_t s, double lr, double weight_decay) noexcept nogil:
-    """This rank's columns of the first layer, over the whole global batch:
-    ``W[:, c] = (1 - lr wd) W[:, c] - lr x.T @ dz[:, c]`` as one gemm on ``split.own``
-    (a private copy, then published as its block of ``w``, or that block itself), and
-    ``b[c] -= lr (dz[:, c].sum(0) + wd b[c])``."""
+                        int64_t s, int opt_code, const double *hyper, double lr,
+                        long t) noexcept nogil:
+    """This rank's columns of the first layer, over the whole global batch, on
+    ``split.own`` (a private copy, then published as its block of ``w``, or that block
+    itself): plain SGD folds its update into the gemm, ``W[:, c] = (1 - lr wd) W[:, c]
+    - lr x.T @ dz[:, c]`` and ``b[c] -= lr (dz[:, c].sum(0) + wd b[c])``; any other
+    optimizer takes its step from ``dW[:, c] = x.T @ dz[:, c]``, ``db[c] =
+    dz[:, c].sum(0)`` and the columns' states in ``split.states``."""
     cdef:
         Py_ssize_t d = split.d, k = split.k, c0 = split.cols_start
         Py_ssize_t nc = split.cols_stop - c0, i, j
         const floating *x = <const floating *> split.x + (s % 2) * node.split_rows * d
         const floating *dz = <const floating *> split.dz
         floating *bias = w + d * k
+        floating *dw = <floating *> split.dw
+        floating *st[3]
         double *db = split.db
+        double weight_decay = hyper[2]
+        bint fold = opt_code == SGD and hyper[0] == 0
     if nc <= 0 or rows <= 0:
         return
     if split.bias:
@@ -2144,14 +2187,33 @@ cdef void _split_update(const _Node *node, _Split *split, floating *w, Py_ssize_
         for i in range(rows):
             for j in range(nc):
                 db[j] += dz[i * k + c0 + j]
-    _gemm(c"T", c"N", <int> d, <int> nc, <int> rows, <floating> -lr, x, <int> d,
-          dz + c0, <int> k, <floating> (1 - lr * weight_decay), <floating *> split.own,
-          <int> nc)
+    if fold:
+        _gemm(c"T", c"N", <int> d, <int> nc, <int> rows, <floating> -lr, x, <int> d,
+              dz + c0, <int> k, <floating> (1 - lr * weight_decay),
+              <floating *> split.own, <int> nc)
+    else:
+        _gemm(c"T", c"N", <int> d, <int> nc, <int> rows, 1, x, <int> d, dz + c0,
+              <int> k, 0, dw, <int> nc)
+        for j in range(3):
+            st[j] = (<floating *> split.states[j] + d * c0 if split.states[j] != NULL
+                     else NULL)
+        _optimizer_step(opt_code, hyper, <floating *> split.own, dw, st[0], st[1], st[2],
+                        d * nc, lr, t)
     if split.own != <void *> (w + d * c0):
         _publish(w + d * c0, split.own, d * nc * sizeof(floating))
-    if split.bias:
+    if not split.bias:
+        return
+    if fold:
         for j in range(nc):
             bias[c0 + j] -= <floating> (lr * (db[j] + weight_decay * bias[c0 + j]))
+        return
+    for j in range(nc):
+        dw[d * nc + j] = <floating> db[j]
+    for j in range(3):
+        st[j] = (<floating *> split.states[j] + d * k + c0 if split.states[j] != NULL
+                 else NULL)
+    _optimizer_step(opt_code, hyper, bias + c0, dw + d * nc, st[0], st[1], st[2], nc, lr,
+                    t)
 
 
 cdef void _split_forward(const _Node *node, const _Split *split, const floating *x,
@@ -2216,7 +2278,7 @@ cdef double _node_step(
                         _shifted(state2, start), stop - start, lr, t)
         if split != NULL:
             _split_update(node, split, <floating *> split.w,
-                          <Py_ssize_t> node.global_rows[b], s, lr, hyper[2])
+                          <Py_ssize_t> node.global_rows[b], s, opt_code, hyper, lr, t)
         _node_wait(node, NODE_REDUCED, s)
         for r in range(node.size):
             if r != me:
@@ -2342,25 +2404,27 @@ cdef int _train_epoch_ptr(
         # The gradient of the layers the ranks sum, from element ``first`` of the
         # parameters on: private with a split first layer, else grads.
         floating *gw = <floating *> split.grad if split != NULL else grads
+        floating *full_states[3]
+    full_states[0], full_states[1], full_states[2] = state0, state1, state2
     stats[0] = stats[1] = stats[2] = stats[3] = 0
     if split != NULL:
         w0 = <floating *> split.w
         b0 = w0 + d0 * widths[1] if b_off[0] >= 0 else NULL
         first = p0
         # Once every rank has copied out the epochs before, each rank takes its columns
-        # of the first layer into its own copy and its block of the shared one (and
-        # its part of the bias); every rank waits for all of them before its first
-        # forward.
+        # of the first layer (and of the optimizer's states of it) into its block of
+        # the shared one and into its own copy; every rank waits for all of them before
+        # its first forward.
         _node_wait(node, NODE_RELEASED, _node_flags(node, node.rank)[NODE_RELEASED])
         s = _node_flags(node, node.rank)[NODE_DONE] + 1
         lo, hi = split.cols_start, split.cols_stop
-        for i in range(d0):
-            memcpy(<floating *> split.own + i * (hi - lo),
-                   params + w_off[0] + i * widths[1] + lo, (hi - lo) * sizeof(floating))
+        _split_take(split, w0, params, w_off[0], b_off[0])
         if split.own != <void *> (w0 + d0 * lo):
-            _publish(w0 + d0 * lo, split.own, d0 * (hi - lo) * sizeof(floating))
-        if b0 != NULL:
-            memcpy(b0 + lo, params + b_off[0] + lo, (hi - lo) * sizeof(floating))
+            memcpy(split.own, w0 + d0 * lo, d0 * (hi - lo) * sizeof(floating))
+        for i in range(3):
+            if split.states[i] != NULL:
+                _split_take(split, <floating *> split.states[i], full_states[i], w_off[0],
+                            b_off[0])
         fastnn_flag_store(_node_flags(node, node.rank) + NODE_INIT, s)
         _node_wait(node, NODE_INIT, s)
     while start < m or ((reduce != NULL or node != NULL) and b < n_steps):
@@ -2465,17 +2529,15 @@ cdef int _train_epoch_ptr(
         stats[2] += 1
         start += size
         b += 1
-    if split != NULL:  # every rank's last update written: the first layer's new values,
-        # W from the ranks' blocks
+    if split != NULL:  # every rank's last update written: the first layer's new values
+        # (and its states) from the ranks' blocks
         _node_wait(node, NODE_DONE, _node_flags(node, node.rank)[NODE_DONE])
         if not node.gone[0]:
-            for rank in range(node.size):
-                _node_chunk(widths[1], node.size, rank, &lo, &hi)
-                for i in range(d0):
-                    memcpy(params + w_off[0] + i * widths[1] + lo,
-                           w0 + d0 * lo + i * (hi - lo), (hi - lo) * sizeof(floating))
-            if b0 != NULL:
-                memcpy(params + b_off[0], b0, widths[1] * sizeof(floating))
+            _split_give(node, split, params, w0, w_off[0], b_off[0])
+            for i in range(3):
+                if split.states[i] != NULL:
+                    _split_give(node, split, full_states[i],
+                                <const floating *> split.states[i], w_off[0], b_off[0])
             fastnn_flag_store(_node_flags(node, node.rank) + NODE_RELEASED,
                               _node_flags(node, node.rank)[NODE_RELEASED] + 1)
     return 3 if node != NULL and node.gone[0] else 0
@@ -2532,6 +2594,8 @@ def _train_epoch(
         _Split *split_ptr = NULL
         uint8_t[::1] shared
         Py_ssize_t lo, hi, x_at = 0, dz_at = 0, item = sizeof(floating), own_bytes
+        Py_ssize_t area, grad_bytes, dw_bytes, i
+        tuple used
         int rank, gone = 0
         bint node_sum = isinstance(reduce, _NodeSum)
         const double[::1] global_rows
@@ -2579,10 +2643,11 @@ def _train_epoch(
             # this rank inside the shared global batch
             shared = reduce.shared
             row_starts_ = reduce.row_starts
-            x_at = _line_bytes((widths[0] * widths[1] + widths[1]) * item)
+            used = _optimizer_states_used(opt_code, hyper)
+            area = _line_bytes((widths[0] * widths[1] + widths[1]) * item)
+            x_at = area * (1 + len(used))
             dz_at = x_at + _line_bytes(2 * node.split_rows * widths[0] * item)
-            ok = (node.split_rows > 0 and opt_code == SGD and hyper[0] == 0
-                  and row_starts_.shape[0] >= lrs.shape[0]
+            ok = (node.split_rows > 0 and row_starts_.shape[0] >= lrs.shape[0]
                   and shared.shape[0] >= dz_at + _line_bytes(
                       node.split_rows * widths[1] * item)
                   and (<size_t> &shared[0]) % 64 == 0)
@@ -2613,17 +2678,25 @@ def _train_epoch(
             _node_chunk(split.k, node.size, node.rank, &lo, &hi)
             split.cols_start, split.cols_stop = lo, hi
             split.bias = use_bias[0] != 0
-            # own (unless it is the block in the shared region itself), then grad, each
-            # on whole cache lines
+            for i in range(3):
+                split.states[i] = NULL
+            for i in range(len(used)):
+                split.states[<int> used[i]] = &shared[area * (1 + i)]
+            # own (unless it is the block in the shared region itself), grad, then dw
+            # (unless plain SGD folds its update), each on whole cache lines
             own_bytes = widths[0] * (hi - lo) * item
             own_bytes = _line_bytes(own_bytes) if own_bytes <= SPLIT_PUBLISH_MAX_BYTES else 0
-            split.memory = malloc(own_bytes + _line_bytes(
-                (p - widths[0] * widths[1] - (widths[1] if use_bias[0] else 0)) * item) + 64)
+            grad_bytes = _line_bytes(
+                (p - widths[0] * widths[1] - (widths[1] if use_bias[0] else 0)) * item)
+            dw_bytes = (0 if opt_code == SGD and hyper[0] == 0
+                        else _line_bytes((widths[0] + 1) * (hi - lo) * item))
+            split.memory = malloc(own_bytes + grad_bytes + dw_bytes + 64)
             if split.memory == NULL:
                 free(node.segments)
                 raise MemoryError()
             split.own = <void *> ((<size_t> split.memory + 63) // 64 * 64)
             split.grad = <char *> split.own + own_bytes
+            split.dw = <char *> split.grad + grad_bytes
             if own_bytes == 0:
                 split.own = &shared[widths[0] * lo * item]
             split_ptr = &split
@@ -2719,8 +2792,8 @@ def train_epoch(spec):
     correct predictions, batches completed, the last batch's loss]; a non-finite batch
     loss ends the epoch before its update. ``reduce`` as in ``_numpy.train_epoch``: the
     nogil loop takes the GIL only for its calls; a ``NodeSum`` runs with no GIL at all,
-    its split first layer (plain SGD) folding each rank's columns' update into their
-    gemm over the global batch.
+    its split first layer updating each rank's columns from their gemm over the global
+    batch (plain SGD folded into it).
     """
     try:
         optimizer = spec.optimizer

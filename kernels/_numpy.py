@@ -37,7 +37,7 @@ from . import (
     IDENTITY, LABEL_LOSS_CODES, LAUNCHER_GONE, LEAKY_RELU, MAE, MSE, NODE_DATA, NODE_DONE, NODE_LOSS,
     NODE_INIT, NODE_READY, NODE_REDUCED, NODE_RELEASED, REDUCE_LOSS, REDUCE_START, REDUCE_WAIT, RELU,
     RMSPROP, SGD, SIGMOID, SOFTPLUS, STEP, TANH, NodeSum, chunk,
-    dense_stack_workspace_size, node_split_layout,
+    dense_stack_workspace_size, node_split_layout, optimizer_states_used,
 )
 
 
@@ -658,7 +658,7 @@ class _NodeSteps:
         self._raise(NODE_REDUCED, step)
         if np.isfinite(loss):
             if self.split is not None:
-                self.split.update(step, int(global_rows), lr, optimizer.hyper[2])
+                self.split.update(step, int(global_rows), optimizer, lr, t)
             self._wait(NODE_REDUCED, step)
             for data, part in zip(self.data, self.chunks):
                 states = tuple(state[part] for state in optimizer.states)
@@ -670,24 +670,34 @@ class _NodeSteps:
 
 class _NodeSplit:
     """The first layer of a NodeSum epoch split by columns (``NodeSum``: W1 by the
-    ranks' column blocks, b1, the global batch's inputs and dz in ``shared``)."""
+    ranks' column blocks, b1, the optimizer's states of them laid out alike, the global
+    batch's inputs and dz in ``shared``)."""
 
-    def __init__(self, node, widths, use_bias, dtype):
+    def __init__(self, node, widths, use_bias, optimizer, dtype):
         dtype = np.dtype(dtype)
         d, k, rows = int(widths[0]), int(widths[1]), node.split_rows
-        _, x_at, dz_at, _ = node_split_layout(widths, rows, dtype.itemsize)
+        self.used = optimizer_states_used(optimizer.code, optimizer.hyper)
+        _, states_at, x_at, dz_at, _ = node_split_layout(widths, rows, dtype.itemsize,
+                                                         len(self.used))
         shared = node.shared
         self.n_first = d * k + (k if use_bias[0] else 0)
-        first = shared[:self.n_first * dtype.itemsize].view(dtype)
         ranks = len(node.segments)
-        #: rank r's columns chunk(k, K, r) = [c0, c1) of W1, a (d, c1 - c0) block at d * c0
-        self.blocks = [first[d * c0:d * c1].reshape(d, c1 - c0)
-                       for c0, c1 in (chunk(k, ranks, r) for r in range(ranks))]
-        self.b = first[d * k:] if use_bias[0] else np.zeros(k, dtype)
+        self.cols = slice(*chunk(k, ranks, node.rank))
+        #: rank r's columns chunk(k, K, r) = [c0, c1), a (d, c1 - c0) block at d * c0
+        spans = [chunk(k, ranks, r) for r in range(ranks)]
+
+        def first_layer(at):  # (the ranks' blocks, b) of the first-layer area at byte at
+            area = shared[at:at + (d * k + k) * dtype.itemsize].view(dtype)
+            return ([area[d * c0:d * c1].reshape(d, c1 - c0) for c0, c1 in spans],
+                    area[d * k:])
+
+        self.blocks, b = first_layer(0)
+        self.b = b if use_bias[0] else np.zeros(k, dtype)
+        #: the used optimizer states, each as (blocks, b) like W1 and b1
+        self.states = [first_layer((1 + i) * states_at) for i in range(len(self.used))]
         self.x = shared[x_at:x_at + 2 * rows * d * dtype.itemsize].view(dtype).reshape(
             2, rows, d)
         self.dz = shared[dz_at:dz_at + rows * k * dtype.itemsize].view(dtype).reshape(rows, k)
-        self.cols = slice(*chunk(k, ranks, node.rank))
         self.rank = node.rank
         self.has_bias = bool(use_bias[0])
 
@@ -695,31 +705,54 @@ class _NodeSplit:
         """W1 (d, k), from the ranks' blocks."""
         return np.concatenate(self.blocks, axis=1)
 
-    def take(self, params):
-        """This rank's columns of W1 and b1 from ``params`` into ``shared``."""
-        d, k = self.blocks[0].shape[0], self.b.shape[0]
-        self.blocks[self.rank][...] = params[:d * k].reshape(d, k)[:, self.cols]
-        if self.has_bias:
-            self.b[self.cols] = params[d * k:d * k + k][self.cols]
+    def _areas(self, params, states):
+        """(flat (P,) buffer, its (blocks, b) in shared) for the params and used states."""
+        return [(params, (self.blocks, self.b))] + [
+            (states[slot], area) for slot, area in zip(self.used, self.states)]
 
-    def give(self, params):
-        """W1 and b1 from ``shared`` into ``params``."""
+    def take(self, params, states):
+        """This rank's columns of W1 and b1, and of the optimizer's used ``states``,
+        from the flat buffers into ``shared``."""
         d, k = self.blocks[0].shape[0], self.b.shape[0]
-        params[:d * k] = self.weights().ravel()
-        if self.has_bias:
-            params[d * k:d * k + k] = self.b
+        for flat, (blocks, b) in self._areas(params, states):
+            blocks[self.rank][...] = flat[:d * k].reshape(d, k)[:, self.cols]
+            if self.has_bias:
+                b[self.cols] = flat[d * k:d * k + k][self.cols]
 
-    def update(self, step, rows, lr, weight_decay):
-        """This rank's columns over the global batch of ``rows`` rows:
-        ``W1[:, c] = (1 - lr wd) W1[:, c] - lr x.T @ dz[:, c]``,
-        ``b1[c] -= lr (dz[:, c].sum(0) + wd b1[c])``."""
+    def give(self, params, states):
+        """W1 and b1, and the optimizer's used ``states``, from ``shared`` into the
+        flat buffers."""
+        d, k = self.blocks[0].shape[0], self.b.shape[0]
+        for flat, (blocks, b) in self._areas(params, states):
+            flat[:d * k] = np.concatenate(blocks, axis=1).ravel()
+            if self.has_bias:
+                flat[d * k:d * k + k] = b
+
+    def update(self, step, rows, optimizer, lr, t):
+        """This rank's columns over the global batch of ``rows`` rows, with
+        ``dW1[:, c] = x.T @ dz[:, c]`` and ``db1[c] = dz[:, c].sum(0)``: plain SGD as
+        ``W1[:, c] = (1 - lr wd) W1[:, c] - lr dW1[:, c]`` (the fold one process
+        makes), ``b1[c] -= lr (db1[c] + wd b1[c])``; any other optimizer by its step on
+        the columns and their states."""
         c, w = self.cols, self.blocks[self.rank]
         dtype = w.dtype
         x, dz = self.x[step % 2, :rows], self.dz[:rows, c]
+        db = dz.sum(axis=0, dtype=np.float64)
+        if optimizer.code == SGD and optimizer.hyper[0] == 0:
+            weight_decay = optimizer.hyper[2]
+            if self.has_bias:
+                self.b[c] -= (lr * (db + weight_decay * self.b[c])).astype(dtype)
+            w[...] = dtype.type(1 - lr * weight_decay) * w + dtype.type(-lr) * (x.T @ dz)
+            return
+        parts = [(w.reshape(-1), (x.T @ dz).reshape(-1),
+                  [blocks[self.rank].reshape(-1) for blocks, _ in self.states])]
         if self.has_bias:
-            db = dz.sum(axis=0, dtype=np.float64)
-            self.b[c] -= (lr * (db + weight_decay * self.b[c])).astype(dtype)
-        w[...] = dtype.type(1 - lr * weight_decay) * w + dtype.type(-lr) * (x.T @ dz)
+            parts.append((self.b[c], db.astype(dtype), [b[c] for _, b in self.states]))
+        for p, g, used in parts:
+            states = [g] * 3   # the unused slots: never touched
+            for slot, state in zip(self.used, used):
+                states[slot] = state
+            _optimizer_step(optimizer._replace(states=tuple(states)), p, g, lr, t)
 
 
 def train_epoch(spec):
@@ -778,7 +811,7 @@ def train_epoch(spec):
     node = split = None
     if isinstance(reduce, NodeSum):
         if reduce.split_rows:
-            split = _NodeSplit(reduce, widths, use_bias, params.dtype)
+            split = _NodeSplit(reduce, widths, use_bias, optimizer, params.dtype)
             row_starts = reduce.row_starts
         node = _NodeSteps(reduce, params.dtype, params.shape[0],
                           split.n_first if split is not None else 0)
@@ -788,7 +821,7 @@ def train_epoch(spec):
     if split is not None:  # every rank's columns of the first layer, before any forward
         node._wait(NODE_RELEASED, int(node.flags[node.rank][NODE_RELEASED]))
         s = node.next_step()
-        split.take(params)
+        split.take(params, optimizer.states)
         node._raise(NODE_INIT, s)
         node._wait(NODE_INIT, s)
     for b in range(n_steps):
@@ -870,5 +903,5 @@ def train_epoch(spec):
         stats[2] += 1
     if split is not None:  # every rank's last update written: the first layer's values
         node._wait(NODE_DONE, node.next_step() - 1)
-        split.give(params)
+        split.give(params, optimizer.states)
         node._raise(NODE_RELEASED, int(node.flags[node.rank][NODE_RELEASED]) + 1)

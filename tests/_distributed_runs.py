@@ -391,7 +391,11 @@ def _run(name, rank, size, out):
     finally:
         fn.distributed.SHARED_MEMORY = True
     classes = None if model.class_labels is None else model.class_labels.classes.tolist()
+    optimizer = model.optimizer
+    states = [optimizer.state[name] for name in getattr(optimizer, "state_names", ())
+              if name in getattr(optimizer, "state", {})]
     return {"params": model.params, "fused": json.dumps(fused), "classes": json.dumps(classes),
+            "states": np.concatenate(states) if states else np.empty(0, model.dtype),
             "shared_memory_steps": json.dumps(shared.steps),
             "split_rows": json.dumps(shared.split_rows),
             "history": json.dumps({"history": history.history, "epoch": history.epoch,

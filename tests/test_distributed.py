@@ -69,19 +69,21 @@ def ranks(request, tmp_path_factory):
 
 def _results(size, out, name):
     files = [np.load(out / f"{name}-rank{r}.npz") for r in range(size)]
-    return [{key: (json.loads(str(f[key])) if key != "params" else f[key]) for key in f.files}
-            for f in files]
+    return [{key: (json.loads(str(f[key])) if key not in ("params", "states") else f[key])
+             for key in f.files} for f in files]
 
 
 def _same_on_every_rank(results, rank0_logs=()):
-    """Parameters and History bit-identical on every rank (but for the ``rank0_logs``
-    that callbacks on rank 0 alone add to its History)."""
+    """Parameters, the optimizer's state and History bit-identical on every rank (but
+    for the ``rank0_logs`` that callbacks on rank 0 alone add to its History)."""
     first = results[0].get("history")
     if rank0_logs:
         first = {**first, "history": {k: v for k, v in first["history"].items()
                                       if k not in rank0_logs}}
     for r, result in enumerate(results[1:], start=1):
         assert np.array_equal(result["params"], results[0]["params"]), f"rank {r} params"
+        if "states" in result:
+            assert np.array_equal(result["states"], results[0]["states"]), f"rank {r} states"
         assert result.get("history") == first, f"rank {r} History"
 
 
@@ -206,13 +208,14 @@ def test_fused_epochs_on_one_node_sum_in_shared_memory(ranks):
     assert steps["fused_adam"] == 3 * -(-61 // (size * 5))
     assert steps["fused_shards"] > 0 and steps["fused_sgd_shards"] > 0
     assert steps["fused_sgd"] == steps["numpy_sgd"] > 0
-    # the split first layer's region holds the largest global batch, not size x n rows
+    # the first layer is split with any optimizer; its region holds the largest global
+    # batch, not size x n rows
     split_rows = {name: _results(size, out, name)[0]["split_rows"]
                   for name in ("fused_sgd", "full_batch_sgd", "fused_sgd_shards",
-                               "fused_momentum")}
+                               "fused_momentum", "fused_adam")}
     assert split_rows == {"fused_sgd": size * runs.BATCH, "full_batch_sgd": 61,
                           "fused_sgd_shards": 20 + 25 * (size - 1),  # batch 25 of 20 + 7 r
-                          "fused_momentum": 0}
+                          "fused_momentum": size * runs.BATCH, "fused_adam": size * 5}
     assert steps["iallreduce_fused_momentum"] == steps["sgd_l2"] == steps["numba_momentum"] == 0
 
 

@@ -38,13 +38,14 @@ def make_problem(rng, dtype, widths, loss, n):
 
 
 def run_kernel(module, X, labels, targets, order, batch, widths, acts, use_bias, params,
-               loss, opt, lr, step=3):
+               loss, opt, lr, step=3, states=None):
     name, values = OPTIMIZER_CASES[opt]
     hyper = np.array(values, dtype=np.float64)
     assert hyper.size == len(kernels.OPTIMIZER_HYPER[name])
     params = params.copy()
     grads = np.zeros_like(params)
-    states = [np.full_like(params, 0.01) for _ in range(3)]  # a run already under way
+    states = ([np.full_like(params, 0.01) for _ in range(3)]  # a run already under way
+              if states is None else [state.copy() for state in states])
     n_batches = -(-order.size // batch)
     workspace = np.empty(kernels.train_epoch_workspace_size(batch, widths), params.dtype)
     stats = np.zeros(4)
@@ -135,19 +136,23 @@ def aligned_zeros(n_bytes):
 
 
 def run_node_sum(module, ranks, X, labels, targets, batch, widths, acts, use_bias, params,
-                 loss, opt, lr, segments=None, step=3, split=False, epochs=1, shards=None):
+                 loss, opt, lr, segments=None, step=3, split=False, epochs=1, shards=None,
+                 alias_unused=False):
     """``epochs`` epochs on ``ranks`` threads that share memory through a NodeSum, each
     taking its part of every global batch of ``ranks * batch`` rows (``BatchPlan``), or
     with ``shards`` (every rank's row count) stepping through its own shard (rank r's
     the rows after the shards before it), with run_kernel's arguments; ``split``: the
-    first layer split by columns. Every rank's (params, states, stats of the last
-    epoch)."""
+    first layer split by columns; ``alias_unused``: the optimizer's unused state slots
+    are its first used one (as ``Optimizer.kernel_spec`` passes them). Every rank's
+    (params, states, stats of the last epoch)."""
     from fastnn._epochs import BatchPlan
 
     name, values = OPTIMIZER_CASES[opt]
+    used = kernels.optimizer_states_used(kernels.OPTIMIZER_CODES[name], values)
     n = X.shape[0]
     segments = segments or node_segments(ranks, params.nbytes)
-    shared = (aligned_zeros(kernels.node_split_bytes(widths, ranks * batch, params.itemsize))
+    shared = (aligned_zeros(kernels.node_split_bytes(widths, ranks * batch, params.itemsize,
+                                                     len(used)))
               if split else None)
     results, errors = [None] * ranks, []
 
@@ -161,6 +166,9 @@ def run_node_sum(module, ranks, X, labels, targets, batch, widths, acts, use_bia
                              n_batches=-(-max(shards) // batch), shard_sizes=shards)
         mine = params.copy()
         states = [np.full_like(params, 0.01) for _ in range(3)]
+        if alias_unused:
+            states = [states[slot if slot in used else used[0] if used else 0]
+                      for slot in range(3)]
         stats = np.zeros(4)
         grads = segments[rank][kernels.NODE_DATA:kernels.NODE_DATA + params.nbytes].view(
             params.dtype)
@@ -276,6 +284,46 @@ def test_node_split_first_layer_equals_one_process_with_the_global_batch(backend
     np.testing.assert_allclose(stats[:, :2].sum(axis=0), expected_stats[:2], rtol=1e-4)
 
 
+@pytest.mark.parametrize("ranks", [1, 2, 3])
+@pytest.mark.parametrize("opt", ["sgd_momentum_wd", "sgd_nesterov", "adagrad",
+                                 "rmsprop_centered_momentum", "rmsprop", "adam",
+                                 "adamw_amsgrad"])
+def test_node_split_first_layer_with_any_optimizer(backend, dtype, ranks, opt):
+    """Any optimizer but plain SGD takes its step on each rank's columns of the split
+    first layer from their gradient over the global batch, with the columns of its
+    states kept in the shared region: two epochs on K ranks (threads; the unused state
+    slots aliasing a used one, as a fit passes them) end with the same parameters and
+    states on every rank, equal to one process with the global batch."""
+    widths, acts, use_bias = (6, 8, 5, 3), (kernels.RELU, kernels.TANH, kernels.IDENTITY), \
+        (1, 0, 1)
+    rng = np.random.default_rng(ranks)
+    n, batch = 25, 4
+    X, labels, targets = make_problem(rng, dtype, widths, "cross_entropy", n)
+    params0 = (0.4 * rng.standard_normal(n_params(widths, use_bias))).astype(dtype)
+    net = (widths, acts, use_bias, params0, "cross_entropy", opt, 0.05)
+    ranked = run_node_sum(backend, ranks, X, labels, targets, batch, *net, split=True,
+                          epochs=2, alias_unused=True)
+    steps = -(-n // (ranks * batch))
+    expected, states, _ = run_kernel(REF, X, labels, targets, np.arange(n), ranks * batch,
+                                     *net)
+    expected, states, expected_stats = run_kernel(
+        REF, X, labels, targets, np.arange(n), ranks * batch, *net[:3], expected, *net[4:],
+        step=3 + steps, states=states)
+    name, values = OPTIMIZER_CASES[opt]
+    used = kernels.optimizer_states_used(kernels.OPTIMIZER_CODES[name], values)
+    for params, rank_states, _ in ranked[1:]:
+        np.testing.assert_array_equal(params, ranked[0][0])
+        for slot in used:
+            np.testing.assert_array_equal(rank_states[slot], ranked[0][1][slot])
+    tol = dict(rtol=2e-4, atol=2e-5) if dtype == np.float32 else dict(rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(ranked[0][0], expected, **tol)
+    for slot in used:
+        np.testing.assert_allclose(ranked[0][1][slot], states[slot], **tol)
+    stats = np.array([stats for _, _, stats in ranked])
+    assert (stats[:, 2] == expected_stats[2]).all()
+    np.testing.assert_allclose(stats[:, :2].sum(axis=0), expected_stats[:2], rtol=1e-4)
+
+
 @pytest.mark.parametrize("ranks", [2, 3])
 def test_node_split_first_layer_on_own_shards(backend, ranks):
     """Own uneven shards (10, 17, 24 rows; batch 8: rank 0 has no rows in the last
@@ -309,8 +357,9 @@ def test_node_split_first_layer_on_own_shards(backend, ranks):
 
 
 def test_node_split_refuses_what_it_cannot_split(backend):
-    """A split first layer takes plain SGD, a shared region large enough on a cache
-    line, and every step's rows of this rank inside its global batch."""
+    """A split first layer takes a shared region large enough (with room for the
+    optimizer's states) on a cache line, and every step's rows of this rank inside its
+    global batch."""
     rng = np.random.default_rng(0)
     widths, acts, use_bias = (4, 5, 3), [kernels.RELU, kernels.IDENTITY], (1, 1)
     X, labels, targets = make_problem(rng, np.float64, widths, "cross_entropy", 8)
@@ -329,8 +378,9 @@ def test_node_split_refuses_what_it_cannot_split(backend):
         sgd, np.full(2, 0.1), 0, np.zeros(4), reduce=node)
     backend.train_epoch(spec._replace(params=params0.copy()))  # accepted as it is
     momentum = sgd._replace(hyper=np.array([0.9, 0.0, 0.0, 0.0]))
-    with pytest.raises(ValueError, match=r"takes plain SGD \(momentum 0\)"):
-        backend.train_epoch(spec._replace(optimizer=momentum))
+    with pytest.raises(ValueError, match=r"at least 960 bytes \(node_split_bytes with "
+                                         r"n_states=1\), got 704"):
+        backend.train_epoch(spec._replace(optimizer=momentum))  # no room for its buffer
     with pytest.raises(ValueError, match="reduce.shared must hold at least"):
         backend.train_epoch(spec._replace(reduce=node._replace(shared=shared[:-65])))
     with pytest.raises(ValueError, match="reduce.shared must start on a 64-byte boundary"):
