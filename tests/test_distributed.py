@@ -647,7 +647,8 @@ def test_bench_mpi_runs_every_configuration_once_per_round(monkeypatch):
         launched.clear()
         result = mpi.run_mpi_bench(2, True, False, lambda message: None, **options)
         training = [spec for spec in launched if spec["kind"] == "fastnn"]
-        assert len(training) == rounds * len(result["training"]) == rounds * 6
+        assert len(training) == rounds * len(result["training"]) == rounds * 8
+        assert sum(s.get("optimizer") == "adam" for s in training) == 2 * rounds
         assert {(s["repeats"], s["samples"]) for s in training} == {(repeats, samples)}
         assert result["rounds"] == rounds and not result["errors"]
         assert all(len(r["round_ratios"]) == rounds for r in result["training"].values())

@@ -54,11 +54,16 @@ GLOBAL_BATCH = 256
 TARGET_EFFICIENCY = 0.8
 SCALING_NET = "mnist"
 LR = 0.01
+#: Adam's learning rate in the runs with Adam (its time does not depend on it).
+ADAM_LR = 1e-3
 TIMEOUT = 900
 #: The label of fastnn's distributed training as fit runs it (ratios use it).
 _FUSED = "{} ranks, fused, shared memory"
-#: The configuration every ratio is to.
+#: The configuration every ratio is to, but the Adam ranks' (to ADAM_BASELINE).
 BASELINE = "1 process, fused epoch"
+#: The same two with Adam instead of plain SGD (no update to fold into a GEMM).
+ADAM_BASELINE = "1 process, fused epoch, Adam"
+_FUSED_ADAM = "{} ranks, fused, shared memory, Adam"
 #: Cache-line hand-offs timed per placement probe.
 PROBE_ROUNDS = 20000
 #: The probes of a run split in two places where one round trip is this many times
@@ -131,7 +136,8 @@ def _fastnn_worker(spec):
     model = fn.Sequential([fn.Dense(d, k, activation=None if i == len(sizes) - 2 else "relu")
                            for i, (d, k) in enumerate(zip(sizes[:-1], sizes[1:]))])
     model.set_weights(initial_weights(sizes))
-    model.compile("cross_entropy", fn.optimizers.SGD(lr=LR))
+    model.compile("cross_entropy", fn.optimizers.Adam(lr=ADAM_LR)
+                  if spec.get("optimizer") == "adam" else fn.optimizers.SGD(lr=LR))
     model.use_fused_epoch = spec["fused"]
     fn.distributed.SHARED_MEMORY = spec.get("shared_memory", True)
     timer = _EpochTimer()
@@ -399,7 +405,12 @@ def run_mpi_bench(ranks, quick, with_torch, log, rounds=None, repeats=None, samp
                _FUSED.format(ranks): (dict(base, distributed=True, fused=True), ranks),
                f"{ranks} ranks, fused, Iallreduce/layer": (
                    dict(base, distributed=True, fused=True, shared_memory=False), ranks),
-               f"{ranks} ranks, per-step": (dict(base, distributed=True, fused=False), ranks)}
+               f"{ranks} ranks, per-step": (dict(base, distributed=True, fused=False), ranks),
+               ADAM_BASELINE: (dict(base, distributed=False, fused=True, optimizer="adam"),
+                               None),
+               _FUSED_ADAM.format(ranks): (
+                   dict(base, distributed=True, fused=True, optimizer="adam"), ranks)}
+    ratio_to = {_FUSED_ADAM.format(ranks): ADAM_BASELINE}
     if with_torch:
         port = 29500 + os.getpid() % 1000
         configs[f"{ranks} ranks (torch DDP, gloo)"] = (
@@ -414,7 +425,7 @@ def run_mpi_bench(ranks, quick, with_torch, log, rounds=None, repeats=None, samp
             results[label].append(_launch(spec, n))
             if probe:
                 trips.append((before, cpu_round_trip(ranks)))
-    runs = {label: _merge_rounds(rs, results[BASELINE], samples)
+    runs = {label: _merge_rounds(rs, results[ratio_to.get(label, BASELINE)], samples)
             for label, rs in results.items()}
     fused_ratios = [_round_ratio(r, b, samples)
                     for r, b in zip(results[_FUSED.format(ranks)], results[BASELINE])]
@@ -489,11 +500,13 @@ def format_mpi_report(result):
                   f"bandwidth {algorithm / 1e9:.2f} GB/s, bus bandwidth {bus / 1e9:.2f} GB/s",
                   "  " + "  ".join(f"{_human_bytes(int(b))}: {t * 1e6:.1f} us"
                                    for b, t in allreduce["seconds"].items())]
-    lines += ["", f"Scaling: {result['net']} net {tuple(result['sizes'])}, float32, SGD, "
-                  f"global batch {result['global_batch']}, {result['samples']} samples/epoch, "
-                  "1 thread per process, each pinned to its own CPU; median epoch of "
+    lines += ["", f"Scaling: {result['net']} net {tuple(result['sizes'])}, float32, "
+                  f"plain SGD (and Adam), global batch {result['global_batch']}, "
+                  f"{result['samples']} samples/epoch, 1 thread per process, each pinned to "
+                  "its own CPU; median epoch of "
                   f"{result['rounds']} alternating rounds, and the median of the rounds' "
-                  "ratios to 1 process (their range in brackets); 1-min load average before "
+                  "ratios to 1 process (with Adam: to 1 process with Adam; their range in "
+                  "brackets); 1-min load average before "
                   f"each round: "
                   f"{', '.join(f'{v:.1f}' for v in result['load_average'] if v is not None)}"]
     training = result["training"]
