@@ -219,6 +219,11 @@ cdef Py_ssize_t _L1_ELEMENTS = 2048
 # they take at most this many bytes (bigger batches would evict the weights from L2).
 cdef Py_ssize_t _PREFETCH_BYTES = 1 << 16
 
+# The gather asks for the row this many rows ahead of the one it copies, so that several
+# random rows are on their way from memory at once (MNIST net, 1 process, batch 256: the
+# gather takes 46-49 us a step instead of 71-81, timers in the kernel, ~2 % of a step).
+cdef Py_ssize_t _GATHER_AHEAD = 8
+
 # Threads the parallel loops use; set_num_threads changes it. Kept here as well as in
 # OpenMP's per-thread ICV so that a call from any Python thread takes effect.
 cdef int _num_threads = omp_get_max_threads()
@@ -2318,12 +2323,15 @@ cdef int _gather_batch(
 ) noexcept nogil:
     """Copy the batch's rows of X into ``batch``; returns 1 (nothing more done) when a
     sample index is outside [0, n_samples), else 0. Random batches miss the cache, so
-    the next batch's samples are asked for meanwhile (labels first: the loss waits on
-    them one by one)."""
+    each copy asks for the row _GATHER_AHEAD rows on, and the next batch's samples are
+    asked for meanwhile when they are few (labels first: the loss waits on them one by
+    one)."""
     cdef Py_ssize_t i
     for i in range(size):
         if rows[i] < 0 or rows[i] >= n_samples:
             return 1
+        if i + _GATHER_AHEAD < size and 0 <= rows[i + _GATHER_AHEAD] < n_samples:
+            _prefetch_rows(X, d0 * sizeof(floating), rows + i + _GATHER_AHEAD, 1)
         memcpy(batch + i * d0, X + rows[i] * d0, d0 * sizeof(floating))
     if (0 < next_size and next_size * (d0 + k_out) * <Py_ssize_t> sizeof(floating)
             <= _PREFETCH_BYTES):
