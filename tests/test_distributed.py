@@ -598,14 +598,14 @@ def test_bench_mpi_groups_the_rounds_by_where_the_cpus_sat():
     assert mpi.placement(trips[:2] + [(None, 100 * ns)], [1.9, 1.6, 1.9]) is None
     assert mpi.placement(trips[:2] + [(0.0, 100 * ns)], [1.9, 1.6, 1.9]) is None
     assert mpi.placement([], []) is None
-    lines = mpi._placement_lines(where, 2)
+    lines = mpi._placement_lines(where, mpi._FUSED.format(2))
     assert lines[0].endswith("90/100, 400/420, 95/410, 52/150, 390/400 ns")
     assert ("2 rounds within 242 ns (near): 1.93x [1.90-1.96]; 1 round beyond it (far): "
             "1.62x; 1 round that moved (mixed): 1.80x") in lines[1]
-    assert mpi._placement_lines(None, 2) == []
+    assert mpi._placement_lines(None, mpi._FUSED.format(2)) == []
     alike = mpi.placement([(90 * ns, 100 * ns), (120 * ns, 170 * ns)], [1.9, None])
     assert alike["threshold"] is None and alike["near"] == [1.9]
-    assert "sat alike in every round" in mpi._placement_lines(alike, 2)[1]
+    assert "sat alike in every round" in mpi._placement_lines(alike, "2 ranks")[1]
 
 
 def test_cpu_round_trip_between_two_cpus():
@@ -652,11 +652,11 @@ def test_bench_mpi_runs_every_configuration_once_per_round(monkeypatch):
         assert {(s["repeats"], s["samples"]) for s in training} == {(repeats, samples)}
         assert result["rounds"] == rounds and not result["errors"]
         assert all(len(r["round_ratios"]) == rounds for r in result["training"].values())
-        # a placement probe before and after each round's fastnn run
-        probes = result["placement"]
-        if probes is not None:
-            assert len(probes["round_trips"]) == rounds
-            assert len(probes["near"] + probes["far"] + probes["mixed"]) == rounds
+        # a placement probe before and after each round's shared-memory runs
+        for probes in (result["placement"], result["placement_adam"]):
+            if probes is not None:
+                assert len(probes["round_trips"]) == rounds
+                assert len(probes["near"] + probes["far"] + probes["mixed"]) == rounds
 
 
 def test_cli_trains_on_two_ranks_and_rank_0_alone_prints_and_saves(tmp_path):

@@ -415,27 +415,32 @@ def run_mpi_bench(ranks, quick, with_torch, log, rounds=None, repeats=None, samp
         port = 29500 + os.getpid() % 1000
         configs[f"{ranks} ranks (torch DDP, gloo)"] = (
             dict(base, kind="ddp", init=f"tcp://127.0.0.1:{port}"), ranks)
-    results, load, trips = {label: [] for label in configs}, [], []
+    # the placement probes: before and after each round's shared-memory runs
+    trips = {_FUSED.format(ranks): [], _FUSED_ADAM.format(ranks): []}
+    results, load = {label: [] for label in configs}, []
     for i in range(rounds):
         load.append(os.getloadavg()[0] if hasattr(os, "getloadavg") else None)
         for label, (spec, n) in configs.items():
             log(f"round {i + 1}/{rounds}: {SCALING_NET} at global batch {GLOBAL_BATCH}, {label}")
-            probe = label == _FUSED.format(ranks)
+            probe = label in trips
             before = cpu_round_trip(ranks) if probe else None
             results[label].append(_launch(spec, n))
             if probe:
-                trips.append((before, cpu_round_trip(ranks)))
+                trips[label].append((before, cpu_round_trip(ranks)))
     runs = {label: _merge_rounds(rs, results[ratio_to.get(label, BASELINE)], samples)
             for label, rs in results.items()}
-    fused_ratios = [_round_ratio(r, b, samples)
-                    for r, b in zip(results[_FUSED.format(ranks)], results[BASELINE])]
+    where = {label: placement(probes, [
+        _round_ratio(r, b, samples) for r, b in zip(
+            results[label], results[ratio_to.get(label, BASELINE)])])
+        for label, probes in trips.items()}
     log("per-step times of the reference nets for the cost model")
     steps = _launch({"kind": "steps", "nets": list(NETS), "batches": [16, 256],
                      "steps": 16 if quick else 48}, None)
     result = {"ranks": ranks, "samples": samples, "net": SCALING_NET, "sizes": sizes,
               "global_batch": GLOBAL_BATCH, "rounds": rounds, "load_average": load,
               "allreduce": allreduce, "step_seconds": steps,
-              "placement": placement(trips, fused_ratios),
+              "placement": where[_FUSED.format(ranks)],
+              "placement_adam": where[_FUSED_ADAM.format(ranks)],
               "training": {k: dict(v, samples_per_s=_rate(v, samples)) for k, v in runs.items()}}
     result["errors"] = [f"{k}: {v['error']}" for k, v in
                         [("allreduce", allreduce), ("step times", steps), *runs.items()]
@@ -532,19 +537,22 @@ def format_mpi_report(result):
     if fastnn and ddp and len(fastnn) == len(ddp):
         lines.append("  fastnn / torch DDP: "
                      f"{statistics.median(f / d for f, d in zip(fastnn, ddp)):.2f}x")
-    lines += _placement_lines(result.get("placement"), result["ranks"])
+    lines += _placement_lines(result.get("placement"), _FUSED.format(result["ranks"]))
+    lines += _placement_lines(result.get("placement_adam"),
+                              _FUSED_ADAM.format(result["ranks"]))
     if result.get("model"):
         lines += ["", model_table(result["model"])]
     return "\n".join(lines)
 
 
-def _placement_lines(where, ranks):
-    """The report's lines on where the ranks' CPUs sat (``placement``), or none."""
+def _placement_lines(where, label):
+    """The report's lines on where the ranks' CPUs sat during the ``label`` runs
+    (``placement``), or none."""
     if not where:
         return []
     trips = ", ".join(f"{b * 1e9:.0f}/{a * 1e9:.0f}" for b, a in where["round_trips"])
     lines = [f"  cache-line round trip between the ranks' CPUs before/after each round's "
-             f"{_FUSED.format(ranks)} run: {trips} ns"]
+             f"{label} run: {trips} ns"]
     if where["threshold"] is None:
         return lines + [f"    the CPUs sat alike in every round (no jump of {FAR_FACTOR:g}x "
                         "between the round trips)"]
@@ -558,7 +566,7 @@ def _placement_lines(where, ranks):
                 ratio += f" [{min(ratios):.2f}-{max(ratios):.2f}]"
             parts.append(f"{len(ratios)} round{'s' * (len(ratios) > 1)} {words}: {ratio}")
     if parts:
-        lines.append(f"    {_FUSED.format(ranks)} by placement: " + "; ".join(parts))
+        lines.append(f"    {label} by placement: " + "; ".join(parts))
     return lines
 
 
