@@ -2121,7 +2121,7 @@ cdef struct _Split:
     void *grad            # (P - P1,) its gradient of the layers after the first
     void *dw              # (d * nc + nc,) its columns of dW then db, unless plain SGD
                           # folds the update into the gemm
-    void *memory          # the allocation own and grad are in
+    void *memory          # the allocation own, grad and dw are in
     void *x               # (2, split_rows, d) the global batch's inputs, by step parity
     void *dz              # (split_rows, k) the global batch's dz
     Py_ssize_t d, k, cols_start, cols_stop  # W (d, k); this rank's columns
@@ -2408,7 +2408,6 @@ cdef int _train_epoch_ptr(
         Py_ssize_t first = 0, p0 = (w_off[1] if n_layers > 1 else n_params) - w_off[0]
         Py_ssize_t lo, hi
         int64_t s = 0
-        int rank
         # The gradient of the layers the ranks sum, from element ``first`` of the
         # parameters on: private with a split first layer, else grads.
         floating *gw = <floating *> split.grad if split != NULL else grads
