@@ -153,6 +153,12 @@ def launcher_pid():
     return _PARENT if launched() else 0
 
 
+def launcher_gone():
+    """True once this rank's launcher is no longer its parent (``launcher_pid``)."""
+    parent = launcher_pid()
+    return bool(parent) and os.getppid() != parent
+
+
 def _poll(done, spin=SPIN_SECONDS):
     """Until ``done()``: call it for ``spin`` seconds, then sleep POLL_SECONDS between
     calls. A blocking MPI call spins until every rank has arrived; on a machine shared
@@ -247,15 +253,23 @@ class Communicator:
     @contextmanager
     def abort_on_disagreement(self):
         """Let agreed exceptions through; abort the MPI job on any other, since the
-        other ranks could be waiting for this one in a collective."""
+        other ranks could be waiting for this one in a collective. Once the launcher is
+        gone there is no job left to abort, and MPI_Abort (or MPI_Finalize at exit)
+        may wait for it: the process ends at once instead, with status 1."""
         try:
             yield
         except BaseException as exc:
             if exc is self.agreed:
                 raise
+            gone = launcher_gone()
             sys.stderr.write(f"fastnn: rank {self.rank} of {self.size} failed outside a "
-                             f"collective; aborting the MPI job:\n{traceback.format_exc()}")
+                             f"collective; " + ("its launcher is gone: exiting"
+                                                if gone else "aborting the MPI job")
+                             + f":\n{traceback.format_exc()}")
             sys.stderr.flush()
+            if gone:
+                sys.stdout.flush()
+                os._exit(1)
             self.comm.Abort(1)
             raise
 

@@ -482,9 +482,11 @@ def test_a_rank_whose_launcher_is_killed_stops_waiting(tmp_path):
         deadline = time.monotonic() + 30
         while _running(pids[0]) and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert not _running(pids[0]), "rank 0 still waits after its launcher was killed"
         error = (tmp_path / "stderr0").read_text()
+        assert not _running(pids[0]), ("rank 0 still waits after its launcher was killed; "
+                                       f"its stderr:\n{error}")
         assert f"this rank's launcher (process {launcher.pid}) is gone while it waited" in error
+        assert "its launcher is gone: exiting" in error   # no MPI_Abort through it
     finally:
         for pid in pids:
             try:
