@@ -168,13 +168,14 @@ def _poll(done, spin=SPIN_SECONDS):
     RuntimeError once this rank's launcher is gone (``launcher_pid``)."""
     if done():
         return
-    deadline, parent = time.perf_counter() + spin, launcher_pid()
+    deadline = time.perf_counter() + spin
     while not done():
         if time.perf_counter() > deadline:
-            if parent and os.getppid() != parent:
-                raise RuntimeError(f"this rank's launcher (process {parent}) is gone while "
-                                   "it waited for the other ranks: the job was stopped "
-                                   "from outside (mpiexec killed?), and this rank stops too")
+            if launcher_gone():
+                raise RuntimeError(f"this rank's launcher (process {launcher_pid()}) is "
+                                   "gone while it waited for the other ranks: the job was "
+                                   "stopped from outside (mpiexec killed?), and this rank "
+                                   "stops too")
             time.sleep(POLL_SECONDS)
 
 

@@ -69,6 +69,7 @@ from . import NODE_READY as _NODE_READY
 from . import NODE_REDUCED as _NODE_REDUCED
 from . import NodeSum as _NodeSum
 from . import optimizer_states_used as _optimizer_states_used
+from . import node_split_layout as _node_split_layout
 
 # OpenMP when the compiler has it (setup.py passes -fopenmp / /openmp); otherwise
 # serial stand-ins, so the module still builds where OpenMP is unavailable (macOS).
@@ -2601,7 +2602,7 @@ def _train_epoch(
         _Split *split_ptr = NULL
         uint8_t[::1] shared
         Py_ssize_t lo, hi, x_at = 0, dz_at = 0, item = sizeof(floating), own_bytes
-        Py_ssize_t area, grad_bytes, dw_bytes, i
+        Py_ssize_t states_at, end, grad_bytes, dw_bytes, i
         tuple used
         int rank, gone = 0
         bint node_sum = isinstance(reduce, _NodeSum)
@@ -2651,13 +2652,10 @@ def _train_epoch(
             shared = reduce.shared
             row_starts_ = reduce.row_starts
             used = _optimizer_states_used(opt_code, hyper)
-            area = _line_bytes((widths[0] * widths[1] + widths[1]) * item)
-            x_at = area * (1 + len(used))
-            dz_at = x_at + _line_bytes(2 * node.split_rows * widths[0] * item)
+            _, states_at, x_at, dz_at, end = _node_split_layout(
+                widths, node.split_rows, item, len(used))
             ok = (node.split_rows > 0 and row_starts_.shape[0] >= lrs.shape[0]
-                  and shared.shape[0] >= dz_at + _line_bytes(
-                      node.split_rows * widths[1] * item)
-                  and (<size_t> &shared[0]) % 64 == 0)
+                  and shared.shape[0] >= end and (<size_t> &shared[0]) % 64 == 0)
             for lo in range(lrs.shape[0] if ok else 0):
                 hi = min(batch_size, max(m - lo * batch_size, 0))
                 ok = (ok and row_starts_[lo] >= 0
@@ -2688,7 +2686,7 @@ def _train_epoch(
             for i in range(3):
                 split.states[i] = NULL
             for i in range(len(used)):
-                split.states[<int> used[i]] = &shared[area * (1 + i)]
+                split.states[<int> used[i]] = &shared[states_at + i * states_at]
             # own (unless it is the block in the shared region itself), grad, then dw
             # (unless plain SGD folds its update), each on whole cache lines
             own_bytes = widths[0] * (hi - lo) * item
