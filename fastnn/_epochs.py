@@ -158,10 +158,10 @@ def fused_epoch_runner(model, X, target, weights, plan, callbacks, comm=None):
     reduction, positions, n_total = None, None, X.shape[0]
     if comm is not None:
         if comm.one_node and distributed_module.SHARED_MEMORY:
-            reduction = distributed_module.SharedMemoryReduction(
+            reduction = distributed_module.SharedMemoryReduction.on_node(
                 comm, model.grads, plan, widths, len(kernels.optimizer_states_used(
                     optimizer_spec.code, optimizer_spec.hyper)))
-        else:
+        if reduction is None:
             reduction = distributed_module.GradientReduction(comm, model.grads, [
                 (start, start + sum(p.size for p in d.parameters()))
                 for d, start in zip(dense, model.layer_offsets)], plan)

@@ -46,6 +46,7 @@ import os
 import sys
 import time
 import traceback
+import warnings
 import zlib
 from contextlib import contextmanager
 
@@ -70,6 +71,10 @@ SHARED_MEMORY_BYTES = 16 << 10
 #: The largest first-layer region (``SharedMemoryReduction``) per rank's segment: 64 MiB,
 #: two global batches of 10,000 MNIST rows; a larger one sums the first layer instead.
 SPLIT_MAX_BYTES = 64 << 20
+#: A shared-memory window may take this share of the free space of the file system
+#: behind it (``_shared_memory_room``): Open MPI refuses one that would fill more than
+#: ~94 % of it (2 ranks, a 64 MiB tmpfs: 2 x 30 MiB allocated, 2 x 30.5 MiB refused).
+SHARED_MEMORY_SHARE = 0.9
 #: Waiting for a collective: poll this long, then sleep this long between polls (the
 #: OS rounds the sleep up to ~50-60 us).
 SPIN_SECONDS, POLL_SECONDS = 1e-4, 2e-5
@@ -285,12 +290,15 @@ class Communicator:
 
     def allreduce_flagged(self, buf):
         """Sum ``buf`` (values, then a flag slot) over the ranks, in place: through the
-        node's shared memory when every rank is on this node (``SHARED_MEMORY``) and
-        ``buf`` is large (``SHARED_MEMORY_BYTES``), else with one Iallreduce; raise on
+        node's shared memory when every rank is on this node (``SHARED_MEMORY``), ``buf``
+        is large (``SHARED_MEMORY_BYTES``) and there is room (``node_window``), else
+        with one Iallreduce; raise on
         every rank if any rank has a pending failure."""
         buf[-1] = 0 if self.pending is None else 1
+        window = None
         if self.one_node and SHARED_MEMORY and buf.nbytes >= SHARED_MEMORY_BYTES:
-            window = node_window(self, buf.nbytes)
+            window = node_window(self, buf.nbytes, "the ranks sum through Iallreduce")
+        if window is not None:
             segments = window.segments(buf.dtype, buf.size)
             window.begin()
             segments[self.rank][:] = buf
@@ -566,17 +574,74 @@ class _NodeWindow:
 
 
 _node_window = None
+#: The smallest window (bytes per rank) the node's shared memory had no room for: the
+#: same on every rank (node rank 0 decides); a request at least as large is not tried.
+_refused_bytes = None
 
 
-def node_window(comm, nbytes):
+def _shared_memory_room():
+    """(directory, free bytes) of the file system behind MPI's shared-memory windows:
+    Open MPI's ``osc_sm_backing_directory`` (``OMPI_MCA_osc_sm_backing_directory``,
+    /dev/shm by default, of which a container gets 64 MB unless told more), or None
+    when there is no such directory to check."""
+    directory = os.environ.get("OMPI_MCA_osc_sm_backing_directory", "/dev/shm")
+    try:
+        stat = os.statvfs(directory)
+    except OSError:
+        return None
+    return directory, stat.f_bavail * stat.f_frsize
+
+
+def _window_capacity(comm, capacities, instead):
+    """The first of ``capacities`` (bytes per rank) whose window the node's shared memory
+    has room for (``SHARED_MEMORY_SHARE`` of its free space), or None, warning on rank
+    0 that the ranks do ``instead``. Collective over the node: its rank 0 decides."""
+    global _refused_bytes
+    decision = None
+    if comm.node.Get_rank() == 0:
+        room = _shared_memory_room()
+        ranks = comm.node.Get_size()
+        totals = [ranks * (kernels.NODE_DATA + c) for c in capacities]
+        fitting = [c for c, total in zip(capacities, totals)
+                   if room is None or total <= SHARED_MEMORY_SHARE * room[1]]
+        decision = (fitting[0] if fitting else None, room, ranks, min(totals))
+    capacity, room, ranks, total = comm.node.bcast(decision, root=0)
+    if capacity is None:
+        least = min(capacities)
+        _refused_bytes = least if _refused_bytes is None else min(_refused_bytes, least)
+        if comm.rank == 0:
+            directory, free = room
+            warnings.warn(
+                f"fastnn: the node's shared memory ({directory}, {_size(free)} free) has "
+                f"no room for the {ranks} ranks' window ({_size(total)}): {instead}, "
+                "which is slower on one machine. Give it more room (in "
+                "a container: docker run --shm-size=1g) or point Open MPI at a larger "
+                "local directory (OMPI_MCA_osc_sm_backing_directory=/tmp).",
+                RuntimeWarning, stacklevel=3)
+    return capacity
+
+
+def _size(nbytes):
+    """``nbytes`` for people: "4.0 MiB", "68.0 KiB"."""
+    return f"{nbytes / 2**20:.1f} MiB" if nbytes >= 2**20 else f"{nbytes / 2**10:.1f} KiB"
+
+
+def node_window(comm, nbytes, instead="the ranks sum through MPI"):
     """The node's shared-memory window, with room for ``nbytes`` per rank (collective:
-    every rank calls it at the same point). A larger one replaces it when needed, at
-    least doubling; the old one is never freed, as a fit may still hold it (a fused
-    epoch's gradient buffer), and each window keeps its own steps."""
+    every rank calls it at the same point), or None when the file system behind it
+    has no room for that (``_window_capacity``: rank 0 warns that the ranks do
+    ``instead``). A larger one replaces it when needed, at least doubling if there is
+    room; the old one is never freed, as a fit may still hold it (a fused epoch's
+    gradient buffer), and each window keeps its own steps."""
     global _node_window
     if _node_window is None or _node_window.capacity < nbytes:
+        need = -(-nbytes // 64) * 64   # a segment starts a cache line
+        if _refused_bytes is not None and need >= _refused_bytes:
+            return None
         least = 1 << 16 if _node_window is None else 2 * _node_window.capacity
-        capacity = max(-(-nbytes // 64) * 64, least)   # a segment starts a cache line
+        capacity = _window_capacity(comm, (max(need, least), need), instead)
+        if capacity is None:
+            return None
         _node_window = _NodeWindow(comm, capacity)
     dedicated = comm.node.Get_size() * get_num_threads() <= (os.cpu_count() or 1)
     _node_window.spin = DEDICATED_SPIN_SECONDS if dedicated else SPIN_SECONDS
@@ -607,25 +672,42 @@ class SharedMemoryReduction:
     before, 1.92x after: README, Training on several processes). The region, room for
     two global batches of inputs, sits after rank 0's gradient (every rank's segment
     has its size); beyond SPLIT_MAX_BYTES (a large global batch, where the sum costs
-    little per row) the first layer is summed too. ``plan`` holds the steps of every
+    little per row), or without room for it in the node's shared memory (``on_node``),
+    the first layer is summed too. ``plan`` holds the steps of every
     epoch (``_epochs.BatchPlan``).
     """
 
-    def __init__(self, comm, grads, plan, split_widths=None, split_states=0):
-        self.comm = comm
-        start = -(-grads.nbytes // 64) * 64
-        split_rows = int(plan.global_rows().max(initial=0)) if split_widths is not None else 0
-        shared = (kernels.node_split_bytes(split_widths, split_rows, grads.itemsize,
-                                           split_states) if split_rows else 0)
-        if shared > SPLIT_MAX_BYTES:
-            split_rows = shared = 0
-        self.window = node_window(comm, start + shared)
-        self.grads = self.window.segments(grads.dtype, grads.size)[comm.rank]
-        window = self.window
+    def __init__(self, comm, window, grads, plan, split_rows, region):
+        """Made by ``on_node``: ``region`` = (start, bytes) of the first layer's region
+        in every rank's segment of ``window`` when ``split_rows``."""
+        self.comm, self.window = comm, window
+        self.grads = window.segments(grads.dtype, grads.size)[comm.rank]
+        start, shared = region
         self.reduce = kernels.NodeSum(
             window.raw, window.rank, plan.global_rows(), window.spin, window.win.Sync,
             split_rows, window.data[0][start:start + shared] if split_rows else None,
             plan.row_starts() if split_rows else None, launcher_pid())
+
+    @classmethod
+    def on_node(cls, comm, grads, plan, split_widths=None, split_states=0):
+        """The reduction of a fit whose ranks all run on this node (collective), or None
+        when the node's shared memory has no room even for the gradient (the fit then
+        sums through ``GradientReduction``); without room for the first layer's
+        region, the first layer is summed (``node_window`` warns on rank 0)."""
+        start = -(-grads.nbytes // 64) * 64
+        split_rows = int(plan.global_rows().max(initial=0)) if split_widths is not None else 0
+        shared = (kernels.node_split_bytes(split_widths, split_rows, grads.itemsize,
+                                           split_states) if split_rows else 0)
+        window = None
+        if 0 < shared <= SPLIT_MAX_BYTES:
+            window = node_window(comm, start + shared,
+                                 "the ranks sum the first layer instead of splitting it")
+        if window is None:
+            split_rows = shared = 0
+            window = node_window(comm, start, "the ranks sum through Iallreduce per layer")
+        if window is None:
+            return None
+        return cls(comm, window, grads, plan, split_rows, (start, shared))
 
     def epoch(self):
         """The ``reduce`` of the coming epoch (the same every epoch)."""

@@ -6,9 +6,11 @@ or the exception raised, and whether fit took the fused epoch path). ``build(nam
 one process to make the single-process reference with batch ``size * batch_size``.
 Every rank starts from its own random weights: fit must broadcast rank 0's.
 """
+import contextlib
 import json
 import os
 import sys
+import warnings
 
 import numpy as np
 
@@ -167,6 +169,8 @@ def build_special(name, rank, size, out):
         model, X, y, fit = build("fused_momentum", rank, size)
     elif name == "numpy_sgd":  # the numpy reference's split first layer
         model, X, y, fit = build("fused_sgd", rank, size)
+    elif name.startswith("no_room_") or name.startswith("no_split_room_"):
+        model, X, y, fit = build(name.split("room_")[1], rank, size)  # _NoRoom shrinks it
     elif name.startswith("iallreduce_"):  # Iallreduce instead of the node's shared memory
         model, X, y, fit = build(name[len("iallreduce_"):], rank, size)
     elif name == "balanced_shards":
@@ -361,6 +365,34 @@ class _CountSharedMemorySteps:
             module.train_epoch = call
 
 
+class _NoRoom:
+    """A node whose shared memory has no room for any window ("no_room_" runs) or for
+    no more than the model's gradient ("no_split_room_": the first layer is summed, not
+    split); a fresh node: the windows made so far are forgotten. Keeps the warnings."""
+
+    def __init__(self, name, model, size):
+        self.free = 0
+        if name.startswith("no_split_room_"):  # just room for the gradient's window
+            gradient = -(-model.grads.nbytes // 64) * 64
+            self.free = int(size * (fn.kernels.NODE_DATA + gradient)
+                            / fn.distributed.SHARED_MEMORY_SHARE) + 1
+        self.warnings = []
+
+    def __enter__(self):
+        self.saved = (fn.distributed._shared_memory_room, fn.distributed._node_window)
+        fn.distributed._shared_memory_room = lambda: ("/no-room", self.free)
+        fn.distributed._node_window = fn.distributed._refused_bytes = None
+        self.catching = warnings.catch_warnings(record=True)
+        self.warnings = self.catching.__enter__()
+        warnings.simplefilter("always")
+        return self
+
+    def __exit__(self, *exc):
+        self.catching.__exit__(*exc)
+        fn.distributed._shared_memory_room, fn.distributed._node_window = self.saved
+        fn.distributed._refused_bytes = None
+
+
 def fit_and_trace(model, X, y, fit):
     """``model.fit(X, y, **fit)`` and whether it ran the fused epoch: (History, bool)."""
     runner, fused = _training.fused_epoch_runner, []
@@ -383,8 +415,9 @@ def _run(name, rank, size, out):
         model, X, y, fit = build_special(name, rank, size, out)
     backend = name.split("_")[0] if name.startswith(("numba_", "numpy_")) else fn.get_backend()
     fn.distributed.SHARED_MEMORY = not name.startswith("iallreduce")
+    room = _NoRoom(name, model, size) if "room_" in name else contextlib.nullcontext()
     try:
-        with fn.use_backend(backend), _CountSharedMemorySteps() as shared:
+        with fn.use_backend(backend), _CountSharedMemorySteps() as shared, room:
             history, fused = fit_and_trace(model, X, y, fit)
     except Exception as exc:
         return {"params": model.params, "error": json.dumps([type(exc).__name__, str(exc)])}
@@ -398,6 +431,7 @@ def _run(name, rank, size, out):
             "states": np.concatenate(states) if states else np.empty(0, model.dtype),
             "shared_memory_steps": json.dumps(shared.steps),
             "split_rows": json.dumps(shared.split_rows),
+            "warnings": json.dumps([str(w.message) for w in getattr(room, "warnings", [])]),
             "history": json.dumps({"history": history.history, "epoch": history.epoch,
                                    "stop_reason": history.stop_reason})}
 

@@ -36,7 +36,8 @@ SPECIAL = ("stop_on_one_rank", "shards", "fused_shards", "stepwise_shards", "bal
            "refused_then_refit",
            "numba_momentum",
            "numpy_momentum", "iallreduce_fused_momentum", "iallreduce_adam",
-           "iallreduce_lbfgs",
+           "iallreduce_lbfgs", "no_room_fused_sgd", "no_split_room_fused_sgd",
+           "no_room_fused_adam",
            "bad_data", "nan_on_one_rank", "callback_fails", "other_model", "other_data",
            "other_class_weight")
 TIMEOUT = 120
@@ -234,6 +235,33 @@ def test_shared_memory_sums_equal_iallreduce_and_the_numpy_reference(ranks, name
     np.testing.assert_allclose(other[0]["params"], base[0]["params"], rtol=1e-10, atol=1e-12)
     for key, values in other[0]["history"]["history"].items():
         np.testing.assert_allclose(base[0]["history"]["history"][key], values, rtol=1e-10)
+
+
+@pytest.mark.parametrize("name, same_as, summed_there, said", [
+    ("no_room_fused_sgd", "fused_sgd", False, "the ranks sum through Iallreduce"),
+    ("no_room_fused_adam", "fused_adam", False, "the ranks sum through Iallreduce"),
+    ("no_split_room_fused_sgd", "fused_sgd", True,
+     "the ranks sum the first layer instead of splitting it")])
+def test_a_node_short_of_shared_memory_trains_the_same_and_says_so(
+        ranks, name, same_as, summed_there, said):
+    """A node whose /dev/shm (64 MB in a container) has no room for the window sums
+    through MPI instead, or sums the first layer instead of splitting it, and gives the
+    same result; rank 0 alone warns, saying what to do."""
+    size, out = ranks
+    results = _results(size, out, name)
+    assert "error" not in results[0], results[0].get("error")
+    _same_on_every_rank(results)
+    base = _results(size, out, same_as)[0]
+    got = results[0]
+    assert got["fused"] and base["fused"]
+    assert (got["shared_memory_steps"] > 0) == summed_there and got["split_rows"] == 0
+    assert base["shared_memory_steps"] > 0 and base["split_rows"] > 0
+    np.testing.assert_allclose(got["params"], base["params"], rtol=1e-10, atol=1e-12)
+    for key, values in base["history"]["history"].items():
+        np.testing.assert_allclose(got["history"]["history"][key], values, rtol=1e-10)
+    assert any(said in w and "has no room" in w and "--shm-size" in w
+               and "/no-room" in w for w in got["warnings"]), got["warnings"]
+    assert all(not result["warnings"] for result in results[1:])
 
 
 @pytest.mark.parametrize("fused_name, stepwise_name", [
