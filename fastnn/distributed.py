@@ -292,8 +292,7 @@ class Communicator:
         """Sum ``buf`` (values, then a flag slot) over the ranks, in place: through the
         node's shared memory when every rank is on this node (``SHARED_MEMORY``), ``buf``
         is large (``SHARED_MEMORY_BYTES``) and there is room (``node_window``), else
-        with one Iallreduce; raise on
-        every rank if any rank has a pending failure."""
+        with one Iallreduce; raise on every rank if any rank has a pending failure."""
         buf[-1] = 0 if self.pending is None else 1
         window = None
         if self.one_node and SHARED_MEMORY and buf.nbytes >= SHARED_MEMORY_BYTES:
@@ -614,9 +613,9 @@ def _window_capacity(comm, capacities, instead):
             warnings.warn(
                 f"fastnn: the node's shared memory ({directory}, {_size(free)} free) has "
                 f"no room for the {ranks} ranks' window ({_size(total)}): {instead}, "
-                "which is slower on one machine. Give it more room (in "
-                "a container: docker run --shm-size=1g) or point Open MPI at a larger "
-                "local directory (OMPI_MCA_osc_sm_backing_directory=/tmp).",
+                "which is slower on one machine. Give it more room (in a container: "
+                "docker run --shm-size=1g) or point Open MPI at a larger local "
+                "directory (OMPI_MCA_osc_sm_backing_directory=/tmp).",
                 RuntimeWarning, stacklevel=3)
     return capacity
 
