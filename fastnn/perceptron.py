@@ -82,7 +82,9 @@ class Perceptron:
 
     It is a scikit-learn classifier (``get_params``/``set_params``, ``clone``,
     ``score``, GridSearchCV) without importing scikit-learn: as sklearn's convention
-    asks, ``__init__`` only stores the hyperparameters and ``fit`` validates them.
+    asks, ``__init__`` only stores the hyperparameters and ``fit`` validates them. It
+    keeps fastnn's errors and ``seed``: of sklearn's estimator checks it fails the 12
+    that want sklearn's exception class, messages or ``random_state``.
 
     Examples
     --------

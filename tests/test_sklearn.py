@@ -20,6 +20,7 @@ from sklearn.utils.estimator_checks import (  # noqa: E402
     parametrize_with_checks,
 )
 
+from fastnn import Perceptron  # noqa: E402
 from fastnn.sklearn import MLPClassifier, MLPRegressor  # noqa: E402
 
 #: The estimator checks fastnn's MLPs are expected to fail, and why.
@@ -37,6 +38,34 @@ EXPECTED_FAILED_CHECKS = {
 def test_sklearn_estimator_checks(estimator, check):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
+        check(estimator)
+
+
+#: The checks fastnn.Perceptron fails: it keeps fastnn's own validation and names, and
+#: does not import scikit-learn.
+PERCEPTRON_FAILED_CHECKS = {
+    name: why for why, names in {
+        "raises fastnn's NotFittedError, not sklearn's class":
+            ["check_estimators_unfitted"],
+        "fastnn's wording of its ValueErrors (and a TypeError for y=None)": [
+            "check_n_features_in_after_fitting", "check_complex_data",
+            "check_estimators_empty_data_messages", "check_classifiers_regression_target",
+            "check_fit2d_1sample", "check_fit2d_predict1d", "check_requires_y_none"],
+        "refuses X of dtype object instead of converting it": ["check_dtype_object"],
+        "takes a column y silently, without sklearn's DataConversionWarning":
+            ["check_supervised_y_2d"],
+        "seed=None shuffles anew each fit, and sklearn sets random_state, not seed": [
+            "check_fit_idempotent", "check_classifier_data_not_an_array"],
+    }.items() for name in names}
+
+
+@parametrize_with_checks([Perceptron()],
+                         expected_failed_checks=lambda est: PERCEPTRON_FAILED_CHECKS)
+def test_perceptron_estimator_checks(estimator, check):
+    """fastnn.Perceptron passes the rest of scikit-learn's estimator checks (and a check
+    that starts to fail, or to pass, shows up here)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # not a sklearn BaseEstimator
         check(estimator)
 
 
