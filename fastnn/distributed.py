@@ -626,7 +626,7 @@ def _size(nbytes):
     return f"{nbytes / 2**20:.1f} MiB" if nbytes >= 2**20 else f"{nbytes / 2**10:.1f} KiB"
 
 
-def node_window(comm, nbytes, instead="the ranks sum through MPI"):
+def node_window(comm, nbytes, instead):
     """The node's shared-memory window, with room for ``nbytes`` per rank (collective:
     every rank calls it at the same point), or None when the file system behind it
     has no room for that (``_window_capacity``: rank 0 warns that the ranks do
