@@ -294,10 +294,11 @@ class Communicator:
         node's shared memory when every rank is on this node (``SHARED_MEMORY``), ``buf``
         is large (``SHARED_MEMORY_BYTES``) and there is room (``node_window``), else
         with one Iallreduce; raise on every rank if any rank has a pending failure."""
-        buf[-1] = 0 if self.pending is None else 1
         window = None
         if self.one_node and SHARED_MEMORY and buf.nbytes >= SHARED_MEMORY_BYTES:
-            window = node_window(self, buf.nbytes, "the ranks sum through Iallreduce")
+            window = node_window(self, buf.nbytes)
+            _warn_if_refused(self, "the ranks sum through Iallreduce")
+        buf[-1] = 0 if self.pending is None else 1
         if window is not None:
             segments = window.segments(buf.dtype, buf.size)
             window.begin()
@@ -488,7 +489,9 @@ class _NodeWindow:
     """MPI-3 shared memory on this node (``MPI_Win_allocate_shared``) and an allreduce
     over it. Every rank's segment is laid out as ``fastnn.kernels.NodeSum`` says: five
     int64 flags, a float64 loss slot and, from byte NODE_DATA, ``capacity`` bytes of
-    data, each readable by every rank. Made collectively, kept for the fits that follow
+    data (rank 0's ``extra`` more: the region of a split first layer, which only rank
+    0's segment holds), each readable by every rank. Made collectively, kept for the fits
+    that follow
     (``node_window``). A fused epoch's kernel runs its steps on the window itself
     (``SharedMemoryReduction``); the sums in Python follow the same steps:
 
@@ -511,15 +514,16 @@ class _NodeWindow:
 
     READY, REDUCED, DONE = kernels.NODE_READY, kernels.NODE_REDUCED, kernels.NODE_DONE
 
-    def __init__(self, comm, capacity):
+    def __init__(self, comm, capacity, extra=0):
         MPI = comm.MPI
         self.rank, self.size = comm.rank, comm.size
-        self.capacity, self.step, self.spin = capacity, 0, SPIN_SECONDS
-        nbytes = kernels.NODE_DATA + capacity
-        self.win = MPI.Win.Allocate_shared(nbytes, 1, comm=comm.node)
+        self.capacity, self.extra, self.step, self.spin = capacity, extra, 0, SPIN_SECONDS
+        sizes = [kernels.NODE_DATA + capacity + (extra if r == 0 else 0)
+                 for r in range(comm.size)]
+        self.win = MPI.Win.Allocate_shared(sizes[comm.rank], 1, comm=comm.node)
         self.win.Lock_all(MPI.MODE_NOCHECK)  # a passive access epoch: Win.Sync may run
         #: every rank's whole segment, by rank (kernels.NodeSum.segments)
-        self.raw = tuple(np.frombuffer(self.win.Shared_query(r)[0], np.uint8, nbytes)
+        self.raw = tuple(np.frombuffer(self.win.Shared_query(r)[0], np.uint8, sizes[r])
                          for r in range(comm.size))
         self.flags = [seg[:40].view(np.int64) for seg in self.raw]
         self.losses = [seg[kernels.NODE_LOSS:kernels.NODE_LOSS + 8].view(np.float64)
@@ -574,51 +578,84 @@ class _NodeWindow:
 
 
 _node_window = None
-#: The smallest window (bytes per rank) the node's shared memory had no room for: the
-#: same on every rank (node rank 0 decides); a request at least as large is not tried.
-_refused_bytes = None
+#: What the node's shared memory had no room for, the same on every rank (node rank 0
+#: decides): the smallest refused window's total bytes (a request at least as large is
+#: not tried again), and (directory, free bytes, ranks, total) of the last refusal
+#: with whether rank 0 has warned of it (``_warn_if_refused``).
+_refused_total = None
+_refusal, _refusal_told = None, True
 
 
 def _shared_memory_room():
-    """(directory, free bytes) of the file system behind MPI's shared-memory windows:
-    Open MPI's ``osc_sm_backing_directory`` (``OMPI_MCA_osc_sm_backing_directory``,
-    /dev/shm by default, of which a container gets 64 MB unless told more), or None
-    when there is no such directory to check."""
+    """(directory, free bytes) of the file system behind MPI's shared-memory windows, or
+    None when there is none to check. Open MPI's ``osc_sm_backing_directory``: the
+    variable ``OMPI_MCA_osc_sm_backing_directory``, else /dev/shm (of which a container
+    gets 64 MB unless told more). Not seen: the parameter set in an ``mca-params.conf``,
+    and the session directory Open MPI takes when /dev/shm is not writable (None then)."""
     directory = os.environ.get("OMPI_MCA_osc_sm_backing_directory", "/dev/shm")
     try:
         stat = os.statvfs(directory)
     except OSError:
         return None
+    if not os.access(directory, os.W_OK):
+        return None
     return directory, stat.f_bavail * stat.f_frsize
 
 
-def _window_capacity(comm, capacities, instead):
-    """The first of ``capacities`` (bytes per rank) whose window the node's shared memory
-    has room for (``SHARED_MEMORY_SHARE`` of its free space), or None, warning on rank
-    0 that the ranks do ``instead``. Collective over the node: its rank 0 decides."""
-    global _refused_bytes
+def _window_total(ranks, capacity, extra):
+    """Bytes of a window of ``capacity`` per rank and ``extra`` more for rank 0."""
+    return ranks * (kernels.NODE_DATA + capacity) + extra
+
+
+def _window_fitting(comm, sizes):
+    """The first (capacity, extra) of ``sizes`` whose window the node's shared memory
+    has room for (``SHARED_MEMORY_SHARE`` of its free space), or None (then recorded
+    for ``_warn_if_refused``). Collective over the node: its rank 0 decides."""
+    global _refused_total, _refusal, _refusal_told
     decision = None
     if comm.node.Get_rank() == 0:
         room = _shared_memory_room()
         ranks = comm.node.Get_size()
-        totals = [ranks * (kernels.NODE_DATA + c) for c in capacities]
-        fitting = [c for c, total in zip(capacities, totals)
-                   if room is None or total <= SHARED_MEMORY_SHARE * room[1]]
-        decision = (fitting[0] if fitting else None, room, ranks, min(totals))
-    capacity, room, ranks, total = comm.node.bcast(decision, root=0)
-    if capacity is None:
-        least = min(capacities)
-        _refused_bytes = least if _refused_bytes is None else min(_refused_bytes, least)
-        if comm.rank == 0:
-            directory, free = room
+        fitting = [size for size in sizes if room is None
+                   or _window_total(ranks, *size) <= SHARED_MEMORY_SHARE * room[1]]
+        decision = (fitting[0] if fitting else None, room, ranks,
+                    min(_window_total(ranks, *size) for size in sizes))
+    size, room, ranks, total = comm.node.bcast(decision, root=0)
+    if size is None:
+        _refused_total = total if _refused_total is None else min(_refused_total, total)
+        _refusal, _refusal_told = (*room, ranks, total), False
+    return size
+
+
+def _warn_if_refused(comm, instead):
+    """On rank 0, warn once of the last window the node had no room for, saying that
+    the ranks do ``instead``; a warning made an error (``-W error``) stops every rank
+    at the next collective (``Communicator.guard``)."""
+    global _refusal_told
+    if _refusal_told:
+        return
+    _refusal_told = True
+    if comm.rank == 0:
+        directory, free, ranks, total = _refusal
+        with comm.guard():
             warnings.warn(
-                f"fastnn: the node's shared memory ({directory}, {_size(free)} free) has "
-                f"no room for the {ranks} ranks' window ({_size(total)}): {instead}, "
-                "which is slower on one machine. Give it more room (in a container: "
-                "docker run --shm-size=1g) or point Open MPI at a larger local "
-                "directory (OMPI_MCA_osc_sm_backing_directory=/tmp).",
-                RuntimeWarning, stacklevel=3)
-    return capacity
+                f"fastnn: the node's shared memory ({directory}, {_size(free)} free, of "
+                f"which a window may take {SHARED_MEMORY_SHARE:.0%}) has no room for the "
+                f"{ranks} ranks' window ({_size(total)}): {instead}, which is slower on "
+                "one machine. Give it more room (in a container: docker run "
+                "--shm-size=1g) or point Open MPI at a larger local directory "
+                "(OMPI_MCA_osc_sm_backing_directory=/tmp).",
+                RuntimeWarning, stacklevel=_outside_fastnn())
+
+
+def _outside_fastnn():
+    """The ``stacklevel`` that makes a warning issued by its caller name the first frame
+    outside the fastnn package (the user's ``fit``)."""
+    package = os.path.dirname(os.path.abspath(__file__))
+    frame, level = sys._getframe(1), 1
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(package):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def _size(nbytes):
@@ -626,23 +663,28 @@ def _size(nbytes):
     return f"{nbytes / 2**20:.1f} MiB" if nbytes >= 2**20 else f"{nbytes / 2**10:.1f} KiB"
 
 
-def node_window(comm, nbytes, instead):
-    """The node's shared-memory window, with room for ``nbytes`` per rank (collective:
-    every rank calls it at the same point), or None when the file system behind it
-    has no room for that (``_window_capacity``: rank 0 warns that the ranks do
-    ``instead``). A larger one replaces it when needed, at least doubling if there is
-    room; the old one is never freed, as a fit may still hold it (a fused epoch's
-    gradient buffer), and each window keeps its own steps."""
+def node_window(comm, nbytes, extra=0):
+    """The node's shared-memory window, with room for ``nbytes`` per rank and ``extra``
+    more in rank 0's segment (collective: every rank calls it at the same point), or
+    None when the file system behind it has no room for that (``_window_fitting``;
+    the caller then warns, ``_warn_if_refused``). A larger one replaces it when needed,
+    at least doubling ``nbytes`` if there is room; the old one is never freed, as a fit
+    may still hold it (a fused epoch's gradient buffer), and each window keeps its own
+    steps."""
     global _node_window
-    if _node_window is None or _node_window.capacity < nbytes:
-        need = -(-nbytes // 64) * 64   # a segment starts a cache line
-        if _refused_bytes is not None and need >= _refused_bytes:
+    old = _node_window
+    if old is None or old.capacity < nbytes or old.extra < extra:
+        need, extra = -(-nbytes // 64) * 64, -(-extra // 64) * 64   # whole cache lines
+        ranks = comm.node.Get_size()
+        if _refused_total is not None and _window_total(ranks, need, extra) >= _refused_total:
             return None
-        least = 1 << 16 if _node_window is None else 2 * _node_window.capacity
-        capacity = _window_capacity(comm, (max(need, least), need), instead)
-        if capacity is None:
+        least = (1 << 16 if old is None
+                 else old.capacity if old.capacity >= need else 2 * old.capacity)
+        size = _window_fitting(comm, ((max(need, least), max(extra, old.extra if old else 0)),
+                                      (need, extra)))
+        if size is None:
             return None
-        _node_window = _NodeWindow(comm, capacity)
+        _node_window = _NodeWindow(comm, *size)
     dedicated = comm.node.Get_size() * get_num_threads() <= (os.cpu_count() or 1)
     _node_window.spin = DEDICATED_SPIN_SECONDS if dedicated else SPIN_SECONDS
     return _node_window
@@ -670,8 +712,8 @@ class SharedMemoryReduction:
     dW1 is 85 % of the gradient: the sum shrinks to the other layers (plain SGD:
     1.66-1.73x the samples/s of one process before, 1.67-1.92x after; momentum 1.70x
     before, 1.92x after: README, Training on several processes). The region, room for
-    two global batches of inputs, sits after rank 0's gradient (every rank's segment
-    has its size); beyond SPLIT_MAX_BYTES (a large global batch, where the sum costs
+    two global batches of inputs, sits after rank 0's gradient, in rank 0's segment
+    alone (``extra``); beyond SPLIT_MAX_BYTES (a large global batch, where the sum costs
     little per row), or without room for it in the node's shared memory (``on_node``),
     the first layer is summed too. ``plan`` holds the steps of every
     epoch (``_epochs.BatchPlan``).
@@ -693,18 +735,20 @@ class SharedMemoryReduction:
         """The reduction of a fit whose ranks all run on this node (collective), or None
         when the node's shared memory has no room even for the gradient (the fit then
         sums through ``GradientReduction``); without room for the first layer's
-        region, the first layer is summed (``node_window`` warns on rank 0)."""
+        region, the first layer is summed. Rank 0 warns of either once."""
         start = -(-grads.nbytes // 64) * 64
         split_rows = int(plan.global_rows().max(initial=0)) if split_widths is not None else 0
         shared = (kernels.node_split_bytes(split_widths, split_rows, grads.itemsize,
                                            split_states) if split_rows else 0)
         window = None
         if 0 < shared <= SPLIT_MAX_BYTES:
-            window = node_window(comm, start + shared,
-                                 "the ranks sum the first layer instead of splitting it")
+            window = node_window(comm, start, extra=shared)
         if window is None:
             split_rows = shared = 0
-            window = node_window(comm, start, "the ranks sum through Iallreduce per layer")
+            window = node_window(comm, start)
+        _warn_if_refused(comm, "the ranks sum the first layer instead of splitting it"
+                         if window is not None else
+                         "the ranks sum through Iallreduce per layer")
         if window is None:
             return None
         return cls(comm, window, grads, plan, split_rows, (start, shared))
