@@ -721,7 +721,7 @@ class SharedMemoryReduction:
 
     def __init__(self, comm, window, grads, plan, split_rows, region):
         """Made by ``on_node``: ``region`` = (start, bytes) of the first layer's region
-        in every rank's segment of ``window`` when ``split_rows``."""
+        in rank 0's segment of ``window`` when ``split_rows``."""
         self.comm, self.window = comm, window
         self.grads = window.segments(grads.dtype, grads.size)[comm.rank]
         start, shared = region
