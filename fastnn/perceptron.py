@@ -83,8 +83,10 @@ class Perceptron:
     It is a scikit-learn classifier (``get_params``/``set_params``, ``clone``,
     ``score``, GridSearchCV) without importing scikit-learn: as sklearn's convention
     asks, ``__init__`` only stores the hyperparameters and ``fit`` validates them. It
-    keeps fastnn's errors and ``seed``: of sklearn's estimator checks it fails the 12
-    that want sklearn's exception class, messages or ``random_state``.
+    keeps fastnn's errors and ``seed``: of sklearn's estimator checks (run with
+    ``seed=0``) it fails the 10 that want sklearn's exception class or messages. On data
+    no hyperplane separates, the weights are those of the last epoch, so they depend on
+    the order of the samples, that is on ``seed``.
 
     Examples
     --------

@@ -577,7 +577,10 @@ def test_a_rank_whose_launcher_is_killed_stops_waiting(tmp_path):
     on either, so Open MPI cannot stop them), raises within seconds naming the launcher
     instead of polling for ever (``kernels.NodeSum.parent``)."""
     (tmp_path / "killed.py").write_text(LAUNCHER_KILLED, encoding="utf-8")
-    env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+    # Killed ranks leave Open MPI's shared-memory transport files behind: in tmp_path,
+    # not in the machine's /dev/shm.
+    env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
+               OMPI_MCA_btl_sm_backing_directory=str(tmp_path))
     launcher = subprocess.Popen(
         [_mpiexec(), "--oversubscribe", "-n", "2", sys.executable,
          str(tmp_path / "killed.py"), str(tmp_path)], env=env, start_new_session=True,

@@ -54,16 +54,18 @@ PERCEPTRON_FAILED_CHECKS = {
         "refuses X of dtype object instead of converting it": ["check_dtype_object"],
         "takes a column y silently, without sklearn's DataConversionWarning":
             ["check_supervised_y_2d"],
-        "seed=None shuffles anew each fit, and sklearn sets random_state, not seed": [
-            "check_fit_idempotent", "check_classifier_data_not_an_array"],
     }.items() for name in names}
 
 
-@parametrize_with_checks([Perceptron()],
+@parametrize_with_checks([Perceptron(seed=0)],
                          expected_failed_checks=lambda est: PERCEPTRON_FAILED_CHECKS)
 def test_perceptron_estimator_checks(estimator, check):
     """fastnn.Perceptron passes the rest of scikit-learn's estimator checks (and a check
-    that starts to fail, or to pass, shows up here)."""
+    that starts to fail, or to pass, shows up here). With a fixed seed, as the checks fix
+    the random_state of sklearn's own estimators: with seed=None each fit shuffles anew,
+    so refitting gives other weights (check_fit_idempotent), and on the checks' three
+    blobs, which no line separates, 3 % of the fits end below the accuracy asked for
+    (check_classifiers_train)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # not a sklearn BaseEstimator
         check(estimator)
