@@ -51,9 +51,15 @@ def _mpiexec():
     return found
 
 
+def _mpi_env(**more):
+    """This environment, letting Open MPI run as root (containers), with ``more``."""
+    return dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
+                **more)
+
+
 def _launch(size, out, names):
     """Run ``_distributed_runs.py`` on ``size`` ranks; the CompletedProcess."""
-    env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+    env = _mpi_env()
     command = [_mpiexec(), "--oversubscribe", "-n", str(size), sys.executable,
                str(HERE / "_distributed_runs.py"), str(out), *names]
     return run_launcher(command, TIMEOUT, env=env)
@@ -341,8 +347,7 @@ def test_the_room_checked_is_where_open_mpi_puts_the_window(tmp_path, files):
         "maps = open('/proc/self/maps').read().split('\\n')\n"
         "window = sorted({line.split()[5] for line in maps if 'osc_sm.' in line})\n"
         "print(distributed.rank(), distributed._shared_memory_room()[0], window)\n")
-    env = dict(os.environ, HOME=str(home), OPAL_SYSCONFDIR=str(etc),
-               OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+    env = _mpi_env(HOME=str(home), OPAL_SYSCONFDIR=str(etc))
     env.pop("OMPI_MCA_osc_sm_backing_directory", None)
     done = run_launcher([_mpiexec(), "--oversubscribe", "-n", "2", sys.executable,
                          str(script)], TIMEOUT, cwd=tmp_path, env=env)
@@ -482,8 +487,8 @@ def test_two_hosts_over_tcp_equal_one_process(two_hosts, tmp_path, monkeypatch):
     TCP, and still equal one process with the global batch."""
     out = tmp_path / "out"
     out.mkdir()
-    env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
-               PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]]))
+    env = _mpi_env(PATH=os.pathsep.join([str(Path(sys.executable).parent),
+                                         os.environ["PATH"]]))
     done = run_launcher(two_hosts + [sys.executable, str(HERE / "_distributed_runs.py"),
                                      str(out), *ACROSS_HOSTS], TIMEOUT, env=env)
     assert done.returncode == 0, done.stdout + done.stderr
@@ -579,8 +584,7 @@ def test_a_rank_whose_launcher_is_killed_stops_waiting(tmp_path):
     (tmp_path / "killed.py").write_text(LAUNCHER_KILLED, encoding="utf-8")
     # Killed ranks leave Open MPI's shared-memory transport files behind: in tmp_path,
     # not in the machine's /dev/shm.
-    env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
-               OMPI_MCA_btl_sm_backing_directory=str(tmp_path))
+    env = _mpi_env(OMPI_MCA_btl_sm_backing_directory=str(tmp_path))
     launcher = subprocess.Popen(
         [_mpiexec(), "--oversubscribe", "-n", "2", sys.executable,
          str(tmp_path / "killed.py"), str(tmp_path)], env=env, start_new_session=True,
@@ -626,7 +630,7 @@ def test_readme_example_prints_the_same_on_two_ranks(tmp_path):
     alone = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
                            cwd=tmp_path, timeout=TIMEOUT)
     assert alone.returncode == 0, alone.stderr
-    env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+    env = _mpi_env()
     two = run_launcher([_mpiexec(), "--oversubscribe", "-n", "2", sys.executable, "-m",
                         "mpi4py", str(script)], TIMEOUT, cwd=tmp_path, env=env)
     assert two.returncode == 0, two.stdout + two.stderr
@@ -782,7 +786,7 @@ def test_bench_mpi_runs_every_configuration_once_per_round(monkeypatch):
 
 
 def test_cli_trains_on_two_ranks_and_rank_0_alone_prints_and_saves(tmp_path):
-    env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+    env = _mpi_env()
     done = run_launcher([_mpiexec(), "--oversubscribe", "-n", "2", sys.executable, "-m",
                          "fastnn", "train", "--epochs", "2", "--threads", "1", "--quiet",
                          "--save", "m.npz"], TIMEOUT, cwd=tmp_path, env=env)
