@@ -345,15 +345,18 @@ G_NAME(store)(G_T *cv, G_V acc, G_V bias_v, int has_bias, int tail, G_MASK last,
 /* One MR_ x NV_ tile of C: acc = sum_p op(A)[r, p] op(B)[p, :], p < kc, then the store.
    A_T: op(A)[r, p] = a[p * lda + r] (TN), else a[r * lda + p]. The last vector is
    masked with `last`. first: this is the first KC block (C = beta C + alpha acc, or
-   alpha acc + bias); else C += alpha acc. final: apply the activation. */
+   alpha acc + bias); else C += alpha acc. final: apply the activation. pf (TN only, or
+   NULL): every pf_every-th row p from p = pf_skip on, asks for pf[p * lda] (into L2),
+   the cache line a later strip of op(A) = A^T reads there. */
 FASTNN_GEMM_INLINE __attribute__((target(G_TARGET))) void
 G_NAME(tile)(const int MR_, const int NV_, const int A_T, int kc,
              const G_T *a, ptrdiff_t lda, const G_T *b, ptrdiff_t ldb,
              G_T *c, ptrdiff_t ldc, G_MASK last, G_T alpha, G_T beta, int first,
-             const G_T *bias, int final, int act, G_T slope)
+             const G_T *bias, int final, int act, G_T slope, const G_T *pf,
+             int pf_every, int pf_skip)
 {
     G_V acc[G_MR][G_NV];
-    int r, v, p;
+    int r, v, p, pf_wait = pf_skip + 1;
 #pragma GCC unroll 8
     for (r = 0; r < MR_; ++r)
 #pragma GCC unroll 8
@@ -371,6 +374,13 @@ G_NAME(tile)(const int MR_, const int NV_, const int A_T, int kc,
 #pragma GCC unroll 8
             for (v = 0; v < NV_; ++v)
                 acc[r][v] = G_FMA(av, bv[v], acc[r][v]);
+        }
+        if (A_T && pf != NULL) {
+            if (--pf_wait == 0) {
+                __builtin_prefetch(pf, 0, 2);
+                pf_wait = pf_every;
+            }
+            pf += lda;
         }
         a += A_T ? lda : 1;
         b += ldb;
@@ -396,7 +406,8 @@ G_NAME(tile)(const int MR_, const int NV_, const int A_T, int kc,
     }
 }
 
-#define G_TILE_ARGS kc, a, lda, b, ldb, c, ldc, last, alpha, beta, first, bias, final, act, slope
+#define G_TILE_ARGS kc, a, lda, b, ldb, c, ldc, last, alpha, beta, first, bias, final, act, slope, \
+    NULL, 1, 0
 #define G_TILE_CASE(MR_, NV_) \
     case (MR_) * 8 + (NV_): \
         if (a_t) G_NAME(tile)(MR_, NV_, 1, G_TILE_ARGS); \
@@ -471,13 +482,17 @@ G_NAME(row)(int a_t, int kc, const G_T *a, ptrdiff_t lda, const G_T *b, ptrdiff_
 /* One strip of mr rows of C across `width` columns: its NR-column tiles, the tile at
    column j reading op(B) at b + (j / NR) * bstep with row stride ldb (in place:
    bstep = NR, ldb = the matrix's; packed panels: bstep = kc * NR, ldb = NR). Full
-   tiles are inlined here (the common case, no switch). */
+   tiles are inlined here (the common case, no switch). pf (TN, or NULL): a column of
+   A^T ahead whose cache lines the full tiles ask for between them, tile t of T every
+   T-th row from row t, so that the strip asks for each row's line once. */
 static __attribute__((target(G_TARGET), noinline)) void
 G_NAME(strip)(int a_t, int kc, const G_T *a, ptrdiff_t lda, const G_T *b, ptrdiff_t ldb,
               ptrdiff_t bstep, G_T *c, ptrdiff_t ldc, int mr, int width, G_T alpha,
-              G_T beta, int first, const G_T *bias, int final, int act, G_T slope)
+              G_T beta, int first, const G_T *bias, int final, int act, G_T slope,
+              const G_T *pf)
 {
     const int nr = G_NV * G_VL;
+    const int tiles = width / nr;
     int j = 0;
     G_MASK full = G_MASK_N(G_VL);
     if (mr == 1 && bstep == nr) {  /* one row, op(B) in place */
@@ -490,12 +505,12 @@ G_NAME(strip)(int a_t, int kc, const G_T *a, ptrdiff_t lda, const G_T *b, ptrdif
             for (; j + nr <= width; j += nr, b += bstep)
                 G_NAME(tile)(G_MR, G_NV, 1, kc, a, lda, b, ldb, c + j, ldc, full,
                              alpha, beta, first, bias != NULL ? bias + j : NULL, final,
-                             act, slope);
+                             act, slope, pf, tiles, j / nr);
         else
             for (; j + nr <= width; j += nr, b += bstep)
                 G_NAME(tile)(G_MR, G_NV, 0, kc, a, lda, b, ldb, c + j, ldc, full,
                              alpha, beta, first, bias != NULL ? bias + j : NULL, final,
-                             act, slope);
+                             act, slope, NULL, 1, 0);
     }
     for (; j < width; j += nr, b += bstep) {
         int w = width - j < nr ? width - j : nr;
@@ -559,6 +574,15 @@ G_NAME(pack_b)(const G_T *b, ptrdiff_t ldb, int b_t, int pc, int kc, int jc, int
     }
 }
 
+/* How far ahead (columns of op(A) = A^T: one cache line) a TN strip asks for the lines
+   of A that a later strip reads. A strip reads one line of each row of A, the rows a
+   page or so apart, which the hardware prefetchers do not follow; and a line another
+   CPU wrote last is slow to arrive, most of all from another core complex (the other
+   rank's inputs in a split first layer: MNIST's 784 x 128 x 256 dW block took 247-269
+   us there against 226-253 with this, 208-220 either way on one complex, measured with
+   a second thread pinned to the other vCPU writing half of A before each product). */
+#define G_PF_COLS ((int) (64 / sizeof(G_T)))
+
 /* C[i0:i1, j0:j1]: columns in blocks of NC, k in blocks of KC, op(B)'s block packed
    into panels when NT (its columns are strided) or when enough rows reuse it. */
 static __attribute__((target(G_TARGET))) int
@@ -608,7 +632,8 @@ G_NAME(range)(char ta, char tb, int k, G_T alpha, const G_T *a, int lda, const G
                                         : a + (ptrdiff_t) i * lda + pc;
                 G_NAME(strip)(a_t, kc, astrip, lda, bblock, ldbb, bstep,
                               c + (ptrdiff_t) i * ldc + jc, ldc, mr, width, alpha, beta,
-                              first, bias != NULL ? bias + jc : NULL, final, act, slope);
+                              first, bias != NULL ? bias + jc : NULL, final, act, slope,
+                              a_t && i + G_PF_COLS < i1 ? astrip + G_PF_COLS : NULL);
             }
         }
     }
@@ -616,6 +641,7 @@ G_NAME(range)(char ta, char tb, int k, G_T alpha, const G_T *a, int lda, const G
 }
 
 #undef G_TILE_ARGS
+#undef G_PF_COLS
 #undef G_TILE_CASE
 #undef FASTNN_GEMM_BODY
 #undef G_T
