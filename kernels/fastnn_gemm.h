@@ -347,13 +347,14 @@ G_NAME(store)(G_T *cv, G_V acc, G_V bias_v, int has_bias, int tail, G_MASK last,
    masked with `last`. first: this is the first KC block (C = beta C + alpha acc, or
    alpha acc + bias); else C += alpha acc. final: apply the activation. pf (TN only, or
    NULL): every pf_every-th row p from p = pf_skip on, asks for pf[p * lda] (into L2),
-   the cache line a later strip of op(A) = A^T reads there. */
+   the cache line a later strip of op(A) = A^T reads there. pfb (or NULL): op(B)'s rows
+   ahead, asked for row by row (into L1) while p < pfb_stop. */
 FASTNN_GEMM_INLINE __attribute__((target(G_TARGET))) void
 G_NAME(tile)(const int MR_, const int NV_, const int A_T, int kc,
              const G_T *a, ptrdiff_t lda, const G_T *b, ptrdiff_t ldb,
              G_T *c, ptrdiff_t ldc, G_MASK last, G_T alpha, G_T beta, int first,
              const G_T *bias, int final, int act, G_T slope, const G_T *pf,
-             int pf_every, int pf_skip)
+             int pf_every, int pf_skip, const G_T *pfb, int pfb_stop)
 {
     G_V acc[G_MR][G_NV];
     int r, v, p, pf_wait = pf_skip + 1;
@@ -374,6 +375,13 @@ G_NAME(tile)(const int MR_, const int NV_, const int A_T, int kc,
 #pragma GCC unroll 8
             for (v = 0; v < NV_; ++v)
                 acc[r][v] = G_FMA(av, bv[v], acc[r][v]);
+        }
+        if (pfb != NULL && p < pfb_stop) {
+            int bytes;
+#pragma GCC unroll 8
+            for (bytes = 0; bytes < NV_ * G_VL * (int) sizeof(G_T); bytes += 64)
+                __builtin_prefetch((const char *) pfb + bytes, 0, 3);
+            pfb += ldb;
         }
         if (A_T && pf != NULL) {
             if (--pf_wait == 0) {
@@ -407,7 +415,7 @@ G_NAME(tile)(const int MR_, const int NV_, const int A_T, int kc,
 }
 
 #define G_TILE_ARGS kc, a, lda, b, ldb, c, ldc, last, alpha, beta, first, bias, final, act, slope, \
-    NULL, 1, 0
+    NULL, 1, 0, NULL, 0
 #define G_TILE_CASE(MR_, NV_) \
     case (MR_) * 8 + (NV_): \
         if (a_t) G_NAME(tile)(MR_, NV_, 1, G_TILE_ARGS); \
@@ -484,12 +492,14 @@ G_NAME(row)(int a_t, int kc, const G_T *a, ptrdiff_t lda, const G_T *b, ptrdiff_
    bstep = NR, ldb = the matrix's; packed panels: bstep = kc * NR, ldb = NR). Full
    tiles are inlined here (the common case, no switch). pf (TN, or NULL): a column of
    A^T ahead whose cache lines the full tiles ask for between them, tile t of T every
-   T-th row from row t, so that the strip asks for each row's line once. */
+   T-th row from row t, so that the strip asks for each row's line once. pfb_rows (or
+   0): the full tiles ask for op(B)'s rows that far ahead (the first strip of a block
+   read in place). */
 static __attribute__((target(G_TARGET), noinline)) void
 G_NAME(strip)(int a_t, int kc, const G_T *a, ptrdiff_t lda, const G_T *b, ptrdiff_t ldb,
               ptrdiff_t bstep, G_T *c, ptrdiff_t ldc, int mr, int width, G_T alpha,
               G_T beta, int first, const G_T *bias, int final, int act, G_T slope,
-              const G_T *pf)
+              const G_T *pf, int pfb_rows)
 {
     const int nr = G_NV * G_VL;
     const int tiles = width / nr;
@@ -505,12 +515,14 @@ G_NAME(strip)(int a_t, int kc, const G_T *a, ptrdiff_t lda, const G_T *b, ptrdif
             for (; j + nr <= width; j += nr, b += bstep)
                 G_NAME(tile)(G_MR, G_NV, 1, kc, a, lda, b, ldb, c + j, ldc, full,
                              alpha, beta, first, bias != NULL ? bias + j : NULL, final,
-                             act, slope, pf, tiles, j / nr);
+                             act, slope, pf, tiles, j / nr,
+                             pfb_rows ? b + pfb_rows * ldb : NULL, kc - pfb_rows);
         else
             for (; j + nr <= width; j += nr, b += bstep)
                 G_NAME(tile)(G_MR, G_NV, 0, kc, a, lda, b, ldb, c + j, ldc, full,
                              alpha, beta, first, bias != NULL ? bias + j : NULL, final,
-                             act, slope, NULL, 1, 0);
+                             act, slope, NULL, 1, 0,
+                             pfb_rows ? b + pfb_rows * ldb : NULL, kc - pfb_rows);
     }
     for (; j < width; j += nr, b += bstep) {
         int w = width - j < nr ? width - j : nr;
@@ -582,6 +594,12 @@ G_NAME(pack_b)(const G_T *b, ptrdiff_t ldb, int b_t, int pc, int kc, int jc, int
    us there against 226-253 with this, 208-220 either way on one complex, measured with
    a second thread pinned to the other vCPU writing half of A before each product). */
 #define G_PF_COLS ((int) (64 / sizeof(G_T)))
+/* How far ahead (rows of op(B)) the first strip of a block asks for op(B)'s lines when
+   it reads op(B) in place: it is the first to read them, and the hardware prefetchers
+   run short of a line another CPU just wrote (the other rank's block of W1 in a split
+   first layer's forward: 784 x 128 over 128 rows took 110-115 us far apart, 106 with
+   this; 101-103 near, either way). */
+#define G_PFB_ROWS 32
 
 /* C[i0:i1, j0:j1]: columns in blocks of NC, k in blocks of KC, op(B)'s block packed
    into panels when NT (its columns are strided) or when enough rows reuse it. */
@@ -633,7 +651,8 @@ G_NAME(range)(char ta, char tb, int k, G_T alpha, const G_T *a, int lda, const G
                 G_NAME(strip)(a_t, kc, astrip, lda, bblock, ldbb, bstep,
                               c + (ptrdiff_t) i * ldc + jc, ldc, mr, width, alpha, beta,
                               first, bias != NULL ? bias + jc : NULL, final, act, slope,
-                              a_t && i + G_PF_COLS < i1 ? astrip + G_PF_COLS : NULL);
+                              a_t && i + G_PF_COLS < i1 ? astrip + G_PF_COLS : NULL,
+                              i == i0 && !pack && kc > G_PFB_ROWS ? G_PFB_ROWS : 0);
             }
         }
     }
@@ -642,6 +661,7 @@ G_NAME(range)(char ta, char tb, int k, G_T alpha, const G_T *a, int lda, const G
 
 #undef G_TILE_ARGS
 #undef G_PF_COLS
+#undef G_PFB_ROWS
 #undef G_TILE_CASE
 #undef FASTNN_GEMM_BODY
 #undef G_T
