@@ -687,6 +687,42 @@ def test_bench_mpi_ratios_pair_each_round_with_its_own_baseline():
     assert "fastnn / torch DDP: 3.00x" in report   # the rounds' 4.00x and 2.00x
 
 
+def test_bench_mpi_leaves_out_a_round_whose_launch_failed():
+    """Open MPI's launcher now and then fails to start: the round is left out of the
+    configuration's figures (and said so), not the whole configuration; a configuration
+    whose every round failed reports the error."""
+    from fastnn.bench import mpi
+
+    def ran(t):
+        return {"epoch_seconds": [t, t], "loss": 0.5}
+
+    pmix = {"error": "worker exited with code 213: The PMIx server's listener thread "
+                     "failed to start. We cannot\ncontinue."}
+    base = [ran(1.0), ran(1.0), ran(2.0)]
+    results = {mpi.BASELINE: base, mpi._FUSED.format(2): [ran(0.5), ran(0.5), ran(1.0)],
+               "2 ranks (torch DDP, gloo)": [ran(2.0), pmix, ran(4.0)],
+               "2 ranks, per-step": [pmix, pmix, pmix]}
+    training = {label: mpi._merge_rounds(rs, base, 100) for label, rs in results.items()}
+    ddp = training["2 ranks (torch DDP, gloo)"]
+    assert ddp["round_ratios"] == [0.5, None, 0.5] and ddp["rounds"] == 2
+    assert ddp["epoch_seconds"] == [2.0, 2.0, 4.0, 4.0] and list(ddp["failed"]) == [1]
+    assert training["2 ranks, per-step"] == pmix
+    for record in training.values():
+        if not record.get("error"):
+            record["samples_per_s"] = mpi._rate(record, 100)
+    report = mpi.format_mpi_report({
+        "allreduce": {"error": "skipped"}, "net": "mnist", "sizes": [784, 256, 128, 10],
+        "global_batch": 256, "samples": 100, "rounds": 3, "load_average": [0.5] * 3,
+        "ranks": 2, "training": training})
+    lines = report.splitlines()
+    at = next(i for i, line in enumerate(lines) if "torch DDP" in line)
+    assert "0.50x [0.50-0.50]" in lines[at]
+    assert lines[at + 1].strip().startswith("left out: 1 of 3 rounds, which failed "
+                                            "(round 2: worker exited with code 213")
+    assert "fastnn / torch DDP: 4.00x" in report   # rounds 1 and 3 only
+    assert any("per-step" in line and "error: worker exited" in line for line in lines)
+
+
 @pytest.mark.parametrize("slower, warned", [(1.05, False), (1.4, True)])
 def test_bench_mpi_flags_independent_processes_that_ran_at_different_speeds(slower, warned):
     """A process that runs much slower than its twin means something else used a CPU

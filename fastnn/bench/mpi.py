@@ -355,18 +355,25 @@ def placement(trips, ratios):
 
 
 def _merge_rounds(results, baseline, samples):
-    """One record from a configuration's rounds: every timed epoch, and its rate over
-    the baseline's in each round (``round_ratios``: the two ran a minute apart at most,
-    so a change in the host's load hits both); or the first error."""
-    errors = [r for r in results if r.get("error")]
-    if errors:
-        return errors[0]
-    merged = {"epoch_seconds": [t for r in results for t in r["epoch_seconds"]],
-              "loss": results[-1]["loss"], "rounds": len(results),
+    """One record from a configuration's rounds: every timed epoch of the rounds that
+    ran, and its rate over the baseline's in each round (``round_ratios``, one per
+    round, None where either failed: the two ran a minute apart at most, so a change in
+    the host's load hits both); the rounds that failed as ``failed`` ({round: error});
+    or, when every round failed, the first error. (Open MPI's launcher now and then
+    fails to start, "The PMIx server's listener thread failed to start": one such
+    launch costs its round, not the configuration's figure.)"""
+    ran = [r for r in results if not r.get("error")]
+    if not ran:
+        return results[0]
+    merged = {"epoch_seconds": [t for r in ran for t in r["epoch_seconds"]],
+              "loss": ran[-1]["loss"], "rounds": len(ran),
               "round_ratios": [_round_ratio(r, b, samples)
-                               for r, b in zip(results, baseline) if not b.get("error")]}
-    if all("process_seconds" in r for r in results):
-        merged["process_spread"] = [speed_spread(r["process_seconds"]) for r in results]
+                               for r, b in zip(results, baseline)]}
+    failed = {i: r["error"] for i, r in enumerate(results) if r.get("error")}
+    if failed:
+        merged["failed"] = failed
+    if all("process_seconds" in r for r in ran):
+        merged["process_spread"] = [speed_spread(r["process_seconds"]) for r in ran]
     return merged
 
 
@@ -520,13 +527,20 @@ def format_mpi_report(result):
         if rate is None:
             lines.append(f"  {label:34s} error: {record.get('error')}")
             continue
-        ratios, ratio = record.get("round_ratios"), ""
+        ratios = [r for r in record.get("round_ratios") or [] if r is not None]
+        ratio = ""
         if ratios:
             ratio = f"{statistics.median(ratios):5.2f}x"
             if len(ratios) > 1 and label != BASELINE:
                 ratio += f" [{min(ratios):.2f}-{max(ratios):.2f}]"
         lines.append(f"  {label:34s} {rate:10.0f} samples/s  {ratio:18s} (final loss "
                      f"{record['loss']:.4f})")
+        failed = record.get("failed")
+        if failed:
+            first = min(failed)
+            lines.append(f"    left out: {len(failed)} of {len(record['round_ratios'])} rounds, "
+                         f"which failed (round {first + 1}: "
+                         f"{' '.join(failed[first].split())})")
         spread = record.get("process_spread")
         if spread and max(spread) > SPREAD_WARNING:
             lines.append(f"    warning: the independent processes ran at different speeds "
@@ -534,9 +548,9 @@ def format_mpi_report(result):
                          "be using a CPU, and every figure here may suffer from it")
     fastnn = training.get(_FUSED.format(result["ranks"]), {}).get("round_ratios")
     ddp = training.get(f"{result['ranks']} ranks (torch DDP, gloo)", {}).get("round_ratios")
-    if fastnn and ddp and len(fastnn) == len(ddp):
-        lines.append("  fastnn / torch DDP: "
-                     f"{statistics.median(f / d for f, d in zip(fastnn, ddp)):.2f}x")
+    pairs = [f / d for f, d in zip(fastnn or [], ddp or []) if f is not None and d is not None]
+    if pairs and len(fastnn) == len(ddp):
+        lines.append(f"  fastnn / torch DDP: {statistics.median(pairs):.2f}x")
     lines += _placement_lines(result.get("placement"), _FUSED.format(result["ranks"]))
     lines += _placement_lines(result.get("placement_adam"),
                               _FUSED_ADAM.format(result["ranks"]))
