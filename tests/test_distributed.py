@@ -768,6 +768,13 @@ def test_bench_mpi_groups_the_rounds_by_where_the_cpus_sat():
     alike = mpi.placement([(90 * ns, 100 * ns), (120 * ns, 170 * ns)], [1.9, None])
     assert alike["threshold"] is None and alike["near"] == [1.9]
     assert "sat alike in every round" in mpi._placement_lines(alike, "2 ranks")[1]
+    # run ah: one probe at 44 ns, every other one near (104-122 ns): no round is far
+    ah = [(44 * ns, 110 * ns)] + [(112 * ns, 114 * ns)] * 6 + [(114 * ns, 122 * ns)]
+    lone = mpi.placement(ah, [1.98] + [1.95] * 7)
+    assert lone["threshold"] is None and lone["far"] == [] and len(lone["near"]) == 8
+    # two probes on one core do split from the rest, as any two below a 2x jump
+    assert mpi.placement(ah[:1] + [(45 * ns, 112 * ns)] + ah[1:],
+                         [1.9] * 9)["threshold"] == pytest.approx((45 * 110) ** 0.5 * ns)
 
 
 def test_cpu_round_trip_between_two_cpus():

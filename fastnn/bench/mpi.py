@@ -333,14 +333,17 @@ def placement(trips, ratios):
     """Rounds by where the CPUs sat: ``trips`` [(before, after) round trip s] and the
     rounds' ``ratios`` (None: the round failed). The probes split at the largest jump
     between consecutive sorted round trips when it is at least FAR_FACTOR (threshold:
-    the geometric mean of its ends; no such jump: threshold None, every round near). A
+    the geometric mean of its ends; no such jump: threshold None, every round near),
+    with two probes or more below it: a lone fastest probe is a moment on one core (~45
+    ns here, against ~110 in one core complex), not a placement of a round. A
     round is near when both its probes are below the threshold, far when both are
     above it, mixed (the host moved the CPUs during it) otherwise. None when a probe
     failed (None, or not a positive time)."""
     if not trips or any(t is None or not t > 0 for pair in trips for t in pair):
         return None
     values = sorted(t for pair in trips for t in pair)
-    low, high = max(zip(values, values[1:]), key=lambda ends: ends[1] / ends[0])
+    jumps = list(zip(values[1:], values[2:]))
+    low, high = max(jumps, key=lambda ends: ends[1] / ends[0]) if jumps else (1.0, 1.0)
     threshold = (low * high) ** 0.5 if high >= FAR_FACTOR * low else None
     groups = {"near": [], "far": [], "mixed": []}
     if threshold is None:
