@@ -13,6 +13,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -582,9 +583,12 @@ def test_a_rank_whose_launcher_is_killed_stops_waiting(tmp_path):
     on either, so Open MPI cannot stop them), raises within seconds naming the launcher
     instead of polling for ever (``kernels.NodeSum.parent``)."""
     (tmp_path / "killed.py").write_text(LAUNCHER_KILLED, encoding="utf-8")
-    # Killed ranks leave Open MPI's shared-memory transport files behind: in tmp_path,
-    # not in the machine's /dev/shm.
-    env = _mpi_env(OMPI_MCA_btl_sm_backing_directory=str(tmp_path))
+    # Killed ranks leave Open MPI's shared-memory transport files behind, and the killed
+    # launcher its session directory: in tmp_path, not in the machine's /dev/shm and
+    # TMPDIR (where a later launcher given the same process id would fail to start).
+    system_tmp = Path(tempfile.gettempdir())
+    before = set(system_tmp.iterdir())
+    env = _mpi_env(OMPI_MCA_btl_sm_backing_directory=str(tmp_path), TMPDIR=str(tmp_path))
     launcher = subprocess.Popen(
         [_mpiexec(), "--oversubscribe", "-n", "2", sys.executable,
          str(tmp_path / "killed.py"), str(tmp_path)], env=env, start_new_session=True,
@@ -611,6 +615,9 @@ def test_a_rank_whose_launcher_is_killed_stops_waiting(tmp_path):
                                        f"its stderr:\n{error}")
         assert f"this rank's launcher (process {launcher.pid}) is gone while it waited" in error
         assert "its launcher is gone: exiting" in error   # no MPI_Abort through it
+        assert not [p for p in set(system_tmp.iterdir()) - before
+                    if str(launcher.pid) in p.name]
+        assert [p for p in tmp_path.iterdir() if str(launcher.pid) in p.name]
     finally:
         for pid in pids:
             try:
@@ -620,6 +627,20 @@ def test_a_rank_whose_launcher_is_killed_stops_waiting(tmp_path):
         if launcher.poll() is None:
             launcher.kill()
             launcher.wait(timeout=10)
+
+
+def test_each_launch_has_a_tmpdir_of_its_own_removed_after_it(tmp_path):
+    """Open MPI keeps its session directory in TMPDIR; one that a killed launcher left
+    behind makes a later launcher with the same process id fail to start, so
+    run_launcher gives each launch a fresh TMPDIR (inside the caller's) and removes it."""
+    done = run_launcher([_mpiexec(), "-n", "1", sys.executable, "-c",
+                         "import os, tempfile; print(os.environ['TMPDIR']); "
+                         "print(tempfile.gettempdir())"],
+                        TIMEOUT, env=_mpi_env(TMPDIR=str(tmp_path)))
+    assert done.returncode == 0, done.stderr
+    session, rank_tmp = done.stdout.split()
+    assert Path(session).parent == tmp_path and rank_tmp == session
+    assert not Path(session).exists() and list(tmp_path.iterdir()) == []
 
 
 def test_readme_example_prints_the_same_on_two_ranks(tmp_path):

@@ -240,17 +240,29 @@ def run_launcher(command, timeout, grace=5.0, **kwargs):
     ``grace`` seconds later whatever is left of its session gets SIGKILL; then
     TimeoutExpired is raised as usual. The launcher runs in a session of its own (so
     that it can be found), out of reach of the terminal's Ctrl-C: a KeyboardInterrupt
-    (or any exception) while waiting stops it the same way before it propagates."""
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True, **kwargs)
+    (or any exception) while waiting stops it the same way before it propagates.
+
+    Each launch gets a TMPDIR of its own (inside the one ``env`` names), removed when
+    the launcher is done: Open MPI keeps its session directory there (``ompi.<pid>``),
+    which a launcher killed by SIGKILL leaves behind, and a later launcher given the
+    same process id then fails to start ("The PMIx server's listener thread failed to
+    start", exit code 213)."""
+    env = dict(kwargs.pop("env", None) or os.environ)
+    session = tempfile.mkdtemp(prefix="fastnn-mpiexec-", dir=env.get("TMPDIR"))
+    env["TMPDIR"] = session
     try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired as exc:
-        out, err = _stop_launcher(proc, grace)
-        raise subprocess.TimeoutExpired(command, timeout, out, err) from exc
-    except BaseException:
-        _stop_launcher(proc, grace)
-        raise
+        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, start_new_session=True, env=env, **kwargs)
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired as exc:
+            out, err = _stop_launcher(proc, grace)
+            raise subprocess.TimeoutExpired(command, timeout, out, err) from exc
+        except BaseException:
+            _stop_launcher(proc, grace)
+            raise
+    finally:
+        shutil.rmtree(session, ignore_errors=True)
     return subprocess.CompletedProcess(command, proc.returncode, out, err)
 
 
