@@ -23,6 +23,11 @@
      by rows or columns (never by k) gives bit-identical results at any thread count.
    - Epilogue in the store of the last KC block: + bias (a row vector) and ReLU / leaky
      ReLU, so a forward layer is one pass over its output.
+   - Software prefetch where the hardware's falls short: a TN strip reads one cache line
+     of every row of A (rows a page or so apart), so its tiles ask for the next line of
+     each row for a later strip (G_PF_COLS); the first strip of a block that reads op(B)
+     in place asks for op(B)'s rows ahead (G_PFB_ROWS). Both matter most for data
+     another CPU just wrote (a split first layer's inputs and weights).
    - Each variant is compiled with __attribute__((target)), so a FASTNN_PORTABLE=1 build
      has them too; fastnn_gemm_path_available() asks the CPU (fastnn_cpu.h).
 
