@@ -354,9 +354,11 @@ def placement(trips, ratios):
     if not trips or any(t is None or not t > 0 for pair in trips for t in pair):
         return None
     values = sorted(t for pair in trips for t in pair)
-    jumps = list(zip(values[1:], values[2:]))
-    low, high = max(jumps, key=lambda ends: ends[1] / ends[0]) if jumps else (1.0, 1.0)
-    threshold = (low * high) ** 0.5 if high >= FAR_FACTOR * low else None
+    jumps = list(zip(values[1:], values[2:]))   # two probes or more below each
+    threshold = None
+    if jumps:
+        low, high = max(jumps, key=lambda ends: ends[1] / ends[0])
+        threshold = (low * high) ** 0.5 if high >= FAR_FACTOR * low else None
     groups = {"near": [], "far": [], "mixed": []}
     if threshold is None:
         groups["near"] = [ratio for ratio in ratios if ratio is not None]
@@ -374,9 +376,8 @@ def _merge_rounds(results, baseline, samples):
     ran, and its rate over the baseline's in each round (``round_ratios``, one per
     round, None where either failed: the two ran a minute apart at most, so a change in
     the host's load hits both); the rounds that failed as ``failed`` ({round: error});
-    or, when every round failed, the first error. (Open MPI's launcher now and then
-    fails to start, "The PMIx server's listener thread failed to start": one such
-    launch costs its round, not the configuration's figure.)"""
+    or, when every round failed, the first error. A launch that fails (a launcher
+    that cannot start, say) costs its round, not the configuration's figure."""
     ran = [r for r in results if not r.get("error")]
     if not ran:
         return results[0]
