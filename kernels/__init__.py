@@ -155,6 +155,11 @@ REDUCE_LOSS, REDUCE_START, REDUCE_WAIT = range(3)
 # of its own.
 NODE_READY, NODE_REDUCED, NODE_DONE, NODE_INIT, NODE_RELEASED = range(5)
 NODE_LOSS, NODE_DATA = 40, 64
+#: NodeSum.stream_below's default (bytes/s): a rank whose string move of its block of
+#: W1 ran slower streams its writes for the others. Measured per 400 KB: 6-13 us (31-73
+#: GB/s) near or far on a Zen 5 VM and near on a Zen 4 one; 126-230 us (2-3 GB/s) far on
+#: that Zen 4.
+STREAM_BELOW = 10e9
 
 
 class NodeSum(NamedTuple):
@@ -174,7 +179,12 @@ class NodeSum(NamedTuple):
     parent: the pid of this rank's launcher, or 0: a wait that has polled for ``spin``
     checks between its sleeps that it is still this process's parent, and once it is
     not (the launcher was killed; the ranks waited for may never come) the epoch ends
-    and train_epoch raises RuntimeError (``LAUNCHER_GONE``).
+    and train_epoch raises RuntimeError (``LAUNCHER_GONE``). stream_below: bytes per
+    second (the Cython kernel, split first layer with a private block of W1): a rank
+    whose publish of its block with a string move ran slower writes its block, dz,
+    gradient and inputs for the others with streaming stores until its next timed
+    publish (every 32 steps and the first of an epoch); 0 never streams, inf always
+    does. It changes no value, only where the cache lines go.
 
     Step s (= this rank's DONE flag + 1), after the loss: wait until every DONE flag
     is >= s - 1 (nobody still reads this segment), put rows x loss in the loss slot,
@@ -228,6 +238,7 @@ class NodeSum(NamedTuple):
     shared: object = None
     row_starts: object = None
     parent: int = 0
+    stream_below: float = STREAM_BELOW
 
 
 #: The error of a NodeSum wait that found its launcher gone (``NodeSum.parent``).

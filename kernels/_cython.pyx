@@ -39,7 +39,7 @@
 from cython cimport floating
 from cython.parallel cimport prange
 from libc.math cimport (
-    NAN, exp, expm1, fabs, isfinite, log, log1p, sqrt, sqrtf, tanh,
+    NAN, exp, expm1, fabs, isfinite, isinf, log, log1p, sqrt, sqrtf, tanh,
 )
 from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t
 from libc.stdlib cimport calloc, free, malloc
@@ -2036,6 +2036,9 @@ cdef extern from "fastnn_node.h" nogil:
     long fastnn_parent()
     double fastnn_cpu_round_trip(int cpu_a, int cpu_b, long rounds)
     void _publish "fastnn_publish"(void *dst, const void *src, size_t n)
+    void _stream "fastnn_stream"(void *dst, const void *src, size_t n)
+    void _stream_rows "fastnn_stream_rows"(void *dst, const void *src, size_t n)
+    void _store_fence "fastnn_store_fence"()
 
 
 # A NodeSum (fastnn.kernels.NodeSum) as the nogil loop reads it.
@@ -2048,6 +2051,7 @@ cdef struct _Node:
     Py_ssize_t split_rows      # rows of the largest global batch
     long parent                # the launcher's pid, or 0: not watched
     int *gone                  # set by a wait that found the launcher gone
+    double stream_below        # bytes/s: a slower publish of W1 streams (_split_publish)
 
 #: The largest block of W1 columns a rank of a split first layer updates in private
 #: memory and publishes whole each step (_Split.own): the MNIST net's (784 x 128 float32,
@@ -2055,6 +2059,15 @@ cdef struct _Node:
 #: the CIFAR net's (3072 x 512, 6.3 MB) would cost ~0.6 ms a step near, more than it
 #: saves: a block this large is updated in place.
 cdef Py_ssize_t SPLIT_PUBLISH_MAX_BYTES = 1 << 20
+
+#: A rank that streams what it writes for the others (_Split.streaming) publishes its
+#: block of W1 with a string move again every this many steps, to see whether it still
+#: should (the host may have moved the CPUs).
+cdef int64_t STREAM_CHECK_STEPS = 32
+
+#: How many rows ahead db asks for the rows of dz that a streaming rank (_Split.streaming)
+#: reads from memory: 8 rows took the sum from 29 to 20 us a step on the Zen 4 VM (4: 22).
+cdef Py_ssize_t SPLIT_DB_AHEAD = 8
 
 
 #: A waiting rank's sleep between polls once it has polled for _Node.spin (the OS
@@ -2128,11 +2141,44 @@ cdef struct _Split:
     Py_ssize_t d, k, cols_start, cols_stop  # W (d, k); this rank's columns
     bint bias
     double *db            # scratch (k,)
+    bint streaming        # write for the others with streaming stores (_split_publish)
 
 
 cdef inline Py_ssize_t _line_bytes(Py_ssize_t n) noexcept nogil:
     """``n`` bytes rounded up to whole 64-byte cache lines (``node_split_layout``)."""
     return (n + 63) // 64 * 64
+
+
+cdef inline void _split_write(const _Split *split, void *dst, const void *src,
+                              size_t n) noexcept nogil:
+    """Copy ``n`` bytes that the other ranks read next: streamed past the caches while
+    ``split.streaming``, else with one string move (fastnn_publish)."""
+    if split.streaming:
+        _stream(dst, src, n)
+    else:
+        _publish(dst, src, n)
+
+
+cdef void _split_publish(const _Node *node, _Split *split, void *dst, const void *src,
+                         size_t n, int64_t s) noexcept nogil:
+    """Publish this rank's block of W1 (``n`` bytes, step ``s``) and decide how it
+    writes for the others until its next publish. A string move writes whole cache
+    lines without fetching them on most CPUs, and the other CPU then reads them from
+    the cache they are in (~400 KB in 6-10 us near or far on a Zen 5 VM, 10-12 us near
+    on a Zen 4 one). Where it still waits for every line another CPU holds (that Zen 4
+    VM with its two vCPUs in different core complexes: 130-160 us) the rank streams
+    instead (fastnn_stream: 14-16 us, the readers then miss): its block, its dz, its
+    gradient and its inputs, until a string move that it times again, at its first
+    publish of an epoch and every STREAM_CHECK_STEPS steps, runs at ``node.stream_below``
+    bytes per second or faster. How a rank writes changes no value."""
+    cdef double start
+    if split.streaming and s % STREAM_CHECK_STEPS != 0:
+        _stream(dst, src, n)
+        return
+    start = fastnn_seconds()
+    _publish(dst, src, n)
+    split.streaming = (isinf(node.stream_below)
+                       or (fastnn_seconds() - start) * node.stream_below > <double> n)
 
 
 cdef void _split_take(const _Split *split, floating *region, const floating *flat,
@@ -2191,6 +2237,10 @@ cdef void _split_update(const _Node *node, _Split *split, floating *w, Py_ssize_
         for j in range(nc):
             db[j] = 0
         for i in range(rows):
+            if split.streaming and i + SPLIT_DB_AHEAD < rows:  # the other ranks' rows
+                # come from memory then, not from their caches
+                for j in range(0, nc * <Py_ssize_t> sizeof(floating), 64):
+                    _prefetch(<const char *> (dz + (i + SPLIT_DB_AHEAD) * k + c0) + j)
             for j in range(nc):
                 db[j] += dz[i * k + c0 + j]
     if fold:
@@ -2206,7 +2256,7 @@ cdef void _split_update(const _Node *node, _Split *split, floating *w, Py_ssize_
         _optimizer_step(opt_code, hyper, <floating *> split.own, dw, st[0], st[1], st[2],
                         d * nc, lr, t)
     if split.own != <void *> (w + d * c0):
-        _publish(w + d * c0, split.own, d * nc * sizeof(floating))
+        _split_publish(node, split, w + d * c0, split.own, d * nc * sizeof(floating), s)
     if not split.bias:
         return
     if fold:
@@ -2321,6 +2371,7 @@ cdef int _gather_batch(
     Py_ssize_t size, Py_ssize_t next_size, Py_ssize_t n_samples, Py_ssize_t d0,
     Py_ssize_t k_out,
     floating *batch,          # OUT (size, d0)
+    bint streaming,           # IN  write batch with streaming stores (_split_publish)
 ) noexcept nogil:
     """Copy the batch's rows of X into ``batch``; returns 1 (nothing more done) when a
     sample index is outside [0, n_samples), else 0. Random batches miss the cache, so
@@ -2333,7 +2384,12 @@ cdef int _gather_batch(
             return 1
         if i + _GATHER_AHEAD < size and 0 <= rows[i + _GATHER_AHEAD] < n_samples:
             _prefetch_rows(X, d0 * sizeof(floating), rows + i + _GATHER_AHEAD, 1)
-        memcpy(batch + i * d0, X + rows[i] * d0, d0 * sizeof(floating))
+        if streaming:
+            _stream_rows(batch + i * d0, X + rows[i] * d0, d0 * sizeof(floating))
+        else:
+            memcpy(batch + i * d0, X + rows[i] * d0, d0 * sizeof(floating))
+    if streaming:
+        _store_fence()
     if (0 < next_size and next_size * (d0 + k_out) * <Py_ssize_t> sizeof(floating)
             <= _PREFETCH_BYTES):
         if labels != NULL:
@@ -2443,7 +2499,7 @@ cdef int _train_epoch_ptr(
             x0 = (<floating *> split.x + ((s % 2) * node.split_rows
                                           + node.row_starts[b]) * d0)
         if _gather_batch(X, labels, targets, rows, size, min(batch_size, m - start - size),
-                         n_samples, d0, k_out, x0):
+                         n_samples, d0, k_out, x0, split != NULL and split.streaming):
             return 1
         if split != NULL:  # every rank's first layer of the last step is written
             _node_wait(node, NODE_DONE, s - 1)
@@ -2485,8 +2541,8 @@ cdef int _train_epoch_ptr(
                 _dz_rows(<int> acts[0], <floating> alphas[0],
                          workspace + size * a_off[1], dout, dprev, NULL,
                          size, widths[1])
-                _publish(<floating *> split.dz + node.row_starts[b] * widths[1], dprev,
-                         size * widths[1] * sizeof(floating))
+                _split_write(split, <floating *> split.dz + node.row_starts[b] * widths[1],
+                             dprev, size * widths[1] * sizeof(floating))
             elif fold_sgd:
                 _dense_backward_sgd_ptr(
                     workspace + size * a_off[layer], params + w_off[layer],
@@ -2526,7 +2582,7 @@ cdef int _train_epoch_ptr(
                         layer, n_layers, n_params, lrs[b], step + b + 1)
         if node != NULL:
             if split != NULL:
-                _publish(grads + first, gw, (n_params - first) * sizeof(floating))
+                _split_write(split, grads + first, gw, (n_params - first) * sizeof(floating))
             global_loss = _node_step(node, node_step, b, first, n_params, opt_code, hyper,
                                      params, state0, state1, state2, lrs[b], step + b + 1,
                                      split)
@@ -2642,7 +2698,8 @@ def _train_epoch(
             _refuse()
         node.parent = reduce.parent
         node.gone = &gone
-        if node.parent < 0:
+        node.stream_below = reduce.stream_below
+        if node.parent < 0 or not node.stream_below >= 0:
             _refuse()
         node.split_rows = reduce.split_rows
         node.row_starts = NULL
@@ -2683,6 +2740,7 @@ def _train_epoch(
             _node_chunk(split.k, node.size, node.rank, &lo, &hi)
             split.cols_start, split.cols_stop = lo, hi
             split.bias = use_bias[0] != 0
+            split.streaming = False
             for i in range(3):
                 split.states[i] = NULL
             for i in range(len(used)):
@@ -3194,7 +3252,7 @@ cdef int _bf16_train_epoch_ptr(
         size = min(batch_size, m - start)
         rows = order + start
         if _gather_batch(X, labels, targets, rows, size, min(batch_size, m - start - size),
-                         n_samples, d0, k_out, workspace):
+                         n_samples, d0, k_out, workspace, False):
             return 1
         pos = 0
         for layer in range(n_layers):

@@ -137,14 +137,14 @@ def aligned_zeros(n_bytes):
 
 def run_node_sum(module, ranks, X, labels, targets, batch, widths, acts, use_bias, params,
                  loss, opt, lr, segments=None, step=3, split=False, epochs=1, shards=None,
-                 alias_unused=False):
+                 alias_unused=False, stream_below=kernels.STREAM_BELOW):
     """``epochs`` epochs on ``ranks`` threads that share memory through a NodeSum, each
     taking its part of every global batch of ``ranks * batch`` rows (``BatchPlan``), or
     with ``shards`` (every rank's row count) stepping through its own shard (rank r's
     the rows after the shards before it), with run_kernel's arguments; ``split``: the
     first layer split by columns; ``alias_unused``: the optimizer's unused state slots
-    are its first used one (as ``Optimizer.kernel_spec`` passes them). Every rank's
-    (params, states, stats of the last epoch)."""
+    are its first used one (as ``Optimizer.kernel_spec`` passes them); ``stream_below``:
+    NodeSum's. Every rank's (params, states, stats of the last epoch)."""
     from fastnn._epochs import BatchPlan
 
     name, values = OPTIMIZER_CASES[opt]
@@ -190,7 +190,7 @@ def run_node_sum(module, ranks, X, labels, targets, batch, widths, acts, use_bia
                     reduce=kernels.NodeSum(
                         segments, rank, plan.global_rows(), 0.0, lambda: None,
                         ranks * batch if split else 0, shared,
-                        plan.row_starts() if split else None)))
+                        plan.row_starts() if split else None, stream_below=stream_below)))
         except Exception as exc:  # reported by the test, not lost in the thread
             errors.append(exc)
         results[rank] = (mine, states, stats)
@@ -282,6 +282,54 @@ def test_node_split_first_layer_equals_one_process_with_the_global_batch(backend
     stats = np.array([stats for _, _, stats in ranked])
     assert (stats[:, 2] == expected_stats[2]).all()
     np.testing.assert_allclose(stats[:, :2].sum(axis=0), expected_stats[:2], rtol=1e-4)
+
+
+@pytest.mark.parametrize("ranks", [2, 3])
+@pytest.mark.parametrize("opt", ["sgd_weight_decay", "adam"])
+def test_node_split_streaming_writes_change_no_value(dtype, ranks, opt):
+    """A rank that writes its block of W1, its dz, its gradient and its inputs for the
+    others with streaming stores (NodeSum.stream_below = inf: from its first publish
+    on, but at every timed one) ends with the same bits as ranks that never stream (0)
+    and equals one process with the global batch. Rows of 37 inputs and blocks of odd
+    byte lengths, so that every streamed copy has a part before its first whole cache
+    line and one after its last."""
+    backend = kernels.load("cython")
+    widths, acts, use_bias = (37, 11, 5, 3), (kernels.RELU, kernels.TANH, kernels.IDENTITY), \
+        (1, 0, 1)
+    rng = np.random.default_rng(ranks)
+    n, batch = 41, 4
+    X, labels, targets = make_problem(rng, dtype, widths, "cross_entropy", n)
+    params0 = (0.4 * rng.standard_normal(n_params(widths, use_bias))).astype(dtype)
+    net = (widths, acts, use_bias, params0, "cross_entropy", opt, 0.05)
+    streamed, stored = (run_node_sum(backend, ranks, X, labels, targets, batch, *net,
+                                     split=True, epochs=2, stream_below=below)
+                        for below in (np.inf, 0.0))
+    for (params, states, stats), (params0_, states0, stats0) in zip(streamed, stored):
+        np.testing.assert_array_equal(params, params0_)
+        for s, s0 in zip(states, states0):
+            np.testing.assert_array_equal(s, s0)
+        np.testing.assert_array_equal(stats, stats0)
+    steps = -(-n // (ranks * batch))
+    expected, states, _ = run_kernel(REF, X, labels, targets, np.arange(n), ranks * batch,
+                                     *net)
+    expected, _, _ = run_kernel(REF, X, labels, targets, np.arange(n), ranks * batch,
+                                *net[:3], expected, *net[4:], step=3 + steps, states=states)
+    tol = dict(rtol=2e-4, atol=2e-5) if dtype == np.float32 else dict(rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(streamed[0][0], expected, **tol)
+
+
+def test_node_sum_refuses_a_bad_stream_below():
+    """A NaN or negative NodeSum.stream_below is refused before any step."""
+    backend = kernels.load("cython")
+    widths, acts, use_bias = (6, 8, 3), (kernels.RELU, kernels.IDENTITY), (1, 1)
+    rng = np.random.default_rng(0)
+    X, labels, targets = make_problem(rng, np.dtype(np.float32), widths, "cross_entropy", 8)
+    params0 = (0.4 * rng.standard_normal(n_params(widths, use_bias))).astype(np.float32)
+    for below in (np.nan, -1.0):
+        with pytest.raises(ValueError):
+            run_node_sum(backend, 1, X, labels, targets, 4, widths, (kernels.RELU,
+                         kernels.IDENTITY), use_bias, params0, "cross_entropy", "sgd", 0.05,
+                         split=True, stream_below=below)
 
 
 @pytest.mark.parametrize("ranks", [1, 2, 3])
