@@ -284,6 +284,17 @@ def test_node_split_first_layer_equals_one_process_with_the_global_batch(backend
     np.testing.assert_allclose(stats[:, :2].sum(axis=0), expected_stats[:2], rtol=1e-4)
 
 
+def split_problem(ranks, dtype, widths, opt, n):
+    """(X, labels, targets, net) of a cross-entropy problem of ``n`` samples for a net
+    of ``widths`` (ReLU, tanh, identity; the second layer without bias) trained with
+    ``opt``: ``net`` as run_node_sum and run_kernel take it after the batch."""
+    acts, use_bias = (kernels.RELU, kernels.TANH, kernels.IDENTITY), (1, 0, 1)
+    rng = np.random.default_rng(ranks)
+    X, labels, targets = make_problem(rng, dtype, widths, "cross_entropy", n)
+    params0 = (0.4 * rng.standard_normal(n_params(widths, use_bias))).astype(dtype)
+    return X, labels, targets, (widths, acts, use_bias, params0, "cross_entropy", opt, 0.05)
+
+
 @pytest.mark.parametrize("ranks", [2, 3])
 @pytest.mark.parametrize("opt", ["sgd_weight_decay", "adam"])
 def test_node_split_streaming_writes_change_no_value(dtype, ranks, opt):
@@ -294,13 +305,8 @@ def test_node_split_streaming_writes_change_no_value(dtype, ranks, opt):
     byte lengths, so that every streamed copy has a part before its first whole cache
     line and one after its last."""
     backend = kernels.load("cython")
-    widths, acts, use_bias = (37, 11, 5, 3), (kernels.RELU, kernels.TANH, kernels.IDENTITY), \
-        (1, 0, 1)
-    rng = np.random.default_rng(ranks)
     n, batch = 41, 4
-    X, labels, targets = make_problem(rng, dtype, widths, "cross_entropy", n)
-    params0 = (0.4 * rng.standard_normal(n_params(widths, use_bias))).astype(dtype)
-    net = (widths, acts, use_bias, params0, "cross_entropy", opt, 0.05)
+    X, labels, targets, net = split_problem(ranks, dtype, (37, 11, 5, 3), opt, n)
     streamed, stored = (run_node_sum(backend, ranks, X, labels, targets, batch, *net,
                                      split=True, epochs=2, stream_below=below)
                         for below in (np.inf, 0.0))
@@ -342,13 +348,8 @@ def test_node_split_first_layer_with_any_optimizer(backend, dtype, ranks, opt):
     states kept in the shared region: two epochs on K ranks (threads; the unused state
     slots aliasing a used one, as a fit passes them) end with the same parameters and
     states on every rank, equal to one process with the global batch."""
-    widths, acts, use_bias = (6, 8, 5, 3), (kernels.RELU, kernels.TANH, kernels.IDENTITY), \
-        (1, 0, 1)
-    rng = np.random.default_rng(ranks)
     n, batch = 25, 4
-    X, labels, targets = make_problem(rng, dtype, widths, "cross_entropy", n)
-    params0 = (0.4 * rng.standard_normal(n_params(widths, use_bias))).astype(dtype)
-    net = (widths, acts, use_bias, params0, "cross_entropy", opt, 0.05)
+    X, labels, targets, net = split_problem(ranks, dtype, (6, 8, 5, 3), opt, n)
     ranked = run_node_sum(backend, ranks, X, labels, targets, batch, *net, split=True,
                           epochs=2, alias_unused=True)
     steps = -(-n // (ranks * batch))
