@@ -157,7 +157,7 @@ NODE_READY, NODE_REDUCED, NODE_DONE, NODE_INIT, NODE_RELEASED = range(5)
 NODE_LOSS, NODE_DATA = 40, 64
 #: NodeSum.stream_below's default (bytes/s): a rank whose string move of its block of
 #: W1 ran slower streams its writes for the others. Measured per 400 KB: 6-13 us (31-73
-#: GB/s) near or far on a Zen 5 VM and near on a Zen 4 one; 126-230 us (2-3 GB/s) far on
+#: GB/s) near or far on a Zen 5 VM and near on a Zen 4 one; 100-230 us (2-4 GB/s) far on
 #: that Zen 4.
 STREAM_BELOW = 10e9
 

@@ -2166,8 +2166,8 @@ cdef void _split_publish(const _Node *node, _Split *split, void *dst, const void
     lines without fetching them on most CPUs, and the other CPU then reads them from
     the cache they are in (~400 KB in 6-10 us near or far on a Zen 5 VM, 10-12 us near
     on a Zen 4 one). Where it still waits for every line another CPU holds (that Zen 4
-    VM with its two vCPUs in different core complexes: 130-160 us) the rank streams
-    instead (fastnn_stream: 14-16 us, the readers then miss): its block, its dz, its
+    VM with its two vCPUs in different core complexes: 100-230 us) the rank streams
+    instead (fastnn_stream: 14-23 us, the readers then miss): its block, its dz, its
     gradient and its inputs, until a string move that it times again, at its first
     publish of an epoch and every STREAM_CHECK_STEPS steps, runs at ``node.stream_below``
     bytes per second or faster. How a rank writes changes no value."""
