@@ -75,6 +75,11 @@ SPLIT_MAX_BYTES = 64 << 20
 #: behind it (``_shared_memory_room``): Open MPI refuses one that would fill more than
 #: ~94 % of it (2 ranks, a 64 MiB tmpfs: 2 x 30 MiB allocated, 2 x 30.5 MiB refused).
 SHARED_MEMORY_SHARE = 0.9
+#: A rank of a fused epoch with a split first layer whose copy of its block of W1 runs
+#: slower than this (bytes/s) streams what it writes for the others past the caches
+#: (``kernels.NodeSum.stream_below``, the default ``kernels.STREAM_BELOW``); 0 never
+#: streams, ``float("inf")`` always does. Read when a fit makes its reduction.
+STREAM_BELOW = kernels.STREAM_BELOW
 #: Waiting for a collective: poll this long, then sleep this long between polls (the
 #: OS rounds the sleep up to ~50-60 us).
 SPIN_SECONDS, POLL_SECONDS = 1e-4, 2e-5
@@ -785,7 +790,7 @@ class SharedMemoryReduction:
         self.reduce = kernels.NodeSum(
             window.raw, window.rank, plan.global_rows(), window.spin, window.win.Sync,
             split_rows, window.data[0][start:start + shared] if split_rows else None,
-            plan.row_starts() if split_rows else None, launcher_pid())
+            plan.row_starts() if split_rows else None, launcher_pid(), STREAM_BELOW)
 
     @classmethod
     def on_node(cls, comm, grads, plan, split_widths=None, split_states=0):

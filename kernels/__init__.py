@@ -181,10 +181,10 @@ class NodeSum(NamedTuple):
     not (the launcher was killed; the ranks waited for may never come) the epoch ends
     and train_epoch raises RuntimeError (``LAUNCHER_GONE``). stream_below: bytes per
     second (the Cython kernel, split first layer with a private block of W1): a rank
-    whose publish of its block with a string move ran slower writes its block, dz,
-    gradient and inputs for the others with streaming stores until its next timed
-    publish (every 32 steps and the first of an epoch); 0 never streams, inf always
-    does. It changes no value, only where the cache lines go.
+    whose publish of its block (64 KiB or more) with a string move ran slower writes
+    its block, dz, gradient and inputs for the others with streaming stores until its
+    next timed publish (every 32 steps and the first of an epoch); 0 never streams, inf
+    always does (any block). It changes no value, only where the cache lines go.
 
     Step s (= this rank's DONE flag + 1), after the loss: wait until every DONE flag
     is >= s - 1 (nobody still reads this segment), put rows x loss in the loss slot,

@@ -2065,6 +2065,10 @@ cdef Py_ssize_t SPLIT_PUBLISH_MAX_BYTES = 1 << 20
 #: should (the host may have moved the CPUs).
 cdef int64_t STREAM_CHECK_STEPS = 32
 
+#: A block of W1 smaller than this never makes its rank stream: its copy's time is the
+#: call's own, not the lines' (the tests' 5 x 3 blocks: ~0.6 GB/s).
+cdef Py_ssize_t STREAM_MIN_BYTES = 64 << 10
+
 #: How many rows ahead db asks for the rows of dz that a streaming rank (_Split.streaming)
 #: reads from memory: 8 rows took the sum from 29 to 20 us a step on the Zen 4 VM (4: 22).
 cdef Py_ssize_t SPLIT_DB_AHEAD = 8
@@ -2170,15 +2174,16 @@ cdef void _split_publish(const _Node *node, _Split *split, void *dst, const void
     instead (fastnn_stream: 14-23 us, the readers then miss): its block, its dz, its
     gradient and its inputs, until a string move that it times again, at its first
     publish of an epoch and every STREAM_CHECK_STEPS steps, runs at ``node.stream_below``
-    bytes per second or faster. How a rank writes changes no value."""
+    bytes per second or faster (a block under STREAM_MIN_BYTES never streams, unless
+    ``stream_below`` is inf). How a rank writes changes no value."""
     cdef double start
     if split.streaming and s % STREAM_CHECK_STEPS != 0:
         _stream(dst, src, n)
         return
     start = fastnn_seconds()
     _publish(dst, src, n)
-    split.streaming = (isinf(node.stream_below)
-                       or (fastnn_seconds() - start) * node.stream_below > <double> n)
+    split.streaming = isinf(node.stream_below) or (
+        n >= STREAM_MIN_BYTES and (fastnn_seconds() - start) * node.stream_below > <double> n)
 
 
 cdef void _split_take(const _Split *split, floating *region, const floating *flat,

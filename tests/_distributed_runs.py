@@ -17,13 +17,13 @@ import numpy as np
 import fastnn as fn
 from fastnn import _training
 from fastnn import callbacks as cbs
-from fastnn import optimizers, solvers
+from fastnn import kernels, optimizers, solvers
 
 BATCH = 8
 #: The runs ``build`` makes, each compared with one process by the tests.
 EQUIVALENT = ("sgd_l2", "adam", "adam32", "fused_momentum", "fused_sgd", "full_batch_sgd",
               "fused_sgd32",
-              "fused_adam",
+              "fused_adam", "streamed_fused_sgd", "streamed_fused_adam",
               "callbacks", "callbacks_on_rank0", "batch_callback_on_rank0", "warmup_on_rank0",
               "zero_weight_batch", "lbfgs", "lm", "lm_free", "conjugate_gradient",
               "newton_cg")
@@ -47,7 +47,11 @@ def _model(sizes, dtype, seed, l2=0.0, activation="tanh"):
 
 def build(name, rank, size):
     """(model, X, y, fit keyword arguments) of run ``name`` on ``rank`` of ``size``
-    (rank 0 of 1: the single-process reference, whose batch is size * BATCH)."""
+    (rank 0 of 1: the single-process reference, whose batch is size * BATCH);
+    "streamed_<run>": <run> with every rank streaming its writes for the others
+    (``distributed.STREAM_BELOW`` = inf, set by ``_run``)."""
+    if name.startswith("streamed_"):
+        return build(name[len("streamed_"):], rank, size)
     dtype = "float32" if name.endswith("32") else "float64"
     seed = 0 if rank == 0 else 100 + rank
     X, y_class, y_reg, weights = _data(61, 5, dtype)
@@ -432,6 +436,7 @@ def _run(name, rank, size, out):
         model, X, y, fit = build_special(name, rank, size, out)
     backend = name.split("_")[0] if name.startswith(("numba_", "numpy_")) else fn.get_backend()
     fn.distributed.SHARED_MEMORY = not name.startswith("iallreduce")
+    fn.distributed.STREAM_BELOW = np.inf if name.startswith("streamed_") else kernels.STREAM_BELOW
     room = _NoRoom(name, model, size) if "room_" in name else contextlib.nullcontext()
     try:
         with fn.use_backend(backend), _CountSharedMemorySteps() as shared, room:
@@ -442,6 +447,7 @@ def _run(name, rank, size, out):
         return {"params": model.params, "error": json.dumps([type(exc).__name__, str(exc)])}
     finally:
         fn.distributed.SHARED_MEMORY = True
+        fn.distributed.STREAM_BELOW = kernels.STREAM_BELOW
     classes = None if model.class_labels is None else model.class_labels.classes.tolist()
     optimizer = model.optimizer
     states = [optimizer.state[name] for name in getattr(optimizer, "state_names", ())

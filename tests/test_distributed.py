@@ -113,7 +113,7 @@ def _check_equals_one_process(results, name):
         model, X, y, {**fit, "batch_size": fit["batch_size"] and size * fit["batch_size"],
                       "distributed": False})
     assert results[0]["fused"] == fused  # both fused or both step by step
-    if name.startswith("fused_"):
+    if name.startswith(("fused_", "streamed_")):
         assert fused
     rtol = 1e-5 if model.dtype == np.float32 else 1e-10
     if name == "newton_cg":  # its finite-difference Hessian products (step h ~ 1e-8)
