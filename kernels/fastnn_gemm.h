@@ -27,7 +27,11 @@
      of every row of A (rows a page or so apart), so its tiles ask for the next line of
      each row for a later strip (G_PF_COLS); the first strip of a block that reads op(B)
      in place asks for op(B)'s rows ahead (G_PFB_ROWS). Both matter most for data
-     another CPU just wrote (a split first layer's inputs and weights).
+     another CPU just wrote (a split first layer's inputs and weights). A caller that
+     knows what it reads next from memory can have a product ask for it meanwhile
+     (fastnn_gemm_epilogue.ahead, spread over the full tiles of its whole KC blocks,
+     a few lines per tile), and have an NN product's strips of the first column block
+     ask for the next strip's rows of A (a_ahead: A itself comes from memory).
    - Each variant is compiled with __attribute__((target)), so a FASTNN_PORTABLE=1 build
      has them too; fastnn_gemm_path_available() asks the CPU (fastnn_cpu.h).
 
@@ -265,6 +269,10 @@ typedef struct {
     const void *bias;  /* (n,) row vector added to every row of C, or NULL */
     int act;           /* FASTNN_EPI_NONE / RELU / LEAKY */
     double slope;      /* leaky ReLU's negative slope */
+    /* Not the epilogue, but what the product asks for (into L2) as it goes: */
+    const void *ahead; /* ahead_bytes that the caller reads next, or NULL */
+    size_t ahead_bytes;
+    int a_ahead;       /* NN: each strip asks for the next strip's rows of A */
 } fastnn_gemm_epilogue;
 
 /* C[i0:i1, j0:j1] of the product, on an own path (AVX2 / AVX-512; the caller checks
@@ -283,11 +291,13 @@ static inline int fastnn_sgemm_range(int path, char ta, char tb, int m, int n, i
     if (path == FASTNN_GEMM_AVX512)
         return fastnn_gemm_range_avx512_f32(ta, tb, k, alpha, a, lda, b, ldb, beta, c,
                                             ldc, epi->bias, epi->act, (float) epi->slope,
-                                            i0, i1, j0, j1);
+                                            i0, i1, j0, j1, epi->ahead,
+                                epi->ahead_bytes, epi->a_ahead);
     if (path == FASTNN_GEMM_AVX2)
         return fastnn_gemm_range_avx2_f32(ta, tb, k, alpha, a, lda, b, ldb, beta, c, ldc,
                                           epi->bias, epi->act, (float) epi->slope, i0, i1,
-                                          j0, j1);
+                                          j0, j1, epi->ahead,
+                                epi->ahead_bytes, epi->a_ahead);
 #endif
     (void) path; (void) ta; (void) tb; (void) k; (void) alpha; (void) a; (void) lda;
     (void) b; (void) ldb; (void) beta; (void) c; (void) ldc; (void) epi; (void) i0;
@@ -307,11 +317,13 @@ static inline int fastnn_dgemm_range(int path, char ta, char tb, int m, int n, i
     if (path == FASTNN_GEMM_AVX512)
         return fastnn_gemm_range_avx512_f64(ta, tb, k, alpha, a, lda, b, ldb, beta, c,
                                             ldc, epi->bias, epi->act, epi->slope, i0, i1,
-                                            j0, j1);
+                                            j0, j1, epi->ahead,
+                                epi->ahead_bytes, epi->a_ahead);
     if (path == FASTNN_GEMM_AVX2)
         return fastnn_gemm_range_avx2_f64(ta, tb, k, alpha, a, lda, b, ldb, beta, c, ldc,
                                           epi->bias, epi->act, epi->slope, i0, i1, j0,
-                                          j1);
+                                          j1, epi->ahead,
+                                epi->ahead_bytes, epi->a_ahead);
 #endif
     (void) path; (void) ta; (void) tb; (void) k; (void) alpha; (void) a; (void) lda;
     (void) b; (void) ldb; (void) beta; (void) c; (void) ldc; (void) epi; (void) i0;
@@ -353,16 +365,20 @@ G_NAME(store)(G_T *cv, G_V acc, G_V bias_v, int has_bias, int tail, G_MASK last,
    alpha acc + bias); else C += alpha acc. final: apply the activation. pf (TN only, or
    NULL): every pf_every-th row p from p = pf_skip on, asks for pf[p * lda] (into L2),
    the cache line a later strip of op(A) = A^T reads there. pfb (or NULL): op(B)'s rows
-   ahead, asked for row by row (into L1) while p < pfb_stop. */
+   ahead, asked for row by row (into L1) while p < pfb_stop. side (or NULL): side_n
+   lines from there, one every side_every rows p (into L2). pa (NN, or NULL): one line
+   per row p (into L2) of pa_rows rows pa_stride bytes apart, pa_row bytes each. */
 FASTNN_GEMM_INLINE __attribute__((target(G_TARGET))) void
 G_NAME(tile)(const int MR_, const int NV_, const int A_T, int kc,
              const G_T *a, ptrdiff_t lda, const G_T *b, ptrdiff_t ldb,
              G_T *c, ptrdiff_t ldc, G_MASK last, G_T alpha, G_T beta, int first,
              const G_T *bias, int final, int act, G_T slope, const G_T *pf,
-             int pf_every, int pf_skip, const G_T *pfb, int pfb_stop)
+             int pf_every, int pf_skip, const G_T *pfb, int pfb_stop,
+             const char *side, int side_n, int side_every,
+             const char *pa, ptrdiff_t pa_stride, int pa_row, int pa_rows)
 {
     G_V acc[G_MR][G_NV];
-    int r, v, p, pf_wait = pf_skip + 1;
+    int r, v, p, pf_wait = pf_skip + 1, side_wait = side_every, pa_col = 0;
 #pragma GCC unroll 8
     for (r = 0; r < MR_; ++r)
 #pragma GCC unroll 8
@@ -387,6 +403,23 @@ G_NAME(tile)(const int MR_, const int NV_, const int A_T, int kc,
             for (bytes = 0; bytes < NV_ * G_VL * (int) sizeof(G_T); bytes += 64)
                 __builtin_prefetch((const char *) pfb + bytes, 0, 3);
             pfb += ldb;
+        }
+        if (pa != NULL) {
+            __builtin_prefetch(pa + pa_col, 0, 2);
+            pa_col += 64;
+            if (pa_col >= pa_row) {
+                pa_col = 0;
+                pa += pa_stride;
+                if (--pa_rows == 0)
+                    pa = NULL;
+            }
+        }
+        if (side != NULL && --side_wait == 0) {
+            __builtin_prefetch(side, 0, 2);
+            side += 64;
+            side_wait = side_every;
+            if (--side_n == 0)
+                side = NULL;
         }
         if (A_T && pf != NULL) {
             if (--pf_wait == 0) {
@@ -420,7 +453,7 @@ G_NAME(tile)(const int MR_, const int NV_, const int A_T, int kc,
 }
 
 #define G_TILE_ARGS kc, a, lda, b, ldb, c, ldc, last, alpha, beta, first, bias, final, act, slope, \
-    NULL, 1, 0, NULL, 0
+    NULL, 1, 0, NULL, 0, NULL, 0, 1, NULL, 0, 0, 0
 #define G_TILE_CASE(MR_, NV_) \
     case (MR_) * 8 + (NV_): \
         if (a_t) G_NAME(tile)(MR_, NV_, 1, G_TILE_ARGS); \
@@ -504,30 +537,48 @@ static __attribute__((target(G_TARGET), noinline)) void
 G_NAME(strip)(int a_t, int kc, const G_T *a, ptrdiff_t lda, const G_T *b, ptrdiff_t ldb,
               ptrdiff_t bstep, G_T *c, ptrdiff_t ldc, int mr, int width, G_T alpha,
               G_T beta, int first, const G_T *bias, int final, int act, G_T slope,
-              const G_T *pf, int pfb_rows)
+              const G_T *pf, int pfb_rows, const char *side, long side_lines,
+              const G_T *pa, int pa_row, int pa_rows)
 {
     const int nr = G_NV * G_VL;
     const int tiles = width / nr;
     int j = 0;
     G_MASK full = G_MASK_N(G_VL);
+    /* side_lines shared by the full tiles, at most one a row p; pa by the first. */
+    const int side_share = tiles > 0 ? (int) ((side_lines + tiles - 1) / tiles) : 0;
     if (mr == 1 && bstep == nr) {  /* one row, op(B) in place */
         j = G_NAME(row)(a_t, kc, a, lda, b, ldb, c, width, alpha, beta, first, bias,
                         final, act, slope);
         b += (j / nr) * bstep;
     }
     if (mr == G_MR) {
-        if (a_t)
-            for (; j + nr <= width; j += nr, b += bstep)
+        for (; j + nr <= width; j += nr, b += bstep) {
+            int side_n = side_lines < side_share ? (int) side_lines : side_share;
+            if (side_n > kc)
+                side_n = kc;
+            if (side == NULL || side_n <= 0)
+                side = NULL, side_n = 0;
+            if (a_t)
                 G_NAME(tile)(G_MR, G_NV, 1, kc, a, lda, b, ldb, c + j, ldc, full,
                              alpha, beta, first, bias != NULL ? bias + j : NULL, final,
                              act, slope, pf, tiles, j / nr,
-                             pfb_rows ? b + pfb_rows * ldb : NULL, kc - pfb_rows);
-        else
-            for (; j + nr <= width; j += nr, b += bstep)
+                             pfb_rows ? b + pfb_rows * ldb : NULL, kc - pfb_rows,
+                             side, side_n, side_n > 0 ? kc / side_n : 1,
+                             (const char *) pa, lda * (ptrdiff_t) sizeof(G_T), pa_row,
+                             pa_rows);
+            else
                 G_NAME(tile)(G_MR, G_NV, 0, kc, a, lda, b, ldb, c + j, ldc, full,
                              alpha, beta, first, bias != NULL ? bias + j : NULL, final,
                              act, slope, NULL, 1, 0,
-                             pfb_rows ? b + pfb_rows * ldb : NULL, kc - pfb_rows);
+                             pfb_rows ? b + pfb_rows * ldb : NULL, kc - pfb_rows,
+                             side, side_n, side_n > 0 ? kc / side_n : 1,
+                             (const char *) pa, lda * (ptrdiff_t) sizeof(G_T), pa_row,
+                             pa_rows);
+            if (side != NULL)
+                side += (ptrdiff_t) side_n * 64;
+            side_lines -= side_n;
+            pa = NULL;
+        }
     }
     for (; j < width; j += nr, b += bstep) {
         int w = width - j < nr ? width - j : nr;
@@ -607,13 +658,20 @@ G_NAME(pack_b)(const G_T *b, ptrdiff_t ldb, int b_t, int pc, int kc, int jc, int
 #define G_PFB_ROWS 32
 
 /* C[i0:i1, j0:j1]: columns in blocks of NC, k in blocks of KC, op(B)'s block packed
-   into panels when NT (its columns are strided) or when enough rows reuse it. */
+   into panels when NT (its columns are strided) or when enough rows reuse it. ahead
+   (or NULL): ahead_bytes asked for by the full strips of the whole KC blocks (all of
+   them when k < KC), an even share each; a_ahead (NN): each strip of the first
+   column block asks for the next strip's rows of A (the last of a KC block for the
+   next block's first). */
 static __attribute__((target(G_TARGET))) int
 G_NAME(range)(char ta, char tb, int k, G_T alpha, const G_T *a, int lda, const G_T *b,
               int ldb, G_T beta, G_T *c, int ldc, const void *bias_, int act, G_T slope,
-              int i0, int i1, int j0, int j1)
+              int i0, int i1, int j0, int j1, const void *ahead, size_t ahead_bytes,
+              int a_ahead)
 {
     const G_T *bias = (const G_T *) bias_;
+    const long side_total = ahead != NULL ? (long) ((ahead_bytes + 63) / 64) : 0;
+    long side_per = 0, side_at = 0;
     const int a_t = ta == 'T' || ta == 't', b_t = tb == 'T' || tb == 't';
     const int nr = G_NV * G_VL;
     const int pack = b_t || (i1 - i0 >= FASTNN_GEMM_PACK_MIN_ROWS
@@ -636,6 +694,11 @@ G_NAME(range)(char ta, char tb, int k, G_T alpha, const G_T *a, int lda, const G
         if (panels == NULL)
             return -1;
     }
+    if (side_total > 0) {
+        long strips = (long) ((j1 - j0 + G_NC - 1) / G_NC) * (k < G_KC ? 1 : k / G_KC)
+                      * ((i1 - i0) / G_MR);
+        side_per = strips > 0 ? (side_total + strips - 1) / strips : 0;
+    }
     for (jc = j0; jc < j1; jc += G_NC) {
         int width = j1 - jc < G_NC ? j1 - jc : G_NC;
         for (pc = 0; pc < k; pc += G_KC) {
@@ -653,11 +716,25 @@ G_NAME(range)(char ta, char tb, int k, G_T alpha, const G_T *a, int lda, const G
                 int mr = i1 - i < G_MR ? i1 - i : G_MR;
                 const G_T *astrip = a_t ? a + (ptrdiff_t) pc * lda + i
                                         : a + (ptrdiff_t) i * lda + pc;
+                const int side_here = mr == G_MR && (kc == G_KC || k < G_KC)
+                                      && side_at < side_total;
+                const int next_kc = k - pc - kc < G_KC ? k - pc - kc : G_KC;
+                const G_T *pa = !a_ahead || a_t || jc != j0 ? NULL
+                                : i + G_MR < i1 ? astrip + (ptrdiff_t) G_MR * lda
+                                : next_kc > 0 ? a + (ptrdiff_t) i0 * lda + pc + kc : NULL;
                 G_NAME(strip)(a_t, kc, astrip, lda, bblock, ldbb, bstep,
                               c + (ptrdiff_t) i * ldc + jc, ldc, mr, width, alpha, beta,
                               first, bias != NULL ? bias + jc : NULL, final, act, slope,
                               a_t && i + G_PF_COLS < i1 ? astrip + G_PF_COLS : NULL,
-                              i == i0 && !pack && kc > G_PFB_ROWS ? G_PFB_ROWS : 0);
+                              i == i0 && !pack && kc > G_PFB_ROWS ? G_PFB_ROWS : 0,
+                              side_here ? (const char *) ahead + side_at * 64 : NULL,
+                              side_here ? (side_total - side_at < side_per
+                                           ? side_total - side_at : side_per) : 0,
+                              pa, (i + G_MR < i1 ? kc : next_kc) * (int) sizeof(G_T),
+                              i + G_MR < i1 ? (i1 - i - G_MR < G_MR ? i1 - i - G_MR : G_MR)
+                              : (i1 - i0 < G_MR ? i1 - i0 : G_MR));
+                if (side_here)
+                    side_at += side_per;
             }
         }
     }
