@@ -241,7 +241,8 @@ def test_node_sum_ranks_equal_one_process_with_the_global_batch(backend, dtype, 
 
 @pytest.mark.parametrize("ranks", [1, 2, 3])
 @pytest.mark.parametrize("case", ["relu_tanh", "first_layer_without_bias", "one_layer",
-                                  "narrow_first_layer", "wide_first_layer"])
+                                  "narrow_first_layer", "wide_first_layer",
+                                  "tall_batches"])
 def test_node_split_first_layer_equals_one_process_with_the_global_batch(backend, dtype,
                                                                         ranks, case):
     """Plain SGD with the first layer split by columns (NodeSum.split_rows): two epochs
@@ -250,7 +251,9 @@ def test_node_split_first_layer_equals_one_process_with_the_global_batch(backend
     a layer without bias; a single layer, whose only layer is the split one; a first
     layer of 2 units, so that the third rank has no column; a first layer of 1100 x 512,
     whose rank blocks of over 1 MiB the Cython kernel updates in place in the shared
-    region instead of privately: SPLIT_PUBLISH_MAX_BYTES)."""
+    region instead of privately: SPLIT_PUBLISH_MAX_BYTES; a first layer of 300 x 192
+    over 13 rows a rank, whose forward has whole tiles and strips, two KC blocks, and so
+    asks for the next block of W1 and the next rows of x as it goes)."""
     widths, acts, use_bias, loss, opt = {
         "relu_tanh": ((6, 8, 5, 3), (kernels.RELU, kernels.TANH, kernels.IDENTITY), (1, 0, 1),
                       "cross_entropy", "sgd"),
@@ -261,9 +264,11 @@ def test_node_split_first_layer_equals_one_process_with_the_global_batch(backend
                                "huber", "sgd_weight_decay"),
         "wide_first_layer": ((1100, 512, 3), (kernels.RELU, kernels.IDENTITY), (1, 1),
                              "cross_entropy", "sgd_weight_decay"),
+        "tall_batches": ((300, 192, 5), (kernels.RELU, kernels.IDENTITY), (1, 1),
+                         "cross_entropy", "sgd"),
     }[case]
     rng = np.random.default_rng(ranks)
-    n, batch = 25, 4
+    n, batch = (70, 13) if case == "tall_batches" else (25, 4)
     X, labels, targets = make_problem(rng, dtype, widths, loss, n)
     params0 = (0.4 * rng.standard_normal(n_params(widths, use_bias))).astype(dtype)
     net = (widths, acts, use_bias, params0, loss, opt, 0.05)
