@@ -291,13 +291,13 @@ static inline int fastnn_sgemm_range(int path, char ta, char tb, int m, int n, i
     if (path == FASTNN_GEMM_AVX512)
         return fastnn_gemm_range_avx512_f32(ta, tb, k, alpha, a, lda, b, ldb, beta, c,
                                             ldc, epi->bias, epi->act, (float) epi->slope,
-                                            i0, i1, j0, j1, epi->ahead,
-                                epi->ahead_bytes, epi->a_ahead);
+                                            i0, i1, j0, j1, epi->ahead, epi->ahead_bytes,
+                                            epi->a_ahead);
     if (path == FASTNN_GEMM_AVX2)
         return fastnn_gemm_range_avx2_f32(ta, tb, k, alpha, a, lda, b, ldb, beta, c, ldc,
                                           epi->bias, epi->act, (float) epi->slope, i0, i1,
-                                          j0, j1, epi->ahead,
-                                epi->ahead_bytes, epi->a_ahead);
+                                          j0, j1, epi->ahead, epi->ahead_bytes,
+                                          epi->a_ahead);
 #endif
     (void) path; (void) ta; (void) tb; (void) k; (void) alpha; (void) a; (void) lda;
     (void) b; (void) ldb; (void) beta; (void) c; (void) ldc; (void) epi; (void) i0;
@@ -317,13 +317,13 @@ static inline int fastnn_dgemm_range(int path, char ta, char tb, int m, int n, i
     if (path == FASTNN_GEMM_AVX512)
         return fastnn_gemm_range_avx512_f64(ta, tb, k, alpha, a, lda, b, ldb, beta, c,
                                             ldc, epi->bias, epi->act, epi->slope, i0, i1,
-                                            j0, j1, epi->ahead,
-                                epi->ahead_bytes, epi->a_ahead);
+                                            j0, j1, epi->ahead, epi->ahead_bytes,
+                                            epi->a_ahead);
     if (path == FASTNN_GEMM_AVX2)
         return fastnn_gemm_range_avx2_f64(ta, tb, k, alpha, a, lda, b, ldb, beta, c, ldc,
                                           epi->bias, epi->act, epi->slope, i0, i1, j0,
-                                          j1, epi->ahead,
-                                epi->ahead_bytes, epi->a_ahead);
+                                          j1, epi->ahead, epi->ahead_bytes,
+                                          epi->a_ahead);
 #endif
     (void) path; (void) ta; (void) tb; (void) k; (void) alpha; (void) a; (void) lda;
     (void) b; (void) ldb; (void) beta; (void) c; (void) ldc; (void) epi; (void) i0;
