@@ -301,6 +301,35 @@ def split_problem(ranks, dtype, widths, opt, n):
 
 
 @pytest.mark.parametrize("ranks", [2, 3])
+@pytest.mark.parametrize("path", ["avx512", "avx2"])
+def test_node_split_forward_asking_ahead_on_each_own_gemm(dtype, ranks, path):
+    """The split forward's products ask for the next rank's block of W1 and for their
+    next rows of x as they go (fastnn_gemm_epilogue.ahead, a_ahead) on either own
+    kernel: a first layer of 300 x 192 over 13 rows a rank (whole tiles and strips, two
+    KC blocks) ends with the same bits on every rank and equals one process with the
+    global batch."""
+    backend = kernels.load("cython")
+    if path not in backend.gemm_paths_available():
+        pytest.skip(f"this CPU / build has no {path} path")
+    widths, acts, use_bias = (300, 192, 5), (kernels.RELU, kernels.IDENTITY), (1, 1)
+    rng = np.random.default_rng(ranks)
+    n, batch = 70, 13
+    X, labels, targets = make_problem(rng, dtype, widths, "cross_entropy", n)
+    params0 = (0.1 * rng.standard_normal(n_params(widths, use_bias))).astype(dtype)
+    net = (widths, acts, use_bias, params0, "cross_entropy", "sgd", 0.05)
+    backend.set_gemm_path(path)
+    try:
+        ranked = run_node_sum(backend, ranks, X, labels, targets, batch, *net, split=True)
+    finally:
+        backend.set_gemm_path("auto")
+    expected, _, _ = run_kernel(REF, X, labels, targets, np.arange(n), ranks * batch, *net)
+    for params, _, _ in ranked[1:]:
+        np.testing.assert_array_equal(params, ranked[0][0])
+    tol = dict(rtol=2e-4, atol=2e-5) if dtype == np.float32 else dict(rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(ranked[0][0], expected, **tol)
+
+
+@pytest.mark.parametrize("ranks", [2, 3])
 @pytest.mark.parametrize("opt", ["sgd_weight_decay", "adam"])
 def test_node_split_streaming_writes_change_no_value(dtype, ranks, opt):
     """A rank that writes its block of W1, its dz, its gradient and its inputs for the
