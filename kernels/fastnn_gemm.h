@@ -558,12 +558,13 @@ G_NAME(strip)(int a_t, int kc, const G_T *a, ptrdiff_t lda, const G_T *b, ptrdif
                 side_n = kc;
             if (side == NULL || side_n <= 0)
                 side = NULL, side_n = 0;
+            const int side_every = side_n > 0 ? kc / side_n : 1;
             if (a_t)
                 G_NAME(tile)(G_MR, G_NV, 1, kc, a, lda, b, ldb, c + j, ldc, full,
                              alpha, beta, first, bias != NULL ? bias + j : NULL, final,
                              act, slope, pf, tiles, j / nr,
                              pfb_rows ? b + pfb_rows * ldb : NULL, kc - pfb_rows,
-                             side, side_n, side_n > 0 ? kc / side_n : 1,
+                             side, side_n, side_every,
                              (const char *) pa, lda * (ptrdiff_t) sizeof(G_T), pa_row,
                              pa_rows);
             else
@@ -571,7 +572,7 @@ G_NAME(strip)(int a_t, int kc, const G_T *a, ptrdiff_t lda, const G_T *b, ptrdif
                              alpha, beta, first, bias != NULL ? bias + j : NULL, final,
                              act, slope, NULL, 1, 0,
                              pfb_rows ? b + pfb_rows * ldb : NULL, kc - pfb_rows,
-                             side, side_n, side_n > 0 ? kc / side_n : 1,
+                             side, side_n, side_every,
                              (const char *) pa, lda * (ptrdiff_t) sizeof(G_T), pa_row,
                              pa_rows);
             if (side != NULL)
